@@ -1,0 +1,38 @@
+//! spmbox-core: the storage mailbox's on-disk formats and engines.
+//!
+//! Hosts that run virtual machines on thin logical volumes ask the Storage
+//! Pool Manager (SPM) to extend those volumes through a *mailbox*: a small
+//! region of the shared block device in which every host owns one 4 KiB area
+//! to write requests to (the inbox) and one area the SPM writes replies to
+//! (the outbox). Hosts and the SPM share nothing but that storage.
+//!
+//! This crate is the part of spmbox that runs anywhere, including the
+//! firmware of a storage array that acts as the SPM:
+//!
+//! - `#![no_std]`, no allocator, `#![forbid(unsafe_code)]`;
+//! - no I/O, no clock, no threads: callers hand in bytes and get back bytes;
+//! - no panics on any input: every parser returns a value that says what the
+//!   bytes are (empty, valid, or defective and why), and the parsers are
+//!   fuzzed.
+//!
+//! # Modules
+//!
+//! - [`wire`]: every on-disk record (superblock, SPM header, doorbell, host
+//!   area headers, request and reply slots), the mailbox geometry, and scans
+//!   of whole host areas. The byte-level specification is `docs/format.md`;
+//!   this module and that document say the same thing.
+//!
+//! # Logging
+//!
+//! With the `log` feature the crate logs through the `log` facade (hosts);
+//! with the `defmt` feature through `defmt` (firmware); with neither it logs
+//! nothing and costs nothing. Enabling both is a compile error.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+// Must come first: the logging macros are used by the modules below.
+#[macro_use]
+mod fmt;
+
+pub mod wire;

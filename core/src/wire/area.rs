@@ -1,0 +1,161 @@
+//! Whole host areas: a header and 31 slots, read together.
+//!
+//! A slot is acted on only if its record is valid, belongs exactly where it
+//! was read from, and carries the generation its area header names. A
+//! record of another generation is *stale*: left over from an earlier
+//! incarnation, or ahead of a header whose write was torn. Stale records
+//! are reported, never acted on.
+
+use core::marker::PhantomData;
+
+use super::{
+    AREA_SIZE, Defect, InboxHeader, Location, OutboxHeader, RECORD_LEN, Reply, Request,
+    SLOTS_PER_AREA, Uuid,
+};
+
+/// What a slot holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SlotState<T> {
+    /// All zero.
+    Empty,
+    /// A valid record of the area's current generation: act on it.
+    Valid(T),
+    /// A valid record of another generation than the area header's (or of
+    /// an area whose header is empty or defective): do not act on it.
+    Stale(T),
+    /// Not a valid record for this place; see the defect.
+    Defective(Defect),
+}
+
+/// A record that lives in the slots of a host area, with the header that
+/// anchors its generation. Implemented by [`Request`] (inbox) and
+/// [`Reply`] (outbox).
+pub trait SlotRecord: Sized + Copy {
+    /// The header record of the area.
+    type Header: Copy;
+    /// Parses a slot record read from `at`.
+    fn parse_slot(bytes: &[u8], at: &Location) -> Result<Option<Self>, Defect>;
+    /// Parses the area header read from `at`.
+    fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<Self::Header>, Defect>;
+    /// The generation the slot record carries.
+    fn generation(&self) -> u64;
+    /// The generation the header names.
+    fn header_generation(header: &Self::Header) -> u64;
+}
+
+impl SlotRecord for Request {
+    type Header = InboxHeader;
+    fn parse_slot(bytes: &[u8], at: &Location) -> Result<Option<Self>, Defect> {
+        Request::parse(bytes, at)
+    }
+    fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<InboxHeader>, Defect> {
+        InboxHeader::parse(bytes, at)
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn header_generation(header: &InboxHeader) -> u64 {
+        header.generation
+    }
+}
+
+impl SlotRecord for Reply {
+    type Header = OutboxHeader;
+    fn parse_slot(bytes: &[u8], at: &Location) -> Result<Option<Self>, Defect> {
+        Reply::parse(bytes, at)
+    }
+    fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<OutboxHeader>, Defect> {
+        OutboxHeader::parse(bytes, at)
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn header_generation(header: &OutboxHeader) -> u64 {
+        header.generation
+    }
+}
+
+/// One host's 4 KiB area, parsed on demand (no copies, no allocation).
+#[derive(Clone, Copy, Debug)]
+pub struct Area<'a, S: SlotRecord> {
+    bytes: &'a [u8; AREA_SIZE],
+    domain: Uuid,
+    host_id: u16,
+    _slots: PhantomData<S>,
+}
+
+/// A host's inbox area: inbox header and requests.
+pub type InboxArea<'a> = Area<'a, Request>;
+/// A host's outbox area: outbox header and replies.
+pub type OutboxArea<'a> = Area<'a, Reply>;
+
+impl<'a, S: SlotRecord> Area<'a, S> {
+    /// Views `bytes` as host `host_id`'s area in `domain`. `None` if
+    /// `bytes` is not exactly [`AREA_SIZE`] long.
+    pub fn new(bytes: &'a [u8], domain: Uuid, host_id: u16) -> Option<Self> {
+        Some(Self { bytes: bytes.try_into().ok()?, domain, host_id, _slots: PhantomData })
+    }
+
+    /// The host this area belongs to.
+    pub fn host_id(&self) -> u16 {
+        self.host_id
+    }
+
+    /// The raw bytes of record `index` (0 = header, 1..=31 = slots).
+    pub fn record_bytes(&self, index: u16) -> Option<&'a [u8; RECORD_LEN]> {
+        let start = usize::from(index).checked_mul(RECORD_LEN)?;
+        self.bytes.get(start..start + RECORD_LEN)?.try_into().ok()
+    }
+
+    fn location(&self, index: u16) -> Location {
+        Location { domain: self.domain, host_id: self.host_id, index }
+    }
+
+    /// The area header: `Ok(None)` if the host never wrote one.
+    pub fn header(&self) -> Result<Option<S::Header>, Defect> {
+        let bytes = self.record_bytes(0).map_or(&[][..], |b| &b[..]);
+        S::parse_header(bytes, &self.location(0))
+    }
+
+    /// What slot `slot` (1..=31) holds; `None` for a slot number out of
+    /// range.
+    pub fn slot(&self, slot: u16) -> Option<SlotState<S>> {
+        if !(1..=SLOTS_PER_AREA).contains(&slot) {
+            return None;
+        }
+        let header = self.header().ok().flatten().map(|h| S::header_generation(&h));
+        Some(self.slot_with(slot, header))
+    }
+
+    fn slot_with(&self, slot: u16, header_generation: Option<u64>) -> SlotState<S> {
+        let bytes = self.record_bytes(slot).map_or(&[][..], |b| &b[..]);
+        match S::parse_slot(bytes, &self.location(slot)) {
+            Ok(None) => SlotState::Empty,
+            Ok(Some(record)) if Some(record.generation()) == header_generation => {
+                SlotState::Valid(record)
+            }
+            Ok(Some(record)) => SlotState::Stale(record),
+            Err(defect) => SlotState::Defective(defect),
+        }
+    }
+
+    /// Every slot, 1..=31, with what it holds. The header is parsed once.
+    pub fn slots(&self) -> impl Iterator<Item = (u16, SlotState<S>)> + '_ {
+        let header = self.header().ok().flatten().map(|h| S::header_generation(&h));
+        (1..=SLOTS_PER_AREA).map(move |slot| (slot, self.slot_with(slot, header)))
+    }
+}
+
+/// Views a run of consecutive areas (say, a whole inbox read in one go) as
+/// areas of hosts `first_host`, `first_host + 1`, ... A trailing partial
+/// area is ignored.
+pub fn areas<S: SlotRecord>(
+    region: &[u8],
+    domain: Uuid,
+    first_host: u16,
+) -> impl Iterator<Item = Area<'_, S>> {
+    region.chunks_exact(AREA_SIZE).zip(first_host..=u16::MAX).filter_map(move |(bytes, host)| {
+        Area::new(bytes, domain, host)
+    })
+}

@@ -1,0 +1,770 @@
+//! Typed records: validated values with `decode`, `parse` and `emit`.
+//!
+//! - `decode(bytes)` checks everything that can be checked from the record
+//!   alone: magic, checksum, version, kind, reserved bytes, field values.
+//! - `parse(bytes, &location)` also checks that the record belongs where it
+//!   was read from (domain, host, record index); use it for acting on disk
+//!   contents.
+//! - `emit(&mut buf)` writes the record with its checksum, after checking
+//!   the same rules the decoder applies.
+
+use core::ops::Range;
+
+use zerocopy::little_endian::{U16, U32, U64};
+
+use super::raw::{self, Prefix};
+use super::{
+    CRC32C, Defect, FLAG_PAUSED, FORMAT_VERSION, Field, Geometry, Kind, Location, MAGIC,
+    MAX_HOSTS, RECORD_LEN, SLOTS_PER_AREA, Uuid,
+};
+
+/// Checks shared by all kinds: length, empty, magic, checksum, version,
+/// known kind. Returns the record and its kind, or `None` when all zero.
+fn open(bytes: &[u8]) -> Result<Option<(&[u8; RECORD_LEN], Kind)>, Defect> {
+    let rec: &[u8; RECORD_LEN] = bytes.try_into().map_err(|_| Defect::Length {
+        len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+    })?;
+    if rec.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    let Some((stored, covered)) = rec.split_first_chunk::<4>() else {
+        return Err(Defect::Length { len: 0 });
+    };
+    let prefix: &Prefix = zerocopy::transmute_ref!(rec.first_chunk::<32>().unwrap_or(&[0; 32]));
+    if prefix.magic != MAGIC {
+        return Err(Defect::BadMagic);
+    }
+    let stored = u32::from_le_bytes(*stored);
+    let computed = CRC32C.checksum(covered);
+    if stored != computed {
+        return Err(Defect::Checksum { stored, computed });
+    }
+    if prefix.version != FORMAT_VERSION {
+        return Err(Defect::UnsupportedVersion { version: prefix.version });
+    }
+    let kind = Kind::from_code(prefix.kind).ok_or(Defect::UnknownKind { code: prefix.kind })?;
+    Ok(Some((rec, kind)))
+}
+
+/// The checks after [`open`] for a record of kind `kind`: the right kind,
+/// the right place (if `at` is given), reserved bytes zero.
+fn open_kind<'a>(
+    bytes: &'a [u8],
+    kind: Kind,
+    reserved: &[Range<usize>],
+    at: Option<&Location>,
+) -> Result<Option<&'a [u8; RECORD_LEN]>, Defect> {
+    let Some((rec, found)) = open(bytes)? else {
+        return Ok(None);
+    };
+    if found != kind {
+        return Err(Defect::WrongKind { expected: kind, found });
+    }
+    let prefix: &Prefix = zerocopy::transmute_ref!(rec.first_chunk::<32>().unwrap_or(&[0; 32]));
+    if let Some(at) = at {
+        let domain = Uuid(prefix.domain);
+        if domain != at.domain {
+            return Err(Defect::Foreign { domain });
+        }
+        let (host_id, index) = (prefix.host_id.get(), prefix.index.get());
+        if (host_id, index) != (at.host_id, at.index) {
+            return Err(Defect::Misdirected { host_id, index });
+        }
+    }
+    let ranges = core::iter::once(raw::reserved::PREFIX).chain(reserved.iter().cloned());
+    for range in ranges {
+        let start = range.start;
+        if let Some(pos) = rec.get(range).and_then(super::first_nonzero) {
+            // Offsets are below RECORD_LEN (128), so they fit in a u8.
+            let offset = u8::try_from(start + pos).unwrap_or(u8::MAX);
+            return Err(Defect::ReservedNotZero { offset });
+        }
+    }
+    Ok(Some(rec))
+}
+
+/// Writes `raw` (whose CRC field is ignored) into `buf` and seals it with
+/// the checksum of bytes 4..128.
+fn seal(raw: &[u8; RECORD_LEN], buf: &mut [u8; RECORD_LEN]) {
+    *buf = *raw;
+    if let Some((crc, covered)) = buf.split_first_chunk_mut::<4>() {
+        *crc = CRC32C.checksum(covered).to_le_bytes();
+    }
+}
+
+fn prefix(kind: Kind, host_id: u16, index: u16, domain: Uuid) -> Prefix {
+    Prefix {
+        crc: U32::new(0),
+        magic: MAGIC,
+        kind: kind as u8,
+        version: FORMAT_VERSION,
+        host_id: U16::new(host_id),
+        index: U16::new(index),
+        reserved: [0; 2],
+        domain: domain.0,
+    }
+}
+
+fn require(ok: bool, field: Field) -> Result<(), Field> {
+    if ok { Ok(()) } else { Err(field) }
+}
+
+/// Domain-wide records live at host 0, index 0, in a non-nil domain.
+fn check_domain_wide(domain: Uuid, host_id: u16, index: u16) -> Result<(), Field> {
+    require(!domain.is_nil(), Field::Domain)?;
+    require(host_id == 0, Field::HostId)?;
+    require(index == 0, Field::Index)
+}
+
+/// Host records live at a real host id; headers at index 0, slots at 1..=31.
+fn check_host_record(domain: Uuid, host_id: u16, index: u16, slot: bool) -> Result<(), Field> {
+    require(!domain.is_nil(), Field::Domain)?;
+    require((1..=MAX_HOSTS).contains(&host_id), Field::HostId)?;
+    let index_ok = if slot { (1..=SLOTS_PER_AREA).contains(&index) } else { index == 0 };
+    require(index_ok, Field::Index)
+}
+
+fn check_size(size: u64, field: Field) -> Result<(), Field> {
+    require(size != 0 && size % 512 == 0, field)
+}
+
+/// Generates `decode`, `parse`, `emit` and `to_bytes` for a record type
+/// from its private `from_raw`, `to_raw` and `check`.
+macro_rules! codec {
+    ($ty:ident, $raw:ident, $kind:expr, $reserved:expr) => {
+        impl $ty {
+            /// The kind code this record carries.
+            pub const KIND: Kind = $kind;
+
+            /// Decodes a record from exactly [`RECORD_LEN`] bytes without
+            /// checking where it was read from. `Ok(None)`: all zero (empty).
+            pub fn decode(bytes: &[u8]) -> Result<Option<Self>, Defect> {
+                Self::decode_at(bytes, None)
+            }
+
+            /// Decodes a record and checks that it belongs at `at` (domain,
+            /// host, record index). `Ok(None)`: all zero (empty).
+            pub fn parse(bytes: &[u8], at: &Location) -> Result<Option<Self>, Defect> {
+                Self::decode_at(bytes, Some(at))
+            }
+
+            fn decode_at(bytes: &[u8], at: Option<&Location>) -> Result<Option<Self>, Defect> {
+                let Some(rec) = open_kind(bytes, $kind, $reserved, at)? else {
+                    return Ok(None);
+                };
+                let raw: &raw::$raw = zerocopy::transmute_ref!(rec);
+                let value = Self::from_raw(raw).map_err(|field| Defect::InvalidField { field })?;
+                value.check().map_err(|field| Defect::InvalidField { field })?;
+                Ok(Some(value))
+            }
+
+            /// Writes the record, checksum included, into `buf`. Refuses
+            /// (naming the field) a value that [`Self::decode`] would
+            /// reject; `buf` is untouched then.
+            pub fn emit(&self, buf: &mut [u8; RECORD_LEN]) -> Result<(), Field> {
+                self.check()?;
+                let bytes: [u8; RECORD_LEN] = zerocopy::transmute!(self.to_raw());
+                seal(&bytes, buf);
+                Ok(())
+            }
+
+            /// The record's bytes, as [`Self::emit`] writes them.
+            pub fn to_bytes(&self) -> Result<[u8; RECORD_LEN], Field> {
+                let mut buf = [0; RECORD_LEN];
+                self.emit(&mut buf)?;
+                Ok(buf)
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+
+/// The superblock (kind 1): which domain this mailbox serves and its
+/// geometry. Written once, by `spmbox format`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Superblock {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// Host count and sector size, and everything derived from them.
+    pub geometry: Geometry,
+}
+
+impl Superblock {
+    fn from_raw(raw: &raw::RawSuperblock) -> Result<Self, Field> {
+        check_domain_wide(Uuid(raw.prefix.domain), raw.prefix.host_id.get(), raw.prefix.index.get())?;
+        let geometry = Geometry::new(raw.max_hosts.get(), raw.sector_size.get())
+            .map_err(|e| e.field())?;
+        let expected = Self { domain: Uuid(raw.prefix.domain), geometry }.to_raw();
+        require(raw.slots_per_area == expected.slots_per_area, Field::SlotsPerArea)?;
+        require(raw.area_size == expected.area_size, Field::AreaSize)?;
+        require(raw.record_size == expected.record_size, Field::RecordSize)?;
+        require(raw.inbox_offset == expected.inbox_offset, Field::InboxOffset)?;
+        require(raw.outbox_offset == expected.outbox_offset, Field::OutboxOffset)?;
+        require(raw.mailbox_size == expected.mailbox_size, Field::MailboxSize)?;
+        Ok(Self { domain: Uuid(raw.prefix.domain), geometry })
+    }
+
+    fn to_raw(&self) -> raw::RawSuperblock {
+        let g = &self.geometry;
+        raw::RawSuperblock {
+            prefix: prefix(Kind::Superblock, 0, 0, self.domain),
+            sector_size: U32::new(g.sector_size()),
+            max_hosts: U16::new(g.max_hosts()),
+            slots_per_area: U16::new(SLOTS_PER_AREA),
+            area_size: U32::new(super::AREA_SIZE as u32),
+            record_size: U32::new(RECORD_LEN as u32),
+            inbox_offset: U64::new(g.inbox_offset()),
+            outbox_offset: U64::new(g.outbox_offset()),
+            mailbox_size: U64::new(g.mailbox_size()),
+            reserved: [0; 56],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_domain_wide(self.domain, 0, 0)
+    }
+}
+codec!(Superblock, RawSuperblock, Kind::Superblock, raw::reserved::SUPERBLOCK);
+
+// ---------------------------------------------------------------------------
+
+/// Whether an SPM holds the mailbox.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SpmState {
+    /// No SPM runs: never started, or the last one stopped cleanly.
+    Vacant = 0,
+    /// An SPM runs and bumps `heartbeat` every `heartbeat_interval_ms`.
+    Active = 1,
+}
+
+/// The SPM header (kind 2): who serves the mailbox and in which epoch.
+/// Written only by the SPM.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SpmHeader {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// Raised by every SPM that takes over; replies carry it, and hosts
+    /// ignore replies from an epoch older than the newest they have seen.
+    /// 0 only before any SPM ever ran.
+    pub epoch: u64,
+    /// The host id of the SPM, or 0 when the SPM is not one of the hosts
+    /// (a storage array).
+    pub spm_id: u16,
+    /// Whether an SPM holds the mailbox.
+    pub state: SpmState,
+    /// How often an active SPM bumps `heartbeat`, in milliseconds.
+    pub heartbeat_interval_ms: u32,
+    /// A counter the active SPM bumps; a stalled counter means a dead SPM.
+    pub heartbeat: u64,
+}
+
+impl SpmHeader {
+    fn from_raw(raw: &raw::RawSpmHeader) -> Result<Self, Field> {
+        check_domain_wide(Uuid(raw.prefix.domain), raw.prefix.host_id.get(), raw.prefix.index.get())?;
+        let state = match raw.state {
+            0 => SpmState::Vacant,
+            1 => SpmState::Active,
+            _ => return Err(Field::State),
+        };
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            epoch: raw.epoch.get(),
+            spm_id: raw.spm_id.get(),
+            state,
+            heartbeat_interval_ms: raw.heartbeat_interval_ms.get(),
+            heartbeat: raw.heartbeat.get(),
+        })
+    }
+
+    fn to_raw(&self) -> raw::RawSpmHeader {
+        raw::RawSpmHeader {
+            prefix: prefix(Kind::SpmHeader, 0, 0, self.domain),
+            epoch: U64::new(self.epoch),
+            spm_id: U16::new(self.spm_id),
+            state: self.state as u8,
+            reserved0: 0,
+            heartbeat_interval_ms: U32::new(self.heartbeat_interval_ms),
+            heartbeat: U64::new(self.heartbeat),
+            reserved: [0; 72],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_domain_wide(self.domain, 0, 0)?;
+        require(self.spm_id <= MAX_HOSTS, Field::SpmId)?;
+        if self.state == SpmState::Active {
+            require(self.epoch >= 1, Field::Epoch)?;
+            require(self.heartbeat_interval_ms >= 1, Field::HeartbeatIntervalMs)?;
+        }
+        Ok(())
+    }
+}
+codec!(SpmHeader, RawSpmHeader, Kind::SpmHeader, raw::reserved::SPM_HEADER);
+
+// ---------------------------------------------------------------------------
+
+/// The doorbell (kind 3): the last host that wrote a request. Any host
+/// writes it, so concurrent rings overwrite each other: it is a hint that
+/// lets the SPM notice new mail early, never the only way it does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Doorbell {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// The host that rang, 1..=2000.
+    pub ringer: u16,
+    /// The ringer's generation.
+    pub generation: u64,
+    /// The sequence number of the request the ringer just wrote.
+    pub sequence: u64,
+}
+
+impl Doorbell {
+    fn from_raw(raw: &raw::RawDoorbell) -> Result<Self, Field> {
+        check_domain_wide(Uuid(raw.prefix.domain), raw.prefix.host_id.get(), raw.prefix.index.get())?;
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            ringer: raw.ringer.get(),
+            generation: raw.generation.get(),
+            sequence: raw.sequence.get(),
+        })
+    }
+
+    fn to_raw(&self) -> raw::RawDoorbell {
+        raw::RawDoorbell {
+            prefix: prefix(Kind::Doorbell, 0, 0, self.domain),
+            ringer: U16::new(self.ringer),
+            reserved0: [0; 6],
+            generation: U64::new(self.generation),
+            sequence: U64::new(self.sequence),
+            reserved: [0; 72],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_domain_wide(self.domain, 0, 0)?;
+        require((1..=MAX_HOSTS).contains(&self.ringer), Field::Ringer)?;
+        require(self.generation >= 1, Field::Generation)?;
+        require(self.sequence >= 1, Field::Sequence)
+    }
+}
+codec!(Doorbell, RawDoorbell, Kind::Doorbell, raw::reserved::DOORBELL);
+
+// ---------------------------------------------------------------------------
+
+/// A host's inbox area header (kind 4, record 0 of its inbox area): the
+/// host's generation. Only requests of this generation are acted on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct InboxHeader {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// The host, 1..=2000.
+    pub host_id: u16,
+    /// The host's incarnation, raised on every start; at least 1.
+    pub generation: u64,
+}
+
+impl InboxHeader {
+    fn from_raw(raw: &raw::RawInboxHeader) -> Result<Self, Field> {
+        require(raw.prefix.index.get() == 0, Field::Index)?;
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            host_id: raw.prefix.host_id.get(),
+            generation: raw.generation.get(),
+        })
+    }
+
+    fn to_raw(&self) -> raw::RawInboxHeader {
+        raw::RawInboxHeader {
+            prefix: prefix(Kind::InboxHeader, self.host_id, 0, self.domain),
+            generation: U64::new(self.generation),
+            reserved: [0; 88],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_host_record(self.domain, self.host_id, 0, false)?;
+        require(self.generation >= 1, Field::Generation)
+    }
+}
+codec!(InboxHeader, RawInboxHeader, Kind::InboxHeader, raw::reserved::INBOX_HEADER);
+
+// ---------------------------------------------------------------------------
+
+/// An extension request (kind 5) in slot 1..=31 of a host's inbox area:
+/// "make volume V at least `target_size` bytes". The target is absolute, so
+/// applying a request twice changes nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Request {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// The requesting host, 1..=2000.
+    pub host_id: u16,
+    /// The slot, 1..=31.
+    pub slot: u16,
+    /// The host's generation when it wrote the request.
+    pub generation: u64,
+    /// The host's request sequence number, at least 1; a new request gets
+    /// a new number, a resend keeps it.
+    pub sequence: u64,
+    /// The volume to extend.
+    pub volume: Uuid,
+    /// The size the volume must reach, in bytes: nonzero, a multiple of 512.
+    pub target_size: u64,
+    /// The volume's size as the host saw it when it asked (informational).
+    pub current_size: u64,
+    /// The guest is paused for lack of space: serve this request first.
+    pub paused: bool,
+}
+
+impl Request {
+    fn from_raw(raw: &raw::RawRequest) -> Result<Self, Field> {
+        let flags = raw.flags.get();
+        require(flags & !FLAG_PAUSED == 0, Field::Flags)?;
+        let request = Self {
+            domain: Uuid(raw.prefix.domain),
+            host_id: raw.prefix.host_id.get(),
+            slot: raw.prefix.index.get(),
+            generation: raw.generation.get(),
+            sequence: raw.sequence.get(),
+            volume: Uuid(raw.volume),
+            target_size: raw.target_size.get(),
+            current_size: raw.current_size.get(),
+            paused: flags & FLAG_PAUSED != 0,
+        };
+        Ok(request)
+    }
+
+    fn to_raw(&self) -> raw::RawRequest {
+        raw::RawRequest {
+            prefix: prefix(Kind::Request, self.host_id, self.slot, self.domain),
+            generation: U64::new(self.generation),
+            sequence: U64::new(self.sequence),
+            volume: self.volume.0,
+            target_size: U64::new(self.target_size),
+            current_size: U64::new(self.current_size),
+            flags: U32::new(if self.paused { FLAG_PAUSED } else { 0 }),
+            reserved: [0; 44],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_host_record(self.domain, self.host_id, self.slot, true)?;
+        require(self.generation >= 1, Field::Generation)?;
+        require(self.sequence >= 1, Field::Sequence)?;
+        require(!self.volume.is_nil(), Field::Volume)?;
+        check_size(self.target_size, Field::TargetSize)
+    }
+}
+codec!(Request, RawRequest, Kind::Request, raw::reserved::REQUEST);
+
+// ---------------------------------------------------------------------------
+
+/// A host's outbox area header (kind 6, record 0 of its outbox area),
+/// written by the SPM when it starts serving a generation of the host.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct OutboxHeader {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// The host, 1..=2000.
+    pub host_id: u16,
+    /// The epoch of the SPM that wrote the area last; at least 1.
+    pub epoch: u64,
+    /// The host generation the replies in this area answer; at least 1.
+    pub generation: u64,
+}
+
+impl OutboxHeader {
+    fn from_raw(raw: &raw::RawOutboxHeader) -> Result<Self, Field> {
+        require(raw.prefix.index.get() == 0, Field::Index)?;
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            host_id: raw.prefix.host_id.get(),
+            epoch: raw.epoch.get(),
+            generation: raw.generation.get(),
+        })
+    }
+
+    fn to_raw(&self) -> raw::RawOutboxHeader {
+        raw::RawOutboxHeader {
+            prefix: prefix(Kind::OutboxHeader, self.host_id, 0, self.domain),
+            epoch: U64::new(self.epoch),
+            generation: U64::new(self.generation),
+            reserved: [0; 80],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_host_record(self.domain, self.host_id, 0, false)?;
+        require(self.epoch >= 1, Field::Epoch)?;
+        require(self.generation >= 1, Field::Generation)
+    }
+}
+codec!(OutboxHeader, RawOutboxHeader, Kind::OutboxHeader, raw::reserved::OUTBOX_HEADER);
+
+// ---------------------------------------------------------------------------
+
+/// Why the SPM refused a request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum RejectReason {
+    /// The domain has no volume with that UUID.
+    UnknownVolume = 1,
+    /// The target is beyond the volume's virtual size plus format overhead.
+    OverLimit = 2,
+    /// The request is well-formed on disk but makes no sense (for example a
+    /// target that is not a whole number of sectors for the backend).
+    Malformed = 3,
+}
+
+impl RejectReason {
+    /// The reason with this code, if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Self::UnknownVolume,
+            2 => Self::OverLimit,
+            3 => Self::Malformed,
+            _ => return None,
+        })
+    }
+
+    /// The name used in docs/format.md and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::UnknownVolume => "unknown_volume",
+            Self::OverLimit => "over_limit",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// What the SPM did with a request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ReplyStatus {
+    /// The volume is now `size` bytes, at least the target. Final.
+    Extended,
+    /// The pool has no room; the request is parked and will be completed
+    /// when capacity is added. Not final: a later reply replaces it.
+    WaitingForSpace,
+    /// The request will never be met. Final.
+    Rejected(RejectReason),
+    /// The backend failed (`code` is its error number, such as an errno).
+    /// Final for this sequence number; the host may ask again.
+    Failed {
+        /// The backend's error number.
+        code: u32,
+    },
+}
+
+impl ReplyStatus {
+    /// The status code stored at byte 88.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Extended => 1,
+            Self::WaitingForSpace => 2,
+            Self::Rejected(_) => 3,
+            Self::Failed { .. } => 4,
+        }
+    }
+
+    /// The name used in docs/format.md and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Extended => "extended",
+            Self::WaitingForSpace => "waiting_for_space",
+            Self::Rejected(_) => "rejected",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
+    /// Whether the host may forget the request on seeing this status.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::WaitingForSpace)
+    }
+}
+
+/// A reply (kind 7) in slot 1..=31 of a host's outbox area, answering the
+/// request in the same slot of the host's inbox area. It echoes the
+/// request's generation, sequence, volume and target so the host can match
+/// it strictly, and carries the SPM's epoch.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Reply {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// The host the reply is for, 1..=2000.
+    pub host_id: u16,
+    /// The slot, 1..=31, the same as the request's.
+    pub slot: u16,
+    /// The request's generation.
+    pub generation: u64,
+    /// The request's sequence number.
+    pub sequence: u64,
+    /// The request's volume.
+    pub volume: Uuid,
+    /// The request's target size.
+    pub target_size: u64,
+    /// The volume's size after the SPM acted (at least `target_size` when
+    /// extended), in bytes; 0 if unknown.
+    pub size: u64,
+    /// The epoch of the SPM that wrote the reply; at least 1.
+    pub epoch: u64,
+    /// What the SPM did.
+    pub status: ReplyStatus,
+}
+
+impl Reply {
+    fn from_raw(raw: &raw::RawReply) -> Result<Self, Field> {
+        let status = match (raw.status, raw.reason) {
+            (1, 0) => ReplyStatus::Extended,
+            (2, 0) => ReplyStatus::WaitingForSpace,
+            (3, reason) => ReplyStatus::Rejected(RejectReason::from_code(reason).ok_or(Field::Reason)?),
+            (4, 0) => ReplyStatus::Failed { code: raw.detail.get() },
+            (1..=4, _) => return Err(Field::Reason),
+            _ => return Err(Field::Status),
+        };
+        if !matches!(status, ReplyStatus::Failed { .. }) && raw.detail.get() != 0 {
+            return Err(Field::Detail);
+        }
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            host_id: raw.prefix.host_id.get(),
+            slot: raw.prefix.index.get(),
+            generation: raw.generation.get(),
+            sequence: raw.sequence.get(),
+            volume: Uuid(raw.volume),
+            target_size: raw.target_size.get(),
+            size: raw.size.get(),
+            epoch: raw.epoch.get(),
+            status,
+        })
+    }
+
+    fn to_raw(&self) -> raw::RawReply {
+        let (reason, detail) = match self.status {
+            ReplyStatus::Rejected(reason) => (reason as u8, 0),
+            ReplyStatus::Failed { code } => (0, code),
+            ReplyStatus::Extended | ReplyStatus::WaitingForSpace => (0, 0),
+        };
+        raw::RawReply {
+            prefix: prefix(Kind::Reply, self.host_id, self.slot, self.domain),
+            generation: U64::new(self.generation),
+            sequence: U64::new(self.sequence),
+            volume: self.volume.0,
+            target_size: U64::new(self.target_size),
+            size: U64::new(self.size),
+            epoch: U64::new(self.epoch),
+            status: self.status.code(),
+            reason,
+            reserved0: [0; 2],
+            detail: U32::new(detail),
+            reserved: [0; 32],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_host_record(self.domain, self.host_id, self.slot, true)?;
+        require(self.generation >= 1, Field::Generation)?;
+        require(self.sequence >= 1, Field::Sequence)?;
+        require(!self.volume.is_nil(), Field::Volume)?;
+        check_size(self.target_size, Field::TargetSize)?;
+        require(self.epoch >= 1, Field::Epoch)?;
+        if self.status == ReplyStatus::Extended {
+            require(self.size >= self.target_size, Field::Size)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this reply answers `request` (same host, slot, generation,
+    /// sequence, volume and target). Epoch ordering is the caller's: a host
+    /// also ignores replies older than the newest epoch it has seen.
+    pub fn answers(&self, request: &Request) -> bool {
+        self.domain == request.domain
+            && self.host_id == request.host_id
+            && self.slot == request.slot
+            && self.generation == request.generation
+            && self.sequence == request.sequence
+            && self.volume == request.volume
+            && self.target_size == request.target_size
+    }
+}
+codec!(Reply, RawReply, Kind::Reply, raw::reserved::REPLY);
+
+// ---------------------------------------------------------------------------
+
+/// Any record, as [`Record::decode`] finds it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[allow(missing_docs)] // each variant holds the record of the same name
+pub enum Record {
+    Superblock(Superblock),
+    SpmHeader(SpmHeader),
+    Doorbell(Doorbell),
+    InboxHeader(InboxHeader),
+    Request(Request),
+    OutboxHeader(OutboxHeader),
+    Reply(Reply),
+}
+
+impl Record {
+    /// Decodes a record of any kind, without checking where it was read
+    /// from. `Ok(None)`: all zero (empty).
+    pub fn decode(bytes: &[u8]) -> Result<Option<Record>, Defect> {
+        Self::decode_at(bytes, None)
+    }
+
+    /// Decodes a record of any kind and checks that it belongs at `at`.
+    /// The kind is not checked: use the typed `parse` for that.
+    pub fn parse(bytes: &[u8], at: &Location) -> Result<Option<Record>, Defect> {
+        Self::decode_at(bytes, Some(at))
+    }
+
+    fn decode_at(bytes: &[u8], at: Option<&Location>) -> Result<Option<Record>, Defect> {
+        let Some((_, kind)) = open(bytes)? else {
+            return Ok(None);
+        };
+        Ok(match kind {
+            Kind::Superblock => Superblock::decode_at(bytes, at)?.map(Record::Superblock),
+            Kind::SpmHeader => SpmHeader::decode_at(bytes, at)?.map(Record::SpmHeader),
+            Kind::Doorbell => Doorbell::decode_at(bytes, at)?.map(Record::Doorbell),
+            Kind::InboxHeader => InboxHeader::decode_at(bytes, at)?.map(Record::InboxHeader),
+            Kind::Request => Request::decode_at(bytes, at)?.map(Record::Request),
+            Kind::OutboxHeader => OutboxHeader::decode_at(bytes, at)?.map(Record::OutboxHeader),
+            Kind::Reply => Reply::decode_at(bytes, at)?.map(Record::Reply),
+        })
+    }
+
+    /// The record's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Record::Superblock(_) => Kind::Superblock,
+            Record::SpmHeader(_) => Kind::SpmHeader,
+            Record::Doorbell(_) => Kind::Doorbell,
+            Record::InboxHeader(_) => Kind::InboxHeader,
+            Record::Request(_) => Kind::Request,
+            Record::OutboxHeader(_) => Kind::OutboxHeader,
+            Record::Reply(_) => Kind::Reply,
+        }
+    }
+
+    /// Writes the record; see the typed `emit`.
+    pub fn emit(&self, buf: &mut [u8; RECORD_LEN]) -> Result<(), Field> {
+        match self {
+            Record::Superblock(r) => r.emit(buf),
+            Record::SpmHeader(r) => r.emit(buf),
+            Record::Doorbell(r) => r.emit(buf),
+            Record::InboxHeader(r) => r.emit(buf),
+            Record::Request(r) => r.emit(buf),
+            Record::OutboxHeader(r) => r.emit(buf),
+            Record::Reply(r) => r.emit(buf),
+        }
+    }
+}
