@@ -94,7 +94,12 @@ impl<'a, S: SlotRecord> Area<'a, S> {
     /// Views `bytes` as host `host_id`'s area in `domain`. `None` if
     /// `bytes` is not exactly [`AREA_SIZE`] long.
     pub fn new(bytes: &'a [u8], domain: Uuid, host_id: u16) -> Option<Self> {
-        Some(Self { bytes: bytes.try_into().ok()?, domain, host_id, _slots: PhantomData })
+        Some(Self {
+            bytes: bytes.try_into().ok()?,
+            domain,
+            host_id,
+            _slots: PhantomData,
+        })
     }
 
     /// The host this area belongs to.
@@ -109,7 +114,11 @@ impl<'a, S: SlotRecord> Area<'a, S> {
     }
 
     fn location(&self, index: u16) -> Location {
-        Location { domain: self.domain, host_id: self.host_id, index }
+        Location {
+            domain: self.domain,
+            host_id: self.host_id,
+            index,
+        }
     }
 
     /// The area header: `Ok(None)` if the host never wrote one.
@@ -124,7 +133,11 @@ impl<'a, S: SlotRecord> Area<'a, S> {
         if !(1..=SLOTS_PER_AREA).contains(&slot) {
             return None;
         }
-        let header = self.header().ok().flatten().map(|h| S::header_generation(&h));
+        let header = self
+            .header()
+            .ok()
+            .flatten()
+            .map(|h| S::header_generation(&h));
         Some(self.slot_with(slot, header))
     }
 
@@ -142,7 +155,11 @@ impl<'a, S: SlotRecord> Area<'a, S> {
 
     /// Every slot, 1..=31, with what it holds. The header is parsed once.
     pub fn slots(&self) -> impl Iterator<Item = (u16, SlotState<S>)> + '_ {
-        let header = self.header().ok().flatten().map(|h| S::header_generation(&h));
+        let header = self
+            .header()
+            .ok()
+            .flatten()
+            .map(|h| S::header_generation(&h));
         (1..=SLOTS_PER_AREA).map(move |slot| (slot, self.slot_with(slot, header)))
     }
 }
@@ -155,7 +172,8 @@ pub fn areas<S: SlotRecord>(
     domain: Uuid,
     first_host: u16,
 ) -> impl Iterator<Item = Area<'_, S>> {
-    region.chunks_exact(AREA_SIZE).zip(first_host..=u16::MAX).filter_map(move |(bytes, host)| {
-        Area::new(bytes, domain, host)
-    })
+    region
+        .chunks_exact(AREA_SIZE)
+        .zip(first_host..=u16::MAX)
+        .filter_map(move |(bytes, host)| Area::new(bytes, domain, host))
 }

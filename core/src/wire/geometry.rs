@@ -5,7 +5,7 @@ use core::ops::RangeInclusive;
 
 use super::{
     AREA_SIZE, DOORBELL_OFFSET, Field, INBOX_OFFSET, MAX_HOSTS, RECORD_LEN, RESERVED_OFFSET,
-    SPM_HEADER_OFFSET, SECTOR_SIZES, SUPERBLOCK_OFFSET,
+    SECTOR_SIZES, SPM_HEADER_OFFSET, SUPERBLOCK_OFFSET,
 };
 
 const AREA: u64 = AREA_SIZE as u64;
@@ -49,10 +49,16 @@ impl fmt::Display for GeometryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             GeometryError::SectorSize { sector_size } => {
-                write!(f, "sector size {sector_size} is not supported (use 512 or 4096)")
+                write!(
+                    f,
+                    "sector size {sector_size} is not supported (use 512 or 4096)"
+                )
             }
             GeometryError::MaxHosts { max_hosts } => {
-                write!(f, "host count {max_hosts} is out of range (1..={MAX_HOSTS})")
+                write!(
+                    f,
+                    "host count {max_hosts} is out of range (1..={MAX_HOSTS})"
+                )
             }
         }
     }
@@ -70,7 +76,10 @@ impl Geometry {
         if max_hosts == 0 || max_hosts > MAX_HOSTS {
             return Err(GeometryError::MaxHosts { max_hosts });
         }
-        Ok(Geometry { max_hosts, sector_size })
+        Ok(Geometry {
+            max_hosts,
+            sector_size,
+        })
     }
 
     /// The highest host id.
@@ -140,9 +149,13 @@ impl Geometry {
         } else if offset < INBOX_OFFSET {
             Region::Reserved
         } else if offset < self.outbox_offset() {
-            Region::Inbox { host_id: (block - INBOX_OFFSET / AREA + 1) as u16 }
+            Region::Inbox {
+                host_id: (block - INBOX_OFFSET / AREA + 1) as u16,
+            }
         } else {
-            Region::Outbox { host_id: (block - self.outbox_offset() / AREA + 1) as u16 }
+            Region::Outbox {
+                host_id: (block - self.outbox_offset() / AREA + 1) as u16,
+            }
         };
         Some(Place {
             offset,
@@ -210,7 +223,11 @@ impl fmt::Display for Place {
             }
             Region::Reserved => f.write_str("reserved space before the inbox")?,
             Region::Inbox { host_id } | Region::Outbox { host_id } => {
-                let side = if matches!(self.region, Region::Inbox { .. }) { "inbox" } else { "outbox" };
+                let side = if matches!(self.region, Region::Inbox { .. }) {
+                    "inbox"
+                } else {
+                    "outbox"
+                };
                 if index == 0 {
                     write!(f, "host {host_id} {side} header, byte {byte}")?;
                 } else {
@@ -222,6 +239,7 @@ impl fmt::Display for Place {
     }
 }
 
-const _: () = assert!(SUPERBLOCK_OFFSET == 0 && SPM_HEADER_OFFSET == AREA && DOORBELL_OFFSET == 2 * AREA);
+const _: () =
+    assert!(SUPERBLOCK_OFFSET == 0 && SPM_HEADER_OFFSET == AREA && DOORBELL_OFFSET == 2 * AREA);
 // The largest mailbox still fits comfortably in u64 and its host index in u16.
 const _: () = assert!(INBOX_OFFSET + 2 * MAX_HOSTS as u64 * AREA < u32::MAX as u64);

@@ -87,7 +87,10 @@ pub const SECTOR_SIZES: [u32; 2] = [512, 4096];
 pub const FLAG_PAUSED: u32 = 1;
 
 const _: () = assert!(AREA_SIZE % RECORD_LEN == 0);
-const _: () = assert!(512 % RECORD_LEN == 0, "records must not straddle a 512-byte sector");
+const _: () = assert!(
+    512 % RECORD_LEN == 0,
+    "records must not straddle a 512-byte sector"
+);
 const _: () = assert!(SLOTS_PER_AREA == 31);
 const _: () = assert!(INBOX_OFFSET % AREA_SIZE as u64 == 0);
 const _: () = assert!(RESERVED_OFFSET == DOORBELL_OFFSET + AREA_SIZE as u64);

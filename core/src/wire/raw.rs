@@ -124,6 +124,7 @@ pub(crate) struct RawReply {
 /// Byte ranges of every reserved field, by record kind, for the
 /// "reserved bytes must be zero" check and for reporting the first
 /// offending byte.
+#[allow(clippy::single_range_in_vec_init)] // a list of ranges, one of them
 pub(crate) mod reserved {
     use core::ops::Range;
     /// Reserved bytes of the common prefix.

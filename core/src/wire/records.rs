@@ -14,8 +14,8 @@ use zerocopy::little_endian::{U16, U32, U64};
 
 use super::raw::{self, Prefix};
 use super::{
-    CRC32C, Defect, FLAG_PAUSED, FORMAT_VERSION, Field, Geometry, Kind, Location, MAGIC,
-    MAX_HOSTS, RECORD_LEN, SLOTS_PER_AREA, Uuid,
+    CRC32C, Defect, FLAG_PAUSED, FORMAT_VERSION, Field, Geometry, Kind, Location, MAGIC, MAX_HOSTS,
+    RECORD_LEN, SLOTS_PER_AREA, Uuid,
 };
 
 /// Checks shared by all kinds: length, empty, magic, checksum, version,
@@ -40,7 +40,9 @@ fn open(bytes: &[u8]) -> Result<Option<(&[u8; RECORD_LEN], Kind)>, Defect> {
         return Err(Defect::Checksum { stored, computed });
     }
     if prefix.version != FORMAT_VERSION {
-        return Err(Defect::UnsupportedVersion { version: prefix.version });
+        return Err(Defect::UnsupportedVersion {
+            version: prefix.version,
+        });
     }
     let kind = Kind::from_code(prefix.kind).ok_or(Defect::UnknownKind { code: prefix.kind })?;
     Ok(Some((rec, kind)))
@@ -58,7 +60,10 @@ fn open_kind<'a>(
         return Ok(None);
     };
     if found != kind {
-        return Err(Defect::WrongKind { expected: kind, found });
+        return Err(Defect::WrongKind {
+            expected: kind,
+            found,
+        });
     }
     let prefix: &Prefix = zerocopy::transmute_ref!(rec.first_chunk::<32>().unwrap_or(&[0; 32]));
     if let Some(at) = at {
@@ -120,7 +125,11 @@ fn check_domain_wide(domain: Uuid, host_id: u16, index: u16) -> Result<(), Field
 fn check_host_record(domain: Uuid, host_id: u16, index: u16, slot: bool) -> Result<(), Field> {
     require(!domain.is_nil(), Field::Domain)?;
     require((1..=MAX_HOSTS).contains(&host_id), Field::HostId)?;
-    let index_ok = if slot { (1..=SLOTS_PER_AREA).contains(&index) } else { index == 0 };
+    let index_ok = if slot {
+        (1..=SLOTS_PER_AREA).contains(&index)
+    } else {
+        index == 0
+    };
     require(index_ok, Field::Index)
 }
 
@@ -129,7 +138,7 @@ fn check_size(size: u64, field: Field) -> Result<(), Field> {
 }
 
 /// Generates `decode`, `parse`, `emit` and `to_bytes` for a record type
-/// from its private `from_raw`, `to_raw` and `check`.
+/// from its private `from_raw`, `raw` and `check`.
 macro_rules! codec {
     ($ty:ident, $raw:ident, $kind:expr, $reserved:expr) => {
         impl $ty {
@@ -154,7 +163,9 @@ macro_rules! codec {
                 };
                 let raw: &raw::$raw = zerocopy::transmute_ref!(rec);
                 let value = Self::from_raw(raw).map_err(|field| Defect::InvalidField { field })?;
-                value.check().map_err(|field| Defect::InvalidField { field })?;
+                value
+                    .check()
+                    .map_err(|field| Defect::InvalidField { field })?;
                 Ok(Some(value))
             }
 
@@ -163,7 +174,7 @@ macro_rules! codec {
             /// reject; `buf` is untouched then.
             pub fn emit(&self, buf: &mut [u8; RECORD_LEN]) -> Result<(), Field> {
                 self.check()?;
-                let bytes: [u8; RECORD_LEN] = zerocopy::transmute!(self.to_raw());
+                let bytes: [u8; RECORD_LEN] = zerocopy::transmute!(self.raw());
                 seal(&bytes, buf);
                 Ok(())
             }
@@ -193,20 +204,43 @@ pub struct Superblock {
 
 impl Superblock {
     fn from_raw(raw: &raw::RawSuperblock) -> Result<Self, Field> {
-        check_domain_wide(Uuid(raw.prefix.domain), raw.prefix.host_id.get(), raw.prefix.index.get())?;
-        let geometry = Geometry::new(raw.max_hosts.get(), raw.sector_size.get())
-            .map_err(|e| e.field())?;
-        let expected = Self { domain: Uuid(raw.prefix.domain), geometry }.to_raw();
-        require(raw.slots_per_area == expected.slots_per_area, Field::SlotsPerArea)?;
+        check_domain_wide(
+            Uuid(raw.prefix.domain),
+            raw.prefix.host_id.get(),
+            raw.prefix.index.get(),
+        )?;
+        let geometry =
+            Geometry::new(raw.max_hosts.get(), raw.sector_size.get()).map_err(|e| e.field())?;
+        let expected = Self {
+            domain: Uuid(raw.prefix.domain),
+            geometry,
+        }
+        .raw();
+        require(
+            raw.slots_per_area == expected.slots_per_area,
+            Field::SlotsPerArea,
+        )?;
         require(raw.area_size == expected.area_size, Field::AreaSize)?;
         require(raw.record_size == expected.record_size, Field::RecordSize)?;
-        require(raw.inbox_offset == expected.inbox_offset, Field::InboxOffset)?;
-        require(raw.outbox_offset == expected.outbox_offset, Field::OutboxOffset)?;
-        require(raw.mailbox_size == expected.mailbox_size, Field::MailboxSize)?;
-        Ok(Self { domain: Uuid(raw.prefix.domain), geometry })
+        require(
+            raw.inbox_offset == expected.inbox_offset,
+            Field::InboxOffset,
+        )?;
+        require(
+            raw.outbox_offset == expected.outbox_offset,
+            Field::OutboxOffset,
+        )?;
+        require(
+            raw.mailbox_size == expected.mailbox_size,
+            Field::MailboxSize,
+        )?;
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            geometry,
+        })
     }
 
-    fn to_raw(&self) -> raw::RawSuperblock {
+    fn raw(&self) -> raw::RawSuperblock {
         let g = &self.geometry;
         raw::RawSuperblock {
             prefix: prefix(Kind::Superblock, 0, 0, self.domain),
@@ -226,7 +260,12 @@ impl Superblock {
         check_domain_wide(self.domain, 0, 0)
     }
 }
-codec!(Superblock, RawSuperblock, Kind::Superblock, raw::reserved::SUPERBLOCK);
+codec!(
+    Superblock,
+    RawSuperblock,
+    Kind::Superblock,
+    raw::reserved::SUPERBLOCK
+);
 
 // ---------------------------------------------------------------------------
 
@@ -264,7 +303,11 @@ pub struct SpmHeader {
 
 impl SpmHeader {
     fn from_raw(raw: &raw::RawSpmHeader) -> Result<Self, Field> {
-        check_domain_wide(Uuid(raw.prefix.domain), raw.prefix.host_id.get(), raw.prefix.index.get())?;
+        check_domain_wide(
+            Uuid(raw.prefix.domain),
+            raw.prefix.host_id.get(),
+            raw.prefix.index.get(),
+        )?;
         let state = match raw.state {
             0 => SpmState::Vacant,
             1 => SpmState::Active,
@@ -280,7 +323,7 @@ impl SpmHeader {
         })
     }
 
-    fn to_raw(&self) -> raw::RawSpmHeader {
+    fn raw(&self) -> raw::RawSpmHeader {
         raw::RawSpmHeader {
             prefix: prefix(Kind::SpmHeader, 0, 0, self.domain),
             epoch: U64::new(self.epoch),
@@ -303,7 +346,12 @@ impl SpmHeader {
         Ok(())
     }
 }
-codec!(SpmHeader, RawSpmHeader, Kind::SpmHeader, raw::reserved::SPM_HEADER);
+codec!(
+    SpmHeader,
+    RawSpmHeader,
+    Kind::SpmHeader,
+    raw::reserved::SPM_HEADER
+);
 
 // ---------------------------------------------------------------------------
 
@@ -325,7 +373,11 @@ pub struct Doorbell {
 
 impl Doorbell {
     fn from_raw(raw: &raw::RawDoorbell) -> Result<Self, Field> {
-        check_domain_wide(Uuid(raw.prefix.domain), raw.prefix.host_id.get(), raw.prefix.index.get())?;
+        check_domain_wide(
+            Uuid(raw.prefix.domain),
+            raw.prefix.host_id.get(),
+            raw.prefix.index.get(),
+        )?;
         Ok(Self {
             domain: Uuid(raw.prefix.domain),
             ringer: raw.ringer.get(),
@@ -334,7 +386,7 @@ impl Doorbell {
         })
     }
 
-    fn to_raw(&self) -> raw::RawDoorbell {
+    fn raw(&self) -> raw::RawDoorbell {
         raw::RawDoorbell {
             prefix: prefix(Kind::Doorbell, 0, 0, self.domain),
             ringer: U16::new(self.ringer),
@@ -352,7 +404,12 @@ impl Doorbell {
         require(self.sequence >= 1, Field::Sequence)
     }
 }
-codec!(Doorbell, RawDoorbell, Kind::Doorbell, raw::reserved::DOORBELL);
+codec!(
+    Doorbell,
+    RawDoorbell,
+    Kind::Doorbell,
+    raw::reserved::DOORBELL
+);
 
 // ---------------------------------------------------------------------------
 
@@ -379,7 +436,7 @@ impl InboxHeader {
         })
     }
 
-    fn to_raw(&self) -> raw::RawInboxHeader {
+    fn raw(&self) -> raw::RawInboxHeader {
         raw::RawInboxHeader {
             prefix: prefix(Kind::InboxHeader, self.host_id, 0, self.domain),
             generation: U64::new(self.generation),
@@ -392,7 +449,12 @@ impl InboxHeader {
         require(self.generation >= 1, Field::Generation)
     }
 }
-codec!(InboxHeader, RawInboxHeader, Kind::InboxHeader, raw::reserved::INBOX_HEADER);
+codec!(
+    InboxHeader,
+    RawInboxHeader,
+    Kind::InboxHeader,
+    raw::reserved::INBOX_HEADER
+);
 
 // ---------------------------------------------------------------------------
 
@@ -441,7 +503,7 @@ impl Request {
         Ok(request)
     }
 
-    fn to_raw(&self) -> raw::RawRequest {
+    fn raw(&self) -> raw::RawRequest {
         raw::RawRequest {
             prefix: prefix(Kind::Request, self.host_id, self.slot, self.domain),
             generation: U64::new(self.generation),
@@ -492,7 +554,7 @@ impl OutboxHeader {
         })
     }
 
-    fn to_raw(&self) -> raw::RawOutboxHeader {
+    fn raw(&self) -> raw::RawOutboxHeader {
         raw::RawOutboxHeader {
             prefix: prefix(Kind::OutboxHeader, self.host_id, 0, self.domain),
             epoch: U64::new(self.epoch),
@@ -507,7 +569,12 @@ impl OutboxHeader {
         require(self.generation >= 1, Field::Generation)
     }
 }
-codec!(OutboxHeader, RawOutboxHeader, Kind::OutboxHeader, raw::reserved::OUTBOX_HEADER);
+codec!(
+    OutboxHeader,
+    RawOutboxHeader,
+    Kind::OutboxHeader,
+    raw::reserved::OUTBOX_HEADER
+);
 
 // ---------------------------------------------------------------------------
 
@@ -626,8 +693,12 @@ impl Reply {
         let status = match (raw.status, raw.reason) {
             (1, 0) => ReplyStatus::Extended,
             (2, 0) => ReplyStatus::WaitingForSpace,
-            (3, reason) => ReplyStatus::Rejected(RejectReason::from_code(reason).ok_or(Field::Reason)?),
-            (4, 0) => ReplyStatus::Failed { code: raw.detail.get() },
+            (3, reason) => {
+                ReplyStatus::Rejected(RejectReason::from_code(reason).ok_or(Field::Reason)?)
+            }
+            (4, 0) => ReplyStatus::Failed {
+                code: raw.detail.get(),
+            },
             (1..=4, _) => return Err(Field::Reason),
             _ => return Err(Field::Status),
         };
@@ -648,7 +719,7 @@ impl Reply {
         })
     }
 
-    fn to_raw(&self) -> raw::RawReply {
+    fn raw(&self) -> raw::RawReply {
         let (reason, detail) = match self.status {
             ReplyStatus::Rejected(reason) => (reason as u8, 0),
             ReplyStatus::Failed { code } => (0, code),

@@ -1,0 +1,1116 @@
+//! Direct block I/O on the mailbox device.
+//!
+//! The mailbox lives on storage that several hosts share, so every read
+//! must see what is on the storage now, and every write must reach the
+//! storage rather than sit in this host's page cache. This module opens the
+//! device (a block device, or a regular file standing in for one) with
+//! `O_DIRECT`, which bypasses the page cache, and does whole-sector
+//! `pread`/`pwrite` on it.
+//!
+//! # Why aligned buffers
+//!
+//! The kernel only accepts direct I/O whose file offset and length are
+//! multiples of the device's logical sector size, and whose memory buffer
+//! starts at a suitably aligned address. Ordinary `Vec<u8>` memory gives no
+//! such guarantee, so I/O goes through [`AlignedBuf`], a zero-filled heap
+//! buffer whose start is aligned (4096 bytes by default). [`Device::read_at`]
+//! and [`Device::write_at`] check offset, length, buffer alignment and range
+//! before any system call, and return a [`DeviceError`] naming the device
+//! instead of letting the kernel answer with a bare `EINVAL`.
+//!
+//! # How the sector size is found
+//!
+//! - Block device: the kernel's logical block size (`BLKSSZGET` ioctl); the
+//!   size comes from seeking to the end of the device.
+//! - Regular file: the direct-I/O offset alignment that the file system
+//!   reports through `statx(STATX_DIOALIGN)` (Linux 6.1 and later, on file
+//!   systems that implement it). When it is not reported, 4096 bytes is
+//!   assumed: it is a multiple of every logical sector size in common use
+//!   (512 and 4096), so I/O aligned to it is accepted on any of them.
+//!
+//! The memory alignment buffers need ([`Device::dio_mem_align`]) also comes
+//! from `statx`, never less than 512 bytes, and 4096 bytes when unknown.
+//!
+//! File systems without direct I/O (tmpfs before Linux 6.6 is the usual one)
+//! refuse the `O_DIRECT` open with `EINVAL`; that is reported as
+//! [`DeviceError::DirectIoUnsupported`].
+//! There is deliberately no fallback to buffered I/O: a mailbox read through
+//! a page cache could miss other hosts' writes.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom, StatxFlags};
+use rustix::io::Errno;
+
+/// Buffer alignment used by [`AlignedBuf::new`]; enough for any device.
+pub const DEFAULT_ALIGN: usize = 4096;
+
+/// Smallest alignment an [`AlignedBuf`] may have.
+pub const MIN_ALIGN: usize = 512;
+
+/// Sector size and memory alignment assumed when the kernel does not say.
+const FALLBACK_ALIGN: u32 = 4096;
+
+/// A zero-filled heap buffer whose first byte sits at an aligned address,
+/// as `O_DIRECT` requires.
+///
+/// The length and alignment are fixed at creation and the memory is never
+/// reallocated, so the alignment holds for the buffer's whole life.
+pub struct AlignedBuf {
+    storage: Box<[u8]>,
+    start: usize,
+    len: usize,
+    align: usize,
+}
+
+impl AlignedBuf {
+    /// Allocates `len` zero bytes starting at a multiple of `align`.
+    ///
+    /// # Panics
+    ///
+    /// If `align` is not a power of two of at least [`MIN_ALIGN`] (512), or
+    /// if `len + align` overflows `usize`.
+    pub fn zeroed(len: usize, align: usize) -> AlignedBuf {
+        assert!(
+            align.is_power_of_two() && align >= MIN_ALIGN,
+            "AlignedBuf alignment must be a power of two of at least {MIN_ALIGN} bytes, got {align}"
+        );
+        // Over-allocate so that an aligned window of `len` bytes fits.
+        let total = len
+            .checked_add(align - 1)
+            .expect("AlignedBuf length overflows usize");
+        let storage = vec![0u8; total].into_boxed_slice();
+        let start = storage.as_ptr().align_offset(align);
+        assert!(start < align, "cannot align a heap buffer to {align} bytes");
+        AlignedBuf {
+            storage,
+            start,
+            len,
+            align,
+        }
+    }
+
+    /// Allocates `len` zero bytes aligned to [`DEFAULT_ALIGN`] (4096).
+    pub fn new(len: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(len, DEFAULT_ALIGN)
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has length zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The alignment guaranteed for the buffer's start address.
+    pub fn align(&self) -> usize {
+        self.align
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("align", &self.align)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What kind of file a [`Device`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// A block device such as `/dev/sdb` or `/dev/loop0`.
+    BlockDevice,
+    /// A regular file on a file system that supports direct I/O.
+    File,
+}
+
+/// How to open a [`Device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only (`O_RDONLY`).
+    ReadOnly,
+    /// Reads and writes (`O_RDWR`).
+    ReadWrite,
+}
+
+/// A block device or regular file opened for direct (`O_DIRECT`) I/O in
+/// whole sectors.
+#[derive(Debug)]
+pub struct Device {
+    fd: OwnedFd,
+    path: PathBuf,
+    kind: DeviceKind,
+    sector_size: u32,
+    size: u64,
+    mem_align: usize,
+}
+
+impl Device {
+    /// Opens the block device or regular file at `path` with `O_DIRECT`
+    /// and detects its sector size, size and buffer alignment.
+    ///
+    /// Directories, character devices, FIFOs and sockets are refused with
+    /// [`DeviceError::NotABlockDeviceOrFile`] before anything is opened.
+    pub fn open(path: &Path, access: Access) -> Result<Device, DeviceError> {
+        let st = rustix::fs::stat(path).map_err(|source| DeviceError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        // Checked before opening: a FIFO would block the open, and other
+        // kinds would fail with an unhelpful EINVAL.
+        kind_of(path, st.st_mode)?;
+        let fd = open_direct(path, access)?;
+        let st = rustix::fs::fstat(&fd).map_err(|source| stat_error(path, source))?;
+        // Checked again in case the path was replaced in between.
+        let kind = kind_of(path, st.st_mode)?;
+        let (sector_size, size, mem_align) = match kind {
+            DeviceKind::BlockDevice => block_geometry(path, &fd)?,
+            DeviceKind::File => file_geometry(&fd, st.st_size),
+        };
+        tracing::debug!(path = %path.display(), ?kind, sector_size, size, mem_align, "opened device");
+        Ok(Device {
+            fd,
+            path: path.to_owned(),
+            kind,
+            sector_size,
+            size,
+            mem_align,
+        })
+    }
+
+    /// Creates a new regular file of exactly `size` bytes (sparse, reading
+    /// as zeroes) and opens it read-write with `O_DIRECT`.
+    ///
+    /// The file is created exclusively with mode 0644 (before the umask):
+    /// if `path` exists, [`DeviceError::AlreadyExists`] is returned and the
+    /// existing file is left untouched. If a later step fails (for example
+    /// the file system does not support direct I/O), the new file is
+    /// removed again.
+    pub fn create_file(path: &Path, size: u64) -> Result<Device, DeviceError> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(path, flags, Mode::from_raw_mode(0o644)).map_err(|source| {
+            let path = path.to_owned();
+            match source {
+                Errno::EXIST => DeviceError::AlreadyExists { path },
+                _ => DeviceError::Create { path, source },
+            }
+        })?;
+        let result = rustix::fs::ftruncate(&fd, size)
+            .map_err(|source| DeviceError::SetLength {
+                path: path.to_owned(),
+                size,
+                source,
+            })
+            .and_then(|()| {
+                drop(fd);
+                Device::open(path, Access::ReadWrite)
+            });
+        if result.is_err() {
+            // Best effort: we created the file, so we remove it.
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    /// The path the device was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this is a block device or a regular file.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// The logical sector size in bytes: offsets and lengths of all I/O
+    /// must be multiples of it.
+    pub fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+
+    /// The size in bytes, as found when the device was opened.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The alignment, in bytes, that I/O buffers must have (at least 512).
+    pub fn dio_mem_align(&self) -> usize {
+        self.mem_align
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    ///
+    /// `offset` and the length must be multiples of [`Self::sector_size`],
+    /// the buffer must be aligned to [`Self::dio_mem_align`], and the range
+    /// must lie within [`Self::size`]; this is checked before any I/O.
+    /// Reaching end of file before the buffer is full is
+    /// [`DeviceError::ShortRead`].
+    pub fn read_at(&self, offset: u64, buf: &mut AlignedBuf) -> Result<(), DeviceError> {
+        self.check(offset, buf)?;
+        let len = buf.len();
+        let mut done = 0;
+        while done < len {
+            match rustix::io::pread(&self.fd, &mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(self.short_read(offset, len, done)),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(source) => return Err(self.read_error(offset, len, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`, under the same rules as
+    /// [`Self::read_at`]. The data is not durable until
+    /// [`Self::sync_data`] returns.
+    pub fn write_at(&self, offset: u64, buf: &AlignedBuf) -> Result<(), DeviceError> {
+        self.check(offset, buf)?;
+        let len = buf.len();
+        let mut done = 0;
+        while done < len {
+            match rustix::io::pwrite(&self.fd, &buf[done..], offset + done as u64) {
+                Ok(0) => return Err(self.short_write(offset, len, done)),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(source) => return Err(self.write_error(offset, len, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes written data to stable storage (`fdatasync`).
+    pub fn sync_data(&self) -> Result<(), DeviceError> {
+        rustix::fs::fdatasync(&self.fd).map_err(|source| DeviceError::Sync {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Checks an I/O request against the device's rules before doing it.
+    fn check(&self, offset: u64, buf: &AlignedBuf) -> Result<(), DeviceError> {
+        let len = buf.len() as u64;
+        let sector = u64::from(self.sector_size);
+        if offset % sector != 0 || len % sector != 0 {
+            return Err(DeviceError::Unaligned {
+                path: self.path.clone(),
+                offset,
+                len,
+                sector_size: self.sector_size,
+            });
+        }
+        if buf.align() % self.mem_align != 0 {
+            return Err(DeviceError::UnalignedBuffer {
+                path: self.path.clone(),
+                align: buf.align(),
+                required: self.mem_align,
+            });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(DeviceError::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn short_read(&self, offset: u64, len: usize, got: usize) -> DeviceError {
+        DeviceError::ShortRead {
+            path: self.path.clone(),
+            offset,
+            len: len as u64,
+            got: got as u64,
+        }
+    }
+
+    fn short_write(&self, offset: u64, len: usize, written: usize) -> DeviceError {
+        DeviceError::ShortWrite {
+            path: self.path.clone(),
+            offset,
+            len: len as u64,
+            written: written as u64,
+        }
+    }
+
+    fn read_error(&self, offset: u64, len: usize, source: Errno) -> DeviceError {
+        DeviceError::Read {
+            path: self.path.clone(),
+            offset,
+            len: len as u64,
+            source,
+        }
+    }
+
+    fn write_error(&self, offset: u64, len: usize, source: Errno) -> DeviceError {
+        DeviceError::Write {
+            path: self.path.clone(),
+            offset,
+            len: len as u64,
+            source,
+        }
+    }
+}
+
+/// Classifies a file mode, refusing anything but block devices and regular
+/// files.
+fn kind_of(path: &Path, mode: u32) -> Result<DeviceKind, DeviceError> {
+    let what = match FileType::from_raw_mode(mode) {
+        FileType::BlockDevice => return Ok(DeviceKind::BlockDevice),
+        FileType::RegularFile => return Ok(DeviceKind::File),
+        FileType::Directory => "a directory",
+        FileType::CharacterDevice => "a character device",
+        FileType::Fifo => "a FIFO (named pipe)",
+        FileType::Socket => "a socket",
+        FileType::Symlink => "a symbolic link",
+        _ => "an unknown kind of file",
+    };
+    Err(DeviceError::NotABlockDeviceOrFile {
+        path: path.to_owned(),
+        what,
+    })
+}
+
+/// Opens `path` with `O_DIRECT`, mapping `EINVAL` to
+/// [`DeviceError::DirectIoUnsupported`].
+fn open_direct(path: &Path, access: Access) -> Result<OwnedFd, DeviceError> {
+    let rw = match access {
+        Access::ReadOnly => OFlags::RDONLY,
+        Access::ReadWrite => OFlags::RDWR,
+    };
+    let flags = rw | OFlags::DIRECT | OFlags::CLOEXEC;
+    rustix::fs::open(path, flags, Mode::empty()).map_err(|source| {
+        let path = path.to_owned();
+        match source {
+            Errno::INVAL => DeviceError::DirectIoUnsupported { path },
+            _ => DeviceError::Open { path, source },
+        }
+    })
+}
+
+/// Sector size, size and memory alignment of a block device.
+fn block_geometry(path: &Path, fd: &OwnedFd) -> Result<(u32, u64, usize), DeviceError> {
+    let sector_size = rustix::fs::ioctl_blksszget(fd).map_err(|source| stat_error(path, source))?;
+    let size = rustix::fs::seek(fd, SeekFrom::End(0)).map_err(|source| stat_error(path, source))?;
+    let mem_align = dio_align(fd).map_or(FALLBACK_ALIGN, |(mem, _)| mem);
+    Ok((
+        sector_size.max(MIN_ALIGN as u32),
+        size,
+        at_least_min(mem_align),
+    ))
+}
+
+/// Sector size, size and memory alignment of a regular file.
+fn file_geometry(fd: &OwnedFd, st_size: i64) -> (u32, u64, usize) {
+    let (mem_align, sector_size) = dio_align(fd).unwrap_or((FALLBACK_ALIGN, FALLBACK_ALIGN));
+    let size = u64::try_from(st_size).unwrap_or(0);
+    (
+        sector_size.max(MIN_ALIGN as u32),
+        size,
+        at_least_min(mem_align),
+    )
+}
+
+/// The `(memory, offset)` direct-I/O alignments reported by `statx`, if
+/// the kernel and file system report usable ones.
+fn dio_align(fd: &OwnedFd) -> Option<(u32, u32)> {
+    let stx = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN).ok()?;
+    let reported = StatxFlags::from_bits_retain(stx.stx_mask).contains(StatxFlags::DIOALIGN);
+    let (mem, offset) = (stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+    let usable = |v: u32| v.is_power_of_two();
+    (reported && usable(mem) && usable(offset)).then_some((mem, offset))
+}
+
+fn at_least_min(align: u32) -> usize {
+    (align as usize).max(MIN_ALIGN)
+}
+
+fn stat_error(path: &Path, source: Errno) -> DeviceError {
+    DeviceError::Stat {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What to do about a failed open or create.
+fn open_hint(errno: &Errno) -> &'static str {
+    match *errno {
+        Errno::ACCESS | Errno::PERM => {
+            "; run spmbox as a user allowed to read and write the device (for example root)"
+        }
+        Errno::NOENT => "; check the path (does it, or its parent directory, exist?)",
+        Errno::ROFS => "; the file system is mounted read-only",
+        Errno::NXIO | Errno::NODEV => "; the device is not present",
+        Errno::BUSY => "; the device is in use exclusively by something else",
+        _ => "",
+    }
+}
+
+/// An error from the direct-I/O device layer. Every variant names the
+/// device; I/O variants also name the offset and length.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device could not be opened (or stat'ed before opening).
+    #[error("cannot open {}: {source}{}", .path.display(), open_hint(.source))]
+    Open {
+        /// The device path.
+        path: PathBuf,
+        /// The error from the kernel.
+        source: Errno,
+    },
+
+    /// A new mailbox file could not be created.
+    #[error("cannot create {}: {source}{}", .path.display(), open_hint(.source))]
+    Create {
+        /// The file path.
+        path: PathBuf,
+        /// The error from the kernel.
+        source: Errno,
+    },
+
+    /// The file system refused `O_DIRECT`.
+    #[error(
+        "cannot open {}: the file system does not support direct I/O (O_DIRECT); \
+         tmpfs (often /tmp or /dev/shm) on kernels before Linux 6.6 is a common cause, \
+         as are virtual file systems such as /proc; put the mailbox on ext4 or xfs, \
+         or on a block device",
+        .path.display()
+    )]
+    DirectIoUnsupported {
+        /// The device path.
+        path: PathBuf,
+    },
+
+    /// [`Device::create_file`] found something at the path already.
+    #[error("{} already exists; remove it or choose another path", .path.display())]
+    AlreadyExists {
+        /// The file path.
+        path: PathBuf,
+    },
+
+    /// The path is neither a block device nor a regular file.
+    #[error(
+        "{} is {what}, not a block device or regular file; \
+         give the path of a block device (such as /dev/sdb) or of a mailbox file",
+        .path.display()
+    )]
+    NotABlockDeviceOrFile {
+        /// The device path.
+        path: PathBuf,
+        /// What the path is instead, such as "a directory".
+        what: &'static str,
+    },
+
+    /// A new file could not be given its length.
+    #[error(
+        "cannot set the length of {} to {size} bytes: {source}; check free space and quotas",
+        .path.display()
+    )]
+    SetLength {
+        /// The file path.
+        path: PathBuf,
+        /// The requested length in bytes.
+        size: u64,
+        /// The error from the kernel.
+        source: Errno,
+    },
+
+    /// An I/O request's offset or length is not a whole number of sectors
+    /// (a bug in the caller).
+    #[error(
+        "I/O on {} at offset {offset} ({offset:#x}) length {len} is not aligned to its \
+         {sector_size}-byte sector size (this is a bug in spmbox)",
+        .path.display()
+    )]
+    Unaligned {
+        /// The device path.
+        path: PathBuf,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// The device's logical sector size.
+        sector_size: u32,
+    },
+
+    /// An I/O buffer is less aligned than the device needs (a bug in the
+    /// caller).
+    #[error(
+        "I/O buffer for {} is aligned to {align} bytes but the device needs {required} \
+         (this is a bug in spmbox)",
+        .path.display()
+    )]
+    UnalignedBuffer {
+        /// The device path.
+        path: PathBuf,
+        /// The buffer's alignment.
+        align: usize,
+        /// The alignment the device needs.
+        required: usize,
+    },
+
+    /// An I/O request reaches past the end of the device.
+    #[error(
+        "I/O on {} at offset {offset} ({offset:#x}) length {len} goes past its end \
+         ({size} bytes); is the mailbox on the right device, and was it resized?",
+        .path.display()
+    )]
+    OutOfRange {
+        /// The device path.
+        path: PathBuf,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// The device size in bytes.
+        size: u64,
+    },
+
+    /// The kernel failed a read.
+    #[error(
+        "cannot read {len} bytes from {} at offset {offset} ({offset:#x}): {source}; \
+         check the device and the kernel log",
+        .path.display()
+    )]
+    Read {
+        /// The device path.
+        path: PathBuf,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// The error from the kernel.
+        source: Errno,
+    },
+
+    /// The kernel failed a write.
+    #[error(
+        "cannot write {len} bytes to {} at offset {offset} ({offset:#x}): {source}; \
+         check the device and the kernel log",
+        .path.display()
+    )]
+    Write {
+        /// The device path.
+        path: PathBuf,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// The error from the kernel.
+        source: Errno,
+    },
+
+    /// End of file came before the requested bytes were read.
+    #[error(
+        "{} ended after {got} of {len} bytes read at offset {offset} ({offset:#x}): \
+         it is shorter than expected; was it truncated or resized while in use?",
+        .path.display()
+    )]
+    ShortRead {
+        /// The device path.
+        path: PathBuf,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// Bytes read before end of file.
+        got: u64,
+    },
+
+    /// The kernel stopped accepting data before the whole buffer was
+    /// written.
+    #[error(
+        "{} accepted only {written} of {len} bytes written at offset {offset} ({offset:#x}); \
+         check the device and the kernel log",
+        .path.display()
+    )]
+    ShortWrite {
+        /// The device path.
+        path: PathBuf,
+        /// Requested offset in bytes.
+        offset: u64,
+        /// Requested length in bytes.
+        len: u64,
+        /// Bytes written before the device stopped accepting data.
+        written: u64,
+    },
+
+    /// `fdatasync` failed: recent writes may not be durable.
+    #[error(
+        "cannot flush {} to stable storage: {source}; recent writes may be lost, \
+         check the device and the kernel log",
+        .path.display()
+    )]
+    Sync {
+        /// The device path.
+        path: PathBuf,
+        /// The error from the kernel.
+        source: Errno,
+    },
+
+    /// The device's type, size or sector size could not be read.
+    #[error("cannot read the size or sector size of {}: {source}", .path.display())]
+    Stat {
+        /// The device path.
+        path: PathBuf,
+        /// The error from the kernel.
+        source: Errno,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use tempfile::TempDir;
+
+    const TMPFS_MAGIC: i128 = 0x0102_1994;
+    const MIB: u64 = 1 << 20;
+
+    /// Makes a temporary directory in `base` and checks that `O_DIRECT`
+    /// works there.
+    fn probe(base: &Path) -> Result<TempDir, String> {
+        let dir = tempfile::tempdir_in(base).map_err(|e| e.to_string())?;
+        let file = dir.path().join("probe");
+        std::fs::write(&file, [0u8; 4096]).map_err(|e| e.to_string())?;
+        let flags = OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC;
+        rustix::fs::open(&file, flags, Mode::empty())
+            .map_err(|e| format!("O_DIRECT open failed: {e}"))?;
+        Ok(dir)
+    }
+
+    /// A temporary directory where `O_DIRECT` works: the system temp dir,
+    /// else /var/tmp. `None` (after printing why) if neither.
+    fn direct_io_dir(test: &str) -> Option<TempDir> {
+        let mut reasons = Vec::new();
+        for base in [std::env::temp_dir(), PathBuf::from("/var/tmp")] {
+            match probe(&base) {
+                Ok(dir) => return Some(dir),
+                Err(why) => reasons.push(format!("{}: {why}", base.display())),
+            }
+        }
+        println!(
+            "skipped: {test}: no temporary directory supports O_DIRECT ({})",
+            reasons.join("; ")
+        );
+        None
+    }
+
+    /// A buffer of `len` bytes aligned well enough for `dev`, filled with
+    /// `fill`.
+    fn buf_for(dev: &Device, len: usize, fill: u8) -> AlignedBuf {
+        let mut buf = AlignedBuf::zeroed(len, dev.dio_mem_align().max(DEFAULT_ALIGN));
+        buf.fill(fill);
+        buf
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 1) as u8).collect()
+    }
+
+    /// Creates a 1 MiB mailbox file in `dir`.
+    fn new_device(dir: &TempDir) -> (Device, PathBuf) {
+        let path = dir.path().join("mailbox");
+        let dev = Device::create_file(&path, MIB).expect("create_file");
+        (dev, path)
+    }
+
+    fn sector(dev: &Device) -> usize {
+        dev.sector_size() as usize
+    }
+
+    #[test]
+    fn aligned_buf_has_requested_alignment_and_length() {
+        for align in [512, 4096, 65536, 1 << 21] {
+            for len in [0, 1, 511, 512, 4096, 10_000, 1 << 20] {
+                let mut buf = AlignedBuf::zeroed(len, align);
+                assert_eq!(buf.len(), len);
+                assert_eq!(buf.is_empty(), len == 0);
+                assert_eq!(buf.align(), align);
+                assert_eq!(buf.as_ptr().addr() % align, 0, "len {len} align {align}");
+                assert!(buf.iter().all(|&b| b == 0), "not zeroed");
+                buf.fill(0xa5);
+                let ptr = buf.as_ptr();
+                let moved = buf;
+                assert_eq!(moved.as_ptr(), ptr, "moving must not reallocate");
+                assert!(moved.iter().all(|&b| b == 0xa5));
+            }
+        }
+        assert_eq!(AlignedBuf::new(100).align(), DEFAULT_ALIGN);
+        assert_eq!(AlignedBuf::new(100).len(), 100);
+    }
+
+    #[test]
+    #[should_panic(expected = "power of two")]
+    fn aligned_buf_rejects_non_power_of_two() {
+        AlignedBuf::zeroed(4096, 1000);
+    }
+
+    #[test]
+    #[should_panic(expected = "at least 512")]
+    fn aligned_buf_rejects_small_alignment() {
+        AlignedBuf::zeroed(4096, 256);
+    }
+
+    #[test]
+    fn create_file_reads_back_zeroes() {
+        let Some(dir) = direct_io_dir("create_file_reads_back_zeroes") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        assert_eq!(dev.path(), path);
+        assert_eq!(dev.kind(), DeviceKind::File);
+        assert_eq!(dev.size(), MIB);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), MIB);
+        assert!(dev.sector_size().is_power_of_two() && dev.sector_size() >= 512);
+        assert!(dev.dio_mem_align().is_power_of_two() && dev.dio_mem_align() >= 512);
+        let mut buf = buf_for(&dev, MIB as usize, 0xff);
+        dev.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "new file must read as zeroes");
+    }
+
+    #[test]
+    fn write_then_read_pattern_at_nonzero_sector() {
+        let Some(dir) = direct_io_dir("write_then_read_pattern_at_nonzero_sector") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        let ss = sector(&dev);
+        let data = pattern(2 * ss);
+        let mut buf = buf_for(&dev, 2 * ss, 0);
+        buf.copy_from_slice(&data);
+        dev.write_at(3 * ss as u64, &buf).unwrap();
+        dev.sync_data().unwrap();
+
+        let mut back = buf_for(&dev, 2 * ss, 0);
+        dev.read_at(3 * ss as u64, &mut back).unwrap();
+        assert_eq!(&back[..], &data[..]);
+        // The neighbouring sectors are untouched.
+        let mut around = buf_for(&dev, ss, 0xff);
+        for s in [2, 5] {
+            dev.read_at((s * ss) as u64, &mut around).unwrap();
+            assert!(around.iter().all(|&b| b == 0), "sector {s} changed");
+        }
+        // The bytes are in the file where expected, and survive reopening.
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[3 * ss..5 * ss], &data[..]);
+        let ro = Device::open(&path, Access::ReadOnly).unwrap();
+        let mut again = buf_for(&ro, 2 * ss, 0);
+        ro.read_at(3 * ss as u64, &mut again).unwrap();
+        assert_eq!(&again[..], &data[..]);
+    }
+
+    #[test]
+    fn unaligned_offset_is_refused() {
+        let Some(dir) = direct_io_dir("unaligned_offset_is_refused") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        let ss = sector(&dev);
+        let off = (ss / 2) as u64;
+        let mut buf = buf_for(&dev, ss, 0xee);
+        match dev.read_at(off, &mut buf) {
+            Err(DeviceError::Unaligned {
+                offset,
+                len,
+                sector_size,
+                ..
+            }) => {
+                assert_eq!(
+                    (offset, len, sector_size),
+                    (off, ss as u64, dev.sector_size())
+                );
+            }
+            other => panic!("expected Unaligned, got {other:?}"),
+        }
+        assert!(matches!(
+            dev.write_at(off, &buf),
+            Err(DeviceError::Unaligned { .. })
+        ));
+        // Nothing was written.
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn unaligned_length_is_refused() {
+        let Some(dir) = direct_io_dir("unaligned_length_is_refused") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        let ss = sector(&dev);
+        let mut buf = buf_for(&dev, ss + ss / 2, 0xee);
+        match dev.write_at(ss as u64, &buf) {
+            Err(DeviceError::Unaligned { offset, len, .. }) => {
+                assert_eq!((offset, len), (ss as u64, (ss + ss / 2) as u64));
+            }
+            other => panic!("expected Unaligned, got {other:?}"),
+        }
+        assert!(matches!(
+            dev.read_at(0, &mut buf),
+            Err(DeviceError::Unaligned { .. })
+        ));
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn out_of_range_is_refused() {
+        let Some(dir) = direct_io_dir("out_of_range_is_refused") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        let ss = sector(&dev) as u64;
+        let last_aligned = u64::MAX / ss * ss;
+        for (offset, want_len) in [(MIB - ss, 2 * ss), (MIB, ss), (last_aligned, ss)] {
+            let mut buf = buf_for(&dev, want_len as usize, 0xee);
+            match dev.read_at(offset, &mut buf) {
+                Err(DeviceError::OutOfRange {
+                    offset: o,
+                    len,
+                    size,
+                    ..
+                }) => assert_eq!((o, len, size), (offset, want_len, MIB)),
+                other => panic!("expected OutOfRange at {offset}, got {other:?}"),
+            }
+        }
+        let two = buf_for(&dev, 2 * ss as usize, 0xee);
+        assert!(matches!(
+            dev.write_at(MIB - ss, &two),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        // A pwrite past the end would have grown the file.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), MIB);
+        // The last whole sector is still in range.
+        let mut one = buf_for(&dev, ss as usize, 0xee);
+        dev.read_at(MIB - ss, &mut one).unwrap();
+    }
+
+    #[test]
+    fn underaligned_buffer_is_refused() {
+        let Some(dir) = direct_io_dir("underaligned_buffer_is_refused") else {
+            return;
+        };
+        let (mut dev, _path) = new_device(&dir);
+        // Pretend the device needs more alignment than the buffer has.
+        dev.mem_align = 2 * DEFAULT_ALIGN;
+        let buf = AlignedBuf::zeroed(sector(&dev), DEFAULT_ALIGN);
+        match dev.write_at(0, &buf) {
+            Err(DeviceError::UnalignedBuffer {
+                align, required, ..
+            }) => {
+                assert_eq!((align, required), (DEFAULT_ALIGN, 2 * DEFAULT_ALIGN));
+            }
+            other => panic!("expected UnalignedBuffer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_past_shrunken_end_is_short_read() {
+        let Some(dir) = direct_io_dir("read_past_shrunken_end_is_short_read") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        let ss = sector(&dev) as u64;
+        let half = MIB / 2;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(half).unwrap();
+        let mut buf = buf_for(&dev, 2 * ss as usize, 0xee);
+        match dev.read_at(half - ss, &mut buf) {
+            Err(DeviceError::ShortRead {
+                offset, len, got, ..
+            }) => assert_eq!((offset, len, got), (half - ss, 2 * ss, ss)),
+            other => panic!("expected ShortRead, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn write_on_read_only_device_fails_with_ebadf() {
+        let Some(dir) = direct_io_dir("write_on_read_only_device_fails_with_ebadf") else {
+            return;
+        };
+        let (dev, path) = new_device(&dir);
+        let ro = Device::open(&path, Access::ReadOnly).unwrap();
+        let buf = buf_for(&dev, sector(&dev), 0xee);
+        match ro.write_at(0, &buf) {
+            Err(DeviceError::Write { source, len, .. }) => {
+                assert_eq!(source, Errno::BADF);
+                assert_eq!(len, buf.len() as u64);
+            }
+            other => panic!("expected Write(EBADF), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_file_refuses_existing_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("taken");
+        std::fs::write(&path, b"precious").unwrap();
+        match Device::create_file(&path, MIB) {
+            Err(e @ DeviceError::AlreadyExists { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+                assert!(msg.contains("already exists; remove it"), "{msg}");
+            }
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn open_refuses_directory_fifo_and_char_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, Mode::from_raw_mode(0o600)).unwrap();
+        let mut cases = vec![
+            (dir.path().to_owned(), "a directory"),
+            (fifo, "a FIFO (named pipe)"),
+        ];
+        if Path::new("/dev/null").exists() {
+            cases.push((PathBuf::from("/dev/null"), "a character device"));
+        }
+        for (path, expected) in cases {
+            for access in [Access::ReadOnly, Access::ReadWrite] {
+                match Device::open(&path, access) {
+                    Err(DeviceError::NotABlockDeviceOrFile { path: p, what }) => {
+                        assert_eq!((p.as_path(), what), (path.as_path(), expected));
+                    }
+                    other => panic!("expected NotABlockDeviceOrFile, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn open_missing_path_is_open_enoent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing");
+        match Device::open(&path, Access::ReadWrite) {
+            Err(e @ DeviceError::Open { .. }) => {
+                let DeviceError::Open { source, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(*source, Errno::NOENT);
+                let msg = e.to_string();
+                assert!(msg.starts_with(&format!("cannot open {}: ", path.display())));
+                assert!(msg.contains("No such file or directory"), "{msg}");
+                assert!(msg.contains("check the path"), "{msg}");
+            }
+            other => panic!("expected Open(ENOENT), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn proc_file_is_direct_io_unsupported() {
+        let path = Path::new("/proc/version");
+        if !path.exists() {
+            println!("skipped: proc_file_is_direct_io_unsupported: /proc is not mounted");
+            return;
+        }
+        match Device::open(path, Access::ReadOnly) {
+            Err(e @ DeviceError::DirectIoUnsupported { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("/proc/version"), "{msg}");
+                assert!(
+                    msg.contains("does not support direct I/O (O_DIRECT)"),
+                    "{msg}"
+                );
+                assert!(msg.contains("tmpfs") && msg.contains("ext4"), "{msg}");
+            }
+            other => panic!("expected DirectIoUnsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tmpfs_without_direct_io_is_reported() {
+        let test = "tmpfs_without_direct_io_is_reported";
+        let shm = Path::new("/dev/shm");
+        let is_tmpfs = rustix::fs::statfs(shm).is_ok_and(|s| i128::from(s.f_type) == TMPFS_MAGIC);
+        if !is_tmpfs {
+            println!("skipped: {test}: /dev/shm is missing or not tmpfs");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let path = dir.path().join("mailbox");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let flags = OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC;
+        match rustix::fs::open(&path, flags, Mode::empty()) {
+            Err(Errno::INVAL) => {}
+            Ok(_) => {
+                // tmpfs supports O_DIRECT since Linux 6.6; then it must open.
+                println!("skipped: {test}: tmpfs supports O_DIRECT on this kernel");
+                let dev = Device::open(&path, Access::ReadWrite).unwrap();
+                assert_eq!(dev.kind(), DeviceKind::File);
+                return;
+            }
+            Err(e) => panic!("unexpected error probing tmpfs: {e}"),
+        }
+        assert!(matches!(
+            Device::open(&path, Access::ReadWrite),
+            Err(DeviceError::DirectIoUnsupported { .. })
+        ));
+        let new = dir.path().join("new");
+        assert!(matches!(
+            Device::create_file(&new, MIB),
+            Err(DeviceError::DirectIoUnsupported { .. })
+        ));
+        assert!(!new.exists(), "create_file must remove the file it created");
+    }
+
+    #[test]
+    fn messages_show_offsets_in_decimal_and_hex() {
+        let e = DeviceError::Unaligned {
+            path: PathBuf::from("/dev/sdz"),
+            offset: 65536,
+            len: 100,
+            sector_size: 4096,
+        };
+        assert_eq!(
+            e.to_string(),
+            "I/O on /dev/sdz at offset 65536 (0x10000) length 100 is not aligned to its \
+             4096-byte sector size (this is a bug in spmbox)"
+        );
+        let e = DeviceError::Read {
+            path: PathBuf::from("/dev/sdz"),
+            offset: 512,
+            len: 4096,
+            source: Errno::IO,
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("cannot read 4096 bytes from /dev/sdz at offset 512 (0x200): "),
+            "{msg}"
+        );
+        assert!(msg.contains("Input/output error (os error 5)"), "{msg}");
+        let e = DeviceError::Open {
+            path: PathBuf::from("/dev/sdz"),
+            source: Errno::ACCESS,
+        };
+        assert!(e.to_string().contains("Permission denied"), "{e}");
+        assert!(
+            e.to_string().contains("run spmbox as a user allowed"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,513 @@
+//! `spmbox inspect`: decode every record of a mailbox and report every
+//! defect with its exact place.
+//!
+//! The audit is a pure function over an image of the mailbox in memory, so
+//! it can be tested on any bytes; the command reads the device once and
+//! hands the image over.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+use spmbox_core::wire::{
+    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, INBOX_OFFSET, InboxArea, Location,
+    OutboxArea, Place, RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request, SPM_HEADER_OFFSET,
+    SlotRecord, SlotState, SpmHeader, Superblock, first_nonzero,
+};
+
+use crate::json;
+
+/// What the audit found in one record that is not a slot.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found<T> {
+    /// All zero.
+    Empty,
+    /// Valid.
+    Valid(T),
+    /// Defective.
+    Defective(Defect),
+}
+
+impl<T> From<Result<Option<T>, Defect>> for Found<T> {
+    fn from(parsed: Result<Option<T>, Defect>) -> Self {
+        match parsed {
+            Ok(None) => Found::Empty,
+            Ok(Some(v)) => Found::Valid(v),
+            Err(d) => Found::Defective(d),
+        }
+    }
+}
+
+/// One host's areas: headers and every non-empty slot.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    /// The host.
+    pub host_id: u16,
+    /// Its inbox header.
+    pub inbox_header: Found<spmbox_core::wire::InboxHeader>,
+    /// Its outbox header.
+    pub outbox_header: Found<spmbox_core::wire::OutboxHeader>,
+    /// Non-empty inbox slots.
+    pub requests: Vec<(u16, SlotState<Request>)>,
+    /// Non-empty outbox slots.
+    pub replies: Vec<(u16, SlotState<Reply>)>,
+}
+
+/// Something that must not be there: a defective record or a nonzero byte
+/// in space that must be zero.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Where: the record's first byte, or the offending byte.
+    pub place: Place,
+    /// Whether `place` is a whole record or a single byte of unused space.
+    pub record: bool,
+    /// The verdict name (docs/format.md section 6), or `nonzero_unused`.
+    pub verdict: &'static str,
+    /// Why, in words.
+    pub message: String,
+    /// The defect, for records.
+    pub defect: Option<Defect>,
+}
+
+/// The whole audit.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The superblock (valid: the audit needs it).
+    pub superblock: Superblock,
+    /// The SPM header.
+    pub spm_header: Found<SpmHeader>,
+    /// The doorbell.
+    pub doorbell: Found<Doorbell>,
+    /// Every host with anything in its areas (or the one asked for).
+    pub hosts: Vec<HostReport>,
+    /// Every problem, in offset order.
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    /// Valid requests in the audited hosts' inboxes.
+    pub fn requests(&self) -> usize {
+        self.count(|h| {
+            h.requests
+                .iter()
+                .filter(|(_, s)| matches!(s, SlotState::Valid(_)))
+                .count()
+        })
+    }
+
+    /// Valid replies in the audited hosts' outboxes.
+    pub fn replies(&self) -> usize {
+        self.count(|h| {
+            h.replies
+                .iter()
+                .filter(|(_, s)| matches!(s, SlotState::Valid(_)))
+                .count()
+        })
+    }
+
+    /// Stale requests and replies.
+    pub fn stale(&self) -> usize {
+        self.count(|h| {
+            h.requests
+                .iter()
+                .filter(|(_, s)| matches!(s, SlotState::Stale(_)))
+                .count()
+                + h.replies
+                    .iter()
+                    .filter(|(_, s)| matches!(s, SlotState::Stale(_)))
+                    .count()
+        })
+    }
+
+    fn count(&self, f: impl Fn(&HostReport) -> usize) -> usize {
+        self.hosts.iter().map(f).sum()
+    }
+}
+
+/// Audits `image`, the mailbox's bytes from offset 0 (at least
+/// `mailbox_size` of them), whose superblock is `superblock`. With `host`,
+/// only that host's areas are audited (the domain-wide blocks always are).
+pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report {
+    let geometry = superblock.geometry;
+    let domain = superblock.domain;
+    let mut problems = Vec::new();
+    let block = |offset: u64| -> &[u8] {
+        let start = offset as usize;
+        image.get(start..start + AREA_SIZE).unwrap_or(&[])
+    };
+    let at0 = Location {
+        domain,
+        host_id: 0,
+        index: 0,
+    };
+
+    let sb = block(0);
+    if let Err(defect) = Superblock::parse(head(sb), &at0) {
+        record_problem(&mut problems, &geometry, 0, defect);
+    }
+    let spm_header = Found::from(SpmHeader::parse(head(block(SPM_HEADER_OFFSET)), &at0));
+    let doorbell = Found::from(Doorbell::parse(head(block(DOORBELL_OFFSET)), &at0));
+    for (offset, found) in [
+        (SPM_HEADER_OFFSET, defect_of(&spm_header)),
+        (DOORBELL_OFFSET, defect_of(&doorbell)),
+    ] {
+        if let Some(defect) = found {
+            record_problem(&mut problems, &geometry, offset, defect);
+        }
+    }
+    for offset in [0, SPM_HEADER_OFFSET, DOORBELL_OFFSET] {
+        unused_problem(
+            &mut problems,
+            &geometry,
+            offset + RECORD_LEN as u64,
+            &block(offset)[RECORD_LEN.min(block(offset).len())..],
+        );
+    }
+    let mut offset = RESERVED_OFFSET;
+    while offset < INBOX_OFFSET {
+        unused_problem(&mut problems, &geometry, offset, block(offset));
+        offset += AREA_SIZE as u64;
+    }
+
+    let mut hosts = Vec::new();
+    let ids = match host {
+        Some(h) => h..=h,
+        None => geometry.hosts(),
+    };
+    for host_id in ids {
+        let (Some(inbox_at), Some(outbox_at)) =
+            (geometry.inbox_area(host_id), geometry.outbox_area(host_id))
+        else {
+            continue;
+        };
+        let (inbox_bytes, outbox_bytes) = (block(inbox_at), block(outbox_at));
+        if host.is_none()
+            && first_nonzero(inbox_bytes).is_none()
+            && first_nonzero(outbox_bytes).is_none()
+        {
+            continue;
+        }
+        let (Some(inbox), Some(outbox)) = (
+            InboxArea::new(inbox_bytes, domain, host_id),
+            OutboxArea::new(outbox_bytes, domain, host_id),
+        ) else {
+            continue;
+        };
+        let inbox_header = Found::from(inbox.header());
+        let outbox_header = Found::from(outbox.header());
+        for (offset, defect) in [
+            (inbox_at, defect_of(&inbox_header)),
+            (outbox_at, defect_of(&outbox_header)),
+        ] {
+            if let Some(defect) = defect {
+                record_problem(&mut problems, &geometry, offset, defect);
+            }
+        }
+        let requests = slots(&inbox, inbox_at, &geometry, &mut problems);
+        let replies = slots(&outbox, outbox_at, &geometry, &mut problems);
+        hosts.push(HostReport {
+            host_id,
+            inbox_header,
+            outbox_header,
+            requests,
+            replies,
+        });
+    }
+    problems.sort_by_key(|p| p.place.offset);
+    Report {
+        superblock: *superblock,
+        spm_header,
+        doorbell,
+        hosts,
+        problems,
+    }
+}
+
+fn head(block: &[u8]) -> &[u8] {
+    block.get(..RECORD_LEN).unwrap_or(block)
+}
+
+fn defect_of<T>(found: &Found<T>) -> Option<Defect> {
+    match found {
+        Found::Defective(d) => Some(*d),
+        _ => None,
+    }
+}
+
+fn slots<S: SlotRecord>(
+    area: &spmbox_core::wire::Area<'_, S>,
+    area_offset: u64,
+    geometry: &Geometry,
+    problems: &mut Vec<Problem>,
+) -> Vec<(u16, SlotState<S>)> {
+    let mut found = Vec::new();
+    for (slot, state) in area.slots() {
+        match state {
+            SlotState::Empty => continue,
+            SlotState::Defective(defect) => {
+                let offset = area_offset + u64::from(slot) * RECORD_LEN as u64;
+                record_problem(problems, geometry, offset, defect);
+            }
+            SlotState::Valid(_) | SlotState::Stale(_) => {}
+        }
+        found.push((slot, state));
+    }
+    found
+}
+
+fn record_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64, defect: Defect) {
+    if let Some(place) = geometry.locate(offset) {
+        problems.push(Problem {
+            place,
+            record: true,
+            verdict: defect.name(),
+            message: defect.to_string(),
+            defect: Some(defect),
+        });
+    }
+}
+
+fn unused_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64, bytes: &[u8]) {
+    if let Some(pos) = first_nonzero(bytes) {
+        let at = offset + pos as u64;
+        if let Some(place) = geometry.locate(at) {
+            problems.push(Problem {
+                place,
+                record: false,
+                verdict: "nonzero_unused",
+                message: format!("byte {:#04x} in space that must be zero", bytes[pos]),
+                defect: None,
+            });
+        }
+    }
+}
+
+/// Where a problem is, in words: a record's place, or a byte's.
+pub fn describe(problem: &Problem) -> String {
+    let p = &problem.place;
+    if !problem.record {
+        return p.to_string();
+    }
+    use spmbox_core::wire::Region;
+    let name = match p.region {
+        Region::Superblock => "superblock".to_string(),
+        Region::SpmHeader => "SPM header".to_string(),
+        Region::Doorbell => "doorbell".to_string(),
+        Region::Reserved => "reserved space".to_string(),
+        Region::Inbox { host_id } | Region::Outbox { host_id } => {
+            let side = if matches!(p.region, Region::Inbox { .. }) {
+                "inbox"
+            } else {
+                "outbox"
+            };
+            if p.index == 0 {
+                format!("host {host_id} {side} header")
+            } else {
+                format!("host {host_id} {side} slot {}", p.index)
+            }
+        }
+    };
+    format!("{name} (offset {} = {:#x})", p.offset, p.offset)
+}
+
+fn found_text<T>(found: &Found<T>, valid: impl Fn(&T) -> String) -> String {
+    match found {
+        Found::Empty => "empty".into(),
+        Found::Valid(v) => valid(v),
+        Found::Defective(d) => format!("DEFECTIVE: {d}"),
+    }
+}
+
+fn request_text(r: &Request) -> String {
+    format!(
+        "request seq {} gen {} volume {} target {} (was {}){}",
+        r.sequence,
+        r.generation,
+        r.volume,
+        r.target_size,
+        r.current_size,
+        if r.paused { " [guest paused]" } else { "" }
+    )
+}
+
+fn reply_text(r: &Reply) -> String {
+    let mut s = format!(
+        "reply seq {} gen {} volume {} target {}: {}",
+        r.sequence,
+        r.generation,
+        r.volume,
+        r.target_size,
+        r.status.name()
+    );
+    match r.status {
+        spmbox_core::wire::ReplyStatus::Rejected(reason) => {
+            let _ = write!(s, " ({})", reason.name());
+        }
+        spmbox_core::wire::ReplyStatus::Failed { code } => {
+            let _ = write!(s, " (error {code})");
+        }
+        _ => {}
+    }
+    let _ = write!(s, ", size {}, epoch {}", r.size, r.epoch);
+    s
+}
+
+fn slot_text<T>(state: &SlotState<T>, valid: impl Fn(&T) -> String) -> String {
+    match state {
+        SlotState::Empty => "empty".into(),
+        SlotState::Valid(v) => valid(v),
+        SlotState::Stale(v) => format!("STALE (not acted on): {}", valid(v)),
+        SlotState::Defective(d) => format!("DEFECTIVE: {d}"),
+    }
+}
+
+/// The report as text for a terminal.
+pub fn render(report: &Report, device: &str) -> String {
+    let mut out = String::new();
+    let sb = &report.superblock;
+    let g = sb.geometry;
+    let _ = writeln!(
+        out,
+        "mailbox {device}: domain {}, format version {}, {} hosts, {}-byte sectors, {}",
+        sb.domain,
+        spmbox_core::wire::FORMAT_VERSION,
+        g.max_hosts(),
+        g.sector_size(),
+        crate::units::Bytes(g.mailbox_size())
+    );
+    let _ = writeln!(
+        out,
+        "SPM: {}",
+        found_text(&report.spm_header, |h| format!(
+            "{}, epoch {}, spm id {}, heartbeat {} every {} ms",
+            match h.state {
+                spmbox_core::wire::SpmState::Vacant => "vacant",
+                spmbox_core::wire::SpmState::Active => "active",
+            },
+            h.epoch,
+            h.spm_id,
+            h.heartbeat,
+            h.heartbeat_interval_ms
+        ))
+    );
+    let _ = writeln!(
+        out,
+        "doorbell: {}",
+        found_text(&report.doorbell, |d| format!(
+            "last rung by host {} (generation {}, sequence {})",
+            d.ringer, d.generation, d.sequence
+        ))
+    );
+    for host in &report.hosts {
+        let _ = writeln!(
+            out,
+            "host {}: inbox {}; outbox {}",
+            host.host_id,
+            found_text(&host.inbox_header, |h| format!(
+                "generation {}",
+                h.generation
+            )),
+            found_text(&host.outbox_header, |h| format!(
+                "epoch {}, generation {}",
+                h.epoch, h.generation
+            )),
+        );
+        for (slot, state) in &host.requests {
+            let _ = writeln!(
+                out,
+                "  inbox slot {slot:>2}: {}",
+                slot_text(state, request_text)
+            );
+        }
+        for (slot, state) in &host.replies {
+            let _ = writeln!(
+                out,
+                "  outbox slot {slot:>2}: {}",
+                slot_text(state, reply_text)
+            );
+        }
+    }
+    if !report.problems.is_empty() {
+        let _ = writeln!(out, "problems ({}):", report.problems.len());
+        for p in &report.problems {
+            let _ = writeln!(out, "  {}: {}: {}", describe(p), p.verdict, p.message);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "summary: {} hosts with mail, {} requests, {} replies, {} stale, {} problems",
+        report.hosts.len(),
+        report.requests(),
+        report.replies(),
+        report.stale(),
+        report.problems.len()
+    );
+    out
+}
+
+fn found_json<T>(found: &Found<T>, valid: impl Fn(&T) -> Value) -> Value {
+    match found {
+        Found::Empty => json!({ "state": "empty" }),
+        Found::Valid(v) => json!({ "state": "valid", "record": valid(v) }),
+        Found::Defective(d) => json!({ "state": "defective", "defect": json::defect(d) }),
+    }
+}
+
+fn slot_json<T>(slot: u16, state: &SlotState<T>, valid: impl Fn(&T) -> Value) -> Value {
+    match state {
+        SlotState::Empty => json!({ "slot": slot, "state": "empty" }),
+        SlotState::Valid(v) => json!({ "slot": slot, "state": "valid", "record": valid(v) }),
+        SlotState::Stale(v) => json!({ "slot": slot, "state": "stale", "record": valid(v) }),
+        SlotState::Defective(d) => {
+            json!({ "slot": slot, "state": "defective", "defect": json::defect(d) })
+        }
+    }
+}
+
+/// The report as one JSON object (documented in docs/operations.md).
+pub fn to_json(report: &Report, device: &str) -> Value {
+    let hosts: Vec<Value> = report
+        .hosts
+        .iter()
+        .map(|h| {
+            json!({
+                "host_id": h.host_id,
+                "inbox": {
+                    "header": found_json(&h.inbox_header, |r| json::record(&Record::InboxHeader(*r))),
+                    "slots": h.requests.iter().map(|(s, st)| slot_json(*s, st, json::request)).collect::<Vec<_>>(),
+                },
+                "outbox": {
+                    "header": found_json(&h.outbox_header, |r| json::record(&Record::OutboxHeader(*r))),
+                    "slots": h.replies.iter().map(|(s, st)| slot_json(*s, st, json::reply)).collect::<Vec<_>>(),
+                },
+            })
+        })
+        .collect();
+    let problems: Vec<Value> = report
+        .problems
+        .iter()
+        .map(|p| {
+            json!({
+                "offset": p.place.offset,
+                "place": describe(p),
+                "verdict": p.verdict,
+                "message": p.message,
+            })
+        })
+        .collect();
+    json!({
+        "device": device,
+        "valid": report.problems.is_empty(),
+        "superblock": json::superblock(&report.superblock),
+        "spm_header": found_json(&report.spm_header, json::spm_header),
+        "doorbell": found_json(&report.doorbell, json::doorbell),
+        "hosts": hosts,
+        "problems": problems,
+        "summary": {
+            "hosts_with_mail": report.hosts.len(),
+            "requests": report.requests(),
+            "replies": report.replies(),
+            "stale": report.stale(),
+            "problems": report.problems.len(),
+        },
+    })
+}

@@ -1,0 +1,14 @@
+//! spmbox: the Linux shell around `spmbox-core`.
+//!
+//! The core knows the formats and the protocol but does no I/O; this crate
+//! opens block devices and files with O_DIRECT and runs the commands of the
+//! `spmbox` binary. `main.rs` only parses arguments; the work lives in the
+//! modules below, named for what they do.
+
+pub mod commands;
+pub mod device;
+pub mod inspect;
+pub mod json;
+pub mod logging;
+pub mod mailbox;
+pub mod units;
