@@ -177,3 +177,105 @@ pub fn areas<S: SlotRecord>(
         .zip(first_host..=u16::MAX)
         .filter_map(move |(bytes, host)| Area::new(bytes, domain, host))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Defect, InboxHeader, Request};
+
+    const DOMAIN: Uuid = Uuid([0x11; 16]);
+
+    fn request(slot: u16, generation: u64) -> Request {
+        Request {
+            domain: DOMAIN,
+            host_id: 7,
+            slot,
+            generation,
+            sequence: u64::from(slot),
+            volume: Uuid([0x22; 16]),
+            target_size: 1 << 30,
+            current_size: 0,
+            paused: false,
+        }
+    }
+
+    fn put(area: &mut [u8; AREA_SIZE], index: usize, record: [u8; RECORD_LEN]) {
+        area[index * RECORD_LEN..(index + 1) * RECORD_LEN].copy_from_slice(&record);
+    }
+
+    fn area_with_header(generation: u64) -> [u8; AREA_SIZE] {
+        let mut area = [0u8; AREA_SIZE];
+        let header = InboxHeader {
+            domain: DOMAIN,
+            host_id: 7,
+            generation,
+        };
+        put(&mut area, 0, header.to_bytes().unwrap());
+        area
+    }
+
+    #[test]
+    fn only_requests_of_the_headers_generation_are_valid() {
+        let mut area = area_with_header(5);
+        put(&mut area, 1, request(1, 5).to_bytes().unwrap());
+        put(&mut area, 2, request(2, 4).to_bytes().unwrap());
+        put(&mut area, 3, request(3, 6).to_bytes().unwrap());
+        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        assert_eq!(inbox.slot(1), Some(SlotState::Valid(request(1, 5))));
+        assert_eq!(inbox.slot(2), Some(SlotState::Stale(request(2, 4))));
+        assert_eq!(inbox.slot(3), Some(SlotState::Stale(request(3, 6))));
+        assert_eq!(inbox.slot(4), Some(SlotState::Empty));
+    }
+
+    #[test]
+    fn without_a_valid_header_every_request_is_stale() {
+        let mut area = [0u8; AREA_SIZE];
+        put(&mut area, 1, request(1, 5).to_bytes().unwrap());
+        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        assert_eq!(inbox.header(), Ok(None));
+        assert_eq!(inbox.slot(1), Some(SlotState::Stale(request(1, 5))));
+        area[5] ^= 0xff; // damage the (empty) header
+        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        assert_eq!(inbox.header(), Err(Defect::BadMagic));
+        assert_eq!(inbox.slot(1), Some(SlotState::Stale(request(1, 5))));
+    }
+
+    #[test]
+    fn a_request_in_another_hosts_area_is_misdirected() {
+        let mut area = area_with_header(5);
+        let mut r = request(1, 5);
+        r.host_id = 8;
+        put(&mut area, 1, r.to_bytes().unwrap());
+        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        assert_eq!(
+            inbox.slot(1),
+            Some(SlotState::Defective(Defect::Misdirected {
+                host_id: 8,
+                index: 1
+            }))
+        );
+    }
+
+    #[test]
+    fn slots_yields_31_numbered_slots_and_rejects_others() {
+        let area = area_with_header(1);
+        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        let numbers: heapless::Vec<u16, 31> = inbox.slots().map(|(n, _)| n).collect();
+        assert_eq!(numbers.first(), Some(&1));
+        assert_eq!(numbers.last(), Some(&31));
+        assert_eq!(numbers.len(), 31);
+        assert_eq!(inbox.slot(0), None);
+        assert_eq!(inbox.slot(32), None);
+        assert!(InboxArea::new(&area[..4095], DOMAIN, 7).is_none());
+    }
+
+    #[test]
+    fn areas_walks_consecutive_hosts() {
+        let mut region = [0u8; 3 * AREA_SIZE];
+        region[AREA_SIZE..2 * AREA_SIZE].copy_from_slice(&area_with_header(9));
+        let hosts: heapless::Vec<(u16, bool), 3> = areas::<Request>(&region, DOMAIN, 6)
+            .map(|a| (a.host_id(), a.header().ok().flatten().is_some()))
+            .collect();
+        assert_eq!(hosts.as_slice(), &[(6, false), (7, true), (8, false)]);
+    }
+}

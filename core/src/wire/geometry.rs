@@ -243,3 +243,65 @@ const _: () =
     assert!(SUPERBLOCK_OFFSET == 0 && SPM_HEADER_OFFSET == AREA && DOORBELL_OFFSET == 2 * AREA);
 // The largest mailbox still fits comfortably in u64 and its host index in u16.
 const _: () = assert!(INBOX_OFFSET + 2 * MAX_HOSTS as u64 * AREA < u32::MAX as u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_512_and_4096_byte_sectors_and_1_to_2000_hosts() {
+        assert!(Geometry::new(1, 512).is_ok());
+        assert!(Geometry::new(2000, 4096).is_ok());
+        assert_eq!(
+            Geometry::new(0, 512),
+            Err(GeometryError::MaxHosts { max_hosts: 0 })
+        );
+        assert_eq!(
+            Geometry::new(2001, 512),
+            Err(GeometryError::MaxHosts { max_hosts: 2001 })
+        );
+        assert_eq!(
+            Geometry::new(10, 1024),
+            Err(GeometryError::SectorSize { sector_size: 1024 })
+        );
+    }
+
+    #[test]
+    fn layout_of_a_2000_host_mailbox() {
+        let g = Geometry::new(2000, 512).unwrap();
+        assert_eq!(g.inbox_offset(), 0x10000);
+        assert_eq!(g.outbox_offset(), 0x10000 + 2000 * 4096);
+        assert_eq!(g.mailbox_size(), 16_449_536);
+        assert_eq!(g.inbox_area(1), Some(0x10000));
+        assert_eq!(g.inbox_area(2000), Some(0x10000 + 1999 * 4096));
+        assert_eq!(g.outbox_area(1), Some(g.outbox_offset()));
+        assert_eq!(g.inbox_area(0), None);
+        assert_eq!(g.outbox_area(2001), None);
+    }
+
+    #[test]
+    fn locate_names_region_record_and_byte() {
+        let g = Geometry::new(4, 512).unwrap();
+        let p = g.locate(0x10000 + 4096 + 3 * 128 + 17).unwrap();
+        assert_eq!(p.region, Region::Inbox { host_id: 2 });
+        assert_eq!((p.index, p.byte), (3, 17));
+        assert_eq!(
+            p.to_string(),
+            format!(
+                "host 2 inbox slot 3, byte 17 (offset {0} = {0:#x})",
+                p.offset
+            )
+        );
+        let p = g.locate(g.outbox_offset() + 3 * 4096).unwrap();
+        assert_eq!(p.region, Region::Outbox { host_id: 4 });
+        assert_eq!(g.locate(5).unwrap().region, Region::Superblock);
+        assert_eq!(g.locate(4096 + 200).unwrap().region, Region::SpmHeader);
+        assert_eq!(g.locate(8192).unwrap().region, Region::Doorbell);
+        assert_eq!(g.locate(12288).unwrap().region, Region::Reserved);
+        assert_eq!(
+            g.locate(g.mailbox_size() - 1).unwrap().region,
+            Region::Outbox { host_id: 4 }
+        );
+        assert_eq!(g.locate(g.mailbox_size()), None);
+    }
+}

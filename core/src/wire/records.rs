@@ -839,3 +839,424 @@ impl Record {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AREA_SIZE, Geometry};
+
+    const DOMAIN: Uuid = Uuid([
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd,
+        0xef,
+    ]);
+    const VOLUME: Uuid = Uuid([
+        0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32,
+        0x10,
+    ]);
+
+    /// A request of host 7, slot 3, built by hand from docs/format.md
+    /// (CRC computed independently of this crate).
+    static REQUEST_BYTES: [u8; RECORD_LEN] = [
+        0x5f, 0x50, 0xd6, 0x8a, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x01, 0x07, 0x00, 0x03, 0x00, 0x00,
+        0x00, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+        0xcd, 0xef, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x09, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 0xfe, 0xdc, 0xba, 0x98,
+        0x76, 0x54, 0x32, 0x10, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x40, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+
+    fn request() -> Request {
+        Request {
+            domain: DOMAIN,
+            host_id: 7,
+            slot: 3,
+            generation: 2,
+            sequence: 9,
+            volume: VOLUME,
+            target_size: 2 << 30,
+            current_size: 1 << 30,
+            paused: true,
+        }
+    }
+
+    fn at(host_id: u16, index: u16) -> Location {
+        Location {
+            domain: DOMAIN,
+            host_id,
+            index,
+        }
+    }
+
+    /// Re-seals a modified record so that only the intended change is
+    /// tested, not the checksum.
+    fn resealed(mut bytes: [u8; RECORD_LEN]) -> [u8; RECORD_LEN] {
+        let copy = bytes;
+        seal(&copy, &mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn request_fixture_deconstructs_to_its_fields() {
+        assert_eq!(Request::decode(&REQUEST_BYTES), Ok(Some(request())));
+        assert_eq!(
+            Request::parse(&REQUEST_BYTES, &at(7, 3)),
+            Ok(Some(request()))
+        );
+    }
+
+    #[test]
+    fn request_constructs_to_the_fixture() {
+        assert_eq!(request().to_bytes(), Ok(REQUEST_BYTES));
+    }
+
+    #[test]
+    fn crc32c_has_its_standard_check_value() {
+        assert_eq!(CRC32C.checksum(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn all_zero_record_is_empty_for_every_kind() {
+        let zero = [0u8; RECORD_LEN];
+        assert_eq!(Record::decode(&zero), Ok(None));
+        assert_eq!(Request::decode(&zero), Ok(None));
+        assert_eq!(Superblock::decode(&zero), Ok(None));
+        assert_eq!(Reply::parse(&zero, &at(1, 1)), Ok(None));
+    }
+
+    #[test]
+    fn wrong_length_is_a_defect_not_a_panic() {
+        assert_eq!(
+            Request::decode(&REQUEST_BYTES[..127]),
+            Err(Defect::Length { len: 127 })
+        );
+        assert_eq!(Record::decode(&[]), Err(Defect::Length { len: 0 }));
+        assert_eq!(Record::decode(&[0; 129]), Err(Defect::Length { len: 129 }));
+    }
+
+    #[test]
+    fn every_single_byte_change_is_detected() {
+        for i in 0..RECORD_LEN {
+            for delta in [1u8, 0x80, 0xff] {
+                let mut bytes = REQUEST_BYTES;
+                bytes[i] ^= delta;
+                let got = Request::decode(&bytes);
+                assert!(got.is_err(), "byte {i} ^ {delta:#x} decoded as {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn checks_run_in_the_documented_order() {
+        // Bad magic wins over a bad checksum.
+        let mut bytes = REQUEST_BYTES;
+        bytes[4] = b'X';
+        assert_eq!(Request::decode(&bytes), Err(Defect::BadMagic));
+        // A checksum mismatch is reported with both values.
+        let mut bytes = REQUEST_BYTES;
+        bytes[100] = 1;
+        assert!(matches!(
+            Request::decode(&bytes),
+            Err(Defect::Checksum {
+                stored: 0x8ad6_505f,
+                ..
+            })
+        ));
+        // Version before kind.
+        let mut bytes = REQUEST_BYTES;
+        bytes[8] = 99;
+        bytes[9] = 2;
+        assert_eq!(
+            Request::decode(&resealed(bytes)),
+            Err(Defect::UnsupportedVersion { version: 2 })
+        );
+        bytes[9] = 1;
+        assert_eq!(
+            Request::decode(&resealed(bytes)),
+            Err(Defect::UnknownKind { code: 99 })
+        );
+    }
+
+    #[test]
+    fn a_record_of_another_kind_is_wrong_kind() {
+        assert_eq!(
+            Reply::decode(&REQUEST_BYTES),
+            Err(Defect::WrongKind {
+                expected: Kind::Reply,
+                found: Kind::Request
+            })
+        );
+    }
+
+    #[test]
+    fn a_record_of_another_domain_is_foreign() {
+        let other = Uuid([9; 16]);
+        let at_other = Location {
+            domain: other,
+            host_id: 7,
+            index: 3,
+        };
+        assert_eq!(
+            Request::parse(&REQUEST_BYTES, &at_other),
+            Err(Defect::Foreign { domain: DOMAIN })
+        );
+    }
+
+    #[test]
+    fn a_record_read_from_another_place_is_misdirected() {
+        let expected = Err(Defect::Misdirected {
+            host_id: 7,
+            index: 3,
+        });
+        assert_eq!(Request::parse(&REQUEST_BYTES, &at(8, 3)), expected);
+        assert_eq!(Request::parse(&REQUEST_BYTES, &at(7, 4)), expected);
+    }
+
+    #[test]
+    fn nonzero_reserved_bytes_are_reported_with_their_offset() {
+        for offset in [14usize, 15, 84, 127] {
+            let mut bytes = REQUEST_BYTES;
+            bytes[offset] = 0x5a;
+            let expected = Err(Defect::ReservedNotZero {
+                offset: offset as u8,
+            });
+            assert_eq!(
+                Request::decode(&resealed(bytes)),
+                expected,
+                "offset {offset}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_field_rules() {
+        let cases: [(fn(&mut Request), Field); 6] = [
+            (|r| r.target_size = 0, Field::TargetSize),
+            (|r| r.target_size = 1000, Field::TargetSize),
+            (|r| r.generation = 0, Field::Generation),
+            (|r| r.sequence = 0, Field::Sequence),
+            (|r| r.volume = Uuid::NIL, Field::Volume),
+            (|r| r.slot = 32, Field::Index),
+        ];
+        for (change, field) in cases {
+            let mut r = request();
+            change(&mut r);
+            assert_eq!(r.to_bytes(), Err(field), "emit must refuse {field}");
+            // The decoder refuses the same value when it is on disk.
+            let mut raw: [u8; RECORD_LEN] = zerocopy::transmute!(r.raw());
+            raw = resealed(raw);
+            assert_eq!(Request::decode(&raw), Err(Defect::InvalidField { field }));
+        }
+        let mut bytes = REQUEST_BYTES;
+        bytes[80] = 0b11;
+        assert_eq!(
+            Request::decode(&resealed(bytes)),
+            Err(Defect::InvalidField {
+                field: Field::Flags
+            })
+        );
+    }
+
+    #[test]
+    fn emit_leaves_the_buffer_untouched_when_it_refuses() {
+        let mut buf = [0xa5; RECORD_LEN];
+        let mut r = request();
+        r.volume = Uuid::NIL;
+        assert_eq!(r.emit(&mut buf), Err(Field::Volume));
+        assert_eq!(buf, [0xa5; RECORD_LEN]);
+    }
+
+    fn reply(status: ReplyStatus, size: u64) -> Reply {
+        let r = request();
+        Reply {
+            domain: r.domain,
+            host_id: r.host_id,
+            slot: r.slot,
+            generation: r.generation,
+            sequence: r.sequence,
+            volume: r.volume,
+            target_size: r.target_size,
+            size,
+            epoch: 4,
+            status,
+        }
+    }
+
+    #[test]
+    fn every_reply_status_round_trips_and_answers_its_request() {
+        let statuses = [
+            ReplyStatus::Extended,
+            ReplyStatus::WaitingForSpace,
+            ReplyStatus::Rejected(RejectReason::UnknownVolume),
+            ReplyStatus::Rejected(RejectReason::OverLimit),
+            ReplyStatus::Rejected(RejectReason::Malformed),
+            ReplyStatus::Failed { code: 28 },
+        ];
+        for status in statuses {
+            let r = reply(status, 3 << 30);
+            let bytes = r.to_bytes().unwrap();
+            assert_eq!(Reply::parse(&bytes, &at(7, 3)), Ok(Some(r)));
+            assert!(r.answers(&request()));
+            assert_eq!(status.is_final(), status != ReplyStatus::WaitingForSpace);
+        }
+    }
+
+    #[test]
+    fn a_reply_for_another_sequence_does_not_answer() {
+        let mut r = reply(ReplyStatus::Extended, 2 << 30);
+        r.sequence += 1;
+        assert!(!r.answers(&request()));
+    }
+
+    #[test]
+    fn extended_reply_must_reach_the_target() {
+        let r = reply(ReplyStatus::Extended, (2 << 30) - 512);
+        assert_eq!(r.to_bytes(), Err(Field::Size));
+    }
+
+    #[test]
+    fn reply_reason_and_detail_must_fit_the_status() {
+        let good = reply(ReplyStatus::Extended, 2 << 30).to_bytes().unwrap();
+        let mut bytes = good;
+        bytes[89] = 1; // a reason on an extended reply
+        assert_eq!(
+            Reply::decode(&resealed(bytes)),
+            Err(Defect::InvalidField {
+                field: Field::Reason
+            })
+        );
+        let mut bytes = good;
+        bytes[92] = 7; // a detail on an extended reply
+        assert_eq!(
+            Reply::decode(&resealed(bytes)),
+            Err(Defect::InvalidField {
+                field: Field::Detail
+            })
+        );
+        let mut bytes = good;
+        bytes[88] = 5;
+        assert_eq!(
+            Reply::decode(&resealed(bytes)),
+            Err(Defect::InvalidField {
+                field: Field::Status
+            })
+        );
+        let mut bytes = good;
+        bytes[88] = 3;
+        bytes[89] = 4; // rejected with an unknown reason
+        assert_eq!(
+            Reply::decode(&resealed(bytes)),
+            Err(Defect::InvalidField {
+                field: Field::Reason
+            })
+        );
+    }
+
+    #[test]
+    fn superblock_round_trips_and_checks_derived_fields() {
+        let sb = Superblock {
+            domain: DOMAIN,
+            geometry: Geometry::new(2000, 4096).unwrap(),
+        };
+        let bytes = sb.to_bytes().unwrap();
+        assert_eq!(Superblock::decode(&bytes), Ok(Some(sb)));
+        assert_eq!(&bytes[32..36], &4096u32.to_le_bytes());
+        assert_eq!(&bytes[64..72], &16_449_536u64.to_le_bytes());
+        for (offset, field) in [
+            (38, Field::SlotsPerArea),
+            (40, Field::AreaSize),
+            (44, Field::RecordSize),
+            (48, Field::InboxOffset),
+            (56, Field::OutboxOffset),
+            (64, Field::MailboxSize),
+        ] {
+            let mut changed = bytes;
+            changed[offset] ^= 1;
+            assert_eq!(
+                Superblock::decode(&resealed(changed)),
+                Err(Defect::InvalidField { field }),
+                "offset {offset}"
+            );
+        }
+        let mut changed = bytes;
+        changed[33] = 0x04; // sector size 1024: neither 512 nor 4096
+        assert_eq!(
+            Superblock::decode(&resealed(changed)),
+            Err(Defect::InvalidField {
+                field: Field::SectorSize
+            })
+        );
+    }
+
+    #[test]
+    fn spm_header_rules() {
+        let mut h = SpmHeader {
+            domain: DOMAIN,
+            epoch: 0,
+            spm_id: 0,
+            state: SpmState::Vacant,
+            heartbeat_interval_ms: 0,
+            heartbeat: 0,
+        };
+        assert_eq!(SpmHeader::decode(&h.to_bytes().unwrap()), Ok(Some(h)));
+        h.state = SpmState::Active;
+        assert_eq!(h.to_bytes(), Err(Field::Epoch));
+        h.epoch = 3;
+        assert_eq!(h.to_bytes(), Err(Field::HeartbeatIntervalMs));
+        h.heartbeat_interval_ms = 100;
+        assert_eq!(SpmHeader::decode(&h.to_bytes().unwrap()), Ok(Some(h)));
+        h.spm_id = 2001;
+        assert_eq!(h.to_bytes(), Err(Field::SpmId));
+    }
+
+    #[test]
+    fn doorbell_and_headers_round_trip() {
+        let d = Doorbell {
+            domain: DOMAIN,
+            ringer: 2000,
+            generation: 1,
+            sequence: 1,
+        };
+        assert_eq!(
+            Doorbell::parse(&d.to_bytes().unwrap(), &at(0, 0)),
+            Ok(Some(d))
+        );
+        let i = InboxHeader {
+            domain: DOMAIN,
+            host_id: 5,
+            generation: 3,
+        };
+        assert_eq!(
+            InboxHeader::parse(&i.to_bytes().unwrap(), &at(5, 0)),
+            Ok(Some(i))
+        );
+        let o = OutboxHeader {
+            domain: DOMAIN,
+            host_id: 5,
+            epoch: 2,
+            generation: 3,
+        };
+        assert_eq!(
+            OutboxHeader::parse(&o.to_bytes().unwrap(), &at(5, 0)),
+            Ok(Some(o))
+        );
+        assert_eq!(Doorbell { ringer: 0, ..d }.to_bytes(), Err(Field::Ringer));
+        assert_eq!(
+            InboxHeader { host_id: 0, ..i }.to_bytes(),
+            Err(Field::HostId)
+        );
+    }
+
+    #[test]
+    fn record_decode_agrees_with_the_typed_decoders() {
+        let r = request();
+        assert_eq!(Record::decode(&REQUEST_BYTES), Ok(Some(Record::Request(r))));
+        let mut buf = [0; RECORD_LEN];
+        Record::Request(r).emit(&mut buf).unwrap();
+        assert_eq!(buf, REQUEST_BYTES);
+        assert_eq!(Record::Request(r).kind(), Kind::Request);
+        assert!(AREA_SIZE > RECORD_LEN);
+    }
+}
