@@ -21,7 +21,8 @@ pub const EXIT_USAGE: u8 = 2;
 /// bytes where there must be zeroes.
 pub const EXIT_DEFECTS: u8 = 3;
 /// Exit status: the device holds no usable mailbox (no spmbox superblock,
-/// a damaged one, another version, or a device that does not fit it).
+/// a damaged one, another version), or the device does not fit the mailbox
+/// (sector size, size).
 pub const EXIT_NOT_A_MAILBOX: u8 = 4;
 
 /// An error of a command, with the exit status it maps to.
@@ -46,7 +47,9 @@ impl CommandError {
             CommandError::Mailbox(
                 MailboxError::NotAMailbox { .. }
                 | MailboxError::DamagedSuperblock { .. }
-                | MailboxError::UnsupportedVersion { .. },
+                | MailboxError::UnsupportedVersion { .. }
+                | MailboxError::SectorSizeMismatch { .. }
+                | MailboxError::TooSmall { .. },
             ) => EXIT_NOT_A_MAILBOX,
             CommandError::Mailbox(_) | CommandError::Output(_) => EXIT_ERROR,
         }
