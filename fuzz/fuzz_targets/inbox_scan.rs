@@ -1,0 +1,275 @@
+//! Arbitrary bytes as a run of whole host areas, scanned as inboxes and as
+//! outboxes, plus the mailbox geometry.
+//!
+//! Input: bytes 0..16 the domain, 16..18 the first host id, 18..20
+//! `max_hosts`, 20..24 `sector_size`, 24..32 an offset (all little-endian),
+//! byte 32 flags, then the areas (zero-padded to whole 4 KiB areas, at most
+//! 8). Flag bit 0: fix the CRC of every nonzero record before scanning, so
+//! that the fuzzer gets past the checksum to the place and generation
+//! checks.
+//!
+//! Checks that `wire::areas::<Request>` and `wire::areas::<Reply>` never
+//! panic and that:
+//! - they yield one area per whole 4 KiB (as far as host ids reach),
+//!   numbered from the first host on, and ignore a trailing partial area;
+//! - every area yields exactly 31 slots, numbered 1..=31, each the same as
+//!   `slot(n)`; `slot(0)`, `slot(32)` and `slot(33)` are `None`;
+//! - the header and every slot are what the typed `parse` at that place
+//!   makes of the record's bytes, and what docs/format.md section 6 says;
+//! - a `Valid` record belongs to the area's host, its slot and the scan's
+//!   domain, and carries the generation of a valid header; a `Stale` one
+//!   belongs there too but the header is missing, defective or of another
+//!   generation; `Empty` is all zero.
+//!
+//! And `Geometry::new` accepts exactly 512/4096-byte sectors and 1..=2000
+//! hosts; `locate(offset)` is `Some` exactly below `mailbox_size()` and
+//! names the region, host (in 1..=max_hosts), record and byte that
+//! docs/format.md section 3 gives that offset.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use spmbox_core::wire::{
+    AREA_SIZE, Geometry, Location, Place, Region, Reply, Request, SlotRecord, SlotState, Uuid,
+    areas,
+};
+use spmbox_fuzz::{
+    LEN, MAX_HOSTS, Typed, assert_geometry_error, assert_verdict, is_nil, kind_outcome, le16, le32,
+    le64, seal, verdict,
+};
+
+const HEAD: usize = 33;
+const MAX_AREAS: usize = 8;
+
+fuzz_target!(|data: &[u8]| check(data));
+
+fn check(data: &[u8]) {
+    let mut head = [0u8; HEAD];
+    let n = data.len().min(HEAD);
+    head[..n].copy_from_slice(&data[..n]);
+    let domain = Uuid(head[..16].try_into().unwrap());
+    let first_host = le16(&head, 16);
+    let max_hosts = le16(&head, 18);
+    let sector_size = le32(&head, 20);
+    let offset = le64(&head, 24);
+    let body = &data[n..];
+
+    // Whole areas, zero-padded, at most MAX_AREAS.
+    let count = body.len().div_ceil(AREA_SIZE).min(MAX_AREAS);
+    let mut region = vec![0u8; count * AREA_SIZE];
+    let copied = body.len().min(region.len());
+    region[..copied].copy_from_slice(&body[..copied]);
+    if head[32] & 1 != 0 {
+        for rec in region.chunks_exact_mut(LEN) {
+            if !is_nil(rec) {
+                seal(rec.try_into().unwrap());
+            }
+        }
+    }
+    // Host ids stop at u16::MAX.
+    let hosts_left = usize::from(u16::MAX - first_host) + 1;
+    scan::<Request>(&region, domain, first_host, count.min(hosts_left));
+    scan::<Reply>(&region, domain, first_host, count.min(hosts_left));
+    // A trailing partial area is ignored.
+    let unpadded = &body[..body.len().min(MAX_AREAS * AREA_SIZE)];
+    let whole = (unpadded.len() / AREA_SIZE).min(hosts_left);
+    assert_eq!(
+        areas::<Request>(unpadded, domain, first_host).count(),
+        whole
+    );
+    assert_eq!(areas::<Reply>(unpadded, domain, first_host).count(), whole);
+
+    let in_range = max_hosts % MAX_HOSTS + 1;
+    for hosts in [max_hosts, in_range] {
+        for sector in [sector_size, 512, 4096] {
+            geometry(hosts, sector, offset, first_host);
+        }
+    }
+}
+
+fn scan<S>(region: &[u8], domain: Uuid, first_host: u16, expected_areas: usize)
+where
+    S: SlotRecord + Typed,
+    S::Header: Typed,
+{
+    let mut seen = 0;
+    for (i, area) in areas::<S>(region, domain, first_host).enumerate() {
+        seen += 1;
+        let host_id = area.host_id();
+        assert_eq!(usize::from(host_id), usize::from(first_host) + i);
+        let bytes = &region[i * AREA_SIZE..(i + 1) * AREA_SIZE];
+        let at = |index: u16| Location {
+            domain,
+            host_id,
+            index,
+        };
+        for index in 0..=33u16 {
+            let want = bytes.get(usize::from(index) * LEN..(usize::from(index) + 1) * LEN);
+            assert_eq!(
+                area.record_bytes(index).map(|b| &b[..]),
+                want,
+                "record {index}"
+            );
+        }
+        assert_eq!(area.record_bytes(u16::MAX), None);
+
+        // The header.
+        let header = area.header();
+        let header_bytes = &bytes[..LEN];
+        assert_eq!(header, S::Header::parse(header_bytes, &at(0)));
+        assert_verdict(
+            "area header",
+            kind_outcome(&header, |_| S::Header::KIND),
+            &verdict(header_bytes, Some(S::Header::KIND), Some(&at(0))),
+        );
+        if let Ok(Some(h)) = header {
+            assert_eq!(h.location(), at(0), "header of another place accepted");
+        }
+        let generation = match header {
+            Ok(Some(h)) => Some(S::header_generation(&h)),
+            _ => None,
+        };
+
+        // The slots.
+        let slots: Vec<(u16, SlotState<S>)> = area.slots().collect();
+        assert_eq!(slots.len(), 31, "an area has 31 slots");
+        for (i, (slot, state)) in slots.iter().enumerate() {
+            assert_eq!(usize::from(*slot), i + 1, "slots are numbered 1..=31");
+            assert_eq!(area.slot(*slot), Some(*state), "slot({slot}) != slots()");
+            let rec = &bytes[usize::from(*slot) * LEN..][..LEN];
+            let parsed = S::parse(rec, &at(*slot));
+            assert_verdict(
+                "slot",
+                kind_outcome(&parsed, |_| S::KIND),
+                &verdict(rec, Some(S::KIND), Some(&at(*slot))),
+            );
+            match *state {
+                SlotState::Empty => {
+                    assert!(is_nil(rec), "non-zero slot {slot} empty");
+                    assert_eq!(parsed, Ok(None));
+                }
+                SlotState::Valid(r) => {
+                    assert_eq!(parsed, Ok(Some(r)));
+                    assert_eq!(r.location(), at(*slot), "valid record of another place");
+                    assert_eq!(
+                        Some(r.generation()),
+                        generation,
+                        "valid slot {slot} without a valid header of its generation"
+                    );
+                }
+                SlotState::Stale(r) => {
+                    assert_eq!(parsed, Ok(Some(r)));
+                    assert_eq!(r.location(), at(*slot), "stale record of another place");
+                    assert_ne!(
+                        Some(r.generation()),
+                        generation,
+                        "slot {slot} of the header's generation is stale"
+                    );
+                }
+                SlotState::Defective(defect) => assert_eq!(parsed, Err(defect)),
+            }
+        }
+        // With slot(1..=31) above, slot(n) for n in 0..=33 and beyond.
+        for slot in [0, 32, 33, u16::MAX] {
+            assert_eq!(area.slot(slot), None, "slot {slot} exists");
+        }
+    }
+    assert_eq!(seen, expected_areas, "areas yielded");
+}
+
+fn geometry(max_hosts: u16, sector_size: u32, offset: u64, host: u16) {
+    let g = match Geometry::new(max_hosts, sector_size) {
+        Ok(g) => g,
+        Err(err) => {
+            assert_geometry_error(err, max_hosts, sector_size);
+            return;
+        }
+    };
+    assert!(matches!(sector_size, 512 | 4096) && (1..=MAX_HOSTS).contains(&max_hosts));
+    assert_eq!((g.max_hosts(), g.sector_size()), (max_hosts, sector_size));
+    assert_eq!(g.hosts(), 1..=max_hosts);
+    let area = AREA_SIZE as u64;
+    let hosts = u64::from(max_hosts);
+    assert_eq!(g.inbox_offset(), 65536);
+    assert_eq!(g.outbox_offset(), 65536 + hosts * area);
+    assert_eq!(g.mailbox_size(), 65536 + 2 * hosts * area);
+    assert_eq!(g.region_len(), hosts * area);
+
+    let size = g.mailbox_size();
+    let offsets = [
+        offset,
+        offset % (size + 2 * area),
+        offset % 65536,
+        0,
+        4095,
+        4096,
+        8192,
+        12288,
+        65535,
+        65536,
+        g.outbox_offset() - 1,
+        g.outbox_offset(),
+        size - 1,
+        size,
+        u64::MAX,
+    ];
+    for off in offsets {
+        let place = g.locate(off);
+        assert_eq!(place, expected_place(off, max_hosts), "locate({off})");
+        if let Some(p) = place {
+            assert!(!p.to_string().is_empty());
+            if let Region::Inbox { host_id } | Region::Outbox { host_id } = p.region {
+                assert!((1..=max_hosts).contains(&host_id), "host {host_id}");
+            }
+        }
+    }
+
+    for h in [host, 0, 1, max_hosts, max_hosts.wrapping_add(1)] {
+        let valid = (1..=max_hosts).contains(&h);
+        let (inbox, outbox) = (g.inbox_area(h), g.outbox_area(h));
+        assert_eq!(inbox.is_some(), valid, "inbox_area({h})");
+        assert_eq!(outbox.is_some(), valid, "outbox_area({h})");
+        if let (Some(i), Some(o)) = (inbox, outbox) {
+            for (start, region) in [
+                (i, Region::Inbox { host_id: h }),
+                (o, Region::Outbox { host_id: h }),
+            ] {
+                for within in [0, 127, 128, 4095] {
+                    let p = g.locate(start + within).expect("area inside the mailbox");
+                    assert_eq!(p.region, region);
+                    assert_eq!(
+                        (p.index, p.byte),
+                        ((within / 128) as u16, (within % 128) as u16)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What docs/format.md section 3 puts at `off`.
+fn expected_place(off: u64, max_hosts: u16) -> Option<Place> {
+    let hosts = u64::from(max_hosts);
+    let outbox = 65536 + hosts * 4096;
+    let end = outbox + hosts * 4096;
+    if off >= end {
+        return None;
+    }
+    let region = match off {
+        0..4096 => Region::Superblock,
+        4096..8192 => Region::SpmHeader,
+        8192..12288 => Region::Doorbell,
+        12288..65536 => Region::Reserved,
+        _ if off < outbox => Region::Inbox {
+            host_id: ((off - 65536) / 4096 + 1) as u16,
+        },
+        _ => Region::Outbox {
+            host_id: ((off - outbox) / 4096 + 1) as u16,
+        },
+    };
+    Some(Place {
+        offset: off,
+        region,
+        index: (off % 4096 / 128) as u16,
+        byte: (off % 128) as u16,
+    })
+}
