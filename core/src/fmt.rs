@@ -18,7 +18,9 @@ macro_rules! log_event {
         ::log::$level!($($arg)+);
         #[cfg(not(any(feature = "defmt", feature = "log")))]
         {
-            let _ = || ::core::format_args!($($arg)+);
+            if false {
+                let _ = ::core::format_args!($($arg)+);
+            }
         }
     }};
 }

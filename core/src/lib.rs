@@ -35,4 +35,6 @@
 #[macro_use]
 mod fmt;
 
+pub mod spm;
+pub mod time;
 pub mod wire;

@@ -1,0 +1,737 @@
+//! The SPM engine: reads the inbox, runs extension jobs, writes replies.
+//!
+//! A sans-I/O state machine. The caller (the `spmbox spm` daemon, array
+//! firmware, or a simulation) does the I/O it asks for and feeds back what
+//! it read; the engine never blocks and never reads a clock.
+//!
+//! ```text
+//!   poll_io(now) ──> ReadDoorbell / ReadHosts{first,count} / ReadSpmHeader
+//!   handle_doorbell / handle_hosts / handle_spm_header  <── bytes read
+//!   poll_job() ──> Job{volume, target, urgent}   handle_job_result <── backend
+//!   handle_capacity(volume, size)  <── parked request completed by the pool
+//!   poll_write() ──> SpmWrite{offset, record}   (SPM header, outbox records)
+//!   poll_event() ──> SpmEvent                    poll_timeout() ──> Instant
+//! ```
+//!
+//! # Reading
+//! - The doorbell is read every `doorbell_interval`. When it changes, the
+//!   ringer's areas are read at once (a *targeted read*).
+//! - Every host's areas are read every `full_scan_interval` (a *full
+//!   scan*), and at start. The doorbell is a hint; the full scan bounds how
+//!   long a request whose ring was lost waits.
+//! - A host's inbox and outbox areas are always read together. A request
+//!   whose outbox slot already holds a final reply answering it is done;
+//!   one that has "waiting for space" is parked. So the engine needs no
+//!   memory of what it answered: an SPM that restarts, or a new SPM,
+//!   rebuilds everything from the mailbox and answers every pending
+//!   request. Answering a request twice is harmless (absolute targets).
+//!
+//! # Queue
+//! See [`queue`]: a bounded window over the mailbox, one job per volume
+//! (largest target wins), paused guests first, hosts round robin, a
+//! per-host cap. A request the queue cannot take stays on disk.
+//!
+//! # Writing
+//! Replies go to the slot of the host's outbox area that matches the
+//! request's inbox slot. Before the first reply to a host, the outbox
+//! header is written with this SPM's epoch and the request's generation.
+//! Writes are whole 128-byte records at absolute mailbox offsets; the caller
+//! writes the sector that holds each (it is the only writer of those
+//! sectors).
+//!
+//! # Epochs and failover
+//! `Spm::new` takes the SPM header found on disk and runs with its epoch
+//! plus one, writing its header first. Every `heartbeat_interval` it asks to
+//! read the SPM header back: if another SPM has written a higher epoch (or
+//! the same epoch with another id), this one is *deposed*: it stops reading,
+//! running jobs and writing, and says so with [`SpmEvent::Deposed`]. Hosts
+//! ignore replies from an epoch older than the newest they have seen.
+
+pub mod queue;
+
+use core::time::Duration;
+
+use crate::time::Instant;
+use crate::wire::{
+    Defect, Doorbell, Geometry, InboxArea, Location, OutboxArea, OutboxHeader, RECORD_LEN,
+    RejectReason, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, SpmHeader, SpmState,
+    Uuid,
+};
+use queue::{EntryState, Job, Refused, RequestQueue};
+
+/// Defective records reported per full scan; the rest are only counted.
+pub const DEFECT_REPORTS_PER_SCAN: u32 = 16;
+/// Queue refusals reported per full scan; the rest are only counted.
+pub const REFUSAL_REPORTS_PER_SCAN: u32 = 16;
+/// Targeted reads that can wait at once; past that, a full scan is due.
+pub const TARGETED_READS: usize = 64;
+/// Events kept until polled; past that the oldest are dropped (counted).
+pub const EVENTS: usize = 64;
+
+/// How the SPM engine paces itself.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SpmConfig {
+    /// How often the doorbell is read.
+    pub doorbell_interval: Duration,
+    /// How often every host's areas are read.
+    pub full_scan_interval: Duration,
+    /// How often the SPM header is read back and the heartbeat bumped.
+    pub heartbeat_interval: Duration,
+    /// The most queue entries one host may hold.
+    pub per_host_cap: usize,
+    /// The most jobs running at once.
+    pub max_jobs: usize,
+}
+
+impl Default for SpmConfig {
+    fn default() -> Self {
+        Self {
+            doorbell_interval: Duration::from_millis(5),
+            full_scan_interval: Duration::from_secs(15),
+            heartbeat_interval: Duration::from_secs(1),
+            per_host_cap: 8,
+            max_jobs: 4,
+        }
+    }
+}
+
+/// A read the engine asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SpmIo {
+    /// Read the doorbell record and pass it to [`Spm::handle_doorbell`].
+    ReadDoorbell,
+    /// Read the inbox and outbox areas of hosts `first_host ..
+    /// first_host + count` and pass them to [`Spm::handle_hosts`].
+    ReadHosts {
+        /// The first host.
+        first_host: u16,
+        /// How many hosts.
+        count: u16,
+    },
+    /// Read the SPM header record and pass it to [`Spm::handle_spm_header`].
+    ReadSpmHeader,
+}
+
+/// A record to write at an absolute offset of the mailbox.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SpmWrite {
+    /// Where the record goes.
+    pub offset: u64,
+    /// The record.
+    pub record: [u8; RECORD_LEN],
+}
+
+/// What the backend did with a [`Job`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum JobResult {
+    /// The volume is now `size` bytes (at least the target, or less if
+    /// only some requests could be met... never: the backend extends all
+    /// or nothing).
+    Extended {
+        /// The volume's size.
+        size: u64,
+    },
+    /// No room; the backend parked the request and will report it through
+    /// [`Spm::handle_capacity`] when capacity is added.
+    NoSpace {
+        /// The volume's current size.
+        size: u64,
+    },
+    /// The volume does not exist.
+    UnknownVolume,
+    /// The target is beyond the volume's limit.
+    OverLimit {
+        /// The volume's current size.
+        size: u64,
+    },
+    /// The request makes no sense to the backend.
+    Malformed,
+    /// The backend failed with this error number.
+    Failed {
+        /// The error number.
+        code: u32,
+    },
+}
+
+/// Something worth logging.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SpmEvent {
+    /// A full scan was handed out.
+    FullScan,
+    /// A record in a host area is defective (rate-limited).
+    Defective {
+        /// The host.
+        host_id: u16,
+        /// Inbox (true) or outbox.
+        inbox: bool,
+        /// Record index (0 header, 1..=31 slot).
+        index: u16,
+        /// What is wrong.
+        defect: Defect,
+    },
+    /// The queue could not take a request (rate-limited); it stays on disk.
+    Refused {
+        /// The host.
+        host_id: u16,
+        /// The slot.
+        slot: u16,
+        /// Why.
+        why: Refused,
+    },
+    /// A reply was handed out for writing.
+    Answered {
+        /// The host.
+        host_id: u16,
+        /// The slot.
+        slot: u16,
+        /// The volume.
+        volume: Uuid,
+        /// The status.
+        status: ReplyStatus,
+        /// The volume's size.
+        size: u64,
+    },
+    /// Another SPM holds a higher epoch; this one has stopped.
+    Deposed {
+        /// The other SPM's epoch.
+        epoch: u64,
+        /// The other SPM's id.
+        spm_id: u16,
+    },
+}
+
+/// Counters.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SpmStats {
+    /// Full scans handed out.
+    pub full_scans: u64,
+    /// Targeted reads handed out.
+    pub targeted_reads: u64,
+    /// Jobs handed out.
+    pub jobs: u64,
+    /// Replies handed out.
+    pub replies: u64,
+    /// Defective records seen.
+    pub defective: u64,
+    /// Stale records seen.
+    pub stale: u64,
+    /// Requests the queue refused (they stay on disk).
+    pub refused: u64,
+    /// Events dropped because nobody polled them.
+    pub events_dropped: u64,
+}
+
+/// Why [`Spm::new`] refuses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum SpmError {
+    /// The SPM header's epoch cannot be raised.
+    EpochExhausted,
+    /// The SPM id is not 0..=max_hosts.
+    SpmId,
+}
+
+impl core::fmt::Display for SpmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            SpmError::EpochExhausted => f.write_str("the SPM epoch cannot be raised any further"),
+            SpmError::SpmId => f.write_str("the SPM id is not a host id of this mailbox (or 0)"),
+        }
+    }
+}
+
+impl core::error::Error for SpmError {}
+
+/// The SPM engine with a queue window of `QUEUE` requests.
+#[derive(Debug)]
+pub struct Spm<const QUEUE: usize> {
+    domain: Uuid,
+    geometry: Geometry,
+    config: SpmConfig,
+    spm_id: u16,
+    epoch: u64,
+    heartbeat: u64,
+    header_write: bool,
+    deposed: bool,
+    queue: RequestQueue<QUEUE>,
+    jobs_running: usize,
+    next_doorbell: Instant,
+    next_scan: Instant,
+    next_heartbeat: Instant,
+    targeted: heapless::Deque<u16, TARGETED_READS>,
+    last_doorbell: Option<Doorbell>,
+    scan_cursor: u16,
+    defect_reports: u32,
+    refusal_reports: u32,
+    events: heapless::Deque<SpmEvent, EVENTS>,
+    stats: SpmStats,
+}
+
+impl<const QUEUE: usize> Spm<QUEUE> {
+    /// An SPM for the mailbox of `domain` with `geometry`, taking over from
+    /// whatever `found` (the SPM header on disk, `None` if empty) says,
+    /// with the next epoch. Its first write is its SPM header.
+    pub fn new(
+        now: Instant,
+        domain: Uuid,
+        geometry: Geometry,
+        spm_id: u16,
+        found: Option<&SpmHeader>,
+        config: SpmConfig,
+    ) -> Result<Self, SpmError> {
+        if spm_id > geometry.max_hosts() {
+            return Err(SpmError::SpmId);
+        }
+        let epoch = found
+            .map_or(0, |h| h.epoch)
+            .checked_add(1)
+            .ok_or(SpmError::EpochExhausted)?;
+        info!("spm: starting with epoch {}", epoch);
+        Ok(Self {
+            domain,
+            geometry,
+            config,
+            spm_id,
+            epoch,
+            heartbeat: 0,
+            header_write: true,
+            deposed: false,
+            queue: RequestQueue::new(config.per_host_cap),
+            jobs_running: 0,
+            next_doorbell: now,
+            next_scan: now,
+            next_heartbeat: now + config.heartbeat_interval,
+            targeted: heapless::Deque::new(),
+            last_doorbell: None,
+            scan_cursor: 0,
+            defect_reports: 0,
+            refusal_reports: 0,
+            events: heapless::Deque::new(),
+            stats: SpmStats::default(),
+        })
+    }
+
+    /// This SPM's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether another SPM has taken over.
+    pub fn is_deposed(&self) -> bool {
+        self.deposed
+    }
+
+    /// The queue, for status displays.
+    pub fn queue(&self) -> &RequestQueue<QUEUE> {
+        &self.queue
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SpmStats {
+        self.stats
+    }
+
+    /// Jobs handed out and not yet reported back.
+    pub fn jobs_running(&self) -> usize {
+        self.jobs_running
+    }
+
+    fn event(&mut self, event: SpmEvent) {
+        if self.events.is_full() {
+            let _ = self.events.pop_front();
+            self.stats.events_dropped += 1;
+        }
+        let _ = self.events.push_back(event);
+    }
+
+    /// The next read to do, if one is due at `now`.
+    #[must_use]
+    pub fn poll_io(&mut self, now: Instant) -> Option<SpmIo> {
+        if self.deposed {
+            return None;
+        }
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.config.heartbeat_interval;
+            return Some(SpmIo::ReadSpmHeader);
+        }
+        if now >= self.next_scan {
+            self.next_scan = now + self.config.full_scan_interval;
+            self.targeted.clear();
+            self.defect_reports = 0;
+            self.refusal_reports = 0;
+            self.stats.full_scans += 1;
+            self.event(SpmEvent::FullScan);
+            return Some(SpmIo::ReadHosts {
+                first_host: 1,
+                count: self.geometry.max_hosts(),
+            });
+        }
+        if let Some(host) = self.targeted.pop_front() {
+            self.stats.targeted_reads += 1;
+            return Some(SpmIo::ReadHosts {
+                first_host: host,
+                count: 1,
+            });
+        }
+        if now >= self.next_doorbell {
+            self.next_doorbell = now + self.config.doorbell_interval;
+            return Some(SpmIo::ReadDoorbell);
+        }
+        None
+    }
+
+    /// When the engine next wants `poll_io` called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.deposed {
+            return None;
+        }
+        let soonest = self
+            .next_doorbell
+            .min(self.next_scan)
+            .min(self.next_heartbeat);
+        Some(if self.targeted.is_empty() {
+            soonest
+        } else {
+            Instant::ZERO
+        })
+    }
+
+    /// The doorbell record as read.
+    pub fn handle_doorbell(&mut self, now: Instant, bytes: &[u8]) {
+        let _ = now;
+        let at = Location {
+            domain: self.domain,
+            host_id: 0,
+            index: 0,
+        };
+        let Ok(Some(bell)) = Doorbell::parse(bytes, &at) else {
+            // Empty or damaged: a hint only; the full scan covers it.
+            return;
+        };
+        if self.last_doorbell == Some(bell) {
+            return;
+        }
+        self.last_doorbell = Some(bell);
+        if self.geometry.inbox_area(bell.ringer).is_none() {
+            return;
+        }
+        if self.targeted.iter().any(|&h| h == bell.ringer) {
+            return;
+        }
+        if self.targeted.push_back(bell.ringer).is_err() {
+            // Too many waiting: a full scan reads them all.
+            self.targeted.clear();
+            self.next_scan = Instant::ZERO;
+        }
+    }
+
+    /// The inbox and outbox areas of hosts `first_host ..` as read: equal
+    /// runs of whole 4 KiB areas (extra bytes and hosts past the mailbox's
+    /// last are ignored).
+    pub fn handle_hosts(&mut self, now: Instant, first_host: u16, inbox: &[u8], outbox: &[u8]) {
+        let _ = now;
+        if self.deposed {
+            return;
+        }
+        let count = (inbox.len().min(outbox.len()) / crate::wire::AREA_SIZE) as u16;
+        if count == 0 {
+            return;
+        }
+        // Start at a rotating host so that a nearly full queue is not always
+        // filled by the lowest host ids.
+        self.scan_cursor = self.scan_cursor.wrapping_add(1);
+        let start = self.scan_cursor % count;
+        for k in 0..count {
+            let i = (start + k) % count;
+            let Some(host_id) = first_host.checked_add(i) else {
+                continue;
+            };
+            if host_id == 0 || host_id > self.geometry.max_hosts() {
+                continue;
+            }
+            let from = usize::from(i) * crate::wire::AREA_SIZE;
+            let to = from + crate::wire::AREA_SIZE;
+            let (Some(ib), Some(ob)) = (inbox.get(from..to), outbox.get(from..to)) else {
+                continue;
+            };
+            self.handle_host(host_id, ib, ob);
+        }
+    }
+
+    fn handle_host(&mut self, host_id: u16, inbox_bytes: &[u8], outbox_bytes: &[u8]) {
+        let (Some(inbox), Some(outbox)) = (
+            InboxArea::new(inbox_bytes, self.domain, host_id),
+            OutboxArea::new(outbox_bytes, self.domain, host_id),
+        ) else {
+            return;
+        };
+        if let Err(defect) = inbox.header() {
+            self.report_defect(host_id, true, 0, defect);
+        }
+        let outbox_header = match outbox.header() {
+            Ok(h) => h,
+            Err(defect) => {
+                self.report_defect(host_id, false, 0, defect);
+                None
+            }
+        };
+        for (slot, state) in inbox.slots() {
+            match state {
+                SlotState::Empty => {}
+                SlotState::Stale(_) => self.stats.stale += 1,
+                SlotState::Defective(defect) => self.report_defect(host_id, true, slot, defect),
+                SlotState::Valid(request) => {
+                    let reply = match outbox.slot(slot) {
+                        Some(SlotState::Valid(r)) | Some(SlotState::Stale(r)) => Some(r),
+                        _ => None,
+                    };
+                    self.consider(request, reply, outbox_header);
+                }
+            }
+        }
+        // Requests that left the disk (the host consumed a reply or
+        // rewrote its area) leave the queue, unless a reply is still owed.
+        self.queue.retain_host(
+            host_id,
+            |queued| matches!(inbox.slot(queued.slot), Some(SlotState::Valid(r)) if r == *queued),
+        );
+    }
+
+    fn consider(&mut self, request: Request, reply: Option<Reply>, header: Option<OutboxHeader>) {
+        let answered = reply.filter(|r| r.answers(&request));
+        if answered.is_some_and(|r| r.status.is_final()) {
+            return;
+        }
+        match self.queue.offer(request) {
+            Ok(queue::Offered::Known) => {}
+            Ok(_) => {
+                let header_ok = header
+                    .is_some_and(|h| h.epoch == self.epoch && h.generation == request.generation);
+                let waiting = answered.is_some_and(|r| r.status == ReplyStatus::WaitingForSpace);
+                if let Some(e) = self.queue.entries_mut().iter_mut().find(|e| {
+                    e.request.host_id == request.host_id && e.request.slot == request.slot
+                }) {
+                    e.header_needed = !header_ok;
+                    e.waiting_sent = waiting;
+                }
+            }
+            Err(why) => {
+                self.stats.refused += 1;
+                if self.refusal_reports < REFUSAL_REPORTS_PER_SCAN {
+                    self.refusal_reports += 1;
+                    self.event(SpmEvent::Refused {
+                        host_id: request.host_id,
+                        slot: request.slot,
+                        why,
+                    });
+                }
+            }
+        }
+    }
+
+    fn report_defect(&mut self, host_id: u16, inbox: bool, index: u16, defect: Defect) {
+        self.stats.defective += 1;
+        if self.defect_reports < DEFECT_REPORTS_PER_SCAN {
+            self.defect_reports += 1;
+            warn!("spm: host {} record {} is defective", host_id, index);
+            self.event(SpmEvent::Defective {
+                host_id,
+                inbox,
+                index,
+                defect,
+            });
+        }
+    }
+
+    /// The SPM header as read back: detects a newer SPM, else schedules the
+    /// heartbeat.
+    pub fn handle_spm_header(&mut self, now: Instant, bytes: &[u8]) {
+        let _ = now;
+        if self.deposed {
+            return;
+        }
+        let at = Location {
+            domain: self.domain,
+            host_id: 0,
+            index: 0,
+        };
+        if let Ok(Some(h)) = SpmHeader::parse(bytes, &at) {
+            let newer = h.epoch > self.epoch || (h.epoch == self.epoch && h.spm_id != self.spm_id);
+            if newer && h.state == SpmState::Active {
+                warn!("spm: deposed by epoch {}", h.epoch);
+                self.deposed = true;
+                self.event(SpmEvent::Deposed {
+                    epoch: h.epoch,
+                    spm_id: h.spm_id,
+                });
+                return;
+            }
+        }
+        self.heartbeat = self.heartbeat.wrapping_add(1);
+        self.header_write = true;
+    }
+
+    /// The next job for the backend, if any may start.
+    #[must_use]
+    pub fn poll_job(&mut self) -> Option<Job> {
+        if self.deposed || self.jobs_running >= self.config.max_jobs.max(1) {
+            return None;
+        }
+        let job = self.queue.next_job()?;
+        self.jobs_running += 1;
+        self.stats.jobs += 1;
+        Some(job)
+    }
+
+    /// What the backend did with the job for `volume`.
+    pub fn handle_job_result(&mut self, now: Instant, volume: Uuid, result: JobResult) {
+        let _ = now;
+        self.jobs_running = self.jobs_running.saturating_sub(1);
+        for e in self.queue.entries_mut().iter_mut() {
+            if e.request.volume != volume || e.state != EntryState::Running {
+                continue;
+            }
+            let target = e.request.target_size;
+            let reply = match result {
+                JobResult::Extended { size } if size >= target => {
+                    Some((ReplyStatus::Extended, size))
+                }
+                JobResult::Extended { .. } => {
+                    e.state = EntryState::Queued;
+                    None
+                }
+                JobResult::NoSpace { size } => {
+                    e.state = EntryState::Parked;
+                    (!e.waiting_sent).then_some((ReplyStatus::WaitingForSpace, size))
+                }
+                JobResult::UnknownVolume => {
+                    Some((ReplyStatus::Rejected(RejectReason::UnknownVolume), 0))
+                }
+                JobResult::OverLimit { size } => {
+                    Some((ReplyStatus::Rejected(RejectReason::OverLimit), size))
+                }
+                JobResult::Malformed => Some((ReplyStatus::Rejected(RejectReason::Malformed), 0)),
+                JobResult::Failed { code } => Some((ReplyStatus::Failed { code }, 0)),
+            };
+            if reply.is_some() {
+                e.reply = reply;
+            }
+        }
+    }
+
+    /// The backend completed a parked extension: `volume` is now `size`.
+    pub fn handle_capacity(&mut self, now: Instant, volume: Uuid, size: u64) {
+        let _ = now;
+        for e in self.queue.entries_mut().iter_mut() {
+            if e.request.volume != volume || e.state != EntryState::Parked {
+                continue;
+            }
+            if size >= e.request.target_size {
+                e.reply = Some((ReplyStatus::Extended, size));
+            } else {
+                e.state = EntryState::Queued;
+            }
+        }
+    }
+
+    /// The next record to write.
+    #[must_use]
+    pub fn poll_write(&mut self) -> Option<SpmWrite> {
+        if self.deposed {
+            return None;
+        }
+        if self.header_write {
+            self.header_write = false;
+            let header = SpmHeader {
+                domain: self.domain,
+                epoch: self.epoch,
+                spm_id: self.spm_id,
+                state: SpmState::Active,
+                heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                heartbeat: self.heartbeat,
+            };
+            if let Ok(record) = header.to_bytes() {
+                return Some(SpmWrite {
+                    offset: SPM_HEADER_OFFSET,
+                    record,
+                });
+            }
+        }
+        let epoch = self.epoch;
+        let (host_id, generation, needs_header) = {
+            let e = self.queue.entries().iter().find(|e| e.reply.is_some())?;
+            (e.request.host_id, e.request.generation, e.header_needed)
+        };
+        let outbox = self.geometry.outbox_area(host_id)?;
+        if needs_header {
+            for e in self.queue.entries_mut().iter_mut() {
+                if e.request.host_id == host_id && e.request.generation == generation {
+                    e.header_needed = false;
+                }
+            }
+            let header = OutboxHeader {
+                domain: self.domain,
+                host_id,
+                epoch,
+                generation,
+            };
+            return header.to_bytes().ok().map(|record| SpmWrite {
+                offset: outbox,
+                record,
+            });
+        }
+        let i = self
+            .queue
+            .entries()
+            .iter()
+            .position(|e| e.reply.is_some())?;
+        let e = *self.queue.entries().get(i)?;
+        let (status, size) = e.reply?;
+        let r = e.request;
+        let reply = Reply {
+            domain: r.domain,
+            host_id: r.host_id,
+            slot: r.slot,
+            generation: r.generation,
+            sequence: r.sequence,
+            volume: r.volume,
+            target_size: r.target_size,
+            size,
+            epoch,
+            status,
+        };
+        if status.is_final() {
+            self.queue.remove(r.host_id, r.slot);
+        } else if let Some(entry) = self.queue.entries_mut().get_mut(i) {
+            entry.reply = None;
+            entry.waiting_sent = true;
+        }
+        let record = reply.to_bytes().ok()?;
+        self.stats.replies += 1;
+        self.event(SpmEvent::Answered {
+            host_id: r.host_id,
+            slot: r.slot,
+            volume: r.volume,
+            status,
+            size,
+        });
+        Some(SpmWrite {
+            offset: outbox + u64::from(r.slot) * RECORD_LEN as u64,
+            record,
+        })
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SpmEvent> {
+        self.events.pop_front()
+    }
+}

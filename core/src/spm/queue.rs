@@ -1,0 +1,356 @@
+//! The SPM's bounded request queue: a window over the mailbox.
+//!
+//! The mailbox is the durable queue; this is the part of it the SPM is
+//! working on. Every entry is one request (host, slot, generation,
+//! sequence) from the time it is queued until its final reply is written.
+//! When the queue is full, or a host has `per_host_cap` entries already, a
+//! request is simply not taken: it stays on disk and a later scan offers it
+//! again. Nothing is lost to a full queue.
+//!
+//! Policy, in the words the engine uses:
+//! - **one job per volume**: requests for the same volume are deduplicated;
+//!   the job asks for the largest target queued for the volume, and its
+//!   result answers every request it satisfies;
+//! - **paused first**: requests whose guest is paused are dispatched before
+//!   all others;
+//! - **round robin**: otherwise hosts take turns, starting after the host
+//!   served last, so one busy host cannot starve the others; within a host,
+//!   requests go in arrival order.
+
+use crate::wire::{ReplyStatus, Request, Uuid};
+
+/// What a queued request is waiting for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum EntryState {
+    /// Waiting for a job.
+    Queued,
+    /// A job for its volume runs.
+    Running,
+    /// The pool had no room; "waiting for space" was answered (or is about
+    /// to be) and the request waits for capacity.
+    Parked,
+}
+
+/// One queued request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Entry {
+    /// The request as read from the inbox.
+    pub request: Request,
+    /// Where it stands.
+    pub state: EntryState,
+    /// Arrival order, for FIFO within a host.
+    pub arrival: u64,
+    /// A reply to write (status, volume size), handed out by the engine's
+    /// `poll_write`.
+    pub reply: Option<(ReplyStatus, u64)>,
+    /// The host's outbox header does not yet name this SPM's epoch and the
+    /// request's generation: write it before the reply.
+    pub header_needed: bool,
+    /// "Waiting for space" was written for this request already.
+    pub waiting_sent: bool,
+}
+
+/// Why a request was not taken. The request stays on disk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Refused {
+    /// The queue holds `N` entries.
+    Full,
+    /// The host already has `per_host_cap` entries.
+    HostCap,
+}
+
+/// What `offer` did with a request.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Offered {
+    /// Queued as a new entry.
+    New,
+    /// The same request was queued already (a rescan or a resend); its
+    /// paused flag is updated.
+    Known,
+    /// The slot held an older request, which is replaced.
+    Replaced,
+}
+
+/// The bounded queue. `N` is the window size.
+#[derive(Debug)]
+pub struct RequestQueue<const N: usize> {
+    entries: heapless::Vec<Entry, N>,
+    per_host_cap: usize,
+    arrivals: u64,
+    last_host: u16,
+}
+
+impl<const N: usize> RequestQueue<N> {
+    /// An empty queue; a host may hold at most `per_host_cap` entries
+    /// (at least 1).
+    pub fn new(per_host_cap: usize) -> Self {
+        Self {
+            entries: heapless::Vec::new(),
+            per_host_cap: per_host_cap.max(1),
+            arrivals: 0,
+            last_host: 0,
+        }
+    }
+
+    /// Entries in the queue.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Mutable access for the engine (state changes, reply flags).
+    pub(crate) fn entries_mut(&mut self) -> &mut [Entry] {
+        &mut self.entries
+    }
+
+    /// The entry for a host's slot, if any.
+    pub fn find(&self, host_id: u16, slot: u16) -> Option<&Entry> {
+        self.entries
+            .iter()
+            .find(|e| e.request.host_id == host_id && e.request.slot == slot)
+    }
+
+    /// Offers a valid, non-stale request read from the inbox.
+    pub fn offer(&mut self, request: Request) -> Result<Offered, Refused> {
+        let same_slot = self
+            .entries
+            .iter()
+            .position(|e| e.request.host_id == request.host_id && e.request.slot == request.slot);
+        if let Some(i) = same_slot {
+            let Some(entry) = self.entries.get_mut(i) else {
+                return Err(Refused::Full);
+            };
+            let same = entry.request.generation == request.generation
+                && entry.request.sequence == request.sequence
+                && entry.request.volume == request.volume
+                && entry.request.target_size == request.target_size;
+            if same {
+                entry.request.paused |= request.paused;
+                return Ok(Offered::Known);
+            }
+            // The host rewrote the slot: the old request is gone from disk.
+            self.entries.swap_remove(i);
+            self.push(request)?;
+            return Ok(Offered::Replaced);
+        }
+        if self
+            .entries
+            .iter()
+            .filter(|e| e.request.host_id == request.host_id)
+            .count()
+            >= self.per_host_cap
+        {
+            return Err(Refused::HostCap);
+        }
+        self.push(request)?;
+        Ok(Offered::New)
+    }
+
+    fn push(&mut self, request: Request) -> Result<(), Refused> {
+        self.arrivals = self.arrivals.wrapping_add(1);
+        let entry = Entry {
+            request,
+            state: EntryState::Queued,
+            arrival: self.arrivals,
+            reply: None,
+            header_needed: true,
+            waiting_sent: false,
+        };
+        self.entries.push(entry).map_err(|_| Refused::Full)
+    }
+
+    /// Removes a host's slot entry (its final reply was written, or the
+    /// request disappeared from disk).
+    pub fn remove(&mut self, host_id: u16, slot: u16) -> Option<Entry> {
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.request.host_id == host_id && e.request.slot == slot)?;
+        Some(self.entries.swap_remove(i))
+    }
+
+    /// Removes every entry of a host whose request is no longer on disk, as
+    /// told by `still_there`; entries with a reply still to write stay.
+    pub fn retain_host(&mut self, host_id: u16, mut still_there: impl FnMut(&Request) -> bool) {
+        self.entries.retain(|e| {
+            e.request.host_id != host_id || e.reply.is_some() || still_there(&e.request)
+        });
+    }
+
+    /// Whether a job runs for `volume`.
+    pub fn running(&self, volume: Uuid) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.request.volume == volume && e.state == EntryState::Running)
+    }
+
+    /// Picks the next job: the volume of the most urgent queued entry whose
+    /// volume has no job running, and the largest target queued for that
+    /// volume. Marks every queued entry of the volume as running. Paused
+    /// first; then the first host after the one served last; then arrival.
+    pub fn next_job(&mut self) -> Option<Job> {
+        let last = self.last_host;
+        let mut best: Option<(bool, u16, u64, Uuid)> = None;
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| e.state == EntryState::Queued)
+        {
+            if self
+                .entries
+                .iter()
+                .any(|o| o.request.volume == e.request.volume && o.state == EntryState::Running)
+            {
+                continue;
+            }
+            // Distance from the host after the last one served, circularly.
+            let turn = e.request.host_id.wrapping_sub(last).wrapping_sub(1);
+            let key = (!e.request.paused, turn, e.arrival, e.request.volume);
+            let better = match best {
+                None => true,
+                Some((p, t, a, _)) => (key.0, key.1, key.2) < (p, t, a),
+            };
+            if better {
+                best = Some(key);
+            }
+        }
+        let (_, turn, _, volume) = best?;
+        self.last_host = last.wrapping_add(turn).wrapping_add(1);
+        let mut job = Job {
+            volume,
+            target_size: 0,
+            urgent: false,
+        };
+        for e in self
+            .entries
+            .iter_mut()
+            .filter(|e| e.request.volume == volume && e.state == EntryState::Queued)
+        {
+            e.state = EntryState::Running;
+            job.target_size = job.target_size.max(e.request.target_size);
+            job.urgent |= e.request.paused;
+        }
+        Some(job)
+    }
+}
+
+/// An extension job for the backend: make `volume` at least `target_size`
+/// bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Job {
+    /// The volume.
+    pub volume: Uuid,
+    /// The largest target queued for it.
+    pub target_size: u64,
+    /// A guest waiting for it is paused.
+    pub urgent: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host_id: u16, slot: u16, volume: u8, target_gib: u64, paused: bool) -> Request {
+        Request {
+            domain: Uuid([1; 16]),
+            host_id,
+            slot,
+            generation: 1,
+            sequence: u64::from(slot),
+            volume: Uuid([volume; 16]),
+            target_size: target_gib << 30,
+            current_size: 0,
+            paused,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_the_request_stays_on_disk() {
+        let mut q: RequestQueue<2> = RequestQueue::new(8);
+        assert_eq!(q.offer(req(1, 1, 1, 1, false)), Ok(Offered::New));
+        assert_eq!(q.offer(req(2, 1, 2, 1, false)), Ok(Offered::New));
+        assert_eq!(q.offer(req(3, 1, 3, 1, false)), Err(Refused::Full));
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn one_host_cannot_take_more_than_its_cap() {
+        let mut q: RequestQueue<8> = RequestQueue::new(2);
+        assert!(q.offer(req(1, 1, 1, 1, false)).is_ok());
+        assert!(q.offer(req(1, 2, 2, 1, false)).is_ok());
+        assert_eq!(q.offer(req(1, 3, 3, 1, false)), Err(Refused::HostCap));
+        assert_eq!(q.offer(req(2, 1, 4, 1, false)), Ok(Offered::New));
+    }
+
+    #[test]
+    fn offering_the_same_request_again_is_harmless() {
+        let mut q: RequestQueue<4> = RequestQueue::new(4);
+        q.offer(req(1, 1, 1, 1, false)).unwrap();
+        assert_eq!(q.offer(req(1, 1, 1, 1, true)), Ok(Offered::Known));
+        assert_eq!(q.len(), 1);
+        assert!(
+            q.entries()[0].request.paused,
+            "a resend with PAUSED raises the priority"
+        );
+    }
+
+    #[test]
+    fn a_rewritten_slot_replaces_the_old_request() {
+        let mut q: RequestQueue<4> = RequestQueue::new(4);
+        q.offer(req(1, 1, 1, 1, false)).unwrap();
+        let mut newer = req(1, 1, 1, 2, false);
+        newer.sequence = 9;
+        assert_eq!(q.offer(newer), Ok(Offered::Replaced));
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.entries()[0].request.sequence, 9);
+    }
+
+    #[test]
+    fn requests_for_one_volume_become_one_job_with_the_largest_target() {
+        let mut q: RequestQueue<4> = RequestQueue::new(4);
+        q.offer(req(1, 1, 7, 2, false)).unwrap();
+        q.offer(req(2, 1, 7, 5, false)).unwrap();
+        let job = q.next_job().unwrap();
+        assert_eq!((job.volume, job.target_size), (Uuid([7; 16]), 5 << 30));
+        assert!(q.entries().iter().all(|e| e.state == EntryState::Running));
+        assert_eq!(q.next_job(), None, "one job per volume");
+    }
+
+    #[test]
+    fn paused_guests_are_served_first() {
+        let mut q: RequestQueue<4> = RequestQueue::new(4);
+        q.offer(req(1, 1, 1, 1, false)).unwrap();
+        q.offer(req(2, 1, 2, 1, true)).unwrap();
+        assert_eq!(q.next_job().unwrap().volume, Uuid([2; 16]));
+        assert!(q.next_job().is_some());
+    }
+
+    #[test]
+    fn hosts_take_turns() {
+        let mut q: RequestQueue<16> = RequestQueue::new(4);
+        for slot in 1..=3 {
+            q.offer(req(1, slot, slot as u8, 1, false)).unwrap();
+        }
+        q.offer(req(2, 1, 10, 1, false)).unwrap();
+        q.offer(req(3, 1, 11, 1, false)).unwrap();
+        let order: heapless::Vec<u8, 5> = core::iter::from_fn(|| q.next_job())
+            .map(|j| j.volume.0[0])
+            .collect();
+        // Host 1, then 2 and 3 get their turn before host 1's second request.
+        assert_eq!(order.as_slice(), &[1, 10, 11, 2, 3]);
+    }
+}

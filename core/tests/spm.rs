@@ -1,0 +1,404 @@
+//! The SPM engine against an in-memory mailbox: what it reads, which jobs
+//! it runs and what it writes, in simulated time.
+
+use std::time::Duration;
+
+use spmbox_core::spm::queue::Job;
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo};
+use spmbox_core::time::Instant;
+use spmbox_core::wire::{
+    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, InboxHeader, OutboxArea, RECORD_LEN, Reply,
+    ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, SpmHeader, SpmState, Uuid,
+};
+
+const DOMAIN: Uuid = Uuid([0xd0; 16]);
+
+struct Disk {
+    geometry: Geometry,
+    bytes: Vec<u8>,
+}
+
+impl Disk {
+    fn new(hosts: u16) -> Disk {
+        let geometry = Geometry::new(hosts, 512).unwrap();
+        Disk {
+            geometry,
+            bytes: vec![0; geometry.mailbox_size() as usize],
+        }
+    }
+
+    fn put(&mut self, offset: u64, record: &[u8; RECORD_LEN]) {
+        let o = offset as usize;
+        self.bytes[o..o + RECORD_LEN].copy_from_slice(record);
+    }
+
+    fn record(&self, offset: u64) -> &[u8] {
+        &self.bytes[offset as usize..offset as usize + RECORD_LEN]
+    }
+
+    fn host_start(&mut self, host_id: u16, generation: u64) {
+        let at = self.geometry.inbox_area(host_id).unwrap();
+        self.put(
+            at,
+            &InboxHeader {
+                domain: DOMAIN,
+                host_id,
+                generation,
+            }
+            .to_bytes()
+            .unwrap(),
+        );
+    }
+
+    fn send(&mut self, r: &Request) {
+        let at =
+            self.geometry.inbox_area(r.host_id).unwrap() + u64::from(r.slot) * RECORD_LEN as u64;
+        self.put(at, &r.to_bytes().unwrap());
+    }
+
+    fn ring(&mut self, r: &Request) {
+        let bell = Doorbell {
+            domain: DOMAIN,
+            ringer: r.host_id,
+            generation: r.generation,
+            sequence: r.sequence,
+        };
+        self.put(DOORBELL_OFFSET, &bell.to_bytes().unwrap());
+    }
+
+    fn reply(&self, host_id: u16, slot: u16) -> SlotState<Reply> {
+        let at = self.geometry.outbox_area(host_id).unwrap() as usize;
+        OutboxArea::new(&self.bytes[at..at + AREA_SIZE], DOMAIN, host_id)
+            .unwrap()
+            .slot(slot)
+            .unwrap()
+    }
+
+    fn region(&self, start: u64, first: u16, count: u16) -> &[u8] {
+        let from = start as usize + (usize::from(first) - 1) * AREA_SIZE;
+        &self.bytes[from..from + usize::from(count) * AREA_SIZE]
+    }
+}
+
+fn request(host_id: u16, slot: u16, volume: u8, target_gib: u64) -> Request {
+    Request {
+        domain: DOMAIN,
+        host_id,
+        slot,
+        generation: 1,
+        sequence: 1,
+        volume: Uuid([volume; 16]),
+        target_size: target_gib << 30,
+        current_size: 1 << 30,
+        paused: false,
+    }
+}
+
+/// Runs the engine's reads and writes at `now` until it has nothing more
+/// to do; returns the jobs it handed out.
+fn step(spm: &mut Spm<64>, disk: &mut Disk, now: Instant) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    loop {
+        let mut progressed = false;
+        while let Some(io) = spm.poll_io(now) {
+            progressed = true;
+            match io {
+                SpmIo::ReadDoorbell => spm.handle_doorbell(now, disk.record(DOORBELL_OFFSET)),
+                SpmIo::ReadSpmHeader => spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET)),
+                SpmIo::ReadHosts { first_host, count } => {
+                    let g = disk.geometry;
+                    let inbox = disk.region(g.inbox_offset(), first_host, count).to_vec();
+                    let outbox = disk.region(g.outbox_offset(), first_host, count).to_vec();
+                    spm.handle_hosts(now, first_host, &inbox, &outbox);
+                }
+            }
+        }
+        while let Some(w) = spm.poll_write() {
+            progressed = true;
+            disk.put(w.offset, &w.record);
+        }
+        while let Some(job) = spm.poll_job() {
+            progressed = true;
+            jobs.push(job);
+        }
+        if !progressed {
+            return jobs;
+        }
+    }
+}
+
+fn start(disk: &Disk, now: Instant) -> Spm<64> {
+    let found = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET)).unwrap();
+    Spm::new(
+        now,
+        DOMAIN,
+        disk.geometry,
+        0,
+        found.as_ref(),
+        SpmConfig::default(),
+    )
+    .unwrap()
+}
+
+fn ms(n: u64) -> Instant {
+    Instant(n * 1000)
+}
+
+#[test]
+fn a_starting_spm_writes_its_header_with_the_next_epoch() {
+    let mut disk = Disk::new(4);
+    let mut spm = start(&disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    assert_eq!((header.epoch, header.state), (1, SpmState::Active));
+    let again = start(&disk, ms(1));
+    assert_eq!(again.epoch(), 2);
+}
+
+#[test]
+fn a_request_is_extended_and_answered_in_its_slot() {
+    let mut disk = Disk::new(4);
+    disk.host_start(3, 1);
+    let r = request(3, 2, 7, 2);
+    disk.send(&r);
+    let mut spm = start(&disk, ms(0));
+    let jobs = step(&mut spm, &mut disk, ms(0));
+    assert_eq!(
+        jobs,
+        vec![Job {
+            volume: r.volume,
+            target_size: r.target_size,
+            urgent: false
+        }]
+    );
+    spm.handle_job_result(ms(1), r.volume, JobResult::Extended { size: 2 << 30 });
+    step(&mut spm, &mut disk, ms(1));
+    let SlotState::Valid(reply) = disk.reply(3, 2) else {
+        panic!("no valid reply: {:?}", disk.reply(3, 2))
+    };
+    assert!(reply.answers(&r));
+    assert_eq!(
+        (reply.status, reply.size, reply.epoch),
+        (ReplyStatus::Extended, 2 << 30, 1)
+    );
+    assert!(spm.queue().is_empty());
+}
+
+#[test]
+fn an_answered_request_is_not_run_again_on_the_next_scan() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    let r = request(1, 1, 7, 2);
+    disk.send(&r);
+    let mut spm = start(&disk, ms(0));
+    assert_eq!(step(&mut spm, &mut disk, ms(0)).len(), 1);
+    spm.handle_job_result(ms(1), r.volume, JobResult::Extended { size: 2 << 30 });
+    step(&mut spm, &mut disk, ms(1));
+    // The host has not consumed the reply yet; a full scan sees both.
+    let later = ms(0) + SpmConfig::default().full_scan_interval;
+    assert!(step(&mut spm, &mut disk, later).is_empty());
+    // A new SPM sees it too and does nothing either.
+    let mut next = start(&disk, later);
+    assert!(step(&mut next, &mut disk, later).is_empty());
+}
+
+#[test]
+fn the_doorbell_brings_a_request_in_before_the_next_full_scan() {
+    let mut disk = Disk::new(8);
+    let mut spm = start(&disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    disk.host_start(5, 1);
+    let r = request(5, 1, 9, 2);
+    disk.send(&r);
+    disk.ring(&r);
+    let jobs = step(&mut spm, &mut disk, ms(5));
+    assert_eq!(
+        jobs.len(),
+        1,
+        "the ring at 5 ms is read by the doorbell poll"
+    );
+    assert_eq!(spm.stats().targeted_reads, 1);
+    assert_eq!(spm.stats().full_scans, 1, "only the scan at start");
+}
+
+#[test]
+fn without_room_a_request_waits_and_is_completed_when_capacity_arrives() {
+    let mut disk = Disk::new(4);
+    disk.host_start(2, 1);
+    let mut r = request(2, 1, 4, 3);
+    r.paused = true;
+    disk.send(&r);
+    let mut spm = start(&disk, ms(0));
+    let jobs = step(&mut spm, &mut disk, ms(0));
+    assert!(jobs[0].urgent, "a paused guest's job is urgent");
+    spm.handle_job_result(ms(1), r.volume, JobResult::NoSpace { size: 1 << 30 });
+    step(&mut spm, &mut disk, ms(1));
+    let SlotState::Valid(waiting) = disk.reply(2, 1) else {
+        panic!()
+    };
+    assert_eq!(waiting.status, ReplyStatus::WaitingForSpace);
+
+    // A restarted SPM re-offers the parked request; the backend parks it
+    // again; no second "waiting" reply is written.
+    let mut next = start(&disk, ms(10));
+    let jobs = step(&mut next, &mut disk, ms(10));
+    assert_eq!(jobs.len(), 1);
+    next.handle_job_result(ms(11), r.volume, JobResult::NoSpace { size: 1 << 30 });
+    let replies = next.stats().replies;
+    step(&mut next, &mut disk, ms(11));
+    assert_eq!(next.stats().replies, replies);
+
+    next.handle_capacity(ms(20), r.volume, 3 << 30);
+    step(&mut next, &mut disk, ms(20));
+    let SlotState::Valid(done) = disk.reply(2, 1) else {
+        panic!()
+    };
+    assert_eq!(
+        (done.status, done.size, done.epoch),
+        (ReplyStatus::Extended, 3 << 30, 2)
+    );
+}
+
+#[test]
+fn requests_for_one_volume_share_one_job_and_its_result() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    disk.host_start(2, 1);
+    let a = request(1, 1, 5, 2);
+    let b = request(2, 3, 5, 4);
+    disk.send(&a);
+    disk.send(&b);
+    let mut spm = start(&disk, ms(0));
+    let jobs = step(&mut spm, &mut disk, ms(0));
+    assert_eq!(
+        jobs,
+        vec![Job {
+            volume: a.volume,
+            target_size: 4 << 30,
+            urgent: false
+        }]
+    );
+    spm.handle_job_result(ms(1), a.volume, JobResult::Extended { size: 4 << 30 });
+    step(&mut spm, &mut disk, ms(1));
+    assert!(matches!(disk.reply(1, 1), SlotState::Valid(r) if r.answers(&a)));
+    assert!(matches!(disk.reply(2, 3), SlotState::Valid(r) if r.answers(&b)));
+}
+
+#[test]
+fn a_full_queue_leaves_requests_on_disk_for_a_later_scan() {
+    let mut disk = Disk::new(200);
+    let mut sent = Vec::new();
+    for host in 1..=100u16 {
+        disk.host_start(host, 1);
+        let r = request(host, 1, host as u8, 2);
+        disk.send(&r);
+        sent.push(r);
+    }
+    let mut spm = start(&disk, ms(0));
+    let mut now = ms(0);
+    let mut answered = 0;
+    for _ in 0..10 {
+        let mut jobs = step(&mut spm, &mut disk, now);
+        while !jobs.is_empty() {
+            for job in jobs {
+                spm.handle_job_result(
+                    now,
+                    job.volume,
+                    JobResult::Extended {
+                        size: job.target_size,
+                    },
+                );
+            }
+            jobs = step(&mut spm, &mut disk, now);
+        }
+        answered = sent
+            .iter()
+            .filter(|r| matches!(disk.reply(r.host_id, 1), SlotState::Valid(x) if x.answers(r)))
+            .count();
+        if answered == sent.len() {
+            break;
+        }
+        now = now + SpmConfig::default().full_scan_interval;
+    }
+    assert_eq!(
+        answered, 100,
+        "every request answered within a few scans of a 64-entry window"
+    );
+    assert!(spm.stats().refused > 0, "the window was full at first");
+}
+
+#[test]
+fn defective_and_stale_requests_are_never_run() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 2);
+    let stale = request(1, 1, 1, 2); // generation 1 < header's 2
+    disk.send(&stale);
+    let mut bad = request(1, 2, 2, 2);
+    bad.generation = 2;
+    disk.send(&bad);
+    let at = disk.geometry.inbox_area(1).unwrap() as usize + 2 * RECORD_LEN + 50;
+    disk.bytes[at] ^= 1;
+    let mut spm = start(&disk, ms(0));
+    assert!(step(&mut spm, &mut disk, ms(0)).is_empty());
+    assert_eq!(spm.stats().stale, 1);
+    let events: Vec<_> = std::iter::from_fn(|| spm.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            SpmEvent::Defective {
+                host_id: 1,
+                index: 2,
+                inbox: true,
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn an_spm_that_sees_a_newer_epoch_stands_down() {
+    let mut disk = Disk::new(4);
+    let mut old = start(&disk, ms(0));
+    step(&mut old, &mut disk, ms(0));
+    let mut new = start(&disk, ms(100));
+    step(&mut new, &mut disk, ms(100));
+    // The old SPM reads the header back at its next heartbeat.
+    let beat = ms(0) + SpmConfig::default().heartbeat_interval;
+    disk.host_start(1, 1);
+    disk.send(&request(1, 1, 1, 2));
+    step(&mut old, &mut disk, beat);
+    assert!(old.is_deposed());
+    assert!(old.poll_write().is_none());
+    assert!(old.poll_io(beat + Duration::from_secs(60)).is_none());
+    let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        header.epoch, 2,
+        "the old SPM did not overwrite the new header"
+    );
+}
+
+#[test]
+fn the_host_consuming_its_reply_removes_nothing_the_spm_still_owes() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    let r = request(1, 1, 1, 2);
+    disk.send(&r);
+    let mut spm = start(&disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    // The host rewrites the slot with a new request before the job ends.
+    let mut newer = r;
+    newer.sequence = 2;
+    newer.target_size = 3 << 30;
+    disk.send(&newer);
+    let later = ms(0) + SpmConfig::default().full_scan_interval;
+    step(&mut spm, &mut disk, later);
+    spm.handle_job_result(later, r.volume, JobResult::Extended { size: 2 << 30 });
+    let jobs = step(&mut spm, &mut disk, later);
+    assert_eq!(jobs.len(), 1, "the newer, larger request gets its own job");
+    assert_eq!(jobs[0].target_size, 3 << 30);
+}
