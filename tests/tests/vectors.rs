@@ -12,13 +12,13 @@ use spmbox_core::wire::{
     AREA_SIZE, Area, CRC32C, Defect, FORMAT_VERSION, InboxArea, OutboxArea, RECORD_LEN, Record,
     SLOTS_PER_AREA, SlotRecord, SlotState,
 };
-use spmbox_tests::{
+use spmbox_tests::vectors::{
     AreaEntry, Parsed, SlotEntry, assert_no_failures, check_defect, check_outcome, decode_as,
     describe, emit, load_manifest, parse_at, place, read_vector, show, uuid, vectors_dir,
 };
 
 /// Checks one record vector; `Err` says what is wrong.
-fn check_record_vector(entry: &spmbox_tests::RecordEntry) -> Result<(), String> {
+fn check_record_vector(entry: &spmbox_tests::vectors::RecordEntry) -> Result<(), String> {
     let bytes = read_vector(&entry.file)?;
     if entry.verdict != "length" && bytes.len() != RECORD_LEN {
         return Err(format!("is {} bytes, not {RECORD_LEN}", bytes.len()));
@@ -61,7 +61,7 @@ fn check_record_vector(entry: &spmbox_tests::RecordEntry) -> Result<(), String> 
     Ok(())
 }
 
-fn show_at(entry: &spmbox_tests::RecordEntry) -> String {
+fn show_at(entry: &spmbox_tests::vectors::RecordEntry) -> String {
     let at = &entry.at;
     format!(
         "{} of host {} index {} in {}",
