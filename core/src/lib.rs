@@ -21,6 +21,15 @@
 //!   area headers, request and reply slots), the mailbox geometry, and scans
 //!   of whole host areas. The byte-level specification is `docs/format.md`;
 //!   this module and that document say the same thing.
+//! - [`spm`]: the SPM engine and its bounded, fair request queue.
+//! - [`host`]: the host engine: watermark, requests, replies, pause and
+//!   resume, recovery after a restart.
+//! - [`pool`]: the reference thin pool (LUNs, extents, thin volumes, parked
+//!   requests, crash-safe metadata), the builtin backend and firmware's.
+//! - [`time`]: the caller-supplied clock the engines run on.
+//!
+//! The engines are sans-I/O state machines: inputs are `handle_*(.., now)`,
+//! outputs `poll_*()`; `docs/protocol.md` describes their behaviour.
 //!
 //! # Logging
 //!
@@ -35,6 +44,8 @@
 #[macro_use]
 mod fmt;
 
+pub mod host;
+pub mod pool;
 pub mod spm;
 pub mod time;
 pub mod wire;

@@ -1,0 +1,1253 @@
+//! The host engine: watermark, requests, replies, pause and resume.
+//!
+//! A sans-I/O state machine for one host id in one storage domain. It never
+//! reads a clock or a device: the caller (the `spmbox host` daemon, or a
+//! simulation) hands in what happened and the current [`Instant`], performs
+//! the reads and writes the engine asks for, and feeds back what it read.
+//!
+//! ```text
+//!   Host::new ─> add_volume* ─> start(now, own inbox area, own outbox area)
+//!
+//!   handle_allocation(now, volume, allocation)   <── the guest wrote
+//!   handle_outbox(now, outbox area bytes)        <── a HostRead done
+//!   handle_refreshed(now, volume, physical)      <── the LV map re-read
+//!   handle_spm_header(&SpmHeader)                <── the epoch learnt
+//!   handle_timeout(now)                          <── poll_timeout() reached
+//!
+//!   poll_write()    ──> HostWrite { offset, record }  (in this order!)
+//!   poll_read(now)  ──> HostRead::OutboxArea { offset }
+//!   poll_event()    ──> HostEvent
+//!   poll_timeout()  ──> Instant
+//! ```
+//!
+//! # Writing
+//! Every write is one 128-byte record at an absolute mailbox offset; the
+//! caller writes the sector that holds it (read-modify-write on its own
+//! area, which nobody else writes). Writes MUST be done one after the other
+//! in the order [`Host::poll_write`] hands them out, each completing before
+//! the next: after [`Host::start`] the new inbox header comes first, alone,
+//! and a doorbell always comes after the request it announces. Writes to
+//! the same slot are coalesced: a slot handed out once carries its newest
+//! content (a request, or all zero once the slot is freed).
+//!
+//! # The life of a request (docs/format.md, section 8)
+//! 1. The guest's allocation crosses the watermark: free space
+//!    `physical - allocation` falls below
+//!    `chunk_size * (100 - utilization_percent) / 100`. The engine takes a
+//!    free slot, writes a request for `min(physical + chunk_size, limit)`
+//!    (rounded up to 512) with the next sequence number, and rings the
+//!    doorbell. One request per volume at a time; with no free slot the
+//!    volume is *pending* and is served first-come (paused guests first)
+//!    when a slot frees.
+//! 2. While requests await a reply, the engine asks to read its outbox area
+//!    every `poll_interval`, and never otherwise. A reply is accepted only
+//!    if it is valid, of the outbox header's generation, answers the exact
+//!    request (slot, generation, sequence, volume, target) and is not from
+//!    an epoch older than the newest seen. Without a reply the request is
+//!    rewritten (same record) after `resend_timeout`, doubling up to
+//!    `max_resend_timeout`.
+//! 3. `waiting_for_space` parks the request: no more resends, polling goes
+//!    on (that is how the host learns that capacity arrived).
+//! 4. `extended`: the engine asks the caller to refresh its view of the
+//!    volume ([`HostEvent::Refresh`], repeated with backoff until done) and
+//!    raises `physical` only when [`Host::handle_refreshed`] says so. Then
+//!    the slot is written empty, a paused guest resumes, and the watermark
+//!    is checked again.
+//! 5. `rejected` frees the slot; the volume asks no more. `failed` frees
+//!    the slot; the volume may ask again after `resend_timeout`.
+//!
+//! A final reply that answers the request exactly but may not be acted on
+//! (stale under its outbox header, or from an older epoch, as when a
+//! deposed SPM answers late) is a dead end for a resend: every SPM treats
+//! a request with a final reply as done. So at its resend deadline such a
+//! request is *renewed* instead: a new request (new sequence number) for
+//! the same volume in the same slot, with the backoff still running.
+//!
+//! # Restart
+//! [`Host::start`] reads the host's own areas. The new generation is one
+//! more than the highest generation found anywhere in them (inbox header,
+//! requests, outbox header, replies, valid or stale), so a torn header
+//! cannot make it reuse one. Requests still needed (a known volume, no
+//! final reply, a target above the volume's size and within its limit) are
+//! rewritten in their slots with the new generation and fresh sequence
+//! numbers; every other non-empty slot is written empty.
+
+mod volume;
+
+#[cfg(test)]
+mod tests;
+
+use core::fmt;
+use core::time::Duration;
+
+use crate::time::Instant;
+use crate::wire::{
+    DOORBELL_OFFSET, Doorbell, Geometry, InboxArea, InboxHeader, OutboxArea, RECORD_LEN,
+    RECORDS_PER_AREA, RejectReason, Reply, ReplyStatus, Request, SLOTS_PER_AREA, SlotState,
+    SpmHeader, Uuid,
+};
+
+pub use volume::{InFlight, Phase, SIZE_ALIGN, VolumeState};
+
+/// Events kept until polled; past that the oldest are dropped (counted).
+pub const EVENTS: usize = 64;
+/// Writes that can wait to be handed out: the inbox header and one per
+/// slot (writes to the same slot are coalesced). The doorbell is kept
+/// apart.
+pub const WRITES: usize = RECORDS_PER_AREA;
+
+const SLOTS: usize = SLOTS_PER_AREA as usize;
+const RECORD: u64 = RECORD_LEN as u64;
+
+/// How the host engine decides and paces.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct HostConfig {
+    /// How much a volume grows per request, in bytes; at least 1. Default
+    /// 256 MiB, ten times smaller than VDSM's 2.5 GiB.
+    pub chunk_size: u64,
+    /// VDSM's knob, 0..=100: a volume asks for more when free space falls
+    /// below `chunk_size * (100 - utilization_percent) / 100`. Default 50
+    /// (ask when less than half a chunk is left).
+    pub utilization_percent: u8,
+    /// How often the outbox is read while requests await a reply; nonzero.
+    /// Default 2 ms.
+    pub poll_interval: Duration,
+    /// How long a request waits for a reply before it is rewritten (and
+    /// the doorbell rung again); doubles per resend. Nonzero. Default 2 s.
+    pub resend_timeout: Duration,
+    /// The longest resend interval; at least `resend_timeout`. Default 30 s.
+    pub max_resend_timeout: Duration,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size: 256 << 20,
+            utilization_percent: 50,
+            poll_interval: Duration::from_millis(2),
+            resend_timeout: Duration::from_secs(2),
+            max_resend_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the engine refuses a call. Nothing changes when it does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum HostError {
+    /// The domain is the nil UUID.
+    NilDomain,
+    /// The host id is not 1..=max_hosts of the geometry.
+    HostId,
+    /// `chunk_size` is 0.
+    ChunkSize,
+    /// `utilization_percent` is above 100.
+    UtilizationPercent,
+    /// `poll_interval` is zero.
+    PollInterval,
+    /// `resend_timeout` is zero or above `max_resend_timeout`.
+    ResendTimeout,
+    /// The volume is the nil UUID.
+    NilVolume,
+    /// The host already tracks `VOLUMES` volumes.
+    TooManyVolumes,
+    /// The host already tracks this volume.
+    DuplicateVolume,
+    /// The host does not track this volume.
+    UnknownVolume,
+    /// The sizes make no sense: virtual size 0, a limit below the virtual
+    /// size, or a limit that is not a multiple of 512.
+    InconsistentSizes,
+    /// [`Host::start`] was called before.
+    AlreadyStarted,
+    /// An area passed to [`Host::start`] is not 4096 bytes long.
+    AreaLength,
+    /// The generation found on disk cannot be raised.
+    GenerationExhausted,
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostError::NilDomain => "the domain is the nil UUID",
+            HostError::HostId => "the host id is not a host id of this mailbox",
+            HostError::ChunkSize => "the chunk size must be at least 1 byte",
+            HostError::UtilizationPercent => "the utilization percentage must be 0..=100",
+            HostError::PollInterval => "the poll interval must not be zero",
+            HostError::ResendTimeout => {
+                "the resend timeout must be nonzero and at most the maximum resend timeout"
+            }
+            HostError::NilVolume => "the volume is the nil UUID",
+            HostError::TooManyVolumes => "the host tracks as many volumes as it can",
+            HostError::DuplicateVolume => "the host already tracks this volume",
+            HostError::UnknownVolume => "the host does not track this volume",
+            HostError::InconsistentSizes => {
+                "inconsistent sizes: the virtual size must be nonzero and the limit at least the virtual size and a multiple of 512"
+            }
+            HostError::AlreadyStarted => "the host engine has already started",
+            HostError::AreaLength => "a host area must be exactly 4096 bytes",
+            HostError::GenerationExhausted => "the host generation cannot be raised any further",
+        })
+    }
+}
+
+impl core::error::Error for HostError {}
+
+/// A record to write at an absolute byte offset of the mailbox.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct HostWrite {
+    /// Where the 128-byte record goes.
+    pub offset: u64,
+    /// The record (all zero for an empty slot).
+    pub record: [u8; RECORD_LEN],
+}
+
+/// A read the engine asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum HostRead {
+    /// Read the host's 4096-byte outbox area at `offset` and pass it to
+    /// [`Host::handle_outbox`].
+    OutboxArea {
+        /// Where the area starts.
+        offset: u64,
+    },
+}
+
+/// What happened, for the caller to act on or log.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum HostEvent {
+    /// The SPM extended `volume` to `size`: refresh the view of the volume
+    /// (LVM: `lvchange --refresh`; builtin pool: re-read its map) and call
+    /// [`Host::handle_refreshed`]. Repeated with backoff until done.
+    Refresh {
+        /// The volume.
+        volume: Uuid,
+        /// The size the SPM reports.
+        size: u64,
+    },
+    /// The volume was refreshed after an extension.
+    Extended {
+        /// The volume.
+        volume: Uuid,
+        /// Its size now.
+        size: u64,
+        /// From the request being handed out to the refresh.
+        latency: Duration,
+    },
+    /// The guest ran out of space (`allocation >= physical`).
+    Paused {
+        /// The volume.
+        volume: Uuid,
+    },
+    /// The guest has space again after being paused.
+    Resumed {
+        /// The volume.
+        volume: Uuid,
+    },
+    /// The SPM parked the request until capacity is added.
+    WaitingForSpace {
+        /// The volume.
+        volume: Uuid,
+    },
+    /// The SPM will never meet the request; the volume asks no more.
+    Rejected {
+        /// The volume.
+        volume: Uuid,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The SPM's backend failed; the volume may ask again later.
+    Failed {
+        /// The volume.
+        volume: Uuid,
+        /// The backend's error number.
+        code: u32,
+    },
+    /// A request was rewritten unchanged (no reply in time, or to set its
+    /// PAUSED flag).
+    Resent {
+        /// The volume.
+        volume: Uuid,
+        /// The request's sequence number.
+        sequence: u64,
+    },
+    /// Every slot is taken; a volume waits for one.
+    SlotsExhausted,
+}
+
+/// Counters.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct HostStats {
+    /// New requests handed out (each with a new sequence number),
+    /// including requests rewritten at start.
+    pub requests_sent: u64,
+    /// Requests rewritten with their sequence kept.
+    pub resends: u64,
+    /// Replies acted on.
+    pub replies_accepted: u64,
+    /// Records found in a slot that awaits a reply and not acted on,
+    /// counted per outbox read: defective ones, replies to a later or
+    /// different request than the one in flight, stale ones, and answers
+    /// from an older epoch. The reply to the slot's previous request
+    /// (an older generation or sequence), which the SPM leaves in place
+    /// until it answers, is not counted.
+    pub replies_ignored: u64,
+    /// Outbox reads handed out.
+    pub outbox_reads: u64,
+    /// Events dropped because nobody polled them.
+    pub events_dropped: u64,
+}
+
+/// A write waiting to be handed out.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Intent {
+    /// The inbox header of the current generation.
+    Header,
+    /// A slot's current content: its request, or all zero.
+    Slot(u16),
+}
+
+/// One tracked volume.
+#[derive(Clone, Copy, Debug)]
+struct Volume {
+    state: VolumeState,
+    /// When it became pending (first come, first served).
+    pending_order: u64,
+    /// Added after start: check the watermark at the next timeout.
+    check_due: bool,
+}
+
+/// Where slot `slot` (1..=31) is kept in per-slot arrays; out of range for
+/// anything else.
+fn slot_index(slot: u16) -> usize {
+    usize::from(slot).wrapping_sub(1)
+}
+
+fn slot_bit(slot: u16) -> u32 {
+    1u32.checked_shl(u32::from(slot)).unwrap_or(0)
+}
+
+/// The host engine for up to `VOLUMES` volumes.
+#[derive(Debug)]
+pub struct Host<const VOLUMES: usize> {
+    domain: Uuid,
+    host_id: u16,
+    inbox_offset: u64,
+    outbox_offset: u64,
+    config: HostConfig,
+    threshold: u64,
+    /// 0 until started.
+    generation: u64,
+    next_sequence: u64,
+    newest_epoch: u64,
+    volumes: heapless::Vec<Volume, VOLUMES>,
+    /// Slots (bit n = slot n) that hold a finished request and are to be
+    /// written empty. They may be reused before that write is handed out.
+    clearing: u32,
+    writes: heapless::Deque<Intent, WRITES>,
+    /// The sequence to ring the doorbell with, after the queued writes.
+    ring: Option<u64>,
+    next_read: Instant,
+    last_now: Instant,
+    pending_counter: u64,
+    events: heapless::Deque<HostEvent, EVENTS>,
+    stats: HostStats,
+}
+
+impl<const VOLUMES: usize> Host<VOLUMES> {
+    /// An engine for host `host_id` of the mailbox of `domain`. It writes
+    /// nothing until [`Host::start`].
+    pub fn new(
+        domain: Uuid,
+        host_id: u16,
+        geometry: Geometry,
+        config: HostConfig,
+    ) -> Result<Self, HostError> {
+        if domain.is_nil() {
+            return Err(HostError::NilDomain);
+        }
+        let (Some(inbox_offset), Some(outbox_offset)) =
+            (geometry.inbox_area(host_id), geometry.outbox_area(host_id))
+        else {
+            return Err(HostError::HostId);
+        };
+        if config.chunk_size == 0 {
+            return Err(HostError::ChunkSize);
+        }
+        if config.utilization_percent > 100 {
+            return Err(HostError::UtilizationPercent);
+        }
+        if config.poll_interval.is_zero() {
+            return Err(HostError::PollInterval);
+        }
+        if config.resend_timeout.is_zero() || config.resend_timeout > config.max_resend_timeout {
+            return Err(HostError::ResendTimeout);
+        }
+        Ok(Self {
+            domain,
+            host_id,
+            inbox_offset,
+            outbox_offset,
+            config,
+            threshold: volume::threshold(config.chunk_size, config.utilization_percent),
+            generation: 0,
+            next_sequence: 1,
+            newest_epoch: 0,
+            volumes: heapless::Vec::new(),
+            clearing: 0,
+            writes: heapless::Deque::new(),
+            ring: None,
+            next_read: Instant::ZERO,
+            last_now: Instant::ZERO,
+            pending_counter: 0,
+            events: heapless::Deque::new(),
+            stats: HostStats::default(),
+        })
+    }
+
+    // ----------------------------------------------------------------- queries
+
+    /// The host's generation: 0 before [`Host::start`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The newest SPM epoch seen in an accepted reply or an SPM header.
+    pub fn newest_epoch(&self) -> u64 {
+        self.newest_epoch
+    }
+
+    /// What the engine knows about `volume`.
+    pub fn volume(&self, volume: Uuid) -> Option<VolumeState> {
+        self.volumes
+            .iter()
+            .find(|v| v.state.id == volume)
+            .map(|v| v.state)
+    }
+
+    /// Every tracked volume.
+    pub fn volumes(&self) -> impl Iterator<Item = VolumeState> + '_ {
+        self.volumes.iter().map(|v| v.state)
+    }
+
+    /// Requests written and not finished with (awaiting a reply or a
+    /// refresh); each holds a slot.
+    pub fn in_flight(&self) -> usize {
+        self.volumes
+            .iter()
+            .filter(|v| v.state.request.is_some())
+            .count()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HostStats {
+        self.stats
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// Starts tracking a volume: `limit` is its virtual size plus format
+    /// overhead (a multiple of 512), `physical` its current size and
+    /// `allocation` the highest offset its guest has written. Added before
+    /// [`Host::start`], its unanswered requests are recovered; added later,
+    /// its watermark is checked at the next [`Host::handle_timeout`] (which
+    /// [`Host::poll_timeout`] asks for at once).
+    pub fn add_volume(
+        &mut self,
+        id: Uuid,
+        virtual_size: u64,
+        limit: u64,
+        physical: u64,
+        allocation: u64,
+    ) -> Result<(), HostError> {
+        if id.is_nil() {
+            return Err(HostError::NilVolume);
+        }
+        if virtual_size == 0 || limit < virtual_size || limit % SIZE_ALIGN != 0 {
+            return Err(HostError::InconsistentSizes);
+        }
+        if self.volumes.iter().any(|v| v.state.id == id) {
+            return Err(HostError::DuplicateVolume);
+        }
+        let volume = Volume {
+            state: VolumeState {
+                id,
+                virtual_size,
+                limit,
+                physical,
+                allocation,
+                paused: false,
+                pending: false,
+                rejected: false,
+                retry_at: None,
+                request: None,
+            },
+            pending_order: 0,
+            check_due: self.started(),
+        };
+        self.volumes
+            .push(volume)
+            .map_err(|_| HostError::TooManyVolumes)?;
+        debug!("host: tracking volume {}", id);
+        Ok(())
+    }
+
+    /// Stops tracking a volume. Its request, if any, is abandoned and its
+    /// slot written empty (the SPM may still carry it out: harmless).
+    pub fn remove_volume(&mut self, now: Instant, id: Uuid) -> Result<(), HostError> {
+        self.last_now = now;
+        let i = self.index(id).ok_or(HostError::UnknownVolume)?;
+        let removed = self.volumes.swap_remove(i);
+        if let Some(flight) = removed.state.request {
+            self.free_slot(now, flight.slot);
+        }
+        debug!("host: no longer tracking volume {}", id);
+        Ok(())
+    }
+
+    /// Recovers from the host's own inbox and outbox areas as read (4096
+    /// bytes each) and starts a new generation. Call it once, after
+    /// [`Host::new`] and the [`Host::add_volume`]s of the volumes the host
+    /// still has. Queues the new inbox header first, then the rewritten
+    /// and cleared slots, then the new requests the watermark asks for.
+    ///
+    /// The caller SHOULD pass the current SPM header to
+    /// [`Host::handle_spm_header`] too, so that replies from older epochs
+    /// are ignored from the start.
+    pub fn start(
+        &mut self,
+        now: Instant,
+        inbox_area: &[u8],
+        outbox_area: &[u8],
+    ) -> Result<(), HostError> {
+        if self.started() {
+            return Err(HostError::AlreadyStarted);
+        }
+        let inbox =
+            InboxArea::new(inbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
+        let outbox =
+            OutboxArea::new(outbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
+        let generation = Self::highest_generation(&inbox, &outbox)
+            .checked_add(1)
+            .ok_or(HostError::GenerationExhausted)?;
+        self.last_now = now;
+        self.generation = generation;
+        self.next_sequence = 1;
+        info!(
+            "host {}: starting generation {}",
+            self.host_id, self.generation
+        );
+        self.push_write(Intent::Header);
+        for i in 0..self.volumes.len() {
+            self.update_pause(i);
+        }
+
+        // The request worth keeping per slot: a known volume, no final
+        // reply, still needed. Per volume only the largest target is kept.
+        let mut keep: [Option<(usize, Request)>; SLOTS] = [None; SLOTS];
+        for (slot, state) in inbox.slots() {
+            let (SlotState::Valid(request) | SlotState::Stale(request)) = state else {
+                continue;
+            };
+            let answered = matches!(
+                outbox.slot(slot),
+                Some(SlotState::Valid(reply) | SlotState::Stale(reply))
+                    if reply.answers(&request) && reply.status.is_final()
+            );
+            let Some(i) = self.index(request.volume) else {
+                continue;
+            };
+            let Some(v) = self.volumes.get(i).map(|v| v.state) else {
+                continue;
+            };
+            let needed = request.target_size > v.physical && request.target_size <= v.limit;
+            if answered || !needed {
+                continue;
+            }
+            let better = keep
+                .iter()
+                .flatten()
+                .all(|(j, other)| *j != i || other.target_size < request.target_size);
+            if better {
+                for k in keep.iter_mut() {
+                    if matches!(k, Some((j, _)) if *j == i) {
+                        *k = None;
+                    }
+                }
+                if let Some(k) = keep.get_mut(slot_index(slot)) {
+                    *k = Some((i, request));
+                }
+            }
+        }
+        for (slot, state) in inbox.slots() {
+            let kept = keep.get(slot_index(slot)).copied().flatten();
+            match (kept, state) {
+                (Some((i, old)), _) => {
+                    self.send_in(now, i, slot, old.target_size);
+                    debug!(
+                        "host: recovered request in slot {} for target {}",
+                        slot, old.target_size
+                    );
+                }
+                (None, SlotState::Empty) => {}
+                (None, _) => {
+                    self.clearing |= slot_bit(slot);
+                    self.push_write(Intent::Slot(slot));
+                }
+            }
+        }
+        for i in 0..self.volumes.len() {
+            self.check_volume(now, i);
+        }
+        Ok(())
+    }
+
+    /// The guest of `volume` has written up to `allocation` (only ever
+    /// raised; a smaller value is ignored). Pauses the guest when it has
+    /// run out of space and asks for an extension when the watermark is
+    /// crossed.
+    pub fn handle_allocation(&mut self, now: Instant, volume: Uuid, allocation: u64) {
+        self.last_now = now;
+        let Some(i) = self.index(volume) else {
+            debug!("host: allocation for unknown volume {}", volume);
+            return;
+        };
+        if let Some(v) = self.volumes.get_mut(i) {
+            v.state.allocation = v.state.allocation.max(allocation);
+        }
+        self.update_pause(i);
+        self.check_volume(now, i);
+    }
+
+    /// The host's outbox area as read for a [`HostRead::OutboxArea`].
+    pub fn handle_outbox(&mut self, now: Instant, outbox_area: &[u8]) {
+        self.last_now = now;
+        let Some(outbox) = OutboxArea::new(outbox_area, self.domain, self.host_id) else {
+            warn!("host: outbox area of {} bytes ignored", outbox_area.len());
+            return;
+        };
+        // First the newest epoch among the replies that answer a request,
+        // so that the outcome does not depend on the order of the slots.
+        let mut epoch = self.newest_epoch;
+        for v in self.volumes.iter() {
+            if let Some(reply) = self.answer(&outbox, &v.state) {
+                epoch = epoch.max(reply.epoch);
+            }
+        }
+        if epoch > self.newest_epoch {
+            debug!("host: SPM epoch {} seen in a reply", epoch);
+            self.newest_epoch = epoch;
+        }
+        // A reply may free a slot that a pending volume takes at once; its
+        // new request (a sequence from `first_new` on) is not looked at.
+        let first_new = self.next_sequence;
+        for i in 0..self.volumes.len() {
+            let Some(v) = self.volumes.get(i).map(|v| v.state) else {
+                continue;
+            };
+            let Some(flight) = v
+                .request
+                .filter(|f| f.awaits_reply() && f.sequence < first_new)
+            else {
+                continue;
+            };
+            match self.answer(&outbox, &v) {
+                Some(reply) if reply.epoch >= self.newest_epoch => {
+                    self.accept(now, i, flight, reply);
+                }
+                _ => self.ignore(&outbox, i, &v, flight),
+            }
+        }
+    }
+
+    /// The caller refreshed its view of `volume`, which is now `physical`
+    /// bytes (a smaller value than known is ignored). Completes an
+    /// extension, resumes a paused guest that has room again and checks
+    /// the watermark.
+    pub fn handle_refreshed(&mut self, now: Instant, volume: Uuid, physical: u64) {
+        self.last_now = now;
+        let Some(i) = self.index(volume) else {
+            debug!("host: refresh of unknown volume {}", volume);
+            return;
+        };
+        let Some(v) = self.volumes.get_mut(i) else {
+            return;
+        };
+        let state = &mut v.state;
+        state.physical = state.physical.max(physical);
+        let mut done = None;
+        if let Some(flight) = state.request
+            && matches!(flight.phase, Phase::Extended { .. })
+        {
+            state.request = None;
+            done = Some(flight);
+        }
+        let resumed = state.paused && state.allocation < state.physical;
+        if resumed {
+            state.paused = false;
+        }
+        let size = state.physical;
+        if let Some(flight) = done {
+            let latency = now.saturating_since(flight.sent);
+            info!(
+                "host: volume {} extended to {} in {} us",
+                volume,
+                size,
+                u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)
+            );
+            self.event(HostEvent::Extended {
+                volume,
+                size,
+                latency,
+            });
+        }
+        if resumed {
+            info!("host: volume {} resumed", volume);
+            self.event(HostEvent::Resumed { volume });
+        }
+        if let Some(flight) = done {
+            self.free_slot(now, flight.slot);
+        }
+        self.check_volume(now, i);
+    }
+
+    /// The SPM header as read: learns its epoch. Replies from older epochs
+    /// are ignored from now on.
+    pub fn handle_spm_header(&mut self, header: &SpmHeader) {
+        if header.domain != self.domain {
+            return;
+        }
+        if header.epoch > self.newest_epoch {
+            debug!("host: SPM epoch {} seen in the SPM header", header.epoch);
+            self.newest_epoch = header.epoch;
+        }
+    }
+
+    /// Time has passed: resends requests whose deadline passed (with
+    /// backoff), repeats refresh requests, retries failed volumes and
+    /// checks newly added ones.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        if !self.started() {
+            return;
+        }
+        let cap = self.config.max_resend_timeout;
+        for i in 0..self.volumes.len() {
+            let Some(v) = self.volumes.get_mut(i) else {
+                continue;
+            };
+            let mut check = core::mem::take(&mut v.check_due);
+            if v.state.retry_at.is_some_and(|t| now >= t) {
+                v.state.retry_at = None;
+                check = true;
+            }
+            let id = v.state.id;
+            let mut due = None;
+            if let Some(flight) = v.state.request.as_mut()
+                && now >= flight.deadline
+            {
+                flight.backoff = flight.backoff.checked_mul(2).unwrap_or(cap).min(cap);
+                flight.deadline = now + flight.backoff;
+                due = Some(*flight);
+            }
+            match due.map(|f| (f, f.phase)) {
+                Some((flight, Phase::Sent)) if flight.renew => self.renew(now, i, flight),
+                Some((flight, Phase::Sent)) => {
+                    debug!("host: resending sequence {} for {}", flight.sequence, id);
+                    self.resend(id, flight.slot, flight.sequence);
+                }
+                Some((_, Phase::Extended { size })) => {
+                    debug!("host: volume {} still to be refreshed", id);
+                    self.event(HostEvent::Refresh { volume: id, size });
+                }
+                Some((flight, Phase::WaitingForSpace)) => {
+                    // Parked: the SPM answers when capacity comes, but a
+                    // slow resend rewrites the area, which repairs anything
+                    // that damaged it, and reminds an SPM that lost track.
+                    debug!(
+                        "host: reminding the SPM of parked sequence {} for {}",
+                        flight.sequence, id
+                    );
+                    self.resend(id, flight.slot, flight.sequence);
+                }
+                None => {}
+            }
+            if check {
+                self.check_volume(now, i);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- outputs
+
+    /// The next record to write. See the module documentation for the
+    /// order the writes must be done in.
+    #[must_use]
+    pub fn poll_write(&mut self) -> Option<HostWrite> {
+        while let Some(intent) = self.writes.pop_front() {
+            match intent {
+                Intent::Header => {
+                    let header = InboxHeader {
+                        domain: self.domain,
+                        host_id: self.host_id,
+                        generation: self.generation,
+                    };
+                    match header.to_bytes() {
+                        Ok(record) => {
+                            return Some(HostWrite {
+                                offset: self.inbox_offset,
+                                record,
+                            });
+                        }
+                        Err(field) => warn!("host: cannot emit inbox header: {}", field.name()),
+                    }
+                }
+                Intent::Slot(slot) => {
+                    let offset = self
+                        .inbox_offset
+                        .saturating_add(u64::from(slot).saturating_mul(RECORD));
+                    if let Some(request) = self.request_in(slot) {
+                        match request.to_bytes() {
+                            Ok(record) => return Some(HostWrite { offset, record }),
+                            Err(field) => {
+                                warn!("host: cannot emit request: {}", field.name());
+                                continue;
+                            }
+                        }
+                    }
+                    self.clearing &= !slot_bit(slot);
+                    return Some(HostWrite {
+                        offset,
+                        record: [0; RECORD_LEN],
+                    });
+                }
+            }
+        }
+        let sequence = self.ring.take()?;
+        let bell = Doorbell {
+            domain: self.domain,
+            ringer: self.host_id,
+            generation: self.generation,
+            sequence,
+        };
+        match bell.to_bytes() {
+            Ok(record) => Some(HostWrite {
+                offset: DOORBELL_OFFSET,
+                record,
+            }),
+            Err(field) => {
+                warn!("host: cannot emit doorbell: {}", field.name());
+                None
+            }
+        }
+    }
+
+    /// The next read to do: the outbox area, while requests await a reply
+    /// and `poll_interval` has passed since the last read handed out.
+    #[must_use]
+    pub fn poll_read(&mut self, now: Instant) -> Option<HostRead> {
+        if !self.awaiting_reply() || now < self.next_read {
+            return None;
+        }
+        self.next_read = now + self.config.poll_interval;
+        self.stats.outbox_reads = self.stats.outbox_reads.saturating_add(1);
+        Some(HostRead::OutboxArea {
+            offset: self.outbox_offset,
+        })
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<HostEvent> {
+        self.events.pop_front()
+    }
+
+    /// When the engine next wants [`Host::handle_timeout`] (and
+    /// [`Host::poll_read`]) called; `None` when idle.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut soonest: Option<Instant> = None;
+        let mut at = |t: Instant| soonest = Some(soonest.map_or(t, |s| s.min(t)));
+        if self.awaiting_reply() {
+            at(self.next_read);
+        }
+        for v in &self.volumes {
+            if v.check_due {
+                at(self.last_now);
+            }
+            if let Some(t) = v.state.retry_at {
+                at(t);
+            }
+            if let Some(flight) = v.state.request {
+                at(flight.deadline);
+            }
+        }
+        soonest
+    }
+
+    // ---------------------------------------------------------------- internal
+
+    fn started(&self) -> bool {
+        self.generation != 0
+    }
+
+    fn index(&self, volume: Uuid) -> Option<usize> {
+        self.volumes.iter().position(|v| v.state.id == volume)
+    }
+
+    fn awaiting_reply(&self) -> bool {
+        self.volumes
+            .iter()
+            .any(|v| v.state.request.is_some_and(|f| f.awaits_reply()))
+    }
+
+    fn highest_generation(inbox: &InboxArea<'_>, outbox: &OutboxArea<'_>) -> u64 {
+        let mut g = 0u64;
+        if let Ok(Some(h)) = inbox.header() {
+            g = g.max(h.generation);
+        }
+        if let Ok(Some(h)) = outbox.header() {
+            g = g.max(h.generation);
+        }
+        for (_, state) in inbox.slots() {
+            if let SlotState::Valid(r) | SlotState::Stale(r) = state {
+                g = g.max(r.generation);
+            }
+        }
+        for (_, state) in outbox.slots() {
+            if let SlotState::Valid(r) | SlotState::Stale(r) = state {
+                g = g.max(r.generation);
+            }
+        }
+        g
+    }
+
+    fn event(&mut self, event: HostEvent) {
+        if self.events.is_full() {
+            let _ = self.events.pop_front();
+            self.stats.events_dropped = self.stats.events_dropped.saturating_add(1);
+        }
+        let _ = self.events.push_back(event);
+    }
+
+    fn push_write(&mut self, intent: Intent) {
+        if self.writes.iter().any(|w| *w == intent) {
+            return;
+        }
+        if self.writes.push_back(intent).is_err() {
+            // Cannot happen: one header and one entry per slot fit.
+            warn!("host: write queue full");
+        }
+    }
+
+    /// The request record for `slot`'s in-flight request, if any.
+    fn request_in(&self, slot: u16) -> Option<Request> {
+        self.volumes.iter().find_map(|v| {
+            let flight = v.state.request.filter(|f| f.slot == slot)?;
+            Some(self.record(&v.state, &flight))
+        })
+    }
+
+    fn record(&self, volume: &VolumeState, flight: &InFlight) -> Request {
+        Request {
+            domain: self.domain,
+            host_id: self.host_id,
+            slot: flight.slot,
+            generation: self.generation,
+            sequence: flight.sequence,
+            volume: volume.id,
+            target_size: flight.target,
+            current_size: flight.current_size,
+            paused: flight.paused,
+        }
+    }
+
+    /// The valid reply in the slot of `volume`'s request awaiting a reply
+    /// that answers exactly that request (epoch not checked).
+    fn answer(&self, outbox: &OutboxArea<'_>, volume: &VolumeState) -> Option<Reply> {
+        let flight = volume.request.filter(InFlight::awaits_reply)?;
+        match outbox.slot(flight.slot)? {
+            SlotState::Valid(reply) if reply.answers(&self.record(volume, &flight)) => Some(reply),
+            _ => None,
+        }
+    }
+
+    /// Slot `flight.slot` holds no reply the host may act on. If it holds
+    /// a final answer to this very request all the same (stale, or from an
+    /// older epoch), the request is renewed at its deadline.
+    fn ignore(&mut self, outbox: &OutboxArea<'_>, i: usize, v: &VolumeState, flight: InFlight) {
+        let reply = match outbox.slot(flight.slot) {
+            None | Some(SlotState::Empty) => return,
+            Some(SlotState::Valid(r) | SlotState::Stale(r)) => Some(r),
+            Some(SlotState::Defective(_)) => None,
+        };
+        // The SPM leaves the reply to the slot's previous request in place
+        // until it answers this one: that is not worth counting.
+        let left_over =
+            reply.is_some_and(|r| (r.generation, r.sequence) < (self.generation, flight.sequence));
+        if left_over {
+            return;
+        }
+        self.stats.replies_ignored = self.stats.replies_ignored.saturating_add(1);
+        let request = self.record(v, &flight);
+        let unusable_answer = reply.is_some_and(|r| r.answers(&request) && r.status.is_final());
+        if !unusable_answer || flight.renew {
+            return;
+        }
+        if let Some(f) = self
+            .volumes
+            .get_mut(i)
+            .and_then(|v| v.state.request.as_mut())
+        {
+            warn!(
+                "host: slot {} holds a stale or old-epoch answer; asking again",
+                flight.slot
+            );
+            f.renew = true;
+            // A parked request waits at the slow pace: back to the normal one.
+            if f.phase == Phase::WaitingForSpace {
+                f.phase = Phase::Sent;
+                f.backoff = self.config.resend_timeout;
+                f.deadline = f.sent + f.backoff;
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant, i: usize, flight: InFlight, reply: Reply) {
+        let Some(v) = self.volumes.get_mut(i) else {
+            return;
+        };
+        let volume = v.state.id;
+        match reply.status {
+            ReplyStatus::Extended => {
+                if let Some(f) = v.state.request.as_mut() {
+                    f.phase = Phase::Extended { size: reply.size };
+                    f.backoff = self.config.resend_timeout;
+                    f.deadline = now + f.backoff;
+                }
+                self.stats.replies_accepted = self.stats.replies_accepted.saturating_add(1);
+                debug!("host: volume {} extended to {}", volume, reply.size);
+                self.event(HostEvent::Refresh {
+                    volume,
+                    size: reply.size,
+                });
+            }
+            ReplyStatus::WaitingForSpace => {
+                if flight.phase == Phase::WaitingForSpace {
+                    return;
+                }
+                if let Some(f) = v.state.request.as_mut() {
+                    f.phase = Phase::WaitingForSpace;
+                    f.backoff = self.config.max_resend_timeout;
+                    f.deadline = now + f.backoff;
+                }
+                self.stats.replies_accepted = self.stats.replies_accepted.saturating_add(1);
+                info!("host: volume {} waits for space", volume);
+                self.event(HostEvent::WaitingForSpace { volume });
+            }
+            ReplyStatus::Rejected(reason) => {
+                v.state.request = None;
+                v.state.rejected = true;
+                self.stats.replies_accepted = self.stats.replies_accepted.saturating_add(1);
+                warn!("host: request for {} rejected: {}", volume, reason.name());
+                self.event(HostEvent::Rejected { volume, reason });
+                self.free_slot(now, flight.slot);
+            }
+            ReplyStatus::Failed { code } => {
+                v.state.request = None;
+                v.state.retry_at = Some(now + self.config.resend_timeout);
+                self.stats.replies_accepted = self.stats.replies_accepted.saturating_add(1);
+                warn!("host: request for {} failed with {}", volume, code);
+                self.event(HostEvent::Failed { volume, code });
+                self.free_slot(now, flight.slot);
+            }
+        }
+    }
+
+    /// Pauses the guest of volume `i` if it ran out of space; sets the
+    /// PAUSED flag of its request awaiting a reply (a resend).
+    fn update_pause(&mut self, i: usize) {
+        let Some(v) = self.volumes.get_mut(i) else {
+            return;
+        };
+        let state = &mut v.state;
+        if state.paused || state.allocation < state.physical {
+            return;
+        }
+        state.paused = true;
+        let id = state.id;
+        let mut rewrite = None;
+        if let Some(flight) = state.request.as_mut()
+            && flight.awaits_reply()
+            && !flight.paused
+        {
+            flight.paused = true;
+            rewrite = Some((flight.slot, flight.sequence));
+        }
+        info!("host: volume {} paused", id);
+        self.event(HostEvent::Paused { volume: id });
+        if let Some((slot, sequence)) = rewrite {
+            self.resend(id, slot, sequence);
+        }
+    }
+
+    fn resend(&mut self, volume: Uuid, slot: u16, sequence: u64) {
+        self.push_write(Intent::Slot(slot));
+        self.ring = Some(sequence);
+        self.stats.resends = self.stats.resends.saturating_add(1);
+        self.event(HostEvent::Resent { volume, sequence });
+    }
+
+    /// Sends a request for volume `i` if it needs one and may.
+    fn check_volume(&mut self, now: Instant, i: usize) {
+        if !self.started() {
+            return;
+        }
+        let threshold = self.threshold;
+        let Some(v) = self.volumes.get_mut(i) else {
+            return;
+        };
+        let state = &mut v.state;
+        if state.request.is_some() || state.pending || state.rejected {
+            return;
+        }
+        if let Some(t) = state.retry_at {
+            if now < t {
+                return;
+            }
+            state.retry_at = None;
+        }
+        if !state.needs_extension(threshold) {
+            return;
+        }
+        match self.free_slot_number() {
+            Some(slot) => self.send(now, i, slot),
+            None => {
+                self.pending_counter = self.pending_counter.wrapping_add(1);
+                if let Some(v) = self.volumes.get_mut(i) {
+                    v.state.pending = true;
+                    v.pending_order = self.pending_counter;
+                    debug!("host: no free slot for volume {}", v.state.id);
+                }
+                self.event(HostEvent::SlotsExhausted);
+            }
+        }
+    }
+
+    /// A slot no request holds: one already empty if any, else one about
+    /// to be written empty (its empty write is then skipped).
+    fn free_slot_number(&self) -> Option<u16> {
+        let busy = self
+            .volumes
+            .iter()
+            .filter_map(|v| v.state.request)
+            .fold(0u32, |bits, f| bits | slot_bit(f.slot));
+        let free = |clearing_ok: bool| {
+            (1..=SLOTS_PER_AREA).find(|&s| {
+                busy & slot_bit(s) == 0 && (clearing_ok || self.clearing & slot_bit(s) == 0)
+            })
+        };
+        free(false).or_else(|| free(true))
+    }
+
+    /// Writes a new request for volume `i` in `slot`, for the volume's
+    /// current watermark target.
+    fn send(&mut self, now: Instant, i: usize, slot: u16) {
+        let chunk = self.config.chunk_size;
+        let Some(target) = self.volumes.get(i).and_then(|v| v.state.target(chunk)) else {
+            return;
+        };
+        self.send_in(now, i, slot, target);
+    }
+
+    /// Writes a new request for volume `i` in `slot` for `target`.
+    fn send_in(&mut self, now: Instant, i: usize, slot: u16, target: u64) {
+        let Some(sequence) = Some(self.next_sequence).filter(|&s| s != u64::MAX) else {
+            warn!("host: sequence numbers exhausted");
+            return;
+        };
+        let was_idle = !self.awaiting_reply();
+        let backoff = self.config.resend_timeout;
+        let Some(v) = self.volumes.get_mut(i) else {
+            return;
+        };
+        v.state.pending = false;
+        v.state.request = Some(InFlight {
+            slot,
+            sequence,
+            target,
+            current_size: v.state.physical,
+            paused: v.state.paused,
+            sent: now,
+            deadline: now + backoff,
+            backoff,
+            phase: Phase::Sent,
+            renew: false,
+        });
+        debug!(
+            "host: volume {} asks for {} in slot {}",
+            v.state.id, target, slot
+        );
+        self.next_sequence = sequence.saturating_add(1);
+        self.clearing &= !slot_bit(slot);
+        self.push_write(Intent::Slot(slot));
+        self.ring = Some(sequence);
+        self.stats.requests_sent = self.stats.requests_sent.saturating_add(1);
+        if was_idle {
+            self.next_read = now + self.config.poll_interval;
+        }
+    }
+
+    /// Replaces volume `i`'s request by a new one in the same slot, keeping
+    /// its backoff running (so that renewing cannot turn into a storm).
+    fn renew(&mut self, now: Instant, i: usize, old: InFlight) {
+        if let Some(v) = self.volumes.get_mut(i) {
+            v.state.request = None;
+        }
+        self.send(now, i, old.slot);
+        match self
+            .volumes
+            .get_mut(i)
+            .and_then(|v| v.state.request.as_mut())
+        {
+            Some(new) => {
+                new.backoff = old.backoff;
+                new.deadline = now + old.backoff;
+            }
+            None => self.free_slot(now, old.slot),
+        }
+    }
+
+    /// The request in `slot` is finished with: write the slot empty, and
+    /// give it to a pending volume if one waits.
+    fn free_slot(&mut self, now: Instant, slot: u16) {
+        self.clearing |= slot_bit(slot);
+        self.push_write(Intent::Slot(slot));
+        // Paused guests first, then first come, first served.
+        while let Some(i) = self
+            .volumes
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.state.pending)
+            .min_by_key(|(_, v)| (!v.state.paused, v.pending_order))
+            .map(|(i, _)| i)
+        {
+            if let Some(v) = self.volumes.get_mut(i) {
+                v.state.pending = false;
+            }
+            self.check_volume(now, i);
+            if self
+                .volumes
+                .get(i)
+                .is_some_and(|v| v.state.request.is_some() || v.state.pending)
+            {
+                break;
+            }
+        }
+    }
+}

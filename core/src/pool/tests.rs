@@ -1,0 +1,1162 @@
+//! Unit tests of the pool, one behaviour each.
+
+use super::*;
+
+/// Small limits so that every limit is easy to reach.
+type Small = Pool<4, 8, 4, 4>;
+
+const EXT: u64 = MIB;
+
+fn id(n: u8) -> Uuid {
+    Uuid([n; 16])
+}
+
+fn pool() -> Small {
+    Small::new(EXT).unwrap()
+}
+
+/// A pool with one LUN of `extents` extents.
+fn pool_with(extents: u32) -> Small {
+    let mut p = pool();
+    p.add_lun(id(100), extents).unwrap();
+    p
+}
+
+fn size(p: &Small, volume: Uuid) -> u64 {
+    p.volume(volume).unwrap().size
+}
+
+fn completions(p: &mut Small) -> std::vec::Vec<Completion> {
+    core::iter::from_fn(|| p.poll_completed()).collect()
+}
+
+/// Recomputes the CRC of an encoded copy after its bytes were edited.
+fn reseal(copy: &mut [u8]) {
+    let payload_len = u32::from_le_bytes(copy[24..28].try_into().unwrap()) as usize;
+    let end = (METADATA_HEADER_LEN + payload_len).min(copy.len());
+    let crc = crate::wire::CRC32C.checksum(&copy[4..end]);
+    copy[..4].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn buffer() -> std::vec::Vec<u8> {
+    std::vec![0; Small::MAX_COPY_LEN]
+}
+
+// --- construction and limits -------------------------------------------
+
+#[test]
+fn default_extent_size_is_128_mib() {
+    assert_eq!(DEFAULT_EXTENT_SIZE, 128 << 20);
+    assert_eq!(
+        Small::new(DEFAULT_EXTENT_SIZE).unwrap().extent_size(),
+        128 << 20
+    );
+}
+
+#[test]
+fn extent_sizes_that_are_not_powers_of_two_are_refused() {
+    let e = 3 * MIB;
+    assert_eq!(
+        Small::new(e).unwrap_err(),
+        PoolError::InvalidExtentSize { extent_size: e }
+    );
+}
+
+#[test]
+fn extent_sizes_outside_1_mib_to_16_gib_are_refused() {
+    for e in [0, 512, MIB / 2, MAX_EXTENT_SIZE * 2] {
+        assert!(Small::new(e).is_err(), "{e}");
+    }
+    assert!(Small::new(MIN_EXTENT_SIZE).is_ok());
+    assert!(Small::new(MAX_EXTENT_SIZE).is_ok());
+}
+
+#[test]
+fn max_size_adds_a_tenth_and_one_extent_rounded_up_to_whole_extents() {
+    let e = 128 * MIB;
+    // 10 GiB + 1 GiB + 128 MiB = 89 extents exactly.
+    assert_eq!(max_size(10 << 30, e), Some(89 * e));
+    // 1 GiB + 102.4 MiB + 128 MiB rounds up to 10 extents.
+    assert_eq!(max_size(1 << 30, e), Some(10 * e));
+}
+
+#[test]
+fn max_size_is_none_on_overflow_or_a_bad_extent_size() {
+    assert_eq!(max_size(u64::MAX - 512, MIB), None);
+    assert_eq!(max_size(1 << 30, 3 * MIB), None);
+}
+
+// --- LUNs ----------------------------------------------------------------
+
+#[test]
+fn adding_a_lun_grows_free_and_total_extents() {
+    let mut p = pool();
+    p.add_lun(id(100), 10).unwrap();
+    p.add_lun(id(101), 5).unwrap();
+    assert_eq!((p.total_extents(), p.free_extents()), (15, 15));
+}
+
+#[test]
+fn lun_indexes_follow_the_order_luns_were_added() {
+    let mut p = pool();
+    assert_eq!(p.add_lun(id(101), 1), Ok(0));
+    assert_eq!(p.add_lun(id(100), 1), Ok(1));
+    assert_eq!(p.luns()[1].id, id(100));
+}
+
+#[test]
+fn adding_a_lun_twice_is_refused() {
+    let mut p = pool_with(4);
+    assert_eq!(p.add_lun(id(100), 4), Err(PoolError::DuplicateLun));
+    assert_eq!(p.total_extents(), 4);
+}
+
+#[test]
+fn a_lun_without_extents_is_refused() {
+    assert_eq!(pool().add_lun(id(100), 0), Err(PoolError::EmptyLun));
+}
+
+#[test]
+fn more_than_luns_luns_are_refused() {
+    let mut p = pool();
+    for n in 0..4 {
+        p.add_lun(id(100 + n), 1).unwrap();
+    }
+    assert_eq!(p.add_lun(id(120), 1), Err(PoolError::TooManyLuns));
+}
+
+#[test]
+fn a_lun_larger_than_u64_bytes_is_refused() {
+    let mut p = Small::new(MAX_EXTENT_SIZE).unwrap();
+    assert_eq!(p.add_lun(id(100), u32::MAX), Err(PoolError::LunTooLarge));
+}
+
+#[test]
+fn nil_ids_are_refused() {
+    let mut p = pool_with(4);
+    assert_eq!(p.add_lun(Uuid::NIL, 1), Err(PoolError::NilId));
+    assert_eq!(p.create_volume(Uuid::NIL, EXT, 0), Err(PoolError::NilId));
+}
+
+// --- creating volumes ----------------------------------------------------
+
+#[test]
+fn creating_a_volume_allocates_its_initial_size_in_whole_extents() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, EXT + 512).unwrap();
+    let info = p.volume(id(1)).unwrap();
+    assert_eq!(info.size, 2 * EXT);
+    assert_eq!(info.virtual_size, 8 * EXT);
+    assert_eq!(info.limit, max_size(8 * EXT, EXT).unwrap());
+    assert_eq!(p.free_extents(), 8);
+}
+
+#[test]
+fn creating_a_volume_with_no_initial_size_allocates_one_extent() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(size(&p, id(1)), EXT);
+}
+
+#[test]
+fn creating_a_volume_twice_is_refused() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(
+        p.create_volume(id(1), 8 * EXT, 0),
+        Err(PoolError::DuplicateVolume)
+    );
+    assert_eq!(p.free_extents(), 9);
+}
+
+#[test]
+fn more_than_lvs_volumes_are_refused() {
+    let mut p = pool_with(20);
+    for n in 1..=8 {
+        p.create_volume(id(n), EXT, 0).unwrap();
+    }
+    assert_eq!(
+        p.create_volume(id(9), EXT, 0),
+        Err(PoolError::TooManyVolumes)
+    );
+}
+
+#[test]
+fn creating_a_volume_without_space_is_refused_and_changes_nothing() {
+    let mut p = pool_with(2);
+    assert_eq!(
+        p.create_volume(id(1), 8 * EXT, 3 * EXT),
+        Err(PoolError::NoSpace { needed: 3, free: 2 })
+    );
+    assert_eq!(p.free_extents(), 2);
+    assert!(p.volume(id(1)).is_none());
+    assert_eq!(p.parked().count(), 0);
+}
+
+#[test]
+fn creating_a_volume_larger_than_its_limit_is_refused() {
+    let mut p = pool_with(100);
+    let limit = max_size(2 * EXT, EXT).unwrap();
+    assert_eq!(
+        p.create_volume(id(1), 2 * EXT, limit + EXT),
+        Err(PoolError::OverLimit { limit })
+    );
+}
+
+#[test]
+fn sizes_must_be_whole_sectors() {
+    let mut p = pool_with(10);
+    assert_eq!(
+        p.create_volume(id(1), EXT + 1, 0),
+        Err(PoolError::InvalidSize { size: EXT + 1 })
+    );
+    assert_eq!(
+        p.create_volume(id(1), 0, 0),
+        Err(PoolError::InvalidSize { size: 0 })
+    );
+    assert_eq!(
+        p.create_volume(id(1), EXT, 100),
+        Err(PoolError::InvalidSize { size: 100 })
+    );
+}
+
+// --- extending -------------------------------------------------------------
+
+#[test]
+fn extending_grows_the_last_segment_when_it_ends_at_the_high_water_mark() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(
+        p.extend(id(1), 3 * EXT, false),
+        Ok(Extend::Extended { size: 3 * EXT })
+    );
+    let segments = p.segments(id(1)).unwrap();
+    assert_eq!(
+        segments,
+        &[Segment {
+            lun: 0,
+            first_extent: 0,
+            extents: 3
+        }]
+    );
+}
+
+#[test]
+fn extending_after_another_volume_allocated_appends_a_segment() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.create_volume(id(2), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 2 * EXT, false).unwrap();
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[
+            Segment {
+                lun: 0,
+                first_extent: 0,
+                extents: 1
+            },
+            Segment {
+                lun: 0,
+                first_extent: 2,
+                extents: 1
+            },
+        ]
+    );
+}
+
+#[test]
+fn extending_spans_luns_in_lun_order() {
+    let mut p = pool_with(2);
+    p.add_lun(id(101), 2).unwrap();
+    p.add_lun(id(102), 2).unwrap();
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 5 * EXT, false).unwrap();
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[
+            Segment {
+                lun: 0,
+                first_extent: 0,
+                extents: 2
+            },
+            Segment {
+                lun: 1,
+                first_extent: 0,
+                extents: 2
+            },
+            Segment {
+                lun: 2,
+                first_extent: 0,
+                extents: 1
+            },
+        ]
+    );
+    assert_eq!(p.free_extents(), 1);
+}
+
+#[test]
+fn extending_to_a_size_already_reached_changes_nothing() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    let before = p.clone();
+    for target in [512, EXT, 2 * EXT] {
+        assert_eq!(
+            p.extend(id(1), target, true),
+            Ok(Extend::Extended { size: 2 * EXT })
+        );
+    }
+    assert_eq!(p.segments(id(1)), before.segments(id(1)));
+    assert_eq!(p.free_extents(), before.free_extents());
+}
+
+#[test]
+fn extending_twice_to_the_same_target_is_idempotent() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    let first = p.extend(id(1), 3 * EXT, false).unwrap();
+    let free = p.free_extents();
+    assert_eq!(p.extend(id(1), 3 * EXT, false).unwrap(), first);
+    assert_eq!(p.free_extents(), free);
+}
+
+#[test]
+fn extending_rounds_up_to_whole_extents() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(
+        p.extend(id(1), EXT + 512, false),
+        Ok(Extend::Extended { size: 2 * EXT })
+    );
+}
+
+#[test]
+fn extending_an_unknown_volume_is_refused() {
+    let mut p = pool_with(10);
+    assert_eq!(p.extend(id(1), EXT, false), Err(PoolError::UnknownVolume));
+}
+
+#[test]
+fn extending_beyond_the_limit_is_refused_with_the_limit() {
+    let mut p = pool_with(100);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    let limit = max_size(8 * EXT, EXT).unwrap();
+    assert_eq!(
+        p.extend(id(1), limit + 512, false),
+        Err(PoolError::OverLimit { limit })
+    );
+    assert_eq!(
+        p.extend(id(1), limit, false),
+        Ok(Extend::Extended { size: limit })
+    );
+}
+
+#[test]
+fn targets_must_be_nonzero_whole_sectors() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(
+        p.extend(id(1), 0, false),
+        Err(PoolError::InvalidSize { size: 0 })
+    );
+    assert_eq!(
+        p.extend(id(1), EXT + 1, false),
+        Err(PoolError::InvalidSize { size: EXT + 1 })
+    );
+}
+
+/// Gives `id(1)` four one-extent segments on LUN 0, interleaved with
+/// `id(2)`'s, and leaves `free` extents free on LUN 0.
+fn fragmented(free: u32) -> Small {
+    let mut p = pool_with(8 + free);
+    p.create_volume(id(1), 64 * EXT, 0).unwrap();
+    p.create_volume(id(2), 64 * EXT, 0).unwrap();
+    for n in 2..=4 {
+        p.extend(id(1), n * EXT, false).unwrap();
+        p.extend(id(2), n * EXT, false).unwrap();
+    }
+    assert_eq!(p.segments(id(1)).unwrap().len(), 4);
+    p
+}
+
+#[test]
+fn extending_without_a_free_segment_slot_is_refused_and_changes_nothing() {
+    let mut p = fragmented(4);
+    let free = p.free_extents();
+    assert_eq!(
+        p.extend(id(1), 5 * EXT, false),
+        Err(PoolError::SegmentsFull)
+    );
+    assert_eq!(p.free_extents(), free);
+    assert_eq!(size(&p, id(1)), 4 * EXT);
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_contiguous_extension_needs_no_free_segment_slot() {
+    // id(2) allocated last on LUN 0: its last segment ends at the mark.
+    let mut p = fragmented(4);
+    assert_eq!(
+        p.extend(id(2), 6 * EXT, false),
+        Ok(Extend::Extended { size: 6 * EXT })
+    );
+    assert_eq!(p.segments(id(2)).unwrap().len(), 4);
+}
+
+// --- parking -----------------------------------------------------------------
+
+#[test]
+fn extending_without_space_parks_and_allocates_nothing() {
+    let mut p = pool_with(3);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(
+        p.extend(id(1), 4 * EXT, true),
+        Ok(Extend::Parked { size: EXT })
+    );
+    assert_eq!(p.free_extents(), 2);
+    assert_eq!(size(&p, id(1)), EXT);
+    assert_eq!(
+        p.parked().collect::<std::vec::Vec<_>>(),
+        [Parked {
+            volume: id(1),
+            target_size: 4 * EXT,
+            urgent: true
+        }]
+    );
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn parking_twice_keeps_the_larger_target_and_ors_urgency() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 6 * EXT, true).unwrap();
+    p.extend(id(1), 5 * EXT, false).unwrap();
+    let parked: std::vec::Vec<_> = p.parked().collect();
+    assert_eq!(
+        parked,
+        [Parked {
+            volume: id(1),
+            target_size: 6 * EXT,
+            urgent: true
+        }]
+    );
+}
+
+#[test]
+fn parking_when_all_places_are_taken_is_refused_and_changes_nothing() {
+    let mut p = pool_with(5);
+    for n in 1..=5 {
+        p.create_volume(id(n), 8 * EXT, 0).unwrap();
+    }
+    for n in 1..=4 {
+        assert!(matches!(
+            p.extend(id(n), 8 * EXT, false),
+            Ok(Extend::Parked { .. })
+        ));
+    }
+    assert_eq!(p.extend(id(5), 8 * EXT, false), Err(PoolError::ParkedFull));
+    // A second park for an LV already parked still merges.
+    assert!(p.extend(id(1), 8 * EXT, true).is_ok());
+    assert_eq!(p.parked().count(), 4);
+}
+
+#[test]
+fn unpolled_completions_take_parked_places() {
+    let mut p = pool_with(4);
+    for n in 1..=4 {
+        p.create_volume(id(n), 8 * EXT, 0).unwrap();
+    }
+    for n in 1..=4 {
+        p.extend(id(n), 2 * EXT, false).unwrap();
+    }
+    p.add_lun(id(101), 4).unwrap();
+    assert_eq!(p.parked().count(), 0);
+    assert_eq!(p.extend(id(1), 8 * EXT, false), Err(PoolError::ParkedFull));
+    assert!(p.poll_completed().is_some());
+    assert_eq!(
+        p.extend(id(1), 8 * EXT, false),
+        Ok(Extend::Parked { size: 2 * EXT })
+    );
+}
+
+#[test]
+fn a_parked_request_completes_when_a_lun_is_added() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    assert_eq!(p.poll_completed(), None);
+    p.add_lun(id(101), 2).unwrap();
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(1),
+            size: 4 * EXT
+        }]
+    );
+    assert_eq!(size(&p, id(1)), 4 * EXT);
+    assert_eq!(p.parked().count(), 0);
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn parked_urgent_requests_complete_before_earlier_non_urgent_ones() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.create_volume(id(2), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 3 * EXT, false).unwrap();
+    p.extend(id(2), 3 * EXT, true).unwrap();
+    // Room for one of them only.
+    p.add_lun(id(101), 2).unwrap();
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(2),
+            size: 3 * EXT
+        }]
+    );
+    assert_eq!(
+        p.parked().map(|q| q.volume).collect::<std::vec::Vec<_>>(),
+        [id(1)]
+    );
+}
+
+#[test]
+fn parked_requests_of_equal_urgency_complete_in_the_order_they_were_parked() {
+    let mut p = pool_with(3);
+    for n in 1..=3 {
+        p.create_volume(id(n), 8 * EXT, 0).unwrap();
+    }
+    for n in [3, 1, 2] {
+        p.extend(id(n), 2 * EXT, false).unwrap();
+    }
+    p.add_lun(id(101), 3).unwrap();
+    let order: std::vec::Vec<_> = completions(&mut p).iter().map(|c| c.volume).collect();
+    assert_eq!(order, [id(3), id(1), id(2)]);
+}
+
+#[test]
+fn a_parked_request_too_large_for_new_capacity_blocks_later_ones() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 64 * EXT, 0).unwrap();
+    p.create_volume(id(2), 64 * EXT, 0).unwrap();
+    p.extend(id(1), 20 * EXT, true).unwrap();
+    p.extend(id(2), 2 * EXT, false).unwrap();
+    // 2 extents would serve id(2), but id(1) comes first and needs 19.
+    p.add_lun(id(101), 2).unwrap();
+    assert_eq!(p.poll_completed(), None);
+    assert_eq!(p.parked().count(), 2);
+    assert_eq!(p.free_extents(), 2);
+    // Enough for both: served in order.
+    p.add_lun(id(102), 18).unwrap();
+    let order: std::vec::Vec<_> = completions(&mut p).iter().map(|c| c.volume).collect();
+    assert_eq!(order, [id(1), id(2)]);
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn parked_lists_urgent_requests_first_then_in_parking_order() {
+    let mut p = pool_with(4);
+    for n in 1..=4 {
+        p.create_volume(id(n), 8 * EXT, 0).unwrap();
+    }
+    for (n, urgent) in [(1, false), (2, true), (3, false), (4, true)] {
+        p.extend(id(n), 4 * EXT, urgent).unwrap();
+    }
+    let order: std::vec::Vec<_> = p.parked().map(|q| q.volume).collect();
+    assert_eq!(order, [id(2), id(4), id(1), id(3)]);
+}
+
+#[test]
+fn a_new_request_that_fits_is_served_while_others_are_parked() {
+    let mut p = pool_with(3);
+    p.create_volume(id(1), 64 * EXT, 0).unwrap();
+    p.create_volume(id(2), 64 * EXT, 0).unwrap();
+    p.extend(id(1), 10 * EXT, true).unwrap();
+    assert_eq!(
+        p.extend(id(2), 2 * EXT, false),
+        Ok(Extend::Extended { size: 2 * EXT })
+    );
+    assert_eq!(p.parked().count(), 1);
+}
+
+#[test]
+fn a_smaller_direct_extension_leaves_the_parked_request_waiting() {
+    let mut p = pool_with(3);
+    p.create_volume(id(1), 64 * EXT, 0).unwrap();
+    p.extend(id(1), 4 * EXT, false).unwrap(); // needs 3, 2 free: parked
+    assert_eq!(
+        p.extend(id(1), 2 * EXT, false),
+        Ok(Extend::Extended { size: 2 * EXT })
+    );
+    assert_eq!(
+        p.parked()
+            .map(|q| q.target_size)
+            .collect::<std::vec::Vec<_>>(),
+        [4 * EXT]
+    );
+    assert_eq!(p.poll_completed(), None);
+    p.add_lun(id(101), 10).unwrap();
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(1),
+            size: 4 * EXT
+        }]
+    );
+}
+
+#[test]
+fn a_direct_extension_that_satisfies_a_parked_request_completes_it() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 64 * EXT, 0).unwrap();
+    p.create_volume(id(2), 64 * EXT, 0).unwrap();
+    p.extend(id(2), 30 * EXT, true).unwrap();
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    // id(2) blocks id(1) at capacity arrival (strict order) ...
+    p.add_lun(id(101), 5).unwrap();
+    assert_eq!(p.parked().count(), 2);
+    // ... but a direct request for id(1) fits and completes its park.
+    assert_eq!(
+        p.extend(id(1), 4 * EXT, false),
+        Ok(Extend::Extended { size: 4 * EXT })
+    );
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(1),
+            size: 4 * EXT
+        }]
+    );
+    assert_eq!(
+        p.parked().map(|q| q.volume).collect::<std::vec::Vec<_>>(),
+        [id(2)]
+    );
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_parked_request_whose_lv_has_no_segment_slot_left_is_dropped_with_its_size() {
+    let mut p = fragmented(0);
+    // Make LUN 0's last allocation someone else's, then park id(1).
+    assert!(matches!(
+        p.extend(id(1), 5 * EXT, true),
+        Ok(Extend::Parked { .. })
+    ));
+    p.add_lun(id(101), 10).unwrap();
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(1),
+            size: 4 * EXT
+        }]
+    );
+    assert_eq!(p.parked().count(), 0);
+    p.check_invariants().unwrap();
+}
+
+// --- queries -----------------------------------------------------------------
+
+#[test]
+fn map_translates_offsets_through_segments() {
+    let mut p = pool_with(2);
+    p.add_lun(id(101), 4).unwrap();
+    p.create_volume(id(2), 8 * EXT, 0).unwrap(); // LUN 0 extent 0
+    p.create_volume(id(1), 8 * EXT, 0).unwrap(); // LUN 0 extent 1
+    p.extend(id(1), 3 * EXT, false).unwrap(); // LUN 1 extents 0..2
+    assert_eq!(p.map(id(1), 0), Some((0, EXT)));
+    assert_eq!(p.map(id(1), EXT - 1), Some((0, 2 * EXT - 1)));
+    assert_eq!(p.map(id(1), EXT), Some((1, 0)));
+    assert_eq!(p.map(id(1), 2 * EXT + 7), Some((1, EXT + 7)));
+}
+
+#[test]
+fn map_is_none_beyond_the_lv_or_for_an_unknown_lv() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    assert_eq!(p.map(id(1), EXT), None);
+    assert_eq!(p.map(id(1), u64::MAX), None);
+    assert_eq!(p.map(id(9), 0), None);
+}
+
+#[test]
+fn volumes_are_listed_in_uuid_order() {
+    let mut p = pool_with(5);
+    for n in [3, 1, 2] {
+        p.create_volume(id(n), 8 * EXT, 0).unwrap();
+    }
+    let ids: std::vec::Vec<_> = p.volumes().map(|v| v.id).collect();
+    assert_eq!(ids, [id(1), id(2), id(3)]);
+}
+
+// --- invariants --------------------------------------------------------------
+
+fn two_volumes() -> Small {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, 2 * EXT).unwrap();
+    p
+}
+
+#[test]
+fn a_pool_built_through_its_api_satisfies_its_invariants() {
+    two_volumes().check_invariants().unwrap();
+}
+
+#[test]
+fn check_invariants_finds_overlapping_segments() {
+    let mut p = two_volumes();
+    p.volumes[1].segments[0].first_extent = 1;
+    // The high-water mark still matches the sum, so only overlap is wrong.
+    assert_eq!(
+        p.check_invariants(),
+        Err(Invariant::Overlap {
+            a: id(1),
+            b: id(2),
+            lun: 0
+        })
+    );
+}
+
+#[test]
+fn check_invariants_finds_used_extents_no_lv_holds() {
+    let mut p = two_volumes();
+    p.luns[0].used = 5;
+    assert_eq!(
+        p.check_invariants(),
+        Err(Invariant::Leak {
+            lun: 0,
+            used: 5,
+            allocated: 4
+        })
+    );
+}
+
+#[test]
+fn check_invariants_finds_segments_above_the_high_water_mark() {
+    let mut p = two_volumes();
+    p.luns[0].used = 3;
+    assert_eq!(
+        p.check_invariants(),
+        Err(Invariant::SegmentBounds {
+            volume: id(2),
+            segment: 0
+        })
+    );
+}
+
+#[test]
+fn check_invariants_finds_an_lv_over_its_limit() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 3 * EXT).unwrap();
+    p.volumes[0].virtual_size = 512; // limit: 2 extents
+    assert_eq!(
+        p.check_invariants(),
+        Err(Invariant::OverLimit { volume: id(1) })
+    );
+}
+
+#[test]
+fn check_invariants_finds_unsorted_lvs() {
+    let mut p = two_volumes();
+    p.volumes.swap(0, 1);
+    assert_eq!(
+        p.check_invariants(),
+        Err(Invariant::VolumeOrder { volume: id(1) })
+    );
+}
+
+// --- metadata ------------------------------------------------------------------
+
+fn state(
+    p: &Small,
+) -> (
+    std::vec::Vec<Lun>,
+    std::vec::Vec<(VolumeInfo, std::vec::Vec<Segment>)>,
+) {
+    let volumes = p
+        .volumes()
+        .map(|v| (v, p.segments(v.id).unwrap().to_vec()))
+        .collect();
+    (p.luns().to_vec(), volumes)
+}
+
+#[test]
+fn next_copy_alternates_between_a_and_b() {
+    assert_eq!([0, 1, 2, 3, u64::MAX].map(next_copy), [0, 1, 0, 1, 1]);
+}
+
+#[test]
+fn encode_then_decode_round_trips_the_state() {
+    let mut p = two_volumes();
+    p.add_lun(id(101), 7).unwrap();
+    p.extend(id(1), 9 * EXT, false).unwrap();
+    let mut a = buffer();
+    let len = p.encode(4, &mut a).unwrap();
+    assert!(len <= Small::MAX_COPY_LEN);
+    let (q, seq) = Small::decode(&a, &[]).unwrap();
+    assert_eq!(seq, 4);
+    assert_eq!(q.extent_size(), EXT);
+    assert_eq!(state(&q), state(&p));
+}
+
+#[test]
+fn the_header_is_laid_out_as_documented() {
+    let p = two_volumes();
+    let mut a = buffer();
+    let len = p.encode(0x0102_0304_0506_0708, &mut a).unwrap();
+    assert_eq!(&a[4..8], b"SPMP");
+    assert_eq!(a[8], 1);
+    assert_eq!(&a[9..16], &[0; 7]);
+    assert_eq!(a[16..24], 0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(
+        u32::from_le_bytes(a[24..28].try_into().unwrap()) as usize,
+        len - 64
+    );
+    assert_eq!(a[32..40], EXT.to_le_bytes());
+    assert_eq!(&a[40..64], &[0; 24]);
+    let crc = crate::wire::CRC32C.checksum(&a[4..len]);
+    assert_eq!(a[..4], crc.to_le_bytes());
+}
+
+#[test]
+fn encode_zeroes_the_rest_of_the_buffer() {
+    let mut a = std::vec![0xAA; Small::MAX_COPY_LEN];
+    let len = two_volumes().encode(0, &mut a).unwrap();
+    assert!(a[len..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn encode_into_a_small_buffer_fails_with_the_size_needed() {
+    let p = two_volumes();
+    let mut a = buffer();
+    let len = p.encode(0, &mut a).unwrap();
+    for short in [0, 10, 64, len - 1] {
+        let mut out = std::vec![0; short];
+        assert_eq!(
+            p.encode(0, &mut out),
+            Err(PoolError::BufferTooSmall {
+                needed: len as u64,
+                available: short as u64
+            })
+        );
+    }
+    let mut exact = std::vec![0; len];
+    assert_eq!(p.encode(0, &mut exact), Ok(len));
+}
+
+#[test]
+fn decode_takes_the_copy_with_the_higher_sequence_number() {
+    let mut p = two_volumes();
+    let (mut a, mut b) = (buffer(), buffer());
+    p.encode(2, &mut a).unwrap();
+    p.extend(id(1), 5 * EXT, false).unwrap();
+    p.encode(3, &mut b).unwrap();
+    let (q, seq) = Small::decode(&a, &b).unwrap();
+    assert_eq!((seq, size(&q, id(1))), (3, 5 * EXT));
+    p.extend(id(1), 6 * EXT, false).unwrap();
+    p.encode(4, &mut a).unwrap();
+    let (q, seq) = Small::decode(&a, &b).unwrap();
+    assert_eq!((seq, size(&q, id(1))), (4, 6 * EXT));
+}
+
+#[test]
+fn a_torn_commit_in_any_single_byte_decodes_to_the_previous_state() {
+    let mut p = two_volumes();
+    let (mut a, mut b) = (buffer(), buffer());
+    p.encode(6, &mut a).unwrap();
+    let previous = state(&p);
+    p.extend(id(2), 7 * EXT, false).unwrap();
+    let len = p.encode(7, &mut b).unwrap();
+    for at in 0..len {
+        for flip in [0x01, 0x80, 0xFF] {
+            let mut torn = b.clone();
+            torn[at] ^= flip;
+            let (q, seq) = Small::decode(&a, &torn).unwrap();
+            assert_eq!((seq, state(&q)), (6, previous.clone()), "byte {at}");
+        }
+    }
+}
+
+#[test]
+fn a_commit_torn_short_decodes_to_the_previous_state() {
+    let mut p = two_volumes();
+    let (mut a, mut b) = (buffer(), buffer());
+    p.encode(0, &mut a).unwrap();
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    let len = p.encode(1, &mut b).unwrap();
+    for cut in 0..len {
+        // The tail of the new copy never made it: old zeros remain.
+        let mut torn = b.clone();
+        torn[cut..].fill(0);
+        let (_, seq) = Small::decode(&a, &torn).unwrap();
+        assert_eq!(seq, 0, "cut at {cut}");
+    }
+}
+
+#[test]
+fn both_copies_corrupt_is_an_error_naming_each_defect() {
+    let p = two_volumes();
+    let (mut a, mut b) = (buffer(), buffer());
+    p.encode(0, &mut a).unwrap();
+    p.encode(1, &mut b).unwrap();
+    a[70] ^= 1;
+    b[4] = b'X';
+    match Small::decode(&a, &b) {
+        Err(PoolError::NoValidCopy {
+            a: CopyDefect::Checksum { .. },
+            b: CopyDefect::BadMagic,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn two_empty_copies_are_reported_as_empty() {
+    let zeros = buffer();
+    assert_eq!(
+        Small::decode(&zeros, &zeros).unwrap_err(),
+        PoolError::NoValidCopy {
+            a: CopyDefect::Empty,
+            b: CopyDefect::Empty
+        }
+    );
+    assert_eq!(
+        Small::decode(&[], &[1, 2]).unwrap_err(),
+        PoolError::NoValidCopy {
+            a: CopyDefect::TooShort { len: 0 },
+            b: CopyDefect::TooShort { len: 2 }
+        }
+    );
+}
+
+#[test]
+fn a_copy_in_the_wrong_place_is_refused() {
+    let p = two_volumes();
+    let mut a = buffer();
+    p.encode(1, &mut a).unwrap(); // seq 1 belongs in B
+    assert_eq!(
+        Small::decode(&a, &[]).unwrap_err(),
+        PoolError::NoValidCopy {
+            a: CopyDefect::Misplaced { seq: 1 },
+            b: CopyDefect::TooShort { len: 0 }
+        }
+    );
+}
+
+#[test]
+fn header_defects_are_reported_even_under_a_valid_checksum() {
+    let p = two_volumes();
+    let mut good = buffer();
+    p.encode(0, &mut good).unwrap();
+    let cases: [(usize, u8, CopyDefect); 4] = [
+        (8, 2, CopyDefect::UnsupportedVersion { version: 2 }),
+        (12, 1, CopyDefect::ReservedNotZero { offset: 12 }),
+        (50, 1, CopyDefect::ReservedNotZero { offset: 50 }),
+        (
+            33,
+            0x11,
+            CopyDefect::ExtentSize {
+                extent_size: EXT | 0x11 << 8,
+            },
+        ),
+    ];
+    for (at, value, defect) in cases {
+        let mut a = good.clone();
+        a[at] = value;
+        reseal(&mut a);
+        assert_eq!(
+            Small::decode(&a, &[]).unwrap_err(),
+            PoolError::NoValidCopy {
+                a: defect,
+                b: CopyDefect::TooShort { len: 0 }
+            }
+        );
+    }
+}
+
+#[test]
+fn a_payload_length_past_the_copy_is_refused() {
+    let p = two_volumes();
+    let mut a = buffer();
+    let len = p.encode(0, &mut a).unwrap();
+    a.truncate(len - 1);
+    assert!(matches!(
+        Small::decode(&a, &[]),
+        Err(PoolError::NoValidCopy {
+            a: CopyDefect::PayloadLength { .. },
+            ..
+        })
+    ));
+}
+
+#[test]
+fn trailing_payload_bytes_are_refused() {
+    let p = two_volumes();
+    let mut a = buffer();
+    let len = p.encode(0, &mut a).unwrap();
+    let payload_len = (len - 64 + 1) as u32;
+    a[24..28].copy_from_slice(&payload_len.to_le_bytes());
+    reseal(&mut a);
+    assert!(matches!(
+        Small::decode(&a, &[]),
+        Err(PoolError::NoValidCopy {
+            a: CopyDefect::Payload,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_checksummed_copy_that_breaks_an_invariant_loses_to_the_older_copy() {
+    let mut p = two_volumes();
+    let (mut a, mut b) = (buffer(), buffer());
+    p.encode(0, &mut a).unwrap();
+    p.volumes[1].segments[0].first_extent = 1; // overlaps id(1)
+    p.encode(1, &mut b).unwrap();
+    let (q, seq) = Small::decode(&a, &b).unwrap();
+    assert_eq!(seq, 0);
+    q.check_invariants().unwrap();
+    assert!(matches!(
+        Small::decode(&[], &b),
+        Err(PoolError::NoValidCopy {
+            b: CopyDefect::Inconsistent(Invariant::Overlap { .. }),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_copy_beyond_the_pool_types_limits_is_refused() {
+    let mut big = Pool::<4, 16, 4, 4>::new(EXT).unwrap();
+    big.add_lun(id(100), 100).unwrap();
+    for n in 1..=9 {
+        big.create_volume(id(n), 8 * EXT, 0).unwrap();
+    }
+    let mut a = std::vec![0; Pool::<4, 16, 4, 4>::MAX_COPY_LEN];
+    big.encode(0, &mut a).unwrap();
+    assert!(matches!(
+        Small::decode(&a, &[]),
+        Err(PoolError::NoValidCopy {
+            a: CopyDefect::Payload,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn decoding_does_not_restore_parked_requests_or_completions() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 4 * EXT, true).unwrap();
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    let (mut q, _) = Small::decode(&a, &[]).unwrap();
+    assert_eq!(q.parked().count(), 0);
+    assert_eq!(q.poll_completed(), None);
+}
+
+#[test]
+fn decode_into_a_pool_replaces_everything_and_empties_it_on_error() {
+    let p = two_volumes();
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    let mut q = pool_with(3);
+    q.create_volume(id(7), 8 * EXT, 0).unwrap();
+    assert_eq!(q.decode_into(&a, &[]), Ok(0));
+    assert_eq!(state(&q), state(&p));
+    assert!(q.decode_into(&[], &[]).is_err());
+    assert_eq!((q.luns().len(), q.volumes().count()), (0, 0));
+}
+
+#[test]
+fn decoding_arbitrary_bytes_never_panics() {
+    let p = two_volumes();
+    let mut good = buffer();
+    let len = p.encode(0, &mut good).unwrap();
+    // Every byte of a valid copy set to every value, resealed so the
+    // parser gets past the checksum.
+    for at in 0..len {
+        for value in [0u8, 1, 0x7F, 0x80, 0xFF] {
+            let mut a = good.clone();
+            a[at] = value;
+            if at >= 4 {
+                reseal(&mut a);
+            }
+            if let Ok((q, _)) = Small::decode(&a, &[]) {
+                q.check_invariants().unwrap();
+            }
+        }
+    }
+}
+
+// --- the default configuration --------------------------------------------------
+
+#[test]
+fn metadata_copy_size_is_the_default_pools_worst_case_in_whole_blocks() {
+    assert_eq!(DefaultPool::MAX_COPY_LEN, 454_115);
+    assert_eq!(METADATA_COPY_SIZE, 454_656);
+    assert_eq!(METADATA_COPY_SIZE % 4096, 0);
+}
+
+/// Runs `f` on a thread with a stack large enough for a few
+/// `DefaultPool`s.
+fn with_big_stack(f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn a_default_pool_filled_to_its_limits_fits_in_metadata_copy_size() {
+    with_big_stack(|| {
+        let mut p = std::boxed::Box::new(DefaultPool::new(MIB).unwrap());
+        // Each round grows every LV by `grow` extents; LUN 0 holds the
+        // first extents, the others six rounds each (extent numbers up to
+        // 3 * 2^30: five-byte varints), so no extension straddles LUNs.
+        let grow: u64 = 1 << 19;
+        let lun_extents = u32::try_from(6 * 1024 * grow).unwrap();
+        for n in 0..16u32 {
+            let mut lun = [0xF0; 16];
+            lun[..4].copy_from_slice(&n.to_be_bytes());
+            p.add_lun(Uuid(lun), if n == 0 { 1024 } else { lun_extents })
+                .unwrap();
+        }
+        let lv = |n: u32| {
+            let mut b = [0x0F; 16];
+            b[..4].copy_from_slice(&n.to_be_bytes());
+            Uuid(b)
+        };
+        let virtual_size = 1u64 << 62;
+        for n in 0..1024 {
+            p.create_volume(lv(n), virtual_size, 0).unwrap();
+        }
+        // Interleaved growth: every extension is a new segment.
+        for round in 1..32u64 {
+            for n in 0..1024 {
+                let target = (round * grow + 1) * MIB;
+                match p.extend(lv(n), target, false) {
+                    Ok(Extend::Extended { .. }) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert!(p.volumes().all(|v| p.segments(v.id).unwrap().len() == 32));
+        let mut a = std::vec![0; METADATA_COPY_SIZE];
+        let len = p.encode(0, &mut a).unwrap();
+        assert!(len <= DefaultPool::MAX_COPY_LEN);
+        let mut q = std::boxed::Box::new(DefaultPool::new(MIB).unwrap());
+        assert_eq!(q.decode_into(&a, &[]), Ok(0));
+        assert_eq!(q.volumes().count(), 1024);
+        assert_eq!(q.free_extents(), p.free_extents());
+    });
+}
+
+#[test]
+fn default_pool_size() {
+    let size = core::mem::size_of::<DefaultPool>();
+    std::println!("size_of::<DefaultPool>() = {size}");
+    assert!(size < 512 * 1024);
+}
