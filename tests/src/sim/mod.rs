@@ -1,3 +1,967 @@
 //! The deterministic simulation: hosts and the SPM sharing one faulty disk.
+//!
+//! One seed drives everything: the mailbox size (up to 2000 hosts), how many
+//! hosts are active and with how many volumes, the guests' write rates, the
+//! faults of the shared disk (torn, lost, misdirected and bit-flipped
+//! writes), crashes and restarts of hosts and of the SPM at any write, an
+//! SPM failover while the old SPM still writes late replies, and a pool
+//! that runs out of space until LUNs are added.
+//!
+//! The engines are the real ones (`spmbox_core::{spm, host, pool}`); the
+//! simulation plays the thin shell around them: it does the reads and writes
+//! they ask for on a [`SimDisk`], runs extension jobs on the pool, commits
+//! the pool's metadata (two copies) before any reply, refreshes a host's view
+//! of a volume by reading the committed metadata, and moves simulated time
+//! to the next instant any of them wants to be woken.
+//!
+//! Safety is checked after every step ([`Sim::check_safety`]); liveness once
+//! the faults have stopped and enough capacity was added
+//! (the run must become quiet, every guest done and none paused, within
+//! `settle` of the faults stopping and capacity being added). A failure names the seed and the command that
+//! replays it.
+
 pub mod disk;
 pub mod rng;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
+use spmbox_core::pool::{self, Extend, Pool, PoolError};
+use spmbox_core::spm::SpmIo;
+use spmbox_core::spm::{JobResult, Spm, SpmConfig};
+use spmbox_core::time::Instant;
+use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, SPM_HEADER_OFFSET, SpmHeader, Uuid};
+
+pub use disk::{Faults, SimDisk};
+pub use rng::Rng;
+
+/// The pool the simulation runs: 8 LUNs, 64 volumes (12 hosts with 4
+/// each at most) of up to 64 segments, 64 parked requests.
+pub type SimPool = Pool<8, 64, 64, 64>;
+/// The SPM's queue window in the simulation.
+pub const QUEUE: usize = 128;
+/// Volumes per host engine.
+pub const HOST_VOLUMES: usize = 4;
+/// The extent size of the simulated pool.
+pub const EXTENT: u64 = 1 << 20;
+const COPY: usize = SimPool::MAX_COPY_LEN.next_multiple_of(4096);
+
+/// What a run does; [`Scenario::from_seed`] derives it all from a seed.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// The seed.
+    pub seed: u64,
+    /// Host ids of the mailbox (its size).
+    pub max_hosts: u16,
+    /// Hosts that run guests (spread over 1..=max_hosts).
+    pub active_hosts: u16,
+    /// Volumes per active host.
+    pub volumes_per_host: u8,
+    /// Disk faults while faults are on.
+    pub faults: Faults,
+    /// Chance per write that the writer crashes there, per million.
+    pub crash_ppm: u32,
+    /// Start a second SPM at this time, the old one still writing.
+    pub failover_at: Option<Duration>,
+    /// Faults and crashes stop at this time.
+    pub faults_until: Duration,
+    /// Capacity is added at this time (the pool is short of space before).
+    pub add_capacity_at: Duration,
+    /// The run ends this long after the later of the two, unless all is
+    /// quiet before; liveness must hold by then.
+    pub settle: Duration,
+    /// Deliberately break the backend (for the test that the simulation
+    /// catches a broken invariant).
+    pub bug: Option<Bug>,
+}
+
+/// A deliberate bug, to show that the checks catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// The backend answers "extended" to the target without extending.
+    ReplyWithoutExtending,
+    /// The backend replies before its metadata commit lands, so a crash
+    /// forgets an extension a host was told about.
+    ReplyBeforeCommit,
+}
+
+impl Scenario {
+    /// A scenario of mixed size with every fault kind, from `seed`.
+    pub fn from_seed(seed: u64) -> Scenario {
+        let mut rng = Rng::new(seed);
+        let max_hosts = match rng.below(20) {
+            0 => 2000,
+            1..=3 => 250,
+            _ => rng.between(1, 16) as u16,
+        };
+        let active_hosts = (rng.between(1, 12) as u16).min(max_hosts);
+        let faulty = rng.below(4) != 0;
+        Scenario {
+            seed,
+            max_hosts,
+            active_hosts,
+            volumes_per_host: rng.between(1, HOST_VOLUMES as u64) as u8,
+            faults: if faulty {
+                Faults::all(rng.between(2_000, 30_000) as u32)
+            } else {
+                Faults::NONE
+            },
+            crash_ppm: if faulty {
+                rng.between(0, 3_000) as u32
+            } else {
+                0
+            },
+            failover_at: (rng.below(3) == 0)
+                .then(|| Duration::from_millis(rng.between(100, 20_000))),
+            faults_until: Duration::from_millis(rng.between(1_000, 30_000)),
+            add_capacity_at: Duration::from_millis(rng.between(500, 40_000)),
+            settle: Duration::from_secs(180),
+            bug: None,
+        }
+    }
+
+    /// The command that replays this scenario.
+    pub fn replay_command(&self) -> String {
+        format!(
+            "SPMBOX_SIM_SEED={} cargo test -p spmbox-tests --test sim -- --nocapture replay",
+            self.seed
+        )
+    }
+}
+
+/// A simulated guest writing sequentially into one volume.
+#[derive(Clone, Debug)]
+struct Guest {
+    volume: Uuid,
+    host_id: u16,
+    virtual_size: u64,
+    limit: u64,
+    /// Highest byte written.
+    allocation: u64,
+    /// The size the host shell last refreshed the volume's map to: the
+    /// guest can write below it and nowhere else.
+    mapped: u64,
+    /// Bytes per write tick.
+    rate: u64,
+    paused: bool,
+    paused_since: Option<Instant>,
+}
+
+struct HostNode {
+    host_id: u16,
+    engine: Option<Host<HOST_VOLUMES>>,
+    mirror: Vec<u8>,
+    restart_at: Option<Instant>,
+}
+
+struct SpmNode {
+    engine: Spm<QUEUE>,
+    /// The pool, for the SPM that holds the lease; `None` for an old SPM
+    /// that lost it (it may still flush replies it computed before).
+    pool: Option<SimPool>,
+    seq: u64,
+}
+
+/// Counters of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Simulated time at the end.
+    pub end: Duration,
+    /// Extensions hosts completed.
+    pub extensions: u64,
+    /// Guest pauses and resumes.
+    pub pauses: u64,
+    /// Resumes.
+    pub resumes: u64,
+    /// Crashes of hosts and of the SPM.
+    pub crashes: u64,
+    /// Faults the disk injected.
+    pub faults: disk::FaultCounts,
+    /// Steps taken.
+    pub steps: u64,
+}
+
+/// A failed check, with everything needed to replay it.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The scenario.
+    pub scenario: Box<Scenario>,
+    /// Simulated time.
+    pub at: Duration,
+    /// What broke.
+    pub what: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} failed at {:?}: {}\n  scenario: {:?}\n  replay: {}",
+            self.scenario.seed,
+            self.at,
+            self.what,
+            self.scenario,
+            self.scenario.replay_command()
+        )
+    }
+}
+
+/// The simulation state.
+pub struct Sim {
+    scenario: Scenario,
+    rng: Rng,
+    disk: SimDisk,
+    domain: Uuid,
+    now: Instant,
+    spm: Option<SpmNode>,
+    old_spm: Option<SpmNode>,
+    spm_restart_at: Option<Instant>,
+    hosts: Vec<HostNode>,
+    guests: Vec<Guest>,
+    next_guest_tick: Instant,
+    capacity_added: bool,
+    failed_over: bool,
+    /// The largest size each volume was ever committed at, and the largest
+    /// target any host asked for.
+    committed_max: HashMap<Uuid, u64>,
+    asked_max: HashMap<Uuid, u64>,
+    initial: HashMap<Uuid, u64>,
+    report: Report,
+}
+
+const GUEST_TICK: Duration = Duration::from_millis(10);
+
+fn at(d: Duration) -> Instant {
+    Instant::ZERO + d
+}
+
+fn since_zero(i: Instant) -> Duration {
+    i.saturating_since(Instant::ZERO)
+}
+
+impl Sim {
+    /// Sets up the domain: mailbox, pool (short of space), volumes, hosts.
+    pub fn new(scenario: Scenario) -> Sim {
+        let mut rng = Rng::new(scenario.seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let geometry = Geometry::new(
+            scenario.max_hosts,
+            if rng.below(2) == 0 { 512 } else { 4096 },
+        )
+        .expect("scenario geometry");
+        let disk = SimDisk::new(geometry, 2 * COPY);
+        let domain = Uuid([0x5a; 16]);
+        let mut pool = SimPool::new(EXTENT).expect("pool");
+        let mut guests = Vec::new();
+        let hosts = Vec::new();
+        let mut initial = HashMap::new();
+        // Active hosts spread over the whole id range.
+        let stride = (scenario.max_hosts / scenario.active_hosts).max(1);
+        let mut total_initial = 0;
+        let mut specs = Vec::new();
+        for k in 0..scenario.active_hosts {
+            let host_id = (1 + k * stride).min(scenario.max_hosts);
+            for v in 0..scenario.volumes_per_host {
+                let virtual_size = rng.between(8, 48) * EXTENT;
+                let initial_size = 2 * EXTENT;
+                let mut id = [0u8; 16];
+                id[..2].copy_from_slice(&host_id.to_be_bytes());
+                id[2] = v;
+                id[15] = 1;
+                specs.push((host_id, Uuid(id), virtual_size, initial_size));
+                total_initial += initial_size / EXTENT;
+            }
+        }
+        // Room for the initial sizes and a little more: guests will run out.
+        let first_lun = (total_initial + rng.between(0, 2 * specs.len() as u64)) as u32;
+        pool.add_lun(Uuid([0x10; 16]), first_lun.max(1))
+            .expect("first LUN");
+        for &(host_id, id, virtual_size, initial_size) in &specs {
+            pool.create_volume(id, virtual_size, initial_size)
+                .expect("volume");
+            let limit = pool.volume(id).expect("volume").limit;
+            initial.insert(id, initial_size);
+            guests.push(Guest {
+                volume: id,
+                host_id,
+                virtual_size,
+                limit,
+                allocation: 0,
+                mapped: initial_size,
+                rate: rng.between(EXTENT / 64, EXTENT / 4),
+                paused: false,
+                paused_since: None,
+            });
+        }
+        let mut sim = Sim {
+            scenario,
+            rng,
+            disk,
+            domain,
+            now: Instant::ZERO,
+            spm: None,
+            old_spm: None,
+            spm_restart_at: None,
+            hosts,
+            guests,
+            next_guest_tick: Instant::ZERO,
+            capacity_added: false,
+            failed_over: false,
+            committed_max: HashMap::new(),
+            asked_max: HashMap::new(),
+            initial,
+            report: Report::default(),
+        };
+        sim.write_superblock_and_metadata(&pool);
+        let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
+        ids.dedup();
+        for host_id in ids {
+            sim.hosts.push(HostNode {
+                host_id,
+                engine: None,
+                mirror: vec![0; AREA_SIZE],
+                restart_at: Some(Instant::ZERO),
+            });
+        }
+        sim.start_spm();
+        sim
+    }
+
+    fn write_superblock_and_metadata(&mut self, pool: &SimPool) {
+        let sb = spmbox_core::wire::Superblock {
+            domain: self.domain,
+            geometry: self.disk.geometry(),
+        };
+        self.disk.put(0, &sb.to_bytes().expect("superblock"));
+        let mut buf = vec![0u8; COPY];
+        pool.encode(1, &mut buf).expect("encode");
+        self.disk.put(self.meta_offset(pool::next_copy(1)), &buf);
+        for v in pool.volumes() {
+            self.committed_max.insert(v.id, v.size);
+        }
+    }
+
+    fn meta_offset(&self, copy: usize) -> u64 {
+        self.disk.geometry().mailbox_size() + (copy * COPY) as u64
+    }
+
+    /// The pool as committed on disk (what a host's refresh reads).
+    fn committed(&self) -> Option<(SimPool, u64)> {
+        let a = self.disk.read(self.meta_offset(0), COPY);
+        let b = self.disk.read(self.meta_offset(1), COPY);
+        SimPool::decode(a, b).ok()
+    }
+
+    fn start_spm(&mut self) {
+        let (pool, seq) = self.committed().expect("pool metadata must always decode");
+        let found = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET))
+            .ok()
+            .flatten();
+        let engine = Spm::new(
+            self.now,
+            self.domain,
+            self.disk.geometry(),
+            0,
+            found.as_ref(),
+            SpmConfig::default(),
+        )
+        .expect("spm");
+        self.spm = Some(SpmNode {
+            engine,
+            pool: Some(pool),
+            seq,
+        });
+    }
+
+    fn faults_on(&self) -> bool {
+        since_zero(self.now) < self.scenario.faults_until
+    }
+
+    fn crash_here(&mut self) -> bool {
+        self.faults_on() && self.rng.chance(self.scenario.crash_ppm)
+    }
+
+    /// Runs to the end; returns the report or the first failed check.
+    pub fn run(mut self) -> Result<Report, Failure> {
+        let quiet_after = self
+            .scenario
+            .faults_until
+            .max(self.scenario.add_capacity_at);
+        let end = quiet_after + self.scenario.settle;
+        loop {
+            self.disk.faults = if self.faults_on() {
+                self.scenario.faults
+            } else {
+                Faults::NONE
+            };
+            self.step().map_err(|what| self.fail(what))?;
+            self.check_safety().map_err(|what| self.fail(what))?;
+            self.report.steps += 1;
+            let now = since_zero(self.now);
+            if now >= quiet_after && self.quiet() {
+                break;
+            }
+            if now >= end {
+                return Err(self.fail(self.liveness_problem()));
+            }
+            self.now = self.next_instant().max(self.now + Duration::from_micros(1));
+        }
+        self.report.end = since_zero(self.now);
+        self.report.faults = self.disk.counts;
+        Ok(self.report)
+    }
+
+    fn fail(&self, what: String) -> Failure {
+        Failure {
+            scenario: Box::new(self.scenario.clone()),
+            at: since_zero(self.now),
+            what,
+        }
+    }
+
+    fn next_instant(&self) -> Instant {
+        let mut next = self.next_guest_tick;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = next.min(t);
+            }
+        };
+        for node in [&self.spm, &self.old_spm].into_iter().flatten() {
+            consider(node.engine.poll_timeout());
+        }
+        consider(self.spm_restart_at);
+        for h in &self.hosts {
+            consider(h.engine.as_ref().and_then(|e| e.poll_timeout()));
+            consider(h.restart_at);
+        }
+        if !self.capacity_added {
+            consider(Some(at(self.scenario.add_capacity_at)));
+        }
+        if let (Some(t), false) = (self.scenario.failover_at, self.failed_over) {
+            consider(Some(at(t)));
+        }
+        next
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        if !self.failed_over && self.scenario.failover_at.is_some_and(|t| self.now >= at(t)) {
+            self.failed_over = true;
+            if let Some(mut old) = self.spm.take() {
+                old.pool = None;
+                self.old_spm = Some(old);
+                self.start_spm();
+            }
+        }
+        if self.spm_restart_at.is_some_and(|t| self.now >= t) {
+            self.spm_restart_at = None;
+            self.start_spm();
+        }
+        if !self.capacity_added && self.now >= at(self.scenario.add_capacity_at) {
+            self.add_capacity()?;
+        }
+        self.drive_spm(false)?;
+        self.drive_spm(true)?;
+        for i in 0..self.hosts.len() {
+            self.drive_host(i)?;
+        }
+        if self.now >= self.next_guest_tick {
+            self.next_guest_tick = self.now + GUEST_TICK;
+            self.tick_guests();
+        }
+        Ok(())
+    }
+
+    fn add_capacity(&mut self) -> Result<(), String> {
+        // Enough for every volume to reach its limit.
+        let Some(node) = self.spm.as_mut() else {
+            return Ok(());
+        };
+        let Some(pool) = node.pool.as_mut() else {
+            return Ok(());
+        };
+        let needed: u64 = pool
+            .volumes()
+            .map(|v| (v.limit - v.size.min(v.limit)) / EXTENT)
+            .sum();
+        let lun = Uuid([0x20 + pool.luns().len() as u8; 16]);
+        pool.add_lun(lun, (needed + 1) as u32)
+            .map_err(|e| format!("add_lun: {e:?}"))?;
+        self.capacity_added = true;
+        self.commit(false)?;
+        let now = self.now;
+        if let Some(node) = self.spm.as_mut() {
+            if let Some(pool) = node.pool.as_mut() {
+                while let Some(c) = pool.poll_completed() {
+                    node.engine.handle_capacity(now, c.volume, c.size);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the live SPM's pool. Returns false if the SPM crashed.
+    fn commit(&mut self, may_crash: bool) -> Result<bool, String> {
+        let crash = may_crash && self.crash_here();
+        let Some(seq) = self.spm.as_ref().map(|n| n.seq + 1) else {
+            return Ok(false);
+        };
+        let offset = self.meta_offset(pool::next_copy(seq));
+        let Some(node) = self.spm.as_mut() else {
+            return Ok(false);
+        };
+        let Some(pool) = node.pool.as_ref() else {
+            return Ok(true);
+        };
+        let mut buf = vec![0u8; COPY];
+        pool.encode(seq, &mut buf)
+            .map_err(|e| format!("encode: {e:?}"))?;
+        if crash {
+            // The commit is torn: only some of its sectors land.
+            let sector = self.disk.geometry().sector_size() as usize;
+            let landed = self.rng.below((COPY / sector) as u64) as usize * sector;
+            self.disk.put(offset, &buf[..landed]);
+            self.crash_spm();
+            return Ok(false);
+        }
+        self.disk.put(offset, &buf);
+        node.seq = seq;
+        Ok(true)
+    }
+
+    fn crash_spm(&mut self) {
+        self.report.crashes += 1;
+        self.spm = None;
+        self.spm_restart_at = Some(self.now + Duration::from_millis(self.rng.between(10, 2_000)));
+    }
+
+    fn drive_spm(&mut self, old: bool) -> Result<(), String> {
+        let now = self.now;
+        for _ in 0..10_000 {
+            let node = if old {
+                self.old_spm.as_mut()
+            } else {
+                self.spm.as_mut()
+            };
+            let Some(node) = node else { return Ok(()) };
+            let mut progressed = false;
+            while let Some(io) = node.engine.poll_io(now) {
+                progressed = true;
+                match io {
+                    SpmIo::ReadDoorbell => node
+                        .engine
+                        .handle_doorbell(now, self.disk.record(DOORBELL_OFFSET)),
+                    SpmIo::ReadSpmHeader => node
+                        .engine
+                        .handle_spm_header(now, self.disk.record(SPM_HEADER_OFFSET)),
+                    SpmIo::ReadHosts { first_host, count } => {
+                        let g = self.disk.geometry();
+                        let len = usize::from(count) * AREA_SIZE;
+                        let inbox = g.inbox_area(first_host).expect("inbox");
+                        let outbox = g.outbox_area(first_host).expect("outbox");
+                        let (ib, ob) = (
+                            self.disk.read(inbox, len).to_vec(),
+                            self.disk.read(outbox, len).to_vec(),
+                        );
+                        node.engine.handle_hosts(now, first_host, &ib, &ob);
+                    }
+                }
+            }
+            let write = node.engine.poll_write();
+            if let Some(w) = write {
+                progressed = true;
+                if !old && self.crash_here() {
+                    self.crash_spm();
+                    return Ok(());
+                }
+                self.disk.write_record(&mut self.rng, w.offset, &w.record);
+            }
+            let node = if old {
+                self.old_spm.as_mut()
+            } else {
+                self.spm.as_mut()
+            };
+            let Some(node) = node else { return Ok(()) };
+            if let Some(job) = node.engine.poll_job() {
+                progressed = true;
+                let Some(pool) = node.pool.as_mut() else {
+                    // An old SPM without the lease: its jobs go nowhere.
+                    continue;
+                };
+                let result = match self.scenario.bug {
+                    Some(Bug::ReplyWithoutExtending) => Ok(Extend::Extended {
+                        size: job.target_size,
+                    }),
+                    _ => pool.extend(job.volume, job.target_size, job.urgent),
+                };
+                let result = match result {
+                    Ok(Extend::Extended { size }) => JobResult::Extended { size },
+                    Ok(Extend::Parked { size }) => JobResult::NoSpace { size },
+                    Err(PoolError::UnknownVolume) => JobResult::UnknownVolume,
+                    Err(PoolError::OverLimit { .. }) => JobResult::OverLimit {
+                        size: pool.volume(job.volume).map_or(0, |v| v.size),
+                    },
+                    Err(PoolError::InvalidSize { .. }) => JobResult::Malformed,
+                    // EAGAIN: the parked list is full; EIO: anything else.
+                    Err(PoolError::ParkedFull) => JobResult::Failed { code: 11 },
+                    Err(_) => JobResult::Failed { code: 5 },
+                };
+                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) {
+                    if let Some(node) = self.spm.as_mut() {
+                        node.engine.handle_job_result(now, job.volume, result);
+                    }
+                    // The commit happens, but only at the next step.
+                    continue;
+                }
+                if !self.commit(true)? {
+                    return Ok(());
+                }
+                if let Some(node) = self.spm.as_mut() {
+                    node.engine.handle_job_result(now, job.volume, result);
+                }
+            }
+            if !progressed {
+                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) && !old {
+                    self.commit(true)?;
+                }
+                return Ok(());
+            }
+        }
+        Err("the SPM engine did not settle within 10000 rounds at one instant".into())
+    }
+
+    fn start_host(&mut self, i: usize) -> Result<(), String> {
+        let g = self.disk.geometry();
+        let host_id = self.hosts[i].host_id;
+        let config = HostConfig::default();
+        let config = HostConfig {
+            chunk_size: 4 * EXTENT,
+            ..config
+        };
+        let mut engine = Host::<HOST_VOLUMES>::new(self.domain, host_id, g, config)
+            .map_err(|e| format!("host {host_id}: new: {e:?}"))?;
+        let truth = self.committed().map(|(p, _)| p);
+        for guest in self.guests.iter_mut().filter(|g| g.host_id == host_id) {
+            // The shell reads the volume's map on start.
+            let size = truth
+                .as_ref()
+                .and_then(|p| p.volume(guest.volume))
+                .map_or(guest.mapped, |v| v.size);
+            guest.mapped = guest.mapped.max(size);
+            engine
+                .add_volume(
+                    guest.volume,
+                    guest.virtual_size,
+                    guest.limit,
+                    guest.mapped,
+                    guest.allocation,
+                )
+                .map_err(|e| format!("host {host_id}: add_volume: {e:?}"))?;
+        }
+        let inbox_at = g.inbox_area(host_id).expect("inbox");
+        let outbox_at = g.outbox_area(host_id).expect("outbox");
+        let inbox = self.disk.read(inbox_at, AREA_SIZE).to_vec();
+        let outbox = self.disk.read(outbox_at, AREA_SIZE).to_vec();
+        engine
+            .start(self.now, &inbox, &outbox)
+            .map_err(|e| format!("host {host_id}: start: {e:?}"))?;
+        let node = &mut self.hosts[i];
+        node.mirror = inbox;
+        node.engine = Some(engine);
+        node.restart_at = None;
+        Ok(())
+    }
+
+    fn drive_host(&mut self, i: usize) -> Result<(), String> {
+        if self.hosts[i].restart_at.is_some_and(|t| self.now >= t) {
+            self.start_host(i)?;
+        }
+        let now = self.now;
+        let g = self.disk.geometry();
+        let host_id = self.hosts[i].host_id;
+        let inbox_at = g.inbox_area(host_id).expect("inbox");
+        for _ in 0..10_000 {
+            let Some(engine) = self.hosts[i].engine.as_mut() else {
+                return Ok(());
+            };
+            if engine.poll_timeout().is_some_and(|t| t <= now) {
+                engine.handle_timeout(now);
+            }
+            let mut progressed = false;
+            if let Some(w) = engine.poll_write() {
+                progressed = true;
+                if self.crash_here() {
+                    // The write is torn away with the host.
+                    self.report.crashes += 1;
+                    let node = &mut self.hosts[i];
+                    node.engine = None;
+                    node.restart_at =
+                        Some(now + Duration::from_millis(self.rng.between(10, 2_000)));
+                    return Ok(());
+                }
+                if (inbox_at..inbox_at + AREA_SIZE as u64).contains(&w.offset) {
+                    if let Ok(Some(r)) = spmbox_core::wire::Request::decode(&w.record) {
+                        let e = self.asked_max.entry(r.volume).or_insert(0);
+                        *e = (*e).max(r.target_size);
+                    }
+                    // The host owns its area: it writes it whole from its
+                    // mirror, repairing anything another writer damaged.
+                    let within = (w.offset - inbox_at) as usize;
+                    let node = &mut self.hosts[i];
+                    node.mirror[within..within + w.record.len()].copy_from_slice(&w.record);
+                    let mirror = node.mirror.clone();
+                    self.disk.write(&mut self.rng, inbox_at, &mirror);
+                } else {
+                    self.disk.write_record(&mut self.rng, w.offset, &w.record);
+                }
+            }
+            let engine = self.hosts[i].engine.as_mut().expect("alive");
+            if let Some(HostRead::OutboxArea { offset }) = engine.poll_read(now) {
+                progressed = true;
+                if let Ok(Some(h)) = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET)) {
+                    engine.handle_spm_header(&h);
+                }
+                engine.handle_outbox(now, self.disk.read(offset, AREA_SIZE));
+            }
+            let events: Vec<HostEvent> = std::iter::from_fn(|| engine.poll_event()).collect();
+            for event in events {
+                progressed = true;
+                self.host_event(i, event)?;
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "host {host_id} did not settle within 10000 rounds at one instant"
+        ))
+    }
+
+    fn host_event(&mut self, i: usize, event: HostEvent) -> Result<(), String> {
+        let now = self.now;
+        let host_id = self.hosts[i].host_id;
+        match event {
+            HostEvent::Refresh { volume, size } => {
+                let truth = self
+                    .committed()
+                    .and_then(|(p, _)| p.volume(volume))
+                    .map(|v| v.size)
+                    .unwrap_or(0);
+                if size > truth {
+                    return Err(format!(
+                        "host {host_id} was told volume {volume} is {size} bytes but the pool committed {truth}"
+                    ));
+                }
+                if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
+                    g.mapped = g.mapped.max(truth);
+                }
+                if let Some(engine) = self.hosts[i].engine.as_mut() {
+                    engine.handle_refreshed(now, volume, truth);
+                }
+            }
+            HostEvent::Extended { .. } => self.report.extensions += 1,
+            HostEvent::Paused { .. } => self.report.pauses += 1,
+            HostEvent::Resumed { .. } => self.report.resumes += 1,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn tick_guests(&mut self) {
+        let now = self.now;
+        for k in 0..self.guests.len() {
+            let host_id = self.guests[k].host_id;
+            let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
+                continue;
+            };
+            let g = &mut self.guests[k];
+            let goal = g.virtual_size;
+            if g.allocation < goal {
+                let want = (g.allocation + g.rate).min(goal);
+                let can = want.min(g.mapped);
+                g.allocation = g.allocation.max(can);
+                let blocked = can < want;
+                if blocked && !g.paused {
+                    g.paused = true;
+                    g.paused_since = Some(now);
+                } else if !blocked && g.paused {
+                    g.paused = false;
+                    g.paused_since = None;
+                }
+            }
+            let (volume, allocation) = (g.volume, g.allocation);
+            if let Some(engine) = self.hosts[i].engine.as_mut() {
+                engine.handle_allocation(now, volume, allocation);
+            }
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        self.guests
+            .iter()
+            .all(|g| g.allocation >= g.virtual_size && !g.paused)
+            && self
+                .hosts
+                .iter()
+                .all(|h| h.engine.as_ref().is_some_and(|e| e.in_flight() == 0))
+    }
+
+    fn liveness_problem(&self) -> String {
+        let stuck: Vec<String> = self
+            .guests
+            .iter()
+            .filter(|g| g.allocation < g.virtual_size || g.paused)
+            .take(5)
+            .map(|g| {
+                format!(
+                    "volume {} of host {}: wrote {} of {}, mapped {}, paused {}",
+                    g.volume, g.host_id, g.allocation, g.virtual_size, g.mapped, g.paused
+                )
+            })
+            .collect();
+        let busy: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|h| h.engine.as_ref().is_none_or(|e| e.in_flight() > 0))
+            .take(5)
+            .map(|h| {
+                format!(
+                    "host {} in flight {:?}",
+                    h.host_id,
+                    h.engine.as_ref().map(|e| e.in_flight())
+                )
+            })
+            .collect();
+        let mut detail = String::new();
+        if let Some(h) = self
+            .hosts
+            .iter()
+            .find(|h| h.engine.as_ref().is_none_or(|e| e.in_flight() > 0))
+        {
+            let g = self.disk.geometry();
+            let (ia, oa) = (
+                g.inbox_area(h.host_id).unwrap_or(0),
+                g.outbox_area(h.host_id).unwrap_or(0),
+            );
+            let inbox = spmbox_core::wire::InboxArea::new(
+                self.disk.read(ia, AREA_SIZE),
+                self.domain,
+                h.host_id,
+            );
+            let outbox = spmbox_core::wire::OutboxArea::new(
+                self.disk.read(oa, AREA_SIZE),
+                self.domain,
+                h.host_id,
+            );
+            if let (Some(inbox), Some(outbox)) = (inbox, outbox) {
+                detail += &format!(
+                    "\n  inbox header {:?}\n  outbox header {:?}",
+                    inbox.header(),
+                    outbox.header()
+                );
+                for (slot, state) in inbox
+                    .slots()
+                    .filter(|(_, s)| *s != spmbox_core::wire::SlotState::Empty)
+                {
+                    detail += &format!(
+                        "\n  inbox {slot}: {state:?}\n  outbox {slot}: {:?}",
+                        outbox.slot(slot)
+                    );
+                }
+            }
+            if let Some(e) = h.engine.as_ref() {
+                for v in e.volumes() {
+                    detail += &format!("\n  host volume {v:?}");
+                }
+            }
+            if let Some(spm) = self.spm.as_ref() {
+                detail += &format!(
+                    "\n  spm epoch {} stats {:?}",
+                    spm.engine.epoch(),
+                    spm.engine.stats()
+                );
+                for e in spm.engine.queue().entries() {
+                    detail += &format!("\n  queued {e:?}");
+                }
+                if let Some(pool) = spm.pool.as_ref() {
+                    detail += &format!(
+                        "\n  pool free {} parked {:?}",
+                        pool.free_extents(),
+                        pool.parked().collect::<Vec<_>>()
+                    );
+                }
+            } else {
+                detail += "\n  no SPM running";
+            }
+        }
+        format!(
+            "liveness: not quiet {:?} after faults stopped and capacity was added; stuck guests: {stuck:?}; busy hosts: {busy:?}{detail}",
+            self.scenario.settle
+        )
+    }
+
+    /// Safety, after every step.
+    pub fn check_safety(&mut self) -> Result<(), String> {
+        let Some((pool, _)) = self.committed() else {
+            return Err("neither pool metadata copy decodes".into());
+        };
+        pool.check_invariants()
+            .map_err(|e| format!("committed pool breaks an invariant: {e:?}"))?;
+        if let Some(live) = self.spm.as_ref().and_then(|n| n.pool.as_ref()) {
+            live.check_invariants()
+                .map_err(|e| format!("live pool breaks an invariant: {e:?}"))?;
+        }
+        for v in pool.volumes() {
+            let max = self.committed_max.entry(v.id).or_insert(v.size);
+            if v.size < *max {
+                return Err(format!("volume {} shrank from {} to {}", v.id, max, v.size));
+            }
+            *max = v.size;
+            if v.size > v.limit {
+                return Err(format!(
+                    "volume {} is {} bytes, over its limit {}",
+                    v.id, v.size, v.limit
+                ));
+            }
+            let asked = self.asked_max.get(&v.id).copied().unwrap_or(0);
+            let initial = self.initial.get(&v.id).copied().unwrap_or(0);
+            let allowed = asked.max(initial).div_ceil(EXTENT) * EXTENT;
+            if v.size > allowed {
+                return Err(format!(
+                    "volume {} grew to {} bytes but no host asked for more than {}",
+                    v.id, v.size, asked
+                ));
+            }
+        }
+        for g in &self.guests {
+            let size = pool.volume(g.volume).map_or(0, |v| v.size);
+            if g.allocation > size {
+                return Err(format!(
+                    "guest of volume {} wrote up to {} but the volume is {} bytes",
+                    g.volume, g.allocation, size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The scenario.
+    pub fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+}
+
+/// Runs one seed's scenario.
+pub fn run_seed(seed: u64) -> Result<Report, Failure> {
+    run(Scenario::from_seed(seed))
+}
+
+/// Runs a scenario on a thread of its own with room for the engines and
+/// pools that unoptimized builds keep on the stack.
+pub fn run(scenario: Scenario) -> Result<Report, Failure> {
+    std::thread::Builder::new()
+        .stack_size(256 << 20)
+        .spawn(move || Sim::new(scenario).run())
+        .expect("simulation thread")
+        .join()
+        .expect("the simulation panicked")
+}

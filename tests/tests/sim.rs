@@ -1,0 +1,156 @@
+//! The deterministic simulation of hosts and the SPM on a faulty shared
+//! disk (see `spmbox_tests::sim`).
+//!
+//! - `cargo test -p spmbox-tests --test sim` runs a modest number of seeds;
+//!   `SPMBOX_SIM_SEEDS=N` runs N seeds instead (use `--release` for many),
+//!   starting at `SPMBOX_SIM_FIRST_SEED` (default 0).
+//! - `SPMBOX_SIM_SEED=S cargo test -p spmbox-tests --test sim -- --nocapture replay`
+//!   replays one seed and prints its report.
+
+use std::time::Duration;
+
+use spmbox_tests::sim::{Bug, Faults, Scenario, run, run_seed};
+
+const DEFAULT_SEEDS: u64 = 64;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn every_seed_keeps_safety_and_liveness_under_faults() {
+    let seeds = env_u64("SPMBOX_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    let first = env_u64("SPMBOX_SIM_FIRST_SEED").unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut seed = first + t;
+                    while seed < first + seeds {
+                        out.push((seed, run_seed(seed)));
+                        seed += threads;
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("simulation thread"))
+            .collect()
+    });
+    let mut failures = Vec::new();
+    let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
+    for (_, result) in &results {
+        match result {
+            Ok(r) => {
+                extensions += r.extensions;
+                pauses += r.pauses;
+                resumes += r.resumes;
+                crashes += r.crashes;
+                faults += r.faults.torn + r.faults.lost + r.faults.misdirected + r.faults.bitflips;
+            }
+            Err(f) => failures.push(f.to_string()),
+        }
+    }
+    println!(
+        "simulation: {seeds} seeds from {first}, {extensions} extensions, {pauses} pauses, {resumes} resumes, \
+         {crashes} crashes, {faults} disk faults, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        pauses > 0 && resumes > 0 && crashes > 0 && faults > 0,
+        "the seeds exercised too little"
+    );
+}
+
+#[test]
+fn replay() {
+    let Some(seed) = env_u64("SPMBOX_SIM_SEED") else {
+        println!("skipped: replay: set SPMBOX_SIM_SEED to replay one seed");
+        return;
+    };
+    println!("{:?}", Scenario::from_seed(seed));
+    match run_seed(seed) {
+        Ok(report) => println!("{report:?}"),
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
+fn clean(seed: u64) -> Scenario {
+    Scenario {
+        seed,
+        max_hosts: 8,
+        active_hosts: 4,
+        volumes_per_host: 2,
+        faults: Faults::NONE,
+        crash_ppm: 0,
+        failover_at: None,
+        faults_until: Duration::ZERO,
+        add_capacity_at: Duration::from_secs(20),
+        settle: Duration::from_secs(120),
+        bug: None,
+    }
+}
+
+#[test]
+fn guests_pause_when_the_pool_is_exhausted_and_resume_when_capacity_is_added() {
+    let report = run(clean(1)).unwrap_or_else(|f| panic!("{f}"));
+    assert!(report.pauses > 0, "{report:?}");
+    assert_eq!(report.pauses, report.resumes, "{report:?}");
+}
+
+#[test]
+fn a_2000_host_mailbox_with_failover_and_every_fault_runs_clean() {
+    let scenario = Scenario {
+        max_hosts: 2000,
+        active_hosts: 12,
+        faults: Faults::all(20_000),
+        crash_ppm: 2_000,
+        failover_at: Some(Duration::from_secs(3)),
+        faults_until: Duration::from_secs(10),
+        ..clean(7)
+    };
+    let report = run(scenario).unwrap_or_else(|f| panic!("{f}"));
+    assert!(report.extensions > 0, "{report:?}");
+}
+
+#[test]
+fn a_backend_that_replies_without_extending_is_caught() {
+    let scenario = Scenario {
+        bug: Some(Bug::ReplyWithoutExtending),
+        ..clean(3)
+    };
+    let failure = run(scenario).expect_err("the broken backend went unnoticed");
+    assert!(failure.what.contains("committed"), "{failure}");
+    assert!(
+        failure.to_string().contains("SPMBOX_SIM_SEED=3"),
+        "{failure}"
+    );
+}
+
+#[test]
+fn a_backend_that_replies_before_its_commit_is_caught_by_a_crash() {
+    // Crashes at commits make the reply outlive the extension it announced.
+    let caught = (0..40).any(|seed| {
+        let scenario = Scenario {
+            bug: Some(Bug::ReplyBeforeCommit),
+            crash_ppm: 200_000,
+            faults_until: Duration::from_secs(30),
+            ..clean(seed)
+        };
+        run(scenario).is_err()
+    });
+    assert!(
+        caught,
+        "40 seeds with a backend that replies before committing all passed"
+    );
+}
