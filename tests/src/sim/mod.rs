@@ -221,6 +221,9 @@ pub struct Sim {
     guests: Vec<Guest>,
     next_guest_tick: Instant,
     capacity_added: bool,
+    /// When capacity was added, if faults had stopped by then: from then
+    /// on, every guest paused before must resume within one full scan.
+    capacity_added_quietly: Option<Instant>,
     failed_over: bool,
     /// The largest size each volume was ever committed at, and the largest
     /// target any host asked for.
@@ -306,6 +309,7 @@ impl Sim {
             guests,
             next_guest_tick: Instant::ZERO,
             capacity_added: false,
+            capacity_added_quietly: None,
             failed_over: false,
             committed_max: HashMap::new(),
             asked_max: HashMap::new(),
@@ -487,6 +491,9 @@ impl Sim {
         pool.add_lun(lun, (needed + 1) as u32)
             .map_err(|e| format!("add_lun: {e:?}"))?;
         self.capacity_added = true;
+        if !self.faults_on() {
+            self.capacity_added_quietly = Some(self.now);
+        }
         self.commit(false)?;
         let now = self.now;
         if let Some(node) = self.spm.as_mut() {
@@ -930,6 +937,22 @@ impl Sim {
                     "volume {} grew to {} bytes but no host asked for more than {}",
                     v.id, v.size, asked
                 ));
+            }
+        }
+        if let Some(added) = self.capacity_added_quietly {
+            let bound = SpmConfig::default().full_scan_interval;
+            if self.now > added + bound {
+                if let Some(g) = self
+                    .guests
+                    .iter()
+                    .find(|g| g.paused_since.is_some_and(|t| t <= added))
+                {
+                    return Err(format!(
+                        "liveness: the guest of volume {} paused before capacity was added and was not \
+                         resumed within one full scan ({bound:?})",
+                        g.volume
+                    ));
+                }
             }
         }
         for g in &self.guests {
