@@ -131,18 +131,7 @@ impl ScriptedSpm {
 
     /// The reply to `r` with `status` and `size`.
     fn reply(&self, r: &Request, status: ReplyStatus, size: u64) -> Reply {
-        Reply {
-            domain: r.domain,
-            host_id: r.host_id,
-            slot: r.slot,
-            generation: r.generation,
-            sequence: r.sequence,
-            volume: r.volume,
-            target_size: r.target_size,
-            size,
-            epoch: self.epoch,
-            status,
-        }
+        Reply::answering(r, status, size, self.epoch)
     }
 
     /// Writes `reply` (and first the outbox header for its generation, if

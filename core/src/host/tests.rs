@@ -133,18 +133,7 @@ impl<const V: usize> Rig<V> {
     /// the outbox header for the host's generation.
     fn answer(&mut self, slot: u16, epoch: u64, status: ReplyStatus, size: u64) -> Reply {
         let r = self.request(slot).expect("a request to answer");
-        let reply = Reply {
-            domain: DOMAIN,
-            host_id: HOST,
-            slot,
-            generation: r.generation,
-            sequence: r.sequence,
-            volume: r.volume,
-            target_size: r.target_size,
-            size,
-            epoch,
-            status,
-        };
+        let reply = Reply::answering(&r, status, size, epoch);
         self.outbox_header(epoch, r.generation);
         self.put_outbox(slot, reply.to_bytes().unwrap());
         reply

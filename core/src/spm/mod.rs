@@ -696,18 +696,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         let e = *self.queue.entries().get(i)?;
         let (status, size) = e.reply?;
         let r = e.request;
-        let reply = Reply {
-            domain: r.domain,
-            host_id: r.host_id,
-            slot: r.slot,
-            generation: r.generation,
-            sequence: r.sequence,
-            volume: r.volume,
-            target_size: r.target_size,
-            size,
-            epoch,
-            status,
-        };
+        let reply = Reply::answering(&r, status, size, epoch);
         if status.is_final() {
             self.queue.remove(r.host_id, r.slot);
         } else if let Some(entry) = self.queue.entries_mut().get_mut(i) {

@@ -754,6 +754,23 @@ impl Reply {
         Ok(())
     }
 
+    /// The reply to `request` with `status`, the volume's `size` and the
+    /// SPM's `epoch`: it echoes everything [`Reply::answers`] compares.
+    pub fn answering(request: &Request, status: ReplyStatus, size: u64, epoch: u64) -> Reply {
+        Reply {
+            domain: request.domain,
+            host_id: request.host_id,
+            slot: request.slot,
+            generation: request.generation,
+            sequence: request.sequence,
+            volume: request.volume,
+            target_size: request.target_size,
+            size,
+            epoch,
+            status,
+        }
+    }
+
     /// Whether this reply answers `request` (same host, slot, generation,
     /// sequence, volume and target). Epoch ordering is the caller's: a host
     /// also ignores replies older than the newest epoch it has seen.
@@ -1070,19 +1087,7 @@ mod tests {
     }
 
     fn reply(status: ReplyStatus, size: u64) -> Reply {
-        let r = request();
-        Reply {
-            domain: r.domain,
-            host_id: r.host_id,
-            slot: r.slot,
-            generation: r.generation,
-            sequence: r.sequence,
-            volume: r.volume,
-            target_size: r.target_size,
-            size,
-            epoch: 4,
-            status,
-        }
+        Reply::answering(&request(), status, size, 4)
     }
 
     #[test]
