@@ -660,7 +660,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 Some(reply) if reply.epoch >= self.newest_epoch => {
                     self.accept(now, i, flight, reply);
                 }
-                _ => self.ignore(&outbox, i, &v, flight),
+                _ => self.ignore(now, &outbox, i, &v, flight),
             }
         }
     }
@@ -979,8 +979,16 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     /// Slot `flight.slot` holds no reply the host may act on. If it holds
     /// a final answer to this very request all the same (stale, or from an
-    /// older epoch), the request is renewed at its deadline.
-    fn ignore(&mut self, outbox: &OutboxArea<'_>, i: usize, v: &VolumeState, flight: InFlight) {
+    /// older epoch), the request is renewed with a new sequence within
+    /// `resend_timeout`.
+    fn ignore(
+        &mut self,
+        now: Instant,
+        outbox: &OutboxArea<'_>,
+        i: usize,
+        v: &VolumeState,
+        flight: InFlight,
+    ) {
         let reply = match outbox.slot(flight.slot) {
             None | Some(SlotState::Empty) => return,
             Some(SlotState::Valid(r) | SlotState::Stale(r)) => Some(r),
@@ -1009,11 +1017,12 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 flight.slot
             );
             f.renew = true;
-            // A parked request waits at the slow pace: back to the normal one.
-            if f.phase == Phase::WaitingForSpace {
+            // No answer can come to this sequence: renew within the first
+            // resend timeout, not after a backoff grown while waiting.
+            if f.awaits_reply() {
                 f.phase = Phase::Sent;
                 f.backoff = self.config.resend_timeout;
-                f.deadline = f.sent + f.backoff;
+                f.deadline = f.deadline.min(now + f.backoff);
             }
         }
     }

@@ -1214,7 +1214,11 @@ fn a_parked_request_whose_slot_gets_an_old_epoch_final_answer_is_renewed() {
     let flight = rig.host.volume(vol(1)).unwrap().request.unwrap();
     assert!(flight.renew);
     assert_eq!(flight.phase, Phase::Sent, "a deadline runs again");
-    rig.host.handle_timeout(at(2000));
+    // Renewed one resend timeout after the unusable answer was seen.
+    rig.host.handle_timeout(at(2001));
+    rig.flush();
+    assert_eq!(rig.request(1).map(|r| r.sequence), Some(1));
+    rig.host.handle_timeout(at(2002));
     rig.flush();
     assert_eq!(rig.request(1).map(|r| r.sequence), Some(2));
 }

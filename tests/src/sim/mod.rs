@@ -947,10 +947,16 @@ impl Sim {
                     .iter()
                     .find(|g| g.paused_since.is_some_and(|t| t <= added))
                 {
+                    let host = self.hosts.iter().find(|h| h.host_id == g.host_id);
+                    let view = host
+                        .and_then(|h| h.engine.as_ref())
+                        .and_then(|e| e.volume(g.volume));
                     return Err(format!(
-                        "liveness: the guest of volume {} paused before capacity was added and was not \
-                         resumed within one full scan ({bound:?})",
-                        g.volume
+                        "liveness: the guest of volume {} paused before capacity was added (at {:?}) and was \
+                         not resumed within one full scan ({bound:?}); host {} sees {view:?}",
+                        g.volume,
+                        since_zero(added),
+                        g.host_id
                     ));
                 }
             }
