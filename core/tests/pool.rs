@@ -508,7 +508,7 @@ fn damaged_copy_decodes_safely(
     Ok(())
 }
 
-// --- the scenarios the brief names, through the public API ----------------
+// --- the scenarios of the pool's contract, through the public API ---------
 
 type Small = Pool<4, 8, 8, 4>;
 
