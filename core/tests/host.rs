@@ -421,20 +421,23 @@ fn a_reply_older_than_the_spm_header_epoch_is_ignored() {
 }
 
 #[test]
-fn a_parked_request_is_resent_only_every_max_resend_timeout() {
+fn a_parked_request_is_resent_only_every_remind_interval() {
     let spm = ScriptedSpm { epoch: 1 };
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
     sim.run_until(ms(10));
     sim.allocate(vol(1), GIB);
     spm.serve(&mut sim.mb, |_| Some((ReplyStatus::WaitingForSpace, GIB)));
-    sim.run_until(secs(29));
+    sim.run_until(secs(9));
     assert_eq!(sim.host.stats().resends, 0);
-    sim.run_until(secs(31));
-    assert_eq!(sim.host.stats().resends, 1, "one slow reminder after 30 s");
-    sim.run_until(secs(60));
+    sim.run_until(secs(11));
+    assert_eq!(sim.host.stats().resends, 1, "one reminder after 10 s");
+    // No backoff: the interval stays 10 s, below the SPM's full scan.
+    sim.run_until(secs(20));
     assert_eq!(sim.host.stats().resends, 1);
-    sim.run_until(secs(62));
+    sim.run_until(secs(21));
     assert_eq!(sim.host.stats().resends, 2);
+    sim.run_until(secs(61));
+    assert_eq!(sim.host.stats().resends, 6);
 }
 
 #[test]

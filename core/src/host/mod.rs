@@ -46,8 +46,9 @@
 //!    an epoch older than the newest seen. Without a reply the request is
 //!    rewritten (same record) after `resend_timeout`, doubling up to
 //!    `max_resend_timeout`.
-//! 3. `waiting_for_space` parks the request: no more resends, polling goes
-//!    on (that is how the host learns that capacity arrived).
+//! 3. `waiting_for_space` parks the request: polling goes on (that is how
+//!    the host learns that capacity arrived) and the request is rewritten
+//!    only every `remind_interval`, which repairs a damaged area.
 //! 4. `extended`: the engine asks the caller to refresh its view of the
 //!    volume ([`HostEvent::Refresh`], repeated with backoff until done) and
 //!    raises `physical` only when [`Host::handle_refreshed`] says so. Then
@@ -118,6 +119,13 @@ pub struct HostConfig {
     pub resend_timeout: Duration,
     /// The longest resend interval; at least `resend_timeout`. Default 30 s.
     pub max_resend_timeout: Duration,
+    /// How often a parked request ("waiting for space") is rewritten, same
+    /// record. The rewrite repairs anything that damaged the host's area and
+    /// reminds an SPM that lost track of the request, so a paused guest
+    /// whose request sat in a damaged area still resumes soon after
+    /// capacity arrives. Keep it below the SPM's full-scan interval.
+    /// Nonzero. Default 10 s.
+    pub remind_interval: Duration,
 }
 
 impl Default for HostConfig {
@@ -128,6 +136,7 @@ impl Default for HostConfig {
             poll_interval: Duration::from_millis(2),
             resend_timeout: Duration::from_secs(2),
             max_resend_timeout: Duration::from_secs(30),
+            remind_interval: Duration::from_secs(10),
         }
     }
 }
@@ -148,6 +157,8 @@ pub enum HostError {
     PollInterval,
     /// `resend_timeout` is zero or above `max_resend_timeout`.
     ResendTimeout,
+    /// `remind_interval` is zero.
+    RemindInterval,
     /// The volume is the nil UUID.
     NilVolume,
     /// The host already tracks `VOLUMES` volumes.
@@ -178,6 +189,7 @@ impl fmt::Display for HostError {
             HostError::ResendTimeout => {
                 "the resend timeout must be nonzero and at most the maximum resend timeout"
             }
+            HostError::RemindInterval => "the remind interval must not be zero",
             HostError::NilVolume => "the volume is the nil UUID",
             HostError::TooManyVolumes => "the host tracks as many volumes as it can",
             HostError::DuplicateVolume => "the host already tracks this volume",
@@ -387,6 +399,9 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         }
         if config.resend_timeout.is_zero() || config.resend_timeout > config.max_resend_timeout {
             return Err(HostError::ResendTimeout);
+        }
+        if config.remind_interval.is_zero() {
+            return Err(HostError::RemindInterval);
         }
         Ok(Self {
             domain,
@@ -737,6 +752,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             return;
         }
         let cap = self.config.max_resend_timeout;
+        let remind = self.config.remind_interval;
         for i in 0..self.volumes.len() {
             let Some(v) = self.volumes.get_mut(i) else {
                 continue;
@@ -751,7 +767,11 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             if let Some(flight) = v.state.request.as_mut()
                 && now >= flight.deadline
             {
-                flight.backoff = flight.backoff.checked_mul(2).unwrap_or(cap).min(cap);
+                flight.backoff = if flight.phase == Phase::WaitingForSpace {
+                    remind
+                } else {
+                    flight.backoff.checked_mul(2).unwrap_or(cap).min(cap)
+                };
                 flight.deadline = now + flight.backoff;
                 due = Some(*flight);
             }
@@ -767,8 +787,9 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 }
                 Some((flight, Phase::WaitingForSpace)) => {
                     // Parked: the SPM answers when capacity comes, but a
-                    // slow resend rewrites the area, which repairs anything
-                    // that damaged it, and reminds an SPM that lost track.
+                    // reminder every remind_interval rewrites the area,
+                    // which repairs anything that damaged it, and reminds an
+                    // SPM that lost track.
                     debug!(
                         "host: reminding the SPM of parked sequence {} for {}",
                         flight.sequence, id
@@ -1052,7 +1073,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 }
                 if let Some(f) = v.state.request.as_mut() {
                     f.phase = Phase::WaitingForSpace;
-                    f.backoff = self.config.max_resend_timeout;
+                    f.backoff = self.config.remind_interval;
                     f.deadline = now + f.backoff;
                 }
                 self.stats.replies_accepted = self.stats.replies_accepted.saturating_add(1);

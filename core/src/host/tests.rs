@@ -248,6 +248,13 @@ fn new_refuses_a_config_that_makes_no_sense() {
             },
             HostError::ResendTimeout,
         ),
+        (
+            HostConfig {
+                remind_interval: Duration::ZERO,
+                ..ok
+            },
+            HostError::RemindInterval,
+        ),
     ];
     for (config, error) in cases {
         assert_eq!(
@@ -265,6 +272,7 @@ fn default_config_is_256_mib_chunks_at_50_percent() {
     assert_eq!(c.poll_interval, Duration::from_millis(2));
     assert_eq!(c.resend_timeout, Duration::from_secs(2));
     assert_eq!(c.max_resend_timeout, Duration::from_secs(30));
+    assert_eq!(c.remind_interval, Duration::from_secs(10));
     assert_eq!(
         volume::threshold(c.chunk_size, c.utilization_percent),
         WATERMARK
@@ -875,12 +883,12 @@ fn waiting_for_space_slows_resends_but_not_polling() {
         Some(at(0) + Duration::from_millis(2))
     );
     rig.writes.clear();
-    rig.host.handle_timeout(at(29_000));
+    rig.host.handle_timeout(at(9_000));
     assert!(rig.flush().is_empty());
-    assert!(rig.host.poll_read(at(29_000)).is_some());
+    assert!(rig.host.poll_read(at(9_000)).is_some());
     assert_eq!(rig.host.stats().resends, 0);
-    // Only every max_resend_timeout, a reminder with the same sequence.
-    rig.host.handle_timeout(at(31_000));
+    // Only every remind_interval, a reminder with the same sequence.
+    rig.host.handle_timeout(at(11_000));
     assert!(!rig.flush().is_empty());
     assert_eq!(rig.host.stats().resends, 1);
     assert_eq!(rig.request(1).map(|r| r.sequence), Some(1));

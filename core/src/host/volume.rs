@@ -16,7 +16,7 @@ pub enum Phase {
     Sent,
     /// The SPM parked it ("waiting for space"): the host keeps polling until
     /// a final reply replaces the parked one, and resends only every
-    /// `max_resend_timeout` (which rewrites, and so repairs, its area).
+    /// `remind_interval` (which rewrites, and so repairs, its area).
     WaitingForSpace,
     /// The SPM extended the volume to `size`; the host waits for the caller
     /// to refresh its view of the volume ([`super::Host::handle_refreshed`]).
