@@ -648,9 +648,11 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         };
         // First the newest epoch among the replies that answer a request,
         // so that the outcome does not depend on the order of the slots.
+        // The header is parsed once; each slot at most twice.
+        let header = outbox.header_generation();
         let mut epoch = self.newest_epoch;
         for v in self.volumes.iter() {
-            if let Some(reply) = self.answer(&outbox, &v.state) {
+            if let Some(reply) = self.answer(&outbox, header, &v.state) {
                 epoch = epoch.max(reply.epoch);
             }
         }
@@ -671,11 +673,14 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             else {
                 continue;
             };
-            match self.answer(&outbox, &v) {
+            let Some(state) = outbox.slot_under(flight.slot, header) else {
+                continue;
+            };
+            match self.answer_in(&state, &v, &flight) {
                 Some(reply) if reply.epoch >= self.newest_epoch => {
                     self.accept(now, i, flight, reply);
                 }
-                _ => self.ignore(now, &outbox, i, &v, flight),
+                _ => self.ignore(now, state, i, &v, flight),
             }
         }
     }
@@ -990,10 +995,26 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     /// The valid reply in the slot of `volume`'s request awaiting a reply
     /// that answers exactly that request (epoch not checked).
-    fn answer(&self, outbox: &OutboxArea<'_>, volume: &VolumeState) -> Option<Reply> {
+    fn answer(
+        &self,
+        outbox: &OutboxArea<'_>,
+        header: Option<u64>,
+        volume: &VolumeState,
+    ) -> Option<Reply> {
         let flight = volume.request.filter(InFlight::awaits_reply)?;
-        match outbox.slot(flight.slot)? {
-            SlotState::Valid(reply) if reply.answers(&self.record(volume, &flight)) => Some(reply),
+        self.answer_in(&outbox.slot_under(flight.slot, header)?, volume, &flight)
+    }
+
+    /// The reply in `state` (what `flight`'s slot holds) if it answers the
+    /// request exactly.
+    fn answer_in(
+        &self,
+        state: &SlotState<Reply>,
+        volume: &VolumeState,
+        flight: &InFlight,
+    ) -> Option<Reply> {
+        match state {
+            SlotState::Valid(reply) if reply.answers(&self.record(volume, flight)) => Some(*reply),
             _ => None,
         }
     }
@@ -1005,15 +1026,15 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     fn ignore(
         &mut self,
         now: Instant,
-        outbox: &OutboxArea<'_>,
+        state: SlotState<Reply>,
         i: usize,
         v: &VolumeState,
         flight: InFlight,
     ) {
-        let reply = match outbox.slot(flight.slot) {
-            None | Some(SlotState::Empty) => return,
-            Some(SlotState::Valid(r) | SlotState::Stale(r)) => Some(r),
-            Some(SlotState::Defective(_)) => None,
+        let reply = match state {
+            SlotState::Empty => return,
+            SlotState::Valid(r) | SlotState::Stale(r) => Some(r),
+            SlotState::Defective(_) => None,
         };
         // The SPM leaves the reply to the slot's previous request in place
         // until it answers this one: that is not worth counting.

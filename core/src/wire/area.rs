@@ -127,18 +127,29 @@ impl<'a, S: SlotRecord> Area<'a, S> {
         S::parse_header(bytes, &self.location(0))
     }
 
+    /// The generation of a valid header; `None` if the header is empty or
+    /// defective (then every slot record is stale).
+    pub fn header_generation(&self) -> Option<u64> {
+        self.header()
+            .ok()
+            .flatten()
+            .map(|h| S::header_generation(&h))
+    }
+
     /// What slot `slot` (1..=31) holds; `None` for a slot number out of
     /// range.
     pub fn slot(&self, slot: u16) -> Option<SlotState<S>> {
+        self.slot_under(slot, self.header_generation())
+    }
+
+    /// [`Area::slot`] with the header's generation already known (from
+    /// [`Area::header_generation`] on this same area), for a reader that
+    /// looks at several slots and parses the header once.
+    pub fn slot_under(&self, slot: u16, header_generation: Option<u64>) -> Option<SlotState<S>> {
         if !(1..=SLOTS_PER_AREA).contains(&slot) {
             return None;
         }
-        let header = self
-            .header()
-            .ok()
-            .flatten()
-            .map(|h| S::header_generation(&h));
-        Some(self.slot_with(slot, header))
+        Some(self.slot_with(slot, header_generation))
     }
 
     fn slot_with(&self, slot: u16, header_generation: Option<u64>) -> SlotState<S> {
@@ -155,11 +166,7 @@ impl<'a, S: SlotRecord> Area<'a, S> {
 
     /// Every slot, 1..=31, with what it holds. The header is parsed once.
     pub fn slots(&self) -> impl Iterator<Item = (u16, SlotState<S>)> + '_ {
-        let header = self
-            .header()
-            .ok()
-            .flatten()
-            .map(|h| S::header_generation(&h));
+        let header = self.header_generation();
         (1..=SLOTS_PER_AREA).map(move |slot| (slot, self.slot_with(slot, header)))
     }
 }
