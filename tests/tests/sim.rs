@@ -154,3 +154,16 @@ fn a_backend_that_replies_before_its_commit_is_caught_by_a_crash() {
         "40 seeds with a backend that replies before committing all passed"
     );
 }
+
+#[test]
+fn a_pool_that_forgets_to_mark_extents_used_is_caught() {
+    let scenario = Scenario {
+        bug: Some(Bug::PoolForgetsExtentsUsed),
+        ..clean(5)
+    };
+    let failure = run(scenario).expect_err("the broken pool went unnoticed");
+    assert!(
+        failure.what.contains("counts as free") || failure.what.contains("belongs to both"),
+        "{failure}"
+    );
+}

@@ -606,6 +606,9 @@ pub struct Pool<const LUNS: usize, const LVS: usize, const SEGS: usize, const PA
     parked: Vec<Parked, PARKED>,
     /// Parked requests that completed and were not polled yet.
     completed: Deque<Completion, PARKED>,
+    /// A deliberate bug, for proving that tests catch it (never stored).
+    #[cfg(feature = "fault-injection")]
+    forget_extents_used: bool,
 }
 
 /// Extents for `need` more, planned against `luns` for an LV whose last
@@ -710,7 +713,19 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             volumes: Vec::new(),
             parked: Vec::new(),
             completed: Deque::new(),
+            #[cfg(feature = "fault-injection")]
+            forget_extents_used: false,
         })
+    }
+
+    /// Breaks the pool on purpose, for tests that must show they catch a
+    /// broken invariant: from now on [`Pool::extend`] gives an LV its
+    /// extents but forgets to mark them used on their LUN, so they are
+    /// handed out again. Only with the `fault-injection` feature; never
+    /// enable that feature in a build that manages real storage.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_forget_extents_used(&mut self) {
+        self.forget_extents_used = true;
     }
 
     /// Bytes per extent.
@@ -886,8 +901,17 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             return Err(PoolError::OverLimit { limit });
         }
         let need = target_extents.saturating_sub(extents);
+        #[cfg(feature = "fault-injection")]
+        let luns_before = self.luns.clone();
         match allocate(&mut self.luns, &mut lv.segments, need) {
             Ok(()) => {
+                #[cfg(feature = "fault-injection")]
+                if self.forget_extents_used {
+                    // The bug: the LV got the extents, the LUNs still say
+                    // they are free, so the next extension hands them out
+                    // again.
+                    self.luns = luns_before;
+                }
                 let size = target_extents.saturating_mul(extent_size);
                 trace!("pool: LV {} extended to {} bytes", volume, size);
                 self.complete_satisfied(volume, size);

@@ -70,6 +70,8 @@ pub struct SimDisk {
     pub faults: Faults,
     /// What was injected so far.
     pub counts: FaultCounts,
+    /// Bumped by every write, so that readers can cache what they derive.
+    version: u64,
 }
 
 impl SimDisk {
@@ -83,12 +85,18 @@ impl SimDisk {
             sector: geometry.sector_size() as usize,
             faults: Faults::NONE,
             counts: FaultCounts::default(),
+            version: 0,
         }
     }
 
     /// The mailbox geometry.
     pub fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    /// Changes whenever the contents may have changed.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Reads `len` bytes at `offset`.
@@ -105,6 +113,7 @@ impl SimDisk {
     /// Writes without faults (setup only).
     pub fn put(&mut self, offset: u64, data: &[u8]) {
         let o = offset as usize;
+        self.version += 1;
         self.bytes[o..o + data.len()].copy_from_slice(data);
     }
 
@@ -133,6 +142,7 @@ impl SimDisk {
             data.len()
         );
         self.counts.writes += 1;
+        self.version += 1;
         if rng.chance(self.faults.lost_ppm) {
             self.counts.lost += 1;
             return;

@@ -23,7 +23,9 @@
 pub mod disk;
 pub mod rng;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
@@ -84,6 +86,9 @@ pub enum Bug {
     /// The backend replies before its metadata commit lands, so a crash
     /// forgets an extension a host was told about.
     ReplyBeforeCommit,
+    /// The pool gives an LV its extents but forgets to mark them used on
+    /// their LUN, so it hands them out again.
+    PoolForgetsExtentsUsed,
 }
 
 impl Scenario {
@@ -231,7 +236,16 @@ pub struct Sim {
     asked_max: HashMap<Uuid, u64>,
     initial: HashMap<Uuid, u64>,
     report: Report,
+    /// The committed pool decoded at a disk version, and the disk version
+    /// whose committed pool passed the invariant checks.
+    committed_cache: RefCell<Option<(u64, Option<Committed>)>>,
+    committed_checked: Option<u64>,
+    /// The live pool changed since its invariants were last checked.
+    live_dirty: bool,
 }
+
+/// The committed pool and its sequence number.
+type Committed = (Rc<SimPool>, u64);
 
 const GUEST_TICK: Duration = Duration::from_millis(10);
 
@@ -315,6 +329,9 @@ impl Sim {
             asked_max: HashMap::new(),
             initial,
             report: Report::default(),
+            committed_cache: RefCell::new(None),
+            committed_checked: None,
+            live_dirty: true,
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -350,10 +367,20 @@ impl Sim {
     }
 
     /// The pool as committed on disk (what a host's refresh reads).
-    fn committed(&self) -> Option<(SimPool, u64)> {
+    fn committed(&self) -> Option<Committed> {
+        let version = self.disk.version();
+        if let Some((v, found)) = self.committed_cache.borrow().as_ref()
+            && *v == version
+        {
+            return found.clone();
+        }
         let a = self.disk.read(self.meta_offset(0), COPY);
         let b = self.disk.read(self.meta_offset(1), COPY);
-        SimPool::decode(a, b).ok()
+        let found = SimPool::decode(a, b)
+            .ok()
+            .map(|(pool, seq)| (Rc::new(pool), seq));
+        *self.committed_cache.borrow_mut() = Some((version, found.clone()));
+        found
     }
 
     fn start_spm(&mut self) {
@@ -370,6 +397,11 @@ impl Sim {
             SpmConfig::default(),
         )
         .expect("spm");
+        let mut pool = Rc::unwrap_or_clone(pool);
+        if self.scenario.bug == Some(Bug::PoolForgetsExtentsUsed) {
+            pool.inject_forget_extents_used();
+        }
+        self.live_dirty = true;
         self.spm = Some(SpmNode {
             engine,
             pool: Some(pool),
@@ -483,6 +515,7 @@ impl Sim {
         let Some(pool) = node.pool.as_mut() else {
             return Ok(());
         };
+        self.live_dirty = true;
         let needed: u64 = pool
             .volumes()
             .map(|v| (v.limit - v.size.min(v.limit)) / EXTENT)
@@ -498,6 +531,7 @@ impl Sim {
         let now = self.now;
         if let Some(node) = self.spm.as_mut() {
             if let Some(pool) = node.pool.as_mut() {
+                self.live_dirty = true;
                 while let Some(c) = pool.poll_completed() {
                     node.engine.handle_capacity(now, c.volume, c.size);
                 }
@@ -594,6 +628,7 @@ impl Sim {
                     // An old SPM without the lease: its jobs go nowhere.
                     continue;
                 };
+                self.live_dirty = true;
                 let result = match self.scenario.bug {
                     Some(Bug::ReplyWithoutExtending) => Ok(Extend::Extended {
                         size: job.target_size,
@@ -908,14 +943,39 @@ impl Sim {
 
     /// Safety, after every step.
     pub fn check_safety(&mut self) -> Result<(), String> {
-        let Some((pool, _)) = self.committed() else {
-            return Err("neither pool metadata copy decodes".into());
-        };
-        pool.check_invariants()
-            .map_err(|e| format!("committed pool breaks an invariant: {e:?}"))?;
-        if let Some(live) = self.spm.as_ref().and_then(|n| n.pool.as_ref()) {
+        // Both pools are checked whenever they may have changed: the live
+        // one first, since every commit comes from it.
+        if std::mem::take(&mut self.live_dirty)
+            && let Some(live) = self.spm.as_ref().and_then(|n| n.pool.as_ref())
+        {
+            check_extent_owners(live).map_err(|e| format!("live pool: {e}"))?;
             live.check_invariants()
                 .map_err(|e| format!("live pool breaks an invariant: {e:?}"))?;
+        }
+        let Some((pool, _)) = self.committed() else {
+            let why = |copy| {
+                let bytes = self.disk.read(self.meta_offset(copy), COPY);
+                let alone = if copy == 0 {
+                    SimPool::decode(bytes, &[])
+                } else {
+                    SimPool::decode(&[], bytes)
+                };
+                alone
+                    .err()
+                    .map_or("decodes alone".to_string(), |e| format!("{e:?}"))
+            };
+            return Err(format!(
+                "neither pool metadata copy decodes (copy 0: {}; copy 1: {})",
+                why(0),
+                why(1)
+            ));
+        };
+        let version = self.disk.version();
+        if self.committed_checked != Some(version) {
+            check_extent_owners(&pool).map_err(|e| format!("committed pool: {e}"))?;
+            pool.check_invariants()
+                .map_err(|e| format!("committed pool breaks an invariant: {e:?}"))?;
+            self.committed_checked = Some(version);
         }
         for v in pool.volumes() {
             let max = self.committed_max.entry(v.id).or_insert(v.size);
@@ -977,6 +1037,39 @@ impl Sim {
     pub fn scenario(&self) -> &Scenario {
         &self.scenario
     }
+}
+
+/// The simulation's own check of extent ownership, independent of
+/// [`Pool::check_invariants`]: every extent of every volume lies on its LUN,
+/// inside the LUN's used part, and belongs to one volume only.
+fn check_extent_owners(pool: &SimPool) -> Result<(), String> {
+    let mut owner: HashMap<(u16, u32), Uuid> = HashMap::new();
+    for v in pool.volumes() {
+        for s in pool.segments(v.id).unwrap_or(&[]) {
+            let Some(lun) = pool.luns().get(usize::from(s.lun)) else {
+                return Err(format!(
+                    "volume {} holds extents of missing LUN {}",
+                    v.id, s.lun
+                ));
+            };
+            for extent in s.first_extent..s.first_extent.saturating_add(s.extents) {
+                if extent >= lun.used {
+                    return Err(format!(
+                        "volume {} holds extent {extent} of LUN {}, which the LUN counts as free \
+                         (it has {} of {} extents used)",
+                        v.id, s.lun, lun.used, lun.extents
+                    ));
+                }
+                if let Some(other) = owner.insert((s.lun, extent), v.id) {
+                    return Err(format!(
+                        "extent {extent} of LUN {} belongs to both volume {other} and volume {}",
+                        s.lun, v.id
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs one seed's scenario.
