@@ -158,6 +158,26 @@ fn a_starting_spm_writes_its_header_with_the_next_epoch() {
 }
 
 #[test]
+fn a_stopping_spm_vacates_the_mailbox_and_then_does_nothing() {
+    let mut disk = Disk::new(4);
+    let mut spm = start(&disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    let w = spm.vacate().expect("an active SPM vacates");
+    disk.put(w.offset, &w.record);
+    let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    assert_eq!((header.epoch, header.state), (1, SpmState::Vacant));
+    disk.host_start(1, 1);
+    disk.send(&request(1, 1, 7, 2));
+    assert!(step(&mut spm, &mut disk, ms(20_000)).is_empty());
+    assert_eq!(spm.poll_timeout(), None);
+    assert_eq!(spm.vacate(), None, "only once");
+    // The next SPM takes the next epoch.
+    assert_eq!(start(&disk, ms(1)).epoch(), 2);
+}
+
+#[test]
 fn a_request_is_extended_and_answered_in_its_slot() {
     let mut disk = Disk::new(4);
     disk.host_start(3, 1);

@@ -640,6 +640,34 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         }
     }
 
+    /// For a graceful stop: the SPM header that says no SPM holds the
+    /// mailbox (state vacant, this epoch), and the engine stops as if
+    /// deposed. Write it after the replies still waiting in
+    /// [`Spm::poll_write`]. `None` if another SPM took over (its header
+    /// must stay).
+    #[must_use]
+    pub fn vacate(&mut self) -> Option<SpmWrite> {
+        if self.deposed {
+            return None;
+        }
+        self.deposed = true;
+        info!("spm: stopping; epoch {} vacates the mailbox", self.epoch);
+        let header = SpmHeader {
+            domain: self.domain,
+            epoch: self.epoch,
+            spm_id: self.spm_id,
+            state: SpmState::Vacant,
+            heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1),
+            heartbeat: self.heartbeat,
+        };
+        header.to_bytes().ok().map(|record| SpmWrite {
+            offset: SPM_HEADER_OFFSET,
+            record,
+        })
+    }
+
     /// The next record to write.
     #[must_use]
     pub fn poll_write(&mut self) -> Option<SpmWrite> {

@@ -242,6 +242,8 @@ pub struct Sim {
     committed_checked: Option<u64>,
     /// The live pool changed since its invariants were last checked.
     live_dirty: bool,
+    /// The highest epoch any SPM started with (the lease's generation).
+    lease_epoch: u64,
 }
 
 /// The committed pool and its sequence number.
@@ -332,6 +334,7 @@ impl Sim {
             committed_cache: RefCell::new(None),
             committed_checked: None,
             live_dirty: true,
+            lease_epoch: 0,
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -385,9 +388,27 @@ impl Sim {
 
     fn start_spm(&mut self) {
         let (pool, seq) = self.committed().expect("pool metadata must always decode");
-        let found = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET))
+        let mut found = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET))
             .ok()
             .flatten();
+        // The lease that makes an SPM (sanlock's, in oVirt) carries a
+        // generation that only grows: a new SPM starts above every SPM that
+        // ever ran, even when the SPM header it reads is older (a lost or
+        // damaged header write). Without it, seed 9834: after a lost header
+        // write the new SPM took the epoch the old one already had, and the
+        // old one, which still ran, deposed it.
+        if let Some(h) = found.as_mut() {
+            h.epoch = h.epoch.max(self.lease_epoch);
+        } else if self.lease_epoch > 0 {
+            found = Some(SpmHeader {
+                domain: self.domain,
+                epoch: self.lease_epoch,
+                spm_id: 0,
+                state: spmbox_core::wire::SpmState::Vacant,
+                heartbeat_interval_ms: 1000,
+                heartbeat: 0,
+            });
+        }
         let engine = Spm::new(
             self.now,
             self.domain,
@@ -397,6 +418,7 @@ impl Sim {
             SpmConfig::default(),
         )
         .expect("spm");
+        self.lease_epoch = engine.epoch();
         let mut pool = Rc::unwrap_or_clone(pool);
         if self.scenario.bug == Some(Bug::PoolForgetsExtentsUsed) {
             pool.inject_forget_extents_used();
