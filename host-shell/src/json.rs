@@ -150,3 +150,11 @@ pub fn defect(d: &Defect) -> Value {
     }
     v
 }
+
+/// Serializes a UUID in its text form (for `#[serde(serialize_with)]`).
+pub fn uuid<S: serde::Serializer>(
+    id: &spmbox_core::wire::Uuid,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(id)
+}

@@ -7,8 +7,10 @@
 
 pub mod commands;
 pub mod device;
+pub mod guest;
 pub mod inspect;
 pub mod json;
 pub mod logging;
 pub mod mailbox;
+pub mod mapping;
 pub mod units;
