@@ -5,8 +5,10 @@
 //! `spmbox` binary. `main.rs` only parses arguments; the work lives in the
 //! modules below, named for what they do.
 
+pub mod backend;
 pub mod commands;
 pub mod device;
+pub mod domain;
 pub mod guest;
 pub mod inspect;
 pub mod json;

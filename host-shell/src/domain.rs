@@ -1,0 +1,731 @@
+//! A storage domain with the builtin pool: where its parts live on shared
+//! storage, how LUNs are labelled and found, and the builtin backend.
+//!
+//! ```text
+//!  domain device:  [ mailbox (docs/format.md) ][ pad to 1 MiB ][ copy A ][ copy B ]
+//!  each data LUN:  [ label (4 KiB) ][ pad to 1 MiB ][ extent 0 ][ extent 1 ] ...
+//! ```
+//!
+//! The pool metadata copies follow the mailbox on the same device, at the
+//! first MiB boundary after it, each [`METADATA_COPY_SIZE`] bytes
+//! (core's `pool` module docs give their format). A data LUN starts with a
+//! label that names the domain and the LUN's UUID; extents start at
+//! [`LUN_DATA_OFFSET`]. Hosts find a LUN by reading the labels of the
+//! files and block devices on their LUN search paths, so a LUN may have a
+//! different path on every host, as SAN devices do.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use spmbox_core::pool::{self, DefaultPool, Extend, METADATA_COPY_SIZE, PoolError};
+use spmbox_core::spm::JobResult;
+use spmbox_core::wire::{CRC32C, Geometry, Uuid};
+
+use crate::backend::{BackendError, PoolReport, SpmBackend, VolumeMaps, VolumeReport};
+use crate::device::{Access, AlignedBuf, Device, DeviceKind};
+use crate::mailbox::{self, Mailbox};
+use crate::mapping::{Mapping, Run};
+use crate::units::Bytes;
+
+/// The pool type the daemons run: 16 LUNs, 1024 volumes of 32 segments,
+/// 256 parked requests.
+pub type DomainPool = DefaultPool;
+
+/// Metadata copies and LUN data start on MiB boundaries.
+pub const ALIGN: u64 = 1 << 20;
+/// Where a data LUN's first extent starts.
+pub const LUN_DATA_OFFSET: u64 = ALIGN;
+/// The label block at the start of every data LUN.
+pub const LABEL_LEN: usize = 4096;
+/// Bytes 0..8 of a LUN label.
+pub const LABEL_MAGIC: [u8; 8] = *b"SPMBLUN1";
+
+/// Where the pool metadata copies start on the domain device.
+pub fn metadata_offset(geometry: Geometry) -> u64 {
+    geometry.mailbox_size().next_multiple_of(ALIGN)
+}
+
+/// The size a domain device must have at least.
+pub fn domain_size(geometry: Geometry) -> u64 {
+    metadata_offset(geometry) + 2 * METADATA_COPY_SIZE as u64
+}
+
+/// A data LUN's label.
+///
+/// | offset | size | field |
+/// |---|---|---|
+/// | 0 | 8 | magic `SPMBLUN1` |
+/// | 8 | 16 | domain UUID |
+/// | 24 | 16 | LUN UUID |
+/// | 40 | 8 | data offset (bytes, LE): where extent 0 starts |
+/// | 48 | 8 | extent size (bytes, LE) |
+/// | 56 | 4 | extents (LE) |
+/// | 60 | 4 | CRC32C of bytes 0..60 (LE) |
+///
+/// The rest of the 4 KiB block is zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LunLabel {
+    /// The domain the LUN belongs to.
+    pub domain: Uuid,
+    /// The LUN's UUID (as the pool metadata names it).
+    pub lun: Uuid,
+    /// Where extent 0 starts on the device.
+    pub data_offset: u64,
+    /// Bytes per extent.
+    pub extent_size: u64,
+    /// Extents on the LUN.
+    pub extents: u32,
+}
+
+impl LunLabel {
+    /// The label as its 4 KiB block.
+    pub fn to_block(&self) -> [u8; LABEL_LEN] {
+        let mut b = [0u8; LABEL_LEN];
+        b[0..8].copy_from_slice(&LABEL_MAGIC);
+        b[8..24].copy_from_slice(&self.domain.0);
+        b[24..40].copy_from_slice(&self.lun.0);
+        b[40..48].copy_from_slice(&self.data_offset.to_le_bytes());
+        b[48..56].copy_from_slice(&self.extent_size.to_le_bytes());
+        b[56..60].copy_from_slice(&self.extents.to_le_bytes());
+        let crc = CRC32C.checksum(&b[0..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses a label block; `None` if it is not a valid spmbox LUN label.
+    pub fn parse(block: &[u8]) -> Option<LunLabel> {
+        let b = block.get(..64)?;
+        if b[0..8] != LABEL_MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[60..64].try_into().ok()?);
+        if crc != CRC32C.checksum(&b[0..60]) {
+            return None;
+        }
+        let u64_at = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+        Some(LunLabel {
+            domain: Uuid(b[8..24].try_into().ok()?),
+            lun: Uuid(b[24..40].try_into().ok()?),
+            data_offset: u64_at(40)?,
+            extent_size: u64_at(48)?,
+            extents: u32::from_le_bytes(b[56..60].try_into().ok()?),
+        })
+    }
+}
+
+/// Reads the label of the device at `path`: `Ok(None)` if it has none.
+pub fn read_label(path: &Path) -> Result<Option<LunLabel>, BackendError> {
+    let device = Device::open(path, Access::ReadOnly)
+        .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
+    if device.size() < LABEL_LEN as u64 {
+        return Ok(None);
+    }
+    let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
+    device
+        .read_at(0, &mut buf)
+        .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
+    Ok(LunLabel::parse(&buf))
+}
+
+/// Labels the LUN at `path` for `domain` (or returns the label it already
+/// has for this domain). Refuses a LUN of another domain, one too small for
+/// a single extent, or one that holds other data without `force`.
+pub fn label_lun(
+    path: &Path,
+    domain: Uuid,
+    extent_size: u64,
+    force: bool,
+) -> Result<LunLabel, BackendError> {
+    let device = Device::open(path, Access::ReadWrite)
+        .map_err(|e| BackendError::new(format!("cannot open LUN: {e}")))?;
+    let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
+    device
+        .read_at(0, &mut buf)
+        .map_err(|e| BackendError::new(format!("cannot read LUN: {e}")))?;
+    if let Some(label) = LunLabel::parse(&buf) {
+        if label.domain == domain {
+            return Ok(label);
+        }
+        if !force {
+            return Err(BackendError::new(format!(
+                "{} is a LUN of another domain ({}); pass --force to take it over (its data is lost)",
+                path.display(),
+                label.domain
+            )));
+        }
+    } else if buf.iter().any(|&b| b != 0) && !force {
+        return Err(BackendError::new(format!(
+            "{} holds data in its first 4 KiB (not an spmbox LUN label); \
+             check the path, or pass --force to use it anyway (its data is lost)",
+            path.display()
+        )));
+    }
+    let extents = device.size().saturating_sub(LUN_DATA_OFFSET) / extent_size;
+    let extents = u32::try_from(extents).unwrap_or(u32::MAX);
+    if extents == 0 {
+        return Err(BackendError::new(format!(
+            "{} is {}, too small for one extent of {} after its {} label area; use a larger LUN",
+            path.display(),
+            Bytes(device.size()),
+            Bytes(extent_size),
+            Bytes(LUN_DATA_OFFSET)
+        )));
+    }
+    let label = LunLabel {
+        domain,
+        lun: mailbox::random_uuid().map_err(|e| BackendError::new(e.to_string()))?,
+        data_offset: LUN_DATA_OFFSET,
+        extent_size,
+        extents,
+    };
+    buf.copy_from_slice(&label.to_block());
+    device
+        .write_at(0, &buf)
+        .and_then(|()| device.sync_data())
+        .map_err(|e| BackendError::new(format!("cannot write LUN label: {e}")))?;
+    Ok(label)
+}
+
+/// Finds the LUNs of `domain` on the search paths: each path is a file or
+/// block device, or a directory whose files and block devices are looked
+/// at (not recursively). Unreadable entries are skipped.
+pub fn find_luns(domain: Uuid, search: &[PathBuf]) -> HashMap<Uuid, (PathBuf, LunLabel)> {
+    let mut found = HashMap::new();
+    let mut candidates = Vec::new();
+    for path in search {
+        match std::fs::read_dir(path) {
+            Ok(entries) => {
+                let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+                names.sort();
+                candidates.extend(names);
+            }
+            Err(_) => candidates.push(path.clone()),
+        }
+    }
+    for path in candidates {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        use std::os::unix::fs::FileTypeExt as _;
+        if !(meta.is_file() || meta.file_type().is_block_device()) {
+            continue;
+        }
+        if let Ok(Some(label)) = read_label(&path)
+            && label.domain == domain
+        {
+            found.entry(label.lun).or_insert((path, label));
+        }
+    }
+    found
+}
+
+/// The default LUN search path for a domain device: its directory if it
+/// is a file, nothing for a block device.
+pub fn default_search(device: &Path, kind: DeviceKind) -> Vec<PathBuf> {
+    match kind {
+        DeviceKind::File => device
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_owned()
+                }
+            })
+            .into_iter()
+            .collect(),
+        DeviceKind::BlockDevice => Vec::new(),
+    }
+}
+
+/// The open domain device: mailbox plus metadata copies.
+pub struct Domain {
+    mailbox: Mailbox,
+    meta: u64,
+}
+
+impl Domain {
+    /// Opens the domain whose mailbox is on `path` and checks that the
+    /// device has room for the metadata copies after it.
+    pub fn open(path: &Path, access: Access) -> Result<Domain, BackendError> {
+        let mailbox = Mailbox::open(path, access).map_err(|e| BackendError::new(e.to_string()))?;
+        let g = mailbox.geometry();
+        let needed = domain_size(g);
+        if mailbox.device().size() < needed {
+            return Err(BackendError::new(format!(
+                "{} holds a mailbox but no pool metadata: it is {}, a domain with {} hosts needs {}; \
+                 create the domain with `spmbox pool create`",
+                path.display(),
+                Bytes(mailbox.device().size()),
+                g.max_hosts(),
+                Bytes(needed)
+            )));
+        }
+        Ok(Domain {
+            meta: metadata_offset(g),
+            mailbox,
+        })
+    }
+
+    /// The mailbox.
+    pub fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+
+    /// The domain's UUID.
+    pub fn id(&self) -> Uuid {
+        self.mailbox.superblock().domain
+    }
+
+    /// Reads the pool from its newest valid metadata copy: the pool and
+    /// the copy's sequence number.
+    pub fn read_pool(&self) -> Result<(Box<DomainPool>, u64), BackendError> {
+        let len = METADATA_COPY_SIZE;
+        let a = self
+            .mailbox
+            .read(self.meta, len)
+            .map_err(|e| BackendError::new(e.to_string()))?;
+        let b = self
+            .mailbox
+            .read(self.meta + len as u64, len)
+            .map_err(|e| BackendError::new(e.to_string()))?;
+        let mut pool = Box::new(
+            DomainPool::new(pool::DEFAULT_EXTENT_SIZE)
+                .map_err(|e| BackendError::new(e.to_string()))?,
+        );
+        let seq = pool.decode_into(&a, &b).map_err(|e| {
+            BackendError::new(format!(
+                "the pool metadata on {} cannot be read: {e}; restore the device or recreate the domain",
+                self.mailbox.device().path().display()
+            ))
+        })?;
+        Ok((pool, seq))
+    }
+
+    /// Writes `pool` as commit `seq` (to copy `seq % 2`) and makes it
+    /// durable.
+    pub fn write_pool(&self, pool: &DomainPool, seq: u64) -> Result<(), BackendError> {
+        let device = self.mailbox.device();
+        let mut buf = AlignedBuf::zeroed(METADATA_COPY_SIZE, device.dio_mem_align());
+        let used = pool
+            .encode(seq, &mut buf)
+            .map_err(|e| BackendError::new(format!("cannot encode the pool metadata: {e}")))?;
+        let len = used.next_multiple_of(4096).min(METADATA_COPY_SIZE);
+        let offset = self.meta + (pool::next_copy(seq) * METADATA_COPY_SIZE) as u64;
+        let out = if len == METADATA_COPY_SIZE {
+            buf
+        } else {
+            let mut part = AlignedBuf::zeroed(len, device.dio_mem_align());
+            part.copy_from_slice(&buf[..len]);
+            part
+        };
+        device
+            .write_at(offset, &out)
+            .and_then(|()| device.sync_data())
+            .map_err(|e| BackendError::new(format!("cannot commit the pool metadata: {e}")))
+    }
+
+    /// Zeroes copy B (a new pool must not lose to a left-over copy).
+    fn zero_copy_b(&self) -> Result<(), BackendError> {
+        let device = self.mailbox.device();
+        let buf = AlignedBuf::zeroed(METADATA_COPY_SIZE, device.dio_mem_align());
+        device
+            .write_at(self.meta + METADATA_COPY_SIZE as u64, &buf)
+            .and_then(|()| device.sync_data())
+            .map_err(|e| BackendError::new(e.to_string()))
+    }
+}
+
+/// What `pool create` is asked to do.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Hosts 1..=hosts.
+    pub hosts: u16,
+    /// Sector size; `None`: the device's.
+    pub sector_size: Option<u32>,
+    /// Domain UUID; `None`: a new one.
+    pub domain: Option<Uuid>,
+    /// Bytes per extent.
+    pub extent_size: u64,
+    /// Overwrite an existing mailbox or LUN labels.
+    pub force: bool,
+}
+
+/// Creates a domain: the mailbox and empty pool metadata on `device`
+/// (created as a file if it does not exist), and labels every LUN.
+/// Checks everything it can before it writes anything.
+pub fn create(
+    device: &Path,
+    luns: &[PathBuf],
+    options: &CreateOptions,
+) -> Result<(Uuid, Vec<LunLabel>), BackendError> {
+    if !pool::valid_extent_size(options.extent_size) {
+        return Err(BackendError::new(format!(
+            "--extent-size {} is not a valid extent size: use a power of two of at least {}",
+            Bytes(options.extent_size),
+            Bytes(pool::MIN_EXTENT_SIZE)
+        )));
+    }
+    let mut probe =
+        DomainPool::new(options.extent_size).map_err(|e| BackendError::new(e.to_string()))?;
+    if luns.len() > 16 {
+        return Err(BackendError::new("a domain holds at most 16 LUNs"));
+    }
+    // Check the LUNs before anything is written.
+    for lun in luns {
+        let d = Device::open(lun, Access::ReadOnly)
+            .map_err(|e| BackendError::new(format!("cannot use LUN: {e}")))?;
+        if d.size() < LUN_DATA_OFFSET + options.extent_size {
+            return Err(BackendError::new(format!(
+                "LUN {} is {}, too small for one extent of {}; use a larger LUN or a smaller --extent-size",
+                lun.display(),
+                Bytes(d.size()),
+                Bytes(options.extent_size)
+            )));
+        }
+        if !options.force
+            && let Some(label) = read_label(lun)?
+        {
+            return Err(BackendError::new(format!(
+                "{} is already a LUN of domain {}; pass --force to reuse it (its data is lost)",
+                lun.display(),
+                label.domain
+            )));
+        }
+    }
+    let sector = options.sector_size.unwrap_or(512);
+    let geometry =
+        Geometry::new(options.hosts, sector).map_err(|e| BackendError::new(e.to_string()))?;
+    let size = domain_size(geometry);
+    if !device.exists() {
+        let file = File::create_new(device)
+            .map_err(|e| BackendError::new(format!("cannot create {}: {e}", device.display())))?;
+        file.set_len(size)
+            .map_err(|e| BackendError::new(format!("cannot size {}: {e}", device.display())))?;
+    } else {
+        let d =
+            Device::open(device, Access::ReadOnly).map_err(|e| BackendError::new(e.to_string()))?;
+        if d.size() < size {
+            return Err(BackendError::new(format!(
+                "{} is {}; a domain for {} hosts needs {} (mailbox and two pool metadata copies)",
+                device.display(),
+                Bytes(d.size()),
+                options.hosts,
+                Bytes(size)
+            )));
+        }
+    }
+    let formatted = mailbox::format(
+        device,
+        &mailbox::FormatOptions {
+            hosts: options.hosts,
+            sector_size: options.sector_size,
+            domain: options.domain,
+            force: options.force,
+        },
+    )
+    .map_err(|e| BackendError::new(e.to_string()))?;
+    let domain_id = formatted.superblock.domain;
+    let domain = Domain::open(device, Access::ReadWrite)?;
+    let mut labels = Vec::new();
+    for lun in luns {
+        let label = label_lun(lun, domain_id, options.extent_size, true)?;
+        probe
+            .add_lun(label.lun, label.extents)
+            .map_err(|e| BackendError::new(format!("cannot add {}: {e}", lun.display())))?;
+        labels.push(label);
+    }
+    domain.zero_copy_b()?;
+    domain.write_pool(&probe, 0)?;
+    Ok((domain_id, labels))
+}
+
+/// The builtin backend on the SPM side: the core pool, committed to the
+/// domain device.
+pub struct BuiltinSpm {
+    domain: Domain,
+    pool: Box<DomainPool>,
+    seq: u64,
+    dirty: bool,
+}
+
+impl BuiltinSpm {
+    /// Loads the pool of the domain on `path`.
+    pub fn open(path: &Path) -> Result<BuiltinSpm, BackendError> {
+        let domain = Domain::open(path, Access::ReadWrite)?;
+        let (pool, seq) = domain.read_pool()?;
+        Ok(BuiltinSpm {
+            domain,
+            pool,
+            seq,
+            dirty: false,
+        })
+    }
+
+    /// The domain.
+    pub fn domain(&self) -> &Domain {
+        &self.domain
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &DomainPool {
+        &self.pool
+    }
+}
+
+fn job_result(result: Result<Extend, PoolError>, pool: &DomainPool, volume: Uuid) -> JobResult {
+    match result {
+        Ok(Extend::Extended { size }) => JobResult::Extended { size },
+        Ok(Extend::Parked { size }) => JobResult::NoSpace { size },
+        Err(PoolError::UnknownVolume) => JobResult::UnknownVolume,
+        Err(PoolError::OverLimit { .. }) => JobResult::OverLimit {
+            size: pool.volume(volume).map_or(0, |v| v.size),
+        },
+        Err(PoolError::InvalidSize { .. }) => JobResult::Malformed,
+        // EAGAIN: the parked list is full (the request stays in the
+        // mailbox and is retried); EIO: anything else.
+        Err(PoolError::ParkedFull) => JobResult::Failed { code: 11 },
+        Err(_) => JobResult::Failed { code: 5 },
+    }
+}
+
+fn report_of(pool: &DomainPool) -> PoolReport {
+    PoolReport {
+        backend: "builtin",
+        extent_size: pool.extent_size(),
+        total_extents: pool.total_extents(),
+        free_extents: pool.free_extents(),
+        luns: pool.luns().iter().map(|l| l.id.to_string()).collect(),
+        volumes: pool
+            .volumes()
+            .map(|v| VolumeReport {
+                id: v.id,
+                virtual_size: v.virtual_size,
+                size: v.size,
+                limit: v.limit,
+            })
+            .collect(),
+        parked: pool
+            .parked()
+            .map(|p| (p.volume.to_string(), p.target_size))
+            .collect(),
+    }
+}
+
+/// The pool of the domain on `path` as committed, for status displays.
+pub fn committed_report(path: &Path) -> Result<PoolReport, BackendError> {
+    let domain = Domain::open(path, Access::ReadOnly)?;
+    let (pool, _) = domain.read_pool()?;
+    Ok(report_of(&pool))
+}
+
+impl SpmBackend for BuiltinSpm {
+    fn extend(&mut self, volume: Uuid, target: u64, urgent: bool) -> JobResult {
+        let result = self.pool.extend(volume, target, urgent);
+        if matches!(result, Ok(Extend::Extended { .. })) {
+            self.dirty = true;
+        }
+        job_result(result, &self.pool, volume)
+    }
+
+    fn commit(&mut self) -> Result<(), BackendError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let seq = self.seq + 1;
+        self.domain.write_pool(&self.pool, seq)?;
+        self.seq = seq;
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn take_completed(&mut self) -> Vec<(Uuid, u64)> {
+        // Completions come from add_lun, which commits before returning.
+        let mut out = Vec::new();
+        while let Some(c) = self.pool.poll_completed() {
+            out.push((c.volume, c.size));
+        }
+        out
+    }
+
+    fn add_lun(&mut self, path: &Path) -> Result<String, BackendError> {
+        let label = label_lun(path, self.domain.id(), self.pool.extent_size(), false)?;
+        if label.extent_size != self.pool.extent_size() {
+            return Err(BackendError::new(format!(
+                "{} is labelled for {} extents, the pool uses {}",
+                path.display(),
+                Bytes(label.extent_size),
+                Bytes(self.pool.extent_size())
+            )));
+        }
+        if self.pool.luns().iter().any(|l| l.id == label.lun) {
+            return Err(BackendError::new(format!(
+                "{} (LUN {}) is already in the pool",
+                path.display(),
+                label.lun
+            )));
+        }
+        self.pool
+            .add_lun(label.lun, label.extents)
+            .map_err(|e| BackendError::new(format!("cannot add {}: {e}", path.display())))?;
+        self.dirty = true;
+        self.commit()?;
+        Ok(format!(
+            "LUN {} ({}, {} extents of {}) added",
+            label.lun,
+            path.display(),
+            label.extents,
+            Bytes(label.extent_size)
+        ))
+    }
+
+    fn create_volume(
+        &mut self,
+        id: Uuid,
+        virtual_size: u64,
+        initial_size: u64,
+    ) -> Result<VolumeReport, BackendError> {
+        self.pool
+            .create_volume(id, virtual_size, initial_size)
+            .map_err(|e| {
+                let hint = match e {
+                    PoolError::NoSpace { .. } => {
+                        "; add a LUN (`spmbox pool add-lun`) or give a smaller --initial-size"
+                    }
+                    PoolError::OverLimit { .. } => "; give an --initial-size within it",
+                    _ => "",
+                };
+                BackendError::new(format!("cannot create volume {id}: {e}{hint}"))
+            })?;
+        self.dirty = true;
+        self.commit()?;
+        let v = self
+            .pool
+            .volume(id)
+            .ok_or_else(|| BackendError::new("the new volume vanished"))?;
+        Ok(VolumeReport {
+            id,
+            virtual_size: v.virtual_size,
+            size: v.size,
+            limit: v.limit,
+        })
+    }
+
+    fn poll_capacity(&mut self) -> Result<(), BackendError> {
+        // Capacity only comes through add_lun.
+        Ok(())
+    }
+
+    fn report(&self) -> PoolReport {
+        report_of(&self.pool)
+    }
+}
+
+/// The builtin backend on a host: reads the committed metadata and finds
+/// LUNs by their labels.
+pub struct BuiltinMaps {
+    domain: Domain,
+    search: Vec<PathBuf>,
+    luns: HashMap<Uuid, (PathBuf, LunLabel)>,
+}
+
+impl BuiltinMaps {
+    /// A host's view of the domain on `path`, finding LUNs on `search`.
+    pub fn open(path: &Path, search: Vec<PathBuf>) -> Result<BuiltinMaps, BackendError> {
+        let domain = Domain::open(path, Access::ReadOnly)?;
+        Ok(BuiltinMaps {
+            domain,
+            search,
+            luns: HashMap::new(),
+        })
+    }
+
+    fn lun(&mut self, id: Uuid) -> Result<(PathBuf, LunLabel), BackendError> {
+        if let Some(found) = self.luns.get(&id) {
+            return Ok(found.clone());
+        }
+        self.luns = find_luns(self.domain.id(), &self.search);
+        self.luns.get(&id).cloned().ok_or_else(|| {
+            BackendError::new(format!(
+                "LUN {id} of the pool is not on any LUN search path ({}); \
+                 pass the directory or device that holds it with --lun-search",
+                self.search
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// The map of `volume` in `pool`.
+    pub fn map_in(&mut self, pool: &DomainPool, volume: Uuid) -> Result<Mapping, BackendError> {
+        let segments = pool
+            .segments(volume)
+            .ok_or_else(|| BackendError::new(format!("volume {volume} is not in the pool")))?;
+        let extent = pool.extent_size();
+        let mut runs = Vec::with_capacity(segments.len());
+        for s in segments {
+            let lun = pool.luns().get(usize::from(s.lun)).ok_or_else(|| {
+                BackendError::new(format!(
+                    "volume {volume} names LUN index {}, which the pool lacks",
+                    s.lun
+                ))
+            })?;
+            let (path, label) = self.lun(lun.id)?;
+            runs.push(Run {
+                device: path,
+                offset: label.data_offset + u64::from(s.first_extent) * extent,
+                len: u64::from(s.extents) * extent,
+            });
+        }
+        Ok(Mapping::new(runs))
+    }
+}
+
+impl VolumeMaps for BuiltinMaps {
+    fn refresh(&mut self, volume: Uuid) -> Result<Mapping, BackendError> {
+        let (pool, _) = self.domain.read_pool()?;
+        self.map_in(&pool, volume)
+    }
+
+    fn sizes(&mut self, volume: Uuid) -> Result<VolumeReport, BackendError> {
+        let (pool, _) = self.domain.read_pool()?;
+        let v = pool.volume(volume).ok_or_else(|| {
+            BackendError::new(format!(
+                "volume {volume} is not in the pool; create it with `spmbox volume create`"
+            ))
+        })?;
+        Ok(VolumeReport {
+            id: volume,
+            virtual_size: v.virtual_size,
+            size: v.size,
+            limit: v.limit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_roundtrips_and_any_flip_is_refused() {
+        let label = LunLabel {
+            domain: Uuid([1; 16]),
+            lun: Uuid([2; 16]),
+            data_offset: LUN_DATA_OFFSET,
+            extent_size: 8 << 20,
+            extents: 77,
+        };
+        let block = label.to_block();
+        assert_eq!(LunLabel::parse(&block), Some(label));
+        for i in 0..64 {
+            let mut bad = block;
+            bad[i] ^= 1;
+            assert_eq!(LunLabel::parse(&bad), None, "flip at {i}");
+        }
+        assert_eq!(LunLabel::parse(&[0u8; LABEL_LEN]), None);
+    }
+}
