@@ -13,6 +13,8 @@ pub mod guest;
 pub mod inspect;
 pub mod json;
 pub mod logging;
+pub mod lvm;
+pub mod lvm_glue;
 pub mod mailbox;
 pub mod mapping;
 pub mod units;
