@@ -37,6 +37,9 @@ pub enum CommandError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// A domain, daemon or backend operation failed.
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
 }
 
 impl CommandError {
@@ -51,7 +54,9 @@ impl CommandError {
                 | MailboxError::SectorSizeMismatch { .. }
                 | MailboxError::TooSmall { .. },
             ) => EXIT_NOT_A_MAILBOX,
-            CommandError::Mailbox(_) | CommandError::Output(_) => EXIT_ERROR,
+            CommandError::Mailbox(_) | CommandError::Output(_) | CommandError::Backend(_) => {
+                EXIT_ERROR
+            }
         }
     }
 }
@@ -129,4 +134,314 @@ pub fn inspect(path: &Path, host: Option<u16>, json: bool) -> Result<ExitCode, C
         EXIT_DEFECTS
     };
     Ok(ExitCode::from(code))
+}
+
+/// Which backend a command uses.
+#[derive(Debug, Clone)]
+pub enum BackendArgs {
+    /// The builtin pool on the domain device.
+    Builtin,
+    /// lvm2: the volume group and its PVs.
+    Lvm {
+        /// The volume group.
+        vg: String,
+        /// Its PVs.
+        pvs: Vec<std::path::PathBuf>,
+    },
+}
+
+fn open_spm_backend(
+    device: &Path,
+    backend: &BackendArgs,
+) -> Result<Box<dyn crate::backend::SpmBackend>, crate::backend::BackendError> {
+    match backend {
+        BackendArgs::Builtin => crate::admin::builtin(device),
+        BackendArgs::Lvm { vg, pvs } => crate::lvm_glue::spm_backend(vg, pvs),
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> Result<(), CommandError> {
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    writeln!(std::io::stdout().lock(), "{text}")?;
+    Ok(())
+}
+
+/// `spmbox pool create`.
+#[allow(clippy::too_many_arguments)]
+pub fn pool_create(
+    device: &Path,
+    luns: &[std::path::PathBuf],
+    hosts: u16,
+    extent_size: u64,
+    sector_size: Option<u32>,
+    domain: Option<&str>,
+    force: bool,
+    backend: &BackendArgs,
+) -> Result<ExitCode, CommandError> {
+    let domain = match domain {
+        Some(text) => Some(Uuid::parse_str(text).ok_or_else(|| {
+            CommandError::Usage(format!(
+                "--domain {text:?} is not a UUID (8-4-4-4-12 hex digits)"
+            ))
+        })?),
+        None => None,
+    };
+    let options = crate::domain::CreateOptions {
+        hosts,
+        sector_size,
+        domain,
+        extent_size,
+        force,
+    };
+    let mut out = std::io::stdout().lock();
+    match backend {
+        BackendArgs::Builtin => {
+            let (id, labels) = crate::domain::create(device, luns, &options)?;
+            writeln!(
+                out,
+                "created domain {id} on {}: {hosts} hosts",
+                device.display()
+            )?;
+            for (path, label) in luns.iter().zip(&labels) {
+                writeln!(
+                    out,
+                    "  LUN {} on {}: {} extents of {}",
+                    label.lun,
+                    path.display(),
+                    label.extents,
+                    Bytes(label.extent_size)
+                )?;
+            }
+        }
+        BackendArgs::Lvm { vg, pvs } => {
+            let id = crate::lvm_glue::create(device, luns, &options, vg, pvs)?;
+            writeln!(
+                out,
+                "created domain {id} on {}: {hosts} hosts, volume group {vg} on {} PVs",
+                device.display(),
+                luns.len()
+            )?;
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox pool add-lun`.
+pub fn add_lun(
+    device: &Path,
+    lun: &Path,
+    control: Option<&Path>,
+    backend: &BackendArgs,
+) -> Result<ExitCode, CommandError> {
+    let lun = std::fs::canonicalize(lun)
+        .map_err(|e| CommandError::Usage(format!("--lun {}: {e}", lun.display())))?;
+    let request = serde_json::json!({"op": "add_lun", "path": lun});
+    let answer = crate::admin::change_pool(device, control, &request, &|| {
+        open_spm_backend(device, backend)
+    })?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        answer["message"].as_str().unwrap_or("LUN added")
+    )?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox volume create`.
+pub fn volume_create(
+    device: &Path,
+    id: Option<&str>,
+    virtual_size: u64,
+    initial_size: u64,
+    control: Option<&Path>,
+    backend: &BackendArgs,
+) -> Result<ExitCode, CommandError> {
+    let id = match id {
+        Some(text) => Uuid::parse_str(text).ok_or_else(|| {
+            CommandError::Usage(format!(
+                "--id {text:?} is not a UUID (8-4-4-4-12 hex digits)"
+            ))
+        })?,
+        None => mailbox::random_uuid()?,
+    };
+    if virtual_size == 0 || virtual_size % 512 != 0 {
+        return Err(CommandError::Usage(format!(
+            "--virtual-size {virtual_size} must be a nonzero multiple of 512 bytes"
+        )));
+    }
+    let request = serde_json::json!({"op": "create_volume", "id": id.to_string(),
+        "virtual_size": virtual_size, "initial_size": initial_size});
+    let answer = crate::admin::change_pool(device, control, &request, &|| {
+        open_spm_backend(device, backend)
+    })?;
+    let size = answer["volume"]["size"].as_u64().unwrap_or(0);
+    writeln!(std::io::stdout().lock(), "{id}")?;
+    tracing::info!(
+        "created volume {id}: virtual {}, physical {}",
+        Bytes(virtual_size),
+        Bytes(size)
+    );
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox status`.
+pub fn status(device: &Path, control: Option<&Path>, json: bool) -> Result<ExitCode, CommandError> {
+    let s = crate::admin::status(device, control)?;
+    if json {
+        print_json(&serde_json::to_value(&s).map_err(std::io::Error::other)?)?;
+    } else {
+        write!(std::io::stdout().lock(), "{}", crate::admin::render(&s))?;
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, CommandError> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok(stop)
+}
+
+/// `spmbox spm`.
+pub fn spm(
+    device: &Path,
+    doorbell_interval: std::time::Duration,
+    full_scan_interval: std::time::Duration,
+    spm_id: u16,
+    control: Option<std::path::PathBuf>,
+    metrics: Option<String>,
+    backend: &BackendArgs,
+) -> Result<ExitCode, CommandError> {
+    if doorbell_interval.is_zero() || full_scan_interval.is_zero() {
+        return Err(CommandError::Usage(
+            "--doorbell-interval and --full-scan-interval must be nonzero".into(),
+        ));
+    }
+    let control = match control {
+        Some(c) => c,
+        None => crate::admin::control_path(device, None)?,
+    };
+    let options = crate::spm_daemon::SpmOptions {
+        device: device.to_owned(),
+        config: spmbox_core::spm::SpmConfig {
+            doorbell_interval,
+            full_scan_interval,
+            ..Default::default()
+        },
+        spm_id,
+        control,
+        metrics,
+    };
+    let stop = stop_flag()?;
+    crate::spm_daemon::run(&options, &|| open_spm_backend(device, backend), stop)?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// The arguments of `spmbox host`.
+#[derive(Debug, Clone)]
+pub struct HostArgs {
+    /// The domain device.
+    pub device: std::path::PathBuf,
+    /// This host's id.
+    pub host_id: u16,
+    /// Volume UUIDs as given.
+    pub volumes: Vec<String>,
+    /// Guest rate, bytes per second.
+    pub rate: u64,
+    /// Bytes per guest write.
+    pub write_size: u64,
+    /// Bytes each guest writes in all.
+    pub guest_bytes: Option<u64>,
+    /// Bytes per extension request.
+    pub chunk_size: u64,
+    /// VDSM's utilization percent.
+    pub utilization: u8,
+    /// LUN search paths.
+    pub lun_search: Vec<std::path::PathBuf>,
+    /// Exit when every guest is done.
+    pub exit_when_done: bool,
+    /// JSON events on stdout.
+    pub json_events: bool,
+    /// Loopback address for Prometheus metrics.
+    pub metrics: Option<String>,
+    /// The backend.
+    pub backend: BackendArgs,
+}
+
+/// `spmbox host`.
+pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
+    let mut volumes = Vec::new();
+    for text in &args.volumes {
+        let id = Uuid::parse_str(text).ok_or_else(|| {
+            CommandError::Usage(format!(
+                "--volume {text:?} is not a UUID (8-4-4-4-12 hex digits)"
+            ))
+        })?;
+        if volumes.contains(&id) {
+            return Err(CommandError::Usage(format!("--volume {id} is given twice")));
+        }
+        volumes.push(id);
+    }
+    if args.write_size == 0 || args.write_size % crate::guest::BLOCK != 0 {
+        return Err(CommandError::Usage(format!(
+            "--write-size {} must be a nonzero multiple of 4K",
+            args.write_size
+        )));
+    }
+    if args.utilization > 100 {
+        return Err(CommandError::Usage("--utilization must be 0..=100".into()));
+    }
+    let mailbox = Mailbox::open(&args.device, Access::ReadOnly)?;
+    let domain = mailbox.superblock().domain;
+    if mailbox.geometry().inbox_area(args.host_id).is_none() {
+        return Err(CommandError::Usage(format!(
+            "--host-id {} is out of range: the domain on {} has host ids 1..={}",
+            args.host_id,
+            args.device.display(),
+            mailbox.geometry().max_hosts()
+        )));
+    }
+    let search = if args.lun_search.is_empty() {
+        crate::domain::default_search(&args.device, mailbox.device().kind())
+    } else {
+        args.lun_search.clone()
+    };
+    drop(mailbox);
+    let mut maps: Box<dyn crate::backend::VolumeMaps> = match &args.backend {
+        BackendArgs::Builtin => Box::new(crate::domain::BuiltinMaps::open(&args.device, search)?),
+        BackendArgs::Lvm { vg, pvs } => crate::lvm_glue::maps(vg, pvs)?,
+    };
+    let status_file = crate::admin::host_status_file(domain, args.host_id);
+    if let Some(dir) = status_file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let options = crate::host_daemon::HostOptions {
+        device: args.device.clone(),
+        host_id: args.host_id,
+        volumes,
+        config: spmbox_core::host::HostConfig {
+            chunk_size: args.chunk_size.max(1),
+            utilization_percent: args.utilization,
+            ..Default::default()
+        },
+        rate: args.rate,
+        write_size: args.write_size,
+        guest_bytes: args.guest_bytes,
+        exit_when_done: args.exit_when_done,
+        json_events: args.json_events,
+        status_file: Some(status_file),
+        metrics: args.metrics,
+    };
+    let stop = stop_flag()?;
+    let summary = crate::host_daemon::run(&options, maps.as_mut(), stop)?;
+    tracing::info!(
+        "host {} stopped: {} extensions, {} pauses, {} resumes, {} written",
+        args.host_id,
+        summary.extensions,
+        summary.pauses,
+        summary.resumes,
+        Bytes(summary.bytes_written)
+    );
+    Ok(ExitCode::from(EXIT_OK))
 }

@@ -5,11 +5,14 @@
 //! `spmbox` binary. `main.rs` only parses arguments; the work lives in the
 //! modules below, named for what they do.
 
+pub mod admin;
 pub mod backend;
 pub mod commands;
+pub mod demo;
 pub mod device;
 pub mod domain;
 pub mod guest;
+pub mod host_daemon;
 pub mod inspect;
 pub mod json;
 pub mod logging;
@@ -17,4 +20,6 @@ pub mod lvm;
 pub mod lvm_glue;
 pub mod mailbox;
 pub mod mapping;
+pub mod metrics;
+pub mod spm_daemon;
 pub mod units;

@@ -63,6 +63,217 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set up and change the pool of a storage domain.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Thin volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Show hosts, requests in flight and parked, volumes and pool usage.
+    Status {
+        /// The domain device.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// The running SPM's control socket. Default: the domain's.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the Storage Pool Manager: serve extension requests until
+    /// SIGTERM or SIGINT.
+    Spm {
+        /// The domain device.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// How often the doorbell is read.
+        #[arg(long, value_name = "DURATION", default_value = "5ms", value_parser = parse_duration)]
+        doorbell_interval: std::time::Duration,
+        /// How often every host's areas are read.
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+        full_scan_interval: std::time::Duration,
+        /// The SPM's host id (0 when the SPM is not one of the hosts).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        spm_id: u16,
+        /// The control socket admin commands use. Default: a path named
+        /// for the domain under the run directory.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Serve Prometheus text metrics at http://ADDR/metrics (a
+        /// loopback address, such as 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+        #[command(flatten)]
+        lvm: LvmArgs,
+    },
+    /// Run one host: its guests write to their volumes and the host asks
+    /// the SPM for extensions as they fill up.
+    Host {
+        /// The domain device.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// This host's id.
+        #[arg(long, value_name = "N")]
+        host_id: u16,
+        /// A volume whose guest runs here (repeat for each).
+        #[arg(long = "volume", value_name = "UUID", required = true)]
+        volumes: Vec<String>,
+        /// Each guest's write rate per second (0: unlimited).
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+        rate: u64,
+        /// Bytes per guest write (a multiple of 4K).
+        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+        write_size: u64,
+        /// How much each guest writes in all. Default: its virtual size.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        guest_bytes: Option<u64>,
+        /// How much a volume grows per request.
+        #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+        chunk_size: u64,
+        /// Ask for more when free space falls below chunk x (100 - this) / 100.
+        #[arg(long, value_name = "PERCENT", default_value_t = 50)]
+        utilization: u8,
+        /// Where to look for the domain's LUNs (files, block devices or
+        /// directories; repeat). Default: the domain device's directory.
+        #[arg(long = "lun-search", value_name = "PATH")]
+        lun_search: Vec<PathBuf>,
+        /// Exit once every guest has written all it should.
+        #[arg(long)]
+        exit_when_done: bool,
+        /// Print each event as one JSON object per line on stdout.
+        #[arg(long)]
+        json_events: bool,
+        /// Serve Prometheus text metrics at http://ADDR/metrics (a
+        /// loopback address, such as 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+        #[command(flatten)]
+        lvm: LvmArgs,
+    },
+    /// Run a whole domain on temporary files: the SPM and three hosts,
+    /// guests writing until the pool runs out, a LUN added, every byte
+    /// verified.
+    Demo {
+        /// One JSON object with the summary on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Keep the temporary directory.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// Which storage backend the SPM (and hosts) use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    /// The core's thin pool, its metadata on the domain device (no root,
+    /// no lvm2).
+    Builtin,
+    /// Real lvm2 on real PVs.
+    Lvm,
+}
+
+/// Where lvm2 keeps the domain's volumes.
+#[derive(Debug, Clone, clap::Args)]
+struct LvmArgs {
+    /// The backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Builtin)]
+    backend: BackendKind,
+    /// The volume group (lvm backend).
+    #[arg(long, value_name = "VG", required_if_eq("backend", "lvm"))]
+    vg: Option<String>,
+    /// A PV of the volume group (lvm backend; repeat for each). Only these
+    /// devices are visible to lvm2.
+    #[arg(long = "pv", value_name = "DEVICE")]
+    pvs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Create a storage domain: the mailbox and the pool metadata on
+    /// --device (a file that does not exist is created), and data LUNs.
+    Create {
+        /// The domain device (file or block device).
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// A data LUN (file or block device; repeat for each).
+        #[arg(long = "lun", value_name = "PATH", required = true)]
+        luns: Vec<PathBuf>,
+        /// Host ids 1..=N (at most 2000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=2000))]
+        hosts: u16,
+        /// Bytes per extent: a power of two, at least 1M.
+        #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
+        extent_size: u64,
+        /// Logical sector size (512 or 4096). Default: the device's.
+        #[arg(long, value_name = "BYTES", value_parser = ["512", "4096"])]
+        sector_size: Option<String>,
+        /// The domain UUID. Default: a new random one.
+        #[arg(long, value_name = "UUID")]
+        domain: Option<String>,
+        /// Overwrite an existing mailbox and LUN labels.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        lvm: LvmArgs,
+    },
+    /// Add a LUN to the pool while everything runs: parked requests are
+    /// served at once and paused guests resume.
+    AddLun {
+        /// The domain device.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// The new LUN (file or block device).
+        #[arg(long, value_name = "PATH")]
+        lun: PathBuf,
+        /// The running SPM's control socket. Default: the domain's.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        #[command(flatten)]
+        lvm: LvmArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a thin volume; prints its UUID.
+    Create {
+        /// The domain device.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// The volume UUID. Default: a new random one.
+        #[arg(long, value_name = "UUID")]
+        id: Option<String>,
+        /// The size the guest sees.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        virtual_size: u64,
+        /// Bytes allocated now (rounded up to whole extents; at least one).
+        #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
+        initial_size: u64,
+        /// The running SPM's control socket. Default: the domain's.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        #[command(flatten)]
+        lvm: LvmArgs,
+    },
+}
+
+impl From<LvmArgs> for commands::BackendArgs {
+    fn from(a: LvmArgs) -> Self {
+        match (a.backend, a.vg) {
+            (BackendKind::Lvm, Some(vg)) => commands::BackendArgs::Lvm { vg, pvs: a.pvs },
+            _ => commands::BackendArgs::Builtin,
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    spmbox::units::parse_size(s)
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    spmbox::units::parse_duration(s)
 }
 
 fn main() -> ExitCode {
@@ -80,6 +291,98 @@ fn main() -> ExitCode {
             commands::format(&device, hosts, sector_size, domain.as_deref(), force)
         }
         Command::Inspect { device, host, json } => commands::inspect(&device, host, json),
+        Command::Pool(PoolCommand::Create {
+            device,
+            luns,
+            hosts,
+            extent_size,
+            sector_size,
+            domain,
+            force,
+            lvm,
+        }) => commands::pool_create(
+            &device,
+            &luns,
+            hosts,
+            extent_size,
+            sector_size.and_then(|s| s.parse().ok()),
+            domain.as_deref(),
+            force,
+            &lvm.into(),
+        ),
+        Command::Pool(PoolCommand::AddLun {
+            device,
+            lun,
+            control,
+            lvm,
+        }) => commands::add_lun(&device, &lun, control.as_deref(), &lvm.into()),
+        Command::Volume(VolumeCommand::Create {
+            device,
+            id,
+            virtual_size,
+            initial_size,
+            control,
+            lvm,
+        }) => commands::volume_create(
+            &device,
+            id.as_deref(),
+            virtual_size,
+            initial_size,
+            control.as_deref(),
+            &lvm.into(),
+        ),
+        Command::Status {
+            device,
+            control,
+            json,
+        } => commands::status(&device, control.as_deref(), json),
+        Command::Spm {
+            device,
+            doorbell_interval,
+            full_scan_interval,
+            spm_id,
+            control,
+            metrics,
+            lvm,
+        } => commands::spm(
+            &device,
+            doorbell_interval,
+            full_scan_interval,
+            spm_id,
+            control,
+            metrics,
+            &lvm.into(),
+        ),
+        Command::Host {
+            device,
+            host_id,
+            volumes,
+            rate,
+            write_size,
+            guest_bytes,
+            chunk_size,
+            utilization,
+            lun_search,
+            exit_when_done,
+            json_events,
+            metrics,
+            lvm,
+        } => commands::host(commands::HostArgs {
+            device,
+            host_id,
+            volumes,
+            rate,
+            write_size,
+            guest_bytes,
+            chunk_size,
+            utilization,
+            lun_search,
+            exit_when_done,
+            json_events,
+            metrics,
+            backend: lvm.into(),
+        }),
+        Command::Demo { json, keep } => spmbox::demo::run(json, keep),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,683 @@
+//! `spmbox host`: one host's engine, its guests, and the volume maps.
+//!
+//! Each guest is a thread that writes verifiable data (see
+//! [`crate::guest`]) through its volume's current map at a set rate. What
+//! the guests have written is the allocation the host engine sees. A guest
+//! that reaches the end of its volume blocks (nothing is dropped): the
+//! engine marks it paused and asks for an extension; when the reply comes,
+//! the host refreshes the volume's map from shared storage, hands the
+//! longer map to the guest, and the guest goes on.
+//!
+//! The main loop does the engine's I/O: it keeps the host's inbox area in
+//! memory and writes the whole 4 KiB area whenever a record in it changes
+//! (docs/protocol.md 2.5), rings the doorbell by writing its sector, reads
+//! the outbox area while replies are awaited, and reads the SPM header
+//! every second so that replies from an older epoch are ignored.
+//!
+//! Every completed extension is logged with its timing, split as VDSM
+//! does: `total` (the engine decided to ask, to the map refreshed) is
+//! `wait` (until the request is on disk: the host's own queue and write)
+//! plus `extend` (request on disk to reply read: the SPM's queue, its
+//! extension and commit, and the mailbox round trip) plus `refresh`
+//! (reply read to map refreshed).
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
+use spmbox_core::wire::{
+    AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid,
+};
+
+use crate::backend::{BackendError, VolumeMaps};
+use crate::device::{Access, AlignedBuf};
+use crate::guest::{self, Devices, Guest, Pacer, Step};
+use crate::mailbox::Mailbox;
+use crate::mapping::Mapping;
+use crate::spm_daemon::Clock;
+use crate::units::Bytes;
+
+/// Volumes one host runs at most.
+pub const HOST_VOLUMES: usize = 64;
+
+/// What `spmbox host` is asked to do.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// The domain device.
+    pub device: PathBuf,
+    /// This host's id.
+    pub host_id: u16,
+    /// The volumes whose guests run here.
+    pub volumes: Vec<Uuid>,
+    /// The engine's knobs.
+    pub config: HostConfig,
+    /// Each guest's write rate, bytes per second (0: as fast as it can).
+    pub rate: u64,
+    /// Bytes per guest write.
+    pub write_size: u64,
+    /// How much each guest writes in all; `None`: its virtual size.
+    pub guest_bytes: Option<u64>,
+    /// Stop once every guest is done and nothing is in flight.
+    pub exit_when_done: bool,
+    /// Print one JSON object per event on stdout.
+    pub json_events: bool,
+    /// Write a status file here every second.
+    pub status_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on this loopback address.
+    pub metrics: Option<String>,
+}
+
+/// What the host did, when it stops.
+#[derive(Debug, Default, Clone)]
+pub struct HostSummary {
+    /// Extensions completed.
+    pub extensions: u64,
+    /// Guest pauses.
+    pub pauses: u64,
+    /// Guest resumes.
+    pub resumes: u64,
+    /// Bytes the guests wrote in this run.
+    pub bytes_written: u64,
+    /// Every extension's total latency, milliseconds.
+    pub latencies_ms: Vec<f64>,
+}
+
+/// A guest's shared state: its map, and a signal when the map grows.
+struct GuestSlot {
+    map: Mutex<Mapping>,
+    grown: Condvar,
+}
+
+enum Msg {
+    Allocation(Uuid, u64, u64),
+    Done(Uuid, u64),
+    Failed(Uuid, String),
+}
+
+/// Per-volume bookkeeping of the main loop.
+struct VolumeRun {
+    slot: Arc<GuestSlot>,
+    /// When the area holding the volume's request was last written (the
+    /// request sent, or resent), on the engine's clock.
+    written: Option<spmbox_core::time::Instant>,
+    /// When the reply was read.
+    reply_seen: Option<spmbox_core::time::Instant>,
+    done: bool,
+    allocation: u64,
+    paused: bool,
+}
+
+fn emit(json_events: bool, value: Value) {
+    if json_events {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{value}");
+        let _ = out.flush();
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::new(e.to_string())
+}
+
+/// Runs the host until `stop` is set (or, with `exit_when_done`, until
+/// every guest has written all it should and no request is in flight).
+pub fn run(
+    options: &HostOptions,
+    maps: &mut dyn VolumeMaps,
+    stop: Arc<AtomicBool>,
+) -> Result<HostSummary, BackendError> {
+    let mailbox = Mailbox::open(&options.device, Access::ReadWrite).map_err(err)?;
+    let geometry = mailbox.geometry();
+    let domain = mailbox.superblock().domain;
+    let host_id = options.host_id;
+    let (Some(inbox_offset), Some(outbox_offset)) =
+        (geometry.inbox_area(host_id), geometry.outbox_area(host_id))
+    else {
+        return Err(BackendError::new(format!(
+            "host id {host_id} is not a host of this domain (it serves hosts 1..={})",
+            geometry.max_hosts()
+        )));
+    };
+    if options.volumes.len() > HOST_VOLUMES {
+        return Err(BackendError::new(format!(
+            "a host runs at most {HOST_VOLUMES} volumes"
+        )));
+    }
+    let clock = Clock::start();
+    let mut engine: Box<Host<HOST_VOLUMES>> =
+        Box::new(Host::new(domain, host_id, geometry, options.config).map_err(err)?);
+    let mut devices = Devices::new();
+    let mut starts = Vec::new();
+    for &volume in &options.volumes {
+        let sizes = maps.sizes(volume)?;
+        let map = maps.refresh(volume)?;
+        let allocation = guest::recover_allocation(volume, &map, &mut devices).map_err(err)?;
+        engine
+            .add_volume(
+                volume,
+                sizes.virtual_size,
+                sizes.limit,
+                map.size,
+                allocation,
+            )
+            .map_err(|e| BackendError::new(format!("volume {volume}: {e}")))?;
+        tracing::info!(
+            "volume {volume}: virtual {}, physical {}, guest has written {}",
+            Bytes(sizes.virtual_size),
+            Bytes(map.size),
+            Bytes(allocation)
+        );
+        let total = options
+            .guest_bytes
+            .unwrap_or(sizes.virtual_size)
+            .min(sizes.virtual_size);
+        starts.push((volume, map, allocation, total - total % guest::BLOCK));
+    }
+    let inbox = mailbox.read(inbox_offset, AREA_SIZE).map_err(err)?;
+    let outbox = mailbox.read(outbox_offset, AREA_SIZE).map_err(err)?;
+    engine.start(clock.now(), &inbox, &outbox).map_err(err)?;
+    let mut mirror = inbox;
+    let sector = geometry.sector_size() as usize;
+    let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), BackendError> {
+        let buf = mailbox.read(SPM_HEADER_OFFSET, sector).map_err(err)?;
+        if let Ok(Some(h)) = SpmHeader::decode(&buf[..RECORD_LEN]) {
+            engine.handle_spm_header(&h);
+        }
+        Ok(())
+    };
+    read_header(&mut engine)?;
+    let generation = engine.generation();
+    tracing::info!(
+        "host {host_id} started: generation {generation}, {} volumes",
+        options.volumes.len()
+    );
+    emit(
+        options.json_events,
+        json!({"event": "started", "host": host_id, "generation": generation}),
+    );
+
+    // Guests.
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let mut runs: HashMap<Uuid, VolumeRun> = HashMap::new();
+    let mut threads = Vec::new();
+    for (volume, map, allocation, total) in starts {
+        let slot = Arc::new(GuestSlot {
+            map: Mutex::new(map),
+            grown: Condvar::new(),
+        });
+        runs.insert(
+            volume,
+            VolumeRun {
+                slot: slot.clone(),
+                written: None,
+                reply_seen: None,
+                done: false,
+                allocation,
+                paused: false,
+            },
+        );
+        let tx = tx.clone();
+        let stop = stop.clone();
+        let (rate, write_size) = (options.rate, options.write_size);
+        threads.push(std::thread::spawn(move || {
+            run_guest(
+                volume, generation, allocation, total, rate, write_size, &slot, &tx, &stop,
+            )
+        }));
+    }
+    drop(tx);
+
+    let exporter = options
+        .metrics
+        .as_deref()
+        .map(crate::metrics::Exporter::serve)
+        .transpose()?;
+    let mut summary = HostSummary::default();
+    let mut next_header = clock.now();
+    let mut next_status = std::time::Instant::now();
+    let result = (|| -> Result<(), BackendError> {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let now = clock.now();
+            let deadline = engine.poll_timeout();
+            let wait = deadline.map_or(Duration::from_millis(100), |t| clock.until(t));
+            let first = if wait.is_zero() {
+                rx.try_recv().ok()
+            } else {
+                match rx.recv_timeout(wait.min(Duration::from_millis(100))) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep(wait.min(Duration::from_millis(100)));
+                        None
+                    }
+                }
+            };
+            let now = clock.now().max(now);
+            for msg in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
+                match msg {
+                    Msg::Allocation(volume, allocation, bytes) => {
+                        summary.bytes_written += bytes;
+                        if let Some(r) = runs.get_mut(&volume) {
+                            r.allocation = allocation;
+                        }
+                        engine.handle_allocation(now, volume, allocation);
+                    }
+                    Msg::Done(volume, allocation) => {
+                        if let Some(r) = runs.get_mut(&volume) {
+                            r.done = true;
+                            r.allocation = allocation;
+                        }
+                        tracing::info!("guest of {volume} is done: wrote {}", Bytes(allocation));
+                        emit(
+                            options.json_events,
+                            json!({"event": "done", "host": host_id, "volume": volume.to_string(), "allocation": allocation}),
+                        );
+                    }
+                    Msg::Failed(volume, what) => {
+                        return Err(BackendError::new(format!("guest of {volume}: {what}")));
+                    }
+                }
+            }
+            engine.handle_timeout(now);
+            if now >= next_header {
+                next_header = now + Duration::from_secs(1);
+                read_header(&mut engine)?;
+            }
+            // Writes: the whole inbox area from the mirror, then the bell.
+            let mut area_dirty = false;
+            let mut bell = None;
+            while let Some(w) = engine.poll_write() {
+                if w.offset == DOORBELL_OFFSET {
+                    bell = Some(w.record);
+                } else if let Some(at) = w.offset.checked_sub(inbox_offset)
+                    && (at as usize) + RECORD_LEN <= AREA_SIZE
+                {
+                    mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+                    area_dirty = true;
+                }
+            }
+            if area_dirty {
+                mailbox
+                    .device()
+                    .write_at(inbox_offset, &mirror)
+                    .map_err(err)?;
+                let written = clock.now();
+                for (volume, run) in runs.iter_mut() {
+                    let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
+                    if waiting && run.written.is_none() {
+                        run.written = Some(written);
+                    }
+                }
+            }
+            if let Some(record) = bell {
+                let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
+                buf[..RECORD_LEN].copy_from_slice(&record);
+                mailbox
+                    .device()
+                    .write_at(DOORBELL_OFFSET, &buf)
+                    .map_err(err)?;
+            }
+            // Reads.
+            while let Some(HostRead::OutboxArea { offset }) = engine.poll_read(now) {
+                let area = mailbox.read(offset, AREA_SIZE).map_err(err)?;
+                engine.handle_outbox(now, &area);
+            }
+            // Events.
+            while let Some(event) = engine.poll_event() {
+                handle_event(
+                    event,
+                    options,
+                    &mut engine,
+                    maps,
+                    &mut runs,
+                    &mut summary,
+                    &clock,
+                )?;
+            }
+            // A request that ended without an extension (rejected,
+            // failed) leaves no timestamps for the next one.
+            for (volume, run) in runs.iter_mut() {
+                if engine.volume(*volume).is_none_or(|v| v.request.is_none()) {
+                    run.written = None;
+                    run.reply_seen = None;
+                }
+            }
+            if let Some(path) = &options.status_file
+                && std::time::Instant::now() >= next_status
+            {
+                next_status = std::time::Instant::now() + Duration::from_secs(1);
+                write_status(path, host_id, &engine, &runs);
+                if let Some(exporter) = &exporter {
+                    exporter.publish(host_metrics(&engine, &runs, &summary));
+                }
+            }
+            if options.exit_when_done && runs.values().all(|r| r.done) && engine.in_flight() == 0 {
+                return Ok(());
+            }
+        }
+    })();
+    stop.store(true, Ordering::Relaxed);
+    for r in runs.values() {
+        r.slot.grown.notify_all();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    if let Some(path) = &options.status_file {
+        write_status(path, host_id, &engine, &runs);
+    }
+    result.map(|()| summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_guest(
+    volume: Uuid,
+    generation: u64,
+    allocation: u64,
+    total: u64,
+    rate: u64,
+    write_size: u64,
+    slot: &GuestSlot,
+    tx: &mpsc::Sender<Msg>,
+    stop: &AtomicBool,
+) {
+    let mut guest = Guest::new(volume, generation, allocation, total, write_size);
+    let mut devices = Devices::new();
+    let mut pacer = Pacer::new(rate);
+    while !stop.load(Ordering::Relaxed) {
+        let map = match slot.map.lock() {
+            Ok(m) => m.clone(),
+            Err(_) => return,
+        };
+        let delay = pacer.delay(std::time::Instant::now(), write_size);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        match guest.write_next(&map, &mut devices) {
+            Ok(Step::Wrote { bytes, allocation }) => {
+                if tx.send(Msg::Allocation(volume, allocation, bytes)).is_err() {
+                    return;
+                }
+            }
+            Ok(Step::Full) => {
+                let _ = tx.send(Msg::Allocation(volume, guest.allocation(), 0));
+                // Paused: block until the map grows.
+                let Ok(mut m) = slot.map.lock() else { return };
+                while m.size <= guest.allocation() && !stop.load(Ordering::Relaxed) {
+                    m = match slot.grown.wait_timeout(m, Duration::from_millis(100)) {
+                        Ok((m, _)) => m,
+                        Err(_) => return,
+                    };
+                }
+            }
+            Ok(Step::Done) => {
+                let _ = tx.send(Msg::Done(volume, guest.allocation()));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Msg::Failed(volume, e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn handle_event(
+    event: HostEvent,
+    options: &HostOptions,
+    engine: &mut Host<HOST_VOLUMES>,
+    maps: &mut dyn VolumeMaps,
+    runs: &mut HashMap<Uuid, VolumeRun>,
+    summary: &mut HostSummary,
+    clock: &Clock,
+) -> Result<(), BackendError> {
+    let host = options.host_id;
+    let json_events = options.json_events;
+    match event {
+        HostEvent::Refresh { volume, size } => {
+            let Some(run) = runs.get_mut(&volume) else {
+                return Ok(());
+            };
+            run.reply_seen.get_or_insert_with(|| clock.now());
+            let map = match maps.refresh(volume) {
+                Ok(map) => map,
+                Err(e) => {
+                    tracing::warn!("refreshing volume {volume} failed (retried): {e}");
+                    return Ok(());
+                }
+            };
+            if map.size < size {
+                tracing::warn!(
+                    "volume {volume}: the reply says {} but the map shows {}; refreshing again",
+                    Bytes(size),
+                    Bytes(map.size)
+                );
+                return Ok(());
+            }
+            {
+                let mut current = run
+                    .slot
+                    .map
+                    .lock()
+                    .map_err(|_| BackendError::new("a guest thread died"))?;
+                if !current.is_prefix_of(&map) {
+                    return Err(BackendError::new(format!(
+                        "volume {volume}: the refreshed map moves bytes the guest already wrote; \
+                         the pool is inconsistent: stop and run `spmbox status`"
+                    )));
+                }
+                *current = map.clone();
+            }
+            run.slot.grown.notify_all();
+            engine.handle_refreshed(clock.now(), volume, map.size);
+        }
+        HostEvent::Extended {
+            volume,
+            size,
+            latency,
+        } => {
+            summary.extensions += 1;
+            let run = runs.get_mut(&volume);
+            // VDSM's breakdown, on the engine's clock: total = wait +
+            // extend + refresh.
+            let now = clock.now();
+            let sent = now - latency;
+            let (written, reply) = match run {
+                Some(r) => (r.written.take(), r.reply_seen.take()),
+                None => (None, None),
+            };
+            let written = written.unwrap_or(sent).max(sent);
+            let reply = reply.unwrap_or(now).max(written);
+            let wait = written.saturating_since(sent);
+            let extend = reply.saturating_since(written);
+            let refresh = now.saturating_since(reply);
+            summary.latencies_ms.push(ms(latency));
+            tracing::info!(
+                "extended volume {volume} to {}: total {:.3} ms, wait {:.3} ms, extend {:.3} ms, \
+                 refresh {:.3} ms",
+                Bytes(size),
+                ms(latency),
+                ms(wait),
+                ms(extend),
+                ms(refresh)
+            );
+            emit(
+                json_events,
+                json!({"event": "extended", "host": host, "volume": volume.to_string(), "size": size,
+                       "total_ms": ms(latency), "wait_ms": ms(wait), "extend_ms": ms(extend),
+                       "refresh_ms": ms(refresh)}),
+            );
+        }
+        HostEvent::Paused { volume } => {
+            summary.pauses += 1;
+            if let Some(r) = runs.get_mut(&volume) {
+                r.paused = true;
+            }
+            tracing::warn!("guest of volume {volume} paused: out of space");
+            emit(
+                json_events,
+                json!({"event": "paused", "host": host, "volume": volume.to_string()}),
+            );
+        }
+        HostEvent::Resumed { volume } => {
+            summary.resumes += 1;
+            if let Some(r) = runs.get_mut(&volume) {
+                r.paused = false;
+            }
+            tracing::warn!("guest of volume {volume} resumed");
+            emit(
+                json_events,
+                json!({"event": "resumed", "host": host, "volume": volume.to_string()}),
+            );
+        }
+        HostEvent::WaitingForSpace { volume } => {
+            tracing::warn!(
+                "volume {volume} waits for space: the pool is full until a LUN is added"
+            );
+            emit(
+                json_events,
+                json!({"event": "waiting_for_space", "host": host, "volume": volume.to_string()}),
+            );
+        }
+        HostEvent::Rejected { volume, reason } => {
+            tracing::error!(
+                "the SPM rejected the request for volume {volume}: {}",
+                reason.name()
+            );
+            emit(
+                json_events,
+                json!({"event": "rejected", "host": host, "volume": volume.to_string(), "reason": reason.name()}),
+            );
+        }
+        HostEvent::Failed { volume, code } => {
+            tracing::warn!(
+                "the SPM failed to extend volume {volume} (error {code}); asking again later"
+            );
+            emit(
+                json_events,
+                json!({"event": "failed", "host": host, "volume": volume.to_string(), "code": code}),
+            );
+        }
+        HostEvent::Resent { volume, sequence } => {
+            tracing::info!("no reply yet for volume {volume}: request {sequence} written again");
+        }
+        HostEvent::SlotsExhausted => {
+            tracing::warn!("all 31 inbox slots are in use; more requests wait in memory");
+        }
+    }
+    Ok(())
+}
+
+/// The host's metrics page.
+fn host_metrics(
+    engine: &Host<HOST_VOLUMES>,
+    runs: &HashMap<Uuid, VolumeRun>,
+    summary: &HostSummary,
+) -> crate::metrics::Text {
+    let mut t = crate::metrics::Text::new();
+    t.counter(
+        "spmbox_host_extensions_total",
+        "Extensions completed.",
+        summary.extensions,
+    );
+    t.counter(
+        "spmbox_host_pauses_total",
+        "Guest pauses (out of space).",
+        summary.pauses,
+    );
+    t.counter(
+        "spmbox_host_resumes_total",
+        "Guest resumes.",
+        summary.resumes,
+    );
+    t.counter(
+        "spmbox_host_guest_written_bytes_total",
+        "Bytes the guests wrote in this run.",
+        summary.bytes_written,
+    );
+    let seconds: Vec<f64> = summary.latencies_ms.iter().map(|ms| ms / 1e3).collect();
+    t.histogram(
+        "spmbox_host_extension_seconds",
+        "Whole extension: the host decided to ask, to the map refreshed.",
+        &crate::metrics::LATENCY_BUCKETS,
+        &seconds,
+    );
+    let mut physical = Vec::new();
+    let mut allocation = Vec::new();
+    let mut paused = Vec::new();
+    for v in engine.volumes() {
+        let label = format!("volume=\"{}\"", v.id);
+        let run = runs.get(&v.id);
+        physical.push((label.clone(), v.physical as f64));
+        allocation.push((
+            label.clone(),
+            run.map_or(v.allocation, |r| r.allocation) as f64,
+        ));
+        paused.push((label, f64::from(u8::from(run.is_some_and(|r| r.paused)))));
+    }
+    t.gauges(
+        "spmbox_volume_physical_bytes",
+        "The volume's physical size as this host sees it.",
+        &physical,
+    );
+    t.gauges(
+        "spmbox_volume_allocation_bytes",
+        "Bytes the volume's guest has written.",
+        &allocation,
+    );
+    t.gauges(
+        "spmbox_volume_paused",
+        "1 while the volume's guest is paused.",
+        &paused,
+    );
+    t
+}
+
+fn write_status(
+    path: &std::path::Path,
+    host_id: u16,
+    engine: &Host<HOST_VOLUMES>,
+    runs: &HashMap<Uuid, VolumeRun>,
+) {
+    let volumes: Vec<Value> = engine
+        .volumes()
+        .map(|v| {
+            let run = runs.get(&v.id);
+            json!({
+                "id": v.id.to_string(),
+                "virtual_size": v.virtual_size,
+                "physical": v.physical,
+                "allocation": run.map_or(v.allocation, |r| r.allocation),
+                "paused": run.is_some_and(|r| r.paused),
+                "guest_done": run.is_some_and(|r| r.done),
+                "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": format!("{:?}", f.phase)})),
+            })
+        })
+        .collect();
+    let status = json!({
+        "host": host_id,
+        "pid": std::process::id(),
+        "generation": engine.generation(),
+        "volumes": volumes,
+    });
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, status.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
