@@ -1,0 +1,930 @@
+//! The daemons through the real binary: an SPM and hosts as separate
+//! processes sharing only the domain's files (or loop devices as root),
+//! guests writing verifiable data, a pool that runs out and a LUN added,
+//! processes killed with SIGKILL at random moments.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use spmbox::backend::VolumeMaps;
+use spmbox::domain::{BuiltinMaps, Domain};
+use spmbox::guest::{self, Devices};
+use spmbox_core::wire::Uuid;
+
+const MIB: u64 = 1 << 20;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spmbox")
+}
+
+fn run(args: &[&str], env_run: &Path) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("SPMBOX_RUN_DIR", env_run)
+        .output()
+        .expect("run spmbox")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir()
+        .or_else(|_| tempfile::tempdir_in("/var/tmp"))
+        .expect("temp dir")
+}
+
+/// A child process, killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn term(&mut self) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loop device over a backing file; detached on drop.
+struct Loop {
+    dev: PathBuf,
+}
+
+impl Loop {
+    fn attach(file: &Path, sector_size: u32) -> Loop {
+        let out = Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "--sector-size",
+                &sector_size.to_string(),
+            ])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            text(&out.stderr)
+        );
+        Loop {
+            dev: PathBuf::from(text(&out.stdout).trim()),
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Why loop-device tests cannot run here, if they cannot.
+fn loop_devices_missing() -> Option<&'static str> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("needs root");
+    }
+    if !Command::new("losetup")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Some("needs losetup (util-linux)");
+    }
+    None
+}
+
+/// Where the domain lives.
+#[derive(Clone, Copy, Debug)]
+enum Storage {
+    /// Files in a temporary directory.
+    Files,
+    /// Loop devices with this logical sector size over such files.
+    Loops(u32),
+    /// Loop devices (512-byte sectors) as the PVs of a real lvm2 volume
+    /// group: the lvm backend.
+    Lvm,
+}
+
+/// Why lvm2 tests cannot run here, if they cannot.
+fn lvm_missing() -> Option<&'static str> {
+    if let Some(why) = loop_devices_missing() {
+        return Some(why);
+    }
+    if !Command::new("lvm")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Some("needs lvm2 (apt-get install lvm2)");
+    }
+    None
+}
+
+/// Removes the test's volume group and PV labels; dropped before the
+/// loop devices are detached.
+struct LvmCleanup {
+    vg: String,
+    pvs: Vec<PathBuf>,
+}
+
+impl Drop for LvmCleanup {
+    fn drop(&mut self) {
+        let Ok(lvm) = spmbox::lvm::Lvm::new(&self.vg, &self.pvs) else {
+            return;
+        };
+        let _ = lvm.run("vgremove", &["-f", &self.vg]);
+        let names: Vec<String> = self.pvs.iter().map(|p| p.display().to_string()).collect();
+        let mut args = vec!["-ff", "-y"];
+        args.extend(names.iter().map(String::as_str));
+        let _ = lvm.run("pvremove", &args);
+    }
+}
+
+/// A domain on files (or loop devices) in a temporary directory.
+struct Setup {
+    dir: tempfile::TempDir,
+    device: PathBuf,
+    run: PathBuf,
+    control: PathBuf,
+    luns: Vec<PathBuf>,
+    /// Where hosts and the verifier find the LUNs.
+    lun_search: Vec<PathBuf>,
+    logs: u32,
+    /// Backend arguments every command gets (`--backend lvm ...`).
+    backend: Vec<String>,
+    /// The lvm backend's volume group, removed on drop.
+    _lvm: Option<LvmCleanup>,
+    /// Detached after every process (declared before `Setup`) is gone.
+    _loops: Vec<Loop>,
+}
+
+impl Setup {
+    fn new(luns_mib: &[u64], extent_mib: u64) -> Setup {
+        Setup::on(Storage::Files, luns_mib, extent_mib)
+    }
+
+    fn on(storage: Storage, luns_mib: &[u64], extent_mib: u64) -> Setup {
+        let dir = tempdir();
+        let run_dir = dir.path().join("run");
+        fs::create_dir_all(&run_dir).unwrap();
+        let file = |name: &str, size: u64| {
+            let p = dir.path().join(name);
+            fs::File::create(&p).unwrap().set_len(size).unwrap();
+            p
+        };
+        let mut files = vec![file(
+            "domain",
+            if matches!(storage, Storage::Files) {
+                0
+            } else {
+                16 * MIB
+            },
+        )];
+        for (i, size) in luns_mib.iter().enumerate() {
+            files.push(file(&format!("lun{}", i + 1), size * MIB));
+        }
+        let mut loops = Vec::new();
+        let mut backend = Vec::new();
+        let mut lvm = None;
+        let (device, luns, lun_search) = match storage {
+            Storage::Files => {
+                // `pool create` makes the domain file itself.
+                fs::remove_file(&files[0]).unwrap();
+                (
+                    files[0].clone(),
+                    files[1..].to_vec(),
+                    vec![dir.path().to_owned()],
+                )
+            }
+            Storage::Loops(sector) => {
+                loops = files.iter().map(|f| Loop::attach(f, sector)).collect();
+                let devs: Vec<PathBuf> = loops.iter().map(|l| l.dev.clone()).collect();
+                (devs[0].clone(), devs[1..].to_vec(), devs[1..].to_vec())
+            }
+            Storage::Lvm => {
+                loops = files.iter().map(|f| Loop::attach(f, 512)).collect();
+                let devs: Vec<PathBuf> = loops.iter().map(|l| l.dev.clone()).collect();
+                let vg = format!("spmboxtest{}", std::process::id());
+                backend = vec![
+                    "--backend".to_owned(),
+                    "lvm".into(),
+                    "--vg".into(),
+                    vg.clone(),
+                ];
+                for pv in &devs[1..] {
+                    backend.push("--pv".into());
+                    backend.push(pv.display().to_string());
+                }
+                lvm = Some(LvmCleanup {
+                    vg,
+                    pvs: devs[1..].to_vec(),
+                });
+                (devs[0].clone(), devs[1..].to_vec(), Vec::new())
+            }
+        };
+        let s = Setup {
+            control: run_dir.join("spm.sock"),
+            dir,
+            device,
+            run: run_dir,
+            luns,
+            lun_search,
+            logs: 0,
+            backend,
+            _lvm: lvm,
+            _loops: loops,
+        };
+        let extent = format!("{extent_mib}M");
+        let out = s.cli(&[
+            "pool",
+            "create",
+            "--device",
+            s.device.to_str().unwrap(),
+            "--lun",
+            s.luns[0].to_str().unwrap(),
+            "--hosts",
+            "16",
+            "--extent-size",
+            &extent,
+        ]);
+        assert!(out.status.success(), "pool create: {}", text(&out.stderr));
+        s
+    }
+
+    /// Runs a command; those that take a backend get this setup's.
+    fn cli(&self, args: &[&str]) -> Output {
+        let takes_backend = matches!(args.first(), Some(&"pool" | &"volume" | &"spm" | &"host"));
+        let mut all: Vec<&str> = args.to_vec();
+        if takes_backend {
+            all.extend(self.backend.iter().map(String::as_str));
+        }
+        run(&all, &self.run)
+    }
+
+    fn log(&mut self, name: &str) -> fs::File {
+        self.logs += 1;
+        fs::File::create(self.dir.path().join(format!("{name}.{}.log", self.logs))).unwrap()
+    }
+
+    fn spawn_spm(&mut self) -> Proc {
+        let log = self.log("spm");
+        let child = Command::new(bin())
+            .args(["-vv", "spm", "--device"])
+            .arg(&self.device)
+            .arg("--control")
+            .arg(&self.control)
+            .args(&self.backend)
+            .env("SPMBOX_RUN_DIR", &self.run)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn spm");
+        Proc {
+            name: "spm".into(),
+            child,
+        }
+    }
+
+    /// Starts the SPM and waits until its control socket answers.
+    fn start_spm(&mut self) -> Proc {
+        let mut spm = self.spawn_spm();
+        self.wait_ready(&mut spm);
+        spm
+    }
+
+    /// Waits until the SPM's control socket answers.
+    fn wait_ready(&self, spm: &mut Proc) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.cli(&[
+                "status",
+                "--device",
+                self.device.to_str().unwrap(),
+                "--control",
+                self.control.to_str().unwrap(),
+                "--json",
+            ]);
+            if out.status.success() && self.control.exists() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                // Only the new SPM's own answer counts: after a SIGKILL
+                // the header on disk still says active.
+                if v["spm"]["state"] == "active" && v["pool_source"] == "spm" {
+                    return;
+                }
+            }
+            assert!(spm.alive(), "the SPM exited: {}", self.logs_text());
+            assert!(
+                Instant::now() < deadline,
+                "the SPM did not start: {}",
+                self.logs_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn create_volume(&self, virtual_mib: u64, initial_mib: u64) -> Uuid {
+        let out = self.cli(&[
+            "volume",
+            "create",
+            "--device",
+            self.device.to_str().unwrap(),
+            "--control",
+            self.control.to_str().unwrap(),
+            "--virtual-size",
+            &format!("{virtual_mib}M"),
+            "--initial-size",
+            &format!("{initial_mib}M"),
+        ]);
+        assert!(out.status.success(), "volume create: {}", text(&out.stderr));
+        Uuid::parse_str(text(&out.stdout).trim()).expect("a UUID")
+    }
+
+    fn add_lun(&self, lun: &Path) -> Output {
+        self.cli(&[
+            "pool",
+            "add-lun",
+            "--device",
+            self.device.to_str().unwrap(),
+            "--control",
+            self.control.to_str().unwrap(),
+            "--lun",
+            lun.to_str().unwrap(),
+        ])
+    }
+
+    fn start_host(&mut self, host: u16, volumes: &[Uuid], rate: &str, chunk: &str) -> Proc {
+        let log = self.log(&format!("host{host}"));
+        let events = self.log(&format!("host{host}-events"));
+        let mut cmd = Command::new(bin());
+        cmd.args(["-v", "host", "--device"])
+            .arg(&self.device)
+            .args([
+                "--host-id",
+                &host.to_string(),
+                "--rate",
+                rate,
+                "--chunk-size",
+                chunk,
+            ])
+            .args(["--exit-when-done", "--json-events"])
+            .env("SPMBOX_RUN_DIR", &self.run)
+            .stdout(events)
+            .stderr(log);
+        for v in volumes {
+            cmd.args(["--volume", &v.to_string()]);
+        }
+        for p in &self.lun_search {
+            cmd.arg("--lun-search").arg(p);
+        }
+        cmd.args(&self.backend);
+        Proc {
+            name: format!("host{host}"),
+            child: cmd.spawn().expect("spawn host"),
+        }
+    }
+
+    /// Every event the hosts printed, across restarts.
+    fn events(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut paths: Vec<_> = fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("-events."))
+            .collect();
+        paths.sort();
+        for p in paths {
+            for line in fs::read_to_string(p).unwrap_or_default().lines() {
+                if let Ok(v) = serde_json::from_str(line) {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
+    fn logs_text(&self) -> String {
+        let mut out = String::new();
+        let mut paths: Vec<_> = fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let t = fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = t.lines().rev().take(15).collect();
+            out += &format!("\n--- {} (last lines)\n", p.display());
+            for l in tail.into_iter().rev() {
+                out += l;
+                out += "\n";
+            }
+        }
+        out
+    }
+
+    /// Reads back every volume: (bytes verified, data errors).
+    fn verify(&self, volumes: &[Uuid], upto: u64) -> (u64, u64, Vec<String>) {
+        let mut maps: Box<dyn VolumeMaps> = match &self._lvm {
+            Some(lvm) => spmbox::lvm_glue::maps(&lvm.vg, &lvm.pvs).unwrap(),
+            None => Box::new(BuiltinMaps::open(&self.device, self.lun_search.clone()).unwrap()),
+        };
+        let mut devices = Devices::new();
+        let (mut bytes, mut errors, mut first) = (0, 0, Vec::new());
+        for v in volumes {
+            let map = maps.refresh(*v).unwrap();
+            let r = guest::verify(*v, &map, &mut devices, upto.min(map.size)).unwrap();
+            bytes += r.bytes_verified;
+            errors += r.error_count;
+            first.extend(
+                r.errors
+                    .iter()
+                    .take(3)
+                    .map(|b| format!("{v} at {}: {}", b.offset, b.defect)),
+            );
+        }
+        (bytes, errors, first)
+    }
+
+    /// The committed pool keeps its invariants (no extent in two volumes).
+    fn check_pool(&self) {
+        if let Some(lvm) = &self._lvm {
+            // lvm2's own check of its metadata.
+            let lvm = spmbox::lvm::Lvm::new(&lvm.vg, &lvm.pvs).unwrap();
+            lvm.run("vgck", &[lvm.vg()]).expect("vgck");
+            return;
+        }
+        let domain = Domain::open(&self.device, spmbox::device::Access::ReadOnly).unwrap();
+        let (pool, _) = domain.read_pool().expect("the pool metadata decodes");
+        pool.check_invariants().expect("pool invariants");
+    }
+}
+
+fn wait_all(procs: &mut [Proc], timeout: Duration, setup: &Setup) {
+    let deadline = Instant::now() + timeout;
+    for p in procs.iter_mut() {
+        loop {
+            match p.child.try_wait().unwrap() {
+                Some(status) => {
+                    assert!(
+                        status.success(),
+                        "{} exited with {status}: {}",
+                        p.name,
+                        setup.logs_text()
+                    );
+                    break;
+                }
+                None => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{} did not finish in {timeout:?}: {}",
+                        p.name,
+                        setup.logs_text()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_demo_pauses_resumes_and_verifies_every_byte() {
+    let run_dir = tempdir();
+    let out = Command::new(bin())
+        .args(["demo", "--json"])
+        .env("SPMBOX_RUN_DIR", run_dir.path())
+        .output()
+        .expect("run demo");
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in [
+        "extensions",
+        "pauses",
+        "resumes",
+        "bytes_verified",
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "data_errors",
+    ] {
+        assert!(v.get(key).is_some(), "no {key} in {v}");
+    }
+    assert!(v["pauses"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["pauses"], v["resumes"], "{v}");
+    assert_eq!(v["data_errors"], 0, "{v}");
+    assert_eq!(v["bytes_verified"].as_u64().unwrap(), 6 * 96 * MIB, "{v}");
+}
+
+/// Two guests fill a pool of 24 MiB, pause, and resume when a LUN is
+/// added through the running SPM; every byte is then read back.
+fn pause_and_resume(mut s: Setup) {
+    let mut spm = s.start_spm();
+    let volumes = [s.create_volume(64, 4), s.create_volume(64, 4)];
+    let mut host = s.start_host(1, &volumes, "64M", "8M");
+    // Wait for both guests to pause on the exhausted pool.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.events().iter().filter(|e| e["event"] == "paused").count() < 2 {
+        assert!(host.alive(), "host exited: {}", s.logs_text());
+        assert!(
+            Instant::now() < deadline,
+            "guests never paused: {}",
+            s.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = s.cli(&[
+        "status",
+        "--device",
+        s.device.to_str().unwrap(),
+        "--control",
+        s.control.to_str().unwrap(),
+        "--json",
+    ]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        status["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["state"] == "waiting for space"),
+        "status shows no parked request: {status}"
+    );
+    assert!(
+        !status["pool"]["parked"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
+    let lun2 = s.luns[1].clone();
+    let out = s.add_lun(&lun2);
+    assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
+    wait_all(std::slice::from_mut(&mut host), Duration::from_secs(60), &s);
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let events = s.events();
+    let count = |what: &str| events.iter().filter(|e| e["event"] == what).count();
+    assert_eq!(count("paused"), count("resumed"), "{events:?}");
+    assert_eq!(count("done"), 2);
+    let (bytes, errors, first) = s.verify(&volumes, 64 * MIB);
+    assert_eq!((bytes, errors), (2 * 64 * MIB, 0), "{first:?}");
+    s.check_pool();
+    // A clean stop leaves the SPM header vacant.
+    let status = s.cli(&[
+        "status",
+        "--device",
+        s.device.to_str().unwrap(),
+        "--control",
+        s.control.to_str().unwrap(),
+        "--json",
+    ]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["spm"]["state"], "vacant", "{status}");
+}
+
+#[test]
+fn guests_pause_when_the_pool_is_full_and_resume_when_a_lun_is_added() {
+    pause_and_resume(Setup::new(&[24, 200], 4));
+}
+
+#[test]
+fn with_the_lvm_backend_guests_pause_and_resume() {
+    if let Some(why) = lvm_missing() {
+        eprintln!("skipped: with_the_lvm_backend_guests_pause_and_resume: {why}");
+        return;
+    }
+    pause_and_resume(Setup::on(Storage::Lvm, &[24, 200], 4));
+}
+
+#[test]
+fn on_loop_devices_with_512_byte_sectors_guests_pause_and_resume() {
+    if let Some(why) = loop_devices_missing() {
+        eprintln!("skipped: on_loop_devices_with_512_byte_sectors_guests_pause_and_resume: {why}");
+        return;
+    }
+    pause_and_resume(Setup::on(Storage::Loops(512), &[24, 200], 4));
+}
+
+#[test]
+fn on_loop_devices_with_4096_byte_sectors_guests_pause_and_resume() {
+    if let Some(why) = loop_devices_missing() {
+        eprintln!("skipped: on_loop_devices_with_4096_byte_sectors_guests_pause_and_resume: {why}");
+        return;
+    }
+    pause_and_resume(Setup::on(Storage::Loops(4096), &[24, 200], 4));
+}
+
+#[test]
+fn a_second_spm_is_refused_and_a_dead_one_is_taken_over_with_a_higher_epoch() {
+    let mut s = Setup::new(&[64], 4);
+    let mut first = s.start_spm();
+    // A second SPM while the first runs: refused, nothing changed.
+    let out = Command::new(bin())
+        .args(["spm", "--device", s.device.to_str().unwrap(), "--control"])
+        .arg(&s.control)
+        .env("SPMBOX_RUN_DIR", &s.run)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("another SPM"),
+        "{}",
+        text(&out.stderr)
+    );
+    let epoch = |s: &Setup| -> u64 {
+        let out = s.cli(&[
+            "status",
+            "--device",
+            s.device.to_str().unwrap(),
+            "--control",
+            s.control.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["spm"]["epoch"].as_u64().unwrap()
+    };
+    let before = epoch(&s);
+    assert!(first.alive(), "the running SPM must not be disturbed");
+    // SIGKILL: the header still says active; a new SPM waits out the
+    // heartbeat, then takes over with the next epoch.
+    first.kill9();
+    let mut second = s.start_spm();
+    assert_eq!(epoch(&s), before + 1);
+    assert!(second.term().success());
+}
+
+#[test]
+fn sigkill_of_spm_and_hosts_under_load_loses_nothing() {
+    let mut s = Setup::new(&[40, 400], 4);
+    let mut spm = s.start_spm();
+    let volumes: Vec<Uuid> = (0..4).map(|_| s.create_volume(64, 4)).collect();
+    let assignment = [
+        (1u16, vec![volumes[0], volumes[1]]),
+        (2u16, vec![volumes[2], volumes[3]]),
+    ];
+    let mut hosts: Vec<Proc> = assignment
+        .iter()
+        .map(|(h, v)| s.start_host(*h, v, "24M", "8M"))
+        .collect();
+    // A small deterministic generator: the run is the same every time.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rand = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let start = Instant::now();
+    let mut kills = 0;
+    let mut lun_added = false;
+    while start.elapsed() < Duration::from_secs(12) {
+        std::thread::sleep(Duration::from_millis(300 + rand(900)));
+        if !lun_added && start.elapsed() > Duration::from_secs(5) {
+            // Through the SPM if it runs, else directly under the lock;
+            // retried while a restarting SPM holds the lock.
+            let lun2 = s.luns[1].clone();
+            for _ in 0..100 {
+                if s.add_lun(&lun2).status.success() {
+                    lun_added = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(lun_added, "add-lun never succeeded: {}", s.logs_text());
+        }
+        match rand(3) {
+            0 => {
+                spm.kill9();
+                std::thread::sleep(Duration::from_millis(rand(300)));
+                spm = s.spawn_spm();
+            }
+            k => {
+                let i = (k - 1) as usize;
+                if hosts[i].alive() {
+                    hosts[i].kill9();
+                    std::thread::sleep(Duration::from_millis(rand(300)));
+                    let (h, v) = &assignment[i];
+                    hosts[i] = s.start_host(*h, v, "24M", "8M");
+                }
+            }
+        }
+        kills += 1;
+        // An SPM that lost a start-up race for the lock is started again.
+        if !spm.alive() {
+            spm = s.spawn_spm();
+        }
+    }
+    assert!(lun_added);
+    // Let everything finish.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while hosts.iter_mut().any(|h| h.alive()) {
+        if !spm.alive() {
+            spm = s.spawn_spm();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hosts did not finish: {}",
+            s.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for h in &mut hosts {
+        let status = h.child.wait().unwrap();
+        assert!(status.success(), "{} failed: {}", h.name, s.logs_text());
+    }
+    let _ = spm.term();
+    let (bytes, errors, first) = s.verify(&volumes, 64 * MIB);
+    assert_eq!(errors, 0, "{first:?}");
+    assert_eq!(bytes, 4 * 64 * MIB, "every byte of every guest is there");
+    s.check_pool();
+    println!("chaos: {kills} SIGKILLs, every byte verified ({bytes} bytes)");
+}
+
+/// A free loopback port (bound and released; the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape(port: u16, deadline: Instant) -> String {
+    use std::io::{Read as _, Write as _};
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            let mut page = String::new();
+            let _ = s.read_to_string(&mut page);
+            // The first page is published within a second of start.
+            if page.contains("# TYPE") {
+                return page;
+            }
+        }
+        assert!(Instant::now() < deadline, "no metrics on port {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_spm_and_a_host_serve_prometheus_metrics() {
+    let mut s = Setup::new(&[64], 4);
+    let (spm_port, host_port) = (free_port(), free_port());
+    let log = s.log("spm");
+    let mut spm = Proc {
+        name: "spm".into(),
+        child: Command::new(bin())
+            .args(["spm", "--device"])
+            .arg(&s.device)
+            .arg("--control")
+            .arg(&s.control)
+            .args(["--metrics", &format!("127.0.0.1:{spm_port}")])
+            .env("SPMBOX_RUN_DIR", &s.run)
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    };
+    let volume = s.create_volume(32, 4);
+    let log = s.log("host1");
+    let mut host = Proc {
+        name: "host1".into(),
+        child: Command::new(bin())
+            .args(["host", "--device"])
+            .arg(&s.device)
+            .args([
+                "--host-id",
+                "1",
+                "--volume",
+                &volume.to_string(),
+                "--chunk-size",
+                "4M",
+            ])
+            .args([
+                "--rate",
+                "8M",
+                "--metrics",
+                &format!("127.0.0.1:{host_port}"),
+            ])
+            .env("SPMBOX_RUN_DIR", &s.run)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    };
+    // Wait until the host has extended at least once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = scrape(host_port, deadline);
+        if !page.contains("spmbox_host_extensions_total 0\n") {
+            break page;
+        }
+        assert!(host.alive(), "host exited: {}", s.logs_text());
+        assert!(
+            Instant::now() < deadline,
+            "no extension: {page}{}",
+            s.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        page.contains("spmbox_host_extension_seconds_bucket{le=\"+Inf\"}"),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!(
+            "spmbox_volume_physical_bytes{{volume=\"{volume}\"}}"
+        )),
+        "{page}"
+    );
+    let page = scrape(spm_port, deadline);
+    assert!(
+        page.contains("# TYPE spmbox_spm_jobs_total counter"),
+        "{page}"
+    );
+    assert!(
+        page.contains("spmbox_pool_extents{state=\"total\"} "),
+        "{page}"
+    );
+    // A non-loopback address is refused before anything starts.
+    let out = s.cli(&[
+        "spm",
+        "--device",
+        s.device.to_str().unwrap(),
+        "--metrics",
+        "0.0.0.0:9464",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a loopback address"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(host.term().success());
+    assert!(spm.term().success());
+}
+
+#[test]
+fn an_spm_that_waits_for_the_domain_lock_sees_what_the_holder_committed() {
+    use spmbox::backend::SpmBackend as _;
+    let mut s = Setup::new(&[64], 4);
+    // Hold the lock as an admin command would, and let the SPM start
+    // meanwhile: it must load the pool only once it has the lock.
+    let lock = spmbox::spm_daemon::lock_domain(&s.device, || Ok(())).unwrap();
+    let mut spm = s.spawn_spm();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        spm.alive(),
+        "the SPM gave up instead of waiting: {}",
+        s.logs_text()
+    );
+    let volume = Uuid([0x42; 16]);
+    let mut direct = spmbox::domain::BuiltinSpm::open(&s.device).unwrap();
+    direct.create_volume(volume, 32 * MIB, 4 * MIB).unwrap();
+    drop(direct);
+    drop(lock);
+    s.wait_ready(&mut spm);
+    let out = s.cli(&[
+        "status",
+        "--device",
+        s.device.to_str().unwrap(),
+        "--control",
+        s.control.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pool_source"], "spm", "{v}");
+    let ids: Vec<&str> = v["pool"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["id"].as_str())
+        .collect();
+    assert_eq!(ids, [volume.to_string()], "{v}");
+    assert!(spm.term().success());
+}
