@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use spmbox_core::wire::Uuid;
 
 use crate::backend::{BackendError, VolumeMaps};
+use crate::bench::percentile;
 use crate::commands::{CommandError, EXIT_ERROR, EXIT_OK};
 use crate::domain::{self, BuiltinMaps, CreateOptions};
 use crate::guest::{self, Devices};
@@ -56,14 +57,6 @@ fn sparse(path: &Path, size: u64) -> Result<(), CommandError> {
     let f = std::fs::File::create_new(path)?;
     f.set_len(size)?;
     Ok(())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[derive(Default, Clone, Copy)]

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod bench;
 pub mod commands;
 pub mod demo;
 pub mod device;

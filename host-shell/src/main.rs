@@ -151,6 +151,23 @@ enum Command {
         #[command(flatten)]
         lvm: LvmArgs,
     },
+    /// Measure the round trip, whole extensions, SPM throughput and idle
+    /// cost, guest write rate and the core's scan speed (docs/performance.md).
+    Bench {
+        /// The mailbox device for the no-op runs (a file or block device;
+        /// it is formatted over). Default: a temporary file.
+        #[arg(long, value_name = "PATH")]
+        device: Option<PathBuf>,
+        /// A run of about a minute (CI's smoke test).
+        #[arg(long)]
+        quick: bool,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Write the latency distributions as an SVG plot here.
+        #[arg(long, value_name = "PATH")]
+        svg: Option<PathBuf>,
+    },
     /// Run a whole domain on temporary files: the SPM and three hosts,
     /// guests writing until the pool runs out, a LUN added, every byte
     /// verified.
@@ -383,6 +400,17 @@ fn main() -> ExitCode {
             backend: lvm.into(),
         }),
         Command::Demo { json, keep } => spmbox::demo::run(json, keep),
+        Command::Bench {
+            device,
+            quick,
+            json,
+            svg,
+        } => spmbox::bench::run(&spmbox::bench::BenchOptions {
+            device,
+            quick,
+            json,
+            svg,
+        }),
     };
     match result {
         Ok(code) => code,

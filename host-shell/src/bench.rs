@@ -1,0 +1,1041 @@
+//! `spmbox bench`: the figures of docs/performance.md, measured here.
+//!
+//! Every figure comes from the real daemons' code against a real device
+//! with `O_DIRECT`: the SPM daemon ([`crate::spm_daemon::run`]) runs in a
+//! thread; hosts are either full host daemons with guests
+//! ([`crate::host_daemon::run`]) or, where hundreds or thousands of hosts
+//! are needed, a *fleet*: host engines driven from one thread that writes
+//! each host's inbox area, rings the doorbell and reads outbox areas just
+//! as the host daemon does. Percentiles are taken over all samples.
+//!
+//! | section | what | backend |
+//! |---|---|---|
+//! | `round_trip` | request on disk to reply read, one sender at a time and many at once | no-op |
+//! | `whole_extension` | the host decided to ask, to its map refreshed (host daemon, guests writing) | builtin |
+//! | `throughput` | extensions answered per second, every host keeping a request in flight | no-op |
+//! | `idle` | SPM CPU (percent of a core) and bytes read per second with no requests | no-op |
+//! | `write_rate` | one guest writing as fast as it can with 256 MiB chunks: rate and pauses | builtin |
+//! | `scan` | the core engine reading a 2000-host mailbox image: empty, 1 % busy, all busy | none (memory) |
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant as StdInstant};
+
+use serde_json::{Value, json};
+use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
+use spmbox_core::pool::max_size;
+use spmbox_core::spm::{JobResult, Spm, SpmConfig};
+use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, Uuid};
+
+use crate::backend::{BackendError, PoolReport, SpmBackend};
+use crate::commands::{CommandError, EXIT_OK};
+use crate::device::{Access, AlignedBuf};
+use crate::domain::{self, BuiltinMaps, CreateOptions};
+use crate::mailbox::{self, FormatOptions, Mailbox};
+use crate::spm_daemon::{self, Clock, SpmOptions};
+use crate::units::Bytes;
+
+/// The `p`-th percentile (nearest rank) of sorted samples; 0 if none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::new(e.to_string())
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// A latency distribution, milliseconds.
+#[derive(Debug, Clone, Default)]
+struct Dist {
+    samples: Vec<f64>,
+}
+
+impl Dist {
+    fn summary(&self) -> Value {
+        let mut s = self.samples.clone();
+        s.sort_by(f64::total_cmp);
+        json!({
+            "samples": s.len(),
+            "p50_ms": round(percentile(&s, 50.0), 3),
+            "p99_ms": round(percentile(&s, 99.0), 3),
+            "max_ms": round(s.last().copied().unwrap_or(0.0), 3),
+        })
+    }
+}
+
+/// An SPM backend that extends every volume to whatever is asked, at once
+/// and durably: the mailbox round trip with nothing behind it.
+#[derive(Debug, Default)]
+pub struct NoopBackend;
+
+impl SpmBackend for NoopBackend {
+    fn extend(&mut self, _volume: Uuid, target: u64, _urgent: bool) -> JobResult {
+        JobResult::Extended { size: target }
+    }
+    fn commit(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn take_completed(&mut self) -> Vec<(Uuid, u64)> {
+        Vec::new()
+    }
+    fn add_lun(&mut self, _path: &Path) -> Result<String, BackendError> {
+        Err(BackendError::new("the no-op backend has no LUNs"))
+    }
+    fn create_volume(
+        &mut self,
+        _id: Uuid,
+        _virtual_size: u64,
+        _initial_size: u64,
+    ) -> Result<crate::backend::VolumeReport, BackendError> {
+        Err(BackendError::new("the no-op backend has no volumes"))
+    }
+    fn poll_capacity(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn report(&self) -> PoolReport {
+        PoolReport {
+            backend: "noop",
+            extent_size: 1 << 20,
+            total_extents: 0,
+            free_extents: 0,
+            luns: Vec::new(),
+            volumes: Vec::new(),
+            parked: Vec::new(),
+        }
+    }
+}
+
+/// An SPM daemon running in a thread until dropped.
+struct SpmThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl SpmThread {
+    fn start(device: &Path, run_dir: &Path, builtin: bool) -> Result<SpmThread, BackendError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let options = SpmOptions {
+            device: device.to_owned(),
+            config: SpmConfig::default(),
+            spm_id: 0,
+            control: run_dir.join(format!("spm-{}.sock", std::process::id())),
+            metrics: None,
+        };
+        let flag = stop.clone();
+        let path = device.to_owned();
+        let thread = std::thread::spawn(move || {
+            let open = || -> Result<Box<dyn SpmBackend>, BackendError> {
+                if builtin {
+                    Ok(Box::new(domain::BuiltinSpm::open(&path)?))
+                } else {
+                    Ok(Box::new(NoopBackend))
+                }
+            };
+            spm_daemon::run(&options, &open, flag)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        let spm = SpmThread {
+            stop,
+            thread: Some(thread),
+        };
+        // Wait until the SPM header says active.
+        let mailbox = Mailbox::open(device, Access::ReadOnly).map_err(err)?;
+        let started = StdInstant::now();
+        loop {
+            if let Some(h) = spm_daemon::read_spm_header(&mailbox)?
+                && h.state == spmbox_core::wire::SpmState::Active
+                && h.heartbeat > 0
+            {
+                return Ok(spm);
+            }
+            if spm.thread.as_ref().is_some_and(|t| t.is_finished())
+                || started.elapsed() > Duration::from_secs(30)
+            {
+                return Err(BackendError::new("the SPM did not start"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(mut self) -> Result<(), BackendError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => Err(BackendError::new(format!("the SPM failed: {e}"))),
+            Some(Err(_)) => Err(BackendError::new("the SPM thread panicked")),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for SpmThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bytes one fleet request asks for.
+const FLEET_CHUNK: u64 = 1 << 20;
+
+/// One host of a fleet.
+struct FleetHost {
+    engine: Box<Host<1>>,
+    mirror: AlignedBuf,
+    inbox: u64,
+    outbox: u64,
+    volume: Uuid,
+    physical: u64,
+    /// When its request went on disk.
+    sent: Option<StdInstant>,
+}
+
+/// Host engines driven from one thread, as host daemons would drive them.
+struct Fleet {
+    mailbox: Mailbox,
+    clock: Clock,
+    hosts: Vec<FleetHost>,
+    sector: usize,
+    /// Round trips, milliseconds: request on disk to reply read.
+    round_trips: Vec<f64>,
+}
+
+impl Fleet {
+    fn new(device: &Path, ids: impl Iterator<Item = u16>) -> Result<Fleet, BackendError> {
+        let mailbox = Mailbox::open(device, Access::ReadWrite).map_err(err)?;
+        let geometry = mailbox.geometry();
+        let domain = mailbox.superblock().domain;
+        let clock = Clock::start();
+        let config = HostConfig {
+            chunk_size: FLEET_CHUNK,
+            ..HostConfig::default()
+        };
+        let virtual_size = 1u64 << 40;
+        let limit = max_size(virtual_size, 1 << 20).unwrap_or(u64::MAX);
+        let mut hosts = Vec::new();
+        for id in ids {
+            let (Some(inbox), Some(outbox)) = (geometry.inbox_area(id), geometry.outbox_area(id))
+            else {
+                continue;
+            };
+            let mut engine = Box::new(Host::new(domain, id, geometry, config).map_err(err)?);
+            let volume = mailbox::random_uuid().map_err(err)?;
+            engine
+                .add_volume(volume, virtual_size, limit, FLEET_CHUNK, 0)
+                .map_err(err)?;
+            let in_area = mailbox.read(inbox, AREA_SIZE).map_err(err)?;
+            let out_area = mailbox.read(outbox, AREA_SIZE).map_err(err)?;
+            engine
+                .start(clock.now(), &in_area, &out_area)
+                .map_err(err)?;
+            hosts.push(FleetHost {
+                engine,
+                mirror: in_area,
+                inbox,
+                outbox,
+                volume,
+                physical: FLEET_CHUNK,
+                sent: None,
+            });
+        }
+        let sector = geometry.sector_size() as usize;
+        Ok(Fleet {
+            mailbox,
+            clock,
+            hosts,
+            sector,
+            round_trips: Vec::new(),
+        })
+    }
+
+    /// Host `i`'s guest crosses its watermark.
+    fn ask(&mut self, i: usize) {
+        let now = self.clock.now();
+        let h = &mut self.hosts[i];
+        h.engine.handle_allocation(now, h.volume, h.physical - 4096);
+    }
+
+    /// Every host's writes: its inbox area, then its doorbell ring.
+    fn flush(&mut self) -> Result<(), BackendError> {
+        let align = self.mailbox.device().dio_mem_align();
+        for h in &mut self.hosts {
+            let mut dirty = false;
+            let mut bell = None;
+            while let Some(w) = h.engine.poll_write() {
+                if w.offset == DOORBELL_OFFSET {
+                    bell = Some(w.record);
+                } else if let Some(at) = w.offset.checked_sub(h.inbox)
+                    && (at as usize) + RECORD_LEN <= AREA_SIZE
+                {
+                    h.mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+                    dirty = true;
+                }
+            }
+            if dirty {
+                self.mailbox
+                    .device()
+                    .write_at(h.inbox, &h.mirror)
+                    .map_err(err)?;
+                if h.sent.is_none() && h.engine.in_flight() > 0 {
+                    h.sent = Some(StdInstant::now());
+                }
+            }
+            if let Some(record) = bell {
+                let mut buf = AlignedBuf::zeroed(self.sector, align);
+                buf[..RECORD_LEN].copy_from_slice(&record);
+                self.mailbox
+                    .device()
+                    .write_at(DOORBELL_OFFSET, &buf)
+                    .map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the outbox areas the engines ask for (one read spanning them)
+    /// and completes the extensions whose replies arrived. Returns how
+    /// many completed.
+    fn poll(&mut self) -> Result<usize, BackendError> {
+        let now = self.clock.now();
+        let mut want = Vec::new();
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            h.engine.handle_timeout(now);
+            if let Some(HostRead::OutboxArea { .. }) = h.engine.poll_read(now) {
+                want.push(i);
+            }
+        }
+        let mut completed = 0;
+        if let (Some(&first), Some(&last)) = (want.first(), want.last()) {
+            let start = self.hosts[first].outbox;
+            let len = (self.hosts[last].outbox - start) as usize + AREA_SIZE;
+            let span = self.mailbox.read(start, len).map_err(err)?;
+            let read_at = StdInstant::now();
+            let now = self.clock.now();
+            for i in want {
+                let h = &mut self.hosts[i];
+                let at = (h.outbox - start) as usize;
+                h.engine.handle_outbox(now, &span[at..at + AREA_SIZE]);
+                while let Some(event) = h.engine.poll_event() {
+                    match event {
+                        HostEvent::Refresh { volume, size } => {
+                            if let Some(sent) = h.sent.take() {
+                                self.round_trips
+                                    .push(read_at.duration_since(sent).as_secs_f64() * 1e3);
+                            }
+                            h.physical = h.physical.max(size);
+                            h.engine.handle_refreshed(now, volume, size);
+                        }
+                        HostEvent::Extended { .. } => completed += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for h in &mut self.hosts {
+            while h.engine.poll_event().is_some() {}
+        }
+        Ok(completed)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.hosts.iter().map(|h| h.engine.in_flight()).sum()
+    }
+}
+
+/// A fresh mailbox for `hosts` on `device` (the no-op SPM's domain).
+fn fresh_mailbox(device: &Path, hosts: u16) -> Result<(), BackendError> {
+    mailbox::format(
+        device,
+        &FormatOptions {
+            hosts,
+            sector_size: None,
+            domain: None,
+            force: true,
+        },
+    )
+    .map_err(err)?;
+    Ok(())
+}
+
+/// Round trips with `hosts` configured: `samples` requests one at a time
+/// (cycling over the hosts), then bursts of `burst` hosts at once.
+fn round_trip(
+    device: &Path,
+    run_dir: &Path,
+    hosts: u16,
+    samples: usize,
+    burst: usize,
+) -> Result<Vec<Value>, BackendError> {
+    fresh_mailbox(device, hosts)?;
+    let spm = SpmThread::start(device, run_dir, false)?;
+    let mut fleet = Fleet::new(device, 1..=hosts)?;
+    let n = fleet.hosts.len();
+    let mut one = Vec::new();
+    let deadline = StdInstant::now() + Duration::from_secs(120);
+    for s in 0..samples {
+        // Spread the senders over the mailbox, last host included.
+        let i = (s * 7919 + n - 1) % n;
+        fleet.ask(i);
+        fleet.flush()?;
+        while fleet.in_flight() > 0 {
+            fleet.poll()?;
+            fleet.flush()?;
+            if StdInstant::now() > deadline {
+                return Err(BackendError::new("round trips did not complete in 120 s"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        one.append(&mut fleet.round_trips);
+    }
+    let mut out = vec![json!({"hosts": hosts, "senders": 1, "backend": "noop"})];
+    merge(&mut out[0], Dist { samples: one }.summary());
+    if burst > 1 {
+        let senders = burst.min(n);
+        let mut many = Vec::new();
+        for round in 0..3 {
+            for k in 0..senders {
+                fleet.ask((k * n / senders + round) % n);
+            }
+            fleet.flush()?;
+            while fleet.in_flight() > 0 {
+                fleet.poll()?;
+                fleet.flush()?;
+                if StdInstant::now() > deadline {
+                    return Err(BackendError::new(
+                        "burst round trips did not complete in 120 s",
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            many.append(&mut fleet.round_trips);
+        }
+        let mut v = json!({"hosts": hosts, "senders": senders, "backend": "noop"});
+        merge(&mut v, Dist { samples: many }.summary());
+        out.push(v);
+    }
+    drop(fleet);
+    spm.stop()?;
+    Ok(out)
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Some(b)) = (into.as_object_mut(), from.as_object()) {
+        for (k, v) in b {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// Extensions per second with `hosts` each keeping a request in flight.
+fn throughput(
+    device: &Path,
+    run_dir: &Path,
+    hosts: u16,
+    seconds: f64,
+) -> Result<Value, BackendError> {
+    fresh_mailbox(device, hosts)?;
+    let spm = SpmThread::start(device, run_dir, false)?;
+    let mut fleet = Fleet::new(device, 1..=hosts)?;
+    let n = fleet.hosts.len();
+    for i in 0..n {
+        fleet.ask(i);
+    }
+    fleet.flush()?;
+    let started = StdInstant::now();
+    let mut done = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        let completed = fleet.poll()?;
+        done += completed as u64;
+        // Every host that got its answer asks again at once.
+        for i in 0..n {
+            if fleet.hosts[i].engine.in_flight() == 0 {
+                fleet.ask(i);
+            }
+        }
+        fleet.flush()?;
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(fleet);
+    spm.stop()?;
+    Ok(json!({
+        "hosts": hosts,
+        "backend": "noop",
+        "seconds": round(elapsed, 1),
+        "extensions": done,
+        "extensions_per_s": round(done as f64 / elapsed, 1),
+    }))
+}
+
+/// CPU time of this process, seconds.
+fn cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}
+
+/// Bytes this process has read with read/pread so far (`rchar`).
+fn bytes_read() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("rchar:").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// The SPM's idle cost at default settings with `hosts` configured.
+fn idle(device: &Path, run_dir: &Path, hosts: u16, seconds: f64) -> Result<Value, BackendError> {
+    fresh_mailbox(device, hosts)?;
+    let spm = SpmThread::start(device, run_dir, false)?;
+    let (cpu0, read0, t0) = (cpu_seconds(), bytes_read(), StdInstant::now());
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (cpu1, read1, elapsed) = (cpu_seconds(), bytes_read(), t0.elapsed().as_secs_f64());
+    spm.stop()?;
+    let geometry = Geometry::new(hosts, 512).map_err(err)?;
+    let full_scan = 2 * u64::from(geometry.max_hosts()) * AREA_SIZE as u64;
+    let interval = SpmConfig::default().full_scan_interval.as_secs_f64();
+    Ok(json!({
+        "hosts": hosts,
+        "seconds": round(elapsed, 1),
+        "cpu_percent": round((cpu1 - cpu0) / elapsed * 100.0, 3),
+        "read_bytes_per_s": round((read1 - read0) as f64 / elapsed, 0),
+        "full_scan_bytes": full_scan,
+        "full_scan_interval_s": interval,
+    }))
+}
+
+/// One guest writing as fast as it can through a host daemon, with the
+/// builtin pool and `chunk` per request.
+fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Value, BackendError> {
+    let device = dir.join("rate-domain");
+    let lun = dir.join("rate-lun");
+    let _ = std::fs::remove_file(&device);
+    let _ = std::fs::remove_file(&lun);
+    let extent = 128 << 20;
+    let lun_size = (total + 4 * chunk).next_multiple_of(extent) + 2 * extent;
+    std::fs::File::create(&lun)
+        .and_then(|f| f.set_len(lun_size))
+        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+    domain::create(
+        &device,
+        std::slice::from_ref(&lun),
+        &CreateOptions {
+            hosts: 16,
+            sector_size: None,
+            domain: None,
+            extent_size: extent,
+            force: true,
+        },
+    )?;
+    let volume = mailbox::random_uuid().map_err(err)?;
+    {
+        let mut b = domain::BuiltinSpm::open(&device)?;
+        b.create_volume(volume, total, chunk)?;
+    }
+    let spm = SpmThread::start(&device, run_dir, true)?;
+    let mut maps = BuiltinMaps::open(&device, vec![dir.to_owned()])?;
+    let options = crate::host_daemon::HostOptions {
+        device: device.clone(),
+        host_id: 1,
+        volumes: vec![volume],
+        config: HostConfig {
+            chunk_size: chunk,
+            utilization_percent: 50,
+            ..HostConfig::default()
+        },
+        rate: 0,
+        write_size: 4 << 20,
+        guest_bytes: Some(total),
+        exit_when_done: true,
+        json_events: false,
+        status_file: None,
+        metrics: None,
+    };
+    let started = StdInstant::now();
+    let summary = crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))?;
+    let elapsed = started.elapsed().as_secs_f64();
+    spm.stop()?;
+    let _ = std::fs::remove_file(&lun);
+    let _ = std::fs::remove_file(&device);
+    let mut lat = summary.latencies_ms.clone();
+    lat.sort_by(f64::total_cmp);
+    Ok(json!({
+        "chunk_size": chunk,
+        "bytes": summary.bytes_written,
+        "seconds": round(elapsed, 2),
+        "mib_per_s": round(summary.bytes_written as f64 / elapsed / (1 << 20) as f64, 1),
+        "pauses": summary.pauses,
+        "extensions": summary.extensions,
+        "extension_p50_ms": round(percentile(&lat, 50.0), 3),
+        "extension_p99_ms": round(percentile(&lat, 99.0), 3),
+    }))
+}
+
+/// Whole extensions with the builtin pool: guests on `hosts` host daemons
+/// (threads) writing at `rate`, small chunks so that extensions are many.
+fn whole_extension(
+    dir: &Path,
+    run_dir: &Path,
+    hosts: u16,
+    seconds: f64,
+) -> Result<(Value, Vec<f64>), BackendError> {
+    let device = dir.join("ext-domain");
+    let lun = dir.join("ext-lun");
+    let _ = std::fs::remove_file(&device);
+    let _ = std::fs::remove_file(&lun);
+    let extent = 4 << 20;
+    let per_volume = 256u64 << 20;
+    let volumes_per_host = 2u64;
+    let lun_size = per_volume * 2 * volumes_per_host * u64::from(hosts) + (64 << 20);
+    std::fs::File::create(&lun)
+        .and_then(|f| f.set_len(lun_size))
+        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+    domain::create(
+        &device,
+        std::slice::from_ref(&lun),
+        &CreateOptions {
+            hosts: 250,
+            sector_size: None,
+            domain: None,
+            extent_size: extent,
+            force: true,
+        },
+    )?;
+    let mut assignment = Vec::new();
+    {
+        let mut b = domain::BuiltinSpm::open(&device)?;
+        for h in 1..=hosts {
+            let mut vols = Vec::new();
+            for _ in 0..volumes_per_host {
+                let v = mailbox::random_uuid().map_err(err)?;
+                b.create_volume(v, per_volume, extent)?;
+                vols.push(v);
+            }
+            assignment.push((h, vols));
+        }
+    }
+    let spm = SpmThread::start(&device, run_dir, true)?;
+    // Guests write 8 MiB/s each with 4 MiB chunks: about one extension
+    // per volume every half second, spread over time.
+    let rate = 8u64 << 20;
+    let bytes = ((rate as f64 * seconds) as u64)
+        .min(per_volume)
+        .next_multiple_of(4096);
+    let mut threads = Vec::new();
+    for (h, vols) in assignment {
+        let device = device.clone();
+        let search = vec![dir.to_owned()];
+        threads.push(std::thread::spawn(move || -> Result<Vec<f64>, String> {
+            let mut maps = BuiltinMaps::open(&device, search).map_err(|e| e.to_string())?;
+            let options = crate::host_daemon::HostOptions {
+                device,
+                host_id: h,
+                volumes: vols,
+                config: HostConfig {
+                    chunk_size: extent,
+                    utilization_percent: 50,
+                    ..HostConfig::default()
+                },
+                rate,
+                write_size: 256 << 10,
+                guest_bytes: Some(bytes),
+                exit_when_done: true,
+                json_events: false,
+                status_file: None,
+                metrics: None,
+            };
+            crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))
+                .map(|s| s.latencies_ms)
+                .map_err(|e| e.to_string())
+        }));
+    }
+    let mut all = Vec::new();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(l)) => all.extend(l),
+            Ok(Err(e)) => return Err(BackendError::new(format!("a host failed: {e}"))),
+            Err(_) => return Err(BackendError::new("a host thread panicked")),
+        }
+    }
+    spm.stop()?;
+    let _ = std::fs::remove_file(&lun);
+    let _ = std::fs::remove_file(&device);
+    let mut v = json!({"backend": "builtin", "hosts": hosts, "volumes": u64::from(hosts) * volumes_per_host});
+    merge(
+        &mut v,
+        Dist {
+            samples: all.clone(),
+        }
+        .summary(),
+    );
+    Ok((v, all))
+}
+
+/// The core engine reading a 2000-host mailbox image from memory.
+fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Value, BackendError> {
+    let hosts = 2000u16;
+    let geometry = Geometry::new(hosts, 512).map_err(err)?;
+    let domain = Uuid([0x5a; 16]);
+    let area_bytes = usize::from(hosts) * AREA_SIZE;
+    let mut inbox = vec![0u8; area_bytes];
+    let outbox = vec![0u8; area_bytes];
+    let busy = ((f64::from(hosts) * fraction_busy).round() as usize).min(usize::from(hosts));
+    let clock = Clock::start();
+    let config = HostConfig {
+        chunk_size: FLEET_CHUNK,
+        ..HostConfig::default()
+    };
+    for k in 0..busy {
+        let id = (k * usize::from(hosts) / busy.max(1)) as u16 + 1;
+        let mut engine = Box::new(Host::<1>::new(domain, id, geometry, config).map_err(err)?);
+        let volume = Uuid([
+            (k % 251) as u8 + 1,
+            (k / 251) as u8 + 1,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+            7,
+        ]);
+        engine
+            .add_volume(volume, 1 << 40, 1 << 41, FLEET_CHUNK, 0)
+            .map_err(err)?;
+        let empty = vec![0u8; AREA_SIZE];
+        engine.start(clock.now(), &empty, &empty).map_err(err)?;
+        engine.handle_allocation(clock.now(), volume, FLEET_CHUNK - 4096);
+        while let Some(w) = engine.poll_write() {
+            if let Some(at) = w.offset.checked_sub(geometry.inbox_offset())
+                && (at as usize) + RECORD_LEN <= area_bytes
+            {
+                inbox[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+            }
+        }
+    }
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        let mut spm: Box<Spm<1024>> = Box::new(
+            Spm::new(clock.now(), domain, geometry, 0, None, SpmConfig::default()).map_err(err)?,
+        );
+        let t = StdInstant::now();
+        spm.handle_hosts(clock.now(), 1, &inbox, &outbox);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        let queued = spm.queue().len();
+        if queued < busy.min(1024) {
+            return Err(BackendError::new(format!(
+                "scan queued {queued} requests of {busy}: the benchmark's image is wrong"
+            )));
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let p50 = percentile(&times, 50.0);
+    Ok(json!({
+        "hosts": hosts,
+        "busy": label,
+        "busy_hosts": busy,
+        "scan_p50_ms": round(p50, 3),
+        "scans_per_s": round(1e3 / p50, 1),
+        "mib_per_s": round(2.0 * area_bytes as f64 / (1 << 20) as f64 / (p50 / 1e3), 1),
+    }))
+}
+
+/// Static memory of the engines on this machine.
+fn memory() -> Value {
+    json!({
+        "spm_1024_bytes": size_of::<Spm<1024>>(),
+        "spm_256_bytes": size_of::<Spm<256>>(),
+        "host_64_bytes": size_of::<Host<64>>(),
+        "default_pool_bytes": size_of::<spmbox_core::pool::DefaultPool>(),
+        "note": "size_of on this machine; .ci/run prints the thumbv7em code size",
+    })
+}
+
+/// A cumulative distribution plot of the latency sets, as SVG.
+fn svg(sets: &[(String, Vec<f64>)]) -> String {
+    let (w, h, left, bottom) = (720.0, 420.0, 60.0, 40.0);
+    let (lo, hi) = (0.1f64.log10(), 10_000f64.log10());
+    let x = |ms: f64| left + (ms.max(0.1).log10() - lo) / (hi - lo) * (w - left - 20.0);
+    let y = |q: f64| (h - bottom) - q * (h - bottom - 20.0);
+    let colors = [
+        "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+    ];
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for ms in [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0] {
+        out += &format!(
+            "<line x1=\"{0:.1}\" y1=\"20\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{ms} ms</text>\n",
+            x(ms),
+            h - bottom,
+            h - bottom + 15.0
+        );
+    }
+    for q in [0.0, 0.5, 0.99, 1.0] {
+        out += &format!(
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2:.1}\" y=\"{3:.1}\" text-anchor=\"end\">{q}</text>\n",
+            y(q),
+            w - 20.0,
+            left - 5.0,
+            y(q) + 4.0
+        );
+    }
+    for (i, (name, samples)) in sets.iter().enumerate() {
+        let mut s = samples.clone();
+        s.sort_by(f64::total_cmp);
+        if s.is_empty() {
+            continue;
+        }
+        let color = colors[i % colors.len()];
+        let step = (s.len() / 400).max(1);
+        let points: Vec<String> = s
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % step == 0 || *k == s.len() - 1)
+            .map(|(k, ms)| format!("{:.1},{:.1}", x(*ms), y((k + 1) as f64 / s.len() as f64)))
+            .collect();
+        out += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{name} ({} samples)</text>\n",
+            points.join(" "),
+            left + 10.0,
+            35.0 + 14.0 * i as f64,
+            s.len()
+        );
+    }
+    out += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">latency (log scale); vertical: fraction of samples at or below</text>\n</svg>\n",
+        w / 2.0,
+        h - 5.0
+    );
+    out
+}
+
+/// What `spmbox bench` is asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The mailbox device for the no-op runs; default a temporary file.
+    pub device: Option<PathBuf>,
+    /// About a minute instead of several.
+    pub quick: bool,
+    /// One JSON object on stdout.
+    pub json: bool,
+    /// Write the latency plot here.
+    pub svg: Option<PathBuf>,
+}
+
+/// `spmbox bench`.
+pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
+    let dir = tempfile::Builder::new()
+        .prefix("spmbox-bench-")
+        .tempdir()
+        .map_err(|e| BackendError::new(format!("cannot make a temporary directory: {e}")))?;
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).map_err(|e| BackendError::new(e.to_string()))?;
+    // The given device is formatted over for each configuration; by
+    // default each gets its own file, made at the right size.
+    let device_for = |hosts: u16| {
+        options
+            .device
+            .clone()
+            .unwrap_or_else(|| dir.path().join(format!("mailbox-{hosts}")))
+    };
+    let q = options.quick;
+    let say = |what: &str| {
+        if !options.json {
+            eprintln!("bench: {what}");
+        }
+    };
+    let started = StdInstant::now();
+    let mut sets: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut rt = Vec::new();
+    for (hosts, samples, burst) in [
+        (1u16, if q { 200 } else { 2000 }, 0usize),
+        (250, if q { 200 } else { 2000 }, 250),
+        (2000, if q { 200 } else { 2000 }, 250),
+    ] {
+        say(&format!("round trip, {hosts} hosts"));
+        let rows = round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)?;
+        rt.extend(rows);
+    }
+    say("whole extension, builtin pool");
+    let (ext, ext_samples) = whole_extension(dir.path(), &run_dir, 3, if q { 6.0 } else { 30.0 })?;
+    sets.push(("whole extension, builtin, 3 hosts".into(), ext_samples));
+    say("throughput, 2000 hosts");
+    let tput = throughput(
+        &device_for(2000),
+        &run_dir,
+        2000,
+        if q { 5.0 } else { 30.0 },
+    )?;
+    let mut idles = Vec::new();
+    for hosts in [250u16, 2000] {
+        say(&format!("idle, {hosts} hosts"));
+        idles.push(idle(
+            &device_for(hosts),
+            &run_dir,
+            hosts,
+            if q { 5.0 } else { 31.0 },
+        )?);
+    }
+    say("guest write rate, 256 MiB chunks");
+    let rate = write_rate(
+        dir.path(),
+        &run_dir,
+        256 << 20,
+        if q { 1 << 30 } else { 8 << 30 },
+    )?;
+    let mut scans = Vec::new();
+    for (f, label) in [(0.0, "empty"), (0.01, "1%"), (1.0, "all")] {
+        say(&format!("scan, {label}"));
+        scans.push(scan(f, label, if q { 20 } else { 200 })?);
+    }
+    let report = json!({
+        "version": 1,
+        "quick": q,
+        "device": options.device.as_ref().map_or("temporary files".into(), |d| d.display().to_string()),
+        "seconds": round(started.elapsed().as_secs_f64(), 1),
+        "round_trip": rt,
+        "whole_extension": [ext],
+        "throughput": tput,
+        "idle": idles,
+        "write_rate": rate,
+        "scan": scans,
+        "memory": memory(),
+    });
+    if let Some(path) = &options.svg {
+        std::fs::write(path, svg(&sets))
+            .map_err(|e| BackendError::new(format!("cannot write {}: {e}", path.display())))?;
+    }
+    if options.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?
+        );
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+fn table(r: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<44} {:>10} {:>10} {:>10} {:>8}",
+        "round trip (no-op backend)", "p50 ms", "p99 ms", "max ms", "samples"
+    );
+    for row in r["round_trip"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  {:<42} {:>10} {:>10} {:>10} {:>8}",
+            format!("{} hosts, {} sending at once", row["hosts"], row["senders"]),
+            row["p50_ms"],
+            row["p99_ms"],
+            row["max_ms"],
+            row["samples"]
+        );
+    }
+    for row in r["whole_extension"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "{:<44} {:>10} {:>10} {:>10} {:>8}",
+            format!(
+                "whole extension ({}, {} hosts)",
+                row["backend"].as_str().unwrap_or(""),
+                row["hosts"]
+            ),
+            row["p50_ms"],
+            row["p99_ms"],
+            row["max_ms"],
+            row["samples"]
+        );
+    }
+    let t = &r["throughput"];
+    let _ = writeln!(
+        o,
+        "throughput, {} hosts, no-op backend: {} extensions/s ({} in {} s)",
+        t["hosts"], t["extensions_per_s"], t["extensions"], t["seconds"]
+    );
+    for row in r["idle"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "idle SPM, {} hosts: {} % of a core, {}/s read",
+            row["hosts"],
+            row["cpu_percent"],
+            Bytes(row["read_bytes_per_s"].as_f64().unwrap_or(0.0) as u64)
+        );
+    }
+    let w = &r["write_rate"];
+    let _ = writeln!(
+        o,
+        "guest write rate, {} chunks: {} MiB/s, {} pauses, {} extensions",
+        Bytes(w["chunk_size"].as_u64().unwrap_or(0)),
+        w["mib_per_s"],
+        w["pauses"],
+        w["extensions"]
+    );
+    for row in r["scan"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "core scan of a 2000-host mailbox, {} busy: {} ms ({} scans/s, {} MiB/s)",
+            row["busy"].as_str().unwrap_or(""),
+            row["scan_p50_ms"],
+            row["scans_per_s"],
+            row["mib_per_s"]
+        );
+    }
+    let m = &r["memory"];
+    let _ = writeln!(
+        o,
+        "engine state: Spm<1024> {} B, Host<64> {} B, DefaultPool {} B",
+        m["spm_1024_bytes"], m["host_64_bytes"], m["default_pool_bytes"]
+    );
+    let _ = writeln!(o, "bench took {} s", r["seconds"]);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_over_all_samples() {
+        let s: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&s, 50.0), 50.0);
+        assert_eq!(percentile(&s, 99.0), 99.0);
+        assert_eq!(percentile(&s, 100.0), 100.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+        assert_eq!(percentile(&[7.0], 1.0), 7.0);
+    }
+
+    #[test]
+    fn the_plot_is_svg_with_one_line_per_set() {
+        let text = svg(&[("a".into(), vec![1.0, 2.0, 30.0]), ("b".into(), vec![0.5])]);
+        assert!(text.starts_with("<svg"));
+        assert_eq!(text.matches("<polyline").count(), 2);
+        assert!(text.trim_end().ends_with("</svg>"));
+    }
+}
