@@ -1243,3 +1243,51 @@ fn the_left_over_reply_of_a_slots_previous_request_is_not_counted() {
     rig.deliver(at(2010));
     assert_eq!(rig.host.stats().replies_ignored, 0);
 }
+
+#[test]
+fn the_doorbell_is_rung_again_doubling_until_a_reply_comes() {
+    let mut rig = Rig::<4>::one(GIB - MIB);
+    rig.writes.clear();
+    let mut rings = Vec::new();
+    let mut now = at(0);
+    while now < at(1_500) {
+        now = rig.host.poll_timeout().unwrap();
+        rig.host.handle_timeout(now);
+        while rig.host.poll_read(now).is_some() {}
+        for w in rig.flush() {
+            assert_eq!(
+                w.offset, DOORBELL_OFFSET,
+                "a ring again writes the doorbell only"
+            );
+            rings.push(now.as_micros() / 1000);
+        }
+    }
+    // 20 ms after the request, then doubling; the resend at 2 s rings by
+    // itself.
+    assert_eq!(rings, [20, 60, 140, 300, 620, 1260]);
+    assert_eq!(rig.host.stats().rings_repeated, 6);
+    assert_eq!(rig.doorbell().map(|d| d.sequence), Some(1));
+    // A reply ends it: parked requests are known to the SPM.
+    rig.answer(1, 1, ReplyStatus::WaitingForSpace, GIB);
+    rig.deliver(now);
+    rig.take_events();
+    rig.host.handle_timeout(at(1_900));
+    assert!(rig.flush().is_empty(), "no ring while parked");
+    assert_eq!(rig.host.stats().rings_repeated, 6);
+}
+
+#[test]
+fn a_zero_ring_retry_rings_once_per_write() {
+    let mut rig = Rig::<4>::with_config(HostConfig {
+        ring_retry: Duration::ZERO,
+        ..HostConfig::default()
+    });
+    rig.host
+        .add_volume(vol(1), VIRTUAL, LIMIT, GIB, GIB - MIB)
+        .unwrap();
+    rig.start(at(0));
+    rig.writes.clear();
+    rig.host.handle_timeout(at(1_000));
+    assert!(rig.flush().is_empty());
+    assert_eq!(rig.host.stats().rings_repeated, 0);
+}
