@@ -422,3 +422,47 @@ fn the_host_consuming_its_reply_removes_nothing_the_spm_still_owes() {
     assert_eq!(jobs.len(), 1, "the newer, larger request gets its own job");
     assert_eq!(jobs[0].target_size, 3 << 30);
 }
+
+#[test]
+fn rings_that_collide_bring_a_full_scan_forward() {
+    let mut disk = Disk::new(8);
+    let mut spm = start(&disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    assert_eq!(spm.stats().full_scans, 1);
+    // Hosts 2, 3 and 4 ring within one doorbell interval: only the last
+    // ring is on disk when the SPM reads it.
+    for h in [2u16, 3, 4] {
+        disk.host_start(h, 1);
+        let r = request(h, 1, h as u8, 2);
+        disk.send(&r);
+        disk.ring(&r);
+    }
+    let jobs = step(&mut spm, &mut disk, ms(5));
+    assert_eq!(jobs.len(), 1, "one ring seen, one targeted read");
+    assert_eq!(
+        spm.stats().busy_scans,
+        0,
+        "one new ring is no sign of collisions"
+    );
+    // Host 5 rings before the next doorbell read: two reads in a row with
+    // a new ring, so the full scan comes 50 ms after the last one instead
+    // of 15 s.
+    disk.host_start(5, 1);
+    let r = request(5, 1, 5, 2);
+    disk.send(&r);
+    disk.ring(&r);
+    let jobs = step(&mut spm, &mut disk, ms(10));
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
+    let mut t = 15;
+    while t <= 50 {
+        step(&mut spm, &mut disk, ms(t));
+        t += 5;
+    }
+    assert_eq!(spm.stats().full_scans, 2, "the scan brought forward ran");
+    assert_eq!(
+        spm.queue().len(),
+        4,
+        "the overwritten rings' requests were found by it"
+    );
+}

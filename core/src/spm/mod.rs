@@ -82,6 +82,13 @@ pub struct SpmConfig {
     pub per_host_cap: usize,
     /// The most jobs running at once.
     pub max_jobs: usize,
+    /// The shortest time between full scans while rings collide. The
+    /// doorbell holds one ring, so when two doorbell reads in a row each
+    /// find a new ring, rings are arriving faster than they are read and
+    /// some were likely overwritten; the next full scan is then brought
+    /// forward to at most this long after the previous one. Zero turns it
+    /// off. Default 50 ms.
+    pub busy_scan_interval: Duration,
 }
 
 impl Default for SpmConfig {
@@ -92,6 +99,7 @@ impl Default for SpmConfig {
             heartbeat_interval: Duration::from_secs(1),
             per_host_cap: 8,
             max_jobs: 4,
+            busy_scan_interval: Duration::from_millis(50),
         }
     }
 }
@@ -213,6 +221,8 @@ pub struct SpmStats {
     pub full_scans: u64,
     /// Targeted reads handed out.
     pub targeted_reads: u64,
+    /// Full scans brought forward because rings collided.
+    pub busy_scans: u64,
     /// Jobs handed out.
     pub jobs: u64,
     /// Replies handed out.
@@ -266,6 +276,10 @@ pub struct Spm<const QUEUE: usize> {
     next_heartbeat: Instant,
     targeted: heapless::Deque<u16, TARGETED_READS>,
     last_doorbell: Option<Doorbell>,
+    /// Doorbell reads in a row that found a new ring.
+    rings_in_a_row: u8,
+    /// When the last full scan was handed out.
+    last_full_scan: Instant,
     scan_cursor: u16,
     defect_reports: u32,
     refusal_reports: u32,
@@ -309,6 +323,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             next_heartbeat: now + config.heartbeat_interval,
             targeted: heapless::Deque::new(),
             last_doorbell: None,
+            rings_in_a_row: 0,
+            last_full_scan: Instant::ZERO,
             scan_cursor: 0,
             defect_reports: 0,
             refusal_reports: 0,
@@ -362,6 +378,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         }
         if now >= self.next_scan {
             self.next_scan = now + self.config.full_scan_interval;
+            self.last_full_scan = now;
             self.targeted.clear();
             self.defect_reports = 0;
             self.refusal_reports = 0;
@@ -404,7 +421,6 @@ impl<const QUEUE: usize> Spm<QUEUE> {
 
     /// The doorbell record as read.
     pub fn handle_doorbell(&mut self, now: Instant, bytes: &[u8]) {
-        let _ = now;
         let at = Location {
             domain: self.domain,
             host_id: 0,
@@ -412,12 +428,24 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         };
         let Ok(Some(bell)) = Doorbell::parse(bytes, &at) else {
             // Empty or damaged: a hint only; the full scan covers it.
+            self.rings_in_a_row = 0;
             return;
         };
         if self.last_doorbell == Some(bell) {
+            self.rings_in_a_row = 0;
             return;
         }
         self.last_doorbell = Some(bell);
+        self.rings_in_a_row = self.rings_in_a_row.saturating_add(1);
+        let busy = self.config.busy_scan_interval;
+        if self.rings_in_a_row >= 2 && !busy.is_zero() {
+            // Rings collide: scan soon, but not more often than `busy`.
+            let at = (self.last_full_scan + busy).max(now);
+            if at < self.next_scan {
+                self.next_scan = at;
+                self.stats.busy_scans += 1;
+            }
+        }
         if self.geometry.inbox_area(bell.ringer).is_none() {
             return;
         }
