@@ -127,7 +127,10 @@ impl SpmThread {
         let stop = Arc::new(AtomicBool::new(false));
         let options = SpmOptions {
             device: device.to_owned(),
-            config: SpmConfig::default(),
+            config: spm_daemon::daemon_config(
+                SpmConfig::default().doorbell_interval,
+                SpmConfig::default().full_scan_interval,
+            ),
             spm_id: 0,
             control: run_dir.join(format!("spm-{}.sock", std::process::id())),
             metrics: None,

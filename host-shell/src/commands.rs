@@ -324,11 +324,7 @@ pub fn spm(
     };
     let options = crate::spm_daemon::SpmOptions {
         device: device.to_owned(),
-        config: spmbox_core::spm::SpmConfig {
-            doorbell_interval,
-            full_scan_interval,
-            ..Default::default()
-        },
+        config: crate::spm_daemon::daemon_config(doorbell_interval, full_scan_interval),
         spm_id,
         control,
         metrics,

@@ -39,6 +39,25 @@ use crate::units::Bytes;
 /// The SPM's queue window: requests beyond it wait on disk.
 pub const QUEUE: usize = 1024;
 
+/// Jobs the daemon runs per batch (one backend commit covers a batch).
+pub const BATCH: usize = 64;
+
+/// The engine's pacing for the daemon: `doorbell_interval` and
+/// `full_scan_interval` as given, batches of [`BATCH`] jobs, the rest the
+/// engine's defaults.
+pub fn daemon_config(doorbell_interval: Duration, full_scan_interval: Duration) -> SpmConfig {
+    SpmConfig {
+        doorbell_interval,
+        full_scan_interval,
+        max_jobs: BATCH,
+        ..SpmConfig::default()
+    }
+}
+
+/// The most bytes per second that full scans brought forward by colliding
+/// doorbell rings may read on average.
+pub const BUSY_SCAN_READ_RATE: u64 = 128 << 20;
+
 /// What `spmbox spm` is asked to do.
 #[derive(Debug, Clone)]
 pub struct SpmOptions {
@@ -385,6 +404,16 @@ pub fn run(
     let mut backend = open_backend()?;
     let backend = backend.as_mut();
     let clock = Clock::start();
+    // Scans brought forward by colliding rings read at most
+    // BUSY_SCAN_READ_RATE on average: every 50 ms at 250 hosts, every
+    // 122 ms at 2000.
+    let mut config = options.config;
+    let scan_bytes = 2 * u64::from(geometry.max_hosts()) * spmbox_core::wire::AREA_SIZE as u64;
+    if !config.busy_scan_interval.is_zero() {
+        config.busy_scan_interval = config.busy_scan_interval.max(Duration::from_secs_f64(
+            scan_bytes as f64 / BUSY_SCAN_READ_RATE as f64,
+        ));
+    }
     let mut engine: Box<Spm<QUEUE>> = Box::new(
         Spm::new(
             clock.now(),
@@ -392,7 +421,7 @@ pub fn run(
             geometry,
             options.spm_id,
             found.as_ref(),
-            options.config,
+            config,
         )
         .map_err(|e| BackendError::new(e.to_string()))?,
     );
@@ -474,7 +503,8 @@ pub fn run(
         while let Some(job) = engine.poll_job() {
             jobs.push(job);
         }
-        if !jobs.is_empty() {
+        let had_jobs = !jobs.is_empty();
+        if had_jobs {
             let started = std::time::Instant::now();
             let results: Vec<(Uuid, u64, JobResult)> = jobs
                 .iter()
@@ -558,7 +588,8 @@ pub fn run(
         // Completions of an add-lun come out on the next turn at once.
         let next = engine.poll_timeout();
         let wait = next.map_or(Duration::from_millis(50), |t| clock.until(t));
-        if !wait.is_zero() {
+        // After a batch, the queue may hold the next one: no sleep.
+        if !wait.is_zero() && !had_jobs {
             std::thread::sleep(wait.min(Duration::from_millis(50)));
         }
     }
