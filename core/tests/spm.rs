@@ -466,3 +466,34 @@ fn rings_that_collide_bring_a_full_scan_forward() {
         "the overwritten rings' requests were found by it"
     );
 }
+
+#[test]
+fn an_idle_spm_reads_the_doorbell_less_often_until_a_ring_comes() {
+    fn doorbell_reads(spm: &mut Spm<64>, disk: &Disk, from: u64, to: u64) -> Vec<u64> {
+        let mut reads = Vec::new();
+        for t in from..to {
+            while let Some(io) = spm.poll_io(ms(t)) {
+                if io == SpmIo::ReadDoorbell {
+                    reads.push(t);
+                    spm.handle_doorbell(ms(t), disk.record(DOORBELL_OFFSET));
+                }
+            }
+        }
+        reads
+    }
+    let mut disk = Disk::new(8);
+    let mut spm = start(&disk, ms(0));
+    // Busy for 5 s after start: every 5 ms.
+    let early = doorbell_reads(&mut spm, &disk, 100, 130);
+    assert_eq!(early, [100, 105, 110, 115, 120, 125]);
+    // Idle: every 30 ms.
+    let idle = doorbell_reads(&mut spm, &disk, 6000, 6060);
+    assert_eq!(idle, [6000, 6030]);
+    // A ring: fast again from the next read.
+    disk.host_start(2, 1);
+    let r = request(2, 1, 2, 2);
+    disk.send(&r);
+    disk.ring(&r);
+    let after = doorbell_reads(&mut spm, &disk, 6060, 6090);
+    assert_eq!(after, [6060, 6065, 6070, 6075, 6080, 6085]);
+}

@@ -89,6 +89,13 @@ pub struct SpmConfig {
     /// forward to at most this long after the previous one. Zero turns it
     /// off. Default 50 ms.
     pub busy_scan_interval: Duration,
+    /// How often the doorbell is read once no new ring has been seen for
+    /// `idle_after`: an idle SPM then costs less, and the first ring after
+    /// a quiet spell waits at most this long. At most `doorbell_interval`
+    /// turns it off. Default 30 ms.
+    pub idle_doorbell_interval: Duration,
+    /// How long without a new ring makes the SPM idle. Default 5 s.
+    pub idle_after: Duration,
 }
 
 impl Default for SpmConfig {
@@ -100,6 +107,8 @@ impl Default for SpmConfig {
             per_host_cap: 8,
             max_jobs: 4,
             busy_scan_interval: Duration::from_millis(50),
+            idle_doorbell_interval: Duration::from_millis(30),
+            idle_after: Duration::from_secs(5),
         }
     }
 }
@@ -280,6 +289,8 @@ pub struct Spm<const QUEUE: usize> {
     rings_in_a_row: u8,
     /// When the last full scan was handed out.
     last_full_scan: Instant,
+    /// When the doorbell last showed a new ring (or the engine started).
+    last_ring: Instant,
     scan_cursor: u16,
     defect_reports: u32,
     refusal_reports: u32,
@@ -325,6 +336,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             last_doorbell: None,
             rings_in_a_row: 0,
             last_full_scan: Instant::ZERO,
+            last_ring: now,
             scan_cursor: 0,
             defect_reports: 0,
             refusal_reports: 0,
@@ -397,7 +409,15 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             });
         }
         if now >= self.next_doorbell {
-            self.next_doorbell = now + self.config.doorbell_interval;
+            let idle = now.saturating_since(self.last_ring) >= self.config.idle_after;
+            let interval = if idle {
+                self.config
+                    .idle_doorbell_interval
+                    .max(self.config.doorbell_interval)
+            } else {
+                self.config.doorbell_interval
+            };
+            self.next_doorbell = now + interval;
             return Some(SpmIo::ReadDoorbell);
         }
         None
@@ -436,6 +456,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             return;
         }
         self.last_doorbell = Some(bell);
+        self.last_ring = now;
+        // Out of idle at once: the next read at the busy interval.
+        self.next_doorbell = self.next_doorbell.min(now + self.config.doorbell_interval);
         self.rings_in_a_row = self.rings_in_a_row.saturating_add(1);
         let busy = self.config.busy_scan_interval;
         if self.rings_in_a_row >= 2 && !busy.is_zero() {
