@@ -222,6 +222,55 @@ fn with_highest_epoch(
     })
 }
 
+/// Hosts whose inbox slots are all zero are skipped by outbox reads
+/// that span more than this many areas.
+const OUTBOX_GAP: usize = 8;
+
+/// The outbox areas matching the inbox areas `inbox` (read from the
+/// outbox at `outbox_offset`), read only where the inbox has a slot that
+/// is not all zero: an area with no request needs no reply looked at, and
+/// an idle full scan then reads the inboxes alone (half the bytes).
+/// Skipped areas are passed as zeros (empty). Reads of nearby areas are
+/// merged.
+fn read_outboxes(
+    mailbox: &Mailbox,
+    outbox_offset: u64,
+    inbox: &[u8],
+) -> Result<Vec<u8>, BackendError> {
+    const AREA: usize = spmbox_core::wire::AREA_SIZE;
+    let count = inbox.len() / AREA;
+    let busy: Vec<bool> = (0..count)
+        .map(|i| {
+            inbox[i * AREA + RECORD_LEN..(i + 1) * AREA]
+                .iter()
+                .any(|&b| b != 0)
+        })
+        .collect();
+    let mut out = vec![0u8; count * AREA];
+    let mut i = 0;
+    while i < count {
+        if !busy[i] {
+            i += 1;
+            continue;
+        }
+        // A run from i to the last busy area with gaps of at most OUTBOX_GAP.
+        let mut end = i + 1;
+        let mut j = i + 1;
+        while j < count && j - end <= OUTBOX_GAP {
+            if busy[j] {
+                end = j + 1;
+            }
+            j += 1;
+        }
+        let bytes = mailbox
+            .read(outbox_offset + (i * AREA) as u64, (end - i) * AREA)
+            .map_err(|e| BackendError::new(e.to_string()))?;
+        out[i * AREA..end * AREA].copy_from_slice(&bytes);
+        i = end;
+    }
+    Ok(out)
+}
+
 /// Writes records as whole sectors, read-modify-write, each sector once per
 /// batch, in the order the records came.
 fn write_records(mailbox: &Mailbox, writes: &[SpmWrite]) -> Result<(), BackendError> {
@@ -436,10 +485,9 @@ pub fn run(
             options.control.display()
         ))
     })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| BackendError::new(e.to_string()))?;
     let _remove_socket = RemoveOnDrop(options.control.clone());
+    let (control_tx, control_rx) = std::sync::mpsc::channel::<ControlMsg>();
+    let _control = ControlServer::start(listener, options.control.clone(), control_tx)?;
     tracing::info!(
         "SPM of domain {} started: epoch {}, {} hosts, doorbell every {:?}, full scan every {:?}, control socket {}",
         domain,
@@ -491,9 +539,7 @@ pub fn run(
                     let inbox = mailbox
                         .read(ib, len)
                         .map_err(|e| BackendError::new(e.to_string()))?;
-                    let outbox = mailbox
-                        .read(ob, len)
-                        .map_err(|e| BackendError::new(e.to_string()))?;
+                    let outbox = read_outboxes(&mailbox, ob, &inbox)?;
                     engine.handle_hosts(now, first_host, &inbox, &outbox);
                 }
             }
@@ -574,23 +620,23 @@ pub fn run(
         if engine.is_deposed() {
             break;
         }
-        // Admin requests.
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => serve_control(stream, backend),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!("control socket: {e}");
-                    break;
-                }
-            }
+        // Admin requests; completions of an add-lun come out on the next
+        // turn at once.
+        while let Ok((request, reply)) = control_rx.try_recv() {
+            tracing::info!("control: {request}");
+            let _ = reply.send(admin(backend, &request));
         }
-        // Completions of an add-lun come out on the next turn at once.
         let next = engine.poll_timeout();
         let wait = next.map_or(Duration::from_millis(50), |t| clock.until(t));
-        // After a batch, the queue may hold the next one: no sleep.
-        if !wait.is_zero() && !had_jobs {
-            std::thread::sleep(wait.min(Duration::from_millis(50)));
+        // After a batch, the queue may hold the next one: no wait. An admin
+        // request ends the wait at once.
+        if !wait.is_zero()
+            && !had_jobs
+            && let Ok((request, reply)) =
+                control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
+        {
+            tracing::info!("control: {request}");
+            let _ = reply.send(admin(backend, &request));
         }
     }
     if engine.is_deposed() {
@@ -694,21 +740,83 @@ fn spm_metrics(
     t
 }
 
-fn serve_control(stream: UnixStream, backend: &mut dyn SpmBackend) {
-    let _ = stream.set_nonblocking(false);
+/// An admin request from the control socket, and where its answer goes.
+type ControlMsg = (Value, std::sync::mpsc::Sender<Value>);
+
+/// The control socket's thread: it blocks in `accept`, so the daemon's
+/// loop polls nothing for it; requests reach the loop over a channel and
+/// wake it from its wait.
+struct ControlServer {
+    stop: Arc<AtomicBool>,
+    path: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    fn start(
+        listener: UnixListener,
+        path: PathBuf,
+        tx: std::sync::mpsc::Sender<ControlMsg>,
+    ) -> Result<ControlServer, BackendError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match stream {
+                        Ok(stream) => serve_control(stream, &tx),
+                        Err(e) => tracing::warn!("control socket: {e}"),
+                    }
+                }
+            })
+            .map_err(|e| BackendError::new(format!("cannot start the control thread: {e}")))?;
+        Ok(ControlServer {
+            stop,
+            path,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the thread from accept.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long a control client waits for the daemon's loop to answer.
+const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn serve_control(stream: UnixStream, tx: &std::sync::mpsc::Sender<ControlMsg>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut reader = BufReader::new(&stream);
     let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
+    if reader.read_line(&mut line).is_err() || line.is_empty() {
         return;
     }
-    let answer = match serde_json::from_str::<Value>(&line) {
-        Ok(request) => {
-            tracing::info!("control: {request}");
-            admin(backend, &request)
-        }
-        Err(e) => json!({ "ok": false, "error": format!("not a JSON request: {e}") }),
-    };
+    let answer =
+        match serde_json::from_str::<Value>(&line) {
+            Ok(request) => {
+                let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+                if tx.send((request, reply_tx)).is_err() {
+                    json!({ "ok": false, "error": "the SPM is stopping" })
+                } else {
+                    reply_rx.recv_timeout(CONTROL_ANSWER_TIMEOUT).unwrap_or_else(|_| {
+                    json!({ "ok": false, "error": "the SPM did not answer within 60 s" })
+                })
+                }
+            }
+            Err(e) => json!({ "ok": false, "error": format!("not a JSON request: {e}") }),
+        };
     let mut out = answer.to_string();
     out.push('\n');
     let _ = (&stream).write_all(out.as_bytes());
