@@ -326,12 +326,15 @@ impl Domain {
             .map_err(|e| BackendError::new(format!("cannot commit the pool metadata: {e}")))
     }
 
-    /// Zeroes copy B (a new pool must not lose to a left-over copy).
-    fn zero_copy_b(&self) -> Result<(), BackendError> {
+    /// Zeroes both copies whole: a new pool must not lose to a left-over
+    /// copy, and on a file every block of the metadata is then allocated,
+    /// so that a commit overwrites in place and its sync has no file
+    /// system metadata to write.
+    fn zero_copies(&self) -> Result<(), BackendError> {
         let device = self.mailbox.device();
-        let buf = AlignedBuf::zeroed(METADATA_COPY_SIZE, device.dio_mem_align());
+        let buf = AlignedBuf::zeroed(2 * METADATA_COPY_SIZE, device.dio_mem_align());
         device
-            .write_at(self.meta + METADATA_COPY_SIZE as u64, &buf)
+            .write_at(self.meta, &buf)
             .and_then(|()| device.sync_data())
             .map_err(|e| BackendError::new(e.to_string()))
     }
@@ -436,7 +439,7 @@ pub fn create(
             .map_err(|e| BackendError::new(format!("cannot add {}: {e}", lun.display())))?;
         labels.push(label);
     }
-    domain.zero_copy_b()?;
+    domain.zero_copies()?;
     domain.write_pool(&probe, 0)?;
     Ok((domain_id, labels))
 }
