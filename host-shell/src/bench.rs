@@ -358,6 +358,13 @@ impl Fleet {
     }
 }
 
+/// Allocates `len` bytes of `file` (as a LUN's blocks are, unlike a sparse
+/// file's, whose first writes would also write file system metadata).
+fn preallocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len)
+        .map_err(std::io::Error::from)
+}
+
 /// A fresh mailbox for `hosts` on `device` (the no-op SPM's domain).
 fn fresh_mailbox(device: &Path, hosts: u16) -> Result<(), BackendError> {
     mailbox::format(
@@ -543,7 +550,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     let extent = 128 << 20;
     let lun_size = (total + 4 * chunk).next_multiple_of(extent) + 2 * extent;
     std::fs::File::create(&lun)
-        .and_then(|f| f.set_len(lun_size))
+        .and_then(|f| preallocate(&f, lun_size))
         .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
     domain::create(
         &device,
@@ -606,6 +613,7 @@ fn whole_extension(
     dir: &Path,
     run_dir: &Path,
     hosts: u16,
+    volumes_per_host: u64,
     seconds: f64,
 ) -> Result<(Value, Vec<f64>), BackendError> {
     let device = dir.join("ext-domain");
@@ -614,10 +622,9 @@ fn whole_extension(
     let _ = std::fs::remove_file(&lun);
     let extent = 4 << 20;
     let per_volume = 256u64 << 20;
-    let volumes_per_host = 2u64;
     let lun_size = per_volume * 2 * volumes_per_host * u64::from(hosts) + (64 << 20);
     std::fs::File::create(&lun)
-        .and_then(|f| f.set_len(lun_size))
+        .and_then(|f| preallocate(&f, lun_size))
         .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
     domain::create(
         &device,
@@ -894,9 +901,24 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
         let rows = round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)?;
         rt.extend(rows);
     }
-    say("whole extension, builtin pool");
-    let (ext, ext_samples) = whole_extension(dir.path(), &run_dir, 3, if q { 6.0 } else { 30.0 })?;
-    sets.push(("whole extension, builtin, 3 hosts".into(), ext_samples));
+    let mut ext = Vec::new();
+    for (hosts, volumes) in [(1u16, 1u64), (3, 2)] {
+        say(&format!(
+            "whole extension, builtin pool, {hosts} hosts x {volumes} volumes"
+        ));
+        let (row, samples) = whole_extension(
+            dir.path(),
+            &run_dir,
+            hosts,
+            volumes,
+            if q { 6.0 } else { 30.0 },
+        )?;
+        sets.push((
+            format!("whole extension, builtin, {hosts} x {volumes} guests"),
+            samples,
+        ));
+        ext.push(row);
+    }
     say("throughput, 2000 hosts");
     let tput = throughput(
         &device_for(2000),
@@ -932,7 +954,7 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
         "device": options.device.as_ref().map_or("temporary files".into(), |d| d.display().to_string()),
         "seconds": round(started.elapsed().as_secs_f64(), 1),
         "round_trip": rt,
-        "whole_extension": [ext],
+        "whole_extension": ext,
         "throughput": tput,
         "idle": idles,
         "write_rate": rate,
@@ -978,9 +1000,10 @@ fn table(r: &Value) -> String {
             o,
             "{:<44} {:>10} {:>10} {:>10} {:>8}",
             format!(
-                "whole extension ({}, {} hosts)",
+                "whole extension ({}, {} hosts, {} guests)",
                 row["backend"].as_str().unwrap_or(""),
-                row["hosts"]
+                row["hosts"],
+                row["volumes"]
             ),
             row["p50_ms"],
             row["p99_ms"],
