@@ -497,3 +497,58 @@ fn an_idle_spm_reads_the_doorbell_less_often_until_a_ring_comes() {
     let after = doorbell_reads(&mut spm, &disk, 6060, 6090);
     assert_eq!(after, [6060, 6065, 6070, 6075, 6080, 6085]);
 }
+
+#[test]
+fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
+    // 200 requests, a 64-entry window: without bringing scans forward,
+    // each window would wait a full scan interval (15 s).
+    let mut disk = Disk::new(200);
+    let mut sent = Vec::new();
+    for host in 1..=200u16 {
+        disk.host_start(host, 1);
+        let r = request(host, 1, host as u8, 2);
+        disk.send(&r);
+        sent.push(r);
+    }
+    let mut spm = start(&disk, ms(0));
+    let mut t = 0;
+    let answered = |disk: &Disk| {
+        sent.iter()
+            .filter(|r| matches!(disk.reply(r.host_id, 1), SlotState::Valid(x) if x.answers(r)))
+            .count()
+    };
+    while answered(&disk) < sent.len() && t < 1000 {
+        let mut jobs = step(&mut spm, &mut disk, ms(t));
+        while !jobs.is_empty() {
+            for job in jobs {
+                spm.handle_job_result(
+                    ms(t),
+                    job.volume,
+                    JobResult::Extended {
+                        size: job.target_size,
+                    },
+                );
+            }
+            jobs = step(&mut spm, &mut disk, ms(t));
+        }
+        t += 1;
+    }
+    assert_eq!(answered(&disk), 200, "{:?}", spm.stats());
+    assert!(t < 50, "took {t} ms of simulated time: {:?}", spm.stats());
+    let stats = spm.stats();
+    assert!(stats.backlog_scans >= 3, "{stats:?}");
+    assert!(
+        stats.full_scans <= stats.backlog_scans + 1,
+        "only the first scan and the backlog's: {stats:?}"
+    );
+    // Drained: no more scans than the schedule's.
+    let scans = stats.full_scans;
+    for t in 100..1000 {
+        step(&mut spm, &mut disk, ms(t));
+    }
+    assert_eq!(
+        spm.stats().full_scans,
+        scans,
+        "no backlog left, no early scan"
+    );
+}

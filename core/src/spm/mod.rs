@@ -19,6 +19,10 @@
 //! - Every host's areas are read every `full_scan_interval` (a *full
 //!   scan*), and at start. The doorbell is a hint; the full scan bounds how
 //!   long a request whose ring was lost waits.
+//! - When the queue was full during a scan, requests wait on disk: once
+//!   the queue has drained to half, the next full scan is brought forward
+//!   (at most one per `doorbell_interval`), so a backlog is worked off at
+//!   the speed of the backend rather than one window per full scan.
 //! - A host's inbox and outbox areas are always read together. A request
 //!   whose outbox slot already holds a final reply answering it is done;
 //!   one that has "waiting for space" is parked. So the engine needs no
@@ -232,6 +236,9 @@ pub struct SpmStats {
     pub targeted_reads: u64,
     /// Full scans brought forward because rings collided.
     pub busy_scans: u64,
+    /// Full scans brought forward because the queue had been full and
+    /// drained (requests were waiting on disk).
+    pub backlog_scans: u64,
     /// Jobs handed out.
     pub jobs: u64,
     /// Replies handed out.
@@ -291,6 +298,9 @@ pub struct Spm<const QUEUE: usize> {
     last_full_scan: Instant,
     /// When the doorbell last showed a new ring (or the engine started).
     last_ring: Instant,
+    /// A scan since the last full scan found the queue full: requests
+    /// wait on disk.
+    backlog: bool,
     scan_cursor: u16,
     defect_reports: u32,
     refusal_reports: u32,
@@ -337,6 +347,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             rings_in_a_row: 0,
             last_full_scan: Instant::ZERO,
             last_ring: now,
+            backlog: false,
             scan_cursor: 0,
             defect_reports: 0,
             refusal_reports: 0,
@@ -388,6 +399,15 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.next_heartbeat = now + self.config.heartbeat_interval;
             return Some(SpmIo::ReadSpmHeader);
         }
+        if self.backlog && self.queue.len() <= QUEUE / 2 {
+            // Requests wait on disk and the queue has room for them.
+            self.backlog = false;
+            let at = (self.last_full_scan + self.config.doorbell_interval).max(now);
+            if at < self.next_scan {
+                self.next_scan = at;
+                self.stats.backlog_scans += 1;
+            }
+        }
         if now >= self.next_scan {
             self.next_scan = now + self.config.full_scan_interval;
             self.last_full_scan = now;
@@ -432,7 +452,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             .next_doorbell
             .min(self.next_scan)
             .min(self.next_heartbeat);
-        Some(if self.targeted.is_empty() {
+        let backlog_due = self.backlog && self.queue.len() <= QUEUE / 2;
+        Some(if self.targeted.is_empty() && !backlog_due {
             soonest
         } else {
             Instant::ZERO
@@ -565,7 +586,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 let header_ok = header
                     .is_some_and(|h| h.epoch == self.epoch && h.generation == request.generation);
                 let waiting = answered.is_some_and(|r| r.status == ReplyStatus::WaitingForSpace);
-                if let Some(e) = self.queue.entries_mut().iter_mut().find(|e| {
+                // A new entry is the last one (the queue appends).
+                if let Some(e) = self.queue.entries_mut().last_mut().filter(|e| {
                     e.request.host_id == request.host_id && e.request.slot == request.slot
                 }) {
                     e.header_needed = !header_ok;
@@ -574,6 +596,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             }
             Err(why) => {
                 self.stats.refused += 1;
+                self.backlog |= why == Refused::Full;
                 if self.refusal_reports < REFUSAL_REPORTS_PER_SCAN {
                     self.refusal_reports += 1;
                     self.event(SpmEvent::Refused {
