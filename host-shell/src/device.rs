@@ -268,8 +268,23 @@ impl Device {
     /// Reaching end of file before the buffer is full is
     /// [`DeviceError::ShortRead`].
     pub fn read_at(&self, offset: u64, buf: &mut AlignedBuf) -> Result<(), DeviceError> {
-        self.check(offset, buf)?;
         let len = buf.len();
+        self.read_into(offset, buf, 0..len)
+    }
+
+    /// Reads `range.len()` bytes at `offset` into `buf[range]`, under the
+    /// rules of [`Self::read_at`]; `range.start` must keep the alignment
+    /// (a multiple of [`Self::dio_mem_align`]). A long-lived buffer can so
+    /// take reads of any size without a new allocation.
+    pub fn read_into(
+        &self,
+        offset: u64,
+        buf: &mut AlignedBuf,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), DeviceError> {
+        self.check(offset, buf, &range)?;
+        let len = range.len();
+        let buf = &mut buf[range];
         let mut done = 0;
         while done < len {
             match rustix::io::pread(&self.fd, &mut buf[done..], offset + done as u64) {
@@ -286,8 +301,20 @@ impl Device {
     /// [`Self::read_at`]. The data is not durable until
     /// [`Self::sync_data`] returns.
     pub fn write_at(&self, offset: u64, buf: &AlignedBuf) -> Result<(), DeviceError> {
-        self.check(offset, buf)?;
-        let len = buf.len();
+        self.write_from(offset, buf, 0..buf.len())
+    }
+
+    /// Writes `buf[range]` at `offset`, under the rules of
+    /// [`Self::read_into`].
+    pub fn write_from(
+        &self,
+        offset: u64,
+        buf: &AlignedBuf,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), DeviceError> {
+        self.check(offset, buf, &range)?;
+        let len = range.len();
+        let buf = &buf[range];
         let mut done = 0;
         while done < len {
             match rustix::io::pwrite(&self.fd, &buf[done..], offset + done as u64) {
@@ -309,10 +336,15 @@ impl Device {
     }
 
     /// Checks an I/O request against the device's rules before doing it.
-    fn check(&self, offset: u64, buf: &AlignedBuf) -> Result<(), DeviceError> {
-        let len = buf.len() as u64;
+    fn check(
+        &self,
+        offset: u64,
+        buf: &AlignedBuf,
+        range: &std::ops::Range<usize>,
+    ) -> Result<(), DeviceError> {
+        let len = range.len() as u64;
         let sector = u64::from(self.sector_size);
-        if offset % sector != 0 || len % sector != 0 {
+        if offset % sector != 0 || len % sector != 0 || range.end > buf.len() {
             return Err(DeviceError::Unaligned {
                 path: self.path.clone(),
                 offset,
@@ -320,7 +352,7 @@ impl Device {
                 sector_size: self.sector_size,
             });
         }
-        if buf.align() % self.mem_align != 0 {
+        if buf.align() % self.mem_align != 0 || range.start % self.mem_align != 0 {
             return Err(DeviceError::UnalignedBuffer {
                 path: self.path.clone(),
                 align: buf.align(),

@@ -23,4 +23,5 @@ pub mod mailbox;
 pub mod mapping;
 pub mod metrics;
 pub mod spm_daemon;
+pub mod spm_io;
 pub mod units;

@@ -25,15 +25,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, SpmWrite};
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
     DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid,
 };
 
 use crate::backend::{BackendError, SpmBackend};
-use crate::device::{Access, AlignedBuf};
+use crate::device::Access;
 use crate::mailbox::Mailbox;
+use crate::spm_io::SpmDisk;
 use crate::units::Bytes;
 
 /// The SPM's queue window: requests beyond it wait on disk.
@@ -220,87 +221,6 @@ fn with_highest_epoch(
         }),
         None => None,
     })
-}
-
-/// Hosts whose inbox slots are all zero are skipped by outbox reads
-/// that span more than this many areas.
-const OUTBOX_GAP: usize = 8;
-
-/// The outbox areas matching the inbox areas `inbox` (read from the
-/// outbox at `outbox_offset`), read only where the inbox has a slot that
-/// is not all zero: an area with no request needs no reply looked at, and
-/// an idle full scan then reads the inboxes alone (half the bytes).
-/// Skipped areas are passed as zeros (empty). Reads of nearby areas are
-/// merged.
-fn read_outboxes(
-    mailbox: &Mailbox,
-    outbox_offset: u64,
-    inbox: &[u8],
-) -> Result<Vec<u8>, BackendError> {
-    const AREA: usize = spmbox_core::wire::AREA_SIZE;
-    let count = inbox.len() / AREA;
-    let busy: Vec<bool> = (0..count)
-        .map(|i| {
-            inbox[i * AREA + RECORD_LEN..(i + 1) * AREA]
-                .iter()
-                .any(|&b| b != 0)
-        })
-        .collect();
-    let mut out = vec![0u8; count * AREA];
-    let mut i = 0;
-    while i < count {
-        if !busy[i] {
-            i += 1;
-            continue;
-        }
-        // A run from i to the last busy area with gaps of at most OUTBOX_GAP.
-        let mut end = i + 1;
-        let mut j = i + 1;
-        while j < count && j - end <= OUTBOX_GAP {
-            if busy[j] {
-                end = j + 1;
-            }
-            j += 1;
-        }
-        let bytes = mailbox
-            .read(outbox_offset + (i * AREA) as u64, (end - i) * AREA)
-            .map_err(|e| BackendError::new(e.to_string()))?;
-        out[i * AREA..end * AREA].copy_from_slice(&bytes);
-        i = end;
-    }
-    Ok(out)
-}
-
-/// Writes records as whole sectors, read-modify-write, each sector once per
-/// batch, in the order the records came.
-fn write_records(mailbox: &Mailbox, writes: &[SpmWrite]) -> Result<(), BackendError> {
-    let sector = u64::from(mailbox.geometry().sector_size());
-    let align = mailbox.device().dio_mem_align();
-    let mut sectors: Vec<(u64, AlignedBuf)> = Vec::new();
-    for w in writes {
-        let start = w.offset - w.offset % sector;
-        let i = match sectors.iter().position(|(s, _)| *s == start) {
-            Some(i) => i,
-            None => {
-                let mut buf = AlignedBuf::zeroed(sector as usize, align);
-                mailbox
-                    .device()
-                    .read_at(start, &mut buf)
-                    .map_err(|e| BackendError::new(e.to_string()))?;
-                sectors.push((start, buf));
-                sectors.len() - 1
-            }
-        };
-        let within = (w.offset - start) as usize;
-        sectors[i].1[within..within + RECORD_LEN].copy_from_slice(&w.record);
-    }
-    for (start, buf) in &sectors {
-        mailbox
-            .device()
-            .write_at(*start, buf)
-            .map_err(|e| BackendError::new(e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// The default control socket of a domain.
@@ -497,7 +417,7 @@ pub fn run(
         options.config.full_scan_interval,
         options.control.display()
     );
-    let sector = geometry.sector_size() as usize;
+    let mut disk = SpmDisk::new(&mailbox);
     let mut summary = SpmSummary::default();
     let mut writes = Vec::new();
     let mut next_metrics = std::time::Instant::now();
@@ -517,30 +437,14 @@ pub fn run(
         while let Some(io) = engine.poll_io(now) {
             match io {
                 SpmIo::ReadDoorbell => {
-                    let buf = mailbox
-                        .read(DOORBELL_OFFSET, sector)
-                        .map_err(|e| BackendError::new(e.to_string()))?;
-                    engine.handle_doorbell(now, &buf[..RECORD_LEN]);
+                    engine.handle_doorbell(now, disk.read_record(DOORBELL_OFFSET)?);
                 }
                 SpmIo::ReadSpmHeader => {
-                    let buf = mailbox
-                        .read(SPM_HEADER_OFFSET, sector)
-                        .map_err(|e| BackendError::new(e.to_string()))?;
-                    engine.handle_spm_header(now, &buf[..RECORD_LEN]);
+                    engine.handle_spm_header(now, disk.read_record(SPM_HEADER_OFFSET)?);
                 }
                 SpmIo::ReadHosts { first_host, count } => {
-                    let len = usize::from(count) * spmbox_core::wire::AREA_SIZE;
-                    let (Some(ib), Some(ob)) = (
-                        geometry.inbox_area(first_host),
-                        geometry.outbox_area(first_host),
-                    ) else {
-                        continue;
-                    };
-                    let inbox = mailbox
-                        .read(ib, len)
-                        .map_err(|e| BackendError::new(e.to_string()))?;
-                    let outbox = read_outboxes(&mailbox, ob, &inbox)?;
-                    engine.handle_hosts(now, first_host, &inbox, &outbox);
+                    let (inbox, outbox) = disk.read_hosts(first_host, count)?;
+                    engine.handle_hosts(now, first_host, inbox, outbox);
                 }
             }
         }
@@ -564,15 +468,13 @@ pub fn run(
                 .collect();
             let extended = started.elapsed();
             // Still the SPM? A stalled SPM must not commit over a newer one.
-            let buf = mailbox
-                .read(SPM_HEADER_OFFSET, sector)
-                .map_err(|e| BackendError::new(e.to_string()))?;
-            if let Ok(Some(h)) = SpmHeader::decode(&buf[..RECORD_LEN])
+            let header = disk.read_record(SPM_HEADER_OFFSET)?;
+            if let Ok(Some(h)) = SpmHeader::decode(header)
                 && h.state == SpmState::Active
                 && (h.epoch > engine.epoch()
                     || (h.epoch == engine.epoch() && h.spm_id != options.spm_id))
             {
-                engine.handle_spm_header(now, &buf[..RECORD_LEN]);
+                engine.handle_spm_header(now, header);
                 break;
             }
             backend.commit()?;
@@ -606,7 +508,7 @@ pub fn run(
             writes.push(w);
         }
         if !writes.is_empty() {
-            write_records(&mailbox, &writes)?;
+            disk.write(&writes)?;
         }
         // Events.
         while let Some(event) = engine.poll_event() {
@@ -653,7 +555,7 @@ pub fn run(
     if let Some(w) = engine.vacate() {
         writes.push(w);
     }
-    write_records(&mailbox, &writes)?;
+    disk.write(&writes)?;
     tracing::info!(
         "SPM stopped: {} jobs, {} commits, {} replies",
         summary.jobs,
