@@ -552,3 +552,50 @@ fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
         "no backlog left, no early scan"
     );
 }
+
+#[test]
+fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
+    fn answer_all(spm: &mut Spm<64>, disk: &mut Disk, t: u64) {
+        let mut jobs = step(spm, disk, ms(t));
+        while !jobs.is_empty() {
+            for job in jobs {
+                spm.handle_job_result(
+                    ms(t),
+                    job.volume,
+                    JobResult::Extended {
+                        size: job.target_size,
+                    },
+                );
+            }
+            jobs = step(spm, disk, ms(t));
+        }
+    }
+    // 20 requests (a quarter of the 64-entry queue is 16): busy.
+    let mut disk = Disk::new(40);
+    for host in 1..=20u16 {
+        disk.host_start(host, 1);
+        disk.send(&request(host, 1, host as u8, 2));
+    }
+    let mut spm = start(&disk, ms(0));
+    answer_all(&mut spm, &mut disk, 0);
+    assert_eq!(spm.stats().full_scans, 1);
+    // More arrive without a ring: found by the scan brought forward.
+    for host in 21..=25u16 {
+        disk.host_start(host, 1);
+        disk.send(&request(host, 1, host as u8, 2));
+    }
+    for t in 1..=10 {
+        answer_all(&mut spm, &mut disk, t);
+    }
+    assert_eq!(spm.stats().full_scans, 2, "{:?}", spm.stats());
+    assert_eq!(spm.stats().backlog_scans, 1);
+    assert!(matches!(disk.reply(25, 1), SlotState::Valid(_)));
+    // That scan found 5: quiet. The next comes on schedule.
+    disk.host_start(30, 1);
+    disk.send(&request(30, 1, 30, 2));
+    for t in 11..1000 {
+        answer_all(&mut spm, &mut disk, t);
+    }
+    assert_eq!(spm.stats().full_scans, 2, "{:?}", spm.stats());
+    assert!(matches!(disk.reply(30, 1), SlotState::Empty));
+}

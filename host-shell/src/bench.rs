@@ -119,7 +119,13 @@ impl SpmBackend for NoopBackend {
 /// An SPM daemon running in a thread until dropped.
 struct SpmThread {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<f64, String>>>,
+}
+
+/// CPU time of the calling thread, seconds.
+fn thread_cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 impl SpmThread {
@@ -146,7 +152,7 @@ impl SpmThread {
                 }
             };
             spm_daemon::run(&options, &open, flag)
-                .map(|_| ())
+                .map(|_| thread_cpu_seconds())
                 .map_err(|e| e.to_string())
         });
         let spm = SpmThread {
@@ -172,12 +178,14 @@ impl SpmThread {
         }
     }
 
-    fn stop(mut self) -> Result<(), BackendError> {
+    /// Stops the SPM; returns the CPU time its thread used, seconds.
+    fn stop(mut self) -> Result<f64, BackendError> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Ok(cpu))) => Ok(cpu),
             Some(Ok(Err(e))) => Err(BackendError::new(format!("the SPM failed: {e}"))),
             Some(Err(_)) => Err(BackendError::new("the SPM thread panicked")),
-            _ => Ok(()),
+            None => Ok(0.0),
         }
     }
 }
@@ -194,16 +202,24 @@ impl Drop for SpmThread {
 /// Bytes one fleet request asks for.
 const FLEET_CHUNK: u64 = 1 << 20;
 
-/// One host of a fleet.
-struct FleetHost {
-    engine: Box<Host<1>>,
-    mirror: AlignedBuf,
-    inbox: u64,
-    outbox: u64,
-    volume: Uuid,
+/// The most volumes one fleet host drives.
+const FLEET_VOLUMES: usize = 8;
+
+/// A volume of a fleet host.
+struct FleetVolume {
+    id: Uuid,
     physical: u64,
     /// When its request went on disk.
     sent: Option<StdInstant>,
+}
+
+/// One host of a fleet.
+struct FleetHost {
+    engine: Box<Host<FLEET_VOLUMES>>,
+    mirror: AlignedBuf,
+    inbox: u64,
+    outbox: u64,
+    volumes: Vec<FleetVolume>,
 }
 
 /// Host engines driven from one thread, as host daemons would drive them.
@@ -214,10 +230,31 @@ struct Fleet {
     sector: usize,
     /// Round trips, milliseconds: request on disk to reply read.
     round_trips: Vec<f64>,
+    /// Requests answered with anything but an extension.
+    refused: u64,
 }
 
+/// A volume a fleet host drives: its id, virtual size and current size.
+type FleetVolumeSpec = (Uuid, u64, u64);
+
 impl Fleet {
+    /// A fleet of hosts `ids`, each with one volume of its own (the no-op
+    /// SPM extends whatever is asked).
     fn new(device: &Path, ids: impl Iterator<Item = u16>) -> Result<Fleet, BackendError> {
+        let mut hosts = Vec::new();
+        for id in ids {
+            let v = mailbox::random_uuid().map_err(err)?;
+            hosts.push((id, vec![(v, 1u64 << 40, FLEET_CHUNK)]));
+        }
+        Fleet::with_volumes(device, hosts)
+    }
+
+    /// A fleet of the given hosts, each with its volumes (at most
+    /// [`FLEET_VOLUMES`]).
+    fn with_volumes(
+        device: &Path,
+        hosts: Vec<(u16, Vec<FleetVolumeSpec>)>,
+    ) -> Result<Fleet, BackendError> {
         let mailbox = Mailbox::open(device, Access::ReadWrite).map_err(err)?;
         let geometry = mailbox.geometry();
         let domain = mailbox.superblock().domain;
@@ -226,49 +263,63 @@ impl Fleet {
             chunk_size: FLEET_CHUNK,
             ..HostConfig::default()
         };
-        let virtual_size = 1u64 << 40;
-        let limit = max_size(virtual_size, 1 << 20).unwrap_or(u64::MAX);
-        let mut hosts = Vec::new();
-        for id in ids {
+        let mut fleet = Vec::new();
+        for (id, specs) in hosts {
             let (Some(inbox), Some(outbox)) = (geometry.inbox_area(id), geometry.outbox_area(id))
             else {
                 continue;
             };
             let mut engine = Box::new(Host::new(domain, id, geometry, config).map_err(err)?);
-            let volume = mailbox::random_uuid().map_err(err)?;
-            engine
-                .add_volume(volume, virtual_size, limit, FLEET_CHUNK, 0)
-                .map_err(err)?;
+            let mut volumes = Vec::new();
+            for (v, virtual_size, size) in specs.into_iter().take(FLEET_VOLUMES) {
+                let limit = max_size(virtual_size, 1 << 20).unwrap_or(u64::MAX);
+                engine
+                    .add_volume(v, virtual_size, limit, size, 0)
+                    .map_err(err)?;
+                volumes.push(FleetVolume {
+                    id: v,
+                    physical: size,
+                    sent: None,
+                });
+            }
             let in_area = mailbox.read(inbox, AREA_SIZE).map_err(err)?;
             let out_area = mailbox.read(outbox, AREA_SIZE).map_err(err)?;
             engine
                 .start(clock.now(), &in_area, &out_area)
                 .map_err(err)?;
-            hosts.push(FleetHost {
+            fleet.push(FleetHost {
                 engine,
                 mirror: in_area,
                 inbox,
                 outbox,
-                volume,
-                physical: FLEET_CHUNK,
-                sent: None,
+                volumes,
             });
         }
         let sector = geometry.sector_size() as usize;
         Ok(Fleet {
             mailbox,
             clock,
-            hosts,
+            hosts: fleet,
             sector,
             round_trips: Vec::new(),
+            refused: 0,
         })
     }
 
-    /// Host `i`'s guest crosses its watermark.
+    /// Host `i`'s guest on its first volume crosses its watermark.
     fn ask(&mut self, i: usize) {
+        self.ask_volume(i, 0);
+    }
+
+    /// Host `i`'s guest on volume `v` crosses its watermark.
+    fn ask_volume(&mut self, i: usize, v: usize) {
         let now = self.clock.now();
         let h = &mut self.hosts[i];
-        h.engine.handle_allocation(now, h.volume, h.physical - 4096);
+        let Some(vol) = h.volumes.get(v) else {
+            return;
+        };
+        h.engine
+            .handle_allocation(now, vol.id, vol.physical.saturating_sub(4096));
     }
 
     /// Every host's writes: its inbox area, then its doorbell ring.
@@ -292,8 +343,13 @@ impl Fleet {
                     .device()
                     .write_at(h.inbox, &h.mirror)
                     .map_err(err)?;
-                if h.sent.is_none() && h.engine.in_flight() > 0 {
-                    h.sent = Some(StdInstant::now());
+                let now = StdInstant::now();
+                for v in &mut h.volumes {
+                    if v.sent.is_none()
+                        && h.engine.volume(v.id).is_some_and(|s| s.request.is_some())
+                    {
+                        v.sent = Some(now);
+                    }
                 }
             }
             if let Some(record) = bell {
@@ -334,14 +390,22 @@ impl Fleet {
                 while let Some(event) = h.engine.poll_event() {
                     match event {
                         HostEvent::Refresh { volume, size } => {
-                            if let Some(sent) = h.sent.take() {
-                                self.round_trips
-                                    .push(read_at.duration_since(sent).as_secs_f64() * 1e3);
+                            if let Some(v) = h.volumes.iter_mut().find(|v| v.id == volume) {
+                                if let Some(sent) = v.sent.take() {
+                                    self.round_trips
+                                        .push(read_at.duration_since(sent).as_secs_f64() * 1e3);
+                                }
+                                v.physical = v.physical.max(size);
                             }
-                            h.physical = h.physical.max(size);
                             h.engine.handle_refreshed(now, volume, size);
                         }
                         HostEvent::Extended { .. } => completed += 1,
+                        HostEvent::Failed { volume, .. } | HostEvent::Rejected { volume, .. } => {
+                            self.refused += 1;
+                            if let Some(v) = h.volumes.iter_mut().find(|v| v.id == volume) {
+                                v.sent = None;
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -449,45 +513,160 @@ fn merge(into: &mut Value, from: Value) {
     }
 }
 
-/// Extensions per second with `hosts` each keeping a request in flight.
+/// Extensions per second with `hosts` each keeping
+/// `volumes_per_host` requests in flight, no-op backend, for `seconds`.
 fn throughput(
     device: &Path,
     run_dir: &Path,
     hosts: u16,
+    volumes_per_host: usize,
     seconds: f64,
 ) -> Result<Value, BackendError> {
     fresh_mailbox(device, hosts)?;
     let spm = SpmThread::start(device, run_dir, false)?;
-    let mut fleet = Fleet::new(device, 1..=hosts)?;
-    let n = fleet.hosts.len();
-    for i in 0..n {
-        fleet.ask(i);
+    let mut specs = Vec::new();
+    for id in 1..=hosts {
+        let mut vols = Vec::new();
+        for _ in 0..volumes_per_host {
+            vols.push((
+                mailbox::random_uuid().map_err(err)?,
+                1u64 << 40,
+                FLEET_CHUNK,
+            ));
+        }
+        specs.push((id, vols));
     }
-    fleet.flush()?;
+    let mut fleet = Fleet::with_volumes(device, specs)?;
+    let (done, elapsed) = keep_asking(&mut fleet, seconds, None)?;
+    let refused = fleet.refused;
+    drop(fleet);
+    let spm_cpu = spm.stop()?;
+    Ok(tput_row(
+        "noop",
+        hosts,
+        hosts,
+        volumes_per_host,
+        done,
+        refused,
+        elapsed,
+        spm_cpu,
+    ))
+}
+
+/// Every volume of the fleet asks again as soon as its request is
+/// answered, for `seconds` or until `total` extensions completed. Returns
+/// the extensions completed and the seconds from the first request to the
+/// last poll.
+fn keep_asking(
+    fleet: &mut Fleet,
+    seconds: f64,
+    total: Option<u64>,
+) -> Result<(u64, f64), BackendError> {
     let started = StdInstant::now();
     let mut done = 0u64;
-    while started.elapsed().as_secs_f64() < seconds {
-        let completed = fleet.poll()?;
-        done += completed as u64;
-        // Every host that got its answer asks again at once.
-        for i in 0..n {
-            if fleet.hosts[i].engine.in_flight() == 0 {
-                fleet.ask(i);
+    loop {
+        // Every volume whose request was answered asks again at once.
+        for i in 0..fleet.hosts.len() {
+            for v in 0..fleet.hosts[i].volumes.len() {
+                let h = &fleet.hosts[i];
+                let vol = &h.volumes[v];
+                if h.engine.volume(vol.id).is_some_and(|s| s.request.is_none()) {
+                    fleet.ask_volume(i, v);
+                }
             }
         }
         fleet.flush()?;
         std::thread::sleep(Duration::from_micros(500));
+        done += fleet.poll()? as u64;
+        let elapsed = started.elapsed().as_secs_f64();
+        if elapsed >= seconds || total.is_some_and(|t| done >= t) {
+            return Ok((done, elapsed));
+        }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    drop(fleet);
-    spm.stop()?;
-    Ok(json!({
+}
+
+/// A row of the `throughput` section.
+#[allow(clippy::too_many_arguments)]
+fn tput_row(
+    backend: &str,
+    hosts: u16,
+    senders: u16,
+    volumes_per_host: usize,
+    done: u64,
+    refused: u64,
+    elapsed: f64,
+    spm_cpu: f64,
+) -> Value {
+    json!({
+        "backend": backend,
         "hosts": hosts,
-        "backend": "noop",
-        "seconds": round(elapsed, 1),
+        "sending_hosts": senders,
+        "volumes_per_host": volumes_per_host,
+        "seconds": round(elapsed, 2),
         "extensions": done,
+        "not_extended": refused,
         "extensions_per_s": round(done as f64 / elapsed, 1),
-    }))
+        "spm_cpu_percent": round(spm_cpu / elapsed * 100.0, 1),
+        "spm_cpu_us_per_extension": round(spm_cpu / done.max(1) as f64 * 1e6, 1),
+        "extensions_per_spm_cpu_s": round(done as f64 / spm_cpu.max(1e-9), 0),
+    })
+}
+
+/// Extensions per second with the builtin pool: `volumes` volumes, one on
+/// each of hosts 1..=volumes of a `hosts`-host mailbox, each grown 1 MiB at
+/// a time from 1 MiB to its limit (29 extensions; a volume holds at most
+/// 32 segments, and interleaved extensions each start a new one).
+fn throughput_builtin(
+    dir: &Path,
+    run_dir: &Path,
+    hosts: u16,
+    volumes: u16,
+) -> Result<Value, BackendError> {
+    let device = dir.join("tput-domain");
+    let lun = dir.join("tput-lun");
+    let _ = std::fs::remove_file(&device);
+    let _ = std::fs::remove_file(&lun);
+    let extent = FLEET_CHUNK;
+    let virtual_size = 26 << 20;
+    let limit = max_size(virtual_size, extent).unwrap_or(virtual_size);
+    let per_volume = (limit - extent) / extent;
+    // Sparse: nothing writes the volumes' data here.
+    let lun_size = u64::from(volumes) * limit + (64 << 20);
+    std::fs::File::create(&lun)
+        .and_then(|f| f.set_len(lun_size))
+        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+    domain::create(
+        &device,
+        std::slice::from_ref(&lun),
+        &CreateOptions {
+            hosts,
+            sector_size: None,
+            domain: None,
+            extent_size: extent,
+            force: true,
+        },
+    )?;
+    let mut specs = Vec::new();
+    {
+        let mut b = domain::BuiltinSpm::open(&device)?;
+        for h in 1..=volumes {
+            let v = mailbox::random_uuid().map_err(err)?;
+            b.create_volume(v, virtual_size, extent)?;
+            specs.push((h, vec![(v, virtual_size, extent)]));
+        }
+    }
+    let spm = SpmThread::start(&device, run_dir, true)?;
+    let mut fleet = Fleet::with_volumes(&device, specs)?;
+    let total = u64::from(volumes) * per_volume;
+    let (done, elapsed) = keep_asking(&mut fleet, 120.0, Some(total))?;
+    let refused = fleet.refused;
+    drop(fleet);
+    let spm_cpu = spm.stop()?;
+    let _ = std::fs::remove_file(&lun);
+    let _ = std::fs::remove_file(&device);
+    Ok(tput_row(
+        "builtin", hosts, volumes, 1, done, refused, elapsed, spm_cpu,
+    ))
 }
 
 /// CPU time of this process, seconds.
@@ -865,6 +1044,28 @@ pub struct BenchOptions {
     pub json: bool,
     /// Write the latency plot here.
     pub svg: Option<PathBuf>,
+    /// The sections to run; empty: all.
+    pub only: Vec<Section>,
+}
+
+/// A section of the report (its JSON key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Section {
+    /// `round_trip`.
+    RoundTrip,
+    /// `whole_extension`.
+    WholeExtension,
+    /// `throughput`.
+    Throughput,
+    /// `idle`.
+    Idle,
+    /// `write_rate`.
+    WriteRate,
+    /// `scan`.
+    Scan,
+    /// `memory`.
+    Memory,
 }
 
 /// `spmbox bench`.
@@ -889,78 +1090,106 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
             eprintln!("bench: {what}");
         }
     };
+    let want = |s: Section| options.only.is_empty() || options.only.contains(&s);
     let started = StdInstant::now();
     let mut sets: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut rt = Vec::new();
-    for (hosts, samples, burst) in [
-        (1u16, if q { 200 } else { 2000 }, 0usize),
-        (250, if q { 200 } else { 2000 }, 250),
-        (2000, if q { 200 } else { 2000 }, 250),
-    ] {
-        say(&format!("round trip, {hosts} hosts"));
-        let rows = round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)?;
-        rt.extend(rows);
-    }
-    let mut ext = Vec::new();
-    for (hosts, volumes) in [(1u16, 1u64), (3, 2)] {
-        say(&format!(
-            "whole extension, builtin pool, {hosts} hosts x {volumes} volumes"
-        ));
-        let (row, samples) = whole_extension(
-            dir.path(),
-            &run_dir,
-            hosts,
-            volumes,
-            if q { 6.0 } else { 30.0 },
-        )?;
-        sets.push((
-            format!("whole extension, builtin, {hosts} x {volumes} guests"),
-            samples,
-        ));
-        ext.push(row);
-    }
-    say("throughput, 2000 hosts");
-    let tput = throughput(
-        &device_for(2000),
-        &run_dir,
-        2000,
-        if q { 5.0 } else { 30.0 },
-    )?;
-    let mut idles = Vec::new();
-    for hosts in [250u16, 2000] {
-        say(&format!("idle, {hosts} hosts"));
-        idles.push(idle(
-            &device_for(hosts),
-            &run_dir,
-            hosts,
-            if q { 5.0 } else { 31.0 },
-        )?);
-    }
-    say("guest write rate, 256 MiB chunks");
-    let rate = write_rate(
-        dir.path(),
-        &run_dir,
-        256 << 20,
-        if q { 1 << 30 } else { 8 << 30 },
-    )?;
-    let mut scans = Vec::new();
-    for (f, label) in [(0.0, "empty"), (0.01, "1%"), (1.0, "all")] {
-        say(&format!("scan, {label}"));
-        scans.push(scan(f, label, if q { 20 } else { 200 })?);
-    }
-    let report = json!({
+    let mut report = json!({
         "version": 1,
         "quick": q,
         "device": options.device.as_ref().map_or("temporary files".into(), |d| d.display().to_string()),
-        "seconds": round(started.elapsed().as_secs_f64(), 1),
-        "round_trip": rt,
-        "whole_extension": ext,
-        "throughput": tput,
-        "idle": idles,
-        "write_rate": rate,
-        "scan": scans,
-        "memory": memory(),
     });
+    let mut put = |key: &str, v: Value| {
+        if let Some(o) = report.as_object_mut() {
+            o.insert(key.into(), v);
+        }
+    };
+    if want(Section::RoundTrip) {
+        let mut rt = Vec::new();
+        for (hosts, samples, burst) in [
+            (1u16, if q { 200 } else { 2000 }, 0usize),
+            (250, if q { 200 } else { 2000 }, 250),
+            (2000, if q { 200 } else { 2000 }, 250),
+        ] {
+            say(&format!("round trip, {hosts} hosts"));
+            let rows = round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)?;
+            rt.extend(rows);
+        }
+        put("round_trip", Value::Array(rt));
+    }
+    if want(Section::WholeExtension) {
+        let mut ext = Vec::new();
+        for (hosts, volumes) in [(1u16, 1u64), (3, 2)] {
+            say(&format!(
+                "whole extension, builtin pool, {hosts} hosts x {volumes} volumes"
+            ));
+            let (row, samples) = whole_extension(
+                dir.path(),
+                &run_dir,
+                hosts,
+                volumes,
+                if q { 6.0 } else { 30.0 },
+            )?;
+            sets.push((
+                format!("whole extension, builtin, {hosts} x {volumes} guests"),
+                samples,
+            ));
+            ext.push(row);
+        }
+        put("whole_extension", Value::Array(ext));
+    }
+    if want(Section::Throughput) {
+        let mut tput = Vec::new();
+        for volumes in [1usize, 8] {
+            say(&format!(
+                "throughput, 2000 hosts x {volumes} volumes, no-op backend"
+            ));
+            tput.push(throughput(
+                &device_for(2000),
+                &run_dir,
+                2000,
+                volumes,
+                if q { 5.0 } else { 20.0 },
+            )?);
+        }
+        say("throughput, builtin pool, 1000 volumes on a 2000-host mailbox");
+        tput.push(throughput_builtin(dir.path(), &run_dir, 2000, 1000)?);
+        put("throughput", Value::Array(tput));
+    }
+    if want(Section::Idle) {
+        let mut idles = Vec::new();
+        for hosts in [250u16, 2000] {
+            say(&format!("idle, {hosts} hosts"));
+            idles.push(idle(
+                &device_for(hosts),
+                &run_dir,
+                hosts,
+                if q { 5.0 } else { 31.0 },
+            )?);
+        }
+        put("idle", Value::Array(idles));
+    }
+    if want(Section::WriteRate) {
+        say("guest write rate, 256 MiB chunks");
+        let rate = write_rate(
+            dir.path(),
+            &run_dir,
+            256 << 20,
+            if q { 1 << 30 } else { 8 << 30 },
+        )?;
+        put("write_rate", rate);
+    }
+    if want(Section::Scan) {
+        let mut scans = Vec::new();
+        for (f, label) in [(0.0, "empty"), (0.01, "1%"), (1.0, "all")] {
+            say(&format!("scan, {label}"));
+            scans.push(scan(f, label, if q { 20 } else { 200 })?);
+        }
+        put("scan", Value::Array(scans));
+    }
+    if want(Section::Memory) {
+        put("memory", memory());
+    }
+    put("seconds", json!(round(started.elapsed().as_secs_f64(), 1)));
     if let Some(path) = &options.svg {
         std::fs::write(path, svg(&sets))
             .map_err(|e| BackendError::new(format!("cannot write {}: {e}", path.display())))?;
@@ -1011,12 +1240,21 @@ fn table(r: &Value) -> String {
             row["samples"]
         );
     }
-    let t = &r["throughput"];
-    let _ = writeln!(
-        o,
-        "throughput, {} hosts, no-op backend: {} extensions/s ({} in {} s)",
-        t["hosts"], t["extensions_per_s"], t["extensions"], t["seconds"]
-    );
+    for t in r["throughput"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "throughput, {} backend, {} of {} hosts x {} volumes: {} extensions/s ({} in {} s; SPM {} % of a core, {} per SPM CPU second)",
+            t["backend"].as_str().unwrap_or(""),
+            t["sending_hosts"],
+            t["hosts"],
+            t["volumes_per_host"],
+            t["extensions_per_s"],
+            t["extensions"],
+            t["seconds"],
+            t["spm_cpu_percent"],
+            t["extensions_per_spm_cpu_s"]
+        );
+    }
     for row in r["idle"].as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
@@ -1027,15 +1265,16 @@ fn table(r: &Value) -> String {
             Bytes(row["measured_read_bytes_per_s"].as_f64().unwrap_or(0.0) as u64)
         );
     }
-    let w = &r["write_rate"];
-    let _ = writeln!(
-        o,
-        "guest write rate, {} chunks: {} MiB/s, {} pauses, {} extensions",
-        Bytes(w["chunk_size"].as_u64().unwrap_or(0)),
-        w["mib_per_s"],
-        w["pauses"],
-        w["extensions"]
-    );
+    if let Some(w) = r.get("write_rate") {
+        let _ = writeln!(
+            o,
+            "guest write rate, {} chunks: {} MiB/s, {} pauses, {} extensions",
+            Bytes(w["chunk_size"].as_u64().unwrap_or(0)),
+            w["mib_per_s"],
+            w["pauses"],
+            w["extensions"]
+        );
+    }
     for row in r["scan"].as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
@@ -1046,12 +1285,13 @@ fn table(r: &Value) -> String {
             row["mib_per_s"]
         );
     }
-    let m = &r["memory"];
-    let _ = writeln!(
-        o,
-        "engine state: Spm<1024> {} B, Host<64> {} B, DefaultPool {} B",
-        m["spm_1024_bytes"], m["host_64_bytes"], m["default_pool_bytes"]
-    );
+    if let Some(m) = r.get("memory") {
+        let _ = writeln!(
+            o,
+            "engine state: Spm<1024> {} B, Host<64> {} B, DefaultPool {} B",
+            m["spm_1024_bytes"], m["host_64_bytes"], m["default_pool_bytes"]
+        );
+    }
     let _ = writeln!(o, "bench took {} s", r["seconds"]);
     o
 }

@@ -167,6 +167,10 @@ enum Command {
         /// Write the latency distributions as an SVG plot here.
         #[arg(long, value_name = "PATH")]
         svg: Option<PathBuf>,
+        /// Run only these sections (repeat or separate with commas);
+        /// the JSON then holds only their keys.
+        #[arg(long, value_name = "SECTION", value_delimiter = ',')]
+        only: Vec<spmbox::bench::Section>,
     },
     /// Run a whole domain on temporary files: the SPM and three hosts,
     /// guests writing until the pool runs out, a LUN added, every byte
@@ -405,11 +409,13 @@ fn main() -> ExitCode {
             quick,
             json,
             svg,
+            only,
         } => spmbox::bench::run(&spmbox::bench::BenchOptions {
             device,
             quick,
             json,
             svg,
+            only,
         }),
     };
     match result {

@@ -19,10 +19,13 @@
 //! - Every host's areas are read every `full_scan_interval` (a *full
 //!   scan*), and at start. The doorbell is a hint; the full scan bounds how
 //!   long a request whose ring was lost waits.
-//! - When the queue was full during a scan, requests wait on disk: once
-//!   the queue has drained to half, the next full scan is brought forward
-//!   (at most one per `doorbell_interval`), so a backlog is worked off at
-//!   the speed of the backend rather than one window per full scan.
+//! - When the queue was full during a scan, requests wait on disk; when a
+//!   full scan found new requests for at least a quarter of the queue,
+//!   more are likely on their way. Either way, once the queue has drained
+//!   to half, the next full scan is brought forward (at most one per
+//!   `doorbell_interval`): a backlog, or a storm of requests, is worked
+//!   off at the speed of the backend rather than one window per full
+//!   scan, and each such scan reads no more than it finds work for.
 //! - A host's inbox and outbox areas are always read together. A request
 //!   whose outbox slot already holds a final reply answering it is done;
 //!   one that has "waiting for space" is parked. So the engine needs no
@@ -298,9 +301,12 @@ pub struct Spm<const QUEUE: usize> {
     last_full_scan: Instant,
     /// When the doorbell last showed a new ring (or the engine started).
     last_ring: Instant,
-    /// A scan since the last full scan found the queue full: requests
-    /// wait on disk.
+    /// A scan since the last full scan found the queue full (requests
+    /// wait on disk), or the last full scan was busy: scan again once the
+    /// queue has room.
     backlog: bool,
+    /// Requests the running read queued anew.
+    found: usize,
     scan_cursor: u16,
     defect_reports: u32,
     refusal_reports: u32,
@@ -348,6 +354,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             last_full_scan: Instant::ZERO,
             last_ring: now,
             backlog: false,
+            found: 0,
             scan_cursor: 0,
             defect_reports: 0,
             refusal_reports: 0,
@@ -515,6 +522,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if count == 0 {
             return;
         }
+        self.found = 0;
         // Start at a rotating host so that a nearly full queue is not always
         // filled by the lowest host ids.
         self.scan_cursor = self.scan_cursor.wrapping_add(1);
@@ -533,6 +541,10 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 continue;
             };
             self.handle_host(host_id, ib, ob);
+        }
+        if count > 1 && self.found >= QUEUE / 4 {
+            // A busy full scan: more requests are likely on their way.
+            self.backlog = true;
         }
     }
 
@@ -583,6 +595,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         match self.queue.offer(request) {
             Ok(queue::Offered::Known) => {}
             Ok(_) => {
+                self.found += 1;
                 let header_ok = header
                     .is_some_and(|h| h.epoch == self.epoch && h.generation == request.generation);
                 let waiting = answered.is_some_and(|r| r.status == ReplyStatus::WaitingForSpace);
