@@ -334,8 +334,14 @@ pub struct SpmSummary {
     pub jobs: u64,
     /// Metadata commits.
     pub commits: u64,
+    /// Time spent in them, seconds.
+    pub commit_seconds: f64,
     /// Replies written.
     pub replies: u64,
+    /// The engine's counters.
+    pub engine: spmbox_core::spm::SpmStats,
+    /// The mailbox reads and writes.
+    pub disk: crate::spm_io::DiskStats,
 }
 
 /// Runs the SPM until `stop` is set or another SPM takes over.
@@ -477,8 +483,10 @@ pub fn run(
                 engine.handle_spm_header(now, header);
                 break;
             }
+            let commit_started = std::time::Instant::now();
             backend.commit()?;
             summary.commits += 1;
+            summary.commit_seconds += commit_started.elapsed().as_secs_f64();
             let committed = started.elapsed();
             if exporter.is_some() {
                 job_seconds.push(committed.as_secs_f64());
@@ -562,6 +570,8 @@ pub fn run(
         summary.commits,
         summary.replies
     );
+    summary.engine = engine.stats();
+    summary.disk = disk.stats;
     Ok(summary)
 }
 

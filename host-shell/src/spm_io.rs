@@ -377,6 +377,9 @@ mod tests {
         disk.write(&[write(SPM_HEADER_OFFSET, 0x5a)]).unwrap();
         assert_eq!(peek(&m, SPM_HEADER_OFFSET, 4), [0x5a; 4]);
         assert_eq!(peek(&m, neighbour, RECORD_LEN), before);
-        assert_eq!(disk.read_record(SPM_HEADER_OFFSET).unwrap(), &[0x5a; RECORD_LEN]);
+        assert_eq!(
+            disk.read_record(SPM_HEADER_OFFSET).unwrap(),
+            &[0x5a; RECORD_LEN]
+        );
     }
 }
