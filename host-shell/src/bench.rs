@@ -119,7 +119,15 @@ impl SpmBackend for NoopBackend {
 /// An SPM daemon running in a thread until dropped.
 struct SpmThread {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<f64, String>>>,
+    thread: Option<std::thread::JoinHandle<Result<SpmRun, String>>>,
+}
+
+/// What an SPM thread did.
+#[derive(Debug, Default, Clone, Copy)]
+struct SpmRun {
+    /// CPU time of its thread, seconds.
+    cpu: f64,
+    summary: spm_daemon::SpmSummary,
 }
 
 /// CPU time of the calling thread, seconds.
@@ -152,7 +160,10 @@ impl SpmThread {
                 }
             };
             spm_daemon::run(&options, &open, flag)
-                .map(|_| thread_cpu_seconds())
+                .map(|summary| SpmRun {
+                    cpu: thread_cpu_seconds(),
+                    summary,
+                })
                 .map_err(|e| e.to_string())
         });
         let spm = SpmThread {
@@ -178,14 +189,14 @@ impl SpmThread {
         }
     }
 
-    /// Stops the SPM; returns the CPU time its thread used, seconds.
-    fn stop(mut self) -> Result<f64, BackendError> {
+    /// Stops the SPM; returns what it did.
+    fn stop(mut self) -> Result<SpmRun, BackendError> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take().map(|t| t.join()) {
-            Some(Ok(Ok(cpu))) => Ok(cpu),
+            Some(Ok(Ok(run))) => Ok(run),
             Some(Ok(Err(e))) => Err(BackendError::new(format!("the SPM failed: {e}"))),
             Some(Err(_)) => Err(BackendError::new("the SPM thread panicked")),
-            None => Ok(0.0),
+            None => Ok(SpmRun::default()),
         }
     }
 }
@@ -216,7 +227,8 @@ struct FleetVolume {
 /// One host of a fleet.
 struct FleetHost {
     engine: Box<Host<FLEET_VOLUMES>>,
-    mirror: AlignedBuf,
+    /// Its inbox area's place in [`Fleet::inboxes`].
+    at: usize,
     inbox: u64,
     outbox: u64,
     volumes: Vec<FleetVolume>,
@@ -232,6 +244,85 @@ struct Fleet {
     round_trips: Vec<f64>,
     /// Requests answered with anything but an extension.
     refused: u64,
+    /// Every inbox area of the mailbox, as the fleet's hosts wrote them.
+    inboxes: AlignedBuf,
+    inbox_offset: u64,
+    /// Write a pass's inbox areas as runs of adjacent areas and hand its
+    /// rings to a [`Ringer`] thread. One thread simulates every host here,
+    /// and thousands of separate writes a second would measure that
+    /// thread's I/O rather than the SPM; the SPM sees the same bytes.
+    /// Throughput runs set it; latency runs write each host's area and
+    /// ring as a host daemon does.
+    batched: Option<Ringer>,
+    /// CPU time of the last [`keep_asking`], seconds.
+    cpu: f64,
+}
+
+/// Rings waiting to be written, keyed by their host's inbox area place.
+type RingQueue = std::collections::VecDeque<(usize, [u8; RECORD_LEN])>;
+
+/// Writes the doorbell rings it is given, one after another, in its own
+/// thread, as thousands of hosts ringing on their own would: each ring is
+/// written unless the same host rang again before it was (the newer ring
+/// takes its place), and rings that follow each other faster than the
+/// SPM reads the doorbell overwrite each other on disk, as they would.
+struct Ringer {
+    pending: Arc<std::sync::Mutex<RingQueue>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ringer {
+    fn start(mailbox: &Mailbox) -> Result<Ringer, BackendError> {
+        let device =
+            crate::device::Device::open(mailbox.device().path(), Access::ReadWrite).map_err(err)?;
+        let sector = mailbox.geometry().sector_size() as usize;
+        let pending = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (pending.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = AlignedBuf::zeroed(sector, device.dio_mem_align());
+            while !s.load(Ordering::Relaxed) {
+                let next: Option<(usize, [u8; RECORD_LEN])> =
+                    p.lock().ok().and_then(|mut q| q.pop_front());
+                match next {
+                    Some((_, record)) => {
+                        buf[..RECORD_LEN].copy_from_slice(&record);
+                        // A lost ring is a hint lost: the SPM's scans
+                        // cover it.
+                        let _ = device.write_at(DOORBELL_OFFSET, &buf);
+                    }
+                    None => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Ok(Ringer {
+            pending,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Rings of hosts (keyed by their inbox area's place).
+    fn ring(&self, rings: &[(usize, [u8; RECORD_LEN])]) {
+        if let Ok(mut q) = self.pending.lock() {
+            for &(host, record) in rings {
+                match q.iter_mut().find(|(h, _)| *h == host) {
+                    Some(slot) => slot.1 = record,
+                    None => q.push_back((host, record)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ringer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A volume a fleet host drives: its id, virtual size and current size.
@@ -263,6 +354,12 @@ impl Fleet {
             chunk_size: FLEET_CHUNK,
             ..HostConfig::default()
         };
+        let inboxes = mailbox
+            .read(
+                geometry.inbox_offset(),
+                usize::from(geometry.max_hosts()) * AREA_SIZE,
+            )
+            .map_err(err)?;
         let mut fleet = Vec::new();
         for (id, specs) in hosts {
             let (Some(inbox), Some(outbox)) = (geometry.inbox_area(id), geometry.outbox_area(id))
@@ -282,14 +379,14 @@ impl Fleet {
                     sent: None,
                 });
             }
-            let in_area = mailbox.read(inbox, AREA_SIZE).map_err(err)?;
+            let at = (inbox - geometry.inbox_offset()) as usize;
             let out_area = mailbox.read(outbox, AREA_SIZE).map_err(err)?;
             engine
-                .start(clock.now(), &in_area, &out_area)
+                .start(clock.now(), &inboxes[at..at + AREA_SIZE], &out_area)
                 .map_err(err)?;
             fleet.push(FleetHost {
                 engine,
-                mirror: in_area,
+                at,
                 inbox,
                 outbox,
                 volumes,
@@ -303,6 +400,10 @@ impl Fleet {
             sector,
             round_trips: Vec::new(),
             refused: 0,
+            inboxes,
+            inbox_offset: geometry.inbox_offset(),
+            batched: None,
+            cpu: 0.0,
         })
     }
 
@@ -325,6 +426,16 @@ impl Fleet {
     /// Every host's writes: its inbox area, then its doorbell ring.
     fn flush(&mut self) -> Result<(), BackendError> {
         let align = self.mailbox.device().dio_mem_align();
+        let ring = |mailbox: &Mailbox, record: &[u8; RECORD_LEN]| {
+            let mut buf = AlignedBuf::zeroed(self.sector, align);
+            buf[..RECORD_LEN].copy_from_slice(record);
+            mailbox
+                .device()
+                .write_at(DOORBELL_OFFSET, &buf)
+                .map_err(err)
+        };
+        let mut dirty_areas: Vec<usize> = Vec::new();
+        let mut rings = Vec::new();
         for h in &mut self.hosts {
             let mut dirty = false;
             let mut bell = None;
@@ -334,15 +445,20 @@ impl Fleet {
                 } else if let Some(at) = w.offset.checked_sub(h.inbox)
                     && (at as usize) + RECORD_LEN <= AREA_SIZE
                 {
-                    h.mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+                    let at = h.at + at as usize;
+                    self.inboxes[at..at + RECORD_LEN].copy_from_slice(&w.record);
                     dirty = true;
                 }
             }
             if dirty {
-                self.mailbox
-                    .device()
-                    .write_at(h.inbox, &h.mirror)
-                    .map_err(err)?;
+                if self.batched.is_some() {
+                    dirty_areas.push(h.at / AREA_SIZE);
+                } else {
+                    self.mailbox
+                        .device()
+                        .write_from(h.inbox, &self.inboxes, h.at..h.at + AREA_SIZE)
+                        .map_err(err)?;
+                }
                 let now = StdInstant::now();
                 for v in &mut h.volumes {
                     if v.sent.is_none()
@@ -352,14 +468,32 @@ impl Fleet {
                     }
                 }
             }
-            if let Some(record) = bell {
-                let mut buf = AlignedBuf::zeroed(self.sector, align);
-                buf[..RECORD_LEN].copy_from_slice(&record);
-                self.mailbox
-                    .device()
-                    .write_at(DOORBELL_OFFSET, &buf)
-                    .map_err(err)?;
+            if self.batched.is_some() {
+                if let Some(record) = bell {
+                    rings.push((h.at, record));
+                }
+            } else if let Some(record) = bell {
+                ring(&self.mailbox, &record)?;
             }
+        }
+        dirty_areas.sort_unstable();
+        let mut k = 0;
+        while k < dirty_areas.len() {
+            let first = dirty_areas[k];
+            let mut end = first + 1;
+            k += 1;
+            while k < dirty_areas.len() && dirty_areas[k] == end {
+                end += 1;
+                k += 1;
+            }
+            let (from, to) = (first * AREA_SIZE, end * AREA_SIZE);
+            self.mailbox
+                .device()
+                .write_from(self.inbox_offset + from as u64, &self.inboxes, from..to)
+                .map_err(err)?;
+        }
+        if let Some(ringer) = &self.batched {
+            ringer.ring(&rings);
         }
         Ok(())
     }
@@ -538,18 +672,15 @@ fn throughput(
     }
     let mut fleet = Fleet::with_volumes(device, specs)?;
     let (done, elapsed) = keep_asking(&mut fleet, seconds, None)?;
-    let refused = fleet.refused;
-    drop(fleet);
-    let spm_cpu = spm.stop()?;
+    let run = spm.stop()?;
     Ok(tput_row(
         "noop",
         hosts,
-        hosts,
         volumes_per_host,
+        &fleet,
         done,
-        refused,
         elapsed,
-        spm_cpu,
+        &run,
     ))
 }
 
@@ -562,7 +693,9 @@ fn keep_asking(
     seconds: f64,
     total: Option<u64>,
 ) -> Result<(u64, f64), BackendError> {
+    fleet.batched = Some(Ringer::start(&fleet.mailbox)?);
     let started = StdInstant::now();
+    let cpu0 = thread_cpu_seconds();
     let mut done = 0u64;
     loop {
         // Every volume whose request was answered asks again at once.
@@ -580,35 +713,48 @@ fn keep_asking(
         done += fleet.poll()? as u64;
         let elapsed = started.elapsed().as_secs_f64();
         if elapsed >= seconds || total.is_some_and(|t| done >= t) {
+            fleet.cpu = thread_cpu_seconds() - cpu0;
             return Ok((done, elapsed));
         }
     }
 }
 
 /// A row of the `throughput` section.
-#[allow(clippy::too_many_arguments)]
 fn tput_row(
     backend: &str,
     hosts: u16,
-    senders: u16,
     volumes_per_host: usize,
+    fleet: &Fleet,
     done: u64,
-    refused: u64,
     elapsed: f64,
-    spm_cpu: f64,
+    run: &SpmRun,
 ) -> Value {
+    let spm_cpu = run.cpu;
+    let (e, d) = (run.summary.engine, run.summary.disk);
+    let per = |x: u64| round(x as f64 / done.max(1) as f64, 2);
     json!({
         "backend": backend,
         "hosts": hosts,
-        "sending_hosts": senders,
+        "sending_hosts": fleet.hosts.len(),
         "volumes_per_host": volumes_per_host,
         "seconds": round(elapsed, 2),
         "extensions": done,
-        "not_extended": refused,
+        "not_extended": fleet.refused,
+        "client_cpu_percent": round(fleet.cpu / elapsed * 100.0, 1),
         "extensions_per_s": round(done as f64 / elapsed, 1),
         "spm_cpu_percent": round(spm_cpu / elapsed * 100.0, 1),
         "spm_cpu_us_per_extension": round(spm_cpu / done.max(1) as f64 * 1e6, 1),
         "extensions_per_spm_cpu_s": round(done as f64 / spm_cpu.max(1e-9), 0),
+        "spm_commits": run.summary.commits,
+        "spm_commit_ms_mean": round(run.summary.commit_seconds * 1e3 / run.summary.commits.max(1) as f64, 3),
+        "spm_commit_seconds": round(run.summary.commit_seconds, 2),
+        "spm_full_scans": e.full_scans,
+        "spm_busy_scans": e.busy_scans,
+        "spm_backlog_scans": e.backlog_scans,
+        "spm_targeted_reads": e.targeted_reads,
+        "spm_read_bytes_per_extension": per(d.read_bytes),
+        "spm_reads_per_extension": per(d.reads),
+        "spm_writes_per_extension": per(d.writes),
     })
 }
 
@@ -659,14 +805,10 @@ fn throughput_builtin(
     let mut fleet = Fleet::with_volumes(&device, specs)?;
     let total = u64::from(volumes) * per_volume;
     let (done, elapsed) = keep_asking(&mut fleet, 120.0, Some(total))?;
-    let refused = fleet.refused;
-    drop(fleet);
-    let spm_cpu = spm.stop()?;
+    let run = spm.stop()?;
     let _ = std::fs::remove_file(&lun);
     let _ = std::fs::remove_file(&device);
-    Ok(tput_row(
-        "builtin", hosts, volumes, 1, done, refused, elapsed, spm_cpu,
-    ))
+    Ok(tput_row("builtin", hosts, 1, &fleet, done, elapsed, &run))
 }
 
 /// CPU time of this process, seconds.
