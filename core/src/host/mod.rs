@@ -130,9 +130,12 @@ pub struct HostConfig {
     /// reply; doubles per ring up to `resend_timeout`. The doorbell holds
     /// one ring: another host's ring written within the same SPM doorbell
     /// interval replaces this one, and the ring again recovers from that
-    /// in milliseconds instead of a resend timeout. Costs one sector write
-    /// per ring. Zero turns it off. Default 20 ms (four doorbell reads at
-    /// the SPM's default 5 ms).
+    /// in milliseconds instead of a resend timeout. Each wait is stretched
+    /// by up to 15/16 by a hash of the host id and the request's sequence,
+    /// so that hosts whose rings collided do not ring again in step and
+    /// collide again. Costs one sector write per ring. Zero turns it off.
+    /// Default 10 ms (two doorbell reads at the SPM's default 5 ms): a
+    /// lost ring is rung again after 10 to 19 ms.
     pub ring_retry: Duration,
 }
 
@@ -145,7 +148,7 @@ impl Default for HostConfig {
             resend_timeout: Duration::from_secs(2),
             max_resend_timeout: Duration::from_secs(30),
             remind_interval: Duration::from_secs(10),
-            ring_retry: Duration::from_millis(20),
+            ring_retry: Duration::from_millis(10),
         }
     }
 }
@@ -943,7 +946,24 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     /// comes.
     fn ring_scheduled(&mut self, now: Instant) {
         let retry = self.config.ring_retry;
-        self.ring_again = (!retry.is_zero()).then(|| (now + retry, retry));
+        let sequence = self.newest_unanswered().unwrap_or(0);
+        self.ring_again = (!retry.is_zero()).then(|| (now + self.jittered(retry, sequence), retry));
+    }
+
+    /// `interval` stretched by 0 to 15/16 of itself, chosen by a hash of
+    /// this host's id, the request's `sequence` and the interval: two
+    /// hosts that rang at the same moment ring again at different ones.
+    fn jittered(&self, interval: Duration, sequence: u64) -> Duration {
+        let step = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let h = (u64::from(self.host_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ sequence.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+            ^ step)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let sixteenths = (h >> 60) as u32;
+        let extra = interval
+            .checked_mul(sixteenths)
+            .map_or(Duration::ZERO, |x| x / 16);
+        interval.saturating_add(extra)
     }
 
     /// The newest request that awaits a reply and that the SPM may not
@@ -980,7 +1000,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .unwrap_or(self.config.resend_timeout)
             .min(self.config.resend_timeout)
             .max(interval);
-        self.ring_again = Some((now + next, next));
+        self.ring_again = Some((now + self.jittered(next, sequence), next));
     }
 
     fn started(&self) -> bool {

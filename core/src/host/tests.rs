@@ -1259,13 +1259,25 @@ fn the_doorbell_is_rung_again_doubling_until_a_reply_comes() {
                 w.offset, DOORBELL_OFFSET,
                 "a ring again writes the doorbell only"
             );
-            rings.push(now.as_micros() / 1000);
+            rings.push(now.as_micros());
         }
     }
-    // 20 ms after the request, then doubling; the resend at 2 s rings by
-    // itself.
-    assert_eq!(rings, [20, 60, 140, 300, 620, 1260]);
-    assert_eq!(rig.host.stats().rings_repeated, 6);
+    // 10 ms after the request, then doubling, each wait stretched by up
+    // to 15/16; the resend at 2 s rings by itself.
+    let mut last = 0;
+    let mut base = 10_000;
+    for &t in &rings {
+        let wait = t - last;
+        assert!(
+            (base..base + base * 15 / 16 + 1_000).contains(&wait),
+            "waited {wait} us for a base of {base} us: {rings:?}"
+        );
+        last = t;
+        base *= 2;
+    }
+    assert!(rings.len() >= 6, "{rings:?}");
+    let repeated = rig.host.stats().rings_repeated;
+    assert_eq!(repeated, rings.len() as u64);
     assert_eq!(rig.doorbell().map(|d| d.sequence), Some(1));
     // A reply ends it: parked requests are known to the SPM.
     rig.answer(1, 1, ReplyStatus::WaitingForSpace, GIB);
@@ -1273,7 +1285,44 @@ fn the_doorbell_is_rung_again_doubling_until_a_reply_comes() {
     rig.take_events();
     rig.host.handle_timeout(at(1_900));
     assert!(rig.flush().is_empty(), "no ring while parked");
-    assert_eq!(rig.host.stats().rings_repeated, 6);
+    assert_eq!(rig.host.stats().rings_repeated, repeated);
+}
+
+#[test]
+fn hosts_that_rang_together_ring_again_apart() {
+    // Hosts 1..=8 ring at the same moment for their first request: their
+    // first rings again are spread over 10 to 19 ms, not in step.
+    let mut firsts = Vec::new();
+    for host_id in 1..=8u16 {
+        let mut host: Host<4> =
+            Host::new(DOMAIN, host_id, geometry(), HostConfig::default()).unwrap();
+        host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, GIB - MIB)
+            .unwrap();
+        host.start(at(0), &[0; AREA_SIZE], &[0; AREA_SIZE]).unwrap();
+        let mut rings = 0;
+        let mut now = at(0);
+        while rings < 2 {
+            while let Some(w) = host.poll_write() {
+                if w.offset == DOORBELL_OFFSET {
+                    rings += 1;
+                    if rings == 2 {
+                        firsts.push(now.as_micros());
+                    }
+                }
+            }
+            now = host.poll_timeout().unwrap();
+            host.handle_timeout(now);
+            while host.poll_read(now).is_some() {}
+        }
+    }
+    assert!(
+        firsts.iter().all(|&t| (10_000..20_000).contains(&t)),
+        "{firsts:?}"
+    );
+    let mut distinct = firsts.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert!(distinct.len() >= 5, "rings again in step: {firsts:?}");
 }
 
 #[test]
