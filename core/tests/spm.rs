@@ -599,3 +599,43 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
     assert_eq!(spm.stats().full_scans, 2, "{:?}", spm.stats());
     assert!(matches!(disk.reply(30, 1), SlotState::Empty));
 }
+
+#[test]
+fn rings_a_few_reads_apart_are_taken_as_collisions_and_far_apart_are_not() {
+    let mut disk = Disk::new(8);
+    let mut spm = start(&disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    // Hosts 2 and 3 ring at the same moment at 100 ms: host 2's ring is
+    // lost. Host 3's is seen.
+    for h in [2u16, 3] {
+        disk.host_start(h, 1);
+        let r = request(h, 1, h as u8, 2);
+        disk.send(&r);
+        disk.ring(&r);
+    }
+    for t in (100..=110).step_by(5) {
+        step(&mut spm, &mut disk, ms(t));
+    }
+    assert_eq!(spm.stats().busy_scans, 0);
+    // Host 2 rings again 15 ms later (three reads on): a second new ring
+    // so soon says rings collide, and the scan brought forward finds
+    // whatever was lost.
+    disk.ring(&request(2, 1, 2, 2));
+    disk.host_start(4, 1);
+    disk.send(&request(4, 1, 4, 2));
+    for t in (115..=120).step_by(5) {
+        step(&mut spm, &mut disk, ms(t));
+    }
+    assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
+    assert_eq!(spm.stats().full_scans, 2);
+    assert_eq!(spm.queue().len(), 3, "hosts 2, 3 and 4");
+    // A ring a second later is no sign of anything.
+    disk.host_start(5, 1);
+    let r = request(5, 1, 5, 2);
+    disk.send(&r);
+    disk.ring(&r);
+    for t in (1120..=1130).step_by(5) {
+        step(&mut spm, &mut disk, ms(t));
+    }
+    assert_eq!(spm.stats().busy_scans, 1);
+}

@@ -74,6 +74,9 @@ pub const REFUSAL_REPORTS_PER_SCAN: u32 = 16;
 pub const TARGETED_READS: usize = 64;
 /// Events kept until polled; past that the oldest are dropped (counted).
 pub const EVENTS: usize = 64;
+/// Two new rings read at most this many doorbell intervals apart are
+/// taken as a sign that rings collide ([`SpmConfig::busy_scan_interval`]).
+pub const RING_WINDOW_READS: u32 = 4;
 
 /// How the SPM engine paces itself.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -90,11 +93,13 @@ pub struct SpmConfig {
     /// The most jobs running at once.
     pub max_jobs: usize,
     /// The shortest time between full scans while rings collide. The
-    /// doorbell holds one ring, so when two doorbell reads in a row each
-    /// find a new ring, rings are arriving faster than they are read and
-    /// some were likely overwritten; the next full scan is then brought
-    /// forward to at most this long after the previous one. Zero turns it
-    /// off. Default 50 ms.
+    /// doorbell holds one ring, so when two new rings are read within
+    /// [`RING_WINDOW_READS`] doorbell intervals of each other, rings are
+    /// arriving about as fast as they are read and some were likely
+    /// overwritten (hosts that rang at the same moment ring again within
+    /// a few intervals); the next full scan is then brought forward to at
+    /// most this long after the previous one. Zero turns it off. Default
+    /// 50 ms.
     pub busy_scan_interval: Duration,
     /// How often the doorbell is read once no new ring has been seen for
     /// `idle_after`: an idle SPM then costs less, and the first ring after
@@ -295,8 +300,8 @@ pub struct Spm<const QUEUE: usize> {
     next_heartbeat: Instant,
     targeted: heapless::Deque<u16, TARGETED_READS>,
     last_doorbell: Option<Doorbell>,
-    /// Doorbell reads in a row that found a new ring.
-    rings_in_a_row: u8,
+    /// When the doorbell last showed a new ring (never at start).
+    previous_ring: Option<Instant>,
     /// When the last full scan was handed out.
     last_full_scan: Instant,
     /// When the doorbell last showed a new ring (or the engine started).
@@ -350,7 +355,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             next_heartbeat: now + config.heartbeat_interval,
             targeted: heapless::Deque::new(),
             last_doorbell: None,
-            rings_in_a_row: 0,
+            previous_ring: None,
             last_full_scan: Instant::ZERO,
             last_ring: now,
             backlog: false,
@@ -476,20 +481,26 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         };
         let Ok(Some(bell)) = Doorbell::parse(bytes, &at) else {
             // Empty or damaged: a hint only; the full scan covers it.
-            self.rings_in_a_row = 0;
             return;
         };
         if self.last_doorbell == Some(bell) {
-            self.rings_in_a_row = 0;
             return;
         }
         self.last_doorbell = Some(bell);
         self.last_ring = now;
         // Out of idle at once: the next read at the busy interval.
         self.next_doorbell = self.next_doorbell.min(now + self.config.doorbell_interval);
-        self.rings_in_a_row = self.rings_in_a_row.saturating_add(1);
+        let window = self
+            .config
+            .doorbell_interval
+            .checked_mul(RING_WINDOW_READS)
+            .unwrap_or(Duration::MAX);
+        let close = self
+            .previous_ring
+            .is_some_and(|p| now.saturating_since(p) <= window);
+        self.previous_ring = Some(now);
         let busy = self.config.busy_scan_interval;
-        if self.rings_in_a_row >= 2 && !busy.is_zero() {
+        if close && !busy.is_zero() {
             // Rings collide: scan soon, but not more often than `busy`.
             let at = (self.last_full_scan + busy).max(now);
             if at < self.next_scan {
