@@ -937,6 +937,53 @@ fn whole_extension(
     volumes_per_host: u64,
     seconds: f64,
 ) -> Result<(Value, Vec<f64>), BackendError> {
+    // A volume holds at most 32 segments, and volumes growing together
+    // interleave their extents, so each extension is a segment: a round
+    // grows each volume by at most 28 extensions, on a fresh domain.
+    let rate = 8u64 << 20;
+    let extent = 4u64 << 20;
+    let per_round = 28 * extent;
+    let rounds = ((rate as f64 * seconds) / per_round as f64).ceil().max(1.0) as u64;
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        let bytes = if round + 1 == rounds {
+            ((rate as f64 * seconds) as u64).saturating_sub(round * per_round)
+        } else {
+            per_round
+        };
+        all.extend(whole_extension_round(
+            dir,
+            run_dir,
+            hosts,
+            volumes_per_host,
+            bytes.clamp(extent, per_round),
+        )?);
+    }
+    let mut v = json!({
+        "backend": "builtin",
+        "hosts": hosts,
+        "volumes": u64::from(hosts) * volumes_per_host,
+        "rounds": rounds,
+    });
+    merge(
+        &mut v,
+        Dist {
+            samples: all.clone(),
+        }
+        .summary(),
+    );
+    Ok((v, all))
+}
+
+/// One round of [`whole_extension`]: guests writing `bytes` each at
+/// 8 MiB/s on a fresh domain. Returns the latencies, milliseconds.
+fn whole_extension_round(
+    dir: &Path,
+    run_dir: &Path,
+    hosts: u16,
+    volumes_per_host: u64,
+    bytes: u64,
+) -> Result<Vec<f64>, BackendError> {
     let device = dir.join("ext-domain");
     let lun = dir.join("ext-lun");
     let _ = std::fs::remove_file(&device);
@@ -973,11 +1020,9 @@ fn whole_extension(
     }
     let spm = SpmThread::start(&device, run_dir, true)?;
     // Guests write 8 MiB/s each with 4 MiB chunks: about one extension
-    // per volume every half second, spread over time.
+    // per volume every half second.
     let rate = 8u64 << 20;
-    let bytes = ((rate as f64 * seconds) as u64)
-        .min(per_volume)
-        .next_multiple_of(4096);
+    let bytes = bytes.min(per_volume).next_multiple_of(4096);
     let mut threads = Vec::new();
     for (h, vols) in assignment {
         let device = device.clone();
@@ -1017,15 +1062,7 @@ fn whole_extension(
     spm.stop()?;
     let _ = std::fs::remove_file(&lun);
     let _ = std::fs::remove_file(&device);
-    let mut v = json!({"backend": "builtin", "hosts": hosts, "volumes": u64::from(hosts) * volumes_per_host});
-    merge(
-        &mut v,
-        Dist {
-            samples: all.clone(),
-        }
-        .summary(),
-    );
-    Ok((v, all))
+    Ok(all)
 }
 
 /// The core engine reading a 2000-host mailbox image from memory.

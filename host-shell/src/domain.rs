@@ -529,6 +529,15 @@ impl SpmBackend for BuiltinSpm {
         if matches!(result, Ok(Extend::Extended { .. })) {
             self.dirty = true;
         }
+        if let Err(PoolError::SegmentsFull) = result {
+            tracing::warn!(
+                "volume {volume} cannot grow to {}: its map already holds the most segments \
+                 the builtin pool keeps per volume, and volumes growing at the same time \
+                 interleave their extents; the host is answered EIO. Use larger chunks \
+                 (each extension is one segment) or a larger --extent-size for new domains",
+                Bytes(target)
+            );
+        }
         job_result(result, &self.pool, volume)
     }
 
