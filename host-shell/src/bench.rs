@@ -1390,8 +1390,11 @@ fn table(r: &Value) -> String {
     let _ = writeln!(
         o,
         "{:<44} {:>10} {:>10} {:>10} {:>8}",
-        "round trip (no-op backend)", "p50 ms", "p99 ms", "max ms", "samples"
+        "latency", "p50 ms", "p99 ms", "max ms", "samples"
     );
+    if r.get("round_trip").is_some() {
+        let _ = writeln!(o, "round trip (no-op backend)");
+    }
     for row in r["round_trip"].as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
