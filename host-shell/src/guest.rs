@@ -153,12 +153,22 @@ fn seed(volume: Uuid, offset: u64, generation: u64) -> u64 {
 /// Fills `out` with the pattern of `seed`.
 fn pattern(seed: u64, out: &mut [u8]) {
     let mut x = seed;
-    for chunk in out.chunks_mut(8) {
+    let mut next = || {
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        let word = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+    };
+    // Whole words first (fixed-size copies the compiler turns into
+    // stores), then any tail.
+    let mut words = out.chunks_exact_mut(8);
+    for chunk in &mut words {
+        chunk.copy_from_slice(&next());
+    }
+    let tail = words.into_remainder();
+    if !tail.is_empty() {
+        let word = next();
+        tail.copy_from_slice(&word[..tail.len()]);
     }
 }
 
