@@ -912,6 +912,10 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     let summary = crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))?;
     let elapsed = started.elapsed().as_secs_f64();
     spm.stop()?;
+    // The same writes with no mailbox, no pool and no data to make: what
+    // the device gives this thread.
+    let device_rate = raw_write_rate(&lun, total.min(2 << 30), 4 << 20)?;
+    let fill_rate = fill_rate(256 << 20);
     let _ = std::fs::remove_file(&lun);
     let _ = std::fs::remove_file(&device);
     let mut lat = summary.latencies_ms.clone();
@@ -925,7 +929,41 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
         "extensions": summary.extensions,
         "extension_p50_ms": round(percentile(&lat, 50.0), 3),
         "extension_p99_ms": round(percentile(&lat, 99.0), 3),
+        "device_mib_per_s": round(device_rate, 1),
+        "fill_mib_per_s": round(fill_rate, 1),
     }))
+}
+
+/// MiB/s of `bytes` written from the start of `path` in `write_size`
+/// O_DIRECT writes of one buffer, then synced.
+fn raw_write_rate(path: &Path, bytes: u64, write_size: usize) -> Result<f64, BackendError> {
+    let device = crate::device::Device::open(path, Access::ReadWrite).map_err(err)?;
+    let mut buf = AlignedBuf::zeroed(write_size, device.dio_mem_align().max(4096));
+    buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    let started = StdInstant::now();
+    let mut at = 0;
+    while at + write_size as u64 <= bytes {
+        device.write_at(at, &buf).map_err(err)?;
+        at += write_size as u64;
+    }
+    device.sync_data().map_err(err)?;
+    Ok(at as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64)
+}
+
+/// MiB/s at which one thread makes guest data (pattern and checksum per
+/// block), with no I/O.
+fn fill_rate(bytes: u64) -> f64 {
+    let block = crate::guest::BLOCK as usize;
+    let mut buf = vec![0u8; block];
+    let volume = Uuid([7; 16]);
+    let started = StdInstant::now();
+    let mut offset = 0;
+    while offset < bytes {
+        crate::guest::fill_block(&mut buf, volume, offset, 1);
+        offset += block as u64;
+    }
+    std::hint::black_box(&buf);
+    offset as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
 /// Whole extensions with the builtin pool: guests on `hosts` host daemons
@@ -1450,11 +1488,13 @@ fn table(r: &Value) -> String {
     if let Some(w) = r.get("write_rate") {
         let _ = writeln!(
             o,
-            "guest write rate, {} chunks: {} MiB/s, {} pauses, {} extensions",
+            "guest write rate, {} chunks: {} MiB/s, {} pauses, {} extensions (device {} MiB/s; making the data {} MiB/s)",
             Bytes(w["chunk_size"].as_u64().unwrap_or(0)),
             w["mib_per_s"],
             w["pauses"],
-            w["extensions"]
+            w["extensions"],
+            w["device_mib_per_s"],
+            w["fill_mib_per_s"]
         );
     }
     for row in r["scan"].as_array().into_iter().flatten() {
