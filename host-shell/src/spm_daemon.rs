@@ -44,16 +44,25 @@ pub const QUEUE: usize = 1024;
 pub const BATCH: usize = 64;
 
 /// The engine's pacing for the daemon: `doorbell_interval` and
-/// `full_scan_interval` as given, batches of [`BATCH`] jobs, the rest the
-/// engine's defaults.
+/// `full_scan_interval` as given, batches of [`BATCH`] jobs, busy scans
+/// from [`BUSY_SCAN_FLOOR`] (raised by [`BUSY_SCAN_READ_RATE`] in
+/// [`run`]), the rest the engine's defaults.
 pub fn daemon_config(doorbell_interval: Duration, full_scan_interval: Duration) -> SpmConfig {
     SpmConfig {
         doorbell_interval,
         full_scan_interval,
         max_jobs: BATCH,
+        busy_scan_interval: BUSY_SCAN_FLOOR,
         ..SpmConfig::default()
     }
 }
+
+/// The shortest time between full scans brought forward by colliding
+/// rings. A lost ring waits for such a scan unless its host's ring again
+/// gets through first; at 250 hosts a full scan reads about 1 MiB, so
+/// 20 ms keeps within [`BUSY_SCAN_READ_RATE`] and a whole extension
+/// within 50 ms even when rings collide.
+pub const BUSY_SCAN_FLOOR: Duration = Duration::from_millis(20);
 
 /// The most bytes per second that full scans brought forward by colliding
 /// doorbell rings may read on average.
@@ -380,8 +389,8 @@ pub fn run(
     let backend = backend.as_mut();
     let clock = Clock::start();
     // Scans brought forward by colliding rings read at most
-    // BUSY_SCAN_READ_RATE on average: every 50 ms at 250 hosts, every
-    // 122 ms at 2000.
+    // BUSY_SCAN_READ_RATE on average: every 20 ms (the floor) at 250
+    // hosts, every 122 ms at 2000.
     let mut config = options.config;
     let scan_bytes = 2 * u64::from(geometry.max_hosts()) * spmbox_core::wire::AREA_SIZE as u64;
     if !config.busy_scan_interval.is_zero() {
