@@ -116,6 +116,13 @@ impl SpmBackend for NoopBackend {
     }
 }
 
+/// The backend of an [`SpmThread`].
+enum Backend {
+    Noop,
+    Builtin,
+    Lvm { vg: String, pvs: Vec<PathBuf> },
+}
+
 /// An SPM daemon running in a thread until dropped.
 struct SpmThread {
     stop: Arc<AtomicBool>,
@@ -137,7 +144,7 @@ fn thread_cpu_seconds() -> f64 {
 }
 
 impl SpmThread {
-    fn start(device: &Path, run_dir: &Path, builtin: bool) -> Result<SpmThread, BackendError> {
+    fn start(device: &Path, run_dir: &Path, backend: Backend) -> Result<SpmThread, BackendError> {
         let stop = Arc::new(AtomicBool::new(false));
         let options = SpmOptions {
             device: device.to_owned(),
@@ -153,10 +160,10 @@ impl SpmThread {
         let path = device.to_owned();
         let thread = std::thread::spawn(move || {
             let open = || -> Result<Box<dyn SpmBackend>, BackendError> {
-                if builtin {
-                    Ok(Box::new(domain::BuiltinSpm::open(&path)?))
-                } else {
-                    Ok(Box::new(NoopBackend))
+                match &backend {
+                    Backend::Noop => Ok(Box::new(NoopBackend)),
+                    Backend::Builtin => Ok(Box::new(domain::BuiltinSpm::open(&path)?)),
+                    Backend::Lvm { vg, pvs } => crate::lvm_glue::spm_backend(vg, pvs),
                 }
             };
             spm_daemon::run(&options, &open, flag)
@@ -588,7 +595,7 @@ fn round_trip(
     burst: usize,
 ) -> Result<Vec<Value>, BackendError> {
     fresh_mailbox(device, hosts)?;
-    let spm = SpmThread::start(device, run_dir, false)?;
+    let spm = SpmThread::start(device, run_dir, Backend::Noop)?;
     let mut fleet = Fleet::new(device, 1..=hosts)?;
     let n = fleet.hosts.len();
     let mut one = Vec::new();
@@ -657,7 +664,7 @@ fn throughput(
     seconds: f64,
 ) -> Result<Value, BackendError> {
     fresh_mailbox(device, hosts)?;
-    let spm = SpmThread::start(device, run_dir, false)?;
+    let spm = SpmThread::start(device, run_dir, Backend::Noop)?;
     let mut specs = Vec::new();
     for id in 1..=hosts {
         let mut vols = Vec::new();
@@ -801,7 +808,7 @@ fn throughput_builtin(
             specs.push((h, vec![(v, virtual_size, extent)]));
         }
     }
-    let spm = SpmThread::start(&device, run_dir, true)?;
+    let spm = SpmThread::start(&device, run_dir, Backend::Builtin)?;
     let mut fleet = Fleet::with_volumes(&device, specs)?;
     let total = u64::from(volumes) * per_volume;
     let (done, elapsed) = keep_asking(&mut fleet, 120.0, Some(total))?;
@@ -831,7 +838,7 @@ fn bytes_read() -> u64 {
 /// The SPM's idle cost at default settings with `hosts` configured.
 fn idle(device: &Path, run_dir: &Path, hosts: u16, seconds: f64) -> Result<Value, BackendError> {
     fresh_mailbox(device, hosts)?;
-    let spm = SpmThread::start(device, run_dir, false)?;
+    let spm = SpmThread::start(device, run_dir, Backend::Noop)?;
     // Idle means no ring for idle_after: the doorbell is then read at the
     // idle interval.
     std::thread::sleep(SpmConfig::default().idle_after + Duration::from_millis(500));
@@ -889,7 +896,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
         let mut b = domain::BuiltinSpm::open(&device)?;
         b.create_volume(volume, total, chunk)?;
     }
-    let spm = SpmThread::start(&device, run_dir, true)?;
+    let spm = SpmThread::start(&device, run_dir, Backend::Builtin)?;
     let mut maps = BuiltinMaps::open(&device, vec![dir.to_owned()])?;
     let options = crate::host_daemon::HostOptions {
         device: device.clone(),
@@ -1056,7 +1063,7 @@ fn whole_extension_round(
             assignment.push((h, vols));
         }
     }
-    let spm = SpmThread::start(&device, run_dir, true)?;
+    let spm = SpmThread::start(&device, run_dir, Backend::Builtin)?;
     // Guests write 8 MiB/s each with 4 MiB chunks: about one extension
     // per volume every half second.
     let rate = 8u64 << 20;
@@ -1101,6 +1108,180 @@ fn whole_extension_round(
     let _ = std::fs::remove_file(&lun);
     let _ = std::fs::remove_file(&device);
     Ok(all)
+}
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Result<LoopDevice, BackendError> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", "512"])
+            .arg(file)
+            .output()
+            .map_err(|e| BackendError::new(format!("cannot run losetup: {e}")))?;
+        if !out.status.success() {
+            return Err(BackendError::new(format!(
+                "losetup {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(LoopDevice(PathBuf::from(
+            String::from_utf8_lossy(&out.stdout).trim(),
+        )))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The volume group of an lvm run and its PV labels, removed when dropped
+/// (before the loop devices under them are detached).
+struct VgCleanup {
+    vg: String,
+    pvs: Vec<PathBuf>,
+}
+
+impl Drop for VgCleanup {
+    fn drop(&mut self) {
+        let Ok(lvm) = crate::lvm::Lvm::new(&self.vg, &self.pvs) else {
+            return;
+        };
+        let _ = lvm.run("vgremove", &["-f", &self.vg]);
+        let names: Vec<String> = self.pvs.iter().map(|p| p.display().to_string()).collect();
+        let mut args = vec!["-ff", "-y"];
+        args.extend(names.iter().map(String::as_str));
+        let _ = lvm.run("pvremove", &args);
+    }
+}
+
+/// Why the lvm row cannot run here, if it cannot.
+fn lvm_unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("needs root (loop devices and lvm2)".into());
+    }
+    let works = |cmd: &str, arg: &str| {
+        std::process::Command::new(cmd)
+            .arg(arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !works("losetup", "--version") {
+        return Some("needs losetup (util-linux)".into());
+    }
+    if !works("lvm", "version") {
+        return Some("needs lvm2 (apt-get install lvm2)".into());
+    }
+    None
+}
+
+/// The whole extension with the lvm backend: one host, one guest, a real
+/// lvm2 volume group on a loop device (metadata only where the kernel has
+/// no device-mapper: the guest writes through the segment map `lvs`
+/// reports). Beside it, lvextend's own time as the SPM measured it.
+fn whole_extension_lvm(
+    dir: &Path,
+    run_dir: &Path,
+    seconds: f64,
+) -> Result<(Value, Vec<f64>), BackendError> {
+    if let Some(why) = lvm_unavailable() {
+        return Ok((json!({"backend": "lvm", "skipped": why}), Vec::new()));
+    }
+    let domain_file = dir.join("lvm-domain");
+    let lun_file = dir.join("lvm-lun");
+    let extent = 4u64 << 20;
+    let per_volume = 256u64 << 20;
+    for (f, size) in [
+        (&domain_file, 16u64 << 20),
+        (&lun_file, 2 * per_volume + (64 << 20)),
+    ] {
+        std::fs::File::create(f)
+            .and_then(|file| preallocate(&file, size))
+            .map_err(|e| BackendError::new(format!("cannot make {}: {e}", f.display())))?;
+    }
+    let domain_loop = LoopDevice::attach(&domain_file)?;
+    let lun_loop = LoopDevice::attach(&lun_file)?;
+    let vg = format!("spmboxbench{}", std::process::id());
+    let pvs = vec![lun_loop.0.clone()];
+    let _cleanup = VgCleanup {
+        vg: vg.clone(),
+        pvs: pvs.clone(),
+    };
+    crate::lvm_glue::create(
+        &domain_loop.0,
+        &pvs,
+        &CreateOptions {
+            hosts: 250,
+            sector_size: None,
+            domain: None,
+            extent_size: extent,
+            force: true,
+        },
+        &vg,
+        &pvs,
+    )?;
+    let volume = mailbox::random_uuid().map_err(err)?;
+    crate::lvm_glue::spm_backend(&vg, &pvs)?.create_volume(volume, per_volume, extent)?;
+    let spm = SpmThread::start(
+        &domain_loop.0,
+        run_dir,
+        Backend::Lvm {
+            vg: vg.clone(),
+            pvs: pvs.clone(),
+        },
+    )?;
+    let mut maps = crate::lvm_glue::maps(&vg, &pvs)?;
+    // Fewer extensions than the builtin rows: each is an lvextend and a
+    // refresh of the map from lvm2's metadata.
+    let rate = 8u64 << 20;
+    let bytes = ((rate as f64 * seconds) as u64).clamp(8 * extent, 28 * extent);
+    let options = crate::host_daemon::HostOptions {
+        device: domain_loop.0.clone(),
+        host_id: 1,
+        volumes: vec![volume],
+        config: HostConfig {
+            chunk_size: extent,
+            utilization_percent: 50,
+            ..HostConfig::default()
+        },
+        rate,
+        write_size: 256 << 10,
+        guest_bytes: Some(bytes),
+        exit_when_done: true,
+        json_events: false,
+        status_file: None,
+        metrics: None,
+    };
+    let summary =
+        crate::host_daemon::run(&options, maps.as_mut(), Arc::new(AtomicBool::new(false)))?;
+    let run = spm.stop()?;
+    let lat = summary.latencies_ms;
+    let mut v = json!({
+        "backend": "lvm",
+        "hosts": 1,
+        "volumes": 1,
+        "rounds": 1,
+        "device_mapper": crate::lvm::device_mapper_present(),
+        "lvextend_ms_mean": round(run.summary.extend_seconds * 1e3 / run.summary.jobs.max(1) as f64, 3),
+        "commit_ms_mean": round(run.summary.commit_seconds * 1e3 / run.summary.commits.max(1) as f64, 3),
+    });
+    merge(
+        &mut v,
+        Dist {
+            samples: lat.clone(),
+        }
+        .summary(),
+    );
+    Ok((v, lat))
 }
 
 /// The core engine reading a 2000-host mailbox image from memory.
@@ -1352,6 +1533,14 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
             ));
             ext.push(row);
         }
+        say("whole extension, lvm backend, 1 host x 1 volume");
+        let (row, samples) = whole_extension_lvm(dir.path(), &run_dir, if q { 4.0 } else { 14.0 })?;
+        if let Some(why) = row["skipped"].as_str() {
+            say(&format!("whole extension, lvm backend: skipped: {why}"));
+        } else {
+            sets.push(("whole extension, lvm, 1 x 1 guest".into(), samples));
+        }
+        ext.push(row);
         put("whole_extension", Value::Array(ext));
     }
     if want(Section::Throughput) {
@@ -1445,6 +1634,14 @@ fn table(r: &Value) -> String {
         );
     }
     for row in r["whole_extension"].as_array().into_iter().flatten() {
+        if let Some(why) = row["skipped"].as_str() {
+            let _ = writeln!(
+                o,
+                "whole extension ({}): skipped, {why}",
+                row["backend"].as_str().unwrap_or("")
+            );
+            continue;
+        }
         let _ = writeln!(
             o,
             "{:<44} {:>10} {:>10} {:>10} {:>8}",
@@ -1459,6 +1656,13 @@ fn table(r: &Value) -> String {
             row["max_ms"],
             row["samples"]
         );
+        if let Some(lvextend) = row["lvextend_ms_mean"].as_f64() {
+            let _ = writeln!(
+                o,
+                "  lvextend itself: {lvextend} ms on average; device-mapper: {}",
+                row["device_mapper"]
+            );
+        }
     }
     for t in r["throughput"].as_array().into_iter().flatten() {
         let _ = writeln!(

@@ -345,6 +345,9 @@ pub struct SpmSummary {
     pub commits: u64,
     /// Time spent in them, seconds.
     pub commit_seconds: f64,
+    /// Time the backend spent extending (lvextend for the lvm backend),
+    /// seconds, over `jobs` jobs.
+    pub extend_seconds: f64,
     /// Replies written.
     pub replies: u64,
     /// The engine's counters.
@@ -482,6 +485,7 @@ pub fn run(
                 })
                 .collect();
             let extended = started.elapsed();
+            summary.extend_seconds += extended.as_secs_f64();
             // Still the SPM? A stalled SPM must not commit over a newer one.
             let header = disk.read_record(SPM_HEADER_OFFSET)?;
             if let Ok(Some(h)) = SpmHeader::decode(header)
