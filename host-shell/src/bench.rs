@@ -593,7 +593,7 @@ fn round_trip(
     hosts: u16,
     samples: usize,
     burst: usize,
-) -> Result<Vec<Value>, BackendError> {
+) -> Result<Vec<(Value, Vec<f64>)>, BackendError> {
     fresh_mailbox(device, hosts)?;
     let spm = SpmThread::start(device, run_dir, Backend::Noop)?;
     let mut fleet = Fleet::new(device, 1..=hosts)?;
@@ -615,8 +615,15 @@ fn round_trip(
         }
         one.append(&mut fleet.round_trips);
     }
-    let mut out = vec![json!({"hosts": hosts, "senders": 1, "backend": "noop"})];
-    merge(&mut out[0], Dist { samples: one }.summary());
+    let mut first = json!({"hosts": hosts, "senders": 1, "backend": "noop"});
+    merge(
+        &mut first,
+        Dist {
+            samples: one.clone(),
+        }
+        .summary(),
+    );
+    let mut out = vec![(first, one)];
     if burst > 1 {
         let senders = burst.min(n);
         let mut many = Vec::new();
@@ -638,8 +645,14 @@ fn round_trip(
             many.append(&mut fleet.round_trips);
         }
         let mut v = json!({"hosts": hosts, "senders": senders, "backend": "noop"});
-        merge(&mut v, Dist { samples: many }.summary());
-        out.push(v);
+        merge(
+            &mut v,
+            Dist {
+                samples: many.clone(),
+            }
+            .summary(),
+        );
+        out.push((v, many));
     }
     drop(fleet);
     spm.stop()?;
@@ -1378,7 +1391,7 @@ fn svg(sets: &[(String, Vec<f64>)]) -> String {
     let x = |ms: f64| left + (ms.max(0.1).log10() - lo) / (hi - lo) * (w - left - 20.0);
     let y = |q: f64| (h - bottom) - q * (h - bottom - 20.0);
     let colors = [
-        "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+        "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
     ];
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
@@ -1399,6 +1412,23 @@ fn svg(sets: &[(String, Vec<f64>)]) -> String {
             w - 20.0,
             left - 5.0,
             y(q) + 4.0
+        );
+    }
+    // VDSM's published ranges, for scale.
+    for (k, (label, from, to)) in [
+        ("VDSM round trip (events): 0.5-1.0 s", 500.0, 1000.0),
+        ("VDSM whole extension: 0.77-1.39 s", 770.0, 1390.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        out += &format!(
+            "<rect x=\"{:.1}\" y=\"20\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#999\" fill-opacity=\"0.15\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">{label}</text>\n",
+            x(from),
+            x(to) - x(from),
+            h - bottom - 20.0,
+            w - 25.0,
+            h - bottom - 30.0 - 14.0 * k as f64
         );
     }
     for (i, (name, samples)) in sets.iter().enumerate() {
@@ -1509,8 +1539,13 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
             (2000, if q { 200 } else { 2000 }, 250),
         ] {
             say(&format!("round trip, {hosts} hosts"));
-            let rows = round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)?;
-            rt.extend(rows);
+            for (row, samples) in round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)? {
+                sets.push((
+                    format!("round trip, {hosts} hosts, {} at once", row["senders"]),
+                    samples,
+                ));
+                rt.push(row);
+            }
         }
         put("round_trip", Value::Array(rt));
     }
