@@ -40,8 +40,12 @@ use crate::units::Bytes;
 /// The SPM's queue window: requests beyond it wait on disk.
 pub const QUEUE: usize = 1024;
 
-/// Jobs the daemon runs per batch (one backend commit covers a batch).
-pub const BATCH: usize = 64;
+/// The most jobs the daemon runs per batch (one backend commit covers a
+/// batch).
+pub const BATCH: usize = 256;
+
+/// A batch takes no more jobs once its extensions have taken this long.
+pub const BATCH_EXTEND_BUDGET: Duration = Duration::from_millis(5);
 
 /// The engine's pacing for the daemon: `doorbell_interval` and
 /// `full_scan_interval` as given, batches of [`BATCH`] jobs, busy scans
@@ -466,24 +470,26 @@ pub fn run(
                 }
             }
         }
-        // Jobs, committed as one batch before any reply.
-        let mut jobs = Vec::new();
+        // Jobs, committed as one batch before any reply. A batch ends at
+        // BATCH jobs or once its extensions took BATCH_EXTEND_BUDGET: the
+        // builtin pool extends in microseconds and batches share one
+        // commit, while an lvextend takes tens of milliseconds and each is
+        // answered as soon as it is done.
+        let started = std::time::Instant::now();
+        let mut results: Vec<(Uuid, u64, JobResult)> = Vec::new();
         while let Some(job) = engine.poll_job() {
-            jobs.push(job);
+            results.push((
+                job.volume,
+                job.target_size,
+                backend.extend(job.volume, job.target_size, job.urgent),
+            ));
+            if started.elapsed() >= BATCH_EXTEND_BUDGET {
+                break;
+            }
         }
-        let had_jobs = !jobs.is_empty();
+        let had_jobs = !results.is_empty();
         if had_jobs {
-            let started = std::time::Instant::now();
-            let results: Vec<(Uuid, u64, JobResult)> = jobs
-                .iter()
-                .map(|j| {
-                    (
-                        j.volume,
-                        j.target_size,
-                        backend.extend(j.volume, j.target_size, j.urgent),
-                    )
-                })
-                .collect();
+            let batch = results.len();
             let extended = started.elapsed();
             summary.extend_seconds += extended.as_secs_f64();
             // Still the SPM? A stalled SPM must not commit over a newer one.
@@ -511,7 +517,7 @@ pub fn run(
                     Bytes(target),
                     extended.as_secs_f64() * 1e3,
                     committed.as_secs_f64() * 1e3,
-                    jobs.len()
+                    batch
                 );
                 engine.handle_job_result(clock.now(), volume, result);
             }
