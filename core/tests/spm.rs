@@ -486,16 +486,17 @@ fn an_idle_spm_reads_the_doorbell_less_often_until_a_ring_comes() {
     // Busy for 5 s after start: every 5 ms.
     let early = doorbell_reads(&mut spm, &disk, 100, 130);
     assert_eq!(early, [100, 105, 110, 115, 120, 125]);
-    // Idle: every 30 ms.
+    // Idle: every 40 ms.
     let idle = doorbell_reads(&mut spm, &disk, 6000, 6060);
-    assert_eq!(idle, [6000, 6030]);
+    assert_eq!(idle, [6000, 6040]);
     // A ring: fast again from the next read.
     disk.host_start(2, 1);
     let r = request(2, 1, 2, 2);
     disk.send(&r);
     disk.ring(&r);
-    let after = doorbell_reads(&mut spm, &disk, 6060, 6090);
-    assert_eq!(after, [6060, 6065, 6070, 6075, 6080, 6085]);
+    // Rung at 6050: read at the next idle read (6080), fast from then on.
+    let after = doorbell_reads(&mut spm, &disk, 6050, 6110);
+    assert_eq!(after, [6080, 6085, 6090, 6095, 6100, 6105]);
 }
 
 #[test]

@@ -104,7 +104,7 @@ pub struct SpmConfig {
     /// How often the doorbell is read once no new ring has been seen for
     /// `idle_after`: an idle SPM then costs less, and the first ring after
     /// a quiet spell waits at most this long. At most `doorbell_interval`
-    /// turns it off. Default 30 ms.
+    /// turns it off. Default 40 ms.
     pub idle_doorbell_interval: Duration,
     /// How long without a new ring makes the SPM idle. Default 5 s.
     pub idle_after: Duration,
@@ -119,7 +119,7 @@ impl Default for SpmConfig {
             per_host_cap: 8,
             max_jobs: 4,
             busy_scan_interval: Duration::from_millis(50),
-            idle_doorbell_interval: Duration::from_millis(30),
+            idle_doorbell_interval: Duration::from_millis(40),
             idle_after: Duration::from_secs(5),
         }
     }
