@@ -881,6 +881,38 @@ fn idle(device: &Path, run_dir: &Path, hosts: u16, seconds: f64) -> Result<Value
     }))
 }
 
+/// Host daemon options for the benchmark's guests: watermark at 50 %,
+/// `chunk` per request, guests writing `bytes` each at `rate` (0: as fast
+/// as they can) in `write_size` writes, the host exiting when they are
+/// done.
+fn guest_host_options(
+    device: PathBuf,
+    host_id: u16,
+    volumes: Vec<Uuid>,
+    chunk: u64,
+    rate: u64,
+    write_size: u64,
+    bytes: u64,
+) -> crate::host_daemon::HostOptions {
+    crate::host_daemon::HostOptions {
+        device,
+        host_id,
+        volumes,
+        config: HostConfig {
+            chunk_size: chunk,
+            utilization_percent: 50,
+            ..HostConfig::default()
+        },
+        rate,
+        write_size,
+        guest_bytes: Some(bytes),
+        exit_when_done: true,
+        json_events: false,
+        status_file: None,
+        metrics: None,
+    }
+}
+
 /// One guest writing as fast as it can through a host daemon, with the
 /// builtin pool and `chunk` per request.
 fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Value, BackendError> {
@@ -911,23 +943,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     }
     let spm = SpmThread::start(&device, run_dir, Backend::Builtin)?;
     let mut maps = BuiltinMaps::open(&device, vec![dir.to_owned()])?;
-    let options = crate::host_daemon::HostOptions {
-        device: device.clone(),
-        host_id: 1,
-        volumes: vec![volume],
-        config: HostConfig {
-            chunk_size: chunk,
-            utilization_percent: 50,
-            ..HostConfig::default()
-        },
-        rate: 0,
-        write_size: 4 << 20,
-        guest_bytes: Some(total),
-        exit_when_done: true,
-        json_events: false,
-        status_file: None,
-        metrics: None,
-    };
+    let options = guest_host_options(device.clone(), 1, vec![volume], chunk, 0, 4 << 20, total);
     let started = StdInstant::now();
     let summary = crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -1087,23 +1103,7 @@ fn whole_extension_round(
         let search = vec![dir.to_owned()];
         threads.push(std::thread::spawn(move || -> Result<Vec<f64>, String> {
             let mut maps = BuiltinMaps::open(&device, search).map_err(|e| e.to_string())?;
-            let options = crate::host_daemon::HostOptions {
-                device,
-                host_id: h,
-                volumes: vols,
-                config: HostConfig {
-                    chunk_size: extent,
-                    utilization_percent: 50,
-                    ..HostConfig::default()
-                },
-                rate,
-                write_size: 256 << 10,
-                guest_bytes: Some(bytes),
-                exit_when_done: true,
-                json_events: false,
-                status_file: None,
-                metrics: None,
-            };
+            let options = guest_host_options(device, h, vols, extent, rate, 256 << 10, bytes);
             crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))
                 .map(|s| s.latencies_ms)
                 .map_err(|e| e.to_string())
@@ -1152,26 +1152,6 @@ impl Drop for LoopDevice {
             .arg("-d")
             .arg(&self.0)
             .status();
-    }
-}
-
-/// The volume group of an lvm run and its PV labels, removed when dropped
-/// (before the loop devices under them are detached).
-struct VgCleanup {
-    vg: String,
-    pvs: Vec<PathBuf>,
-}
-
-impl Drop for VgCleanup {
-    fn drop(&mut self) {
-        let Ok(lvm) = crate::lvm::Lvm::new(&self.vg, &self.pvs) else {
-            return;
-        };
-        let _ = lvm.run("vgremove", &["-f", &self.vg]);
-        let names: Vec<String> = self.pvs.iter().map(|p| p.display().to_string()).collect();
-        let mut args = vec!["-ff", "-y"];
-        args.extend(names.iter().map(String::as_str));
-        let _ = lvm.run("pvremove", &args);
     }
 }
 
@@ -1225,7 +1205,7 @@ fn whole_extension_lvm(
     let lun_loop = LoopDevice::attach(&lun_file)?;
     let vg = format!("spmboxbench{}", std::process::id());
     let pvs = vec![lun_loop.0.clone()];
-    let _cleanup = VgCleanup {
+    let _cleanup = crate::lvm::VgRemoval {
         vg: vg.clone(),
         pvs: pvs.clone(),
     };
@@ -1257,23 +1237,15 @@ fn whole_extension_lvm(
     // refresh of the map from lvm2's metadata.
     let rate = 8u64 << 20;
     let bytes = ((rate as f64 * seconds) as u64).clamp(8 * extent, 28 * extent);
-    let options = crate::host_daemon::HostOptions {
-        device: domain_loop.0.clone(),
-        host_id: 1,
-        volumes: vec![volume],
-        config: HostConfig {
-            chunk_size: extent,
-            utilization_percent: 50,
-            ..HostConfig::default()
-        },
+    let options = guest_host_options(
+        domain_loop.0.clone(),
+        1,
+        vec![volume],
+        extent,
         rate,
-        write_size: 256 << 10,
-        guest_bytes: Some(bytes),
-        exit_when_done: true,
-        json_events: false,
-        status_file: None,
-        metrics: None,
-    };
+        256 << 10,
+        bytes,
+    );
     let summary =
         crate::host_daemon::run(&options, maps.as_mut(), Arc::new(AtomicBool::new(false)))?;
     let run = spm.stop()?;

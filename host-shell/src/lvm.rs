@@ -401,6 +401,31 @@ impl Lvm {
     }
 }
 
+/// A volume group and its PV labels, removed when dropped (`vgremove -f`,
+/// `pvremove -ff -y`), for benchmarks and tests that make their own; drop
+/// it before the devices under the PVs go away. Errors are ignored: what
+/// is already gone stays gone.
+#[derive(Debug)]
+pub struct VgRemoval {
+    /// The volume group.
+    pub vg: String,
+    /// Its PVs.
+    pub pvs: Vec<PathBuf>,
+}
+
+impl Drop for VgRemoval {
+    fn drop(&mut self) {
+        let Ok(lvm) = Lvm::new(&self.vg, &self.pvs) else {
+            return;
+        };
+        let _ = lvm.run("vgremove", &["-f", &self.vg]);
+        let names: Vec<String> = self.pvs.iter().map(|p| p.display().to_string()).collect();
+        let mut args = vec!["-ff", "-y"];
+        args.extend(names.iter().map(String::as_str));
+        let _ = lvm.run("pvremove", &args);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -144,26 +144,6 @@ fn lvm_missing() -> Option<&'static str> {
     None
 }
 
-/// Removes the test's volume group and PV labels; dropped before the
-/// loop devices are detached.
-struct LvmCleanup {
-    vg: String,
-    pvs: Vec<PathBuf>,
-}
-
-impl Drop for LvmCleanup {
-    fn drop(&mut self) {
-        let Ok(lvm) = spmbox::lvm::Lvm::new(&self.vg, &self.pvs) else {
-            return;
-        };
-        let _ = lvm.run("vgremove", &["-f", &self.vg]);
-        let names: Vec<String> = self.pvs.iter().map(|p| p.display().to_string()).collect();
-        let mut args = vec!["-ff", "-y"];
-        args.extend(names.iter().map(String::as_str));
-        let _ = lvm.run("pvremove", &args);
-    }
-}
-
 /// A domain on files (or loop devices) in a temporary directory.
 struct Setup {
     dir: tempfile::TempDir,
@@ -177,7 +157,7 @@ struct Setup {
     /// Backend arguments every command gets (`--backend lvm ...`).
     backend: Vec<String>,
     /// The lvm backend's volume group, removed on drop.
-    _lvm: Option<LvmCleanup>,
+    _lvm: Option<spmbox::lvm::VgRemoval>,
     /// Detached after every process (declared before `Setup`) is gone.
     _loops: Vec<Loop>,
 }
@@ -239,7 +219,7 @@ impl Setup {
                     backend.push("--pv".into());
                     backend.push(pv.display().to_string());
                 }
-                lvm = Some(LvmCleanup {
+                lvm = Some(spmbox::lvm::VgRemoval {
                     vg,
                     pvs: devs[1..].to_vec(),
                 });
