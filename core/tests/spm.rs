@@ -127,6 +127,24 @@ fn step(spm: &mut Spm<64>, disk: &mut Disk, now: Instant) -> Vec<Job> {
     }
 }
 
+/// Runs [`step`] at `now`, extending every job to its target, until the
+/// engine has nothing more to do.
+fn step_extending(spm: &mut Spm<64>, disk: &mut Disk, now: Instant) {
+    let mut jobs = step(spm, disk, now);
+    while !jobs.is_empty() {
+        for job in jobs {
+            spm.handle_job_result(
+                now,
+                job.volume,
+                JobResult::Extended {
+                    size: job.target_size,
+                },
+            );
+        }
+        jobs = step(spm, disk, now);
+    }
+}
+
 fn start(disk: &Disk, now: Instant) -> Spm<64> {
     let found = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET)).unwrap();
     Spm::new(
@@ -320,19 +338,7 @@ fn a_full_queue_leaves_requests_on_disk_for_a_later_scan() {
     let mut now = ms(0);
     let mut answered = 0;
     for _ in 0..10 {
-        let mut jobs = step(&mut spm, &mut disk, now);
-        while !jobs.is_empty() {
-            for job in jobs {
-                spm.handle_job_result(
-                    now,
-                    job.volume,
-                    JobResult::Extended {
-                        size: job.target_size,
-                    },
-                );
-            }
-            jobs = step(&mut spm, &mut disk, now);
-        }
+        step_extending(&mut spm, &mut disk, now);
         answered = sent
             .iter()
             .filter(|r| matches!(disk.reply(r.host_id, 1), SlotState::Valid(x) if x.answers(r)))
@@ -519,19 +525,7 @@ fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
             .count()
     };
     while answered(&disk) < sent.len() && t < 1000 {
-        let mut jobs = step(&mut spm, &mut disk, ms(t));
-        while !jobs.is_empty() {
-            for job in jobs {
-                spm.handle_job_result(
-                    ms(t),
-                    job.volume,
-                    JobResult::Extended {
-                        size: job.target_size,
-                    },
-                );
-            }
-            jobs = step(&mut spm, &mut disk, ms(t));
-        }
+        step_extending(&mut spm, &mut disk, ms(t));
         t += 1;
     }
     assert_eq!(answered(&disk), 200, "{:?}", spm.stats());
@@ -556,21 +550,6 @@ fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
 
 #[test]
 fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
-    fn answer_all(spm: &mut Spm<64>, disk: &mut Disk, t: u64) {
-        let mut jobs = step(spm, disk, ms(t));
-        while !jobs.is_empty() {
-            for job in jobs {
-                spm.handle_job_result(
-                    ms(t),
-                    job.volume,
-                    JobResult::Extended {
-                        size: job.target_size,
-                    },
-                );
-            }
-            jobs = step(spm, disk, ms(t));
-        }
-    }
     // 20 requests (a quarter of the 64-entry queue is 16): busy.
     let mut disk = Disk::new(40);
     for host in 1..=20u16 {
@@ -578,7 +557,7 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
         disk.send(&request(host, 1, host as u8, 2));
     }
     let mut spm = start(&disk, ms(0));
-    answer_all(&mut spm, &mut disk, 0);
+    step_extending(&mut spm, &mut disk, ms(0));
     assert_eq!(spm.stats().full_scans, 1);
     // More arrive without a ring: found by the scan brought forward.
     for host in 21..=25u16 {
@@ -586,7 +565,7 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
         disk.send(&request(host, 1, host as u8, 2));
     }
     for t in 1..=10 {
-        answer_all(&mut spm, &mut disk, t);
+        step_extending(&mut spm, &mut disk, ms(t));
     }
     assert_eq!(spm.stats().full_scans, 2, "{:?}", spm.stats());
     assert_eq!(spm.stats().backlog_scans, 1);
@@ -595,7 +574,7 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
     disk.host_start(30, 1);
     disk.send(&request(30, 1, 30, 2));
     for t in 11..1000 {
-        answer_all(&mut spm, &mut disk, t);
+        step_extending(&mut spm, &mut disk, ms(t));
     }
     assert_eq!(spm.stats().full_scans, 2, "{:?}", spm.stats());
     assert!(matches!(disk.reply(30, 1), SlotState::Empty));

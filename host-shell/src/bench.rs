@@ -1002,6 +1002,17 @@ fn fill_rate(bytes: u64) -> f64 {
     offset as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64
 }
 
+/// How fast the whole-extension guests write.
+const GUEST_RATE: u64 = 8 << 20;
+/// Extent and chunk size of the whole-extension domains.
+const GUEST_EXTENT: u64 = 4 << 20;
+/// Virtual size of a whole-extension volume.
+const GUEST_VOLUME: u64 = 256 << 20;
+/// Extensions per volume per round: a volume holds at most 32 segments,
+/// and volumes growing together interleave their extents, so each
+/// extension is a segment.
+const ROUND_EXTENSIONS: u64 = 28;
+
 /// Whole extensions with the builtin pool: guests on `hosts` host daemons
 /// (threads) writing at `rate`, small chunks so that extensions are many.
 fn whole_extension(
@@ -1011,17 +1022,14 @@ fn whole_extension(
     volumes_per_host: u64,
     seconds: f64,
 ) -> Result<(Value, Vec<f64>), BackendError> {
-    // A volume holds at most 32 segments, and volumes growing together
-    // interleave their extents, so each extension is a segment: a round
-    // grows each volume by at most 28 extensions, on a fresh domain.
-    let rate = 8u64 << 20;
-    let extent = 4u64 << 20;
-    let per_round = 28 * extent;
-    let rounds = ((rate as f64 * seconds) / per_round as f64).ceil().max(1.0) as u64;
+    // Each round on a fresh domain, within the segment limit.
+    let per_round = ROUND_EXTENSIONS * GUEST_EXTENT;
+    let total = (GUEST_RATE as f64 * seconds) as u64;
+    let rounds = total.div_ceil(per_round).max(1);
     let mut all = Vec::new();
     for round in 0..rounds {
         let bytes = if round + 1 == rounds {
-            ((rate as f64 * seconds) as u64).saturating_sub(round * per_round)
+            total.saturating_sub(round * per_round)
         } else {
             per_round
         };
@@ -1030,7 +1038,7 @@ fn whole_extension(
             run_dir,
             hosts,
             volumes_per_host,
-            bytes.clamp(extent, per_round),
+            bytes.clamp(GUEST_EXTENT, per_round),
         )?);
     }
     let mut v = json!({
@@ -1062,8 +1070,8 @@ fn whole_extension_round(
     let lun = dir.join("ext-lun");
     let _ = std::fs::remove_file(&device);
     let _ = std::fs::remove_file(&lun);
-    let extent = 4 << 20;
-    let per_volume = 256u64 << 20;
+    let extent = GUEST_EXTENT;
+    let per_volume = GUEST_VOLUME;
     let lun_size = per_volume * 2 * volumes_per_host * u64::from(hosts) + (64 << 20);
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
@@ -1095,7 +1103,7 @@ fn whole_extension_round(
     let spm = SpmThread::start(&device, run_dir, Backend::Builtin)?;
     // Guests write 8 MiB/s each with 4 MiB chunks: about one extension
     // per volume every half second.
-    let rate = 8u64 << 20;
+    let rate = GUEST_RATE;
     let bytes = bytes.min(per_volume).next_multiple_of(4096);
     let mut threads = Vec::new();
     for (h, vols) in assignment {
@@ -1191,8 +1199,8 @@ fn whole_extension_lvm(
     }
     let domain_file = dir.join("lvm-domain");
     let lun_file = dir.join("lvm-lun");
-    let extent = 4u64 << 20;
-    let per_volume = 256u64 << 20;
+    let extent = GUEST_EXTENT;
+    let per_volume = GUEST_VOLUME;
     for (f, size) in [
         (&domain_file, 16u64 << 20),
         (&lun_file, 2 * per_volume + (64 << 20)),
@@ -1235,8 +1243,8 @@ fn whole_extension_lvm(
     let mut maps = crate::lvm_glue::maps(&vg, &pvs)?;
     // Fewer extensions than the builtin rows: each is an lvextend and a
     // refresh of the map from lvm2's metadata.
-    let rate = 8u64 << 20;
-    let bytes = ((rate as f64 * seconds) as u64).clamp(8 * extent, 28 * extent);
+    let rate = GUEST_RATE;
+    let bytes = ((rate as f64 * seconds) as u64).clamp(8 * extent, ROUND_EXTENSIONS * extent);
     let options = guest_host_options(
         domain_loop.0.clone(),
         1,
@@ -1619,6 +1627,21 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
+/// One latency row of the table, in columns (a JSON value ignores width,
+/// so each is made a string first).
+fn latency_line(o: &mut String, label: &str, row: &Value) {
+    use std::fmt::Write as _;
+    let cell = |key: &str| row[key].to_string();
+    let _ = writeln!(
+        o,
+        "{label:<44} {:>10} {:>10} {:>10} {:>8}",
+        cell("p50_ms"),
+        cell("p99_ms"),
+        cell("max_ms"),
+        cell("samples")
+    );
+}
+
 fn table(r: &Value) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
@@ -1631,15 +1654,11 @@ fn table(r: &Value) -> String {
         let _ = writeln!(o, "round trip (no-op backend)");
     }
     for row in r["round_trip"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "  {:<42} {:>10} {:>10} {:>10} {:>8}",
-            format!("{} hosts, {} sending at once", row["hosts"], row["senders"]),
-            row["p50_ms"],
-            row["p99_ms"],
-            row["max_ms"],
-            row["samples"]
+        let label = format!(
+            "  {} hosts, {} sending at once",
+            row["hosts"], row["senders"]
         );
+        latency_line(&mut o, &label, row);
     }
     for row in r["whole_extension"].as_array().into_iter().flatten() {
         if let Some(why) = row["skipped"].as_str() {
@@ -1650,20 +1669,13 @@ fn table(r: &Value) -> String {
             );
             continue;
         }
-        let _ = writeln!(
-            o,
-            "{:<44} {:>10} {:>10} {:>10} {:>8}",
-            format!(
-                "whole extension ({}, {} hosts, {} guests)",
-                row["backend"].as_str().unwrap_or(""),
-                row["hosts"],
-                row["volumes"]
-            ),
-            row["p50_ms"],
-            row["p99_ms"],
-            row["max_ms"],
-            row["samples"]
+        let label = format!(
+            "whole extension ({}, {} hosts, {} guests)",
+            row["backend"].as_str().unwrap_or(""),
+            row["hosts"],
+            row["volumes"]
         );
+        latency_line(&mut o, &label, row);
         if let Some(lvextend) = row["lvextend_ms_mean"].as_f64() {
             let _ = writeln!(
                 o,

@@ -244,8 +244,8 @@ pub struct SpmStats {
     pub targeted_reads: u64,
     /// Full scans brought forward because rings collided.
     pub busy_scans: u64,
-    /// Full scans brought forward because the queue had been full and
-    /// drained (requests were waiting on disk).
+    /// Full scans brought forward once the queue drained after a scan
+    /// found it full or a full scan found it busy.
     pub backlog_scans: u64,
     /// Jobs handed out.
     pub jobs: u64,
@@ -300,8 +300,6 @@ pub struct Spm<const QUEUE: usize> {
     next_heartbeat: Instant,
     targeted: heapless::Deque<u16, TARGETED_READS>,
     last_doorbell: Option<Doorbell>,
-    /// When the doorbell last showed a new ring (never at start).
-    previous_ring: Option<Instant>,
     /// When the last full scan was handed out.
     last_full_scan: Instant,
     /// When the doorbell last showed a new ring (or the engine started).
@@ -355,7 +353,6 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             next_heartbeat: now + config.heartbeat_interval,
             targeted: heapless::Deque::new(),
             last_doorbell: None,
-            previous_ring: None,
             last_full_scan: Instant::ZERO,
             last_ring: now,
             backlog: false,
@@ -411,7 +408,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.next_heartbeat = now + self.config.heartbeat_interval;
             return Some(SpmIo::ReadSpmHeader);
         }
-        if self.backlog && self.queue.len() <= QUEUE / 2 {
+        if self.backlog_due() {
             // Requests wait on disk and the queue has room for them.
             self.backlog = false;
             let at = (self.last_full_scan + self.config.doorbell_interval).max(now);
@@ -455,6 +452,11 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         None
     }
 
+    /// Requests are likely waiting on disk and the queue has room.
+    fn backlog_due(&self) -> bool {
+        self.backlog && self.queue.len() <= QUEUE / 2
+    }
+
     /// When the engine next wants `poll_io` called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.deposed {
@@ -464,8 +466,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             .next_doorbell
             .min(self.next_scan)
             .min(self.next_heartbeat);
-        let backlog_due = self.backlog && self.queue.len() <= QUEUE / 2;
-        Some(if self.targeted.is_empty() && !backlog_due {
+        Some(if self.targeted.is_empty() && !self.backlog_due() {
             soonest
         } else {
             Instant::ZERO
@@ -486,19 +487,17 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if self.last_doorbell == Some(bell) {
             return;
         }
-        self.last_doorbell = Some(bell);
-        self.last_ring = now;
-        // Out of idle at once: the next read at the busy interval.
-        self.next_doorbell = self.next_doorbell.min(now + self.config.doorbell_interval);
+        // Close to the previous new ring, if there was one?
         let window = self
             .config
             .doorbell_interval
             .checked_mul(RING_WINDOW_READS)
             .unwrap_or(Duration::MAX);
-        let close = self
-            .previous_ring
-            .is_some_and(|p| now.saturating_since(p) <= window);
-        self.previous_ring = Some(now);
+        let close = self.last_doorbell.is_some() && now.saturating_since(self.last_ring) <= window;
+        self.last_doorbell = Some(bell);
+        self.last_ring = now;
+        // Out of idle at once: the next read at the busy interval.
+        self.next_doorbell = self.next_doorbell.min(now + self.config.doorbell_interval);
         let busy = self.config.busy_scan_interval;
         if close && !busy.is_zero() {
             // Rings collide: scan soon, but not more often than `busy`.

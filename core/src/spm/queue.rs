@@ -275,12 +275,7 @@ impl<const N: usize> RequestQueue<N> {
                 continue;
             }
             let (word, bit) = filter_bit(&e.request.volume);
-            if running[word] & bit != 0
-                && self
-                    .entries
-                    .iter()
-                    .any(|o| o.request.volume == e.request.volume && o.state == EntryState::Running)
-            {
+            if running[word] & bit != 0 && self.running(e.request.volume) {
                 continue;
             }
             best = Some(key);
