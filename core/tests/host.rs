@@ -126,6 +126,8 @@ impl ScriptedSpm {
             state: SpmState::Active,
             heartbeat_interval_ms: 1000,
             heartbeat: 1,
+            owner: 7,
+            pool_commit: 0,
         }
     }
 
@@ -199,6 +201,7 @@ impl Sim {
     fn on(mb: Mailbox, volumes: &[(Uuid, u64, u64)]) -> Self {
         let config = HostConfig {
             chunk_size: CHUNK,
+            lease_interval: Duration::ZERO,
             ..HostConfig::default()
         };
         let mut host = Host::new(DOMAIN, HOST, geometry(), config).unwrap();
@@ -206,7 +209,7 @@ impl Sim {
             host.add_volume(id, VIRTUAL, LIMIT, physical, allocation)
                 .unwrap();
         }
-        host.start(Instant::ZERO, &mb.inbox, &mb.outbox).unwrap();
+        host.start(Instant::ZERO, &mb.inbox, &mb.outbox, 0).unwrap();
         let mut sim = Sim {
             host,
             mb,
@@ -231,11 +234,20 @@ impl Sim {
             }
             while let Some(read) = self.host.poll_read(self.now) {
                 busy = true;
-                let HostRead::OutboxArea { offset } = read;
-                assert_eq!(offset, geometry().outbox_area(HOST).unwrap());
-                self.reads.push(self.now);
-                let outbox = self.mb.outbox;
-                self.host.handle_outbox(self.now, &outbox);
+                match read {
+                    HostRead::OutboxArea { offset } => {
+                        assert_eq!(offset, geometry().outbox_area(HOST).unwrap());
+                        self.reads.push(self.now);
+                        let outbox = self.mb.outbox;
+                        self.host.handle_outbox(self.now, &outbox);
+                    }
+                    HostRead::InboxHeader { offset } => {
+                        assert_eq!(offset, geometry().inbox_area(HOST).unwrap());
+                        let inbox = self.mb.inbox;
+                        self.host
+                            .handle_inbox_header(self.now, &inbox[..RECORD_LEN]);
+                    }
+                }
             }
             while let Some(e) = self.host.poll_event() {
                 busy = true;
@@ -514,6 +526,9 @@ fn restart_recovers_in_flight_requests_with_a_higher_generation() {
         domain: DOMAIN,
         host_id: HOST,
         generation: 2,
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
     };
     assert_eq!(second.writes[0].1.record, header.to_bytes().unwrap());
     assert_eq!(
@@ -605,6 +620,9 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
         domain: DOMAIN,
         host_id: HOST,
         generation: 6,
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
     }
     .to_bytes()
     .unwrap();
@@ -612,6 +630,9 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
         domain: DOMAIN,
         host_id: HOST,
         generation: 7,
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
     }
     .to_bytes()
     .unwrap();
@@ -663,7 +684,7 @@ fn interoperates_with_the_spm_engine() {
         disk[at as usize..at as usize + RECORD_LEN].copy_from_slice(r)
     };
     let mut spm: Spm<64> =
-        Spm::new(Instant::ZERO, DOMAIN, g, 0, None, SpmConfig::default()).unwrap();
+        Spm::new(Instant::ZERO, DOMAIN, g, 0, 1, None, SpmConfig::default()).unwrap();
     let mut host: Host<8> = Host::new(DOMAIN, HOST, g, HostConfig::default()).unwrap();
     host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, 0).unwrap();
     let inbox_at = g.inbox_area(HOST).unwrap() as usize;
@@ -673,17 +694,20 @@ fn interoperates_with_the_spm_engine() {
         Instant::ZERO,
         &area(&disk, inbox_at),
         &area(&disk, outbox_at),
+        1,
     )
     .unwrap();
 
     let mut physical = GIB;
     let mut extended = Vec::new();
     let mut now = Instant::ZERO;
-    let end = secs(2);
+    // The SPM acts once it has read its own header back.
+    let settled = Instant::ZERO + spmbox_core::spm::settle(&SpmConfig::default());
+    let end = settled + Duration::from_secs(2);
     let mut written = false;
     while now < end {
-        // The guest writes 1 MiB per millisecond.
-        let allocation = (now.as_micros() / 1000) * MIB;
+        // The guest writes 1 MiB per millisecond once the SPM acts.
+        let allocation = (now.saturating_since(settled).as_micros() as u64 / 1000) * MIB;
         host.handle_allocation(now, vol(1), allocation);
         loop {
             let mut busy = false;
@@ -691,9 +715,16 @@ fn interoperates_with_the_spm_engine() {
                 busy = true;
                 put(&mut disk, w.offset, &w.record);
             }
-            while let Some(HostRead::OutboxArea { offset }) = host.poll_read(now) {
+            while let Some(read) = host.poll_read(now) {
                 busy = true;
-                host.handle_outbox(now, &area(&disk, offset as usize));
+                match read {
+                    HostRead::OutboxArea { offset } => {
+                        host.handle_outbox(now, &area(&disk, offset as usize))
+                    }
+                    HostRead::InboxHeader { offset } => {
+                        host.handle_inbox_header(now, &record(&disk, offset))
+                    }
+                }
             }
             while let Some(e) = host.poll_event() {
                 busy = true;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use spmbox_core::spm::queue::Job;
-use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo};
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, settle};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
     AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, InboxHeader, OutboxArea, RECORD_LEN, Reply,
@@ -44,6 +44,9 @@ impl Disk {
                 domain: DOMAIN,
                 host_id,
                 generation,
+                owner: 0,
+                heartbeat: 0,
+                heartbeat_interval_ms: 0,
             }
             .to_bytes()
             .unwrap(),
@@ -145,40 +148,64 @@ fn step_extending(spm: &mut Spm<64>, disk: &mut Disk, now: Instant) {
     }
 }
 
-fn start(disk: &Disk, now: Instant) -> Spm<64> {
+/// An SPM that started one settle time before `now`, wrote its header,
+/// and at `now` reads it back and may act: what the SPM does from then on
+/// is what the tests look at.
+fn start(disk: &mut Disk, now: Instant) -> Spm<64> {
+    start_as(disk, now, 0x5EED)
+}
+
+fn start_as(disk: &mut Disk, now: Instant, owner: u64) -> Spm<64> {
     let found = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET)).unwrap();
-    Spm::new(
-        now,
+    let config = SpmConfig::default();
+    let born = Instant(now.0 - settle(&config).as_micros() as u64);
+    let mut spm = Spm::new(
+        born,
         DOMAIN,
         disk.geometry,
         0,
+        owner,
         found.as_ref(),
-        SpmConfig::default(),
+        config,
     )
-    .unwrap()
+    .unwrap();
+    assert_eq!(
+        spm.poll_io(born),
+        None,
+        "nothing is read before the header is back"
+    );
+    assert_eq!(spm.poll_job(), None);
+    while let Some(w) = spm.poll_write() {
+        disk.put(w.offset, &w.record);
+    }
+    assert!(!spm.is_confirmed());
+    assert_eq!(spm.poll_io(now), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET));
+    spm
 }
 
+/// Test time: `n` ms after the first SPM's settle time.
 fn ms(n: u64) -> Instant {
-    Instant(n * 1000)
+    Instant(settle(&SpmConfig::default()).as_micros() as u64 + n * 1000)
 }
 
 #[test]
 fn a_starting_spm_writes_its_header_with_the_next_epoch() {
     let mut disk = Disk::new(4);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
     let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
         .unwrap()
         .unwrap();
     assert_eq!((header.epoch, header.state), (1, SpmState::Active));
-    let again = start(&disk, ms(1));
+    let again = start(&mut disk, ms(1));
     assert_eq!(again.epoch(), 2);
 }
 
 #[test]
 fn a_stopping_spm_vacates_the_mailbox_and_then_does_nothing() {
     let mut disk = Disk::new(4);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
     let w = spm.vacate().expect("an active SPM vacates");
     disk.put(w.offset, &w.record);
@@ -192,7 +219,7 @@ fn a_stopping_spm_vacates_the_mailbox_and_then_does_nothing() {
     assert_eq!(spm.poll_timeout(), None);
     assert_eq!(spm.vacate(), None, "only once");
     // The next SPM takes the next epoch.
-    assert_eq!(start(&disk, ms(1)).epoch(), 2);
+    assert_eq!(start(&mut disk, ms(1)).epoch(), 2);
 }
 
 #[test]
@@ -201,7 +228,7 @@ fn a_request_is_extended_and_answered_in_its_slot() {
     disk.host_start(3, 1);
     let r = request(3, 2, 7, 2);
     disk.send(&r);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     let jobs = step(&mut spm, &mut disk, ms(0));
     assert_eq!(
         jobs,
@@ -230,7 +257,7 @@ fn an_answered_request_is_not_run_again_on_the_next_scan() {
     disk.host_start(1, 1);
     let r = request(1, 1, 7, 2);
     disk.send(&r);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     assert_eq!(step(&mut spm, &mut disk, ms(0)).len(), 1);
     spm.handle_job_result(ms(1), r.volume, JobResult::Extended { size: 2 << 30 });
     step(&mut spm, &mut disk, ms(1));
@@ -238,14 +265,14 @@ fn an_answered_request_is_not_run_again_on_the_next_scan() {
     let later = ms(0) + SpmConfig::default().full_scan_interval;
     assert!(step(&mut spm, &mut disk, later).is_empty());
     // A new SPM sees it too and does nothing either.
-    let mut next = start(&disk, later);
+    let mut next = start(&mut disk, later);
     assert!(step(&mut next, &mut disk, later).is_empty());
 }
 
 #[test]
 fn the_doorbell_brings_a_request_in_before_the_next_full_scan() {
     let mut disk = Disk::new(8);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
     disk.host_start(5, 1);
     let r = request(5, 1, 9, 2);
@@ -268,7 +295,7 @@ fn without_room_a_request_waits_and_is_completed_when_capacity_arrives() {
     let mut r = request(2, 1, 4, 3);
     r.paused = true;
     disk.send(&r);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     let jobs = step(&mut spm, &mut disk, ms(0));
     assert!(jobs[0].urgent, "a paused guest's job is urgent");
     spm.handle_job_result(ms(1), r.volume, JobResult::NoSpace { size: 1 << 30 });
@@ -280,7 +307,7 @@ fn without_room_a_request_waits_and_is_completed_when_capacity_arrives() {
 
     // A restarted SPM re-offers the parked request; the backend parks it
     // again; no second "waiting" reply is written.
-    let mut next = start(&disk, ms(10));
+    let mut next = start(&mut disk, ms(10));
     let jobs = step(&mut next, &mut disk, ms(10));
     assert_eq!(jobs.len(), 1);
     next.handle_job_result(ms(11), r.volume, JobResult::NoSpace { size: 1 << 30 });
@@ -308,7 +335,7 @@ fn requests_for_one_volume_share_one_job_and_its_result() {
     let b = request(2, 3, 5, 4);
     disk.send(&a);
     disk.send(&b);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     let jobs = step(&mut spm, &mut disk, ms(0));
     assert_eq!(
         jobs,
@@ -334,7 +361,7 @@ fn a_full_queue_leaves_requests_on_disk_for_a_later_scan() {
         disk.send(&r);
         sent.push(r);
     }
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     let mut now = ms(0);
     let mut answered = 0;
     for _ in 0..10 {
@@ -366,7 +393,7 @@ fn defective_and_stale_requests_are_never_run() {
     disk.send(&bad);
     let at = disk.geometry.inbox_area(1).unwrap() as usize + 2 * RECORD_LEN + 50;
     disk.bytes[at] ^= 1;
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     assert!(step(&mut spm, &mut disk, ms(0)).is_empty());
     assert_eq!(spm.stats().stale, 1);
     let events: Vec<_> = std::iter::from_fn(|| spm.poll_event()).collect();
@@ -387,9 +414,9 @@ fn defective_and_stale_requests_are_never_run() {
 #[test]
 fn an_spm_that_sees_a_newer_epoch_stands_down() {
     let mut disk = Disk::new(4);
-    let mut old = start(&disk, ms(0));
+    let mut old = start(&mut disk, ms(0));
     step(&mut old, &mut disk, ms(0));
-    let mut new = start(&disk, ms(100));
+    let mut new = start(&mut disk, ms(100));
     step(&mut new, &mut disk, ms(100));
     // The old SPM reads the header back at its next heartbeat.
     let beat = ms(0) + SpmConfig::default().heartbeat_interval;
@@ -414,7 +441,7 @@ fn the_host_consuming_its_reply_removes_nothing_the_spm_still_owes() {
     disk.host_start(1, 1);
     let r = request(1, 1, 1, 2);
     disk.send(&r);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
     // The host rewrites the slot with a new request before the job ends.
     let mut newer = r;
@@ -432,7 +459,7 @@ fn the_host_consuming_its_reply_removes_nothing_the_spm_still_owes() {
 #[test]
 fn rings_that_collide_bring_a_full_scan_forward() {
     let mut disk = Disk::new(8);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
     assert_eq!(spm.stats().full_scans, 1);
     // Hosts 2, 3 and 4 ring within one doorbell interval: only the last
@@ -488,7 +515,7 @@ fn an_idle_spm_reads_the_doorbell_less_often_until_a_ring_comes() {
         reads
     }
     let mut disk = Disk::new(8);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     // Busy for 5 s after start: every 5 ms.
     let early = doorbell_reads(&mut spm, &disk, 100, 130);
     assert_eq!(early, [100, 105, 110, 115, 120, 125]);
@@ -517,7 +544,7 @@ fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
         disk.send(&r);
         sent.push(r);
     }
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     let mut t = 0;
     let answered = |disk: &Disk| {
         sent.iter()
@@ -556,7 +583,7 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
         disk.host_start(host, 1);
         disk.send(&request(host, 1, host as u8, 2));
     }
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step_extending(&mut spm, &mut disk, ms(0));
     assert_eq!(spm.stats().full_scans, 1);
     // More arrive without a ring: found by the scan brought forward.
@@ -583,7 +610,7 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
 #[test]
 fn rings_a_few_reads_apart_are_taken_as_collisions_and_far_apart_are_not() {
     let mut disk = Disk::new(8);
-    let mut spm = start(&disk, ms(0));
+    let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
     // Hosts 2 and 3 ring at the same moment at 100 ms: host 2's ring is
     // lost. Host 3's is seen.
@@ -618,4 +645,75 @@ fn rings_a_few_reads_apart_are_taken_as_collisions_and_far_apart_are_not() {
         step(&mut spm, &mut disk, ms(t));
     }
     assert_eq!(spm.stats().busy_scans, 1);
+}
+
+// ---------------------------------------------------------- owners and settle
+
+#[test]
+fn two_spms_that_start_at_once_take_one_epoch_and_only_the_last_writer_acts() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    disk.send(&request(1, 1, 7, 2));
+    let found = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET)).unwrap();
+    let config = SpmConfig::default();
+    let mut a: Spm<64> =
+        Spm::new(ms(0), DOMAIN, disk.geometry, 0, 0xA, found.as_ref(), config).unwrap();
+    let mut b: Spm<64> =
+        Spm::new(ms(0), DOMAIN, disk.geometry, 0, 0xB, found.as_ref(), config).unwrap();
+    assert_eq!(a.epoch(), b.epoch(), "both saw the same header");
+    for spm in [&mut a, &mut b] {
+        while let Some(w) = spm.poll_write() {
+            disk.put(w.offset, &w.record);
+        }
+    }
+    // Until the header is read back, neither reads hosts or runs jobs.
+    for spm in [&mut a, &mut b] {
+        assert_eq!(spm.poll_io(ms(1000)), None);
+        assert_eq!(spm.poll_job(), None);
+    }
+    let back = ms(0) + settle(&config);
+    let a_jobs = step(&mut a, &mut disk, back);
+    let b_jobs = step(&mut b, &mut disk, back);
+    assert!(a.is_deposed(), "A's owner is no longer in the header");
+    assert!(a_jobs.is_empty(), "A never acted");
+    assert!(!b.is_deposed());
+    assert_eq!(b_jobs.len(), 1, "B acts");
+}
+
+#[test]
+fn a_lost_header_write_is_written_again_and_the_spm_waits_again() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    disk.send(&request(1, 1, 7, 2));
+    let config = SpmConfig::default();
+    let mut spm: Spm<64> = Spm::new(ms(0), DOMAIN, disk.geometry, 0, 0xA, None, config).unwrap();
+    // The header write is lost.
+    while spm.poll_write().is_some() {}
+    let back = ms(0) + settle(&config);
+    assert!(step(&mut spm, &mut disk, back).is_empty());
+    assert!(!spm.is_deposed() && !spm.is_confirmed());
+    let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    assert_eq!(header.owner, 0xA, "written again");
+    let jobs = step(&mut spm, &mut disk, back + settle(&config));
+    assert!(spm.is_confirmed());
+    assert_eq!(jobs.len(), 1);
+}
+
+#[test]
+fn an_spm_needs_a_nonzero_owner_and_its_header_carries_it_and_the_pool_commit() {
+    let mut disk = Disk::new(4);
+    let g = disk.geometry;
+    assert!(Spm::<64>::new(ms(0), DOMAIN, g, 0, 0, None, SpmConfig::default()).is_err());
+    let mut spm = start_as(&mut disk, ms(0), 0xFEED);
+    spm.set_pool_commit(41);
+    step(&mut spm, &mut disk, ms(0));
+    let h = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    assert_eq!((h.owner, h.pool_commit), (0xFEED, 41));
+    // The next SPM starts from the pool commit it finds.
+    let next = start(&mut disk, ms(5000));
+    assert_eq!(next.pool_commit(), 41);
 }

@@ -48,6 +48,8 @@ enum Spec {
         active: bool,
         heartbeat_interval_ms: u32,
         heartbeat: u64,
+        owner: 7,
+        pool_commit: 0,
     },
     Doorbell {
         domain: [u8; 16],
@@ -59,6 +61,9 @@ enum Spec {
         domain: [u8; 16],
         host_id: Host,
         generation: u64,
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
     },
     Request {
         domain: [u8; 16],
@@ -341,6 +346,8 @@ fn build(spec: &Spec) -> Option<Record> {
             },
             heartbeat_interval_ms,
             heartbeat,
+            owner: 7,
+            pool_commit: 0,
         }),
         Spec::Doorbell {
             domain,
@@ -361,6 +368,9 @@ fn build(spec: &Spec) -> Option<Record> {
             domain: Uuid(domain),
             host_id: host_id.get(),
             generation,
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
         }),
         Spec::Request {
             domain,

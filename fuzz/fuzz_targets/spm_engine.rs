@@ -193,6 +193,9 @@ fuzz_target!(|input: Input| {
                 domain: DOMAIN,
                 host_id,
                 generation: u64::from(host.inbox_generation),
+                owner: 0,
+                heartbeat: 0,
+                heartbeat_interval_ms: 0,
             };
             area[..RECORD_LEN].copy_from_slice(&h.to_bytes().unwrap());
         }
@@ -237,7 +240,7 @@ fuzz_target!(|input: Input| {
     }
 
     let mut spm: Spm<16> =
-        Spm::new(Instant(0), DOMAIN, geometry, 0, None, SpmConfig::default()).unwrap();
+        Spm::new(Instant(0), DOMAIN, geometry, 0, 1, None, SpmConfig::default()).unwrap();
     spm.handle_hosts(Instant(0), 1, &inbox, &outbox);
     let mut jobs = Vec::new();
     let mut steps = input.steps.iter();

@@ -404,6 +404,8 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             },
             heartbeat_interval_ms: le32(rec, 44),
             heartbeat: le64(rec, 48),
+            owner: 7,
+            pool_commit: 0,
         }),
         Kind::Doorbell => Record::Doorbell(Doorbell {
             domain,
@@ -415,6 +417,9 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             domain,
             host_id,
             generation: le64(rec, 32),
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
         }),
         Kind::Request => Record::Request(Request {
             domain,

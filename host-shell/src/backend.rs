@@ -92,6 +92,14 @@ pub trait SpmBackend {
 
     /// The pool now.
     fn report(&self) -> PoolReport;
+
+    /// The sequence number of the newest durable metadata commit (builtin
+    /// pool); 0 for a backend that keeps its own (lvm2). The SPM header
+    /// carries it, a second place to notice a pool rolled back to an older
+    /// copy.
+    fn committed_sequence(&self) -> u64 {
+        0
+    }
 }
 
 /// A host's side of a backend: where a volume's bytes are.

@@ -389,7 +389,7 @@ impl Fleet {
             let at = (inbox - geometry.inbox_offset()) as usize;
             let out_area = mailbox.read(outbox, AREA_SIZE).map_err(err)?;
             engine
-                .start(clock.now(), &inboxes[at..at + AREA_SIZE], &out_area)
+                .start(clock.now(), &inboxes[at..at + AREA_SIZE], &out_area, 1)
                 .map_err(err)?;
             fleet.push(FleetHost {
                 engine,
@@ -1316,7 +1316,7 @@ fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Value, Backen
             .add_volume(volume, 1 << 40, 1 << 41, FLEET_CHUNK, 0)
             .map_err(err)?;
         let empty = vec![0u8; AREA_SIZE];
-        engine.start(clock.now(), &empty, &empty).map_err(err)?;
+        engine.start(clock.now(), &empty, &empty, 1).map_err(err)?;
         engine.handle_allocation(clock.now(), volume, FLEET_CHUNK - 4096);
         while let Some(w) = engine.poll_write() {
             if let Some(at) = w.offset.checked_sub(geometry.inbox_offset())
@@ -1329,7 +1329,16 @@ fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Value, Backen
     let mut times = Vec::new();
     for _ in 0..repeats {
         let mut spm: Box<Spm<1024>> = Box::new(
-            Spm::new(clock.now(), domain, geometry, 0, None, SpmConfig::default()).map_err(err)?,
+            Spm::new(
+                clock.now(),
+                domain,
+                geometry,
+                0,
+                1,
+                None,
+                SpmConfig::default(),
+            )
+            .map_err(err)?,
         );
         let t = StdInstant::now();
         spm.handle_hosts(clock.now(), 1, &inbox, &outbox);

@@ -104,6 +104,39 @@ pub fn format(
     Ok(ExitCode::from(EXIT_OK))
 }
 
+/// `spmbox repair`.
+pub fn repair(
+    path: &Path,
+    hosts: Option<u16>,
+    sector_size: Option<u32>,
+    domain: Option<&str>,
+) -> Result<ExitCode, CommandError> {
+    let domain = match domain {
+        Some(text) => Some(Uuid::parse_str(text).filter(|u| !u.is_nil()).ok_or_else(|| {
+            CommandError::Usage(format!(
+                "--domain {text:?} is not a UUID (expected 8-4-4-4-12 hex digits, not all zero)"
+            ))
+        })?),
+        None => None,
+    };
+    let (superblock, from) = mailbox::repair(path, hosts, sector_size, domain)?;
+    let what = match from {
+        mailbox::RepairedFrom::Intact => "both copies are intact; nothing written",
+        mailbox::RepairedFrom::Primary => "the backup rewritten from the superblock",
+        mailbox::RepairedFrom::Backup => "the superblock rewritten from its backup",
+        mailbox::RepairedFrom::Given => "both rewritten from the values given",
+    };
+    writeln!(
+        std::io::stdout().lock(),
+        "{}: domain {}, {} hosts, {}-byte sectors: {what}",
+        path.display(),
+        superblock.domain,
+        superblock.geometry.max_hosts(),
+        superblock.geometry.sector_size()
+    )?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
 /// `spmbox inspect`.
 pub fn inspect(path: &Path, host: Option<u16>, json: bool) -> Result<ExitCode, CommandError> {
     let mailbox = Mailbox::open(path, Access::ReadOnly)?;

@@ -632,6 +632,10 @@ impl SpmBackend for BuiltinSpm {
     fn report(&self) -> PoolReport {
         report_of(&self.pool)
     }
+
+    fn committed_sequence(&self) -> u64 {
+        self.seq
+    }
 }
 
 /// The builtin backend on a host: reads the committed metadata and finds

@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid,
+    AREA_SIZE, DOORBELL_OFFSET, InboxHeader, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid,
 };
 
 use crate::backend::{BackendError, VolumeMaps};
@@ -179,11 +179,40 @@ pub fn run(
             .min(sizes.virtual_size);
         starts.push((volume, map, allocation, total - total % guest::BLOCK));
     }
+    let sector = geometry.sector_size() as usize;
+    if !options.config.lease_interval.is_zero() {
+        check_host_id_free(&mailbox, domain, host_id, inbox_offset, &stop)?;
+    }
     let inbox = mailbox.read(inbox_offset, AREA_SIZE).map_err(err)?;
     let outbox = mailbox.read(outbox_offset, AREA_SIZE).map_err(err)?;
-    engine.start(clock.now(), &inbox, &outbox).map_err(err)?;
+    let owner = crate::mailbox::random_owner().map_err(err)?;
+    engine
+        .start(clock.now(), &inbox, &outbox, owner)
+        .map_err(err)?;
     let mut mirror = inbox;
-    let sector = geometry.sector_size() as usize;
+    if !options.config.lease_interval.is_zero() {
+        // Write the header with this process's owner, wait longer than a
+        // heartbeat, and read it back: another process that started at
+        // the same moment with the same host id either overwrote it (this
+        // one stops before any guest wrote) or saw it and refused.
+        flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)?;
+        let settle = options.config.lease_interval * 3 / 2;
+        let until = std::time::Instant::now() + settle;
+        while std::time::Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return Err(BackendError::new("stopped before start-up finished"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let header = mailbox.read(inbox_offset, sector).map_err(err)?;
+        engine.handle_inbox_header(clock.now(), &header[..RECORD_LEN]);
+        if engine.is_evicted() {
+            return Err(BackendError::new(format!(
+                "another process took host id {host_id} while this one started (its owner \
+                 replaced this one's in the inbox header); run each host id on one host only"
+            )));
+        }
+    }
     let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), BackendError> {
         let buf = mailbox.read(SPM_HEADER_OFFSET, sector).map_err(err)?;
         if let Ok(Some(h)) = SpmHeader::decode(&buf[..RECORD_LEN]) {
@@ -296,23 +325,7 @@ pub fn run(
                 read_header(&mut engine)?;
             }
             // Writes: the whole inbox area from the mirror, then the bell.
-            let mut area_dirty = false;
-            let mut bell = None;
-            while let Some(w) = engine.poll_write() {
-                if w.offset == DOORBELL_OFFSET {
-                    bell = Some(w.record);
-                } else if let Some(at) = w.offset.checked_sub(inbox_offset)
-                    && (at as usize) + RECORD_LEN <= AREA_SIZE
-                {
-                    mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
-                    area_dirty = true;
-                }
-            }
-            if area_dirty {
-                mailbox
-                    .device()
-                    .write_at(inbox_offset, &mirror)
-                    .map_err(err)?;
+            if flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)? {
                 let written = clock.now();
                 for (volume, run) in runs.iter_mut() {
                     let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
@@ -321,18 +334,18 @@ pub fn run(
                     }
                 }
             }
-            if let Some(record) = bell {
-                let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
-                buf[..RECORD_LEN].copy_from_slice(&record);
-                mailbox
-                    .device()
-                    .write_at(DOORBELL_OFFSET, &buf)
-                    .map_err(err)?;
-            }
             // Reads.
-            while let Some(HostRead::OutboxArea { offset }) = engine.poll_read(now) {
-                let area = mailbox.read(offset, AREA_SIZE).map_err(err)?;
-                engine.handle_outbox(now, &area);
+            while let Some(read) = engine.poll_read(now) {
+                match read {
+                    HostRead::OutboxArea { offset } => {
+                        let area = mailbox.read(offset, AREA_SIZE).map_err(err)?;
+                        engine.handle_outbox(now, &area);
+                    }
+                    HostRead::InboxHeader { offset } => {
+                        let header = mailbox.read(offset, sector).map_err(err)?;
+                        engine.handle_inbox_header(now, &header[..RECORD_LEN]);
+                    }
+                }
             }
             // Events.
             while let Some(event) = engine.poll_event() {
@@ -375,11 +388,123 @@ pub fn run(
     for t in threads {
         let _ = t.join();
     }
+    // A clean stop releases the host id: the next process with it need not
+    // watch for a live one. The writes still due go first.
+    if result.is_ok()
+        && let Some(release) = engine.release()
+    {
+        let written = flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)
+            .and_then(|_| {
+                mirror[..RECORD_LEN].copy_from_slice(&release.record);
+                mailbox
+                    .device()
+                    .write_at(inbox_offset, &mirror)
+                    .map_err(err)
+            });
+        if let Err(e) = written {
+            tracing::warn!("could not release host id {host_id} in the inbox header: {e}");
+        }
+    }
     if let Some(path) = &options.status_file {
         write_status(path, host_id, &engine, &runs);
     }
     result.map(|()| summary)
 }
+
+/// Writes what the engine hands out: its records into the inbox area's
+/// mirror and the whole area once (this host is its only writer), then the
+/// doorbell's sector. Whether the area was written.
+fn flush_writes(
+    engine: &mut Host<HOST_VOLUMES>,
+    mailbox: &Mailbox,
+    inbox_offset: u64,
+    mirror: &mut AlignedBuf,
+    sector: usize,
+) -> Result<bool, BackendError> {
+    let mut area_dirty = false;
+    let mut bell = None;
+    while let Some(w) = engine.poll_write() {
+        if w.offset == DOORBELL_OFFSET {
+            bell = Some(w.record);
+        } else if let Some(at) = w.offset.checked_sub(inbox_offset)
+            && (at as usize) + RECORD_LEN <= AREA_SIZE
+        {
+            mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+            area_dirty = true;
+        }
+    }
+    if area_dirty {
+        mailbox
+            .device()
+            .write_at(inbox_offset, mirror)
+            .map_err(err)?;
+    }
+    if let Some(record) = bell {
+        let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
+        buf[..RECORD_LEN].copy_from_slice(&record);
+        mailbox
+            .device()
+            .write_at(DOORBELL_OFFSET, &buf)
+            .map_err(err)?;
+    }
+    Ok(area_dirty)
+}
+
+/// The builtin lease on a host id: refuses to start while another live
+/// process holds it. A header whose heartbeat interval is nonzero names a
+/// holder; its heartbeat is watched for two and a half intervals (at most
+/// [`HOST_LEASE_WATCH_MAX`]): if anything in the header moves, the host id
+/// is in use.
+fn check_host_id_free(
+    mailbox: &Mailbox,
+    domain: Uuid,
+    host_id: u16,
+    inbox_offset: u64,
+    stop: &AtomicBool,
+) -> Result<(), BackendError> {
+    let sector = mailbox.geometry().sector_size() as usize;
+    let at = spmbox_core::wire::Location {
+        domain,
+        host_id,
+        index: 0,
+    };
+    let read = || -> Result<Option<InboxHeader>, BackendError> {
+        let buf = mailbox.read(inbox_offset, sector).map_err(err)?;
+        Ok(InboxHeader::parse(&buf[..RECORD_LEN], &at).ok().flatten())
+    };
+    let Some(first) = read()?.filter(|h| h.heartbeat_interval_ms != 0) else {
+        return Ok(());
+    };
+    let interval = Duration::from_millis(u64::from(first.heartbeat_interval_ms));
+    let watch = (interval * 5 / 2).min(HOST_LEASE_WATCH_MAX);
+    tracing::info!(
+        "host id {host_id} was held (owner {:#x}, generation {}); watching its heartbeat for {watch:?}",
+        first.owner,
+        first.generation
+    );
+    let until = std::time::Instant::now() + watch;
+    while std::time::Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return Err(BackendError::new("stopped before start-up finished"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let now = read()?;
+        if now != Some(first) {
+            let now = now.unwrap_or(first);
+            return Err(BackendError::new(format!(
+                "host id {host_id} is in use by another live process: its heartbeat in the inbox \
+                 header moved (owner {:#x}, heartbeat {} -> {}); run each host id on one host \
+                 only, or stop that process first",
+                now.owner, first.heartbeat, now.heartbeat
+            )));
+        }
+    }
+    tracing::info!("the heartbeat of host id {host_id} did not move: its holder is gone");
+    Ok(())
+}
+
+/// The longest a starting host watches another holder's heartbeat.
+pub const HOST_LEASE_WATCH_MAX: Duration = Duration::from_secs(10);
 
 #[allow(clippy::too_many_arguments)]
 fn run_guest(
@@ -450,6 +575,12 @@ fn handle_event(
     let host = options.host_id;
     let json_events = options.json_events;
     match event {
+        HostEvent::Evicted { owner } => {
+            return Err(BackendError::new(format!(
+                "another process (owner {owner:#x}) took host id {host}: this one stopped its \
+                 guests and writes nothing more; run each host id on one host only"
+            )));
+        }
         HostEvent::Refresh { volume, size } => {
             let Some(run) = runs.get_mut(&volume) else {
                 return Ok(());

@@ -9,9 +9,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, INBOX_OFFSET, InboxArea, Location,
-    OutboxArea, Place, RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request, SPM_HEADER_OFFSET,
-    SlotRecord, SlotState, SpmHeader, Superblock, first_nonzero,
+    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, InboxArea, Location, OutboxArea, Place,
+    RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request, SPM_HEADER_OFFSET,
+    SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, SlotRecord, SlotState, SpmHeader, Superblock,
+    first_nonzero,
 };
 
 use crate::json;
@@ -140,9 +141,12 @@ pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report
         index: 0,
     };
 
-    let sb = block(0);
-    if let Err(defect) = Superblock::parse(head(sb), &at0) {
-        record_problem(&mut problems, &geometry, 0, defect);
+    for offset in [SUPERBLOCK_OFFSET, SUPERBLOCK_BACKUP_OFFSET] {
+        match Superblock::parse(head(block(offset)), &at0) {
+            Err(defect) => record_problem(&mut problems, &geometry, offset, defect),
+            Ok(None) => empty_problem(&mut problems, &geometry, offset),
+            Ok(Some(_)) => {}
+        }
     }
     let spm_header = Found::from(SpmHeader::parse(head(block(SPM_HEADER_OFFSET)), &at0));
     let doorbell = Found::from(Doorbell::parse(head(block(DOORBELL_OFFSET)), &at0));
@@ -154,7 +158,12 @@ pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report
             record_problem(&mut problems, &geometry, offset, defect);
         }
     }
-    for offset in [0, SPM_HEADER_OFFSET, DOORBELL_OFFSET] {
+    for offset in [
+        SUPERBLOCK_OFFSET,
+        SPM_HEADER_OFFSET,
+        DOORBELL_OFFSET,
+        SUPERBLOCK_BACKUP_OFFSET,
+    ] {
         unused_problem(
             &mut problems,
             &geometry,
@@ -163,7 +172,7 @@ pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report
         );
     }
     let mut offset = RESERVED_OFFSET;
-    while offset < INBOX_OFFSET {
+    while offset < SUPERBLOCK_BACKUP_OFFSET {
         unused_problem(&mut problems, &geometry, offset, block(offset));
         offset += AREA_SIZE as u64;
     }
@@ -266,6 +275,21 @@ fn record_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64,
     }
 }
 
+/// A record that must be there is empty (the superblock or its backup:
+/// it was wiped).
+fn empty_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64) {
+    if let Some(place) = geometry.locate(offset) {
+        problems.push(Problem {
+            place,
+            record: true,
+            verdict: "empty",
+            message: "all zero where a superblock must be; repair it with `spmbox repair`"
+                .to_string(),
+            defect: None,
+        });
+    }
+}
+
 fn unused_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64, bytes: &[u8]) {
     if let Some(pos) = first_nonzero(bytes) {
         let at = offset + pos as u64;
@@ -293,6 +317,7 @@ pub fn describe(problem: &Problem) -> String {
         Region::SpmHeader => "SPM header".to_string(),
         Region::Doorbell => "doorbell".to_string(),
         Region::Reserved => "reserved space".to_string(),
+        Region::SuperblockBackup => "superblock backup".to_string(),
         Region::Inbox { host_id } | Region::Outbox { host_id } => {
             let side = if matches!(p.region, Region::Inbox { .. }) {
                 "inbox"

@@ -48,6 +48,8 @@ pub fn spm_header(r: &SpmHeader) -> Value {
         "state": match r.state { SpmState::Vacant => "vacant", SpmState::Active => "active" },
         "heartbeat_interval_ms": r.heartbeat_interval_ms,
         "heartbeat": r.heartbeat,
+        "owner": r.owner,
+        "pool_commit": r.pool_commit,
     })
 }
 
@@ -69,6 +71,9 @@ pub fn inbox_header(r: &InboxHeader) -> Value {
         "domain": r.domain.to_string(),
         "host_id": r.host_id,
         "generation": r.generation,
+        "owner": r.owner,
+        "heartbeat": r.heartbeat,
+        "heartbeat_interval_ms": r.heartbeat_interval_ms,
     })
 }
 

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use spmbox_core::wire::{
-    AREA_SIZE, Defect, Geometry, MAGIC, RECORD_LEN, SpmHeader, SpmState, Superblock, Uuid,
+    AREA_SIZE, Defect, Geometry, INBOX_OFFSET, MAGIC, RECORD_LEN, SUPERBLOCK_BACKUP_OFFSET,
+    SUPERBLOCK_OFFSET, SpmHeader, SpmState, Superblock, Uuid,
 };
 
 use crate::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
@@ -29,9 +30,12 @@ pub enum MailboxError {
     },
     /// A superblock that is ours but unusable.
     #[error(
-        "the superblock of {path} (offset 0) is damaged: {defect}; the mailbox cannot be used safely. \
-         Stop all hosts and the SPM, then re-create it with `spmbox format --force` \
-         (pending requests are lost; hosts resend them)"
+        "the superblock of {path} (offset 0) is damaged: {defect}, and so is its backup (offset \
+         0xF000); the mailbox cannot be used safely. Rewrite both, keeping the domain, with \
+         `spmbox repair --device {path} --hosts N --sector-size S` (N and S as the domain was \
+         made; the domain UUID is read from the SPM header, or give --domain UUID); the pool \
+         metadata, the LUNs and every request stay as they are",
+        path = path.display()
     )]
     DamagedSuperblock {
         /// The device.
@@ -41,9 +45,14 @@ pub enum MailboxError {
     },
     /// A superblock of a format version this program does not know.
     #[error(
-        "{path} holds an spmbox mailbox of format version {version}; this spmbox reads version {}. \
-         Use the spmbox release that formatted it",
-        spmbox_core::wire::FORMAT_VERSION
+        "{path} holds an spmbox mailbox of format version {version}; this spmbox reads and \
+         writes version {}. Use the spmbox release that formatted it, or (from version 1) stop \
+         the SPM and every host and write a version-{} mailbox over it keeping the domain: \
+         `spmbox format --device {path} --hosts N --sector-size S --domain UUID --force` (the pool \
+         metadata and the LUNs are kept; requests in flight are sent again by the hosts)",
+        spmbox_core::wire::FORMAT_VERSION,
+        spmbox_core::wire::FORMAT_VERSION,
+        path = path.display()
     )]
     UnsupportedVersion {
         /// The device.
@@ -96,6 +105,10 @@ pub enum MailboxError {
     /// A value that should always be writable was refused: a bug.
     #[error("internal error: {0}; please report this with the command that caused it")]
     Internal(String),
+    /// `repair` cannot tell what the superblock should be; the message says
+    /// what to give. Nothing was written.
+    #[error("{0}")]
+    CannotRepair(String),
     /// The random source failed.
     #[error("cannot read random bytes for a new domain UUID: {0}; pass --domain UUID")]
     Random(rustix::io::Errno),
@@ -178,8 +191,37 @@ fn read_superblock(device: &Device) -> Result<Superblock, MailboxError> {
             hint: OTHER_DATA,
         });
     }
+    let primary = read_superblock_at(device, SUPERBLOCK_OFFSET, len);
+    if matches!(
+        primary,
+        Ok(_) | Err(MailboxError::UnsupportedVersion { .. })
+    ) {
+        return primary;
+    }
+    if device.size() >= INBOX_OFFSET
+        && let Ok(backup) = read_superblock_at(device, SUPERBLOCK_BACKUP_OFFSET, len)
+    {
+        let why = primary.err().map_or_else(String::new, |e| e.to_string());
+        tracing::warn!(
+            "{why} -- using the superblock's backup at offset 0xF000 (domain {}). Repair the \
+             superblock with `spmbox repair --device {}`",
+            backup.domain,
+            path.display()
+        );
+        return Ok(backup);
+    }
+    primary
+}
+
+/// Reads and decodes the superblock record at `offset` (0, or the backup).
+fn read_superblock_at(
+    device: &Device,
+    offset: u64,
+    len: usize,
+) -> Result<Superblock, MailboxError> {
+    let path = device.path().to_owned();
     let mut buf = AlignedBuf::zeroed(len, device.dio_mem_align());
-    device.read_at(0, &mut buf)?;
+    device.read_at(offset, &mut buf)?;
     let record = &buf[..RECORD_LEN];
     match Superblock::decode(record) {
         Ok(Some(superblock)) => Ok(superblock),
@@ -350,6 +392,8 @@ fn format_device(
         state: SpmState::Vacant,
         heartbeat_interval_ms: 0,
         heartbeat: 0,
+        owner: 0,
+        pool_commit: 0,
     };
     write_block_record(
         device,
@@ -357,16 +401,123 @@ fn format_device(
         &spm.to_bytes().map_err(field_bug)?,
     )?;
     device.sync_data()?;
-    // 4. The superblock, last.
-    write_block_record(device, 0, &superblock.to_bytes().map_err(field_bug)?)?;
-    device.sync_data()?;
+    // 4. The superblock, last: its backup, then the superblock itself.
+    write_superblocks(device, &superblock)?;
     Ok(superblock)
+}
+
+/// Writes `superblock` to its backup block and then to block 0, each made
+/// durable before the next.
+fn write_superblocks(device: &Device, superblock: &Superblock) -> Result<(), MailboxError> {
+    let record = superblock.to_bytes().map_err(field_bug)?;
+    write_block_record(device, SUPERBLOCK_BACKUP_OFFSET, &record)?;
+    device.sync_data()?;
+    write_block_record(device, SUPERBLOCK_OFFSET, &record)?;
+    device.sync_data()?;
+    Ok(())
+}
+
+/// What `repair` rewrote the superblock from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairedFrom {
+    /// Both copies were valid and equal: nothing was written.
+    Intact,
+    /// The superblock at offset 0.
+    Primary,
+    /// The backup at offset 0xF000.
+    Backup,
+    /// Neither copy: the geometry given and the domain of the SPM header
+    /// (or the one given).
+    Given,
+}
+
+/// Rewrites a damaged superblock or backup from the intact copy; with both
+/// damaged, from `hosts`, `sector_size` and the domain UUID of the SPM
+/// header (or `domain`). Writes nothing but the two superblock blocks, so
+/// the pool metadata, the LUNs and every request and reply stay as they
+/// are. Refuses when the two copies are valid but differ, or when a given
+/// value contradicts a valid copy.
+pub fn repair(
+    path: &Path,
+    hosts: Option<u16>,
+    sector_size: Option<u32>,
+    domain: Option<Uuid>,
+) -> Result<(Superblock, RepairedFrom), MailboxError> {
+    let device = Device::open(path, Access::ReadWrite)?;
+    let len = AREA_SIZE.max(device.sector_size() as usize);
+    let primary = read_superblock_at(&device, SUPERBLOCK_OFFSET, len).ok();
+    let backup = if device.size() >= INBOX_OFFSET {
+        read_superblock_at(&device, SUPERBLOCK_BACKUP_OFFSET, len).ok()
+    } else {
+        None
+    };
+    let (superblock, from) = match (primary, backup) {
+        (Some(p), Some(b)) if p == b => (p, RepairedFrom::Intact),
+        (Some(p), Some(b)) => {
+            return Err(MailboxError::CannotRepair(format!(
+                "the superblock of {} (domain {}, {} hosts) and its backup (domain {}, {} hosts) \
+                 are both valid but differ; find out which is right before anything is rewritten",
+                path.display(),
+                p.domain,
+                p.geometry.max_hosts(),
+                b.domain,
+                b.geometry.max_hosts()
+            )));
+        }
+        (Some(p), None) => (p, RepairedFrom::Primary),
+        (None, Some(b)) => (b, RepairedFrom::Backup),
+        (None, None) => {
+            let found = {
+                let mut buf = AlignedBuf::zeroed(len, device.dio_mem_align());
+                device.read_at(spmbox_core::wire::SPM_HEADER_OFFSET, &mut buf)?;
+                SpmHeader::decode(&buf[..RECORD_LEN])
+                    .ok()
+                    .flatten()
+                    .map(|h| h.domain)
+            };
+            let domain = domain.or(found).ok_or_else(|| {
+                MailboxError::CannotRepair(format!(
+                    "neither the superblock of {} nor its backup is intact, and the SPM header \
+                     names no domain: give the domain UUID with --domain (`spmbox status` on a \
+                     host's records, or the LUN labels, show it)",
+                    path.display()
+                ))
+            })?;
+            let (Some(hosts), Some(sector)) = (hosts, sector_size) else {
+                return Err(MailboxError::CannotRepair(format!(
+                    "neither the superblock of {} nor its backup is intact: give --hosts and \
+                     --sector-size as the domain was made",
+                    path.display()
+                )));
+            };
+            let geometry = Geometry::new(hosts, sector)?;
+            check_sector_size(&device, sector, "--sector-size asks for")?;
+            (Superblock { domain, geometry }, RepairedFrom::Given)
+        }
+    };
+    let contradicts = hosts.is_some_and(|h| h != superblock.geometry.max_hosts())
+        || sector_size.is_some_and(|s| s != superblock.geometry.sector_size())
+        || domain.is_some_and(|d| d != superblock.domain);
+    if contradicts && from != RepairedFrom::Given {
+        return Err(MailboxError::CannotRepair(format!(
+            "{} has an intact superblock copy (domain {}, {} hosts, {}-byte sectors) that the \
+             values given contradict; nothing was written",
+            path.display(),
+            superblock.domain,
+            superblock.geometry.max_hosts(),
+            superblock.geometry.sector_size()
+        )));
+    }
+    if from != RepairedFrom::Intact {
+        write_superblocks(&device, &superblock)?;
+    }
+    Ok((superblock, from))
 }
 
 /// A value built from a valid geometry and domain is always emittable; if
 /// not, that is a bug, reported rather than panicked on.
 fn field_bug(field: spmbox_core::wire::Field) -> MailboxError {
-    MailboxError::Internal(format!("refused to emit a record: field {field}"))
+    MailboxError::CannotRepair(format!("refused to emit a record: field {field}"))
 }
 
 /// Writes a block whose record 0 is `record` and whose rest is zero.
@@ -402,6 +553,15 @@ fn refuse_existing(device: &Device) -> Result<(), MailboxError> {
             detail: format!(" whose superblock cannot be read ({other})"),
         }),
     }
+}
+
+/// A random nonzero number from the kernel's random source: the owner of
+/// an SPM instance or of a host id (the builtin lease).
+pub fn random_owner() -> Result<u64, MailboxError> {
+    let uuid = random_uuid()?;
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&uuid.0[8..16]);
+    Ok(u64::from_le_bytes(b) | 1)
 }
 
 /// A random (version 4) UUID from the kernel's random source.

@@ -47,6 +47,29 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Rewrite a damaged superblock (or its backup at offset 0xF000) from
+    /// the intact copy, keeping the domain.
+    ///
+    /// Writes nothing but the two superblock blocks: the pool metadata,
+    /// the LUNs and every request and reply stay as they are. With both
+    /// copies damaged, give --hosts and --sector-size as the domain was
+    /// made; the domain UUID comes from the SPM header (or --domain).
+    /// Safe while the daemons run: they read the superblock only at start.
+    Repair {
+        /// The file or block device.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// Host ids of the mailbox (only when both copies are damaged).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=2000))]
+        hosts: Option<u16>,
+        /// Sector size of the mailbox (only when both copies are damaged).
+        #[arg(long, value_name = "BYTES", value_parser = ["512", "4096"])]
+        sector_size: Option<String>,
+        /// The domain UUID (only when both copies are damaged and the SPM
+        /// header names none).
+        #[arg(long, value_name = "UUID")]
+        domain: Option<String>,
+    },
     /// Decode and check every record of a mailbox.
     ///
     /// Exit status: 0 all valid; 3 defective records or nonzero bytes in
@@ -312,6 +335,15 @@ fn main() -> ExitCode {
             commands::format(&device, hosts, sector_size, domain.as_deref(), force)
         }
         Command::Inspect { device, host, json } => commands::inspect(&device, host, json),
+        Command::Repair {
+            device,
+            hosts,
+            sector_size,
+            domain,
+        } => {
+            let sector_size = sector_size.and_then(|s| s.parse().ok());
+            commands::repair(&device, hosts, sector_size, domain.as_deref())
+        }
         Command::Pool(PoolCommand::Create {
             device,
             luns,

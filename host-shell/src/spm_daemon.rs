@@ -231,6 +231,8 @@ fn with_highest_epoch(
             state: SpmState::Vacant,
             heartbeat_interval_ms: 1000,
             heartbeat: 0,
+            owner: 0,
+            pool_commit: 0,
         }),
         None => None,
     })
@@ -405,12 +407,14 @@ pub fn run(
             scan_bytes as f64 / BUSY_SCAN_READ_RATE as f64,
         ));
     }
+    let owner = crate::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
     let mut engine: Box<Spm<QUEUE>> = Box::new(
         Spm::new(
             clock.now(),
             domain,
             geometry,
             options.spm_id,
+            owner,
             found.as_ref(),
             config,
         )
@@ -492,18 +496,31 @@ pub fn run(
             let batch = results.len();
             let extended = started.elapsed();
             summary.extend_seconds += extended.as_secs_f64();
-            // Still the SPM? A stalled SPM must not commit over a newer one.
+            // Still the SPM? The header must be this instance's own (its
+            // epoch and owner): a stalled SPM must not commit over a newer
+            // one, nor two SPMs that took one epoch over each other.
             let header = disk.read_record(SPM_HEADER_OFFSET)?;
-            if let Ok(Some(h)) = SpmHeader::decode(header)
-                && h.state == SpmState::Active
-                && (h.epoch > engine.epoch()
-                    || (h.epoch == engine.epoch() && h.spm_id != options.spm_id))
-            {
+            let ours = SpmHeader::decode(header).ok().flatten().is_some_and(|h| {
+                h.epoch == engine.epoch()
+                    && h.owner == engine.owner()
+                    && h.state == SpmState::Active
+            });
+            if !ours {
                 engine.handle_spm_header(now, header);
-                break;
+                if engine.is_deposed() {
+                    break;
+                }
+                return Err(BackendError::new(format!(
+                    "the SPM header no longer names this SPM (epoch {}, owner {:#x}) before a \
+                     metadata commit; it stood down without committing. Start it again: it \
+                     reloads the pool from disk",
+                    engine.epoch(),
+                    engine.owner()
+                )));
             }
             let commit_started = std::time::Instant::now();
             backend.commit()?;
+            engine.set_pool_commit(backend.committed_sequence());
             summary.commits += 1;
             summary.commit_seconds += commit_started.elapsed().as_secs_f64();
             let committed = started.elapsed();

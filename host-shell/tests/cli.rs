@@ -85,6 +85,9 @@ fn put_mail(path: &Path, geometry: &Geometry) {
         domain: r.domain,
         host_id: 2,
         generation: 4,
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
     };
     let reply = Reply {
         domain: r.domain,

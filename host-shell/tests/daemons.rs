@@ -542,27 +542,32 @@ fn pause_and_resume(mut s: Setup) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = s.cli(&[
-        "status",
-        "--device",
-        s.device.to_str().unwrap(),
-        "--control",
-        s.control.to_str().unwrap(),
-        "--json",
-    ]);
-    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert!(
+    // The guests may pause before the SPM has answered (it acts once it
+    // read its own header back): wait for the requests to be parked.
+    let parked = |status: &Value| {
         status["requests"]
             .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["state"] == "waiting for space"),
-        "status shows no parked request: {status}"
-    );
-    assert!(
-        !status["pool"]["parked"].as_array().unwrap().is_empty(),
-        "{status}"
-    );
+            .is_some_and(|r| r.iter().any(|r| r["state"] == "waiting for space"))
+            && status["pool"]["parked"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+    };
+    let status = loop {
+        let out = s.cli(&[
+            "status",
+            "--device",
+            s.device.to_str().unwrap(),
+            "--control",
+            s.control.to_str().unwrap(),
+            "--json",
+        ]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if parked(&status) || Instant::now() >= deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(parked(&status), "status shows no parked request: {status}");
     let lun2 = s.luns[1].clone();
     let out = s.add_lun(&lun2);
     assert!(out.status.success(), "add-lun: {}", text(&out.stderr));

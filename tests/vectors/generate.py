@@ -36,7 +36,7 @@ RECORD_LEN = 128
 BLOCK = 4096
 SLOTS = 31  # records 1..31 of a host area
 MAGIC = b"SPMB"
-VERSION = 1
+VERSION = 2
 INBOX_OFFSET = 0x10000
 MAX_HOSTS = 2000
 
@@ -123,13 +123,20 @@ LAYOUT = {
         (42, 1, "state"),
         (44, 4, "heartbeat_interval_ms"),
         (48, 8, "heartbeat"),
+        (56, 8, "owner"),
+        (64, 8, "pool_commit"),
     ],
     "doorbell": [
         (32, 2, "ringer"),
         (40, 8, "generation"),
         (48, 8, "sequence"),
     ],
-    "inbox_header": [(32, 8, "generation")],
+    "inbox_header": [
+        (32, 8, "generation"),
+        (40, 8, "owner"),
+        (48, 8, "heartbeat"),
+        (56, 4, "heartbeat_interval_ms"),
+    ],
     "request": [
         (32, 8, "generation"),
         (40, 8, "sequence"),
@@ -155,9 +162,9 @@ LAYOUT = {
 # The reserved rows as section 5 lists them, to check the layouts above.
 SPEC_RESERVED = {
     "superblock": [(72, 128)],
-    "spm_header": [(43, 44), (56, 128)],
+    "spm_header": [(43, 44), (72, 128)],
     "doorbell": [(34, 40), (56, 128)],
-    "inbox_header": [(40, 128)],
+    "inbox_header": [(60, 128)],
     "request": [(84, 128)],
     "outbox_header": [(48, 128)],
     "reply": [(90, 92), (96, 128)],
@@ -284,12 +291,15 @@ def field_rules(kind, f):
         if f["state"] == 1:
             rule(f["epoch"] >= 1, "epoch")
             rule(f["heartbeat_interval_ms"] >= 1, "heartbeat_interval_ms")
+            rule(f["owner"] != 0, "owner")
     elif kind == "doorbell":
         rule(f["ringer"] in hosts, "ringer")
         rule(f["generation"] >= 1, "generation")
         rule(f["sequence"] >= 1, "sequence")
     elif kind == "inbox_header":
         rule(f["generation"] >= 1, "generation")
+        if f["heartbeat_interval_ms"] != 0:
+            rule(f["owner"] != 0, "owner")
     elif kind == "request":
         rule(f["generation"] >= 1, "generation")
         rule(f["sequence"] >= 1, "sequence")
@@ -413,13 +423,15 @@ def superblock(sector_size, max_hosts, domain=DOMAIN, host_id=0, **over):
     return data, dict({"kind": "superblock", "domain": domain}, **f)
 
 
-def spm_header(epoch, spm_id, state, interval, heartbeat, domain=DOMAIN):
+def spm_header(epoch, spm_id, state, interval, heartbeat, owner=0, pool_commit=0, domain=DOMAIN):
     f = {
         "epoch": epoch,
         "spm_id": spm_id,
         "state": state,
         "heartbeat_interval_ms": interval,
         "heartbeat": heartbeat,
+        "owner": owner,
+        "pool_commit": pool_commit,
     }
     data = encode("spm_header", domain, 0, 0, f)
     return data, dict(f, kind="spm_header", domain=domain, state=SPM_STATE.get(state))
@@ -430,10 +442,16 @@ def doorbell(ringer, generation, sequence, domain=DOMAIN):
     return encode("doorbell", domain, 0, 0, f), dict(f, kind="doorbell", domain=domain)
 
 
-def inbox_header(generation, host_id=HOST, domain=DOMAIN):
-    data = encode("inbox_header", domain, host_id, 0, {"generation": generation})
+def inbox_header(generation, owner=0, heartbeat=0, interval=0, host_id=HOST, domain=DOMAIN):
+    f = {
+        "generation": generation,
+        "owner": owner,
+        "heartbeat": heartbeat,
+        "heartbeat_interval_ms": interval,
+    }
+    data = encode("inbox_header", domain, host_id, 0, f)
     json_ = {"kind": "inbox_header", "domain": domain, "host_id": host_id}
-    return data, dict(json_, generation=generation)
+    return data, dict(json_, **f)
 
 
 def outbox_header(epoch, generation, host_id=HOST, domain=DOMAIN):
@@ -541,11 +559,18 @@ vector(
     "SPM header as spmbox format writes it: vacant, epoch 0, spm_id 0, no heartbeat.",
     AT_SPM_HEADER, _d, "valid", _j,
 )
-_d, _j = spm_header(3, 1, 1, 1000, 42)
+_d, _j = spm_header(3, 1, 1, 1000, 42, owner=0x0123456789ABCDEF, pool_commit=17)
 vector(
     "spm-header-active.bin",
-    "Active SPM header: host 1 is SPM in epoch 3, heartbeat 42, every 1000 ms.",
+    "Active SPM header: host 1 is SPM in epoch 3, heartbeat 42, every 1000 ms, owner "
+    "0x0123456789abcdef, pool metadata commit 17.",
     AT_SPM_HEADER, _d, "valid", _j,
+)
+_d, _j = spm_header(3, 1, 1, 1000, 42)
+vector(
+    "spm-header-active-owner-0.bin",
+    "An active SPM header without an owner.",
+    AT_SPM_HEADER, _d, "invalid_field", {"field": "owner"},
 )
 _d, _j = doorbell(HOST, 2, 9)
 vector(
@@ -556,8 +581,21 @@ vector(
 _d, _j = inbox_header(2)
 vector(
     "inbox-header.bin",
-    "Inbox header of host 7, generation 2.",
+    "Inbox header of host 7, generation 2, no lease on the host id (heartbeat interval 0).",
     at("inbox_header", HOST, 0), _d, "valid", _j,
+)
+_d, _j = inbox_header(2, owner=0xFEEDFACECAFEBEEF, heartbeat=5, interval=1000)
+vector(
+    "inbox-header-leased.bin",
+    "Inbox header of host 7, generation 2, its host id held by owner 0xfeedfacecafebeef, "
+    "heartbeat 5, every 1000 ms.",
+    at("inbox_header", HOST, 0), _d, "valid", _j,
+)
+_d, _j = inbox_header(2, heartbeat=5, interval=1000)
+vector(
+    "inbox-header-leased-owner-0.bin",
+    "Inbox header with a heartbeat interval but no owner.",
+    at("inbox_header", HOST, 0), _d, "invalid_field", {"field": "owner"},
 )
 VALID_REQUEST, _j = request()
 vector(
@@ -633,19 +671,24 @@ vector(
     AT_REQUEST, VALID_REQUEST[:64] + _other[64:], "checksum",
 )
 vector(
-    "request-version-2.bin",
-    "A request with version 2 and a correct CRC.",
-    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 2), "unsupported_version", {"version": 2},
+    "request-version-1.bin",
+    "A request with version 1 (the previous format) and a correct CRC.",
+    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 1), "unsupported_version", {"version": 1},
 )
 vector(
-    "request-version-2-kind-9.bin",
-    "Version 2 and kind 9 with a correct CRC: the version is checked before the kind.",
-    AT_REQUEST, patched(patched(VALID_REQUEST, 9, 1, 2), 8, 1, 9), "unsupported_version",
-    {"version": 2},
+    "request-version-3.bin",
+    "A request with version 3 and a correct CRC.",
+    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 3), "unsupported_version", {"version": 3},
+)
+vector(
+    "request-version-3-kind-9.bin",
+    "Version 3 and kind 9 with a correct CRC: the version is checked before the kind.",
+    AT_REQUEST, patched(patched(VALID_REQUEST, 9, 1, 3), 8, 1, 9), "unsupported_version",
+    {"version": 3},
 )
 vector(
     "request-kind-9.bin",
-    "A record of kind 9 (no version-1 kind) with a correct CRC.",
+    "A record of kind 9 (no kind of this version) with a correct CRC.",
     AT_REQUEST, patched(VALID_REQUEST, 8, 1, 9), "unknown_kind", {"code": 9},
 )
 vector(
@@ -749,9 +792,9 @@ for _file, _desc, _data, _where, _field in [
      "A 250-host superblock whose outbox_offset is one block past 65536 + 250 x 4096 (mailbox_size is right).",
      superblock(512, 250, outbox_offset=INBOX_OFFSET + 251 * BLOCK)[0], AT_SUPERBLOCK, "outbox_offset"),
     ("spm-header-state-2.bin", "An SPM header with state 2 (only 0 vacant and 1 active exist).",
-     spm_header(3, 1, 2, 1000, 42)[0], AT_SPM_HEADER, "state"),
+     spm_header(3, 1, 2, 1000, 42, owner=9)[0], AT_SPM_HEADER, "state"),
     ("spm-header-active-epoch-0.bin", "An active SPM header with epoch 0 (an active header has epoch 1 or more).",
-     spm_header(0, 1, 1, 1000, 42)[0], AT_SPM_HEADER, "epoch"),
+     spm_header(0, 1, 1, 1000, 42, owner=9)[0], AT_SPM_HEADER, "epoch"),
     ("spm-header-spm-id-2001.bin", "A vacant SPM header naming spm_id 2001 (host ids end at 2000).",
      spm_header(3, 2001, 0, 0, 0)[0], AT_SPM_HEADER, "spm_id"),
     ("doorbell-ringer-0.bin", "A doorbell rung by host 0.",

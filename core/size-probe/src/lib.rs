@@ -77,7 +77,7 @@ pub fn spm_start(
     geometry: Geometry,
     found: Option<&SpmHeader>,
 ) -> Option<FirmwareSpm> {
-    Spm::new(now, domain, geometry, 0, found, SpmConfig::default()).ok()
+    Spm::new(now, domain, geometry, 0, 1, found, SpmConfig::default()).ok()
 }
 
 /// One round of a host: every input and output.
@@ -117,7 +117,7 @@ pub fn host_start(
     outbox: &[u8],
 ) -> Option<FirmwareHost> {
     let mut host = Host::new(domain, 1, geometry, HostConfig::default()).ok()?;
-    host.start(now, inbox, outbox).ok()?;
+    host.start(now, inbox, outbox, 1).ok()?;
     Some(host)
 }
 

@@ -137,6 +137,13 @@ pub struct HostConfig {
     /// Default 10 ms (two doorbell reads at the SPM's default 5 ms): a
     /// lost ring is rung again after 10 to 19 ms.
     pub ring_retry: Duration,
+    /// How often the host raises the heartbeat in its inbox header (the
+    /// builtin lease on its host id): each time it first reads the header
+    /// back, and stops for good ([`HostEvent::Evicted`]) if another
+    /// process's owner is there. Zero: no builtin lease (the header says
+    /// so with an interval of 0; use it where sanlock holds host ids).
+    /// Default 1 s.
+    pub lease_interval: Duration,
 }
 
 impl Default for HostConfig {
@@ -149,6 +156,7 @@ impl Default for HostConfig {
             max_resend_timeout: Duration::from_secs(30),
             remind_interval: Duration::from_secs(10),
             ring_retry: Duration::from_millis(10),
+            lease_interval: Duration::from_secs(1),
         }
     }
 }
@@ -188,6 +196,9 @@ pub enum HostError {
     AreaLength,
     /// The generation found on disk cannot be raised.
     GenerationExhausted,
+    /// The owner passed to [`Host::start`] is 0 while the builtin lease is
+    /// on.
+    Owner,
 }
 
 impl fmt::Display for HostError {
@@ -212,6 +223,7 @@ impl fmt::Display for HostError {
             HostError::AlreadyStarted => "the host engine has already started",
             HostError::AreaLength => "a host area must be exactly 4096 bytes",
             HostError::GenerationExhausted => "the host generation cannot be raised any further",
+            HostError::Owner => "the host owner must be a nonzero random number",
         })
     }
 }
@@ -236,6 +248,13 @@ pub enum HostRead {
     /// [`Host::handle_outbox`].
     OutboxArea {
         /// Where the area starts.
+        offset: u64,
+    },
+    /// Read the 128-byte inbox header record at `offset` (the sector that
+    /// holds it) and pass it to [`Host::handle_inbox_header`]: the
+    /// builtin lease's check before each heartbeat.
+    InboxHeader {
+        /// Where the record is.
         offset: u64,
     },
 }
@@ -271,6 +290,13 @@ pub enum HostEvent {
     Resumed {
         /// The volume.
         volume: Uuid,
+    },
+    /// Another process wrote its owner into this host's inbox header: it
+    /// holds the host id now. The engine writes and reads nothing more;
+    /// the caller must stop (and stop the guests) at once.
+    Evicted {
+        /// The owner found in the header.
+        owner: u64,
     },
     /// The SPM parked the request until capacity is added.
     WaitingForSpace {
@@ -369,6 +395,14 @@ pub struct Host<const VOLUMES: usize> {
     threshold: u64,
     /// 0 until started.
     generation: u64,
+    /// This process's lease owner number (0: no builtin lease).
+    owner: u64,
+    /// The lease heartbeat written in the inbox header.
+    heartbeat: u64,
+    /// When the inbox header is next read back (the lease), if on.
+    next_lease: Option<Instant>,
+    /// Another process holds the host id: nothing more is done.
+    evicted: bool,
     next_sequence: u64,
     newest_epoch: u64,
     volumes: heapless::Vec<Volume, VOLUMES>,
@@ -428,6 +462,10 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             config,
             threshold: volume::threshold(config.chunk_size, config.utilization_percent),
             generation: 0,
+            owner: 0,
+            heartbeat: 0,
+            next_lease: None,
+            evicted: false,
             next_sequence: 1,
             newest_epoch: 0,
             volumes: heapless::Vec::new(),
@@ -552,14 +590,25 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     /// The caller SHOULD pass the current SPM header to
     /// [`Host::handle_spm_header`] too, so that replies from older epochs
     /// are ignored from the start.
+    ///
+    /// `owner` is a random nonzero number drawn for this process: the
+    /// inbox header carries it as the builtin lease on the host id
+    /// ([`HostConfig::lease_interval`]; with the lease off it may be 0).
+    /// Whether another live process holds the host id is the caller's to
+    /// check before (watch the header's heartbeat): see
+    /// docs/operations.md.
     pub fn start(
         &mut self,
         now: Instant,
         inbox_area: &[u8],
         outbox_area: &[u8],
+        owner: u64,
     ) -> Result<(), HostError> {
         if self.started() {
             return Err(HostError::AlreadyStarted);
+        }
+        if owner == 0 && !self.config.lease_interval.is_zero() {
+            return Err(HostError::Owner);
         }
         let inbox =
             InboxArea::new(inbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
@@ -570,6 +619,9 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .ok_or(HostError::GenerationExhausted)?;
         self.last_now = now;
         self.generation = generation;
+        self.owner = owner;
+        self.next_lease =
+            (!self.config.lease_interval.is_zero()).then(|| now + self.config.lease_interval);
         self.next_sequence = 1;
         info!(
             "host {}: starting generation {}",
@@ -766,6 +818,61 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         }
     }
 
+    /// The inbox header record as read back for the lease
+    /// ([`HostRead::InboxHeader`]). Another process's owner (or a newer
+    /// generation) there means it holds the host id now: the engine stops
+    /// and says [`HostEvent::Evicted`]. Otherwise the heartbeat is raised
+    /// and the header written again (which also repairs a header whose
+    /// write was lost or damaged).
+    pub fn handle_inbox_header(&mut self, now: Instant, record: &[u8]) {
+        self.last_now = now;
+        if self.evicted || !self.started() {
+            return;
+        }
+        let at = crate::wire::Location {
+            domain: self.domain,
+            host_id: self.host_id,
+            index: 0,
+        };
+        if let Ok(Some(h)) = InboxHeader::parse(record, &at)
+            && (h.owner != self.owner || h.generation > self.generation)
+        {
+            warn!(
+                "host {}: another process (owner {}) holds this host id; stopping",
+                self.host_id, h.owner
+            );
+            self.evicted = true;
+            self.writes.clear();
+            self.ring = None;
+            self.event(HostEvent::Evicted { owner: h.owner });
+            return;
+        }
+        self.heartbeat = self.heartbeat.wrapping_add(1);
+        self.push_write(Intent::Header);
+    }
+
+    /// Whether another process took the host id ([`HostEvent::Evicted`]).
+    pub fn is_evicted(&self) -> bool {
+        self.evicted
+    }
+
+    /// For a clean stop, after the writes still waiting in
+    /// [`Host::poll_write`]: the inbox header that releases the host id
+    /// (heartbeat interval 0), so that the next process with this host id
+    /// need not watch for a live one. `None` before start or once evicted.
+    #[must_use]
+    pub fn release(&mut self) -> Option<HostWrite> {
+        if self.evicted || !self.started() {
+            return None;
+        }
+        self.next_lease = None;
+        let record = self.inbox_header(Duration::ZERO).to_bytes().ok()?;
+        Some(HostWrite {
+            offset: self.inbox_offset,
+            record,
+        })
+    }
+
     /// Time has passed: resends requests whose deadline passed (with
     /// backoff), repeats refresh requests, retries failed volumes and
     /// checks newly added ones.
@@ -834,14 +941,13 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     /// order the writes must be done in.
     #[must_use]
     pub fn poll_write(&mut self) -> Option<HostWrite> {
+        if self.evicted {
+            return None;
+        }
         while let Some(intent) = self.writes.pop_front() {
             match intent {
                 Intent::Header => {
-                    let header = InboxHeader {
-                        domain: self.domain,
-                        host_id: self.host_id,
-                        generation: self.generation,
-                    };
+                    let header = self.inbox_header(self.config.lease_interval);
                     match header.to_bytes() {
                         Ok(record) => {
                             return Some(HostWrite {
@@ -896,6 +1002,17 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     /// and `poll_interval` has passed since the last read handed out.
     #[must_use]
     pub fn poll_read(&mut self, now: Instant) -> Option<HostRead> {
+        if self.evicted {
+            return None;
+        }
+        if let Some(at) = self.next_lease
+            && now >= at
+        {
+            self.next_lease = Some(now + self.config.lease_interval);
+            return Some(HostRead::InboxHeader {
+                offset: self.inbox_offset,
+            });
+        }
         if !self.awaiting_reply() || now < self.next_read {
             return None;
         }
@@ -917,7 +1034,13 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut soonest: Option<Instant> = None;
+        if self.evicted {
+            return None;
+        }
         let mut at = |t: Instant| soonest = Some(soonest.map_or(t, |s| s.min(t)));
+        if let Some(t) = self.next_lease {
+            at(t);
+        }
         if self.awaiting_reply() {
             at(self.next_read);
         }
@@ -1005,6 +1128,19 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     fn started(&self) -> bool {
         self.generation != 0
+    }
+
+    fn inbox_header(&self, lease_interval: Duration) -> InboxHeader {
+        InboxHeader {
+            domain: self.domain,
+            host_id: self.host_id,
+            generation: self.generation,
+            owner: self.owner,
+            heartbeat: self.heartbeat,
+            heartbeat_interval_ms: u32::try_from(lease_interval.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(u32::from(!lease_interval.is_zero())),
+        }
     }
 
     fn index(&self, volume: Uuid) -> Option<usize> {

@@ -7,6 +7,8 @@ use crate::wire::{AREA_SIZE, Location, OutboxHeader, SpmState};
 
 const DOMAIN: Uuid = Uuid([0xd0; 16]);
 const HOST: u16 = 3;
+/// The lease owner number of the host under test.
+const OWNER: u64 = 0x0123_4567_89ab_cdef;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// Virtual size of every test volume; the limit adds 8 MiB of overhead.
@@ -42,7 +44,21 @@ impl<const V: usize> Rig<V> {
         Self::with_config(HostConfig::default())
     }
 
+    /// A rig with `config`, the builtin lease off (the lease has tests of
+    /// its own, with [`Rig::leased`]).
     fn with_config(config: HostConfig) -> Self {
+        Self::exact(HostConfig {
+            lease_interval: Duration::ZERO,
+            ..config
+        })
+    }
+
+    /// A rig with the builtin lease on (every second).
+    fn leased() -> Self {
+        Self::exact(HostConfig::default())
+    }
+
+    fn exact(config: HostConfig) -> Self {
         Rig {
             host: Host::new(DOMAIN, HOST, geometry(), config).unwrap(),
             inbox: [0; AREA_SIZE],
@@ -65,7 +81,12 @@ impl<const V: usize> Rig<V> {
 
     fn start(&mut self, now: Instant) {
         let (inbox, outbox) = (self.inbox, self.outbox);
-        self.host.start(now, &inbox, &outbox).unwrap();
+        let owner = if self.host.config.lease_interval.is_zero() {
+            0
+        } else {
+            OWNER
+        };
+        self.host.start(now, &inbox, &outbox, owner).unwrap();
         self.flush();
     }
 
@@ -183,6 +204,9 @@ fn inbox_header(generation: u64) -> [u8; RECORD_LEN] {
         domain: DOMAIN,
         host_id: HOST,
         generation,
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
     }
     .to_bytes()
     .unwrap()
@@ -348,16 +372,16 @@ fn start_is_refused_twice_and_for_areas_that_are_not_4096_bytes() {
     let mut rig = Rig::<4>::one(0);
     let area = [0u8; AREA_SIZE];
     assert_eq!(
-        rig.host.start(at(1), &area, &area),
+        rig.host.start(at(1), &area, &area, 1),
         Err(HostError::AlreadyStarted)
     );
     let mut fresh = Host::<4>::new(DOMAIN, HOST, geometry(), HostConfig::default()).unwrap();
     assert_eq!(
-        fresh.start(at(0), &area[..4095], &area),
+        fresh.start(at(0), &area[..4095], &area, 1),
         Err(HostError::AreaLength)
     );
     assert_eq!(
-        fresh.start(at(0), &area, &[0; 4097]),
+        fresh.start(at(0), &area, &[0; 4097], 1),
         Err(HostError::AreaLength)
     );
     assert_eq!(fresh.generation(), 0);
@@ -404,7 +428,7 @@ fn start_refuses_a_generation_that_cannot_be_raised() {
     put(&mut rig.inbox, 0, inbox_header(u64::MAX));
     let (inbox, outbox) = (rig.inbox, rig.outbox);
     assert_eq!(
-        rig.host.start(at(0), &inbox, &outbox),
+        rig.host.start(at(0), &inbox, &outbox, 1),
         Err(HostError::GenerationExhausted)
     );
 }
@@ -986,6 +1010,8 @@ fn a_reply_from_an_older_epoch_than_the_spm_header_is_ignored() {
         state: SpmState::Active,
         heartbeat_interval_ms: 1000,
         heartbeat: 1,
+        owner: 7,
+        pool_commit: 0,
     });
     rig.answer(1, 4, ReplyStatus::Extended, 2 * GIB);
     rig.deliver(at(1));
@@ -1005,6 +1031,8 @@ fn an_spm_header_of_another_domain_teaches_nothing() {
         state: SpmState::Active,
         heartbeat_interval_ms: 1000,
         heartbeat: 1,
+        owner: 7,
+        pool_commit: 0,
     });
     assert_eq!(rig.host.newest_epoch(), 0);
 }
@@ -1043,6 +1071,8 @@ fn an_old_epoch_final_answer_is_replaced_by_a_new_request_at_the_deadline() {
         state: SpmState::Active,
         heartbeat_interval_ms: 1000,
         heartbeat: 1,
+        owner: 7,
+        pool_commit: 0,
     });
     // The old SPM answered; a new SPM sees that final reply and will not
     // answer the same sequence again.
@@ -1298,7 +1328,8 @@ fn hosts_that_rang_together_ring_again_apart() {
             Host::new(DOMAIN, host_id, geometry(), HostConfig::default()).unwrap();
         host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, GIB - MIB)
             .unwrap();
-        host.start(at(0), &[0; AREA_SIZE], &[0; AREA_SIZE]).unwrap();
+        host.start(at(0), &[0; AREA_SIZE], &[0; AREA_SIZE], 1)
+            .unwrap();
         let mut rings = 0;
         let mut now = at(0);
         while rings < 2 {
@@ -1339,4 +1370,105 @@ fn a_zero_ring_retry_rings_once_per_write() {
     rig.host.handle_timeout(at(1_000));
     assert!(rig.flush().is_empty());
     assert_eq!(rig.host.stats().rings_repeated, 0);
+}
+
+// ------------------------------------------------------------ builtin lease
+
+fn header_of(record: &[u8]) -> InboxHeader {
+    let at = Location {
+        domain: DOMAIN,
+        host_id: HOST,
+        index: 0,
+    };
+    InboxHeader::parse(record, &at).unwrap().unwrap()
+}
+
+#[test]
+fn a_leased_host_writes_its_owner_and_heartbeat_interval_in_the_inbox_header() {
+    let mut rig = Rig::<4>::leased();
+    rig.start(at(0));
+    let h = header_of(&rig.inbox[..RECORD_LEN]);
+    assert_eq!(h.owner, OWNER);
+    assert_eq!(h.heartbeat_interval_ms, 1000);
+    assert_eq!(h.heartbeat, 0);
+    assert_eq!(h.generation, 1);
+}
+
+#[test]
+fn a_leased_host_reads_its_header_back_every_interval_and_raises_the_heartbeat() {
+    let mut rig = Rig::<4>::leased();
+    rig.start(at(0));
+    assert_eq!(rig.host.poll_timeout(), Some(at(1000)));
+    assert_eq!(rig.host.poll_read(at(999)), None);
+    assert_eq!(
+        rig.host.poll_read(at(1000)),
+        Some(HostRead::InboxHeader {
+            offset: geometry().inbox_area(HOST).unwrap()
+        })
+    );
+    let inbox = rig.inbox;
+    rig.host.handle_inbox_header(at(1000), &inbox[..RECORD_LEN]);
+    rig.flush();
+    assert_eq!(header_of(&rig.inbox[..RECORD_LEN]).heartbeat, 1);
+    assert!(!rig.host.is_evicted());
+}
+
+#[test]
+fn another_owner_in_the_header_evicts_the_host_and_it_writes_nothing_more() {
+    let mut rig = Rig::<4>::leased();
+    rig.host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, 0).unwrap();
+    rig.start(at(0));
+    let mut other = header_of(&rig.inbox[..RECORD_LEN]);
+    other.owner = 42;
+    let record = other.to_bytes().unwrap();
+    let _ = rig.host.poll_read(at(1000));
+    rig.host.handle_inbox_header(at(1000), &record);
+    assert!(rig.host.is_evicted());
+    assert!(
+        rig.host
+            .poll_event()
+            .into_iter()
+            .any(|e| e == HostEvent::Evicted { owner: 42 })
+    );
+    rig.host.handle_allocation(at(1001), vol(1), GIB);
+    assert_eq!(rig.host.poll_write(), None);
+    assert_eq!(rig.host.poll_read(at(5000)), None);
+    assert_eq!(rig.host.poll_timeout(), None);
+    assert_eq!(rig.host.release(), None);
+}
+
+#[test]
+fn a_damaged_header_read_back_is_written_again_not_taken_as_another_owner() {
+    let mut rig = Rig::<4>::leased();
+    rig.start(at(0));
+    let mut record = [0u8; RECORD_LEN];
+    record.copy_from_slice(&rig.inbox[..RECORD_LEN]);
+    record[50] ^= 1;
+    let _ = rig.host.poll_read(at(1000));
+    rig.host.handle_inbox_header(at(1000), &record);
+    assert!(!rig.host.is_evicted());
+    let w = rig.host.poll_write().unwrap();
+    assert_eq!(w.offset, geometry().inbox_area(HOST).unwrap());
+    assert_eq!(header_of(&w.record).owner, OWNER);
+}
+
+#[test]
+fn release_writes_a_header_with_no_heartbeat_interval() {
+    let mut rig = Rig::<4>::leased();
+    rig.start(at(0));
+    let w = rig.host.release().unwrap();
+    let h = header_of(&w.record);
+    assert_eq!(h.heartbeat_interval_ms, 0);
+    assert_eq!(h.owner, OWNER);
+    assert_eq!(h.generation, 1);
+}
+
+#[test]
+fn the_lease_needs_an_owner() {
+    let mut rig = Rig::<4>::leased();
+    let (inbox, outbox) = (rig.inbox, rig.outbox);
+    assert_eq!(
+        rig.host.start(at(0), &inbox, &outbox, 0),
+        Err(HostError::Owner)
+    );
 }

@@ -46,13 +46,24 @@
 //! writes the sector that holds each (it is the only writer of those
 //! sectors).
 //!
-//! # Epochs and failover
+//! # Epochs, owners and failover
 //! `Spm::new` takes the SPM header found on disk and runs with its epoch
-//! plus one, writing its header first. Every `heartbeat_interval` it asks to
-//! read the SPM header back: if another SPM has written a higher epoch (or
-//! the same epoch with another id), this one is *deposed*: it stops reading,
-//! running jobs and writing, and says so with [`SpmEvent::Deposed`]. Hosts
-//! ignore replies from an epoch older than the newest they have seen.
+//! plus one, under an `owner`: a random nonzero number the caller draws
+//! for this SPM instance. Its first write is its SPM header. It then
+//! *settles*: it reads nothing else, runs no job and writes no reply until
+//! it has read its own header back, [`settle`] (one and a half heartbeat
+//! intervals) after writing it. Two SPMs that start at once take the same
+//! epoch; the header holds the owner of whichever wrote last, so the other
+//! reads back a foreign owner and stands down before it acted: two SPMs
+//! never both act at one epoch (unless one stalls between reading the
+//! header and writing its own for longer than the settle time, which the
+//! lease documentation covers). Every `heartbeat_interval` it reads the
+//! header back: a header of a higher epoch, or of its own epoch with
+//! another owner, *deposes* it: it stops reading, running jobs and
+//! writing, and says so with [`SpmEvent::Deposed`]. A header of a lower
+//! epoch, or a damaged one, means its own write was lost or an older SPM
+//! wrote late: it writes its header again and settles again. Hosts ignore
+//! replies from an epoch older than the newest they have seen.
 
 pub mod queue;
 
@@ -261,6 +272,13 @@ pub struct SpmStats {
     pub events_dropped: u64,
 }
 
+/// How long an SPM waits after writing its header before it reads it
+/// back and acts: one and a half heartbeat intervals, longer than the gap
+/// between any other starter's read of the header and its write.
+pub fn settle(config: &SpmConfig) -> Duration {
+    config.heartbeat_interval + config.heartbeat_interval / 2
+}
+
 /// Why [`Spm::new`] refuses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -269,6 +287,8 @@ pub enum SpmError {
     EpochExhausted,
     /// The SPM id is not 0..=max_hosts.
     SpmId,
+    /// The owner is 0 (draw a random nonzero number).
+    Owner,
 }
 
 impl core::fmt::Display for SpmError {
@@ -276,6 +296,7 @@ impl core::fmt::Display for SpmError {
         match self {
             SpmError::EpochExhausted => f.write_str("the SPM epoch cannot be raised any further"),
             SpmError::SpmId => f.write_str("the SPM id is not a host id of this mailbox (or 0)"),
+            SpmError::Owner => f.write_str("the SPM owner must be a nonzero random number"),
         }
     }
 }
@@ -289,9 +310,14 @@ pub struct Spm<const QUEUE: usize> {
     geometry: Geometry,
     config: SpmConfig,
     spm_id: u16,
+    owner: u64,
     epoch: u64,
     heartbeat: u64,
+    pool_commit: u64,
     header_write: bool,
+    /// The header was read back with this SPM's epoch and owner since it
+    /// was last written anew: the SPM may act.
+    confirmed: bool,
     deposed: bool,
     queue: RequestQueue<QUEUE>,
     jobs_running: usize,
@@ -320,17 +346,23 @@ pub struct Spm<const QUEUE: usize> {
 impl<const QUEUE: usize> Spm<QUEUE> {
     /// An SPM for the mailbox of `domain` with `geometry`, taking over from
     /// whatever `found` (the SPM header on disk, `None` if empty) says,
-    /// with the next epoch. Its first write is its SPM header.
+    /// with the next epoch, as `owner` (a random nonzero number drawn for
+    /// this instance). Its first write is its SPM header; it acts once it
+    /// has read that header back after [`settle`].
     pub fn new(
         now: Instant,
         domain: Uuid,
         geometry: Geometry,
         spm_id: u16,
+        owner: u64,
         found: Option<&SpmHeader>,
         config: SpmConfig,
     ) -> Result<Self, SpmError> {
         if spm_id > geometry.max_hosts() {
             return Err(SpmError::SpmId);
+        }
+        if owner == 0 {
+            return Err(SpmError::Owner);
         }
         let epoch = found
             .map_or(0, |h| h.epoch)
@@ -342,15 +374,18 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             geometry,
             config,
             spm_id,
+            owner,
             epoch,
             heartbeat: 0,
+            pool_commit: found.map_or(0, |h| h.pool_commit),
             header_write: true,
+            confirmed: false,
             deposed: false,
             queue: RequestQueue::new(config.per_host_cap),
             jobs_running: 0,
             next_doorbell: now,
             next_scan: now,
-            next_heartbeat: now + config.heartbeat_interval,
+            next_heartbeat: now + settle(&config),
             targeted: heapless::Deque::new(),
             last_doorbell: None,
             last_full_scan: Instant::ZERO,
@@ -368,6 +403,29 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// This SPM's epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// This SPM instance's owner number.
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+
+    /// Whether the header was read back as this SPM's since it was last
+    /// written anew: only then does the SPM read hosts, run jobs and reply.
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed
+    }
+
+    /// The newest pool metadata commit the backend made durable; the SPM
+    /// header carries it from the next header write on (a second place for
+    /// it, so that a pool rolled back to an older copy is noticed).
+    pub fn set_pool_commit(&mut self, sequence: u64) {
+        self.pool_commit = self.pool_commit.max(sequence);
+    }
+
+    /// The pool commit the SPM header carries.
+    pub fn pool_commit(&self) -> u64 {
+        self.pool_commit
     }
 
     /// Whether another SPM has taken over.
@@ -407,6 +465,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.config.heartbeat_interval;
             return Some(SpmIo::ReadSpmHeader);
+        }
+        if !self.confirmed {
+            return None;
         }
         if self.backlog_due() {
             // Requests wait on disk and the queue has room for them.
@@ -461,6 +522,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.deposed {
             return None;
+        }
+        if !self.confirmed {
+            return Some(self.next_heartbeat);
         }
         let soonest = self
             .next_doorbell
@@ -649,7 +713,6 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// The SPM header as read back: detects a newer SPM, else schedules the
     /// heartbeat.
     pub fn handle_spm_header(&mut self, now: Instant, bytes: &[u8]) {
-        let _ = now;
         if self.deposed {
             return;
         }
@@ -658,17 +721,28 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             host_id: 0,
             index: 0,
         };
-        if let Ok(Some(h)) = SpmHeader::parse(bytes, &at) {
-            let newer = h.epoch > self.epoch || (h.epoch == self.epoch && h.spm_id != self.spm_id);
-            if newer && h.state == SpmState::Active {
-                warn!("spm: deposed by epoch {}", h.epoch);
-                self.deposed = true;
-                self.event(SpmEvent::Deposed {
-                    epoch: h.epoch,
-                    spm_id: h.spm_id,
-                });
-                return;
-            }
+        let found = SpmHeader::parse(bytes, &at).ok().flatten();
+        let ours = found.is_some_and(|h| h.epoch == self.epoch && h.owner == self.owner);
+        if let Some(h) = found.filter(|h| !ours && h.epoch >= self.epoch) {
+            warn!("spm: deposed by epoch {}", h.epoch);
+            self.deposed = true;
+            self.event(SpmEvent::Deposed {
+                epoch: h.epoch,
+                spm_id: h.spm_id,
+            });
+            return;
+        }
+        if !ours {
+            // Our header write was lost or torn, or an older SPM wrote
+            // late: write it again and settle again before acting.
+            warn!("spm: the SPM header is not ours; writing it again");
+            self.confirmed = false;
+            self.next_heartbeat = now + settle(&self.config);
+        } else if !self.confirmed {
+            self.confirmed = true;
+            self.next_doorbell = now;
+            self.next_scan = now;
+            self.last_ring = now;
         }
         self.heartbeat = self.heartbeat.wrapping_add(1);
         self.header_write = true;
@@ -677,7 +751,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// The next job for the backend, if any may start.
     #[must_use]
     pub fn poll_job(&mut self) -> Option<Job> {
-        if self.deposed || self.jobs_running >= self.config.max_jobs.max(1) {
+        if self.deposed || !self.confirmed || self.jobs_running >= self.config.max_jobs.max(1) {
             return None;
         }
         let job = self.queue.next_job()?;
@@ -758,6 +832,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 .unwrap_or(u32::MAX)
                 .max(1),
             heartbeat: self.heartbeat,
+            owner: self.owner,
+            pool_commit: self.pool_commit,
         };
         header.to_bytes().ok().map(|record| SpmWrite {
             offset: SPM_HEADER_OFFSET,
@@ -782,6 +858,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                     .unwrap_or(u32::MAX)
                     .max(1),
                 heartbeat: self.heartbeat,
+                owner: self.owner,
+                pool_commit: self.pool_commit,
             };
             if let Ok(record) = header.to_bytes() {
                 return Some(SpmWrite {
@@ -789,6 +867,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                     record,
                 });
             }
+        }
+        if !self.confirmed {
+            return None;
         }
         let epoch = self.epoch;
         let (host_id, generation, needs_header) = {

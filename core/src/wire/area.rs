@@ -216,6 +216,9 @@ mod tests {
             domain: DOMAIN,
             host_id: 7,
             generation,
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
         };
         put(&mut area, 0, header.to_bytes().unwrap());
         area

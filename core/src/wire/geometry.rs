@@ -5,7 +5,7 @@ use core::ops::RangeInclusive;
 
 use super::{
     AREA_SIZE, DOORBELL_OFFSET, Field, INBOX_OFFSET, MAX_HOSTS, RECORD_LEN, RESERVED_OFFSET,
-    SECTOR_SIZES, SPM_HEADER_OFFSET, SUPERBLOCK_OFFSET,
+    SECTOR_SIZES, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET,
 };
 
 const AREA: u64 = AREA_SIZE as u64;
@@ -146,8 +146,10 @@ impl Geometry {
             Region::SpmHeader
         } else if offset < RESERVED_OFFSET {
             Region::Doorbell
-        } else if offset < INBOX_OFFSET {
+        } else if offset < SUPERBLOCK_BACKUP_OFFSET {
             Region::Reserved
+        } else if offset < INBOX_OFFSET {
+            Region::SuperblockBackup
         } else if offset < self.outbox_offset() {
             Region::Inbox {
                 host_id: (block - INBOX_OFFSET / AREA + 1) as u16,
@@ -176,8 +178,11 @@ pub enum Region {
     SpmHeader,
     /// The doorbell block.
     Doorbell,
-    /// The reserved space before the inbox; always zero in version 1.
+    /// The reserved space between the doorbell block and the superblock's
+    /// backup; always zero in version 2.
     Reserved,
+    /// The backup superblock block (offset 0xF000).
+    SuperblockBackup,
     /// A host's inbox area.
     Inbox {
         /// The host.
@@ -209,10 +214,14 @@ impl fmt::Display for Place {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (index, byte) = (self.index, self.byte);
         match self.region {
-            Region::Superblock | Region::SpmHeader | Region::Doorbell => {
+            Region::Superblock
+            | Region::SpmHeader
+            | Region::Doorbell
+            | Region::SuperblockBackup => {
                 let name = match self.region {
                     Region::Superblock => "superblock",
                     Region::SpmHeader => "SPM header",
+                    Region::SuperblockBackup => "superblock backup",
                     _ => "doorbell",
                 };
                 if index == 0 {
@@ -221,7 +230,7 @@ impl fmt::Display for Place {
                     write!(f, "{name} block, unused space")?;
                 }
             }
-            Region::Reserved => f.write_str("reserved space before the inbox")?,
+            Region::Reserved => f.write_str("reserved space before the superblock backup")?,
             Region::Inbox { host_id } | Region::Outbox { host_id } => {
                 let side = if matches!(self.region, Region::Inbox { .. }) {
                     "inbox"

@@ -77,10 +77,15 @@ pub const SPM_HEADER_OFFSET: u64 = 4096;
 pub const DOORBELL_OFFSET: u64 = 8192;
 /// First byte of the reserved space that follows the doorbell block.
 pub const RESERVED_OFFSET: u64 = 12288;
+/// Offset of the backup superblock block: its record 0 is a byte-for-byte
+/// copy of the superblock record, the rest zero. It sits at the end of the
+/// first 64 KiB, away from the start of the device where stray writes
+/// (partition tools, file system signatures) land.
+pub const SUPERBLOCK_BACKUP_OFFSET: u64 = 0xF000;
 /// The magic at bytes 4..8 of every record.
 pub const MAGIC: [u8; 4] = *b"SPMB";
 /// The format version this crate reads and writes.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Logical sector sizes the format supports.
 pub const SECTOR_SIZES: [u32; 2] = [512, 4096];
 /// Request flag: the guest is paused for lack of space; serve it first.
@@ -94,6 +99,8 @@ const _: () = assert!(
 const _: () = assert!(SLOTS_PER_AREA == 31);
 const _: () = assert!(INBOX_OFFSET % AREA_SIZE as u64 == 0);
 const _: () = assert!(RESERVED_OFFSET == DOORBELL_OFFSET + AREA_SIZE as u64);
+const _: () = assert!(SUPERBLOCK_BACKUP_OFFSET + AREA_SIZE as u64 == INBOX_OFFSET);
+const _: () = assert!(SUPERBLOCK_BACKUP_OFFSET > RESERVED_OFFSET);
 
 /// How [`CRC32C`] computes: slice-by-16 with a 16 KiB table under the
 /// `fast-crc` feature (hosts and SPMs with the memory to spare, several
@@ -238,6 +245,7 @@ pub enum Field {
     SpmId,
     State,
     HeartbeatIntervalMs,
+    Owner,
     Ringer,
     Generation,
     Sequence,
@@ -269,6 +277,7 @@ impl Field {
             Field::SpmId => "spm_id",
             Field::State => "state",
             Field::HeartbeatIntervalMs => "heartbeat_interval_ms",
+            Field::Owner => "owner",
             Field::Ringer => "ringer",
             Field::Generation => "generation",
             Field::Sequence => "sequence",

@@ -55,7 +55,9 @@ pub(crate) struct RawSpmHeader {
     pub reserved0: u8,
     pub heartbeat_interval_ms: U32,
     pub heartbeat: U64,
-    pub reserved: [u8; 72],
+    pub owner: U64,
+    pub pool_commit: U64,
+    pub reserved: [u8; 56],
 }
 
 /// Doorbell payload (kind 3).
@@ -76,7 +78,10 @@ pub(crate) struct RawDoorbell {
 pub(crate) struct RawInboxHeader {
     pub prefix: Prefix,
     pub generation: U64,
-    pub reserved: [u8; 88],
+    pub owner: U64,
+    pub heartbeat: U64,
+    pub heartbeat_interval_ms: U32,
+    pub reserved: [u8; 68],
 }
 
 /// Extension request payload (kind 5).
@@ -132,11 +137,11 @@ pub(crate) mod reserved {
     /// Reserved ranges of each kind's payload.
     pub const SUPERBLOCK: &[Range<usize>] = &[72..128];
     /// SPM header.
-    pub const SPM_HEADER: &[Range<usize>] = &[43..44, 56..128];
+    pub const SPM_HEADER: &[Range<usize>] = &[43..44, 72..128];
     /// Doorbell.
     pub const DOORBELL: &[Range<usize>] = &[34..40, 56..128];
     /// Inbox header.
-    pub const INBOX_HEADER: &[Range<usize>] = &[40..128];
+    pub const INBOX_HEADER: &[Range<usize>] = &[60..128];
     /// Request.
     pub const REQUEST: &[Range<usize>] = &[84..128];
     /// Outbox header.
@@ -176,13 +181,17 @@ assert_layout!(RawSuperblock {
 });
 assert_layout!(RawSpmHeader {
     prefix @ 0, epoch @ 32, spm_id @ 40, state @ 42, reserved0 @ 43,
-    heartbeat_interval_ms @ 44, heartbeat @ 48, reserved @ 56,
+    heartbeat_interval_ms @ 44, heartbeat @ 48, owner @ 56, pool_commit @ 64,
+    reserved @ 72,
 });
 assert_layout!(RawDoorbell {
     prefix @ 0, ringer @ 32, reserved0 @ 34, generation @ 40, sequence @ 48,
     reserved @ 56,
 });
-assert_layout!(RawInboxHeader { prefix @ 0, generation @ 32, reserved @ 40 });
+assert_layout!(RawInboxHeader {
+    prefix @ 0, generation @ 32, owner @ 40, heartbeat @ 48,
+    heartbeat_interval_ms @ 56, reserved @ 60,
+});
 assert_layout!(RawRequest {
     prefix @ 0, generation @ 32, sequence @ 40, volume @ 48, target_size @ 64,
     current_size @ 72, flags @ 80, reserved @ 84,

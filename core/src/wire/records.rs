@@ -299,6 +299,15 @@ pub struct SpmHeader {
     pub heartbeat_interval_ms: u32,
     /// A counter the active SPM bumps; a stalled counter means a dead SPM.
     pub heartbeat: u64,
+    /// A random number the SPM instance that wrote the header chose when
+    /// it started: two SPMs that took the same epoch tell each other apart
+    /// by it (the one whose owner is no longer in the header stands down).
+    /// Nonzero when `state` is active; 0 in a header no SPM wrote.
+    pub owner: u64,
+    /// The sequence number of the newest pool metadata commit this SPM
+    /// knows to be durable (0: none, or a backend without such numbers). A
+    /// second place for it, so a rolled-back pool is noticed.
+    pub pool_commit: u64,
 }
 
 impl SpmHeader {
@@ -320,6 +329,8 @@ impl SpmHeader {
             state,
             heartbeat_interval_ms: raw.heartbeat_interval_ms.get(),
             heartbeat: raw.heartbeat.get(),
+            owner: raw.owner.get(),
+            pool_commit: raw.pool_commit.get(),
         })
     }
 
@@ -332,7 +343,9 @@ impl SpmHeader {
             reserved0: 0,
             heartbeat_interval_ms: U32::new(self.heartbeat_interval_ms),
             heartbeat: U64::new(self.heartbeat),
-            reserved: [0; 72],
+            owner: U64::new(self.owner),
+            pool_commit: U64::new(self.pool_commit),
+            reserved: [0; 56],
         }
     }
 
@@ -342,6 +355,7 @@ impl SpmHeader {
         if self.state == SpmState::Active {
             require(self.epoch >= 1, Field::Epoch)?;
             require(self.heartbeat_interval_ms >= 1, Field::HeartbeatIntervalMs)?;
+            require(self.owner != 0, Field::Owner)?;
         }
         Ok(())
     }
@@ -414,7 +428,10 @@ codec!(
 // ---------------------------------------------------------------------------
 
 /// A host's inbox area header (kind 4, record 0 of its inbox area): the
-/// host's generation. Only requests of this generation are acted on.
+/// host's generation, and the lease on its host id. Only requests of this
+/// generation are acted on. The process that holds the host id writes its
+/// random `owner` and raises `heartbeat` every `heartbeat_interval_ms`; a
+/// process that finds the heartbeat moving knows the host id is taken.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InboxHeader {
@@ -424,6 +441,14 @@ pub struct InboxHeader {
     pub host_id: u16,
     /// The host's incarnation, raised on every start; at least 1.
     pub generation: u64,
+    /// A random number the process holding the host id chose when it
+    /// started. Nonzero while `heartbeat_interval_ms` is.
+    pub owner: u64,
+    /// A counter the holding process raises every `heartbeat_interval_ms`.
+    pub heartbeat: u64,
+    /// How often `heartbeat` moves, in milliseconds; 0: no process holds
+    /// the host id (it stopped cleanly, or never took a lease).
+    pub heartbeat_interval_ms: u32,
 }
 
 impl InboxHeader {
@@ -433,6 +458,9 @@ impl InboxHeader {
             domain: Uuid(raw.prefix.domain),
             host_id: raw.prefix.host_id.get(),
             generation: raw.generation.get(),
+            owner: raw.owner.get(),
+            heartbeat: raw.heartbeat.get(),
+            heartbeat_interval_ms: raw.heartbeat_interval_ms.get(),
         })
     }
 
@@ -440,13 +468,20 @@ impl InboxHeader {
         raw::RawInboxHeader {
             prefix: prefix(Kind::InboxHeader, self.host_id, 0, self.domain),
             generation: U64::new(self.generation),
-            reserved: [0; 88],
+            owner: U64::new(self.owner),
+            heartbeat: U64::new(self.heartbeat),
+            heartbeat_interval_ms: U32::new(self.heartbeat_interval_ms),
+            reserved: [0; 68],
         }
     }
 
     fn check(&self) -> Result<(), Field> {
         check_host_record(self.domain, self.host_id, 0, false)?;
-        require(self.generation >= 1, Field::Generation)
+        require(self.generation >= 1, Field::Generation)?;
+        if self.heartbeat_interval_ms != 0 {
+            require(self.owner != 0, Field::Owner)?;
+        }
+        Ok(())
     }
 }
 codec!(
@@ -874,7 +909,7 @@ mod tests {
     /// A request of host 7, slot 3, built by hand from docs/format.md
     /// (CRC computed independently of this crate).
     static REQUEST_BYTES: [u8; RECORD_LEN] = [
-        0x5f, 0x50, 0xd6, 0x8a, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x01, 0x07, 0x00, 0x03, 0x00, 0x00,
+        0x98, 0xc9, 0x35, 0x80, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x02, 0x07, 0x00, 0x03, 0x00, 0x00,
         0x00, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
         0xcd, 0xef, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x09, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 0xfe, 0xdc, 0xba, 0x98,
@@ -977,19 +1012,19 @@ mod tests {
         assert!(matches!(
             Request::decode(&bytes),
             Err(Defect::Checksum {
-                stored: 0x8ad6_505f,
+                stored: 0x8035_c998,
                 ..
             })
         ));
         // Version before kind.
         let mut bytes = REQUEST_BYTES;
         bytes[8] = 99;
-        bytes[9] = 2;
+        bytes[9] = 1;
         assert_eq!(
             Request::decode(&resealed(bytes)),
-            Err(Defect::UnsupportedVersion { version: 2 })
+            Err(Defect::UnsupportedVersion { version: 1 })
         );
-        bytes[9] = 1;
+        bytes[9] = 2;
         assert_eq!(
             Request::decode(&resealed(bytes)),
             Err(Defect::UnknownKind { code: 99 })
@@ -1205,6 +1240,8 @@ mod tests {
             state: SpmState::Vacant,
             heartbeat_interval_ms: 0,
             heartbeat: 0,
+            owner: 7,
+            pool_commit: 0,
         };
         assert_eq!(SpmHeader::decode(&h.to_bytes().unwrap()), Ok(Some(h)));
         h.state = SpmState::Active;
@@ -1233,6 +1270,9 @@ mod tests {
             domain: DOMAIN,
             host_id: 5,
             generation: 3,
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
         };
         assert_eq!(
             InboxHeader::parse(&i.to_bytes().unwrap(), &at(5, 0)),

@@ -166,6 +166,8 @@ struct SpmNode {
     /// that lost it (it may still flush replies it computed before).
     pool: Option<SimPool>,
     seq: u64,
+    /// [`Bug::ReplyBeforeCommit`]: jobs ran whose commit is still to come.
+    uncommitted: bool,
 }
 
 /// Counters of a run.
@@ -407,13 +409,17 @@ impl Sim {
                 state: spmbox_core::wire::SpmState::Vacant,
                 heartbeat_interval_ms: 1000,
                 heartbeat: 0,
+                owner: 7,
+                pool_commit: 0,
             });
         }
+        let owner = self.rng.next_u64() | 1;
         let engine = Spm::new(
             self.now,
             self.domain,
             self.disk.geometry(),
             0,
+            owner,
             found.as_ref(),
             SpmConfig::default(),
         )
@@ -428,6 +434,7 @@ impl Sim {
             engine,
             pool: Some(pool),
             seq,
+            uncommitted: false,
         });
     }
 
@@ -672,6 +679,7 @@ impl Sim {
                 if self.scenario.bug == Some(Bug::ReplyBeforeCommit) {
                     if let Some(node) = self.spm.as_mut() {
                         node.engine.handle_job_result(now, job.volume, result);
+                        node.uncommitted = true;
                     }
                     // The commit happens, but only at the next step.
                     continue;
@@ -684,7 +692,12 @@ impl Sim {
                 }
             }
             if !progressed {
-                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) && !old {
+                let due = self.spm.as_mut().is_some_and(|n| {
+                    let due = n.uncommitted;
+                    n.uncommitted = false;
+                    due
+                });
+                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) && !old && due {
                     self.commit(true)?;
                 }
                 return Ok(());
@@ -726,7 +739,7 @@ impl Sim {
         let inbox = self.disk.read(inbox_at, AREA_SIZE).to_vec();
         let outbox = self.disk.read(outbox_at, AREA_SIZE).to_vec();
         engine
-            .start(self.now, &inbox, &outbox)
+            .start(self.now, &inbox, &outbox, self.rng.next_u64() | 1)
             .map_err(|e| format!("host {host_id}: start: {e:?}"))?;
         let node = &mut self.hosts[i];
         node.mirror = inbox;
@@ -779,12 +792,19 @@ impl Sim {
                 }
             }
             let engine = self.hosts[i].engine.as_mut().expect("alive");
-            if let Some(HostRead::OutboxArea { offset }) = engine.poll_read(now) {
-                progressed = true;
-                if let Ok(Some(h)) = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET)) {
-                    engine.handle_spm_header(&h);
+            match engine.poll_read(now) {
+                Some(HostRead::OutboxArea { offset }) => {
+                    progressed = true;
+                    if let Ok(Some(h)) = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET)) {
+                        engine.handle_spm_header(&h);
+                    }
+                    engine.handle_outbox(now, self.disk.read(offset, AREA_SIZE));
                 }
-                engine.handle_outbox(now, self.disk.read(offset, AREA_SIZE));
+                Some(HostRead::InboxHeader { offset }) => {
+                    progressed = true;
+                    engine.handle_inbox_header(now, self.disk.record(offset));
+                }
+                None => {}
             }
             let events: Vec<HostEvent> = std::iter::from_fn(|| engine.poll_event()).collect();
             for event in events {
