@@ -728,6 +728,27 @@ impl DeviceError {
         }
     }
 
+    /// The path of the device or file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            DeviceError::Open { path, .. }
+            | DeviceError::Create { path, .. }
+            | DeviceError::DirectIoUnsupported { path }
+            | DeviceError::AlreadyExists { path }
+            | DeviceError::NotABlockDeviceOrFile { path, .. }
+            | DeviceError::SetLength { path, .. }
+            | DeviceError::Unaligned { path, .. }
+            | DeviceError::UnalignedBuffer { path, .. }
+            | DeviceError::OutOfRange { path, .. }
+            | DeviceError::Read { path, .. }
+            | DeviceError::Write { path, .. }
+            | DeviceError::ShortRead { path, .. }
+            | DeviceError::ShortWrite { path, .. }
+            | DeviceError::Sync { path, .. }
+            | DeviceError::Stat { path, .. } => path,
+        }
+    }
+
     /// Whether retrying the same I/O later may succeed: a read, write or
     /// flush the kernel failed for a reason that can heal (EIO from a
     /// path down, ENOSPC from a full file system, EROFS or EPERM from a

@@ -36,11 +36,11 @@ use spmbox_core::wire::{
 };
 
 use crate::backend::{BackendError, VolumeMaps};
-use crate::device::{Access, AlignedBuf};
-use crate::guest::{self, Devices, Guest, Pacer, Step};
+use crate::device::{Access, AlignedBuf, DeviceError};
+use crate::guest::{self, Devices, Guest, GuestError, Pacer, Step};
 use crate::mailbox::Mailbox;
 use crate::mapping::Mapping;
-use crate::spm_daemon::Clock;
+use crate::spm_daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
 use crate::units::Bytes;
 
 /// Volumes one host runs at most.
@@ -98,6 +98,8 @@ enum Msg {
     Allocation(Uuid, u64, u64),
     Done(Uuid, u64),
     Failed(Uuid, String),
+    /// A guest write keeps failing (`Some`: the error) or works again.
+    Stalled(Uuid, Option<String>),
 }
 
 /// Per-volume bookkeeping of the main loop.
@@ -111,6 +113,9 @@ struct VolumeRun {
     done: bool,
     allocation: u64,
     paused: bool,
+    /// The error while the guest's writes keep failing; it waits and
+    /// retries, and counts as paused.
+    stalled: Option<String>,
 }
 
 fn emit(json_events: bool, value: Value) {
@@ -184,14 +189,15 @@ pub fn run(
     engine.start(clock.now(), &inbox, &outbox).map_err(err)?;
     let mut mirror = inbox;
     let sector = geometry.sector_size() as usize;
-    let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), BackendError> {
-        let buf = mailbox.read(SPM_HEADER_OFFSET, sector).map_err(err)?;
+    let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), DeviceError> {
+        let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
+        mailbox.device().read_at(SPM_HEADER_OFFSET, &mut buf)?;
         if let Ok(Some(h)) = SpmHeader::decode(&buf[..RECORD_LEN]) {
             engine.handle_spm_header(&h);
         }
         Ok(())
     };
-    read_header(&mut engine)?;
+    read_header(&mut engine).map_err(err)?;
     let generation = engine.generation();
     tracing::info!(
         "host {host_id} started: generation {generation}, {} volumes",
@@ -220,6 +226,7 @@ pub fn run(
                 done: false,
                 allocation,
                 paused: false,
+                stalled: None,
             },
         );
         let tx = tx.clone();
@@ -241,6 +248,12 @@ pub fn run(
     let mut summary = HostSummary::default();
     let mut next_header = clock.now();
     let mut next_status = std::time::Instant::now();
+    // Mailbox I/O that fails is retried with backoff: the inbox area and
+    // the doorbell stay due (`area_dirty`, `bell`) until written, in that
+    // order; a failed read is asked for again.
+    let mut io = Retry::new("the host's mailbox I/O");
+    let mut area_dirty = false;
+    let mut bell = None;
     let result = (|| -> Result<(), BackendError> {
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -248,7 +261,12 @@ pub fn run(
             }
             let now = clock.now();
             let deadline = engine.poll_timeout();
-            let wait = deadline.map_or(Duration::from_millis(100), |t| clock.until(t));
+            let mut wait = deadline.map_or(Duration::from_millis(100), |t| clock.until(t));
+            if let Some(retry) = io.until_next()
+                && (area_dirty || bell.is_some())
+            {
+                wait = wait.min(retry);
+            }
             let first = if wait.is_zero() {
                 rx.try_recv().ok()
             } else {
@@ -288,16 +306,24 @@ pub fn run(
                     Msg::Failed(volume, what) => {
                         return Err(BackendError::new(format!("guest of {volume}: {what}")));
                     }
+                    Msg::Stalled(volume, error) => {
+                        if let Some(r) = runs.get_mut(&volume) {
+                            r.stalled = error;
+                        }
+                    }
                 }
             }
             engine.handle_timeout(now);
-            if now >= next_header {
-                next_header = now + Duration::from_secs(1);
-                read_header(&mut engine)?;
+            if now >= next_header && io.ready() {
+                match read_header(&mut engine) {
+                    Ok(()) => {
+                        io.succeeded();
+                        next_header = now + Duration::from_secs(1);
+                    }
+                    Err(e) => io_failed(&mut io, e)?,
+                }
             }
             // Writes: the whole inbox area from the mirror, then the bell.
-            let mut area_dirty = false;
-            let mut bell = None;
             while let Some(w) = engine.poll_write() {
                 if w.offset == DOORBELL_OFFSET {
                     bell = Some(w.record);
@@ -308,31 +334,49 @@ pub fn run(
                     area_dirty = true;
                 }
             }
-            if area_dirty {
-                mailbox
-                    .device()
-                    .write_at(inbox_offset, &mirror)
-                    .map_err(err)?;
-                let written = clock.now();
-                for (volume, run) in runs.iter_mut() {
-                    let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
-                    if waiting && run.written.is_none() {
-                        run.written = Some(written);
+            if area_dirty && io.ready() {
+                if let Err(e) = mailbox.device().write_at(inbox_offset, &mirror) {
+                    io_failed(&mut io, e)?;
+                } else {
+                    io.succeeded();
+                    area_dirty = false;
+                    let written = clock.now();
+                    for (volume, run) in runs.iter_mut() {
+                        let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
+                        if waiting && run.written.is_none() {
+                            run.written = Some(written);
+                        }
                     }
                 }
             }
-            if let Some(record) = bell {
+            // The bell only once the area it announces is on disk.
+            if let Some(record) = bell
+                && !area_dirty
+                && io.ready()
+            {
                 let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
                 buf[..RECORD_LEN].copy_from_slice(&record);
-                mailbox
-                    .device()
-                    .write_at(DOORBELL_OFFSET, &buf)
-                    .map_err(err)?;
+                match mailbox.device().write_at(DOORBELL_OFFSET, &buf) {
+                    Ok(()) => {
+                        io.succeeded();
+                        bell = None;
+                    }
+                    Err(e) => io_failed(&mut io, e)?,
+                }
             }
-            // Reads.
-            while let Some(HostRead::OutboxArea { offset }) = engine.poll_read(now) {
-                let area = mailbox.read(offset, AREA_SIZE).map_err(err)?;
-                engine.handle_outbox(now, &area);
+            // Reads; one that fails is asked for again by the engine after
+            // its poll interval, or sooner once the backoff has passed.
+            while io.ready()
+                && let Some(HostRead::OutboxArea { offset }) = engine.poll_read(now)
+            {
+                let mut area = AlignedBuf::zeroed(AREA_SIZE, mailbox.device().dio_mem_align());
+                match mailbox.device().read_at(offset, &mut area) {
+                    Ok(()) => {
+                        io.succeeded();
+                        engine.handle_outbox(now, &area);
+                    }
+                    Err(e) => io_failed(&mut io, e)?,
+                }
             }
             // Events.
             while let Some(event) = engine.poll_event() {
@@ -381,6 +425,19 @@ pub fn run(
     result.map(|()| summary)
 }
 
+/// Counts a failed mailbox I/O in `io` if retrying can heal it; else the
+/// host stops with the error.
+fn io_failed(io: &mut Retry, e: DeviceError) -> Result<(), BackendError> {
+    if e.is_transient() {
+        io.failed(&e);
+        Ok(())
+    } else {
+        Err(BackendError::new(format!(
+            "{e}; this error does not heal by retrying, so the host stops"
+        )))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_guest(
     volume: Uuid,
@@ -396,6 +453,8 @@ fn run_guest(
     let mut guest = Guest::new(volume, generation, allocation, total, write_size);
     let mut devices = Devices::new();
     let mut pacer = Pacer::new(rate);
+    // While writes fail: since when, retries, the next wait.
+    let mut stall: Option<(std::time::Instant, u64, Duration)> = None;
     while !stop.load(Ordering::Relaxed) {
         let map = match slot.map.lock() {
             Ok(m) => m.clone(),
@@ -426,11 +485,56 @@ fn run_guest(
                 let _ = tx.send(Msg::Done(volume, guest.allocation()));
                 return;
             }
+            Err(GuestError::Device(e)) if e.is_transient() => {
+                // Nothing is lost: the same range is written again.
+                let what = stall_message(volume, &e);
+                if stall.is_none() {
+                    tracing::error!("{what}");
+                    let _ = tx.send(Msg::Stalled(volume, Some(what)));
+                }
+                let s = stall.get_or_insert((std::time::Instant::now(), 0, IO_RETRY_FIRST));
+                let until = std::time::Instant::now() + s.2;
+                while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20).min(s.2));
+                }
+                s.1 += 1;
+                s.2 = (s.2 * 2).min(IO_RETRY_MAX);
+                continue;
+            }
             Err(e) => {
-                let _ = tx.send(Msg::Failed(volume, e.to_string()));
+                let _ = tx.send(Msg::Failed(
+                    volume,
+                    format!("{e}; this error does not heal by retrying, so the host stops"),
+                ));
                 return;
             }
         }
+        if let Some((since, retries, _)) = stall.take() {
+            tracing::warn!(
+                "the guest of volume {volume} writes again after {:.3} s of errors and {retries} retries",
+                since.elapsed().as_secs_f64()
+            );
+            let _ = tx.send(Msg::Stalled(volume, None));
+        }
+    }
+}
+
+/// What an operator reads when a guest's writes fail and it waits.
+fn stall_message(volume: Uuid, e: &DeviceError) -> String {
+    let path = e.path().display();
+    let file = e.path().metadata().is_ok_and(|m| m.is_file());
+    if e.is_no_space() && file {
+        format!(
+            "the file system under LUN file {path} is full: free space or preallocate LUN files; \
+             the guest of volume {volume} waits and retries ({e})"
+        )
+    } else if e.is_no_space() {
+        format!(
+            "LUN {path} is out of space: give the storage under it more space; \
+             the guest of volume {volume} waits and retries ({e})"
+        )
+    } else {
+        format!("the guest of volume {volume} waits and retries: {e}")
     }
 }
 
@@ -629,7 +733,12 @@ fn host_metrics(
             label.clone(),
             run.map_or(v.allocation, |r| r.allocation) as f64,
         ));
-        paused.push((label, f64::from(u8::from(run.is_some_and(|r| r.paused)))));
+        paused.push((
+            label,
+            f64::from(u8::from(
+                run.is_some_and(|r| r.paused || r.stalled.is_some()),
+            )),
+        ));
     }
     t.gauges(
         "spmbox_volume_physical_bytes",
@@ -664,7 +773,8 @@ fn write_status(
                 "virtual_size": v.virtual_size,
                 "physical": v.physical,
                 "allocation": run.map_or(v.allocation, |r| r.allocation),
-                "paused": run.is_some_and(|r| r.paused),
+                "paused": run.is_some_and(|r| r.paused || r.stalled.is_some()),
+                "io_error": run.and_then(|r| r.stalled.clone()),
                 "guest_done": run.is_some_and(|r| r.done),
                 "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": format!("{:?}", f.phase)})),
             })

@@ -699,7 +699,7 @@ pub const FENCE_HEARTBEATS: u32 = 2;
 /// the first failure is logged with the error, the first success after a
 /// run is logged with its length; in between, attempts wait
 /// [`IO_RETRY_FIRST`] doubling to [`IO_RETRY_MAX`].
-struct Retry {
+pub(crate) struct Retry {
     what: &'static str,
     streak: Option<Streak>,
 }
@@ -713,30 +713,30 @@ struct Streak {
 }
 
 impl Retry {
-    fn new(what: &'static str) -> Retry {
+    pub(crate) fn new(what: &'static str) -> Retry {
         Retry { what, streak: None }
     }
 
     /// Whether an attempt may be made now.
-    fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.streak
             .as_ref()
             .is_none_or(|s| std::time::Instant::now() >= s.next)
     }
 
     /// How long until the next attempt, during a run of failures.
-    fn until_next(&self) -> Option<Duration> {
+    pub(crate) fn until_next(&self) -> Option<Duration> {
         self.streak
             .as_ref()
             .map(|s| s.next.saturating_duration_since(std::time::Instant::now()))
     }
 
     /// The error that started the current run of failures.
-    fn failing(&self) -> Option<&str> {
+    pub(crate) fn failing(&self) -> Option<&str> {
         self.streak.as_ref().map(|s| s.error.as_str())
     }
 
-    fn failed(&mut self, error: &dyn std::fmt::Display) {
+    pub(crate) fn failed(&mut self, error: &dyn std::fmt::Display) {
         let now = std::time::Instant::now();
         match &mut self.streak {
             Some(s) => {
@@ -746,8 +746,7 @@ impl Retry {
             }
             None => {
                 tracing::error!(
-                    "{} failed: {error}; retrying every {:?} to {:?} until it succeeds \
-                     (nothing is answered before it is on disk)",
+                    "{} failed: {error}; retrying every {:?} to {:?} until it succeeds",
                     self.what,
                     IO_RETRY_FIRST,
                     IO_RETRY_MAX
@@ -763,7 +762,7 @@ impl Retry {
         }
     }
 
-    fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         if let Some(s) = self.streak.take() {
             tracing::warn!(
                 "{} works again after {:.3} s of errors and {} retries",
