@@ -540,8 +540,7 @@ pub fn run(
                             commit_owed = false;
                             if let Some(batch) = uncommitted.take() {
                                 summary.commits += 1;
-                                summary.commit_seconds +=
-                                    commit_started.elapsed().as_secs_f64();
+                                summary.commit_seconds += commit_started.elapsed().as_secs_f64();
                                 let committed = batch.started.elapsed();
                                 if exporter.is_some() {
                                     job_seconds.push(committed.as_secs_f64());
@@ -577,7 +576,14 @@ pub fn run(
         // Writes, after any that failed.
         take_writes(&mut engine, &mut writes);
         if !writes.is_empty() && write_retry.ready() {
-            match write_fenced(&mut disk, &mut engine, now, &writes, &mut header_seen, fence) {
+            match write_fenced(
+                &mut disk,
+                &mut engine,
+                now,
+                &writes,
+                &mut header_seen,
+                fence,
+            ) {
                 Ok(true) => {
                     write_retry.succeeded();
                     writes.clear();

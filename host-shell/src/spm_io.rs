@@ -97,9 +97,7 @@ impl<'a> SpmDisk<'a> {
             Target::Mirror => &mut self.mirror,
             Target::One => &mut self.one,
         };
-        self.mailbox
-            .device()
-            .read_into(offset, buf, range)
+        self.mailbox.device().read_into(offset, buf, range)
     }
 
     /// The record at `offset` (a domain-wide block), read as its sector.
@@ -215,9 +213,7 @@ impl<'a> SpmDisk<'a> {
         for (start, buf) in &others {
             self.stats.writes += 1;
             self.stats.written_bytes += buf.len() as u64;
-            self.mailbox
-                .device()
-                .write_at(*start, buf)?;
+            self.mailbox.device().write_at(*start, buf)?;
         }
         dirty.sort_unstable();
         dirty.dedup();
@@ -237,9 +233,11 @@ impl<'a> SpmDisk<'a> {
             let (from, to) = (first * sector, (last + 1) * sector);
             self.stats.writes += 1;
             self.stats.written_bytes += (to - from) as u64;
-            self.mailbox
-                .device()
-                .write_from(self.outbox_offset + from as u64, &self.mirror, from..to)?;
+            self.mailbox.device().write_from(
+                self.outbox_offset + from as u64,
+                &self.mirror,
+                from..to,
+            )?;
         }
         Ok(())
     }

@@ -88,7 +88,13 @@ impl Loop {
     fn attach(file: &Path) -> Loop {
         let out = sh(
             "losetup",
-            &["--find", "--show", "--sector-size", "512", file.to_str().unwrap()],
+            &[
+                "--find",
+                "--show",
+                "--sector-size",
+                "512",
+                file.to_str().unwrap(),
+            ],
         );
         Loop(PathBuf::from(text(&out.stdout).trim()))
     }
@@ -96,14 +102,20 @@ impl Loop {
     fn set_read_only(&self, ro: bool) {
         sh(
             "blockdev",
-            &[if ro { "--setro" } else { "--setrw" }, self.0.to_str().unwrap()],
+            &[
+                if ro { "--setro" } else { "--setrw" },
+                self.0.to_str().unwrap(),
+            ],
         );
     }
 }
 
 impl Drop for Loop {
     fn drop(&mut self) {
-        let _ = Command::new("blockdev").arg("--setrw").arg(&self.0).status();
+        let _ = Command::new("blockdev")
+            .arg("--setrw")
+            .arg(&self.0)
+            .status();
         let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
@@ -342,8 +354,14 @@ fn loop_domain() -> (Domain, Loop, Loop) {
     let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
     let dev_file = dir.path().join("domain");
     let lun_file = dir.path().join("lun1");
-    fs::File::create(&dev_file).unwrap().set_len(16 * MIB).unwrap();
-    fs::File::create(&lun_file).unwrap().set_len(64 * MIB).unwrap();
+    fs::File::create(&dev_file)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    fs::File::create(&lun_file)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
     let dev = Loop::attach(&dev_file);
     let lun = Loop::attach(&lun_file);
     let d = Domain::create(dir, dev.0.clone(), &lun.0, lun.0.clone());
@@ -368,7 +386,13 @@ fn assert_no_reply_before_its_commit(log: &str) {
             && rest.contains(": Extended at ")
         {
             replies += 1;
-            let volume = rest.split("volume ").nth(1).unwrap().split(':').next().unwrap();
+            let volume = rest
+                .split("volume ")
+                .nth(1)
+                .unwrap()
+                .split(':')
+                .next()
+                .unwrap();
             let at = rest.split(": Extended at ").nth(1).unwrap();
             let size: u64 = at.split(' ').next().unwrap().parse().unwrap();
             assert!(
@@ -499,7 +523,10 @@ fn a_guest_whose_lun_file_system_fills_up_waits_and_loses_nothing() {
     );
     let mut host = d.start_host(1, &[volume], "32M");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.read_logs("host").contains("is full: free space or preallocate LUN files") {
+    while !d
+        .read_logs("host")
+        .contains("is full: free space or preallocate LUN files")
+    {
         assert!(host.alive(), "the host died: {}", d.logs_text());
         assert!(Instant::now() < deadline, "no ENOSPC: {}", d.logs_text());
         std::thread::sleep(Duration::from_millis(50));
