@@ -713,6 +713,70 @@ pub enum DeviceError {
     },
 }
 
+impl DeviceError {
+    /// The kernel's error number, for errors the kernel returned.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            DeviceError::Open { source, .. }
+            | DeviceError::Create { source, .. }
+            | DeviceError::SetLength { source, .. }
+            | DeviceError::Read { source, .. }
+            | DeviceError::Write { source, .. }
+            | DeviceError::Sync { source, .. }
+            | DeviceError::Stat { source, .. } => Some(*source),
+            _ => None,
+        }
+    }
+
+    /// The path of the device or file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            DeviceError::Open { path, .. }
+            | DeviceError::Create { path, .. }
+            | DeviceError::DirectIoUnsupported { path }
+            | DeviceError::AlreadyExists { path }
+            | DeviceError::NotABlockDeviceOrFile { path, .. }
+            | DeviceError::SetLength { path, .. }
+            | DeviceError::Unaligned { path, .. }
+            | DeviceError::UnalignedBuffer { path, .. }
+            | DeviceError::OutOfRange { path, .. }
+            | DeviceError::Read { path, .. }
+            | DeviceError::Write { path, .. }
+            | DeviceError::ShortRead { path, .. }
+            | DeviceError::ShortWrite { path, .. }
+            | DeviceError::Sync { path, .. }
+            | DeviceError::Stat { path, .. } => path,
+        }
+    }
+
+    /// Whether retrying the same I/O later may succeed: a read, write or
+    /// flush the kernel failed for a reason that can heal (EIO from a
+    /// path down, ENOSPC from a full file system, EROFS or EPERM from a
+    /// device set read-only, a device briefly gone), and a write the
+    /// device stopped accepting part way. Never so: a request spmbox got
+    /// wrong (misaligned, past the end, EINVAL, EBADF, EFAULT), a device
+    /// shorter than its mailbox, and every error of opening a device.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeviceError::Read { source, .. }
+            | DeviceError::Write { source, .. }
+            | DeviceError::Sync { source, .. } => !matches!(
+                *source,
+                Errno::INVAL | Errno::BADF | Errno::FAULT | Errno::OPNOTSUPP | Errno::ISDIR
+            ),
+            DeviceError::ShortWrite { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the file system under the file is full (ENOSPC, EDQUOT, or
+    /// a write it stopped accepting part way).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.errno(), Some(Errno::NOSPC | Errno::DQUOT))
+            || matches!(self, DeviceError::ShortWrite { .. })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

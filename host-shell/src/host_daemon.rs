@@ -36,11 +36,11 @@ use spmbox_core::wire::{
 };
 
 use crate::backend::{BackendError, VolumeMaps};
-use crate::device::{Access, AlignedBuf};
-use crate::guest::{self, Devices, Guest, Pacer, Step};
+use crate::device::{Access, AlignedBuf, DeviceError};
+use crate::guest::{self, Devices, Guest, GuestError, Pacer, Step};
 use crate::mailbox::Mailbox;
 use crate::mapping::Mapping;
-use crate::spm_daemon::Clock;
+use crate::spm_daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
 use crate::units::Bytes;
 
 /// Volumes one host runs at most.
@@ -98,6 +98,8 @@ enum Msg {
     Allocation(Uuid, u64, u64),
     Done(Uuid, u64),
     Failed(Uuid, String),
+    /// A guest write keeps failing (`Some`: the error) or works again.
+    Stalled(Uuid, Option<String>),
 }
 
 /// Per-volume bookkeeping of the main loop.
@@ -111,6 +113,9 @@ struct VolumeRun {
     done: bool,
     allocation: u64,
     paused: bool,
+    /// The error while the guest's writes keep failing; it waits and
+    /// retries, and counts as paused.
+    stalled: Option<String>,
 }
 
 fn emit(json_events: bool, value: Value) {
@@ -195,7 +200,9 @@ pub fn run(
         // heartbeat, and read it back: another process that started at
         // the same moment with the same host id either overwrote it (this
         // one stops before any guest wrote) or saw it and refused.
-        flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)?;
+        retry_at_start(&stop, || {
+            flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)
+        })?;
         let settle = options.config.lease_interval * 3 / 2;
         let until = std::time::Instant::now() + settle;
         while std::time::Instant::now() < until {
@@ -204,7 +211,13 @@ pub fn run(
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let header = mailbox.read(inbox_offset, sector).map_err(err)?;
+        let header = retry_at_start(&stop, || {
+            let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
+            mailbox
+                .device()
+                .read_at(inbox_offset, &mut buf)
+                .map(|()| buf)
+        })?;
         engine.handle_inbox_header(clock.now(), &header[..RECORD_LEN]);
         if engine.is_evicted() {
             return Err(BackendError::new(format!(
@@ -213,14 +226,15 @@ pub fn run(
             )));
         }
     }
-    let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), BackendError> {
-        let buf = mailbox.read(SPM_HEADER_OFFSET, sector).map_err(err)?;
+    let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), DeviceError> {
+        let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
+        mailbox.device().read_at(SPM_HEADER_OFFSET, &mut buf)?;
         if let Ok(Some(h)) = SpmHeader::decode(&buf[..RECORD_LEN]) {
             engine.handle_spm_header(&h);
         }
         Ok(())
     };
-    read_header(&mut engine)?;
+    read_header(&mut engine).map_err(err)?;
     let generation = engine.generation();
     tracing::info!(
         "host {host_id} started: generation {generation}, {} volumes",
@@ -249,6 +263,7 @@ pub fn run(
                 done: false,
                 allocation,
                 paused: false,
+                stalled: None,
             },
         );
         let tx = tx.clone();
@@ -270,6 +285,12 @@ pub fn run(
     let mut summary = HostSummary::default();
     let mut next_header = clock.now();
     let mut next_status = std::time::Instant::now();
+    // Mailbox I/O that fails is retried with backoff: the inbox area and
+    // the doorbell stay due (`area_dirty`, `bell`) until written, in that
+    // order; a failed read is asked for again.
+    let mut io = Retry::new("the host's mailbox I/O");
+    let mut area_dirty = false;
+    let mut bell = None;
     let result = (|| -> Result<(), BackendError> {
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -277,7 +298,12 @@ pub fn run(
             }
             let now = clock.now();
             let deadline = engine.poll_timeout();
-            let wait = deadline.map_or(Duration::from_millis(100), |t| clock.until(t));
+            let mut wait = deadline.map_or(Duration::from_millis(100), |t| clock.until(t));
+            if let Some(retry) = io.until_next()
+                && (area_dirty || bell.is_some())
+            {
+                wait = wait.min(retry);
+            }
             let first = if wait.is_zero() {
                 rx.try_recv().ok()
             } else {
@@ -317,34 +343,85 @@ pub fn run(
                     Msg::Failed(volume, what) => {
                         return Err(BackendError::new(format!("guest of {volume}: {what}")));
                     }
+                    Msg::Stalled(volume, error) => {
+                        if let Some(r) = runs.get_mut(&volume) {
+                            r.stalled = error;
+                        }
+                    }
                 }
             }
             engine.handle_timeout(now);
-            if now >= next_header {
-                next_header = now + Duration::from_secs(1);
-                read_header(&mut engine)?;
+            if now >= next_header && io.ready() {
+                match read_header(&mut engine) {
+                    Ok(()) => {
+                        io.succeeded();
+                        next_header = now + Duration::from_secs(1);
+                    }
+                    Err(e) => io_failed(&mut io, e)?,
+                }
             }
             // Writes: the whole inbox area from the mirror, then the bell.
-            if flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)? {
-                let written = clock.now();
-                for (volume, run) in runs.iter_mut() {
-                    let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
-                    if waiting && run.written.is_none() {
-                        run.written = Some(written);
+            while let Some(w) = engine.poll_write() {
+                if w.offset == DOORBELL_OFFSET {
+                    bell = Some(w.record);
+                } else if let Some(at) = w.offset.checked_sub(inbox_offset)
+                    && (at as usize) + RECORD_LEN <= AREA_SIZE
+                {
+                    mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+                    area_dirty = true;
+                }
+            }
+            if area_dirty && io.ready() {
+                if let Err(e) = mailbox.device().write_at(inbox_offset, &mirror) {
+                    io_failed(&mut io, e)?;
+                } else {
+                    io.succeeded();
+                    area_dirty = false;
+                    let written = clock.now();
+                    for (volume, run) in runs.iter_mut() {
+                        let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
+                        if waiting && run.written.is_none() {
+                            run.written = Some(written);
+                        }
                     }
                 }
             }
-            // Reads.
-            while let Some(read) = engine.poll_read(now) {
-                match read {
-                    HostRead::OutboxArea { offset } => {
-                        let area = mailbox.read(offset, AREA_SIZE).map_err(err)?;
-                        engine.handle_outbox(now, &area);
+            // The bell only once the area it announces is on disk.
+            if let Some(record) = bell
+                && !area_dirty
+                && io.ready()
+            {
+                let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
+                buf[..RECORD_LEN].copy_from_slice(&record);
+                match mailbox.device().write_at(DOORBELL_OFFSET, &buf) {
+                    Ok(()) => {
+                        io.succeeded();
+                        bell = None;
                     }
-                    HostRead::InboxHeader { offset } => {
-                        let header = mailbox.read(offset, sector).map_err(err)?;
-                        engine.handle_inbox_header(now, &header[..RECORD_LEN]);
+                    Err(e) => io_failed(&mut io, e)?,
+                }
+            }
+            // Reads; one that fails is asked for again by the engine after
+            // its poll interval, or sooner once the backoff has passed.
+            while io.ready()
+                && let Some(read) = engine.poll_read(now)
+            {
+                let (offset, len) = match read {
+                    HostRead::OutboxArea { offset } => (offset, AREA_SIZE),
+                    HostRead::InboxHeader { offset } => (offset, sector),
+                };
+                let mut buf = AlignedBuf::zeroed(len, mailbox.device().dio_mem_align());
+                match mailbox.device().read_at(offset, &mut buf) {
+                    Ok(()) => {
+                        io.succeeded();
+                        match read {
+                            HostRead::OutboxArea { .. } => engine.handle_outbox(now, &buf),
+                            HostRead::InboxHeader { .. } => {
+                                engine.handle_inbox_header(now, &buf[..RECORD_LEN])
+                            }
+                        }
                     }
+                    Err(e) => io_failed(&mut io, e)?,
                 }
             }
             // Events.
@@ -393,14 +470,17 @@ pub fn run(
     if result.is_ok()
         && let Some(release) = engine.release()
     {
-        let written = flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)
-            .and_then(|_| {
-                mirror[..RECORD_LEN].copy_from_slice(&release.record);
-                mailbox
-                    .device()
-                    .write_at(inbox_offset, &mirror)
-                    .map_err(err)
-            });
+        // The writes still due go into the mirror; the release header
+        // replaces the header in it, and the area is written once.
+        while let Some(w) = engine.poll_write() {
+            if let Some(at) = w.offset.checked_sub(inbox_offset)
+                && (at as usize) + RECORD_LEN <= AREA_SIZE
+            {
+                mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+            }
+        }
+        mirror[..RECORD_LEN].copy_from_slice(&release.record);
+        let written = mailbox.device().write_at(inbox_offset, &mirror);
         if let Err(e) = written {
             tracing::warn!("could not release host id {host_id} in the inbox header: {e}");
         }
@@ -411,16 +491,41 @@ pub fn run(
     result.map(|()| summary)
 }
 
+/// Runs `io` until it succeeds, retrying errors that can heal with the
+/// daemon's backoff (logged once per streak), until `stop`.
+fn retry_at_start<T>(
+    stop: &AtomicBool,
+    mut io: impl FnMut() -> Result<T, DeviceError>,
+) -> Result<T, BackendError> {
+    let mut retry = Retry::new("the host's start-up mailbox I/O");
+    loop {
+        match io() {
+            Ok(v) => {
+                retry.succeeded();
+                return Ok(v);
+            }
+            Err(e) => io_failed(&mut retry, e)?,
+        }
+        while !retry.ready() {
+            if stop.load(Ordering::Relaxed) {
+                return Err(BackendError::new("stopped before start-up finished"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Writes what the engine hands out: its records into the inbox area's
 /// mirror and the whole area once (this host is its only writer), then the
-/// doorbell's sector. Whether the area was written.
+/// doorbell's sector. Whether the area was written. Records taken from the
+/// engine stay in the mirror when a write fails, so a retry writes them.
 fn flush_writes(
     engine: &mut Host<HOST_VOLUMES>,
     mailbox: &Mailbox,
     inbox_offset: u64,
     mirror: &mut AlignedBuf,
     sector: usize,
-) -> Result<bool, BackendError> {
+) -> Result<bool, DeviceError> {
     let mut area_dirty = false;
     let mut bell = None;
     while let Some(w) = engine.poll_write() {
@@ -433,19 +538,13 @@ fn flush_writes(
             area_dirty = true;
         }
     }
-    if area_dirty {
-        mailbox
-            .device()
-            .write_at(inbox_offset, mirror)
-            .map_err(err)?;
-    }
+    // At start the area is written whole whether or not the engine had
+    // anything new: a retry after a failed write must write it again.
+    mailbox.device().write_at(inbox_offset, mirror)?;
     if let Some(record) = bell {
         let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
         buf[..RECORD_LEN].copy_from_slice(&record);
-        mailbox
-            .device()
-            .write_at(DOORBELL_OFFSET, &buf)
-            .map_err(err)?;
+        mailbox.device().write_at(DOORBELL_OFFSET, &buf)?;
     }
     Ok(area_dirty)
 }
@@ -506,6 +605,19 @@ fn check_host_id_free(
 /// The longest a starting host watches another holder's heartbeat.
 pub const HOST_LEASE_WATCH_MAX: Duration = Duration::from_secs(10);
 
+/// Counts a failed mailbox I/O in `io` if retrying can heal it; else the
+/// host stops with the error.
+fn io_failed(io: &mut Retry, e: DeviceError) -> Result<(), BackendError> {
+    if e.is_transient() {
+        io.failed(&e);
+        Ok(())
+    } else {
+        Err(BackendError::new(format!(
+            "{e}; this error does not heal by retrying, so the host stops"
+        )))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_guest(
     volume: Uuid,
@@ -521,6 +633,8 @@ fn run_guest(
     let mut guest = Guest::new(volume, generation, allocation, total, write_size);
     let mut devices = Devices::new();
     let mut pacer = Pacer::new(rate);
+    // While writes fail: since when, retries, the next wait.
+    let mut stall: Option<(std::time::Instant, u64, Duration)> = None;
     while !stop.load(Ordering::Relaxed) {
         let map = match slot.map.lock() {
             Ok(m) => m.clone(),
@@ -551,11 +665,56 @@ fn run_guest(
                 let _ = tx.send(Msg::Done(volume, guest.allocation()));
                 return;
             }
+            Err(GuestError::Device(e)) if e.is_transient() => {
+                // Nothing is lost: the same range is written again.
+                let what = stall_message(volume, &e);
+                if stall.is_none() {
+                    tracing::error!("{what}");
+                    let _ = tx.send(Msg::Stalled(volume, Some(what)));
+                }
+                let s = stall.get_or_insert((std::time::Instant::now(), 0, IO_RETRY_FIRST));
+                let until = std::time::Instant::now() + s.2;
+                while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20).min(s.2));
+                }
+                s.1 += 1;
+                s.2 = (s.2 * 2).min(IO_RETRY_MAX);
+                continue;
+            }
             Err(e) => {
-                let _ = tx.send(Msg::Failed(volume, e.to_string()));
+                let _ = tx.send(Msg::Failed(
+                    volume,
+                    format!("{e}; this error does not heal by retrying, so the host stops"),
+                ));
                 return;
             }
         }
+        if let Some((since, retries, _)) = stall.take() {
+            tracing::warn!(
+                "the guest of volume {volume} writes again after {:.3} s of errors and {retries} retries",
+                since.elapsed().as_secs_f64()
+            );
+            let _ = tx.send(Msg::Stalled(volume, None));
+        }
+    }
+}
+
+/// What an operator reads when a guest's writes fail and it waits.
+fn stall_message(volume: Uuid, e: &DeviceError) -> String {
+    let path = e.path().display();
+    let file = e.path().metadata().is_ok_and(|m| m.is_file());
+    if e.is_no_space() && file {
+        format!(
+            "the file system under LUN file {path} is full: free space or preallocate LUN files; \
+             the guest of volume {volume} waits and retries ({e})"
+        )
+    } else if e.is_no_space() {
+        format!(
+            "LUN {path} is out of space: give the storage under it more space; \
+             the guest of volume {volume} waits and retries ({e})"
+        )
+    } else {
+        format!("the guest of volume {volume} waits and retries: {e}")
     }
 }
 
@@ -760,7 +919,12 @@ fn host_metrics(
             label.clone(),
             run.map_or(v.allocation, |r| r.allocation) as f64,
         ));
-        paused.push((label, f64::from(u8::from(run.is_some_and(|r| r.paused)))));
+        paused.push((
+            label,
+            f64::from(u8::from(
+                run.is_some_and(|r| r.paused || r.stalled.is_some()),
+            )),
+        ));
     }
     t.gauges(
         "spmbox_volume_physical_bytes",
@@ -795,7 +959,8 @@ fn write_status(
                 "virtual_size": v.virtual_size,
                 "physical": v.physical,
                 "allocation": run.map_or(v.allocation, |r| r.allocation),
-                "paused": run.is_some_and(|r| r.paused),
+                "paused": run.is_some_and(|r| r.paused || r.stalled.is_some()),
+                "io_error": run.and_then(|r| r.stalled.clone()),
                 "guest_done": run.is_some_and(|r| r.done),
                 "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": format!("{:?}", f.phase)})),
             })

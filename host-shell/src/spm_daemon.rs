@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo};
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, SpmWrite};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
     DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid,
@@ -445,9 +445,24 @@ pub fn run(
     );
     let mut disk = SpmDisk::new(&mailbox);
     let mut summary = SpmSummary::default();
-    let mut writes = Vec::new();
+    let mut writes: Vec<SpmWrite> = Vec::new();
     let mut next_metrics = std::time::Instant::now();
     let mut job_seconds: Vec<f64> = Vec::new();
+    // I/O errors of the domain device are retried (see `Retry`): a read
+    // that failed is done again before any other, a batch whose commit
+    // failed waits (its results unseen by the engine, so nothing about it
+    // is answered) and takes no new jobs, and writes that failed stay in
+    // `writes`, newer records after them.
+    let mut reads = Retry::new("reading the mailbox");
+    let mut commits = Retry::new("committing the pool metadata");
+    let mut write_retry = Retry::new("writing replies and the SPM header");
+    let mut failed_read: Option<SpmIo> = None;
+    let mut uncommitted: Option<Batch> = None;
+    // An admin request failed part way: the pool in memory may be ahead
+    // of the disk until a commit succeeds.
+    let mut commit_owed = false;
+    let fence = config.heartbeat_interval * FENCE_HEARTBEATS;
+    let mut header_seen = std::time::Instant::now();
     loop {
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
@@ -460,17 +475,21 @@ pub fn run(
         }
         let now = clock.now();
         // Reads.
-        while let Some(io) = engine.poll_io(now) {
-            match io {
-                SpmIo::ReadDoorbell => {
-                    engine.handle_doorbell(now, disk.read_record(DOORBELL_OFFSET)?);
-                }
-                SpmIo::ReadSpmHeader => {
-                    engine.handle_spm_header(now, disk.read_record(SPM_HEADER_OFFSET)?);
-                }
-                SpmIo::ReadHosts { first_host, count } => {
-                    let (inbox, outbox) = disk.read_hosts(first_host, count)?;
-                    engine.handle_hosts(now, first_host, inbox, outbox);
+        if reads.ready() {
+            while let Some(io) = failed_read.take().or_else(|| engine.poll_io(now)) {
+                match read_for_engine(&mut disk, &mut engine, now, io) {
+                    Ok(header_names_us) => {
+                        reads.succeeded();
+                        if header_names_us {
+                            header_seen = std::time::Instant::now();
+                        }
+                    }
+                    Err(e) if e.is_transient() => {
+                        reads.failed(&e);
+                        failed_read = Some(io);
+                        break;
+                    }
+                    Err(e) => return Err(fatal_io(e)),
                 }
             }
         }
@@ -478,81 +497,115 @@ pub fn run(
         // BATCH jobs or once its extensions took BATCH_EXTEND_BUDGET: the
         // builtin pool extends in microseconds and batches share one
         // commit, while an lvextend takes tens of milliseconds and each is
-        // answered as soon as it is done.
-        let started = std::time::Instant::now();
-        let mut results: Vec<(Uuid, u64, JobResult)> = Vec::new();
-        while let Some(job) = engine.poll_job() {
-            results.push((
-                job.volume,
-                job.target_size,
-                backend.extend(job.volume, job.target_size, job.urgent),
-            ));
-            if started.elapsed() >= BATCH_EXTEND_BUDGET {
-                break;
-            }
-        }
-        let had_jobs = !results.is_empty();
-        if had_jobs {
-            let batch = results.len();
-            let extended = started.elapsed();
-            summary.extend_seconds += extended.as_secs_f64();
-            // Still the SPM? The header must be this instance's own (its
-            // epoch and owner): a stalled SPM must not commit over a newer
-            // one, nor two SPMs that took one epoch over each other.
-            let header = disk.read_record(SPM_HEADER_OFFSET)?;
-            let ours = SpmHeader::decode(header).ok().flatten().is_some_and(|h| {
-                h.epoch == engine.epoch()
-                    && h.owner == engine.owner()
-                    && h.state == SpmState::Active
-            });
-            if !ours {
-                engine.handle_spm_header(now, header);
-                if engine.is_deposed() {
+        // answered as soon as it is done. No new batch starts while one
+        // waits for its commit.
+        let mut had_jobs = false;
+        if uncommitted.is_none() {
+            let started = std::time::Instant::now();
+            let mut results: Vec<(Uuid, u64, JobResult)> = Vec::new();
+            while let Some(job) = engine.poll_job() {
+                results.push((
+                    job.volume,
+                    job.target_size,
+                    backend.extend(job.volume, job.target_size, job.urgent),
+                ));
+                if started.elapsed() >= BATCH_EXTEND_BUDGET {
                     break;
                 }
-                return Err(BackendError::new(format!(
-                    "the SPM header no longer names this SPM (epoch {}, owner {:#x}) before a \
-                     metadata commit; it stood down without committing. Start it again: it \
-                     reloads the pool from disk",
-                    engine.epoch(),
-                    engine.owner()
-                )));
             }
-            let commit_started = std::time::Instant::now();
-            backend.commit()?;
-            engine.set_pool_commit(backend.committed_sequence());
-            summary.commits += 1;
-            summary.commit_seconds += commit_started.elapsed().as_secs_f64();
-            let committed = started.elapsed();
-            if exporter.is_some() {
-                job_seconds.push(committed.as_secs_f64());
+            if !results.is_empty() {
+                had_jobs = true;
+                let extended = started.elapsed();
+                summary.extend_seconds += extended.as_secs_f64();
+                uncommitted = Some(Batch {
+                    results,
+                    started,
+                    extended,
+                });
             }
-            for (volume, target, result) in results {
-                summary.jobs += 1;
+        }
+        if (uncommitted.is_some() || commit_owed) && commits.ready() {
+            // Still the SPM? A stalled SPM must not commit over a newer
+            // one; read before every attempt.
+            match disk.read_record(SPM_HEADER_OFFSET) {
+                Err(e) if e.is_transient() => commits.failed(&e),
+                Err(e) => return Err(fatal_io(e)),
+                Ok(header) if !own_header(header, engine.epoch(), engine.owner()) => {
+                    engine.handle_spm_header(now, header);
+                    if engine.is_deposed() {
+                        break;
+                    }
+                    return Err(BackendError::new(format!(
+                        "the SPM header no longer names this SPM (epoch {}, owner {:#x}) before \
+                         a metadata commit; it stood down without committing. Start it again: \
+                         it reloads the pool from disk",
+                        engine.epoch(),
+                        engine.owner()
+                    )));
+                }
+                Ok(_) => {
+                    header_seen = std::time::Instant::now();
+                    let commit_started = std::time::Instant::now();
+                    match backend.commit() {
+                        Err(e) => commits.failed(&e),
+                        Ok(()) => {
+                            commits.succeeded();
+                            commit_owed = false;
+                            engine.set_pool_commit(backend.committed_sequence());
+                            if let Some(batch) = uncommitted.take() {
+                                summary.commits += 1;
+                                summary.commit_seconds += commit_started.elapsed().as_secs_f64();
+                                let committed = batch.started.elapsed();
+                                if exporter.is_some() {
+                                    job_seconds.push(committed.as_secs_f64());
+                                }
+                                let size = batch.results.len();
+                                for (volume, target, result) in batch.results {
+                                    summary.jobs += 1;
+                                    tracing::info!(
+                                        "job: volume {volume} to {}: {result:?} (extend {:.3} ms, with commit {:.3} ms, batch of {})",
+                                        Bytes(target),
+                                        batch.extended.as_secs_f64() * 1e3,
+                                        committed.as_secs_f64() * 1e3,
+                                        size
+                                    );
+                                    engine.handle_job_result(clock.now(), volume, result);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Completions only of a pool that is on disk.
+        if uncommitted.is_none() && !commit_owed {
+            for (volume, size) in backend.take_completed() {
                 tracing::info!(
-                    "job: volume {volume} to {}: {result:?} (extend {:.3} ms, with commit {:.3} ms, batch of {})",
-                    Bytes(target),
-                    extended.as_secs_f64() * 1e3,
-                    committed.as_secs_f64() * 1e3,
-                    batch
+                    "capacity: parked request of volume {volume} completed at {}",
+                    Bytes(size)
                 );
-                engine.handle_job_result(clock.now(), volume, result);
+                engine.handle_capacity(clock.now(), volume, size);
             }
         }
-        for (volume, size) in backend.take_completed() {
-            tracing::info!(
-                "capacity: parked request of volume {volume} completed at {}",
-                Bytes(size)
-            );
-            engine.handle_capacity(clock.now(), volume, size);
-        }
-        // Writes.
-        writes.clear();
-        while let Some(w) = engine.poll_write() {
-            writes.push(w);
-        }
-        if !writes.is_empty() {
-            disk.write(&writes)?;
+        // Writes, after any that failed.
+        take_writes(&mut engine, &mut writes);
+        if !writes.is_empty() && write_retry.ready() {
+            match write_fenced(
+                &mut disk,
+                &mut engine,
+                now,
+                &writes,
+                &mut header_seen,
+                fence,
+            ) {
+                Ok(true) => {
+                    write_retry.succeeded();
+                    writes.clear();
+                }
+                Ok(false) => break,
+                Err(e) if e.is_transient() => write_retry.failed(&e),
+                Err(e) => return Err(fatal_io(e)),
+            }
         }
         // Events.
         while let Some(event) = engine.poll_event() {
@@ -566,14 +619,23 @@ pub fn run(
         if engine.is_deposed() {
             break;
         }
+        let failing = [&reads, &commits, &write_retry]
+            .into_iter()
+            .find_map(|r| r.failing());
         // Admin requests; completions of an add-lun come out on the next
         // turn at once.
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
-            let _ = reply.send(admin(backend, &request));
+            let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
         }
         let next = engine.poll_timeout();
-        let wait = next.map_or(Duration::from_millis(50), |t| clock.until(t));
+        let wait = [&reads, &commits, &write_retry]
+            .into_iter()
+            .filter_map(Retry::until_next)
+            .fold(
+                next.map_or(Duration::from_millis(50), |t| clock.until(t)),
+                Duration::min,
+            );
         // After a batch, the queue may hold the next one: no wait. An admin
         // request ends the wait at once.
         if !wait.is_zero()
@@ -582,7 +644,7 @@ pub fn run(
                 control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
         {
             tracing::info!("control: {request}");
-            let _ = reply.send(admin(backend, &request));
+            let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
         }
     }
     if engine.is_deposed() {
@@ -591,15 +653,44 @@ pub fn run(
             "another SPM took over the domain (a higher epoch); this SPM stood down",
         ));
     }
-    // Graceful stop: the replies still due, then the vacant header.
-    writes.clear();
-    while let Some(w) = engine.poll_write() {
-        writes.push(w);
+    // Graceful stop: the replies still due, then the vacant header; what
+    // is not committed is not answered (the next SPM answers it from the
+    // mailbox). During an I/O error streak this is one more attempt.
+    if let Some(batch) = &uncommitted {
+        tracing::warn!(
+            "stopping with {} extensions not committed: they are not answered; \
+             the next SPM answers those requests from the mailbox",
+            batch.results.len()
+        );
     }
-    if let Some(w) = engine.vacate() {
-        writes.push(w);
+    take_writes(&mut engine, &mut writes);
+    let last = write_fenced(
+        &mut disk,
+        &mut engine,
+        clock.now(),
+        &writes,
+        &mut header_seen,
+        fence,
+    )
+    .and_then(|written| match engine.vacate() {
+        Some(w) if written => disk.write(&[w]).map(|()| true),
+        _ => Ok(false),
+    });
+    match last {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::error!(
+                "another SPM took over the domain; this one stands down without writing"
+            );
+        }
+        Err(e) => {
+            return Err(BackendError::new(format!(
+                "stopped without writing the last replies and marking the SPM header vacant: \
+                 {e}; the next SPM takes over once the heartbeat has not moved for 2.5 \
+                 heartbeat intervals, and answers what is left"
+            )));
+        }
     }
-    disk.write(&writes)?;
     tracing::info!(
         "SPM stopped: {} jobs, {} commits, {} replies",
         summary.jobs,
@@ -609,6 +700,219 @@ pub fn run(
     summary.engine = engine.stats();
     summary.disk = disk.stats;
     Ok(summary)
+}
+
+/// The first wait before an I/O of the domain device that failed is done
+/// again; each failure in a row doubles it, up to [`IO_RETRY_MAX`].
+pub const IO_RETRY_FIRST: Duration = Duration::from_millis(10);
+
+/// The longest wait between two attempts of an I/O that keeps failing.
+pub const IO_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Fencing: once this many heartbeat intervals have passed without a
+/// read of the SPM header that still names this SPM, it writes nothing
+/// (and commits nothing) until such a read succeeds. Another SPM takes
+/// over after 2.5 intervals without a heartbeat, so this stays below.
+pub const FENCE_HEARTBEATS: u32 = 2;
+
+/// One kind of I/O of the domain device and its current run of failures:
+/// the first failure is logged with the error, the first success after a
+/// run is logged with its length; in between, attempts wait
+/// [`IO_RETRY_FIRST`] doubling to [`IO_RETRY_MAX`].
+pub(crate) struct Retry {
+    what: &'static str,
+    streak: Option<Streak>,
+}
+
+struct Streak {
+    since: std::time::Instant,
+    retries: u64,
+    backoff: Duration,
+    next: std::time::Instant,
+    error: String,
+}
+
+impl Retry {
+    pub(crate) fn new(what: &'static str) -> Retry {
+        Retry { what, streak: None }
+    }
+
+    /// Whether an attempt may be made now.
+    pub(crate) fn ready(&self) -> bool {
+        self.streak
+            .as_ref()
+            .is_none_or(|s| std::time::Instant::now() >= s.next)
+    }
+
+    /// How long until the next attempt, during a run of failures.
+    pub(crate) fn until_next(&self) -> Option<Duration> {
+        self.streak
+            .as_ref()
+            .map(|s| s.next.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    /// The error that started the current run of failures.
+    pub(crate) fn failing(&self) -> Option<&str> {
+        self.streak.as_ref().map(|s| s.error.as_str())
+    }
+
+    pub(crate) fn failed(&mut self, error: &dyn std::fmt::Display) {
+        let now = std::time::Instant::now();
+        match &mut self.streak {
+            Some(s) => {
+                s.retries += 1;
+                s.backoff = (s.backoff * 2).min(IO_RETRY_MAX);
+                s.next = now + s.backoff;
+            }
+            None => {
+                tracing::error!(
+                    "{} failed: {error}; retrying every {:?} to {:?} until it succeeds",
+                    self.what,
+                    IO_RETRY_FIRST,
+                    IO_RETRY_MAX
+                );
+                self.streak = Some(Streak {
+                    since: now,
+                    retries: 0,
+                    backoff: IO_RETRY_FIRST,
+                    next: now + IO_RETRY_FIRST,
+                    error: error.to_string(),
+                });
+            }
+        }
+    }
+
+    pub(crate) fn succeeded(&mut self) {
+        if let Some(s) = self.streak.take() {
+            tracing::warn!(
+                "{} works again after {:.3} s of errors and {} retries",
+                self.what,
+                s.since.elapsed().as_secs_f64(),
+                s.retries + 1
+            );
+        }
+    }
+}
+
+/// A batch of jobs run on the backend, waiting for its commit.
+struct Batch {
+    results: Vec<(Uuid, u64, JobResult)>,
+    started: std::time::Instant,
+    extended: Duration,
+}
+
+/// An error of the domain device that retrying cannot heal.
+fn fatal_io(e: crate::device::DeviceError) -> BackendError {
+    BackendError::new(format!(
+        "{e}; this error does not heal by retrying, so the SPM stops"
+    ))
+}
+
+/// Whether the SPM header in `bytes` says another SPM is active: a higher
+/// epoch, or this epoch with another SPM id.
+/// Whether the SPM header record `bytes` is this SPM's own: active, its
+/// epoch and its owner. A stalled SPM must not commit over a newer one,
+/// nor two SPMs that took one epoch over each other.
+fn own_header(bytes: &[u8], epoch: u64, owner: u64) -> bool {
+    matches!(SpmHeader::decode(bytes), Ok(Some(h))
+        if h.state == SpmState::Active && h.epoch == epoch && h.owner == owner)
+}
+
+/// Does read `io` and hands what was read to the engine. Returns whether
+/// it was a read of the SPM header that still names this SPM.
+fn read_for_engine(
+    disk: &mut SpmDisk<'_>,
+    engine: &mut Spm<QUEUE>,
+    now: Instant,
+    io: SpmIo,
+) -> Result<bool, crate::device::DeviceError> {
+    match io {
+        SpmIo::ReadDoorbell => engine.handle_doorbell(now, disk.read_record(DOORBELL_OFFSET)?),
+        SpmIo::ReadSpmHeader => {
+            engine.handle_spm_header(now, disk.read_record(SPM_HEADER_OFFSET)?);
+            return Ok(engine.is_confirmed());
+        }
+        SpmIo::ReadHosts { first_host, count } => {
+            let (inbox, outbox) = disk.read_hosts(first_host, count)?;
+            engine.handle_hosts(now, first_host, inbox, outbox);
+        }
+    }
+    Ok(false)
+}
+
+/// Adds the engine's writes after those still to be written.
+fn take_writes(engine: &mut Spm<QUEUE>, writes: &mut Vec<SpmWrite>) {
+    if writes.is_empty() {
+        while let Some(w) = engine.poll_write() {
+            writes.push(w);
+        }
+    } else {
+        while let Some(w) = engine.poll_write() {
+            push_write(writes, w);
+        }
+    }
+}
+
+/// Adds `w` to writes that wait for a retry: a newer record for the same
+/// place replaces the older one, so what waits stays bounded by the
+/// mailbox's size.
+fn push_write(writes: &mut Vec<SpmWrite>, w: SpmWrite) {
+    match writes.iter_mut().find(|o| o.offset == w.offset) {
+        Some(old) => *old = w,
+        None => writes.push(w),
+    }
+}
+
+/// Writes `writes`. If no read of the SPM header has named this SPM for
+/// `fence`, the header is read first (and `header_seen` moved on): when it
+/// names another SPM, the engine learns it was deposed and nothing is
+/// written. Returns whether the writes were made.
+fn write_fenced(
+    disk: &mut SpmDisk<'_>,
+    engine: &mut Spm<QUEUE>,
+    now: Instant,
+    writes: &[SpmWrite],
+    header_seen: &mut std::time::Instant,
+    fence: Duration,
+) -> Result<bool, crate::device::DeviceError> {
+    if header_seen.elapsed() > fence {
+        engine.handle_spm_header(now, disk.read_record(SPM_HEADER_OFFSET)?);
+        if engine.is_deposed() {
+            return Ok(false);
+        }
+        *header_seen = std::time::Instant::now();
+    }
+    if !writes.is_empty() {
+        disk.write(writes)?;
+    }
+    Ok(true)
+}
+
+/// Answers an admin request. While an I/O of the domain device keeps
+/// failing, requests that change the pool are refused at once (their
+/// commit could not be made), and after a change that failed part way
+/// the pool is committed again before anything more is answered.
+fn serve_admin(
+    backend: &mut dyn SpmBackend,
+    request: &Value,
+    failing: Option<&str>,
+    commit_owed: &mut bool,
+) -> Value {
+    let changes = request["op"].as_str() != Some("status");
+    if changes && let Some(error) = failing {
+        return json!({
+            "ok": false,
+            "error": format!(
+                "the domain device is failing: {error}; retrying; \
+                 the SPM goes on once it works again, then run this command again"
+            ),
+        });
+    }
+    let answer = admin(backend, request);
+    if changes && answer["ok"] != json!(true) {
+        *commit_owed = true;
+    }
+    answer
 }
 
 /// The SPM's metrics page.

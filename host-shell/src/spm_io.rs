@@ -19,8 +19,7 @@
 use spmbox_core::spm::SpmWrite;
 use spmbox_core::wire::{AREA_SIZE, RECORD_LEN};
 
-use crate::backend::BackendError;
-use crate::device::AlignedBuf;
+use crate::device::{AlignedBuf, DeviceError};
 use crate::mailbox::Mailbox;
 
 /// Outbox areas with no request between two that have one are read along
@@ -30,10 +29,6 @@ pub const OUTBOX_GAP: usize = 8;
 /// Dirty outbox sectors at most this many bytes apart are written in one
 /// run.
 pub const MERGE_GAP: usize = 8 * AREA_SIZE;
-
-fn io_err(e: impl std::fmt::Display) -> BackendError {
-    BackendError::new(e.to_string())
-}
 
 /// The mailbox as the SPM daemon reads and writes it.
 pub struct SpmDisk<'a> {
@@ -94,7 +89,7 @@ impl<'a> SpmDisk<'a> {
         offset: u64,
         into: Target,
         range: std::ops::Range<usize>,
-    ) -> Result<(), BackendError> {
+    ) -> Result<(), DeviceError> {
         self.stats.reads += 1;
         self.stats.read_bytes += range.len() as u64;
         let buf = match into {
@@ -102,14 +97,11 @@ impl<'a> SpmDisk<'a> {
             Target::Mirror => &mut self.mirror,
             Target::One => &mut self.one,
         };
-        self.mailbox
-            .device()
-            .read_into(offset, buf, range)
-            .map_err(io_err)
+        self.mailbox.device().read_into(offset, buf, range)
     }
 
     /// The record at `offset` (a domain-wide block), read as its sector.
-    pub fn read_record(&mut self, offset: u64) -> Result<&[u8], BackendError> {
+    pub fn read_record(&mut self, offset: u64) -> Result<&[u8], DeviceError> {
         let start = offset - offset % self.sector as u64;
         self.read(start, Target::One, 0..self.sector)?;
         let within = (offset - start) as usize;
@@ -123,7 +115,7 @@ impl<'a> SpmDisk<'a> {
         &mut self,
         first_host: u16,
         count: u16,
-    ) -> Result<(&[u8], &[u8]), BackendError> {
+    ) -> Result<(&[u8], &[u8]), DeviceError> {
         let geometry = self.mailbox.geometry();
         let Some(ib) = geometry.inbox_area(first_host) else {
             return Ok((&[], &[]));
@@ -177,7 +169,12 @@ impl<'a> SpmDisk<'a> {
     /// whole sectors. Records in the outbox areas go through the mirror in
     /// merged runs; others are written read-modify-write, each sector once,
     /// in the order they came.
-    pub fn write(&mut self, records: &[SpmWrite]) -> Result<(), BackendError> {
+    ///
+    /// A write that fails may have written some of the sectors; writing
+    /// the same records again (with any newer ones after them) puts all
+    /// of them on disk: every sector is written whole from what this SPM
+    /// holds.
+    pub fn write(&mut self, records: &[SpmWrite]) -> Result<(), DeviceError> {
         let sector = self.sector;
         let region = self.outbox_offset..self.outbox_offset + self.mirror.len() as u64;
         let mut dirty: Vec<usize> = Vec::new();
@@ -216,10 +213,7 @@ impl<'a> SpmDisk<'a> {
         for (start, buf) in &others {
             self.stats.writes += 1;
             self.stats.written_bytes += buf.len() as u64;
-            self.mailbox
-                .device()
-                .write_at(*start, buf)
-                .map_err(io_err)?;
+            self.mailbox.device().write_at(*start, buf)?;
         }
         dirty.sort_unstable();
         dirty.dedup();
@@ -239,10 +233,11 @@ impl<'a> SpmDisk<'a> {
             let (from, to) = (first * sector, (last + 1) * sector);
             self.stats.writes += 1;
             self.stats.written_bytes += (to - from) as u64;
-            self.mailbox
-                .device()
-                .write_from(self.outbox_offset + from as u64, &self.mirror, from..to)
-                .map_err(io_err)?;
+            self.mailbox.device().write_from(
+                self.outbox_offset + from as u64,
+                &self.mirror,
+                from..to,
+            )?;
         }
         Ok(())
     }
