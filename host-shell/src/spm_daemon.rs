@@ -444,6 +444,7 @@ pub fn run(
     let mut writes = Vec::new();
     let mut next_metrics = std::time::Instant::now();
     let mut job_seconds: Vec<f64> = Vec::new();
+    let mut withdrawn = engine.withdrawn();
     loop {
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
@@ -521,6 +522,13 @@ pub fn run(
                 );
                 engine.handle_job_result(clock.now(), volume, result);
             }
+        }
+        // Parked requests their hosts withdrew leave the backend before
+        // any capacity (an add-lun below, a full scan's look) can serve
+        // them.
+        if engine.withdrawn() != withdrawn {
+            withdrawn = engine.withdrawn();
+            backend.withdraw_parked(&|volume| engine.waiting(volume));
         }
         for (volume, size) in backend.take_completed() {
             tracing::info!(
