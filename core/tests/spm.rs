@@ -717,3 +717,188 @@ fn an_spm_needs_a_nonzero_owner_and_its_header_carries_it_and_the_pool_commit() 
     let next = start(&mut disk, ms(5000));
     assert_eq!(next.pool_commit(), 41);
 }
+
+// --- withdrawn requests --------------------------------------------------
+
+/// The pool of the withdrawal stories: 1 GiB extents.
+type StoryPool = spmbox_core::pool::Pool<4, 8, 8, 8>;
+
+const GIB: u64 = 1 << 30;
+
+/// Runs the engine's jobs on `pool` (committing nothing: the pool is
+/// memory), then hands the pool what still waits whenever a request left
+/// the disk, as the daemon does.
+fn step_on(spm: &mut Spm<64>, pool: &mut StoryPool, seen: &mut u64, disk: &mut Disk, now: Instant) {
+    loop {
+        let jobs = step(spm, disk, now);
+        if *seen != spm.withdrawn() {
+            *seen = spm.withdrawn();
+            pool.withdraw_parked(|v| spm.waiting(v));
+        }
+        while let Some(c) = pool.poll_completed() {
+            spm.handle_capacity(now, c.volume, c.size);
+        }
+        if jobs.is_empty() {
+            step(spm, disk, now);
+            return;
+        }
+        for job in jobs {
+            let result = match pool.extend(job.volume, job.target_size, job.urgent) {
+                Ok(spmbox_core::pool::Extend::Extended { size }) => JobResult::Extended { size },
+                Ok(spmbox_core::pool::Extend::Parked { size }) => JobResult::NoSpace { size },
+                Err(e) => panic!("extend: {e:?}"),
+            };
+            spm.handle_job_result(now, job.volume, result);
+        }
+    }
+}
+
+/// Host 1 asks for 6 GiB of a 1 GiB volume in a full pool and is told to
+/// wait; then `withdraw` changes its inbox; then (after an SPM restart if
+/// `restart`) a LUN of 8 extents is added. Returns the volume's size.
+fn parked_story(withdraw: impl Fn(&mut Disk), restart: bool) -> u64 {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    let r = request(1, 1, 7, 6);
+    disk.send(&r);
+    let mut committed = StoryPool::new(GIB).unwrap();
+    committed.add_lun(Uuid([0x10; 16]), 1).unwrap();
+    committed.create_volume(r.volume, 16 * GIB, GIB).unwrap();
+    let mut pool = committed.clone();
+    let mut seen = 0;
+    let mut spm = start(&mut disk, ms(0));
+    step_on(&mut spm, &mut pool, &mut seen, &mut disk, ms(0));
+    assert!(
+        matches!(disk.reply(1, 1), SlotState::Valid(w) if w.status == ReplyStatus::WaitingForSpace)
+    );
+    assert_eq!(pool.parked().count(), 1);
+
+    withdraw(&mut disk);
+    let scan = ms(0) + SpmConfig::default().full_scan_interval;
+    if restart {
+        // The parked list is memory only: the new SPM starts from the
+        // committed pool.
+        pool = committed;
+        seen = 0;
+        spm = start(&mut disk, scan);
+    }
+    step_on(&mut spm, &mut pool, &mut seen, &mut disk, scan);
+    pool.add_lun(Uuid([0x20; 16]), 8).unwrap();
+    step_on(
+        &mut spm,
+        &mut pool,
+        &mut seen,
+        &mut disk,
+        scan + Duration::from_millis(1),
+    );
+    pool.volume(r.volume).unwrap().size
+}
+
+/// The host restarted: a new generation, the slot empty.
+fn host_restarts(disk: &mut Disk) {
+    disk.host_start(1, 2);
+    let at = disk.geometry.inbox_area(1).unwrap() + RECORD_LEN as u64;
+    disk.put(at, &[0; RECORD_LEN]);
+}
+
+/// The host restarted and asks for 3 GiB under its new generation.
+fn host_asks_for_less(disk: &mut Disk) {
+    disk.host_start(1, 2);
+    let mut r = request(1, 1, 7, 3);
+    r.generation = 2;
+    disk.send(&r);
+}
+
+#[test]
+fn a_parked_request_whose_host_restarted_is_never_carried_out() {
+    assert_eq!(parked_story(host_restarts, false), GIB);
+}
+
+#[test]
+fn a_parked_request_whose_host_restarted_is_not_carried_out_after_an_spm_restart_either() {
+    assert_eq!(parked_story(host_restarts, true), GIB);
+}
+
+#[test]
+fn a_host_that_asks_for_less_while_parked_gets_what_it_asks_now() {
+    assert_eq!(parked_story(host_asks_for_less, false), 3 * GIB);
+}
+
+#[test]
+fn a_host_that_asks_for_less_gets_the_same_after_an_spm_restart() {
+    assert_eq!(parked_story(host_asks_for_less, true), 3 * GIB);
+}
+
+#[test]
+fn a_host_that_keeps_its_request_still_gets_it() {
+    assert_eq!(parked_story(|_| {}, false), 6 * GIB);
+    assert_eq!(parked_story(|_| {}, true), 6 * GIB);
+}
+
+#[test]
+fn a_withdrawn_parked_request_no_longer_waits_and_is_counted() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    let r = request(1, 1, 7, 6);
+    disk.send(&r);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    spm.handle_job_result(ms(1), r.volume, JobResult::NoSpace { size: GIB });
+    step(&mut spm, &mut disk, ms(1));
+    assert_eq!(spm.waiting(r.volume), Some((6 * GIB, false)));
+    let before = spm.withdrawn();
+    host_restarts(&mut disk);
+    step(
+        &mut spm,
+        &mut disk,
+        ms(0) + SpmConfig::default().full_scan_interval,
+    );
+    assert_eq!(spm.waiting(r.volume), None);
+    assert_ne!(spm.withdrawn(), before);
+}
+
+#[test]
+fn waiting_is_the_largest_target_still_parked_for_the_volume() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    disk.host_start(2, 1);
+    let a = request(1, 1, 7, 6);
+    let mut b = request(2, 1, 7, 4);
+    b.paused = true;
+    disk.send(&a);
+    disk.send(&b);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    spm.handle_job_result(ms(1), a.volume, JobResult::NoSpace { size: GIB });
+    step(&mut spm, &mut disk, ms(1));
+    assert_eq!(spm.waiting(a.volume), Some((6 * GIB, true)));
+    host_restarts(&mut disk);
+    step(
+        &mut spm,
+        &mut disk,
+        ms(0) + SpmConfig::default().full_scan_interval,
+    );
+    assert_eq!(spm.waiting(a.volume), Some((4 * GIB, true)));
+}
+
+#[test]
+fn a_no_space_result_for_requests_already_withdrawn_is_counted() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    let r = request(1, 1, 7, 6);
+    disk.send(&r);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    // The job runs while the host restarts and the SPM rescans.
+    host_restarts(&mut disk);
+    let scan = ms(0) + SpmConfig::default().full_scan_interval;
+    step(&mut spm, &mut disk, scan);
+    let before = spm.withdrawn();
+    spm.handle_job_result(scan, r.volume, JobResult::NoSpace { size: GIB });
+    assert_ne!(
+        spm.withdrawn(),
+        before,
+        "the backend parked what nobody asks for"
+    );
+    assert_eq!(spm.waiting(r.volume), None);
+}

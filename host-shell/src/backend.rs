@@ -72,6 +72,17 @@ pub trait SpmBackend {
     /// `(volume, size)`. Committed before they are returned.
     fn take_completed(&mut self) -> Vec<(Uuid, u64)>;
 
+    /// Brings the parked requests in line with what still waits in the
+    /// mailbox: `still_waiting(volume)` is the SPM engine's
+    /// `(largest target, any guest paused)` for the volume, `None` if no
+    /// request for it waits any more. A parked entry nobody waits for is
+    /// dropped; one that asks for more is lowered (never raised); one the
+    /// volume already satisfies completes through
+    /// [`SpmBackend::take_completed`]. The daemon calls it whenever the
+    /// engine's `withdrawn()` count changes, so capacity never extends a
+    /// volume for a request its host withdrew.
+    fn withdraw_parked(&mut self, still_waiting: &dyn Fn(Uuid) -> Option<(u64, bool)>);
+
     /// Adds the LUN at `path` to the pool, labelling or initializing it,
     /// then serves parked requests (urgent first). Committed on return.
     fn add_lun(&mut self, path: &Path) -> Result<String, BackendError>;

@@ -89,6 +89,9 @@ impl SpmBackend for NoopBackend {
     fn take_completed(&mut self) -> Vec<(Uuid, u64)> {
         Vec::new()
     }
+    fn withdraw_parked(&mut self, _still_waiting: &dyn Fn(Uuid) -> Option<(u64, bool)>) {
+        // Nothing is ever parked here.
+    }
     fn add_lun(&mut self, _path: &Path) -> Result<String, BackendError> {
         Err(BackendError::new("the no-op backend has no LUNs"))
     }

@@ -561,6 +561,14 @@ impl SpmBackend for BuiltinSpm {
         out
     }
 
+    fn withdraw_parked(&mut self, still_waiting: &dyn Fn(Uuid) -> Option<(u64, bool)>) {
+        // The parked list is not part of the metadata: nothing to commit.
+        let changed = self.pool.withdraw_parked(still_waiting);
+        if changed > 0 {
+            tracing::info!("parked: {changed} request(s) withdrawn or lowered by their hosts");
+        }
+    }
+
     fn add_lun(&mut self, path: &Path) -> Result<String, BackendError> {
         let label = label_lun(path, self.domain.id(), self.pool.extent_size(), false)?;
         if label.extent_size != self.pool.extent_size() {

@@ -9,7 +9,8 @@
 //! per volume, the largest target kept) and served, urgent first, when a
 //! PV is added or `vgs` shows more free extents at a full scan. A
 //! restarted SPM rebuilds them from the mailbox, where they stay until
-//! answered.
+//! answered; a request its host withdraws from the mailbox leaves the
+//! parked list (or lowers its target) as soon as the SPM reads that.
 //!
 //! Hosts read an LV's map from lvm2's segment report and the PVs' first
 //! extent (metadata-only mode), or, with device-mapper, activate the LV,
@@ -345,6 +346,25 @@ impl SpmBackend for LvmSpm {
             size: v.size,
             limit: v.limit,
         })
+    }
+
+    fn withdraw_parked(&mut self, still_waiting: &dyn Fn(Uuid) -> Option<(u64, bool)>) {
+        let mut kept = Vec::with_capacity(self.parked.len());
+        for mut p in std::mem::take(&mut self.parked) {
+            let Some((target, urgent)) = still_waiting(p.volume) else {
+                tracing::info!("parked: request for {} withdrawn by its host", p.volume);
+                continue;
+            };
+            p.target = p.target.min(target);
+            p.urgent &= urgent;
+            let size = self.volume(p.volume).map_or(0, |v| v.size);
+            if p.target <= size {
+                self.completed.push((p.volume, size));
+            } else {
+                kept.push(p);
+            }
+        }
+        self.parked = kept;
     }
 
     fn poll_capacity(&mut self) -> Result<(), BackendError> {

@@ -463,6 +463,7 @@ pub fn run(
     let mut commit_owed = false;
     let fence = config.heartbeat_interval * FENCE_HEARTBEATS;
     let mut header_seen = std::time::Instant::now();
+    let mut withdrawn = engine.withdrawn();
     loop {
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
@@ -576,6 +577,13 @@ pub fn run(
                     }
                 }
             }
+        }
+        // Parked requests their hosts withdrew leave the backend before
+        // any capacity (an add-lun below, a full scan's look) can serve
+        // them.
+        if engine.withdrawn() != withdrawn {
+            withdrawn = engine.withdrawn();
+            backend.withdraw_parked(&|volume| engine.waiting(volume));
         }
         // Completions only of a pool that is on disk.
         if uncommitted.is_none() && !commit_owed {

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use spmbox_tests::sim::{Bug, Faults, Scenario, run, run_seed};
+use spmbox_tests::sim::{Bug, Faults, Scenario, Withdraw, run, run_seed};
 
 const DEFAULT_SEEDS: u64 = 64;
 
@@ -98,6 +98,7 @@ fn clean(seed: u64) -> Scenario {
         add_capacity_at: Duration::from_secs(20),
         settle: Duration::from_secs(120),
         bug: None,
+        withdraw: None,
     }
 }
 
@@ -170,4 +171,39 @@ fn a_pool_that_forgets_to_mark_extents_used_is_caught() {
             || failure.what.contains("but the pool committed"),
         "{failure}"
     );
+}
+
+/// A host takes back a parked request (restarts, then asks for less under
+/// its new generation) 5 s in; capacity comes at 40 s.
+fn withdrawn(seed: u64, restart_spm: bool) -> Scenario {
+    Scenario {
+        withdraw: Some(Withdraw {
+            at: Duration::from_secs(5),
+            restart_spm,
+        }),
+        add_capacity_at: Duration::from_secs(40),
+        ..clean(seed)
+    }
+}
+
+#[test]
+fn a_request_withdrawn_while_parked_is_never_carried_out() {
+    for seed in 1..=4 {
+        let report = run(withdrawn(seed, false)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(
+            report.withdrawals, 1,
+            "seed {seed}: nothing was parked to withdraw"
+        );
+    }
+}
+
+#[test]
+fn a_request_withdrawn_while_parked_is_not_carried_out_after_an_spm_restart_either() {
+    for seed in 1..=4 {
+        let report = run(withdrawn(seed, true)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(
+            report.withdrawals, 1,
+            "seed {seed}: nothing was parked to withdraw"
+        );
+    }
 }

@@ -60,6 +60,19 @@
 //! If such a direct extension satisfies the LV's own parked request, that
 //! request completes at once.
 //!
+//! The parked list never asks for more than the mailbox does. A parked
+//! entry stands for requests that wait in hosts' mailbox slots; when a
+//! host withdraws one (it restarted and emptied the slot, or asks for
+//! less under a new generation), the SPM engine notices at its next read
+//! of that host and the caller passes what still waits to
+//! [`Pool::withdraw_parked`]: an entry nobody waits for is removed, one
+//! that now asks for less is lowered (it keeps its place; its urgency
+//! stays only if a waiting guest is still paused). Capacity added later
+//! therefore serves exactly what a restarted SPM, which rebuilds the
+//! parked list from the mailbox, would serve. The strict order above
+//! holds among what still waits: a withdrawn large request stops holding
+//! back smaller ones.
+//!
 //! Every request that leaves the parked list does so as a [`Completion`],
 //! taken with [`Pool::poll_completed`]. A parked request occupies one of
 //! `PARKED` places from the moment it is parked until its completion is
@@ -957,6 +970,70 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
                 urgent,
             })
             .map_err(|_| PoolError::ParkedFull)
+    }
+
+    /// Brings the parked list in line with the requests that still wait:
+    /// `still_waiting(volume)` says what the requests for `volume` that
+    /// wait for capacity ask now, as `(largest target, any urgent)`, or
+    /// `None` if none waits any more (the hosts withdrew them). Each
+    /// parked entry is then
+    ///
+    /// - removed, without a completion, if nothing waits for its LV;
+    /// - lowered to the largest target still asked (never raised) and
+    ///   urgent only if it was and a waiting request still is; it keeps
+    ///   its place in the order;
+    /// - completed at once if the LV already has what is still asked.
+    ///
+    /// So capacity added later serves only what is still asked for.
+    /// Returns how many entries changed.
+    pub fn withdraw_parked(
+        &mut self,
+        mut still_waiting: impl FnMut(Uuid) -> Option<(u64, bool)>,
+    ) -> usize {
+        let mut changed = 0;
+        let mut i = 0;
+        // Each round keeps or removes entry `i`, so PARKED rounds suffice.
+        for _ in 0..PARKED {
+            let Some(p) = self.parked.get(i).copied() else {
+                break;
+            };
+            let size = self.volume(p.volume).map_or(0, |v| v.size);
+            let now = still_waiting(p.volume).map(|(target, urgent)| Parked {
+                volume: p.volume,
+                target_size: p.target_size.min(target),
+                urgent: p.urgent && urgent,
+            });
+            match now {
+                Some(q) if q == p => i += 1,
+                Some(q) if q.target_size > size => {
+                    debug!(
+                        "pool: parked LV {} lowered to {} bytes",
+                        p.volume, q.target_size
+                    );
+                    if let Some(slot) = self.parked.get_mut(i) {
+                        *slot = q;
+                    }
+                    changed += 1;
+                    i += 1;
+                }
+                Some(_) => {
+                    // What still waits fits the LV as it is.
+                    self.parked.remove(i);
+                    // Parked and completed share PARKED places, so there is room.
+                    let _ = self.completed.push_back(Completion {
+                        volume: p.volume,
+                        size,
+                    });
+                    changed += 1;
+                }
+                None => {
+                    debug!("pool: parked LV {} withdrawn", p.volume);
+                    self.parked.remove(i);
+                    changed += 1;
+                }
+            }
+        }
+        changed
     }
 
     /// Serves parked requests in priority order until one does not fit.

@@ -654,6 +654,115 @@ fn a_parked_request_whose_lv_has_no_segment_slot_left_is_dropped_with_its_size()
     p.check_invariants().unwrap();
 }
 
+// --- withdrawing parked requests ----------------------------------------------
+
+#[test]
+fn a_parked_request_nobody_waits_for_is_removed_without_a_completion() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    assert_eq!(p.withdraw_parked(|_| None), 1);
+    assert_eq!(p.parked().count(), 0);
+    p.add_lun(id(101), 8).unwrap();
+    assert_eq!(completions(&mut p), []);
+    assert_eq!(size(&p, id(1)), EXT, "capacity serves only what waits");
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_parked_request_is_lowered_to_what_still_waits_and_keeps_its_place() {
+    let mut p = pool_with(3);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.create_volume(id(2), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 6 * EXT, true).unwrap();
+    p.extend(id(2), 3 * EXT, true).unwrap();
+    let changed = p.withdraw_parked(|v| {
+        Some(if v == id(1) {
+            (4 * EXT, true)
+        } else {
+            (3 * EXT, true)
+        })
+    });
+    assert_eq!(changed, 1);
+    assert_eq!(
+        p.parked().collect::<std::vec::Vec<_>>(),
+        [
+            Parked {
+                volume: id(1),
+                target_size: 4 * EXT,
+                urgent: true
+            },
+            Parked {
+                volume: id(2),
+                target_size: 3 * EXT,
+                urgent: true
+            }
+        ]
+    );
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn withdrawing_never_raises_a_target_or_makes_a_request_urgent() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    assert_eq!(p.withdraw_parked(|_| Some((8 * EXT, true))), 0);
+    assert_eq!(
+        p.parked().collect::<std::vec::Vec<_>>(),
+        [Parked {
+            volume: id(1),
+            target_size: 4 * EXT,
+            urgent: false
+        }]
+    );
+}
+
+#[test]
+fn a_parked_request_whose_paused_guests_left_is_no_longer_urgent() {
+    let mut p = pool_with(3);
+    p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    p.create_volume(id(2), 8 * EXT, 0).unwrap();
+    p.extend(id(1), 3 * EXT, false).unwrap();
+    p.extend(id(2), 3 * EXT, true).unwrap();
+    p.withdraw_parked(|_| Some((3 * EXT, false)));
+    // Room for one: the first parked now, as neither is urgent.
+    p.add_lun(id(101), 2).unwrap();
+    let order: std::vec::Vec<_> = completions(&mut p).iter().map(|c| c.volume).collect();
+    assert_eq!(order, [id(1)]);
+}
+
+#[test]
+fn a_parked_request_lowered_to_what_the_volume_has_completes_at_once() {
+    let mut p = pool_with(3);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.extend(id(1), 6 * EXT, false).unwrap();
+    assert_eq!(p.withdraw_parked(|_| Some((2 * EXT, false))), 1);
+    assert_eq!(p.parked().count(), 0);
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(1),
+            size: 2 * EXT
+        }]
+    );
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_withdrawn_large_urgent_request_no_longer_holds_back_smaller_ones() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 64 * EXT, 0).unwrap();
+    p.create_volume(id(2), 64 * EXT, 0).unwrap();
+    p.extend(id(1), 20 * EXT, true).unwrap();
+    p.extend(id(2), 2 * EXT, false).unwrap();
+    p.withdraw_parked(|v| (v == id(2)).then_some((2 * EXT, false)));
+    p.add_lun(id(101), 2).unwrap();
+    let order: std::vec::Vec<_> = completions(&mut p).iter().map(|c| c.volume).collect();
+    assert_eq!(order, [id(2)]);
+    assert_eq!(size(&p, id(1)), EXT);
+}
+
 // --- queries -----------------------------------------------------------------
 
 #[test]

@@ -9,6 +9,7 @@
 //!   handle_doorbell / handle_hosts / handle_spm_header  <── bytes read
 //!   poll_job() ──> Job{volume, target, urgent}   handle_job_result <── backend
 //!   handle_capacity(volume, size)  <── parked request completed by the pool
+//!   withdrawn() / waiting(volume) ──> the pool's parked list follows the disk
 //!   poll_write() ──> SpmWrite{offset, record}   (SPM header, outbox records)
 //!   poll_event() ──> SpmEvent                    poll_timeout() ──> Instant
 //! ```
@@ -32,6 +33,14 @@
 //!   memory of what it answered: an SPM that restarts, or a new SPM,
 //!   rebuilds everything from the mailbox and answers every pending
 //!   request. Answering a request twice is harmless (absolute targets).
+//! - A request that leaves the disk before it is answered (the host
+//!   emptied or rewrote its slot) leaves the queue at the next read of
+//!   that host. If it was parked, the backend may still hold it:
+//!   [`Spm::withdrawn`] then changes, and the caller hands
+//!   [`Spm::waiting`] to the backend (`Pool::withdraw_parked`), which
+//!   drops or lowers its parked entry. So what added capacity extends
+//!   follows from the mailbox as last read, whether or not the SPM
+//!   restarted in between.
 //!
 //! # Queue
 //! See [`queue`]: a bounded window over the mailbox, one job per volume
@@ -341,6 +350,9 @@ pub struct Spm<const QUEUE: usize> {
     refusal_reports: u32,
     events: heapless::Deque<SpmEvent, EVENTS>,
     stats: SpmStats,
+    /// "No space" results for which no request was running any more: the
+    /// backend parked something nobody asks for (part of `withdrawn`).
+    orphan_parks: u64,
 }
 
 impl<const QUEUE: usize> Spm<QUEUE> {
@@ -397,6 +409,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             refusal_reports: 0,
             events: heapless::Deque::new(),
             stats: SpmStats::default(),
+            orphan_parks: 0,
         })
     }
 
@@ -441,6 +454,22 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// Counters.
     pub fn stats(&self) -> SpmStats {
         self.stats
+    }
+
+    /// A count that changes whenever a request that was parked (or whose
+    /// job was running) left the mailbox before it was answered: the host
+    /// emptied its slot, rewrote it under a new generation, or asks for
+    /// less. When it changes, the caller hands [`Spm::waiting`] to the
+    /// pool (`Pool::withdraw_parked`), so that capacity added later
+    /// serves only what the mailbox still asks for.
+    pub fn withdrawn(&self) -> u64 {
+        self.queue.withdrawn().wrapping_add(self.orphan_parks)
+    }
+
+    /// What the requests for `volume` that wait for capacity (or whose job
+    /// runs) still ask: `(largest target, any guest paused)`, or `None`.
+    pub fn waiting(&self, volume: Uuid) -> Option<(u64, bool)> {
+        self.queue.waiting(volume)
     }
 
     /// Jobs handed out and not yet reported back.
@@ -764,10 +793,12 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     pub fn handle_job_result(&mut self, now: Instant, volume: Uuid, result: JobResult) {
         let _ = now;
         self.jobs_running = self.jobs_running.saturating_sub(1);
+        let mut answered = false;
         for e in self.queue.entries_mut().iter_mut() {
             if e.request.volume != volume || e.state != EntryState::Running {
                 continue;
             }
+            answered = true;
             let target = e.request.target_size;
             let reply = match result {
                 JobResult::Extended { size } if size >= target => {
@@ -793,6 +824,10 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             if reply.is_some() {
                 e.reply = reply;
             }
+        }
+        if !answered && matches!(result, JobResult::NoSpace { .. }) {
+            // Its requests left the disk while the job ran.
+            self.orphan_parks = self.orphan_parks.wrapping_add(1);
         }
     }
 

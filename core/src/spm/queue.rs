@@ -86,6 +86,9 @@ pub struct RequestQueue<const N: usize> {
     per_host_cap: usize,
     arrivals: u64,
     last_host: u16,
+    /// Parked or running entries that left because their request left
+    /// the disk.
+    withdrawn: u64,
 }
 
 impl<const N: usize> RequestQueue<N> {
@@ -98,6 +101,7 @@ impl<const N: usize> RequestQueue<N> {
             per_host_cap: per_host_cap.max(1),
             arrivals: 0,
             last_host: 0,
+            withdrawn: 0,
         }
     }
 
@@ -126,6 +130,35 @@ impl<const N: usize> RequestQueue<N> {
         self.entries
             .iter()
             .find(|e| e.request.host_id == host_id && e.request.slot == slot)
+    }
+
+    /// How many parked or running entries have left the queue because
+    /// the host withdrew their request (emptied or rewrote the slot)
+    /// before it was answered. When this changes, the pool may hold a
+    /// parked request nobody asks for any more (see
+    /// [`RequestQueue::waiting`]).
+    pub fn withdrawn(&self) -> u64 {
+        self.withdrawn
+    }
+
+    /// What the parked and running entries for `volume` still ask: the
+    /// largest target and whether any guest is paused; `None` if no entry
+    /// for it is parked or running. The pool's parked entry for the volume
+    /// must ask no more than this.
+    pub fn waiting(&self, volume: Uuid) -> Option<(u64, bool)> {
+        self.entries
+            .iter()
+            .filter(|e| {
+                e.request.volume == volume
+                    && matches!(e.state, EntryState::Parked | EntryState::Running)
+            })
+            .fold(None, |acc, e| {
+                let (target, urgent) = acc.unwrap_or((0, false));
+                Some((
+                    target.max(e.request.target_size),
+                    urgent || e.request.paused,
+                ))
+            })
     }
 
     /// Entries of `host_id`.
@@ -177,7 +210,8 @@ impl<const N: usize> RequestQueue<N> {
                 return Ok(Offered::Known);
             }
             // The host rewrote the slot: the old request is gone from disk.
-            self.swap_remove(i);
+            let old = self.swap_remove(i);
+            self.count_withdrawn(&old);
             self.push(request)?;
             return Ok(Offered::Replaced);
         }
@@ -186,6 +220,12 @@ impl<const N: usize> RequestQueue<N> {
         }
         self.push(request)?;
         Ok(Offered::New)
+    }
+
+    fn count_withdrawn(&mut self, e: &Entry) {
+        if matches!(e.state, EntryState::Parked | EntryState::Running) {
+            self.withdrawn = self.withdrawn.wrapping_add(1);
+        }
     }
 
     fn push(&mut self, request: Request) -> Result<(), Refused> {
@@ -220,13 +260,18 @@ impl<const N: usize> RequestQueue<N> {
             return;
         }
         let mut left = 0u8;
+        let mut withdrawn = 0u64;
         self.entries.retain(|e| {
             let keep = e.request.host_id != host_id || e.reply.is_some() || still_there(&e.request);
             if keep && e.request.host_id == host_id {
                 left = left.saturating_add(1);
             }
+            if !keep && matches!(e.state, EntryState::Parked | EntryState::Running) {
+                withdrawn += 1;
+            }
             keep
         });
+        self.withdrawn = self.withdrawn.wrapping_add(withdrawn);
         if let Some(c) = self.per_host.get_mut(usize::from(host_id)) {
             *c = left;
         }

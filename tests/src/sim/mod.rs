@@ -76,6 +76,23 @@ pub struct Scenario {
     /// Deliberately break the backend (for the test that the simulation
     /// catches a broken invariant).
     pub bug: Option<Bug>,
+    /// A host takes back a parked request (see [`Withdraw`]).
+    pub withdraw: Option<Withdraw>,
+}
+
+/// A host withdraws a request the SPM parked: from `at` on, at the first
+/// step where the live pool holds a parked request, the host of that
+/// volume restarts without it (its inbox area emptied) and at once again
+/// with a chunk of one extent, so that it asks for less under its new
+/// generation. With `restart_spm`, the SPM restarts right after. Either
+/// way capacity added later must extend the volume only as far as the
+/// host still asks ([`Sim::check_extension`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Withdraw {
+    /// From when.
+    pub at: Duration,
+    /// Restart the SPM after the host.
+    pub restart_spm: bool,
 }
 
 /// A deliberate bug, to show that the checks catch it.
@@ -123,6 +140,7 @@ impl Scenario {
             add_capacity_at: Duration::from_millis(rng.between(500, 40_000)),
             settle: Duration::from_secs(180),
             bug: None,
+            withdraw: None,
         }
     }
 
@@ -187,6 +205,8 @@ pub struct Report {
     pub faults: disk::FaultCounts,
     /// Steps taken.
     pub steps: u64,
+    /// Parked requests a host withdrew ([`Withdraw`]).
+    pub withdrawals: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -246,6 +266,13 @@ pub struct Sim {
     live_dirty: bool,
     /// The highest epoch any SPM started with (the lease's generation).
     lease_epoch: u64,
+    /// Per host, the requests (volume, target) the live SPM may know of:
+    /// those on disk at its last read of the host and those written since.
+    requested: HashMap<u16, Vec<(Uuid, u64)>>,
+    /// Hosts that restarted with a chunk of one extent ([`Withdraw`]).
+    small_chunk: Vec<u16>,
+    /// The engine's `withdrawn()` count the live pool last followed.
+    withdrawn_seen: u64,
 }
 
 /// The committed pool and its sequence number.
@@ -337,6 +364,9 @@ impl Sim {
             committed_checked: None,
             live_dirty: true,
             lease_epoch: 0,
+            requested: HashMap::new(),
+            small_chunk: Vec::new(),
+            withdrawn_seen: 0,
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -425,6 +455,7 @@ impl Sim {
         )
         .expect("spm");
         self.lease_epoch = engine.epoch();
+        self.withdrawn_seen = engine.withdrawn();
         let mut pool = Rc::unwrap_or_clone(pool);
         if self.scenario.bug == Some(Bug::PoolForgetsExtentsUsed) {
             pool.inject_forget_extents_used();
@@ -521,6 +552,7 @@ impl Sim {
             self.spm_restart_at = None;
             self.start_spm();
         }
+        self.withdraw_fault();
         if !self.capacity_added && self.now >= at(self.scenario.add_capacity_at) {
             self.add_capacity()?;
         }
@@ -550,8 +582,11 @@ impl Sim {
             .map(|v| (v.limit - v.size.min(v.limit)) / EXTENT)
             .sum();
         let lun = Uuid([0x20 + pool.luns().len() as u8; 16]);
+        let before = sizes(pool);
         pool.add_lun(lun, (needed + 1) as u32)
             .map_err(|e| format!("add_lun: {e:?}"))?;
+        let after = sizes(pool);
+        self.check_extension(&before, &after, "a LUN was added")?;
         self.capacity_added = true;
         if !self.faults_on() {
             self.capacity_added_quietly = Some(self.now);
@@ -614,6 +649,7 @@ impl Sim {
             };
             let Some(node) = node else { return Ok(()) };
             let mut progressed = false;
+            let mut reads = Vec::new();
             while let Some(io) = node.engine.poll_io(now) {
                 progressed = true;
                 match io {
@@ -633,6 +669,9 @@ impl Sim {
                             self.disk.read(outbox, len).to_vec(),
                         );
                         node.engine.handle_hosts(now, first_host, &ib, &ob);
+                        if !old {
+                            reads.push((first_host, ib));
+                        }
                     }
                 }
             }
@@ -644,6 +683,9 @@ impl Sim {
                     return Ok(());
                 }
                 self.disk.write_record(&mut self.rng, w.offset, &w.record);
+            }
+            for (first, inbox) in reads {
+                self.note_read(first, &inbox);
             }
             let node = if old {
                 self.old_spm.as_mut()
@@ -658,11 +700,17 @@ impl Sim {
                     continue;
                 };
                 self.live_dirty = true;
+                let mut grown = None;
                 let result = match self.scenario.bug {
                     Some(Bug::ReplyWithoutExtending) => Ok(Extend::Extended {
                         size: job.target_size,
                     }),
-                    _ => pool.extend(job.volume, job.target_size, job.urgent),
+                    _ => {
+                        let before = sizes(pool);
+                        let result = pool.extend(job.volume, job.target_size, job.urgent);
+                        grown = Some((before, sizes(pool)));
+                        result
+                    }
                 };
                 let result = match result {
                     Ok(Extend::Extended { size }) => JobResult::Extended { size },
@@ -676,6 +724,9 @@ impl Sim {
                     Err(PoolError::ParkedFull) => JobResult::Failed { code: 11 },
                     Err(_) => JobResult::Failed { code: 5 },
                 };
+                if let Some((before, after)) = grown {
+                    self.check_extension(&before, &after, "a job ran")?;
+                }
                 if self.scenario.bug == Some(Bug::ReplyBeforeCommit) {
                     if let Some(node) = self.spm.as_mut() {
                         node.engine.handle_job_result(now, job.volume, result);
@@ -690,6 +741,7 @@ impl Sim {
                 if let Some(node) = self.spm.as_mut() {
                     node.engine.handle_job_result(now, job.volume, result);
                 }
+                self.follow_withdrawals();
             }
             if !progressed {
                 let due = self.spm.as_mut().is_some_and(|n| {
@@ -711,7 +763,11 @@ impl Sim {
         let host_id = self.hosts[i].host_id;
         let config = HostConfig::default();
         let config = HostConfig {
-            chunk_size: 4 * EXTENT,
+            chunk_size: if self.small_chunk.contains(&host_id) {
+                EXTENT
+            } else {
+                4 * EXTENT
+            },
             ..config
         };
         let mut engine = Host::<HOST_VOLUMES>::new(self.domain, host_id, g, config)
@@ -779,6 +835,10 @@ impl Sim {
                     if let Ok(Some(r)) = spmbox_core::wire::Request::decode(&w.record) {
                         let e = self.asked_max.entry(r.volume).or_insert(0);
                         *e = (*e).max(r.target_size);
+                        self.requested
+                            .entry(host_id)
+                            .or_default()
+                            .push((r.volume, r.target_size));
                     }
                     // The host owns its area: it writes it whole from its
                     // mirror, repairing anything another writer damaged.
@@ -983,6 +1043,127 @@ impl Sim {
         )
     }
 
+    /// The live SPM read hosts `first ..` (their inbox areas `inbox`):
+    /// from now on it may know only of what they hold.
+    fn note_read(&mut self, first: u16, inbox: &[u8]) {
+        for (k, area) in inbox.chunks_exact(AREA_SIZE).enumerate() {
+            let Some(host_id) = u16::try_from(k).ok().and_then(|k| first.checked_add(k)) else {
+                continue;
+            };
+            let Some(area) = spmbox_core::wire::InboxArea::new(area, self.domain, host_id) else {
+                continue;
+            };
+            let now: Vec<(Uuid, u64)> = area
+                .slots()
+                .filter_map(|(_, s)| match s {
+                    spmbox_core::wire::SlotState::Valid(r) => Some((r.volume, r.target_size)),
+                    _ => None,
+                })
+                .collect();
+            if now.is_empty() {
+                self.requested.remove(&host_id);
+            } else {
+                self.requested.insert(host_id, now);
+            }
+        }
+        self.follow_withdrawals();
+    }
+
+    /// Hands the live pool what still waits when the engine says parked
+    /// requests left the disk (the daemon does the same).
+    fn follow_withdrawals(&mut self) {
+        let Some(node) = self.spm.as_mut() else {
+            return;
+        };
+        let Some(pool) = node.pool.as_mut() else {
+            return;
+        };
+        let n = node.engine.withdrawn();
+        if n == self.withdrawn_seen {
+            return;
+        }
+        self.withdrawn_seen = n;
+        self.live_dirty = true;
+        let engine = &node.engine;
+        pool.withdraw_parked(|v| engine.waiting(v));
+        let now = self.now;
+        while let Some(c) = pool.poll_completed() {
+            node.engine.handle_capacity(now, c.volume, c.size);
+        }
+    }
+
+    /// No volume grows past the largest target a host still asks for at
+    /// the moment of the extension, as far as the SPM can know it (what
+    /// was on disk at its last read of the host, or written since).
+    fn check_extension(
+        &self,
+        before: &HashMap<Uuid, u64>,
+        after: &HashMap<Uuid, u64>,
+        when: &str,
+    ) -> Result<(), String> {
+        for (volume, &size) in after {
+            if size <= before.get(volume).copied().unwrap_or(0) {
+                continue;
+            }
+            let asked = self
+                .requested
+                .values()
+                .flatten()
+                .filter(|(v, _)| v == volume)
+                .map(|&(_, t)| t)
+                .max()
+                .unwrap_or(0);
+            if size > asked.div_ceil(EXTENT) * EXTENT {
+                return Err(format!(
+                    "volume {volume} grew to {size} bytes when {when}, but the hosts ask for at \
+                     most {asked} now"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The [`Withdraw`] fault, once, when its time has come and a request
+    /// is parked.
+    fn withdraw_fault(&mut self) {
+        let Some(w) = self.scenario.withdraw else {
+            return;
+        };
+        if self.report.withdrawals > 0 || self.capacity_added || self.now < at(w.at) {
+            return;
+        }
+        let parked = self
+            .spm
+            .as_ref()
+            .and_then(|n| n.pool.as_ref())
+            .and_then(|p| p.parked().next());
+        let Some(host_id) = parked.and_then(|p| {
+            self.guests
+                .iter()
+                .find(|g| g.volume == p.volume)
+                .map(|g| g.host_id)
+        }) else {
+            return;
+        };
+        let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
+            return;
+        };
+        let Some(inbox_at) = self.disk.geometry().inbox_area(host_id) else {
+            return;
+        };
+        self.report.withdrawals += 1;
+        // Restarted without the volume: its area holds no request.
+        self.disk.put(inbox_at, &[0; AREA_SIZE]);
+        self.small_chunk.push(host_id);
+        let node = &mut self.hosts[i];
+        node.engine = None;
+        node.restart_at = Some(self.now);
+        if w.restart_spm && self.spm.is_some() {
+            self.spm = None;
+            self.spm_restart_at = Some(self.now + Duration::from_millis(1));
+        }
+    }
+
     /// Safety, after every step.
     pub fn check_safety(&mut self) -> Result<(), String> {
         // Both pools are checked whenever they may have changed: the live
@@ -1079,6 +1260,11 @@ impl Sim {
     pub fn scenario(&self) -> &Scenario {
         &self.scenario
     }
+}
+
+/// Every volume's size in `pool`.
+fn sizes(pool: &SimPool) -> HashMap<Uuid, u64> {
+    pool.volumes().map(|v| (v.id, v.size)).collect()
 }
 
 /// The simulation's own check of extent ownership, independent of
