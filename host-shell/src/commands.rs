@@ -428,6 +428,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         json_events: args.json_events,
         status_file: Some(status_file),
         metrics: args.metrics,
+        keep_latencies: false,
     };
     let stop = stop_flag()?;
     let summary = crate::host_daemon::run(&options, maps.as_mut(), stop)?;

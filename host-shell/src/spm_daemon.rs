@@ -443,13 +443,13 @@ pub fn run(
     let mut summary = SpmSummary::default();
     let mut writes = Vec::new();
     let mut next_metrics = std::time::Instant::now();
-    let mut job_seconds: Vec<f64> = Vec::new();
+    let mut batch_seconds = crate::metrics::Histogram::new();
     loop {
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
         {
             next_metrics = std::time::Instant::now() + Duration::from_secs(1);
-            exporter.publish(spm_metrics(&engine, backend, &summary, &job_seconds));
+            exporter.publish(spm_metrics(&engine, backend, &summary, &batch_seconds));
         }
         if stop.load(Ordering::Relaxed) {
             break;
@@ -507,9 +507,7 @@ pub fn run(
             summary.commits += 1;
             summary.commit_seconds += commit_started.elapsed().as_secs_f64();
             let committed = started.elapsed();
-            if exporter.is_some() {
-                job_seconds.push(committed.as_secs_f64());
-            }
+            batch_seconds.record(committed.as_secs_f64());
             for (volume, target, result) in results {
                 summary.jobs += 1;
                 tracing::info!(
@@ -599,7 +597,7 @@ fn spm_metrics(
     engine: &Spm<QUEUE>,
     backend: &dyn SpmBackend,
     summary: &SpmSummary,
-    job_seconds: &[f64],
+    batch_seconds: &crate::metrics::Histogram,
 ) -> crate::metrics::Text {
     let stats = engine.stats();
     let pool = backend.report();
@@ -652,8 +650,7 @@ fn spm_metrics(
     t.histogram(
         "spmbox_spm_batch_seconds",
         "Time to extend and commit one batch of jobs.",
-        &crate::metrics::LATENCY_BUCKETS,
-        job_seconds,
+        batch_seconds,
     );
     t.gauges(
         "spmbox_pool_extents",
