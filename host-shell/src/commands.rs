@@ -430,7 +430,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
     };
     let status_file = crate::admin::host_status_file(domain, args.host_id);
     if let Some(dir) = status_file.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        crate::spm_daemon::private_dir(dir)?;
     }
     let options = crate::host_daemon::HostOptions {
         device: args.device.clone(),
