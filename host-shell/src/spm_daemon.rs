@@ -760,13 +760,15 @@ pub const CONTROL_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// a connection past it is answered with an error at once and closed.
 pub const CONTROL_CONNECTIONS: usize = 8;
 
-/// How often the control thread looks for new connections and for the
-/// daemon stopping: the longest a stop waits for it.
-const CONTROL_POLL: Duration = Duration::from_millis(50);
+/// The longest the control thread waits in `accept` before it looks
+/// whether the daemon is stopping: the longest a stop waits for it.
+const CONTROL_POLL: Duration = Duration::from_millis(250);
 
-/// The control socket's thread: it accepts connections (polling, so that it
-/// ends within [`CONTROL_POLL`] of the daemon stopping, whatever happened
-/// to the socket file) and serves each on a thread of its own, at most
+/// The control socket's thread: it accepts connections (with a receive
+/// timeout on the listening socket, so that it ends within
+/// [`CONTROL_POLL`] of the daemon stopping, whatever happened to the
+/// socket file, and costs a few wake-ups a second when idle) and serves
+/// each on a thread of its own, at most
 /// [`CONTROL_CONNECTIONS`] at once. Requests reach the daemon's loop over
 /// a channel and wake it from its wait.
 struct ControlServer {
@@ -779,9 +781,13 @@ impl ControlServer {
         listener: UnixListener,
         tx: std::sync::mpsc::Sender<ControlMsg>,
     ) -> Result<ControlServer, BackendError> {
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| BackendError::new(format!("cannot set up the control socket: {e}")))?;
+        // accept(2) on a Unix socket ends with EAGAIN after SO_RCVTIMEO.
+        rustix::net::sockopt::set_socket_timeout(
+            &listener,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(CONTROL_POLL),
+        )
+        .map_err(|e| BackendError::new(format!("cannot set up the control socket: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -813,8 +819,14 @@ fn accept_control(
     while !stop.load(Ordering::Relaxed) {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(CONTROL_POLL);
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
                 continue;
             }
             Err(e) => {
@@ -823,9 +835,6 @@ fn accept_control(
                 continue;
             }
         };
-        // Linux does not pass O_NONBLOCK on to accepted sockets; make
-        // sure, as the reads below rely on timeouts.
-        let _ = stream.set_nonblocking(false);
         if active.fetch_add(1, Ordering::AcqRel) >= CONTROL_CONNECTIONS {
             active.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(
