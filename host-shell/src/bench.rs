@@ -913,6 +913,7 @@ fn guest_host_options(
         json_events: false,
         status_file: None,
         metrics: None,
+        keep_latencies: true,
     }
 }
 

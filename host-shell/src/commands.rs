@@ -61,6 +61,25 @@ impl CommandError {
     }
 }
 
+/// The largest `spmbox host --write-size`: each guest holds a buffer of
+/// this size.
+pub const WRITE_SIZE_MAX: u64 = 64 << 20;
+
+/// Parses the UUID given with `flag`; the nil UUID is refused (the format
+/// reserves it for "none").
+fn parse_uuid(flag: &str, text: &str) -> Result<Uuid, CommandError> {
+    match Uuid::parse_str(text) {
+        Some(u) if u.is_nil() => Err(CommandError::Usage(format!(
+            "{flag} {text:?} is the nil UUID, which marks an empty record; give another UUID \
+             (or leave {flag} out for a random one where that is allowed)"
+        ))),
+        Some(u) => Ok(u),
+        None => Err(CommandError::Usage(format!(
+            "{flag} {text:?} is not a UUID (expected 8-4-4-4-12 hex digits)"
+        ))),
+    }
+}
+
 /// `spmbox format`.
 pub fn format(
     path: &Path,
@@ -69,14 +88,9 @@ pub fn format(
     domain: Option<&str>,
     force: bool,
 ) -> Result<ExitCode, CommandError> {
-    let domain = match domain {
-        Some(text) => Some(Uuid::parse_str(text).filter(|u| !u.is_nil()).ok_or_else(|| {
-            CommandError::Usage(format!(
-                "--domain {text:?} is not a UUID (expected 8-4-4-4-12 hex digits, not all zero)"
-            ))
-        })?),
-        None => None,
-    };
+    let domain = domain
+        .map(|text| parse_uuid("--domain", text))
+        .transpose()?;
     let options = FormatOptions {
         hosts,
         sector_size,
@@ -211,14 +225,9 @@ pub fn pool_create(
     force: bool,
     backend: &BackendArgs,
 ) -> Result<ExitCode, CommandError> {
-    let domain = match domain {
-        Some(text) => Some(Uuid::parse_str(text).ok_or_else(|| {
-            CommandError::Usage(format!(
-                "--domain {text:?} is not a UUID (8-4-4-4-12 hex digits)"
-            ))
-        })?),
-        None => None,
-    };
+    let domain = domain
+        .map(|text| parse_uuid("--domain", text))
+        .transpose()?;
     let options = crate::domain::CreateOptions {
         hosts,
         sector_size,
@@ -290,11 +299,7 @@ pub fn volume_create(
     backend: &BackendArgs,
 ) -> Result<ExitCode, CommandError> {
     let id = match id {
-        Some(text) => Uuid::parse_str(text).ok_or_else(|| {
-            CommandError::Usage(format!(
-                "--id {text:?} is not a UUID (8-4-4-4-12 hex digits)"
-            ))
-        })?,
+        Some(text) => parse_uuid("--id", text)?,
         None => mailbox::random_uuid()?,
     };
     if virtual_size == 0 || virtual_size % 512 != 0 {
@@ -402,21 +407,36 @@ pub struct HostArgs {
 pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
     let mut volumes = Vec::new();
     for text in &args.volumes {
-        let id = Uuid::parse_str(text).ok_or_else(|| {
-            CommandError::Usage(format!(
-                "--volume {text:?} is not a UUID (8-4-4-4-12 hex digits)"
-            ))
-        })?;
+        let id = parse_uuid("--volume", text)?;
         if volumes.contains(&id) {
             return Err(CommandError::Usage(format!("--volume {id} is given twice")));
         }
         volumes.push(id);
     }
-    if args.write_size == 0 || args.write_size % crate::guest::BLOCK != 0 {
+    if volumes.len() > crate::host_daemon::HOST_VOLUMES {
         return Err(CommandError::Usage(format!(
-            "--write-size {} must be a nonzero multiple of 4K",
-            args.write_size
+            "{} volumes given: a host runs at most {} (--volume)",
+            volumes.len(),
+            crate::host_daemon::HOST_VOLUMES
         )));
+    }
+    if args.write_size == 0
+        || args.write_size % crate::guest::BLOCK != 0
+        || args.write_size > WRITE_SIZE_MAX
+    {
+        return Err(CommandError::Usage(format!(
+            "--write-size {} must be a nonzero multiple of 4K of at most {} (each guest \
+             holds a buffer of this size)",
+            args.write_size,
+            Bytes(WRITE_SIZE_MAX)
+        )));
+    }
+    if args.chunk_size == 0 {
+        return Err(CommandError::Usage(
+            "--chunk-size must be nonzero: it is how much a volume grows per request \
+             (say 256M)"
+                .into(),
+        ));
     }
     if args.utilization > 100 {
         return Err(CommandError::Usage("--utilization must be 0..=100".into()));
@@ -443,14 +463,14 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
     };
     let status_file = crate::admin::host_status_file(domain, args.host_id);
     if let Some(dir) = status_file.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        crate::spm_daemon::private_dir(dir)?;
     }
     let options = crate::host_daemon::HostOptions {
         device: args.device.clone(),
         host_id: args.host_id,
         volumes,
         config: spmbox_core::host::HostConfig {
-            chunk_size: args.chunk_size.max(1),
+            chunk_size: args.chunk_size,
             utilization_percent: args.utilization,
             ..Default::default()
         },
@@ -461,6 +481,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         json_events: args.json_events,
         status_file: Some(status_file),
         metrics: args.metrics,
+        keep_latencies: false,
     };
     let stop = stop_flag()?;
     let summary = crate::host_daemon::run(&options, maps.as_mut(), stop)?;

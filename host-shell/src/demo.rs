@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 use spmbox_core::wire::Uuid;
 
 use crate::backend::{BackendError, VolumeMaps};
-use crate::bench::percentile;
 use crate::commands::{CommandError, EXIT_ERROR, EXIT_OK};
 use crate::domain::{self, BuiltinMaps, CreateOptions};
 use crate::guest::{self, Devices};
@@ -197,7 +196,7 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
 
     // 5. Watch: add the LUN once every guest paused, wait for the rest.
     let mut counts = vec![HostCount::default(); usize::from(HOSTS) + 1];
-    let mut latencies = Vec::new();
+    let mut latencies = crate::metrics::Percentiles::new();
     let mut lun_added: Option<Instant> = None;
     let total_guests = volumes.len() as u64;
     let mut last_print = Instant::now();
@@ -210,7 +209,7 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
                     Some("extended") => {
                         c.extensions += 1;
                         if let Some(ms) = v["total_ms"].as_f64() {
-                            latencies.push(ms);
+                            latencies.record(ms);
                         }
                     }
                     Some("paused") => {
@@ -322,7 +321,6 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
             ));
         }
     }
-    latencies.sort_by(f64::total_cmp);
     let extensions: u64 = counts.iter().map(|c| c.extensions).sum();
     let pauses: u64 = counts.iter().map(|c| c.pauses).sum();
     let resumes: u64 = counts.iter().map(|c| c.resumes).sum();
@@ -334,8 +332,8 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
         "pauses": pauses,
         "resumes": resumes,
         "bytes_verified": bytes_verified,
-        "latency_ms_p50": percentile(&latencies, 50.0),
-        "latency_ms_p99": percentile(&latencies, 99.0),
+        "latency_ms_p50": latencies.percentile(50.0),
+        "latency_ms_p99": latencies.percentile(99.0),
         "data_errors": data_errors,
         "process_failures": failed,
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -352,8 +350,8 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
         println!(
             "summary: {extensions} extensions, {pauses} pauses, {resumes} resumes; \
              extension latency p50 {:.1} ms, p99 {:.1} ms",
-            percentile(&latencies, 50.0),
-            percentile(&latencies, 99.0)
+            latencies.percentile(50.0),
+            latencies.percentile(99.0)
         );
         println!(
             "verified {} written by {} guests: {data_errors} data errors",

@@ -71,6 +71,10 @@ pub struct HostOptions {
     pub status_file: Option<PathBuf>,
     /// Serve Prometheus metrics on this loopback address.
     pub metrics: Option<String>,
+    /// Keep every extension's latency in [`HostSummary::latencies_ms`]
+    /// (for `spmbox bench`, whose runs are bounded); the daemon keeps only
+    /// the fixed-size histogram.
+    pub keep_latencies: bool,
 }
 
 /// What the host did, when it stops.
@@ -84,8 +88,11 @@ pub struct HostSummary {
     pub resumes: u64,
     /// Bytes the guests wrote in this run.
     pub bytes_written: u64,
-    /// Every extension's total latency, milliseconds.
+    /// Every extension's total latency, milliseconds, if
+    /// [`HostOptions::keep_latencies`]; else empty.
     pub latencies_ms: Vec<f64>,
+    /// Every extension's total latency, seconds, in fixed buckets.
+    pub extension_seconds: crate::metrics::Histogram,
 }
 
 /// A guest's shared state: its map, and a signal when the map grows.
@@ -797,7 +804,10 @@ fn handle_event(
             let wait = written.saturating_since(sent);
             let extend = reply.saturating_since(written);
             let refresh = now.saturating_since(reply);
-            summary.latencies_ms.push(ms(latency));
+            summary.extension_seconds.record(latency.as_secs_f64());
+            if options.keep_latencies {
+                summary.latencies_ms.push(ms(latency));
+            }
             tracing::info!(
                 "extended volume {volume} to {}: total {:.3} ms, wait {:.3} ms, extend {:.3} ms, \
                  refresh {:.3} ms",
@@ -901,12 +911,10 @@ fn host_metrics(
         "Bytes the guests wrote in this run.",
         summary.bytes_written,
     );
-    let seconds: Vec<f64> = summary.latencies_ms.iter().map(|ms| ms / 1e3).collect();
     t.histogram(
         "spmbox_host_extension_seconds",
         "Whole extension: the host decided to ask, to the map refreshed.",
-        &crate::metrics::LATENCY_BUCKETS,
-        &seconds,
+        &summary.extension_seconds,
     );
     let mut physical = Vec::new();
     let mut allocation = Vec::new();

@@ -203,6 +203,25 @@ pub struct Segment {
     pub ranges: Vec<PeRange>,
 }
 
+/// Checks a device path that is to become a PV (`pvcreate`, `vgextend`):
+/// it must exist, and must not start with `-`, which lvm2 (and most
+/// tools) would read as an option.
+pub fn check_device_path(path: &Path) -> Result<(), BackendError> {
+    if path.as_os_str().as_encoded_bytes().first() == Some(&b'-') {
+        return Err(BackendError::new(format!(
+            "device path {:?} starts with '-'; give the device's full path (/dev/...)",
+            path.display().to_string()
+        )));
+    }
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(BackendError::new(format!(
+            "device {} cannot be used: {e}; give the path of an existing block device",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// lvm2 for one volume group and the PVs it may use.
 #[derive(Debug, Clone)]
 pub struct Lvm {
@@ -259,15 +278,46 @@ impl Lvm {
         Ok(())
     }
 
-    /// Runs `lvm <command> <args>` and returns its standard output.
+    /// Runs `lvm <command> <args>` and returns its standard output. `args`
+    /// are options only; operands (volume groups, LVs, device paths) go
+    /// through [`Lvm::run_on`].
     pub fn run(&self, command: &str, args: &[&str]) -> Result<String, BackendError> {
-        let config = config(&self.pvs)?;
-        let mut cmd = Command::new(LVM);
-        cmd.arg(command);
+        self.run_on(command, args, &[])
+    }
+
+    /// The arguments of `lvm <command>`: the command, the fixed options,
+    /// `options`, then `--` and `operands`, so that no operand (a device
+    /// path given by a user) is ever read as an option.
+    pub fn argv(
+        &self,
+        command: &str,
+        options: &[&str],
+        operands: &[&str],
+    ) -> Result<Vec<String>, BackendError> {
+        let mut argv = vec![command.to_owned()];
         if self.metadata_only {
-            cmd.args(["--driverloaded", "n"]);
+            argv.extend(["--driverloaded", "n"].map(String::from));
         }
-        cmd.args(["--config", &config]).args(args);
+        argv.extend(["--config".to_owned(), config(&self.pvs)?]);
+        argv.extend(options.iter().map(|o| (*o).to_owned()));
+        if !operands.is_empty() {
+            argv.push("--".into());
+            argv.extend(operands.iter().map(|o| (*o).to_owned()));
+        }
+        Ok(argv)
+    }
+
+    /// Runs `lvm <command> <options> -- <operands>` and returns its
+    /// standard output.
+    pub fn run_on(
+        &self,
+        command: &str,
+        options: &[&str],
+        operands: &[&str],
+    ) -> Result<String, BackendError> {
+        let mut cmd = Command::new(LVM);
+        cmd.args(self.argv(command, options, operands)?);
+        let args: Vec<&str> = options.iter().chain(operands).copied().collect();
         cmd.env("LVM_SUPPRESS_FD_WARNINGS", "1");
         let shown = format!("lvm {command} {}", args.join(" "));
         let out = cmd.output().map_err(|e| {
@@ -300,10 +350,16 @@ impl Lvm {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn report(&self, command: &str, args: &[&str], key: &str) -> Result<Vec<Row>, BackendError> {
+    fn report(
+        &self,
+        command: &str,
+        args: &[&str],
+        operands: &[&str],
+        key: &str,
+    ) -> Result<Vec<Row>, BackendError> {
         let mut all = vec!["--reportformat", "json", "--units", "b", "--nosuffix"];
         all.extend_from_slice(args);
-        let text = self.run(command, &all)?;
+        let text = self.run_on(command, &all, operands)?;
         parse_report(&text, key)
             .map_err(|e| BackendError::new(format!("cannot read `lvm {command}` output: {e}")))
     }
@@ -312,11 +368,8 @@ impl Lvm {
     pub fn vg_info(&self) -> Result<VgInfo, BackendError> {
         let rows = self.report(
             "vgs",
-            &[
-                "-o",
-                "vg_name,vg_extent_size,vg_extent_count,vg_free_count",
-                &self.vg,
-            ],
+            &["-o", "vg_name,vg_extent_size,vg_extent_count,vg_free_count"],
+            &[&self.vg],
             "vg",
         )?;
         let row = rows.first().ok_or_else(|| {
@@ -335,7 +388,7 @@ impl Lvm {
 
     /// Every PV lvm2 sees (only the admitted devices).
     pub fn pv_infos(&self) -> Result<Vec<PvInfo>, BackendError> {
-        let rows = self.report("pvs", &["-o", "pv_name,vg_name,pe_start"], "pv")?;
+        let rows = self.report("pvs", &["-o", "pv_name,vg_name,pe_start"], &[], "pv")?;
         rows.iter()
             .map(|row| {
                 Ok(PvInfo {
@@ -353,7 +406,7 @@ impl Lvm {
             Some(lv) => format!("{}/{lv}", self.vg),
             None => self.vg.clone(),
         };
-        let rows = self.report("lvs", &["-o", "lv_name,lv_size,lv_tags", &target], "lv")?;
+        let rows = self.report("lvs", &["-o", "lv_name,lv_size,lv_tags"], &[&target], "lv")?;
         rows.iter()
             .map(|row| {
                 Ok(LvInfo {
@@ -382,8 +435,8 @@ impl Lvm {
                 "--segments",
                 "-o",
                 "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges",
-                &target,
             ],
+            &[&target],
             "seg",
         )?;
         let mut segments = Vec::new();
@@ -418,11 +471,10 @@ impl Drop for VgRemoval {
         let Ok(lvm) = Lvm::new(&self.vg, &self.pvs) else {
             return;
         };
-        let _ = lvm.run("vgremove", &["-f", &self.vg]);
+        let _ = lvm.run_on("vgremove", &["-f"], &[&self.vg]);
         let names: Vec<String> = self.pvs.iter().map(|p| p.display().to_string()).collect();
-        let mut args = vec!["-ff", "-y"];
-        args.extend(names.iter().map(String::as_str));
-        let _ = lvm.run("pvremove", &args);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = lvm.run_on("pvremove", &["-ff", "-y"], &names);
     }
 }
 
@@ -524,5 +576,44 @@ mod tests {
             assert!(!valid_vg_name(bad), "{bad}");
         }
         assert!(Lvm::new("vg0", &[]).is_err());
+    }
+
+    #[test]
+    fn operands_follow_a_double_dash_after_every_option() {
+        let lvm = Lvm {
+            vg: "vgx".into(),
+            pvs: vec![PathBuf::from("/dev/loop0")],
+            metadata_only: true,
+        };
+        let argv = lvm
+            .argv("pvcreate", &["-y"], &["-ff", "/dev/loop0"])
+            .unwrap();
+        let dash = argv.iter().position(|a| a == "--").expect("a --");
+        assert_eq!(argv[dash + 1..], ["-ff", "/dev/loop0"]);
+        assert_eq!(argv[0], "pvcreate");
+        assert!(argv[..dash].iter().any(|a| a == "--config"));
+        assert!(argv[..dash].iter().any(|a| a == "-y"));
+        let options_only = lvm.argv("pvs", &["-o", "pv_name"], &[]).unwrap();
+        assert!(!options_only.iter().any(|a| a == "--"));
+    }
+
+    #[test]
+    fn a_device_path_starting_with_a_dash_is_refused() {
+        let err = check_device_path(Path::new("--config=devices{}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("starts with '-'"), "{err}");
+    }
+
+    #[test]
+    fn a_device_path_that_does_not_exist_is_refused() {
+        let err = check_device_path(Path::new("/dev/spmbox-no-such-device"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/dev/spmbox-no-such-device cannot be used"),
+            "{err}"
+        );
+        assert!(check_device_path(Path::new("/dev/null")).is_ok());
     }
 }

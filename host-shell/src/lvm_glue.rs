@@ -140,7 +140,7 @@ impl LvmSpm {
         let size = self.extents(target) * self.vg.extent_size;
         let lv = format!("{}/{id}", self.lvm.vg());
         self.lvm
-            .run("lvextend", &["-L", &format!("{size}b"), &lv])?;
+            .run_on("lvextend", &["-L", &format!("{size}b")], &[&lv])?;
         let before = self.volume(id).map_or(0, |v| v.size);
         if let Some(v) = self.volumes.iter_mut().find(|v| v.id == id) {
             v.size = size;
@@ -245,6 +245,7 @@ impl SpmBackend for LvmSpm {
     }
 
     fn add_lun(&mut self, path: &Path) -> Result<String, BackendError> {
+        crate::lvm::check_device_path(path)?;
         let mut lvm = self.lvm.clone();
         lvm.admit(path)?;
         let pv = lvm
@@ -268,10 +269,10 @@ impl SpmBackend for LvmSpm {
             }
             Some(_) => {}
             None => {
-                lvm.run("pvcreate", &[&path.to_string_lossy()])?;
+                lvm.run_on("pvcreate", &[], &[&path.to_string_lossy()])?;
             }
         }
-        lvm.run("vgextend", &[lvm.vg(), &path.to_string_lossy()])?;
+        lvm.run_on("vgextend", &[], &[lvm.vg(), &path.to_string_lossy()])?;
         self.lvm = lvm;
         let before = self.vg.extent_count;
         self.reload()?;
@@ -333,9 +334,8 @@ impl SpmBackend for LvmSpm {
         } else {
             args.extend(["-ay", "--zero", "n"].map(String::from));
         }
-        args.push(self.lvm.vg().to_owned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.lvm.run("lvcreate", &args)?;
+        self.lvm.run_on("lvcreate", &args, &[self.lvm.vg()])?;
         self.reload()?;
         let v = self
             .volume(id)
@@ -490,8 +490,8 @@ impl VolumeMaps for LvmMaps {
             return self.map_from_segments(volume);
         }
         let lv = format!("{}/{volume}", self.lvm.vg());
-        self.lvm.run("lvchange", &["-ay", &lv])?;
-        self.lvm.run("lvchange", &["--refresh", &lv])?;
+        self.lvm.run_on("lvchange", &["-ay"], &[&lv])?;
+        self.lvm.run_on("lvchange", &["--refresh"], &[&lv])?;
         let info = self.lv(volume)?;
         Ok(Mapping::new(vec![Run {
             device: PathBuf::from(format!("/dev/{}/{volume}", self.lvm.vg())),
@@ -531,6 +531,9 @@ pub fn create(
             "--extent-size {} is not a valid extent size: a power of two of at least 1 MiB",
             Bytes(options.extent_size)
         )));
+    }
+    for lun in luns {
+        crate::lvm::check_device_path(lun)?;
     }
     let mut all: Vec<PathBuf> = pvs.to_vec();
     for lun in luns {
@@ -572,11 +575,11 @@ pub fn create(
         .iter()
         .map(|l| l.to_string_lossy().into_owned())
         .collect();
-    let mut args: Vec<&str> = names.iter().map(String::as_str).collect();
-    lvm.run("pvcreate", &args)?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    lvm.run_on("pvcreate", &[], &names)?;
     let extent = format!("{}b", options.extent_size);
-    let mut vg_args = vec!["-s", extent.as_str(), vg];
-    vg_args.append(&mut args);
-    lvm.run("vgcreate", &vg_args)?;
+    let mut operands = vec![vg];
+    operands.extend_from_slice(&names);
+    lvm.run_on("vgcreate", &["-s", extent.as_str()], &operands)?;
     Ok(formatted.superblock.domain)
 }

@@ -145,13 +145,13 @@ enum Command {
         /// Each guest's write rate per second (0: unlimited).
         #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
         rate: u64,
-        /// Bytes per guest write (a multiple of 4K).
+        /// Bytes per guest write (a multiple of 4K, at most 64M).
         #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
         write_size: u64,
         /// How much each guest writes in all. Default: its virtual size.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         guest_bytes: Option<u64>,
-        /// How much a volume grows per request.
+        /// How much a volume grows per request (nonzero).
         #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
         chunk_size: u64,
         /// Ask for more when free space falls below chunk x (100 - this) / 100.

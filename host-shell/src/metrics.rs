@@ -55,16 +55,17 @@ impl Text {
         }
     }
 
-    /// A histogram of `values` (seconds) with the given upper bounds.
-    pub fn histogram(&mut self, name: &str, help: &str, bounds: &[f64], values: &[f64]) {
+    /// A histogram in seconds.
+    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
         self.head(name, "histogram", help);
-        for bound in bounds {
-            let n = values.iter().filter(|v| **v <= *bound).count();
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        let mut below = 0;
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(histogram.counts) {
+            below += n;
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {below}");
         }
-        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", values.len());
-        let _ = writeln!(self.0, "{name}_sum {}", values.iter().sum::<f64>());
-        let _ = writeln!(self.0, "{name}_count {}", values.len());
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {}", histogram.count);
+        let _ = writeln!(self.0, "{name}_sum {}", histogram.sum);
+        let _ = writeln!(self.0, "{name}_count {}", histogram.count);
     }
 
     /// The page.
@@ -77,6 +78,141 @@ impl Text {
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0, 60.0,
 ];
+
+/// A Prometheus histogram of durations in seconds with the bounds
+/// [`LATENCY_BUCKETS`]: a count per bucket, the sum and the count. Its
+/// size is fixed however many values it records.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Histogram {
+    /// Values in (previous bound, bound], one per bound (values above the
+    /// last bound are only in `count`).
+    counts: [u64; LATENCY_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// An empty histogram.
+    pub fn new() -> Histogram {
+        Histogram::default()
+    }
+
+    /// Records one duration, in seconds.
+    pub fn record(&mut self, seconds: f64) {
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| seconds <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    /// How many values it recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// The smallest value [`Percentiles`] tells apart; smaller ones count as
+/// this (in milliseconds: a microsecond).
+pub const PERCENTILES_LOW: f64 = 1e-3;
+
+/// The largest value [`Percentiles`] tells apart; larger ones count as
+/// this (in milliseconds: about 17 minutes).
+pub const PERCENTILES_HIGH: f64 = 1e6;
+
+/// The ratio of one [`Percentiles`] bucket's upper bound to its lower.
+const PERCENTILES_RATIO: f64 = 1.02;
+
+/// [`Percentiles`]' buckets: ln(HIGH / LOW) / ln(RATIO), rounded up.
+const PERCENTILES_BUCKETS: usize = 1047;
+
+/// The most a percentile from [`Percentiles`] differs from the exact one,
+/// relative to it, for values from [`PERCENTILES_LOW`] to
+/// [`PERCENTILES_HIGH`]: half a bucket, sqrt(1.02) - 1.
+pub const PERCENTILES_RELATIVE_ERROR: f64 = 0.01;
+
+/// Percentiles of a stream of positive values in bounded memory: counts in
+/// log-scale buckets 2 % wide from [`PERCENTILES_LOW`] to
+/// [`PERCENTILES_HIGH`] (8 KiB, however many values), plus the exact
+/// smallest and largest value. A percentile is within
+/// [`PERCENTILES_RELATIVE_ERROR`] of the exact nearest-rank one.
+#[derive(Debug, Clone)]
+pub struct Percentiles {
+    counts: Box<[u64; PERCENTILES_BUCKETS]>,
+    count: u64,
+    min: f64,
+    max: f64,
+}
+
+impl Default for Percentiles {
+    fn default() -> Percentiles {
+        Percentiles::new()
+    }
+}
+
+impl Percentiles {
+    /// No values yet.
+    pub fn new() -> Percentiles {
+        Percentiles {
+            counts: Box::new([0; PERCENTILES_BUCKETS]),
+            count: 0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+
+    fn bucket(value: f64) -> usize {
+        let i = ((value / PERCENTILES_LOW).ln() / PERCENTILES_RATIO.ln()).floor();
+        if i.is_nan() || i < 0.0 {
+            0
+        } else {
+            (i as usize).min(PERCENTILES_BUCKETS - 1)
+        }
+    }
+
+    /// Records one value (NaN is ignored).
+    pub fn record(&mut self, value: f64) {
+        if value.is_nan() {
+            return;
+        }
+        self.counts[Percentiles::bucket(value)] += 1;
+        self.count += 1;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    /// How many values it recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The `p`-th percentile (nearest rank, as [`crate::bench::percentile`]
+    /// over the sorted values), within [`PERCENTILES_RELATIVE_ERROR`]; 0
+    /// if there are no values.
+    pub fn percentile(&self, p: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let rank = rank.min(self.count);
+        if rank == 1 {
+            return self.min;
+        }
+        if rank == self.count {
+            return self.max;
+        }
+        let mut seen = 0;
+        for (i, n) in self.counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let middle =
+                    PERCENTILES_LOW * PERCENTILES_RATIO.powf(i as f64) * PERCENTILES_RATIO.sqrt();
+                return middle.clamp(self.min, self.max);
+            }
+        }
+        self.max
+    }
+}
 
 /// The running server: publish pages to it.
 #[derive(Debug, Clone)]
@@ -197,12 +333,11 @@ mod tests {
             "A test gauge.",
             &[("volume=\"a\"".into(), 4.0)],
         );
-        t.histogram(
-            "spmbox_test_seconds",
-            "A test histogram.",
-            &[0.1, 1.0],
-            &[0.05, 0.5, 3.0],
-        );
+        let mut h = Histogram::new();
+        for v in [0.05, 0.5, 3.0] {
+            h.record(v);
+        }
+        t.histogram("spmbox_test_seconds", "A test histogram.", &h);
         e.publish(t);
         let page = get(e.local_addr(), "/metrics");
         assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
@@ -220,6 +355,10 @@ mod tests {
             "{page}"
         );
         assert!(
+            page.contains("spmbox_test_seconds_bucket{le=\"60\"} 3\n"),
+            "{page}"
+        );
+        assert!(
             page.contains("spmbox_test_seconds_bucket{le=\"+Inf\"} 3\n"),
             "{page}"
         );
@@ -227,5 +366,77 @@ mod tests {
         assert!(get(e.local_addr(), "/").starts_with("HTTP/1.1 404"));
         let err = Exporter::serve("0.0.0.0:0").unwrap_err().to_string();
         assert!(err.contains("not a loopback address"), "{err}");
+    }
+
+    #[test]
+    fn a_histogram_counts_each_value_in_every_bucket_at_or_above_it() {
+        let mut h = Histogram::new();
+        for v in [0.0005, 0.001, 0.0015, 0.7, 120.0] {
+            h.record(v);
+        }
+        let mut t = Text::new();
+        t.histogram("x_seconds", "X.", &h);
+        let page = t.as_str();
+        assert!(
+            page.contains("x_seconds_bucket{le=\"0.001\"} 2\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("x_seconds_bucket{le=\"0.002\"} 3\n"),
+            "{page}"
+        );
+        assert!(page.contains("x_seconds_bucket{le=\"0.5\"} 3\n"), "{page}");
+        assert!(page.contains("x_seconds_bucket{le=\"1\"} 4\n"), "{page}");
+        assert!(page.contains("x_seconds_bucket{le=\"60\"} 4\n"), "{page}");
+        assert!(page.contains("x_seconds_bucket{le=\"+Inf\"} 5\n"), "{page}");
+        assert!(page.contains("x_seconds_count 5\n"), "{page}");
+        assert!(page.contains("x_seconds_sum 120.70"), "{page}");
+    }
+
+    #[test]
+    fn percentiles_are_within_one_percent_of_the_exact_ones() {
+        // Latencies from 0.01 ms to 100 s, spread over seven decades.
+        let mut exact: Vec<f64> = (0..70_000u32)
+            .map(|i| 0.01 * 10f64.powf(f64::from(i) / 10_000.0))
+            .collect();
+        let mut p = Percentiles::new();
+        for v in &exact {
+            p.record(*v);
+        }
+        exact.sort_by(f64::total_cmp);
+        for q in [1.0, 10.0, 50.0, 90.0, 99.0, 99.9] {
+            let want = crate::bench::percentile(&exact, q);
+            let got = p.percentile(q);
+            assert!(
+                (got - want).abs() <= want * PERCENTILES_RELATIVE_ERROR,
+                "p{q}: {got} against exact {want}"
+            );
+        }
+        assert_eq!(p.percentile(100.0), exact[exact.len() - 1]);
+        assert_eq!(p.percentile(0.0), exact[0]);
+    }
+
+    #[test]
+    fn percentiles_of_nothing_are_zero_and_of_one_value_that_value() {
+        let mut p = Percentiles::new();
+        assert_eq!(p.percentile(50.0), 0.0);
+        p.record(61.25);
+        assert_eq!(p.percentile(50.0), 61.25);
+        assert_eq!(p.percentile(99.0), 61.25);
+    }
+
+    #[test]
+    fn values_outside_the_range_are_clamped_to_the_exact_extremes() {
+        let mut p = Percentiles::new();
+        for v in [1e-9, 2e-9, 3e-9, 5e9] {
+            p.record(v);
+        }
+        assert_eq!(p.count(), 4);
+        assert!(
+            p.percentile(50.0) <= PERCENTILES_LOW * PERCENTILES_RATIO,
+            "{}",
+            p.percentile(50.0)
+        );
+        assert_eq!(p.percentile(100.0), 5e9);
     }
 }

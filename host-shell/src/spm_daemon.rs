@@ -17,7 +17,7 @@
 //! metadata commit the SPM header is read back, so an SPM that was stalled
 //! while another took over stands down without committing.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -245,7 +245,8 @@ pub fn default_control(domain: Uuid) -> PathBuf {
 
 /// Where daemons keep sockets and status files: `$SPMBOX_RUN_DIR`, else
 /// `/run/spmbox` for root, else `$XDG_RUNTIME_DIR/spmbox`, else
-/// `/tmp/spmbox-<uid>`.
+/// `/tmp/spmbox-<uid>`. Daemons create it with mode 0700 and refuse one
+/// that is not theirs alone ([`private_dir`]).
 pub fn run_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SPMBOX_RUN_DIR") {
         return PathBuf::from(dir);
@@ -258,6 +259,62 @@ pub fn run_dir() -> PathBuf {
         return PathBuf::from(dir).join("spmbox");
     }
     PathBuf::from(format!("/tmp/spmbox-{}", uid.as_raw()))
+}
+
+/// Makes sure `dir`, where a daemon puts its control socket or status
+/// file, is this user's alone: creates it (and missing parents) with mode
+/// 0700, and refuses one that another user owns or that group or others
+/// may write to, since whoever can write there can replace the socket or
+/// the status file. Nothing is changed when it refuses.
+pub fn private_dir(dir: &Path) -> Result<(), BackendError> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                BackendError::new(format!(
+                    "cannot create the run directory {}: {e}; create it (mode 0700) or set \
+                     SPMBOX_RUN_DIR (or --control) to a directory of your own",
+                    dir.display()
+                ))
+            })?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        BackendError::new(format!(
+            "cannot use the run directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    if !meta.is_dir() {
+        return Err(BackendError::new(format!(
+            "the run directory {} is not a directory; remove it, or set SPMBOX_RUN_DIR \
+             (or --control) to a directory of your own",
+            dir.display()
+        )));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(BackendError::new(format!(
+            "the run directory {} belongs to uid {}, not to this user (uid {me}): another user \
+             could replace the control socket or status files there; remove it (as its owner or root), or set \
+             SPMBOX_RUN_DIR (or --control) to a directory of your own",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(BackendError::new(format!(
+            "the run directory {} is writable by group or others (mode {:04o}): another user \
+             could replace the control socket or status files there; `chmod go-w {}`, or set SPMBOX_RUN_DIR \
+             (or --control) to a directory of your own",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Sends one admin request to the SPM's control socket. `Ok(None)` if no
@@ -374,13 +431,36 @@ pub fn run(
 ) -> Result<SpmSummary, BackendError> {
     let mailbox = Mailbox::open(&options.device, Access::ReadWrite)
         .map_err(|e| BackendError::new(e.to_string()))?;
-    // Checked first, so that a bad address changes nothing.
+    // Checked first, so that a bad address or run directory changes
+    // nothing.
+    if let Some(dir) = options
+        .control
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        private_dir(dir)?;
+    }
     let exporter = options
         .metrics
         .as_deref()
         .map(crate::metrics::Exporter::serve)
         .transpose()?;
+    let mut told = false;
     let _lock = lock_domain(&options.device, || {
+        if stop.load(Ordering::Relaxed) {
+            return Err(BackendError::new(format!(
+                "stopped by a signal while waiting for the domain lock on {}; nothing was written",
+                options.device.display()
+            )));
+        }
+        if !told {
+            told = true;
+            tracing::info!(
+                "another process on this machine holds the domain lock on {}; waiting up to {:?}",
+                options.device.display(),
+                LOCK_PATIENCE
+            );
+        }
         match control_request(&options.control, &serde_json::json!({"op": "status"})) {
             Ok(Some(_)) => Err(BackendError::new(format!(
                 "another SPM is running on this machine: its control socket {} answers; \
@@ -420,10 +500,6 @@ pub fn run(
         )
         .map_err(|e| BackendError::new(e.to_string()))?,
     );
-    if let Some(dir) = options.control.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| BackendError::new(format!("cannot create {}: {e}", dir.display())))?;
-    }
     let _ = std::fs::remove_file(&options.control);
     let listener = UnixListener::bind(&options.control).map_err(|e| {
         BackendError::new(format!(
@@ -433,7 +509,7 @@ pub fn run(
     })?;
     let _remove_socket = RemoveOnDrop(options.control.clone());
     let (control_tx, control_rx) = std::sync::mpsc::channel::<ControlMsg>();
-    let _control = ControlServer::start(listener, options.control.clone(), control_tx)?;
+    let _control = ControlServer::start(listener, control_tx)?;
     tracing::info!(
         "SPM of domain {} started: epoch {}, {} hosts, doorbell every {:?}, full scan every {:?}, control socket {}",
         domain,
@@ -447,7 +523,7 @@ pub fn run(
     let mut summary = SpmSummary::default();
     let mut writes: Vec<SpmWrite> = Vec::new();
     let mut next_metrics = std::time::Instant::now();
-    let mut job_seconds: Vec<f64> = Vec::new();
+    let mut batch_seconds = crate::metrics::Histogram::new();
     // I/O errors of the domain device are retried (see `Retry`): a read
     // that failed is done again before any other, a batch whose commit
     // failed waits (its results unseen by the engine, so nothing about it
@@ -469,7 +545,7 @@ pub fn run(
             && std::time::Instant::now() >= next_metrics
         {
             next_metrics = std::time::Instant::now() + Duration::from_secs(1);
-            exporter.publish(spm_metrics(&engine, backend, &summary, &job_seconds));
+            exporter.publish(spm_metrics(&engine, backend, &summary, &batch_seconds));
         }
         if stop.load(Ordering::Relaxed) {
             break;
@@ -557,9 +633,7 @@ pub fn run(
                                 summary.commits += 1;
                                 summary.commit_seconds += commit_started.elapsed().as_secs_f64();
                                 let committed = batch.started.elapsed();
-                                if exporter.is_some() {
-                                    job_seconds.push(committed.as_secs_f64());
-                                }
+                                batch_seconds.record(committed.as_secs_f64());
                                 let size = batch.results.len();
                                 for (volume, target, result) in batch.results {
                                     summary.jobs += 1;
@@ -928,7 +1002,7 @@ fn spm_metrics(
     engine: &Spm<QUEUE>,
     backend: &dyn SpmBackend,
     summary: &SpmSummary,
-    job_seconds: &[f64],
+    batch_seconds: &crate::metrics::Histogram,
 ) -> crate::metrics::Text {
     let stats = engine.stats();
     let pool = backend.report();
@@ -981,8 +1055,7 @@ fn spm_metrics(
     t.histogram(
         "spmbox_spm_batch_seconds",
         "Time to extend and commit one batch of jobs.",
-        &crate::metrics::LATENCY_BUCKETS,
-        job_seconds,
+        batch_seconds,
     );
     t.gauges(
         "spmbox_pool_extents",
@@ -1003,40 +1076,55 @@ fn spm_metrics(
 /// An admin request from the control socket, and where its answer goes.
 type ControlMsg = (Value, std::sync::mpsc::Sender<Value>);
 
-/// The control socket's thread: it blocks in `accept`, so the daemon's
-/// loop polls nothing for it; requests reach the loop over a channel and
-/// wake it from its wait.
+/// The longest admin request the control socket reads, newline included.
+/// Requests are a line of JSON of a few hundred bytes; a longer one is
+/// answered with an error and the connection closed.
+pub const CONTROL_REQUEST_MAX: usize = 4096;
+
+/// How long a client has to send its whole request line, from the moment
+/// it connected; then the connection is answered with an error and closed.
+pub const CONTROL_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The most control connections served at once (each on its own thread);
+/// a connection past it is answered with an error at once and closed.
+pub const CONTROL_CONNECTIONS: usize = 8;
+
+/// The longest the control thread waits in `accept` before it looks
+/// whether the daemon is stopping: the longest a stop waits for it.
+const CONTROL_POLL: Duration = Duration::from_millis(250);
+
+/// The control socket's thread: it accepts connections (with a receive
+/// timeout on the listening socket, so that it ends within
+/// [`CONTROL_POLL`] of the daemon stopping, whatever happened to the
+/// socket file, and costs a few wake-ups a second when idle) and serves
+/// each on a thread of its own, at most
+/// [`CONTROL_CONNECTIONS`] at once. Requests reach the daemon's loop over
+/// a channel and wake it from its wait.
 struct ControlServer {
     stop: Arc<AtomicBool>,
-    path: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ControlServer {
     fn start(
         listener: UnixListener,
-        path: PathBuf,
         tx: std::sync::mpsc::Sender<ControlMsg>,
     ) -> Result<ControlServer, BackendError> {
+        // accept(2) on a Unix socket ends with EAGAIN after SO_RCVTIMEO.
+        rustix::net::sockopt::set_socket_timeout(
+            &listener,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(CONTROL_POLL),
+        )
+        .map_err(|e| BackendError::new(format!("cannot set up the control socket: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if flag.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match stream {
-                        Ok(stream) => serve_control(stream, &tx),
-                        Err(e) => tracing::warn!("control socket: {e}"),
-                    }
-                }
-            })
+            .spawn(move || accept_control(&listener, &tx, &flag))
             .map_err(|e| BackendError::new(format!("cannot start the control thread: {e}")))?;
         Ok(ControlServer {
             stop,
-            path,
             thread: Some(thread),
         })
     }
@@ -1045,10 +1133,61 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wake the thread from accept.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+fn accept_control(
+    listener: &UnixListener,
+    tx: &std::sync::mpsc::Sender<ControlMsg>,
+    stop: &AtomicBool,
+) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                std::thread::sleep(CONTROL_POLL);
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::AcqRel) >= CONTROL_CONNECTIONS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                "control socket: {CONTROL_CONNECTIONS} connections are being served; one more refused"
+            );
+            answer_control(
+                &stream,
+                &control_error(format!(
+                    "the SPM is serving {CONTROL_CONNECTIONS} control connections already; \
+                     try again in a few seconds"
+                )),
+            );
+            continue;
+        }
+        let (tx, served) = (tx.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                serve_control(stream, &tx);
+                served.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("control socket: cannot start a thread for a client: {e}");
+            active.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -1056,30 +1195,98 @@ impl Drop for ControlServer {
 /// How long a control client waits for the daemon's loop to answer.
 const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn serve_control(stream: UnixStream, tx: &std::sync::mpsc::Sender<ControlMsg>) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() || line.is_empty() {
-        return;
-    }
-    let answer =
-        match serde_json::from_str::<Value>(&line) {
-            Ok(request) => {
-                let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-                if tx.send((request, reply_tx)).is_err() {
-                    json!({ "ok": false, "error": "the SPM is stopping" })
-                } else {
-                    reply_rx.recv_timeout(CONTROL_ANSWER_TIMEOUT).unwrap_or_else(|_| {
-                    json!({ "ok": false, "error": "the SPM did not answer within 60 s" })
-                })
-                }
-            }
-            Err(e) => json!({ "ok": false, "error": format!("not a JSON request: {e}") }),
-        };
+fn control_error(error: String) -> Value {
+    json!({ "ok": false, "error": error })
+}
+
+fn answer_control(stream: &UnixStream, answer: &Value) {
+    let _ = stream.set_write_timeout(Some(CONTROL_REQUEST_DEADLINE));
     let mut out = answer.to_string();
     out.push('\n');
-    let _ = (&stream).write_all(out.as_bytes());
+    let _ = (&*stream).write_all(out.as_bytes());
+}
+
+/// Reads one request line of at most [`CONTROL_REQUEST_MAX`] bytes within
+/// [`CONTROL_REQUEST_DEADLINE`]. `Ok(None)`: the client closed without
+/// sending anything.
+fn read_control_request(stream: &UnixStream) -> Result<Option<Vec<u8>>, String> {
+    let deadline = std::time::Instant::now() + CONTROL_REQUEST_DEADLINE;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no whole request line within {CONTROL_REQUEST_DEADLINE:?}; \
+                 send one line of JSON ending in a newline"
+            ));
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        let n = match (&*stream).read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(format!("reading the request: {e}")),
+        };
+        if n == 0 {
+            return if line.is_empty() {
+                Ok(None)
+            } else {
+                Ok(Some(line))
+            };
+        }
+        let end = buf[..n].iter().position(|&b| b == b'\n');
+        let take = end.map_or(n, |i| i + 1);
+        if line.len() + take > CONTROL_REQUEST_MAX {
+            return Err(format!(
+                "the request is longer than {CONTROL_REQUEST_MAX} bytes; \
+                 send one line of JSON of at most that size"
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        if end.is_some() {
+            return Ok(Some(line));
+        }
+    }
+}
+
+fn serve_control(stream: UnixStream, tx: &std::sync::mpsc::Sender<ControlMsg>) {
+    let line = match read_control_request(&stream) {
+        Ok(Some(line)) => line,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("control socket: request refused: {e}");
+            answer_control(&stream, &control_error(e));
+            return;
+        }
+    };
+    let answer = match serde_json::from_slice::<Value>(&line) {
+        Ok(request) => {
+            let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+            if tx.send((request, reply_tx)).is_err() {
+                control_error("the SPM is stopping".into())
+            } else {
+                match reply_rx.recv_timeout(CONTROL_ANSWER_TIMEOUT) {
+                    Ok(answer) => answer,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => control_error(format!(
+                        "the SPM did not answer within {CONTROL_ANSWER_TIMEOUT:?}"
+                    )),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        control_error("the SPM is stopping".into())
+                    }
+                }
+            }
+        }
+        Err(e) => control_error(format!("not a JSON request: {e}")),
+    };
+    answer_control(&stream, &answer);
 }
 
 fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {
