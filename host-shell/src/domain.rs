@@ -764,7 +764,11 @@ impl SpmBackend for BuiltinSpm {
             let id = storage_id(path)
                 .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", path.display())))?;
             if let Some(found) = find_luns(self.domain.id(), &search).get(&label.lun) {
-                let mut others: Vec<&PathBuf> = found.others.iter().collect();
+                let mut others: Vec<&PathBuf> = found
+                    .others
+                    .iter()
+                    .filter(|p| storage_id(p).is_ok_and(|o| o != id))
+                    .collect();
                 if found.id != id {
                     others.push(&found.path);
                 }

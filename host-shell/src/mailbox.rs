@@ -114,6 +114,10 @@ pub enum MailboxError {
         /// What shows that the domain is live.
         why: String,
     },
+    /// The domain lock could not be taken (not because another process
+    /// holds it).
+    #[error("{0}")]
+    Lock(String),
     /// `--hosts` or `--sector-size` out of range.
     #[error("{0}")]
     Geometry(#[from] spmbox_core::wire::GeometryError),
@@ -350,7 +354,7 @@ pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
         if held.get() {
             live("another process on this machine (an SPM or an admin command) holds its domain lock".into())
         } else {
-            MailboxError::Internal(e.to_string())
+            MailboxError::Lock(e.to_string())
         }
     })?;
     // Only a readable superblock names a domain whose SPM may answer.
