@@ -32,8 +32,7 @@ pub fn control_path(device: &Path, control: Option<&Path>) -> Result<PathBuf, Ba
     if let Some(c) = control {
         return Ok(c.to_owned());
     }
-    let mailbox =
-        Mailbox::open(device, Access::ReadOnly).map_err(|e| BackendError::new(e.to_string()))?;
+    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
     Ok(spm_daemon::default_control(mailbox.superblock().domain))
 }
 
@@ -68,8 +67,7 @@ pub fn change_pool(
             socket.display()
         ))
     })?;
-    let mailbox =
-        Mailbox::open(device, Access::ReadOnly).map_err(|e| BackendError::new(e.to_string()))?;
+    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
     let header = spm_daemon::read_spm_header(&mailbox)?;
     if header.is_some_and(|h| h.state == SpmState::Active) {
         // A crashed SPM leaves "active" behind; a live one elsewhere moves
@@ -135,8 +133,7 @@ pub struct Status {
 
 /// Gathers the status of the domain on `device`.
 pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendError> {
-    let mailbox =
-        Mailbox::open(device, Access::ReadOnly).map_err(|e| BackendError::new(e.to_string()))?;
+    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
     let g = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let image = mailbox

@@ -9,17 +9,31 @@ use std::path::Path;
 use spmbox_core::spm::JobResult;
 use spmbox_core::wire::Uuid;
 
+use crate::mailbox::MailboxError;
 use crate::mapping::Mapping;
 
-/// An error of a backend, with what to do about it in the message.
+/// An error of a backend, with what to do about it in the message. The
+/// flag says the device holds no usable mailbox (exit status 4).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct BackendError(pub String);
+pub struct BackendError(pub String, pub(crate) bool);
 
 impl BackendError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> BackendError {
-        BackendError(message.into())
+        BackendError(message.into(), false)
+    }
+
+    /// Whether the device holds no usable mailbox (see
+    /// [`MailboxError::is_no_usable_mailbox`]).
+    pub fn is_no_usable_mailbox(&self) -> bool {
+        self.1
+    }
+}
+
+impl From<MailboxError> for BackendError {
+    fn from(e: MailboxError) -> BackendError {
+        BackendError(e.to_string(), e.is_no_usable_mailbox())
     }
 }
 

@@ -47,13 +47,8 @@ impl CommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CommandError::Usage(_) => EXIT_USAGE,
-            CommandError::Mailbox(
-                MailboxError::NotAMailbox { .. }
-                | MailboxError::DamagedSuperblock { .. }
-                | MailboxError::UnsupportedVersion { .. }
-                | MailboxError::SectorSizeMismatch { .. }
-                | MailboxError::TooSmall { .. },
-            ) => EXIT_NOT_A_MAILBOX,
+            CommandError::Mailbox(e) if e.is_no_usable_mailbox() => EXIT_NOT_A_MAILBOX,
+            CommandError::Backend(e) if e.is_no_usable_mailbox() => EXIT_NOT_A_MAILBOX,
             CommandError::Mailbox(_) | CommandError::Output(_) | CommandError::Backend(_) => {
                 EXIT_ERROR
             }

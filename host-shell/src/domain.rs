@@ -116,16 +116,105 @@ impl LunLabel {
 
 /// Reads the label of the device at `path`: `Ok(None)` if it has none.
 pub fn read_label(path: &Path) -> Result<Option<LunLabel>, BackendError> {
+    Ok(read_label_and_size(path)?.0)
+}
+
+/// Reads the label of the device at `path` (`None` if it has none) and
+/// its size now.
+fn read_label_and_size(path: &Path) -> Result<(Option<LunLabel>, u64), BackendError> {
     let device = Device::open(path, Access::ReadOnly)
         .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
     if device.size() < LABEL_LEN as u64 {
-        return Ok(None);
+        return Ok((None, device.size()));
     }
     let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
     device
         .read_at(0, &mut buf)
         .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
-    Ok(LunLabel::parse(&buf))
+    Ok((LunLabel::parse(&buf), device.size()))
+}
+
+/// The bytes a LUN must have for its label: the data offset plus every
+/// extent the label counts.
+pub fn label_needs(label: &LunLabel) -> u64 {
+    u64::from(label.extents)
+        .saturating_mul(label.extent_size)
+        .saturating_add(label.data_offset)
+}
+
+/// Checks that the LUN at `path`, of `size` bytes now, holds every extent
+/// its label counts, and (`pool_extents`) at least the extents the pool
+/// metadata gives it. A LUN that fails either was truncated, or its label
+/// was rewritten, or the path is another device: nothing may be mapped on
+/// it or written to it, or the guests' data in the missing range is lost
+/// (a write past the end of a file grows it back with zeroes).
+pub fn check_lun_size(
+    path: &Path,
+    label: &LunLabel,
+    size: u64,
+    pool_extents: Option<u32>,
+) -> Result<(), BackendError> {
+    let needed = label_needs(label);
+    if size < needed {
+        return Err(BackendError::new(format!(
+            "LUN {} on {} is {}, but its label needs {} ({} extents of {} after {}): \
+             the device was truncated, or the path is not the whole LUN. Nothing is written \
+             to it: restore the LUN to its full size, or give the right device (--lun-search, \
+             --lun)",
+            label.lun,
+            path.display(),
+            Bytes(size),
+            Bytes(needed),
+            label.extents,
+            Bytes(label.extent_size),
+            Bytes(label.data_offset)
+        )));
+    }
+    if let Some(used) = pool_extents
+        && label.extents < used
+    {
+        return Err(BackendError::new(format!(
+            "LUN {} on {}: its label counts {} extents, but the pool metadata gives it {} \
+             ({} at least): the label was rewritten or the device is not that LUN. Nothing \
+             is written to it: restore the LUN and its label, or give the right device \
+             with --lun-search",
+            label.lun,
+            path.display(),
+            label.extents,
+            used,
+            Bytes(
+                u64::from(used)
+                    .saturating_mul(label.extent_size)
+                    .saturating_add(label.data_offset)
+            )
+        )));
+    }
+    Ok(())
+}
+
+/// What identifies the storage behind a path: a block device by its
+/// device number, a file by its file system and inode. Two paths with the
+/// same identity (symlinks, hard links, `/dev/disk/by-id` names of one
+/// device) are the same storage; anything else is not, even if it shows
+/// the same bytes (a loop device over a file, a multipath device and its
+/// member paths, a copy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StorageId {
+    /// A block device: its device number.
+    Block(u64),
+    /// A regular file: its file system's device number and its inode.
+    File(u64, u64),
+}
+
+/// The identity of the storage at `path` (symlinks followed).
+pub fn storage_id(path: &Path) -> std::io::Result<StorageId> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let meta = std::fs::metadata(path)?;
+    Ok(if meta.file_type().is_block_device() {
+        StorageId::Block(meta.rdev())
+    } else {
+        StorageId::File(meta.dev(), meta.ino())
+    })
 }
 
 /// Labels the LUN at `path` for `domain` (or returns the label it already
@@ -187,11 +276,49 @@ pub fn label_lun(
     Ok(label)
 }
 
+/// A LUN found on the search paths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundLun {
+    /// The first path (in search order) that reaches it.
+    pub path: PathBuf,
+    /// Its label.
+    pub label: LunLabel,
+    /// Its size when it was found.
+    pub size: u64,
+    /// Its storage.
+    pub id: StorageId,
+    /// Paths to other storage that carries the same LUN UUID (copies,
+    /// loop devices over it, ...): while there are any, the LUN is
+    /// ambiguous and nothing is mapped on it.
+    pub others: Vec<PathBuf>,
+}
+
+impl FoundLun {
+    /// The LUN, or an error naming every path that carries its UUID if
+    /// more than one storage does.
+    pub fn unambiguous(&self) -> Result<&FoundLun, BackendError> {
+        if self.others.is_empty() {
+            return Ok(self);
+        }
+        let mut all = vec![self.path.display().to_string()];
+        all.extend(self.others.iter().map(|p| p.display().to_string()));
+        Err(BackendError::new(format!(
+            "LUN {} is ambiguous: {} are different devices or files that carry its label \
+             (a copy, or a loop device over it); nothing is mapped on it. Take the copies \
+             off the LUN search path, or pass --lun-search with the one that is the LUN",
+            self.label.lun,
+            all.join(" and ")
+        )))
+    }
+}
+
 /// Finds the LUNs of `domain` on the search paths: each path is a file or
 /// block device, or a directory whose files and block devices are looked
-/// at (not recursively). Unreadable entries are skipped.
-pub fn find_luns(domain: Uuid, search: &[PathBuf]) -> HashMap<Uuid, (PathBuf, LunLabel)> {
-    let mut found = HashMap::new();
+/// at (not recursively). Unreadable entries are skipped. Paths that reach
+/// the same storage ([`StorageId`]) count once; a LUN UUID on two
+/// different storages is recorded in [`FoundLun::others`].
+pub fn find_luns(domain: Uuid, search: &[PathBuf]) -> HashMap<Uuid, FoundLun> {
+    let mut found: HashMap<Uuid, FoundLun> = HashMap::new();
     let mut candidates = Vec::new();
     for path in search {
         match std::fs::read_dir(path) {
@@ -203,6 +330,7 @@ pub fn find_luns(domain: Uuid, search: &[PathBuf]) -> HashMap<Uuid, (PathBuf, Lu
             Err(_) => candidates.push(path.clone()),
         }
     }
+    let mut seen = std::collections::HashSet::new();
     for path in candidates {
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
@@ -211,10 +339,29 @@ pub fn find_luns(domain: Uuid, search: &[PathBuf]) -> HashMap<Uuid, (PathBuf, Lu
         if !(meta.is_file() || meta.file_type().is_block_device()) {
             continue;
         }
-        if let Ok(Some(label)) = read_label(&path)
+        let Ok(id) = storage_id(&path) else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Ok((Some(label), size)) = read_label_and_size(&path)
             && label.domain == domain
         {
-            found.entry(label.lun).or_insert((path, label));
+            match found.entry(label.lun) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    e.get_mut().others.push(path);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(FoundLun {
+                        path,
+                        label,
+                        size,
+                        id,
+                        others: Vec::new(),
+                    });
+                }
+            }
         }
     }
     found
@@ -249,7 +396,7 @@ impl Domain {
     /// Opens the domain whose mailbox is on `path` and checks that the
     /// device has room for the metadata copies after it.
     pub fn open(path: &Path, access: Access) -> Result<Domain, BackendError> {
-        let mailbox = Mailbox::open(path, access).map_err(|e| BackendError::new(e.to_string()))?;
+        let mailbox = Mailbox::open(path, access)?;
         let g = mailbox.geometry();
         let needed = domain_size(g);
         if mailbox.device().size() < needed {
@@ -376,9 +523,37 @@ pub fn create(
         return Err(BackendError::new("a domain holds at most 16 LUNs"));
     }
     // Check the LUNs before anything is written.
+    let mut ids: Vec<(StorageId, &PathBuf)> = Vec::new();
+    let mut kept: Vec<(Uuid, &PathBuf)> = Vec::new();
     for lun in luns {
         let d = Device::open(lun, Access::ReadOnly)
             .map_err(|e| BackendError::new(format!("cannot use LUN: {e}")))?;
+        let id = storage_id(lun)
+            .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", lun.display())))?;
+        if let Some((_, first)) = ids.iter().find(|(other, _)| *other == id) {
+            return Err(BackendError::new(format!(
+                "--lun {} and --lun {} are the same storage; give each LUN once",
+                first.display(),
+                lun.display()
+            )));
+        }
+        ids.push((id, lun));
+        // A label of the domain being created is kept: two of them with
+        // one LUN UUID would be one LUN to the hosts.
+        if let Some(label) = read_label(lun)?
+            && Some(label.domain) == options.domain
+        {
+            if let Some((_, first)) = kept.iter().find(|(u, _)| *u == label.lun) {
+                return Err(BackendError::new(format!(
+                    "{} and {} carry the label of the same LUN {}: one is a copy of the other. \
+                     Give only the LUN, or wipe the copy's first 4 KiB",
+                    first.display(),
+                    lun.display(),
+                    label.lun
+                )));
+            }
+            kept.push((label.lun, lun));
+        }
         if d.size() < LUN_DATA_OFFSET + options.extent_size {
             return Err(BackendError::new(format!(
                 "LUN {} is {}, too small for one extent of {}; use a larger LUN or a smaller --extent-size",
@@ -418,8 +593,17 @@ pub fn create(
                 Bytes(size)
             )));
         }
+        // Other data where the mailbox and the metadata copies go; a
+        // mailbox is for `format` to refuse.
+        if !options.force
+            && let Err(mailbox::MailboxError::NotAMailbox { .. }) =
+                Mailbox::open(device, Access::ReadOnly)
+        {
+            mailbox::refuse_other_data(&d, size)?;
+        }
     }
-    let formatted = mailbox::format(
+    let lock = mailbox::lock_idle(device)?;
+    let formatted = mailbox::format_locked(
         device,
         &mailbox::FormatOptions {
             hosts: options.hosts,
@@ -427,8 +611,8 @@ pub fn create(
             domain: options.domain,
             force: options.force,
         },
-    )
-    .map_err(|e| BackendError::new(e.to_string()))?;
+        &lock,
+    )?;
     let domain_id = formatted.superblock.domain;
     let domain = Domain::open(device, Access::ReadWrite)?;
     let mut labels = Vec::new();
@@ -441,6 +625,7 @@ pub fn create(
     }
     domain.zero_copies()?;
     domain.write_pool(&probe, 0)?;
+    drop(lock);
     Ok((domain_id, labels))
 }
 
@@ -570,6 +755,47 @@ impl SpmBackend for BuiltinSpm {
     }
 
     fn add_lun(&mut self, path: &Path) -> Result<String, BackendError> {
+        // A LUN this domain labelled already (an interrupted add-lun) keeps
+        // its label: it must be whole and the only storage with that UUID
+        // where hosts look by default.
+        if let (Some(label), size) = read_label_and_size(path)?
+            && label.domain == self.domain.id()
+        {
+            check_lun_size(path, &label, size, None)?;
+            let device = self.domain.mailbox().device();
+            let mut search = default_search(device.path(), device.kind());
+            if std::fs::metadata(path).is_ok_and(|m| m.is_file())
+                && let Some(dir) = path.parent()
+            {
+                search.push(dir.to_owned());
+            }
+            let id = storage_id(path)
+                .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", path.display())))?;
+            if let Some(found) = find_luns(self.domain.id(), &search).get(&label.lun) {
+                let mut others: Vec<&PathBuf> = found
+                    .others
+                    .iter()
+                    .filter(|p| storage_id(p).is_ok_and(|o| o != id))
+                    .collect();
+                if found.id != id {
+                    others.push(&found.path);
+                }
+                if !others.is_empty() {
+                    return Err(BackendError::new(format!(
+                        "{} carries the label of LUN {}, and so does {}, another device or \
+                         file: hosts could not tell which is the LUN. Take the copy off the \
+                         LUN search path (or wipe its label), then add the LUN again",
+                        path.display(),
+                        label.lun,
+                        others
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    )));
+                }
+            }
+        }
         let label = label_lun(path, self.domain.id(), self.pool.extent_size(), false)?;
         if label.extent_size != self.pool.extent_size() {
             return Err(BackendError::new(format!(
@@ -651,7 +877,7 @@ impl SpmBackend for BuiltinSpm {
 pub struct BuiltinMaps {
     domain: Domain,
     search: Vec<PathBuf>,
-    luns: HashMap<Uuid, (PathBuf, LunLabel)>,
+    luns: HashMap<Uuid, FoundLun>,
 }
 
 impl BuiltinMaps {
@@ -665,39 +891,65 @@ impl BuiltinMaps {
         })
     }
 
-    fn lun(&mut self, id: Uuid) -> Result<(PathBuf, LunLabel), BackendError> {
-        if let Some(found) = self.luns.get(&id) {
-            return Ok(found.clone());
-        }
-        self.luns = find_luns(self.domain.id(), &self.search);
-        self.luns.get(&id).cloned().ok_or_else(|| {
-            BackendError::new(format!(
-                "LUN {id} of the pool is not on any LUN search path ({}); \
-                 pass the directory or device that holds it with --lun-search",
-                self.search
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })
+    /// The path of LUN `id`, checked now against its label and the pool
+    /// (`pool_extents`: the extents the pool gives it). The search paths
+    /// are read again when the LUN is not known yet or was ambiguous or
+    /// too small when last looked at.
+    fn lun(&mut self, id: Uuid, pool_extents: u32) -> Result<(PathBuf, LunLabel), BackendError> {
+        let known = self.luns.get(&id).filter(|l| l.others.is_empty()).cloned();
+        let lun = match known {
+            Some(lun) => lun,
+            None => {
+                self.luns = find_luns(self.domain.id(), &self.search);
+                self.luns.get(&id).cloned().ok_or_else(|| {
+                    BackendError::new(format!(
+                        "LUN {id} of the pool is not on any LUN search path ({}); \
+                         pass the directory or device that holds it with --lun-search",
+                        self.search
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?
+            }
+        };
+        lun.unambiguous()?;
+        // The size now, not when it was found: a LUN may be cut while the
+        // host runs.
+        let size = Device::open(&lun.path, Access::ReadOnly)
+            .map_err(|e| BackendError::new(format!("cannot open LUN {id}: {e}")))?
+            .size();
+        check_lun_size(&lun.path, &lun.label, size, Some(pool_extents))?;
+        Ok((lun.path, lun.label))
     }
 
-    /// The map of `volume` in `pool`.
+    /// The map of `volume` in `pool`. Every LUN it lies on is checked
+    /// first (see [`check_lun_size`]); a LUN that fails leaves the volume
+    /// unmapped.
     pub fn map_in(&mut self, pool: &DomainPool, volume: Uuid) -> Result<Mapping, BackendError> {
         let segments = pool
             .segments(volume)
             .ok_or_else(|| BackendError::new(format!("volume {volume} is not in the pool")))?;
         let extent = pool.extent_size();
+        let mut checked: HashMap<u16, (PathBuf, LunLabel)> = HashMap::new();
         let mut runs = Vec::with_capacity(segments.len());
         for s in segments {
-            let lun = pool.luns().get(usize::from(s.lun)).ok_or_else(|| {
-                BackendError::new(format!(
-                    "volume {volume} names LUN index {}, which the pool lacks",
-                    s.lun
-                ))
-            })?;
-            let (path, label) = self.lun(lun.id)?;
+            let index = s.lun;
+            let (path, label) = match checked.get(&index) {
+                Some(found) => found.clone(),
+                None => {
+                    let lun = pool.luns().get(usize::from(s.lun)).ok_or_else(|| {
+                        BackendError::new(format!(
+                            "volume {volume} names LUN index {}, which the pool lacks",
+                            s.lun
+                        ))
+                    })?;
+                    let found = self.lun(lun.id, lun.extents)?;
+                    checked.insert(index, found.clone());
+                    found
+                }
+            };
             runs.push(Run {
                 device: path,
                 offset: label.data_offset + u64::from(s.first_extent) * extent,

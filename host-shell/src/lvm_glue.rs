@@ -569,8 +569,7 @@ pub fn create(
             domain: options.domain,
             force: options.force,
         },
-    )
-    .map_err(|e| BackendError::new(e.to_string()))?;
+    )?;
     let names: Vec<String> = luns
         .iter()
         .map(|l| l.to_string_lossy().into_owned())

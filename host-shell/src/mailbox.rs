@@ -99,6 +99,34 @@ pub enum MailboxError {
         /// What the existing mailbox is.
         detail: String,
     },
+    /// `format` found data that is not an spmbox mailbox and was not told
+    /// to overwrite it.
+    #[error(
+        "{path} holds {found}, not an spmbox mailbox; formatting would destroy it. \
+         Check the path, or pass --force to overwrite it"
+    )]
+    HoldsOtherData {
+        /// The device.
+        path: PathBuf,
+        /// What was found: a LUN label, a damaged superblock, nonzero data.
+        found: String,
+    },
+    /// `format` (even with --force) found the domain on the device live.
+    #[error(
+        "{path} is the device of a live storage domain: {why}. Formatting it now would give \
+         the SPM and the hosts a domain they do not know. Stop the SPM (and the hosts) first; \
+         --force does not override this"
+    )]
+    Live {
+        /// The device.
+        path: PathBuf,
+        /// What shows that the domain is live.
+        why: String,
+    },
+    /// The domain lock could not be taken (not because another process
+    /// holds it).
+    #[error("{0}")]
+    Lock(String),
     /// `--hosts` or `--sector-size` out of range.
     #[error("{0}")]
     Geometry(#[from] spmbox_core::wire::GeometryError),
@@ -112,6 +140,24 @@ pub enum MailboxError {
     /// The random source failed.
     #[error("cannot read random bytes for a new domain UUID: {0}; pass --domain UUID")]
     Random(rustix::io::Errno),
+}
+
+impl MailboxError {
+    /// Whether the error says the device holds no usable mailbox: none at
+    /// all, a damaged or foreign superblock, one that does not fit the
+    /// device, or (for `format`) other data in its place. Commands exit
+    /// with status 4 for these.
+    pub fn is_no_usable_mailbox(&self) -> bool {
+        matches!(
+            self,
+            MailboxError::NotAMailbox { .. }
+                | MailboxError::DamagedSuperblock { .. }
+                | MailboxError::UnsupportedVersion { .. }
+                | MailboxError::SectorSizeMismatch { .. }
+                | MailboxError::TooSmall { .. }
+                | MailboxError::HoldsOtherData { .. }
+        )
+    }
 }
 
 /// An open mailbox: the device and its validated superblock.
@@ -302,14 +348,82 @@ pub struct Formatted {
 }
 
 /// Writes a fresh mailbox to `path`, creating the file (sized exactly) if it
-/// does not exist. Refuses to overwrite a mailbox without `force`, and a
-/// device that is too small or whose sector size does not fit.
+/// does not exist. Refuses, changing nothing: a live domain's device (even
+/// with `force`, see [`lock_idle`]); without `force`, a mailbox and any
+/// other data in the space the mailbox takes (an all-zero device is
+/// fine); a device that is too small or whose sector size does not fit.
+/// Over a mailbox, the pool metadata copies a domain keeps after it are
+/// zeroed too.
 ///
 /// Order of writes: the superblock is zeroed first and written last, each
 /// step made durable before the next, so a crash mid-format never leaves a
 /// valid superblock over an unformatted mailbox.
 pub fn format(path: &Path, options: &FormatOptions) -> Result<Formatted, MailboxError> {
     // Validate what can be validated before touching anything.
+    Geometry::new(options.hosts, options.sector_size.unwrap_or(512))?;
+    let lock = lock_idle(path)?;
+    format_locked(path, options, &lock)
+}
+
+/// Proof that no SPM and no admin command serves the domain on a device:
+/// the domain lock, held until this is dropped. `None` for a path that
+/// does not exist yet.
+#[derive(Debug)]
+pub struct IdleLock {
+    _file: Option<std::fs::File>,
+}
+
+/// Takes the domain lock of the device at `path` for `format` or
+/// `pool create`, refusing at once (without waiting) if another process
+/// holds it, if an SPM answers on the domain's control socket, or if the
+/// SPM header says *active* and its heartbeat moves (watched for 2.5
+/// heartbeat intervals). A path that does not exist is not live.
+pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
+    use crate::spm_daemon;
+    if std::fs::metadata(path).is_err() {
+        return Ok(IdleLock { _file: None });
+    }
+    let live = |why: String| MailboxError::Live {
+        path: path.to_owned(),
+        why,
+    };
+    let held = std::cell::Cell::new(false);
+    let file = spm_daemon::lock_domain(path, || {
+        held.set(true);
+        Err(crate::backend::BackendError::new("held"))
+    })
+    .map_err(|e| {
+        if held.get() {
+            live("another process on this machine (an SPM or an admin command) holds its domain lock".into())
+        } else {
+            MailboxError::Lock(e.to_string())
+        }
+    })?;
+    // Only a readable superblock names a domain whose SPM may answer.
+    if let Ok(mailbox) = Mailbox::open(path, Access::ReadOnly) {
+        let domain = mailbox.superblock().domain;
+        let socket = spm_daemon::default_control(domain);
+        if let Ok(Some(_)) =
+            spm_daemon::control_request(&socket, &serde_json::json!({"op": "status"}))
+        {
+            return Err(live(format!(
+                "the SPM of domain {domain} answers on its control socket {}",
+                socket.display()
+            )));
+        }
+        spm_daemon::check_no_live_spm(&mailbox, &std::sync::atomic::AtomicBool::new(false))
+            .map_err(|e| live(e.to_string()))?;
+    }
+    Ok(IdleLock { _file: Some(file) })
+}
+
+/// [`format`] for a caller that holds the domain lock (`pool create`,
+/// which labels LUNs and writes the pool metadata under the same lock).
+pub fn format_locked(
+    path: &Path,
+    options: &FormatOptions,
+    _lock: &IdleLock,
+) -> Result<Formatted, MailboxError> {
     let probe_sector = options.sector_size.unwrap_or(512);
     Geometry::new(options.hosts, probe_sector)?;
     let domain = match options.domain {
@@ -359,8 +473,23 @@ fn format_device(
             hint: "use a larger device, fewer --hosts, or a path that does not exist yet (format creates the file)",
         });
     }
+    // What the device holds now: a superblock (valid or damaged) means the
+    // space after the mailbox may hold this program's pool metadata.
+    let existing = if created {
+        None
+    } else {
+        match read_superblock(device) {
+            Ok(old) => Some(Some(old)),
+            Err(MailboxError::NotAMailbox { .. }) => None,
+            Err(MailboxError::Device(e)) => return Err(e.into()),
+            Err(_) => Some(None),
+        }
+    };
     if !created && !options.force {
         refuse_existing(device)?;
+        if existing.is_none() {
+            refuse_other_data(device, needed)?;
+        }
     }
 
     let superblock = Superblock { domain, geometry };
@@ -384,6 +513,22 @@ fn format_device(
             offset += len as u64;
         }
     }
+    // 2b. A domain's pool metadata copies (where the old geometry and the
+    // new one put them), so that the new domain never loads the old pool;
+    // kept when `--domain` names the domain the device holds already (the
+    // mailbox is rewritten for that same domain, as from format version 1).
+    let same_domain = options.domain.is_some() && options.domain == held_domain(device)?;
+    if let Some(old) = existing.filter(|_| !same_domain) {
+        let mut ranges = vec![geometry];
+        ranges.extend(old.map(|o| o.geometry));
+        for g in ranges {
+            let at = crate::domain::metadata_offset(g);
+            let len = crate::domain::domain_size(g) - at;
+            if at + len <= device.size() {
+                device.write_at(at, &AlignedBuf::zeroed(len as usize, align))?;
+            }
+        }
+    }
     // 3. A vacant SPM header at epoch 0.
     let spm = SpmHeader {
         domain,
@@ -404,6 +549,26 @@ fn format_device(
     // 4. The superblock, last: its backup, then the superblock itself.
     write_superblocks(device, &superblock)?;
     Ok(superblock)
+}
+
+/// The domain UUID a device's superblock (or its backup) names, whatever
+/// its format version or checksum: the prefix of every version keeps the
+/// magic and the domain where they are. `None` without the magic.
+fn held_domain(device: &Device) -> Result<Option<Uuid>, MailboxError> {
+    let len = AREA_SIZE.max(device.sector_size() as usize);
+    for offset in [SUPERBLOCK_OFFSET, SUPERBLOCK_BACKUP_OFFSET] {
+        if offset + len as u64 > device.size() {
+            continue;
+        }
+        let mut buf = AlignedBuf::zeroed(len, device.dio_mem_align());
+        device.read_at(offset, &mut buf)?;
+        if buf[4..8] == MAGIC {
+            let mut domain = [0u8; 16];
+            domain.copy_from_slice(&buf[16..32]);
+            return Ok(Some(Uuid(domain)));
+        }
+    }
+    Ok(None)
 }
 
 /// Writes `superblock` to its backup block and then to block 0, each made
@@ -548,9 +713,9 @@ fn refuse_existing(device: &Device) -> Result<(), MailboxError> {
         }),
         Err(MailboxError::NotAMailbox { .. }) => Ok(()),
         Err(MailboxError::Device(e)) => Err(e.into()),
-        Err(other) => Err(MailboxError::WouldOverwrite {
+        Err(other) => Err(MailboxError::HoldsOtherData {
             path,
-            detail: format!(" whose superblock cannot be read ({other})"),
+            found: format!("a mailbox whose superblock cannot be used ({other})"),
         }),
     }
 }
@@ -562,6 +727,45 @@ pub fn random_owner() -> Result<u64, MailboxError> {
     let mut b = [0u8; 8];
     b.copy_from_slice(&uuid.0[8..16]);
     Ok(u64::from_le_bytes(b) | 1)
+}
+
+/// Refuses a device whose first `len` bytes (what `format` would write,
+/// or `pool create`: the mailbox and the pool metadata) hold anything but
+/// zeroes: a data LUN's label (named with its domain), or the first
+/// nonzero byte's offset.
+pub fn refuse_other_data(device: &Device, len: u64) -> Result<(), MailboxError> {
+    let path = device.path().to_owned();
+    let len = len.min(device.size());
+    let align = device.dio_mem_align();
+    let chunk_len: u64 = 1 << 20;
+    let mut offset = 0u64;
+    while offset < len {
+        let n = (len - offset).min(chunk_len);
+        // Whole sectors: the device's size is a multiple of its sector.
+        let mut buf = AlignedBuf::zeroed(n as usize, align);
+        device.read_at(offset, &mut buf)?;
+        if offset == 0
+            && let Some(label) = crate::domain::LunLabel::parse(&buf)
+        {
+            return Err(MailboxError::HoldsOtherData {
+                path,
+                found: format!(
+                    "the label of LUN {} of storage domain {} (a data LUN: its volumes' data \
+                     would be lost)",
+                    label.lun, label.domain
+                ),
+            });
+        }
+        if let Some(i) = buf.iter().position(|&b| b != 0) {
+            let at = offset + i as u64;
+            return Err(MailboxError::HoldsOtherData {
+                path,
+                found: format!("nonzero data at offset {at} ({at:#x})"),
+            });
+        }
+        offset += n;
+    }
+    Ok(())
 }
 
 /// A random (version 4) UUID from the kernel's random source.

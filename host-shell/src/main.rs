@@ -26,7 +26,8 @@ enum Command {
     /// Write a fresh, empty mailbox to a file or block device.
     ///
     /// A file that does not exist is created with exactly the mailbox's
-    /// size. An existing mailbox is never overwritten without --force.
+    /// size. Without --force only an all-zero device is written over;
+    /// the device of a live domain never is.
     Format {
         /// The file or block device.
         #[arg(long, value_name = "PATH")]
@@ -42,8 +43,8 @@ enum Command {
         /// The storage domain's UUID. Default: a new random one.
         #[arg(long, value_name = "UUID")]
         domain: Option<String>,
-        /// Overwrite an existing mailbox (every request and reply in it is
-        /// lost).
+        /// Overwrite an existing mailbox or other data (every request and
+        /// reply in it, and a domain's pool metadata, is lost).
         #[arg(long)]
         force: bool,
     },

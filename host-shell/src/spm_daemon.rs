@@ -429,8 +429,7 @@ pub fn run(
     open_backend: &dyn Fn() -> Result<Box<dyn SpmBackend>, BackendError>,
     stop: Arc<AtomicBool>,
 ) -> Result<SpmSummary, BackendError> {
-    let mailbox = Mailbox::open(&options.device, Access::ReadWrite)
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    let mailbox = Mailbox::open(&options.device, Access::ReadWrite)?;
     // Checked first, so that a bad address or run directory changes
     // nothing.
     if let Some(dir) = options
