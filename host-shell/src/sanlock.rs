@@ -252,18 +252,29 @@ pub fn join(
         .map_err(|e| BackendError::new(format!("cannot lock {}: {e}", users.display())))?;
     let lockspace = area.lockspace_arg(domain, host)?;
     tracing::info!("joining sanlock lockspace {lockspace} (io timeout {io_timeout} s)");
-    let (code, text) = sanlock(&[
-        "client".into(),
-        "add_lockspace".into(),
-        "-o".into(),
-        io_timeout.to_string(),
-        "-s".into(),
-        lockspace.clone(),
-    ])?;
+    let add = || {
+        sanlock(&[
+            "client".into(),
+            "add_lockspace".into(),
+            "-o".into(),
+            io_timeout.to_string(),
+            "-s".into(),
+            lockspace.clone(),
+        ])
+    };
+    let mut answer = add()?;
+    // EINPROGRESS: another process of this machine is joining it now.
+    let patience = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while answer.0 == -115 && std::time::Instant::now() < patience {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        answer = add()?;
+    }
+    let (code, text) = answer;
     match code {
         0 => {}
-        // EEXIST: this daemon has joined the lockspace already.
-        -17 => {
+        // EEXIST: this daemon has joined the lockspace already; EINVAL:
+        // with another host id.
+        -17 | -22 => {
             let joined = joined_host_id(domain)?;
             if joined != Some(host) {
                 return Err(BackendError::new(format!(
@@ -384,8 +395,9 @@ pub fn acquire_spm(
             .and_then(|h| h["spm"]["owner"].as_u64())
             .map_or_else(String::new, |o| format!(" (held by host id {o})"));
         let why = match code {
-            // SANLK_ACQUIRE_IDLIVE, _OWNED, _OTHER; EEXIST, EAGAIN.
-            -243..=-241 | -17 | -11 => format!(
+            // SANLK_ACQUIRE_* (another owner), SANLK_DBLOCK_* (a
+            // competing ballot won), EEXIST, EAGAIN.
+            -245..=-240 | -215..=-210 | -17 | -11 => format!(
                 "another SPM holds the SPM lease of domain {domain}{owner}; only one SPM may \
                  serve a domain: stop that one first"
             ),
