@@ -391,6 +391,7 @@ fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, CommandE
 }
 
 /// `spmbox spm`.
+#[allow(clippy::too_many_arguments)]
 pub fn spm(
     device: &Path,
     doorbell_interval: std::time::Duration,

@@ -135,9 +135,9 @@ fn sanlock(args: &[String]) -> Result<(i64, String), BackendError> {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let code = text
         .lines()
+        .rev()
         .filter_map(|l| l.split_once("done ").map(|(_, rest)| rest))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<i64>().ok())
-        .last()
+        .find_map(|rest| rest.split_whitespace().next()?.parse::<i64>().ok())
         .unwrap_or(if out.status.success() { 0 } else { -1 });
     Ok((code, text))
 }
