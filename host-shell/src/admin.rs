@@ -129,6 +129,9 @@ pub struct Status {
     /// socket, live), `metadata` (the committed metadata on the device:
     /// no SPM answered) or `none`.
     pub pool_source: &'static str,
+    /// Who holds the domain's sanlock leases (`status --lease sanlock`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leases: Option<Value>,
 }
 
 /// Gathers the status of the domain on `device`.
@@ -227,6 +230,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
         host_reports,
         pool_error,
         pool_source,
+        leases: None,
     })
 }
 

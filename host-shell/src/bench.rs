@@ -158,6 +158,7 @@ impl SpmThread {
             spm_id: 0,
             control: run_dir.join(format!("spm-{}.sock", std::process::id())),
             metrics: None,
+            lease_version: 0,
         };
         let flag = stop.clone();
         let path = device.to_owned();

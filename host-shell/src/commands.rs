@@ -192,6 +192,31 @@ pub enum BackendArgs {
     },
 }
 
+/// Which leases protect the SPM role and host ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseArgs {
+    /// None on shared storage: the SPM header's heartbeat and a lock on
+    /// this machine.
+    Builtin,
+    /// sanlock: the lockspace and the SPM resource lease on the domain
+    /// device.
+    Sanlock {
+        /// sanlock's I/O timeout, seconds.
+        io_timeout: u32,
+    },
+}
+
+/// The sanlock lease area of the domain on `device`, and its UUID.
+fn lease_area(device: &Path) -> Result<(crate::sanlock::Area, Uuid), CommandError> {
+    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
+    let path = std::fs::canonicalize(device)
+        .map_err(|e| CommandError::Usage(format!("--device {}: {e}", device.display())))?;
+    Ok((
+        crate::sanlock::Area::of(&path, mailbox.geometry()),
+        mailbox.superblock().domain,
+    ))
+}
+
 fn open_spm_backend(
     device: &Path,
     backend: &BackendArgs,
@@ -219,7 +244,11 @@ pub fn pool_create(
     domain: Option<&str>,
     force: bool,
     backend: &BackendArgs,
+    lease: &LeaseArgs,
 ) -> Result<ExitCode, CommandError> {
+    if let LeaseArgs::Sanlock { .. } = lease {
+        check_lease_room(device, hosts, sector_size)?;
+    }
     let domain = domain
         .map(|text| parse_uuid("--domain", text))
         .transpose()?;
@@ -260,7 +289,52 @@ pub fn pool_create(
             )?;
         }
     }
+    if let LeaseArgs::Sanlock { io_timeout } = *lease {
+        let (area, id) = lease_area(device)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .map_err(|e| CommandError::Usage(format!("--device {}: {e}", device.display())))?;
+        if file.metadata()?.is_file() && file.metadata()?.len() < area.end() {
+            file.set_len(area.end())?;
+        }
+        crate::sanlock::init(&area, id, io_timeout)?;
+        writeln!(
+            out,
+            "  sanlock leases: lockspace {id} at {}, SPM lease at {} (io timeout {io_timeout} s)",
+            area.lockspace, area.resource
+        )?;
+    }
     Ok(ExitCode::from(EXIT_OK))
+}
+
+/// Refuses, before anything is written, a domain device too small for the
+/// sanlock lease area (a regular file is extended), or a machine without
+/// the `sanlock` command.
+fn check_lease_room(device: &Path, hosts: u16, sector: Option<u32>) -> Result<(), CommandError> {
+    crate::sanlock::check_tool()?;
+    let Ok(meta) = std::fs::metadata(device) else {
+        return Ok(());
+    };
+    if meta.is_file() {
+        return Ok(());
+    }
+    let d = crate::device::Device::open(device, Access::ReadOnly)
+        .map_err(|e| CommandError::Usage(format!("--device {}: {e}", device.display())))?;
+    let sector = sector.unwrap_or(d.sector_size());
+    let geometry = spmbox_core::wire::Geometry::new(hosts, sector)
+        .map_err(|e| CommandError::Usage(e.to_string()))?;
+    let need = crate::sanlock::Area::of(device, geometry).end();
+    if d.size() < need {
+        return Err(CommandError::Usage(format!(
+            "{} is {}; a domain for {hosts} hosts with sanlock leases needs {} (mailbox, pool \
+             metadata and the lease area); use a larger device",
+            device.display(),
+            Bytes(d.size()),
+            Bytes(need)
+        )));
+    }
+    Ok(())
 }
 
 /// `spmbox pool add-lun`.
@@ -318,12 +392,25 @@ pub fn volume_create(
 }
 
 /// `spmbox status`.
-pub fn status(device: &Path, control: Option<&Path>, json: bool) -> Result<ExitCode, CommandError> {
-    let s = crate::admin::status(device, control)?;
+pub fn status(
+    device: &Path,
+    control: Option<&Path>,
+    json: bool,
+    lease: &LeaseArgs,
+) -> Result<ExitCode, CommandError> {
+    let mut s = crate::admin::status(device, control)?;
+    if let LeaseArgs::Sanlock { .. } = lease {
+        let (area, id) = lease_area(device)?;
+        s.leases = Some(crate::sanlock::holders(&area, id)?);
+    }
     if json {
         print_json(&serde_json::to_value(&s).map_err(std::io::Error::other)?)?;
     } else {
-        write!(std::io::stdout().lock(), "{}", crate::admin::render(&s))?;
+        let mut text = crate::admin::render(&s);
+        if let Some(leases) = &s.leases {
+            text.push_str(&crate::sanlock::render(leases));
+        }
+        write!(std::io::stdout().lock(), "{text}")?;
     }
     Ok(ExitCode::from(EXIT_OK))
 }
@@ -337,6 +424,7 @@ fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, CommandE
 }
 
 /// `spmbox spm`.
+#[allow(clippy::too_many_arguments)]
 pub fn spm(
     device: &Path,
     doorbell_interval: std::time::Duration,
@@ -345,6 +433,7 @@ pub fn spm(
     control: Option<std::path::PathBuf>,
     metrics: Option<String>,
     backend: &BackendArgs,
+    lease: &LeaseArgs,
 ) -> Result<ExitCode, CommandError> {
     if doorbell_interval.is_zero() || full_scan_interval.is_zero() {
         return Err(CommandError::Usage(
@@ -361,9 +450,26 @@ pub fn spm(
         spm_id,
         control,
         metrics,
+        lease_version: 0,
     };
+    let mut options = options;
     let stop = stop_flag()?;
-    crate::spm_daemon::run(&options, &|| open_spm_backend(device, backend), stop)?;
+    // The SPM lease is taken before the daemon writes anything, and held
+    // until it has stopped.
+    let spm_lease = match *lease {
+        LeaseArgs::Builtin => None,
+        LeaseArgs::Sanlock { io_timeout } => {
+            let (area, id) = lease_area(device)?;
+            let held = crate::sanlock::acquire_spm(&area, id, spm_id, io_timeout)?;
+            options.lease_version = held.lver;
+            Some(held)
+        }
+    };
+    let result = crate::spm_daemon::run(&options, &|| open_spm_backend(device, backend), stop);
+    if let Some(held) = spm_lease {
+        held.release();
+    }
+    result?;
     Ok(ExitCode::from(EXIT_OK))
 }
 
@@ -396,6 +502,8 @@ pub struct HostArgs {
     pub metrics: Option<String>,
     /// The backend.
     pub backend: BackendArgs,
+    /// The leases.
+    pub lease: LeaseArgs,
 }
 
 /// `spmbox host`.
@@ -467,6 +575,12 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         config: spmbox_core::host::HostConfig {
             chunk_size: args.chunk_size,
             utilization_percent: args.utilization,
+            // sanlock's delta lease holds the host id; the inbox header
+            // then says that no builtin lease is kept.
+            lease_interval: match args.lease {
+                LeaseArgs::Builtin => spmbox_core::host::HostConfig::default().lease_interval,
+                LeaseArgs::Sanlock { .. } => std::time::Duration::ZERO,
+            },
             ..Default::default()
         },
         rate: args.rate,
@@ -479,7 +593,26 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         keep_latencies: false,
     };
     let stop = stop_flag()?;
-    let summary = crate::host_daemon::run(&options, maps.as_mut(), stop)?;
+    // The host id is joined before the host writes anything, and left
+    // after it has stopped.
+    let joined = match args.lease {
+        LeaseArgs::Builtin => None,
+        LeaseArgs::Sanlock { io_timeout } => {
+            let (area, id) = lease_area(&args.device)?;
+            Some(crate::sanlock::join(
+                &area,
+                id,
+                args.host_id,
+                io_timeout,
+                true,
+            )?)
+        }
+    };
+    let result = crate::host_daemon::run(&options, maps.as_mut(), stop);
+    if let Some(joined) = joined {
+        joined.leave();
+    }
+    let summary = result?;
     tracing::info!(
         "host {} stopped: {} extensions, {} pauses, {} resumes, {} written",
         args.host_id,

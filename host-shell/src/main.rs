@@ -104,6 +104,8 @@ enum Command {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Run the Storage Pool Manager: serve extension requests until
     /// SIGTERM or SIGINT.
@@ -130,6 +132,8 @@ enum Command {
         metrics: Option<String>,
         #[command(flatten)]
         lvm: LvmArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Run one host: its guests write to their volumes and the host asks
     /// the SPM for extensions as they fill up.
@@ -174,6 +178,8 @@ enum Command {
         metrics: Option<String>,
         #[command(flatten)]
         lvm: LvmArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Measure the round trip, whole extensions, SPM throughput and idle
     /// cost, guest write rate and the core's scan speed (docs/performance.md).
@@ -234,6 +240,42 @@ struct LvmArgs {
     pvs: Vec<PathBuf>,
 }
 
+/// How the SPM role and host ids are protected on shared storage.
+#[derive(Debug, Clone, clap::Args)]
+struct LeaseArgs {
+    /// builtin: the SPM header's heartbeat and a lock on this machine;
+    /// sanlock: sanlock leases on the domain device (the sanlock daemon
+    /// must run on every machine).
+    #[arg(long, value_enum, default_value_t = LeaseKind::Builtin)]
+    lease: LeaseKind,
+    /// sanlock's I/O timeout in seconds: written into the host id leases
+    /// (pool create) and used when joining the lockspace. Failure
+    /// detection takes about 8 times this.
+    #[arg(long, value_name = "SECONDS", default_value_t = spmbox::sanlock::DEFAULT_IO_TIMEOUT,
+          value_parser = clap::value_parser!(u32).range(1..=60))]
+    sanlock_io_timeout: u32,
+}
+
+/// Which leases protect the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LeaseKind {
+    /// No shared-storage leases.
+    Builtin,
+    /// sanlock's lockspace (host ids) and SPM resource lease.
+    Sanlock,
+}
+
+impl From<LeaseArgs> for commands::LeaseArgs {
+    fn from(a: LeaseArgs) -> Self {
+        match a.lease {
+            LeaseKind::Builtin => commands::LeaseArgs::Builtin,
+            LeaseKind::Sanlock => commands::LeaseArgs::Sanlock {
+                io_timeout: a.sanlock_io_timeout,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum PoolCommand {
     /// Create a storage domain: the mailbox and the pool metadata on
@@ -262,6 +304,8 @@ enum PoolCommand {
         force: bool,
         #[command(flatten)]
         lvm: LvmArgs,
+        #[command(flatten)]
+        lease: LeaseArgs,
     },
     /// Add a LUN to the pool while everything runs: parked requests are
     /// served at once and paused guests resume.
@@ -354,6 +398,7 @@ fn main() -> ExitCode {
             domain,
             force,
             lvm,
+            lease,
         }) => commands::pool_create(
             &device,
             &luns,
@@ -363,6 +408,7 @@ fn main() -> ExitCode {
             domain.as_deref(),
             force,
             &lvm.into(),
+            &lease.into(),
         ),
         Command::Pool(PoolCommand::AddLun {
             device,
@@ -389,7 +435,8 @@ fn main() -> ExitCode {
             device,
             control,
             json,
-        } => commands::status(&device, control.as_deref(), json),
+            lease,
+        } => commands::status(&device, control.as_deref(), json, &lease.into()),
         Command::Spm {
             device,
             doorbell_interval,
@@ -398,6 +445,7 @@ fn main() -> ExitCode {
             control,
             metrics,
             lvm,
+            lease,
         } => commands::spm(
             &device,
             doorbell_interval,
@@ -406,6 +454,7 @@ fn main() -> ExitCode {
             control,
             metrics,
             &lvm.into(),
+            &lease.into(),
         ),
         Command::Host {
             device,
@@ -421,6 +470,7 @@ fn main() -> ExitCode {
             json_events,
             metrics,
             lvm,
+            lease,
         } => commands::host(commands::HostArgs {
             device,
             host_id,
@@ -435,6 +485,7 @@ fn main() -> ExitCode {
             json_events,
             metrics,
             backend: lvm.into(),
+            lease: lease.into(),
         }),
         Command::Demo { json, keep } => spmbox::demo::run(json, keep),
         Command::Bench {

@@ -85,6 +85,9 @@ pub struct SpmOptions {
     pub control: PathBuf,
     /// Serve Prometheus metrics on this loopback address.
     pub metrics: Option<String>,
+    /// The version of the SPM lease this SPM holds (sanlock); 0 without
+    /// one. The epoch is at least this.
+    pub lease_version: u64,
 }
 
 /// A clock for the engines: microseconds since the daemon started.
@@ -473,6 +476,7 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let found = with_highest_epoch(&mailbox, found)?;
+    let found = crate::sanlock::raise_epoch(found, options.lease_version, domain);
     let mut backend = open_backend()?;
     let backend = backend.as_mut();
     let clock = Clock::start();
