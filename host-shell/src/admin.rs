@@ -18,6 +18,7 @@ use crate::device::Access;
 use crate::domain::{self, BuiltinSpm};
 use crate::mailbox::Mailbox;
 use crate::spm_daemon;
+use crate::units::Bytes;
 
 /// Opens the backend to change the pool directly, when no SPM runs.
 pub type DirectBackend<'a> = &'a dyn Fn() -> Result<Box<dyn SpmBackend>, BackendError>;
@@ -132,6 +133,10 @@ pub struct Status {
     /// Who holds the domain's sanlock leases (`status --lease sanlock`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leases: Option<Value>,
+    /// What looks wrong, in words: a volume whose guest has written past
+    /// the size the pool gives it (the pool was rolled back, or the host
+    /// runs on a stale map).
+    pub warnings: Vec<String>,
 }
 
 /// Gathers the status of the domain on `device`.
@@ -220,6 +225,32 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
             }
         }
     }
+    let mut warnings = Vec::new();
+    for v in pool.iter().flat_map(|p| p.volumes.iter()) {
+        let id = v.id.to_string();
+        for h in &host_reports {
+            let Some(alloc) = h["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["id"].as_str() == Some(id.as_str()))
+                .and_then(|x| x["allocation"].as_u64())
+            else {
+                continue;
+            };
+            if alloc > v.size {
+                warnings.push(format!(
+                    "volume {id}: host {} reports {} written, more than the {} the pool gives \
+                     it: the pool metadata was rolled back (check `spmbox inspect`) or the \
+                     host runs on a stale map; do not add capacity or start an SPM before \
+                     this is understood",
+                    h["host"],
+                    Bytes(alloc),
+                    Bytes(v.size)
+                ));
+            }
+        }
+    }
     Ok(Status {
         domain: domain.to_string(),
         max_hosts: g.max_hosts(),
@@ -231,6 +262,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
         pool_error,
         pool_source,
         leases: None,
+        warnings,
     })
 }
 
@@ -276,7 +308,6 @@ fn pool_from_json(v: &Value) -> Option<PoolReport> {
 
 /// Renders a status as text.
 pub fn render(s: &Status) -> String {
-    use crate::units::Bytes;
     use std::fmt::Write as _;
     let mut o = String::new();
     let _ = writeln!(o, "domain {} ({} host ids)", s.domain, s.max_hosts);
@@ -357,6 +388,9 @@ pub fn render(s: &Status) -> String {
                 s.pool_error.as_deref().unwrap_or("unknown")
             );
         }
+    }
+    for w in &s.warnings {
+        let _ = writeln!(o, "WARNING: {w}");
     }
     o
 }

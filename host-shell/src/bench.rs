@@ -159,6 +159,7 @@ impl SpmThread {
             control: run_dir.join(format!("spm-{}.sock", std::process::id())),
             metrics: None,
             lease_version: 0,
+            accept_metadata_rollback: false,
         };
         let flag = stop.clone();
         let path = device.to_owned();

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use spmbox_core::wire::Uuid;
+use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
 use crate::device::Access;
 use crate::inspect;
@@ -161,21 +161,151 @@ pub fn inspect(path: &Path, host: Option<u16>, json: bool) -> Result<ExitCode, C
     }
     let image = mailbox.read_all()?;
     let report = inspect::audit(&image, mailbox.superblock(), host);
+    let pool = pool_metadata_report(path, &mailbox, &image)?;
     let device = path.display().to_string();
     let mut out = std::io::stdout().lock();
     if json {
-        let text = serde_json::to_string_pretty(&inspect::to_json(&report, &device))
-            .map_err(std::io::Error::other)?;
+        let mut value = inspect::to_json(&report, &device);
+        value["pool_metadata"] = pool.as_ref().map_or(serde_json::Value::Null, |p| p.json());
+        if pool.as_ref().is_some_and(|p| !p.problems.is_empty()) {
+            value["valid"] = serde_json::Value::Bool(false);
+        }
+        let text = serde_json::to_string_pretty(&value).map_err(std::io::Error::other)?;
         writeln!(out, "{text}")?;
     } else {
         write!(out, "{}", inspect::render(&report, &device))?;
+        if let Some(p) = &pool {
+            write!(out, "{}", p.render())?;
+        }
     }
-    let code = if report.problems.is_empty() {
+    let code = if report.problems.is_empty() && pool.as_ref().is_none_or(|p| p.problems.is_empty())
+    {
         EXIT_OK
     } else {
         EXIT_DEFECTS
     };
     Ok(ExitCode::from(code))
+}
+
+/// The builtin pool's two metadata copies as `inspect` reports them.
+struct PoolMetadataReport {
+    /// Per copy: its name, offset, and commit or why it is not used.
+    copies: Vec<(
+        &'static str,
+        u64,
+        Result<u64, spmbox_core::pool::CopyDefect>,
+    )>,
+    /// The commit the SPM header says was made durable.
+    header_commit: u64,
+    /// What is wrong, in words.
+    problems: Vec<String>,
+}
+
+impl PoolMetadataReport {
+    fn newest(&self) -> Option<u64> {
+        self.copies.iter().filter_map(|(_, _, c)| c.ok()).max()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let copies: Vec<serde_json::Value> = self
+            .copies
+            .iter()
+            .map(|(name, offset, state)| match state {
+                Ok(seq) => serde_json::json!({"copy": name, "offset": offset, "state": "valid", "commit": seq}),
+                Err(spmbox_core::pool::CopyDefect::Empty) => {
+                    serde_json::json!({"copy": name, "offset": offset, "state": "empty"})
+                }
+                Err(d) => serde_json::json!({"copy": name, "offset": offset, "state": "defective", "why": d.to_string()}),
+            })
+            .collect();
+        serde_json::json!({
+            "copies": copies,
+            "newest_commit": self.newest(),
+            "spm_header_pool_commit": self.header_commit,
+            "problems": self.problems,
+        })
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::from("pool metadata:\n");
+        for (name, offset, state) in &self.copies {
+            let what = match state {
+                Ok(seq) if Some(*seq) == self.newest() => format!("commit {seq} (newest, in use)"),
+                Ok(seq) => format!("commit {seq}"),
+                Err(spmbox_core::pool::CopyDefect::Empty) => "empty".to_string(),
+                Err(d) => format!("DEFECTIVE: {d}"),
+            };
+            text.push_str(&format!("  copy {name} at {offset:#x}: {what}\n"));
+        }
+        text.push_str(&format!(
+            "  the SPM header says commit {} was made durable\n",
+            self.header_commit
+        ));
+        for p in &self.problems {
+            text.push_str(&format!("  PROBLEM: {p}\n"));
+        }
+        text
+    }
+}
+
+/// Checks the builtin pool's metadata copies after the mailbox, when the
+/// device has room for them: each copy on its own, and the newest against
+/// the commit the SPM header says was made durable. `None` for a bare
+/// mailbox (or an lvm domain's).
+fn pool_metadata_report(
+    path: &Path,
+    mailbox: &Mailbox,
+    image: &[u8],
+) -> Result<Option<PoolMetadataReport>, CommandError> {
+    if mailbox.device().size() < crate::domain::domain_size(mailbox.geometry()) {
+        return Ok(None);
+    }
+    let domain = crate::domain::Domain::open(path, Access::ReadOnly)?;
+    let [a, b] = domain.check_copies()?;
+    let header = image
+        .get(SPM_HEADER_OFFSET as usize..SPM_HEADER_OFFSET as usize + RECORD_LEN)
+        .and_then(|r| SpmHeader::decode(r).ok().flatten());
+    let header_commit = header.map_or(0, |h| h.pool_commit);
+    let mut report = PoolMetadataReport {
+        copies: vec![("A", a.0, a.1), ("B", b.0, b.1)],
+        header_commit,
+        problems: Vec::new(),
+    };
+    if report.copies.iter().all(|(_, _, c)| c.is_err()) {
+        // An lvm domain reserves the space and leaves it empty.
+        if report
+            .copies
+            .iter()
+            .all(|(_, _, c)| *c == Err(spmbox_core::pool::CopyDefect::Empty))
+        {
+            return Ok(None);
+        }
+        report
+            .problems
+            .push("no copy is valid: the pool cannot be loaded".to_string());
+    }
+    for (name, _, state) in &report.copies {
+        if let Err(d) = state
+            && *d != spmbox_core::pool::CopyDefect::Empty
+        {
+            report.problems.push(format!(
+                "copy {name} is defective ({d}); a commit torn by a crash leaves this, and the \
+                 next commit overwrites it, unless the other copy is older than the SPM header's \
+                 commit (then see the next line)"
+            ));
+        }
+    }
+    if let Some(newest) = report.newest()
+        && newest < header_commit
+    {
+        report.problems.push(format!(
+            "the newest valid copy is commit {newest}, older than the commit {header_commit} the \
+             SPM header says was made durable: the pool was rolled back (a damaged newest copy \
+             or a lost write). The SPM refuses to start on it; see docs/operations.md, \
+             \"Damaged or rolled-back pool metadata\""
+        ));
+    }
+    Ok(Some(report))
 }
 
 /// Which backend a command uses.
@@ -432,6 +562,7 @@ pub fn spm(
     spm_id: u16,
     control: Option<std::path::PathBuf>,
     metrics: Option<String>,
+    accept_metadata_rollback: bool,
     backend: &BackendArgs,
     lease: &LeaseArgs,
 ) -> Result<ExitCode, CommandError> {
@@ -451,6 +582,7 @@ pub fn spm(
         control,
         metrics,
         lease_version: 0,
+        accept_metadata_rollback,
     };
     let mut options = options;
     let stop = stop_flag()?;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use spmbox_core::pool::{self, DefaultPool, Extend, METADATA_COPY_SIZE, PoolError};
+use spmbox_core::pool::{self, CopyDefect, DefaultPool, Extend, METADATA_COPY_SIZE, PoolError};
 use spmbox_core::spm::JobResult;
 use spmbox_core::wire::{CRC32C, Geometry, Uuid};
 
@@ -386,6 +386,10 @@ pub fn default_search(device: &Path, kind: DeviceKind) -> Vec<PathBuf> {
     }
 }
 
+/// A pool metadata copy checked on its own: its offset on the domain
+/// device, and its commit sequence or why it is not used.
+pub type CopyCheck = (u64, Result<u64, CopyDefect>);
+
 /// The open domain device: mailbox plus metadata copies.
 pub struct Domain {
     mailbox: Mailbox,
@@ -448,6 +452,37 @@ impl Domain {
             ))
         })?;
         Ok((pool, seq))
+    }
+
+    /// Each pool metadata copy checked on its own: its offset on the
+    /// domain device, and its commit sequence or why it is not used (an
+    /// empty copy is `CopyDefect::Empty`).
+    pub fn check_copies(&self) -> Result<[CopyCheck; 2], BackendError> {
+        let len = METADATA_COPY_SIZE;
+        let mut out = [(0, Err(CopyDefect::Empty)); 2];
+        for (place, slot) in out.iter_mut().enumerate() {
+            let offset = self.meta + (place * len) as u64;
+            let copy = self
+                .mailbox
+                .read(offset, len)
+                .map_err(|e| BackendError::new(e.to_string()))?;
+            let mut pool = Box::new(
+                DomainPool::new(pool::DEFAULT_EXTENT_SIZE)
+                    .map_err(|e| BackendError::new(e.to_string()))?,
+            );
+            let (a, b): (&[u8], &[u8]) = if place == 0 {
+                (&copy, &[])
+            } else {
+                (&[], &copy)
+            };
+            let state = match pool.decode_into(a, b) {
+                Ok(seq) => Ok(seq),
+                Err(PoolError::NoValidCopy { a, b }) => Err(if place == 0 { a } else { b }),
+                Err(_) => Err(CopyDefect::Payload),
+            };
+            *slot = (offset, state);
+        }
+        Ok(out)
     }
 
     /// Writes `pool` as commit `seq` (to copy `seq % 2`) and makes it

@@ -130,6 +130,13 @@ enum Command {
         /// loopback address, such as 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Start even though the pool metadata is older than what SPMs
+        /// already answered (its newest copy was damaged or its write was
+        /// lost). Extents given out since may be handed out again and
+        /// their data overwritten: restore the domain device instead if
+        /// you can. See docs/operations.md.
+        #[arg(long)]
+        accept_metadata_rollback: bool,
         #[command(flatten)]
         lvm: LvmArgs,
         #[command(flatten)]
@@ -444,6 +451,7 @@ fn main() -> ExitCode {
             spm_id,
             control,
             metrics,
+            accept_metadata_rollback,
             lvm,
             lease,
         } => commands::spm(
@@ -453,6 +461,7 @@ fn main() -> ExitCode {
             spm_id,
             control,
             metrics,
+            accept_metadata_rollback,
             &lvm.into(),
             &lease.into(),
         ),

@@ -88,6 +88,9 @@ pub struct SpmOptions {
     /// The version of the SPM lease this SPM holds (sanlock); 0 without
     /// one. The epoch is at least this.
     pub lease_version: u64,
+    /// Start on pool metadata older than what SPMs already answered
+    /// ([`check_no_rollback`] says what it found, as warnings).
+    pub accept_metadata_rollback: bool,
 }
 
 /// A clock for the engines: microseconds since the daemon started.
@@ -239,6 +242,106 @@ fn with_highest_epoch(
         }),
         None => None,
     })
+}
+
+/// The most rollback findings one error lists; the rest are counted.
+const ROLLBACK_FINDINGS: usize = 8;
+
+/// Refuses to run on a pool older than what SPMs already answered: the
+/// newest valid metadata commit below the one the SPM header says was made
+/// durable (the newest copy was damaged, or its write was lost), or an
+/// *extended* reply in any outbox slot (valid or stale) that names a
+/// volume the pool lacks or a size above the pool's. Such a pool would
+/// hand out again extents that volumes hold and have written. With
+/// `accept`, the findings are warnings.
+pub fn check_no_rollback(
+    mailbox: &Mailbox,
+    backend: &dyn SpmBackend,
+    found: Option<&SpmHeader>,
+    accept: bool,
+) -> Result<(), BackendError> {
+    let committed = backend.committed_sequence();
+    let mut findings = Vec::new();
+    if let Some(h) = found.filter(|h| h.pool_commit > committed) {
+        findings.push(format!(
+            "the SPM header says pool metadata commit {} was made durable, but the newest valid \
+             copy is commit {committed}",
+            h.pool_commit
+        ));
+    }
+    let sizes: std::collections::HashMap<Uuid, u64> = backend
+        .report()
+        .volumes
+        .iter()
+        .map(|v| (v.id, v.size))
+        .collect();
+    let g = mailbox.geometry();
+    let outboxes = mailbox
+        .read(
+            g.outbox_offset(),
+            usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
+        )
+        .map_err(|e| BackendError::new(e.to_string()))?;
+    let domain = mailbox.superblock().domain;
+    let mut more = 0usize;
+    for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, 1) {
+        for (slot, state) in area.slots() {
+            let (spmbox_core::wire::SlotState::Valid(r) | spmbox_core::wire::SlotState::Stale(r)) =
+                state
+            else {
+                continue;
+            };
+            if r.status != spmbox_core::wire::ReplyStatus::Extended {
+                continue;
+            }
+            let have = sizes.get(&r.volume).copied();
+            if have.is_some_and(|size| size >= r.size) {
+                continue;
+            }
+            if findings.len() >= ROLLBACK_FINDINGS {
+                more += 1;
+                continue;
+            }
+            findings.push(format!(
+                "host {} slot {slot} was told (epoch {}) that volume {} is {}, but the pool {}",
+                r.host_id,
+                r.epoch,
+                r.volume,
+                Bytes(r.size),
+                have.map_or("has no such volume".to_string(), |s| format!(
+                    "has it at {}",
+                    Bytes(s)
+                ))
+            ));
+        }
+    }
+    if more > 0 {
+        findings.push(format!("{more} more such replies"));
+    }
+    if findings.is_empty() {
+        return Ok(());
+    }
+    let device = mailbox.device().path().display();
+    if accept {
+        for f in &findings {
+            tracing::warn!("--accept-metadata-rollback: {f}");
+        }
+        tracing::warn!(
+            "starting on the older pool metadata of {device} as --accept-metadata-rollback asks: \
+             extents given out since may be handed out again"
+        );
+        return Ok(());
+    }
+    Err(BackendError::new(format!(
+        "the pool metadata on {device} is older than what SPMs already answered: {}. Starting on \
+         it would hand out again extents that volumes hold and have written, so nothing was \
+         started and nothing changed. `spmbox inspect --device {device}` shows both metadata \
+         copies. Restore the domain device from a backup if you can; otherwise, knowing that \
+         data written since into those extents may be overwritten, start the SPM with \
+         --accept-metadata-rollback (docs/operations.md, \"Damaged or rolled-back pool \
+         metadata\")",
+        findings.join("; ")
+    )))
 }
 
 /// The default control socket of a domain.
@@ -478,6 +581,18 @@ pub fn run(
     let found = with_highest_epoch(&mailbox, found)?;
     let found = crate::sanlock::raise_epoch(found, options.lease_version, domain);
     let mut backend = open_backend()?;
+    let mut found = found;
+    check_no_rollback(
+        &mailbox,
+        backend.as_ref(),
+        found.as_ref(),
+        options.accept_metadata_rollback,
+    )?;
+    if let Some(h) = found.as_mut() {
+        // The header carries the commit this SPM runs on from now on (an
+        // accepted rollback lowers it).
+        h.pool_commit = backend.committed_sequence();
+    }
     let backend = backend.as_mut();
     let clock = Clock::start();
     // Scans brought forward by colliding rings read at most
@@ -503,6 +618,7 @@ pub fn run(
         )
         .map_err(|e| BackendError::new(e.to_string()))?,
     );
+    engine.set_pool_commit(backend.committed_sequence());
     let _ = std::fs::remove_file(&options.control);
     let listener = UnixListener::bind(&options.control).map_err(|e| {
         BackendError::new(format!(
@@ -712,6 +828,7 @@ pub fn run(
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
             let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
+            engine.set_pool_commit(backend.committed_sequence());
         }
         let next = engine.poll_timeout();
         let wait = [&reads, &commits, &write_retry]
@@ -730,6 +847,7 @@ pub fn run(
         {
             tracing::info!("control: {request}");
             let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
+            engine.set_pool_commit(backend.committed_sequence());
         }
     }
     if engine.is_deposed() {
