@@ -255,6 +255,17 @@ impl Device {
         self.size
     }
 
+    /// A regular file's size now (it may have been truncated or grown
+    /// since it was opened); a block device's size as opened.
+    pub fn current_size(&self) -> u64 {
+        match self.kind {
+            DeviceKind::File => rustix::fs::fstat(&self.fd)
+                .map(|st| u64::try_from(st.st_size).unwrap_or(0))
+                .unwrap_or(self.size),
+            DeviceKind::BlockDevice => self.size,
+        }
+    }
+
     /// The alignment, in bytes, that I/O buffers must have (at least 512).
     pub fn dio_mem_align(&self) -> usize {
         self.mem_align

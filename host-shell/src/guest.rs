@@ -131,6 +131,25 @@ pub enum GuestError {
         /// The device's sector size.
         sector: u32,
     },
+    /// A LUN file is now shorter than the pool's view of it: it was
+    /// truncated. A write would grow it back with zeroes in between, and
+    /// the data in the cut range is lost, so nothing is written.
+    #[error(
+        "volume {volume}: LUN file {} is {size} bytes now, but the volume's bytes lie up to \
+         {needed} on it: the file was truncated (or replaced). Nothing was written; restore \
+         the LUN file from a copy, then start the host again",
+        device.display()
+    )]
+    Truncated {
+        /// The volume.
+        volume: Uuid,
+        /// The LUN file.
+        device: PathBuf,
+        /// Its size now.
+        size: u64,
+        /// Where the write would end on it.
+        needed: u64,
+    },
 }
 
 /// The seed of a block's pattern.
@@ -396,6 +415,16 @@ impl Guest {
         }
         let buf = &self.buf;
         for_pieces(volume, map, devices, offset, len, |device, at, start, n| {
+            let needed = at + n as u64;
+            let size = device.current_size();
+            if size < needed {
+                return Err(GuestError::Truncated {
+                    volume,
+                    device: device.path().to_owned(),
+                    size,
+                    needed,
+                });
+            }
             if start == 0 && n == buf.len() {
                 device.write_at(at, buf)?;
             } else {

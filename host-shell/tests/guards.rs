@@ -325,6 +325,62 @@ fn a_host_refuses_a_lun_shorter_than_its_label_and_writes_nothing() {
 }
 
 #[test]
+fn a_lun_file_truncated_while_the_guest_writes_is_not_grown_back() {
+    let s = Setup::new();
+    let volume = s.create_volume("8M");
+    // A guest that writes 8 MiB at 1 MiB/s: the LUN is cut under it.
+    let mut host = Command::new(env!("CARGO_BIN_EXE_spmbox"))
+        .args([
+            "host",
+            "--device",
+            s.p("dom"),
+            "--host-id",
+            "1",
+            "--volume",
+            &volume,
+            "--rate",
+            "1M",
+            "--write-size",
+            "256K",
+            "--guest-bytes",
+            "8M",
+            "--chunk-size",
+            "1M",
+            "--exit-when-done",
+        ])
+        .env("SPMBOX_RUN_DIR", s.run.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn host");
+    std::thread::sleep(Duration::from_secs(3));
+    let cut = LUN_DATA_OFFSET + 2 * MIB;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(s.path("lun1"))
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(host.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = host.kill();
+    let out = host.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the host went on writing to a cut LUN"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("truncated"), "{err}");
+    assert_eq!(
+        fs::metadata(s.path("lun1")).unwrap().len(),
+        cut,
+        "the LUN file was grown back"
+    );
+}
+
+#[test]
 fn a_host_refuses_a_lun_whose_label_has_fewer_extents_than_the_pool() {
     let s = Setup::new();
     let volume = s.create_volume("4M");
