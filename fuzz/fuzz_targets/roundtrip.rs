@@ -48,8 +48,8 @@ enum Spec {
         active: bool,
         heartbeat_interval_ms: u32,
         heartbeat: u64,
-        owner: 7,
-        pool_commit: 0,
+        owner: u64,
+        pool_commit: u64,
     },
     Doorbell {
         domain: [u8; 16],
@@ -61,9 +61,9 @@ enum Spec {
         domain: [u8; 16],
         host_id: Host,
         generation: u64,
-        owner: 0,
-        heartbeat: 0,
-        heartbeat_interval_ms: 0,
+        owner: u64,
+        heartbeat: u64,
+        heartbeat_interval_ms: u32,
     },
     Request {
         domain: [u8; 16],
@@ -335,6 +335,8 @@ fn build(spec: &Spec) -> Option<Record> {
             active,
             heartbeat_interval_ms,
             heartbeat,
+            owner,
+            pool_commit,
         } => Record::SpmHeader(SpmHeader {
             domain: Uuid(domain),
             epoch,
@@ -346,8 +348,8 @@ fn build(spec: &Spec) -> Option<Record> {
             },
             heartbeat_interval_ms,
             heartbeat,
-            owner: 7,
-            pool_commit: 0,
+            owner,
+            pool_commit,
         }),
         Spec::Doorbell {
             domain,
@@ -364,13 +366,16 @@ fn build(spec: &Spec) -> Option<Record> {
             domain,
             host_id,
             generation,
+            owner,
+            heartbeat,
+            heartbeat_interval_ms,
         } => Record::InboxHeader(InboxHeader {
             domain: Uuid(domain),
             host_id: host_id.get(),
             generation,
-            owner: 0,
-            heartbeat: 0,
-            heartbeat_interval_ms: 0,
+            owner,
+            heartbeat,
+            heartbeat_interval_ms,
         }),
         Spec::Request {
             domain,
@@ -458,6 +463,8 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             active,
             heartbeat_interval_ms,
             heartbeat,
+            owner,
+            pool_commit,
         } => {
             put_prefix(&mut r, 2, 0, 0, domain);
             put64(&mut r, 32, epoch);
@@ -465,6 +472,8 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             r[42] = u8::from(active);
             put32(&mut r, 44, heartbeat_interval_ms);
             put64(&mut r, 48, heartbeat);
+            put64(&mut r, 56, owner);
+            put64(&mut r, 64, pool_commit);
         }
         Spec::Doorbell {
             domain,
@@ -481,9 +490,15 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             domain,
             host_id,
             generation,
+            owner,
+            heartbeat,
+            heartbeat_interval_ms,
         } => {
             put_prefix(&mut r, 4, host_id.get(), 0, domain);
             put64(&mut r, 32, generation);
+            put64(&mut r, 40, owner);
+            put64(&mut r, 48, heartbeat);
+            put32(&mut r, 56, heartbeat_interval_ms);
         }
         Spec::Request {
             domain,

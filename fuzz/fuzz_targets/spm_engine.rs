@@ -15,7 +15,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use spmbox_core::spm::{JobResult, Spm, SpmConfig};
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmIo, settle};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
     AREA_SIZE, Geometry, InboxArea, InboxHeader, OutboxArea, OutboxHeader, RECORD_LEN, Reply,
@@ -239,13 +239,27 @@ fuzz_target!(|input: Input| {
         }
     }
 
-    let mut spm: Spm<16> =
-        Spm::new(Instant(0), DOMAIN, geometry, 0, 1, None, SpmConfig::default()).unwrap();
-    spm.handle_hosts(Instant(0), 1, &inbox, &outbox);
+    let config = SpmConfig::default();
+    let mut spm: Spm<16> = Spm::new(Instant(0), DOMAIN, geometry, 0, 1, None, config).unwrap();
+    // The SPM acts once it has read its own header back.
+    let mut header = [0u8; RECORD_LEN];
+    while let Some(w) = spm.poll_write() {
+        assert_eq!(
+            w.offset, SPM_HEADER_OFFSET,
+            "a write before the SPM settled"
+        );
+        header = w.record;
+    }
+    assert_eq!(spm.poll_job(), None);
+    let settled = Instant(0) + settle(&config);
+    assert_eq!(spm.poll_io(settled), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(settled, &header);
+    assert!(spm.is_confirmed());
+    spm.handle_hosts(settled, 1, &inbox, &outbox);
     let mut jobs = Vec::new();
     let mut steps = input.steps.iter();
     for round in 0..64u64 {
-        let now = Instant(round);
+        let now = Instant(settled.0 + round);
         while let Some(job) = spm.poll_job() {
             let asked: Vec<&Request> = actionable
                 .iter()

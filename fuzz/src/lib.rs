@@ -106,7 +106,7 @@ pub fn put64(b: &mut [u8], off: usize, v: u64) {
 pub fn put_prefix(rec: &mut [u8; LEN], kind: u8, host_id: u16, index: u16, domain: [u8; 16]) {
     rec[4..8].copy_from_slice(b"SPMB");
     rec[8] = kind;
-    rec[9] = 1;
+    rec[9] = 2;
     put16(rec, 10, host_id);
     put16(rec, 12, index);
     rec[16..32].copy_from_slice(&domain);
@@ -164,9 +164,9 @@ pub fn prefix_location(rec: &[u8]) -> Location {
 pub fn reserved_ranges(kind: Kind) -> &'static [Range<usize>] {
     match kind {
         Kind::Superblock => &[72..128],
-        Kind::SpmHeader => &[43..44, 56..128],
+        Kind::SpmHeader => &[43..44, 72..128],
         Kind::Doorbell => &[34..40, 56..128],
-        Kind::InboxHeader => &[40..128],
+        Kind::InboxHeader => &[60..128],
         Kind::Request => &[84..128],
         Kind::OutboxHeader => &[48..128],
         Kind::Reply => &[90..92, 96..128],
@@ -228,6 +228,7 @@ pub fn invalid_fields(rec: &[u8; LEN], kind: Kind) -> Vec<Field> {
             if state == 1 {
                 rule(le64(rec, 32) >= 1, Field::Epoch);
                 rule(le32(rec, 44) >= 1, Field::HeartbeatIntervalMs);
+                rule(le64(rec, 56) != 0, Field::Owner);
             }
         }
         Kind::Doorbell => {
@@ -235,7 +236,12 @@ pub fn invalid_fields(rec: &[u8; LEN], kind: Kind) -> Vec<Field> {
             rule(le64(rec, 40) >= 1, Field::Generation);
             rule(le64(rec, 48) >= 1, Field::Sequence);
         }
-        Kind::InboxHeader => rule(le64(rec, 32) >= 1, Field::Generation),
+        Kind::InboxHeader => {
+            rule(le64(rec, 32) >= 1, Field::Generation);
+            if le32(rec, 56) != 0 {
+                rule(le64(rec, 40) != 0, Field::Owner);
+            }
+        }
         Kind::Request => {
             rule(le64(rec, 32) >= 1, Field::Generation);
             rule(le64(rec, 40) >= 1, Field::Sequence);
@@ -316,7 +322,7 @@ pub fn verdict(bytes: &[u8], expected: Option<Kind>, at: Option<&Location>) -> V
         return Verdict::Defect(Defect::Checksum { stored, computed });
     }
     // Step 5.
-    if rec[9] != 1 {
+    if rec[9] != 2 {
         return Verdict::Defect(Defect::UnsupportedVersion { version: rec[9] });
     }
     // Step 6.
@@ -404,8 +410,8 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             },
             heartbeat_interval_ms: le32(rec, 44),
             heartbeat: le64(rec, 48),
-            owner: 7,
-            pool_commit: 0,
+            owner: le64(rec, 56),
+            pool_commit: le64(rec, 64),
         }),
         Kind::Doorbell => Record::Doorbell(Doorbell {
             domain,
@@ -417,9 +423,9 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             domain,
             host_id,
             generation: le64(rec, 32),
-            owner: 0,
-            heartbeat: 0,
-            heartbeat_interval_ms: 0,
+            owner: le64(rec, 40),
+            heartbeat: le64(rec, 48),
+            heartbeat_interval_ms: le32(rec, 56),
         }),
         Kind::Request => Record::Request(Request {
             domain,
