@@ -362,8 +362,11 @@ impl Fleet {
         let geometry = mailbox.geometry();
         let domain = mailbox.superblock().domain;
         let clock = Clock::start();
+        // The fleet stands in for many hosts' requests and replies in one
+        // process; each of its engines keeps no builtin host-id lease.
         let config = HostConfig {
             chunk_size: FLEET_CHUNK,
+            lease_interval: std::time::Duration::ZERO,
             ..HostConfig::default()
         };
         let inboxes = mailbox
@@ -1295,6 +1298,7 @@ fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Value, Backen
     let clock = Clock::start();
     let config = HostConfig {
         chunk_size: FLEET_CHUNK,
+        lease_interval: std::time::Duration::ZERO,
         ..HostConfig::default()
     };
     for k in 0..busy {
