@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use spmbox_tests::sim::{Bug, Faults, Scenario, Withdraw, run, run_seed};
+use spmbox_tests::sim::{Bug, Faults, Scenario, SuperblockDamage, Withdraw, run, run_seed};
 
 const DEFAULT_SEEDS: u64 = 64;
 
@@ -99,6 +99,8 @@ fn clean(seed: u64) -> Scenario {
         settle: Duration::from_secs(120),
         bug: None,
         withdraw: None,
+        twin_spms_at: None,
+        superblock_damage: None,
     }
 }
 
@@ -205,5 +207,74 @@ fn a_request_withdrawn_while_parked_is_not_carried_out_after_an_spm_restart_eith
             report.withdrawals, 1,
             "seed {seed}: nothing was parked to withdraw"
         );
+    }
+}
+
+/// The SPM restarts as two engines at once (two paths to one LUN) 3 s in,
+/// while guests wait for space; capacity comes at 20 s.
+fn twins(seed: u64) -> Scenario {
+    Scenario {
+        twin_spms_at: Some(Duration::from_secs(3)),
+        ..clean(seed)
+    }
+}
+
+#[test]
+fn two_spms_started_at_one_epoch_leave_one_acting_and_the_other_never_commits() {
+    for seed in 1..=4 {
+        let report = run(twins(seed)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(report.spms_deposed, 1, "seed {seed}: {report:?}");
+        assert!(report.extensions > 0, "seed {seed}: {report:?}");
+    }
+}
+
+#[test]
+fn two_spms_at_one_epoch_that_cannot_tell_each_other_apart_are_caught() {
+    // Both act, each on its own pool, and their commits overwrite each
+    // other: a host is told of an extension the other SPM's commit undid,
+    // a volume shrinks, or an extent is committed to two volumes.
+    let failure = run(Scenario {
+        bug: Some(Bug::TwinsShareOwner),
+        // Capacity comes first, so that both pools have free extents.
+        add_capacity_at: Duration::from_secs(1),
+        ..twins(1)
+    })
+    .expect_err("two SPMs acting at one epoch went unnoticed");
+    assert!(
+        failure.what.contains("given to two volumes")
+            || failure.what.contains("but the pool committed")
+            || failure.what.contains("shrank"),
+        "{failure}"
+    );
+}
+
+fn superblock_damaged(seed: u64, backup_too: bool) -> Scenario {
+    Scenario {
+        superblock_damage: Some(SuperblockDamage {
+            at: Duration::from_secs(2),
+            backup_too,
+        }),
+        ..clean(seed)
+    }
+}
+
+#[test]
+fn a_damaged_superblock_is_read_from_its_backup() {
+    for seed in 1..=4 {
+        let report = run(superblock_damaged(seed, false)).unwrap_or_else(|f| panic!("{f}"));
+        assert!(
+            report.superblock_backup_reads >= 2,
+            "seed {seed}: {report:?}"
+        );
+        assert_eq!(report.superblock_refusals, 0, "seed {seed}: {report:?}");
+    }
+}
+
+#[test]
+fn with_the_superblock_and_its_backup_damaged_nothing_starts_until_repaired() {
+    for seed in 1..=4 {
+        let report = run(superblock_damaged(seed, true)).unwrap_or_else(|f| panic!("{f}"));
+        assert!(report.superblock_refusals >= 2, "seed {seed}: {report:?}");
+        assert!(report.resumes > 0, "seed {seed}: {report:?}");
     }
 }

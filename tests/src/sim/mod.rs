@@ -5,7 +5,12 @@
 //! faults of the shared disk (torn, lost, misdirected and bit-flipped
 //! writes), crashes and restarts of hosts and of the SPM at any write, an
 //! SPM failover while the old SPM still writes late replies, and a pool
-//! that runs out of space until LUNs are added.
+//! that runs out of space until LUNs are added. Some seeds restart the SPM
+//! as two engines at once from the same SPM header, each with its own owner
+//! and pool ([`Scenario::twin_spms_at`]; the SPM commits only while the SPM
+//! header is exactly its own, as the daemon does), or damage the superblock
+//! and sometimes its backup ([`SuperblockDamage`]; every start reads the
+//! superblock, else its backup, else refuses).
 //!
 //! The engines are the real ones (`spmbox_core::{spm, host, pool}`); the
 //! simulation plays the thin shell around them: it does the reads and writes
@@ -33,7 +38,10 @@ use spmbox_core::pool::{self, Extend, Pool, PoolError};
 use spmbox_core::spm::SpmIo;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig};
 use spmbox_core::time::Instant;
-use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, SPM_HEADER_OFFSET, SpmHeader, Uuid};
+use spmbox_core::wire::{
+    AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET,
+    SUPERBLOCK_OFFSET, SpmHeader, SpmState, Superblock, Uuid,
+};
 
 pub use disk::{Faults, SimDisk};
 pub use rng::Rng;
@@ -78,6 +86,26 @@ pub struct Scenario {
     pub bug: Option<Bug>,
     /// A host takes back a parked request (see [`Withdraw`]).
     pub withdraw: Option<Withdraw>,
+    /// At this time the SPM restarts as two engines at once from the same
+    /// SPM header (two paths to one LUN), each with its own owner and its
+    /// own pool loaded from disk; they settle and one stands down.
+    pub twin_spms_at: Option<Duration>,
+    /// The superblock is damaged (see [`SuperblockDamage`]).
+    pub superblock_damage: Option<SuperblockDamage>,
+}
+
+/// Damage to the superblock block at `at` (a bit flip, or a stray write
+/// that zeroes it), and with `backup_too` to its backup at 0xF000 as well;
+/// the SPM and one host restart right after, so that they read it. An
+/// operator repairs both copies once the faults stop (`spmbox repair`).
+/// Until then a reader uses the backup when the superblock fails its
+/// checks, and refuses to start when both do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SuperblockDamage {
+    /// When.
+    pub at: Duration,
+    /// The backup is damaged too.
+    pub backup_too: bool,
 }
 
 /// A host withdraws a request the SPM parked: from `at` on, at the first
@@ -106,6 +134,9 @@ pub enum Bug {
     /// The pool gives an LV its extents but forgets to mark them used on
     /// their LUN, so it hands them out again.
     PoolForgetsExtentsUsed,
+    /// Two SPMs started at one epoch draw the same owner, so the settle
+    /// cannot tell them apart: both act, each on its own pool.
+    TwinsShareOwner,
 }
 
 impl Scenario {
@@ -141,6 +172,12 @@ impl Scenario {
             settle: Duration::from_secs(180),
             bug: None,
             withdraw: None,
+            twin_spms_at: (rng.below(8) == 0)
+                .then(|| Duration::from_millis(rng.between(200, 20_000))),
+            superblock_damage: (rng.below(8) == 0).then(|| SuperblockDamage {
+                at: Duration::from_millis(rng.between(100, 20_000)),
+                backup_too: rng.below(3) == 0,
+            }),
         }
     }
 
@@ -186,6 +223,19 @@ struct SpmNode {
     seq: u64,
     /// [`Bug::ReplyBeforeCommit`]: jobs ran whose commit is still to come.
     uncommitted: bool,
+    /// The engine's `withdrawn()` count this node's pool last followed.
+    withdrawn_seen: u64,
+}
+
+/// One of the SPM engines that may run at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    /// The SPM (the first of two twins).
+    Live,
+    /// The second of two SPMs started at one epoch.
+    Twin,
+    /// An old SPM that lost the lease in a failover.
+    Old,
 }
 
 /// Counters of a run.
@@ -207,6 +257,15 @@ pub struct Report {
     pub steps: u64,
     /// Parked requests a host withdrew ([`Withdraw`]).
     pub withdrawals: u64,
+    /// SPMs that read another SPM's header back and stood down.
+    pub spms_deposed: u64,
+    /// SPMs that found the SPM header not theirs just before a metadata
+    /// commit and stood down without committing.
+    pub stood_down_before_commit: u64,
+    /// Starts that found the superblock damaged and used its backup.
+    pub superblock_backup_reads: u64,
+    /// Starts refused because the superblock and its backup were damaged.
+    pub superblock_refusals: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -242,6 +301,7 @@ pub struct Sim {
     domain: Uuid,
     now: Instant,
     spm: Option<SpmNode>,
+    twin: Option<SpmNode>,
     old_spm: Option<SpmNode>,
     spm_restart_at: Option<Instant>,
     hosts: Vec<HostNode>,
@@ -271,8 +331,19 @@ pub struct Sim {
     requested: HashMap<u16, Vec<(Uuid, u64)>>,
     /// Hosts that restarted with a chunk of one extent ([`Withdraw`]).
     small_chunk: Vec<u16>,
-    /// The engine's `withdrawn()` count the live pool last followed.
-    withdrawn_seen: u64,
+    /// The next time to try adding capacity, when the SPM was not ready.
+    capacity_retry_at: Option<Instant>,
+    twins_started: bool,
+    /// Which volume every extent was ever committed to (extents are never
+    /// freed): an extent committed to two volumes over time is a double
+    /// allocation even when each committed pool is consistent.
+    extent_history: HashMap<(u16, u32), Uuid>,
+    /// Per epoch, the owner of the SPM that committed at it.
+    committers: HashMap<u64, u64>,
+    /// The (epoch, owner) of every SPM that was deposed.
+    deposed: Vec<(u64, u64)>,
+    superblock_damaged: bool,
+    superblock_repaired: bool,
 }
 
 /// The committed pool and its sequence number.
@@ -366,7 +437,14 @@ impl Sim {
             lease_epoch: 0,
             requested: HashMap::new(),
             small_chunk: Vec::new(),
-            withdrawn_seen: 0,
+            twin: None,
+            capacity_retry_at: None,
+            twins_started: false,
+            extent_history: HashMap::new(),
+            committers: HashMap::new(),
+            deposed: Vec::new(),
+            superblock_damaged: false,
+            superblock_repaired: false,
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -379,7 +457,8 @@ impl Sim {
                 restart_at: Some(Instant::ZERO),
             });
         }
-        sim.start_spm();
+        sim.start_spm()
+            .expect("the superblock is intact at the start");
         sim
     }
 
@@ -388,7 +467,10 @@ impl Sim {
             domain: self.domain,
             geometry: self.disk.geometry(),
         };
-        self.disk.put(0, &sb.to_bytes().expect("superblock"));
+        let mut block = vec![0u8; AREA_SIZE];
+        block[..RECORD_LEN].copy_from_slice(&sb.to_bytes().expect("superblock"));
+        self.disk.put(SUPERBLOCK_OFFSET, &block);
+        self.disk.put(SUPERBLOCK_BACKUP_OFFSET, &block);
         let mut buf = vec![0u8; COPY];
         pool.encode(1, &mut buf).expect("encode");
         self.disk.put(self.meta_offset(pool::next_copy(1)), &buf);
@@ -418,8 +500,83 @@ impl Sim {
         found
     }
 
-    fn start_spm(&mut self) {
-        let (pool, seq) = self.committed().expect("pool metadata must always decode");
+    /// Reads the superblock as the daemons do: the one at offset 0, else
+    /// its backup at 0xF000. `Ok(None)`: both fail their checks, and the
+    /// start is refused (counted). A superblock that decodes but names
+    /// another domain or geometry than the domain's is a failure: nothing
+    /// may act on it.
+    fn read_superblock(&mut self, who: &str) -> Result<Option<Superblock>, String> {
+        let read = |at| Superblock::decode(self.disk.record(at)).ok().flatten();
+        let found = match read(SUPERBLOCK_OFFSET) {
+            Some(sb) => Some(sb),
+            None => {
+                let backup = read(SUPERBLOCK_BACKUP_OFFSET);
+                if backup.is_some() {
+                    self.report.superblock_backup_reads += 1;
+                } else {
+                    self.report.superblock_refusals += 1;
+                }
+                backup
+            }
+        };
+        if let Some(sb) = found
+            && (sb.domain != self.domain || sb.geometry != self.disk.geometry())
+        {
+            return Err(format!(
+                "{who} started on a superblock naming domain {} with {} hosts of {}-byte \
+                 sectors, not the domain's",
+                sb.domain,
+                sb.geometry.max_hosts(),
+                sb.geometry.sector_size()
+            ));
+        }
+        Ok(found)
+    }
+
+    /// Starts the SPM, unless the superblock cannot be read (then it tries
+    /// again a second later).
+    fn start_spm(&mut self) -> Result<(), String> {
+        let Some(sb) = self.read_superblock("the SPM")? else {
+            self.spm_restart_at = Some(self.now + Duration::from_secs(1));
+            return Ok(());
+        };
+        let found = self.found_spm_header();
+        let owner = self.rng.next_u64() | 1;
+        self.spm = Some(self.spm_node(sb, found.as_ref(), owner, SpmConfig::default()));
+        Ok(())
+    }
+
+    /// Starts two SPMs at once from the same SPM header, as two paths to one
+    /// LUN would: each with its own owner (the same one under
+    /// [`Bug::TwinsShareOwner`]) and its own pool loaded from disk.
+    fn start_twins(&mut self) -> Result<(), String> {
+        let Some(sb) = self.read_superblock("the SPM")? else {
+            self.spm_restart_at = Some(self.now + Duration::from_secs(1));
+            return Ok(());
+        };
+        let found = self.found_spm_header();
+        let owner = self.rng.next_u64() | 1;
+        let twin_owner = if self.scenario.bug == Some(Bug::TwinsShareOwner) {
+            owner
+        } else {
+            self.rng.next_u64() | 1
+        };
+        self.spm = Some(self.spm_node(sb, found.as_ref(), owner, SpmConfig::default()));
+        // Two daemons on two paths never read at the same instants nor
+        // run the same batches: the twin polls the doorbell at its own
+        // pace and runs one job at a time, so that two acting SPMs would
+        // extend volumes in different orders from the same pool.
+        let config = SpmConfig {
+            doorbell_interval: Duration::from_millis(7),
+            max_jobs: 1,
+            ..SpmConfig::default()
+        };
+        self.twin = Some(self.spm_node(sb, found.as_ref(), twin_owner, config));
+        Ok(())
+    }
+
+    /// The SPM header a starting SPM takes over from.
+    fn found_spm_header(&self) -> Option<SpmHeader> {
         let mut found = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET))
             .ok()
             .flatten();
@@ -443,30 +600,65 @@ impl Sim {
                 pool_commit: 0,
             });
         }
-        let owner = self.rng.next_u64() | 1;
-        let engine = Spm::new(
-            self.now,
-            self.domain,
-            self.disk.geometry(),
-            0,
-            owner,
-            found.as_ref(),
-            SpmConfig::default(),
-        )
-        .expect("spm");
-        self.lease_epoch = engine.epoch();
-        self.withdrawn_seen = engine.withdrawn();
+        found
+    }
+
+    fn spm_node(
+        &mut self,
+        sb: Superblock,
+        found: Option<&SpmHeader>,
+        owner: u64,
+        config: SpmConfig,
+    ) -> SpmNode {
+        let (pool, seq) = self.committed().expect("pool metadata must always decode");
+        let engine =
+            Spm::new(self.now, sb.domain, sb.geometry, 0, owner, found, config).expect("spm");
+        self.lease_epoch = self.lease_epoch.max(engine.epoch());
+        let withdrawn_seen = engine.withdrawn();
         let mut pool = Rc::unwrap_or_clone(pool);
         if self.scenario.bug == Some(Bug::PoolForgetsExtentsUsed) {
             pool.inject_forget_extents_used();
         }
         self.live_dirty = true;
-        self.spm = Some(SpmNode {
+        SpmNode {
             engine,
             pool: Some(pool),
             seq,
             uncommitted: false,
-        });
+            withdrawn_seen,
+        }
+    }
+
+    fn node(&mut self, which: Which) -> Option<&mut SpmNode> {
+        match which {
+            Which::Live => self.spm.as_mut(),
+            Which::Twin => self.twin.as_mut(),
+            Which::Old => self.old_spm.as_mut(),
+        }
+    }
+
+    fn slot(&mut self, which: Which) -> &mut Option<SpmNode> {
+        match which {
+            Which::Live => &mut self.spm,
+            Which::Twin => &mut self.twin,
+            Which::Old => &mut self.old_spm,
+        }
+    }
+
+    /// Ends an SPM that read another SPM's header back (the daemon exits),
+    /// remembering it; the twin left standing becomes the SPM.
+    fn reap_deposed(&mut self) {
+        for which in [Which::Live, Which::Twin] {
+            if let Some(node) = self.slot(which).take_if(|n| n.engine.is_deposed()) {
+                self.report.spms_deposed += 1;
+                self.deposed
+                    .push((node.engine.epoch(), node.engine.owner()));
+            }
+        }
+        if self.spm.is_none() {
+            self.spm = self.twin.take();
+            self.live_dirty = true;
+        }
     }
 
     fn faults_on(&self) -> bool {
@@ -522,7 +714,7 @@ impl Sim {
                 next = next.min(t);
             }
         };
-        for node in [&self.spm, &self.old_spm].into_iter().flatten() {
+        for node in [&self.spm, &self.twin, &self.old_spm].into_iter().flatten() {
             consider(node.engine.poll_timeout());
         }
         consider(self.spm_restart_at);
@@ -531,12 +723,85 @@ impl Sim {
             consider(h.restart_at);
         }
         if !self.capacity_added {
-            consider(Some(at(self.scenario.add_capacity_at)));
+            let t = at(self.scenario.add_capacity_at);
+            consider(Some(self.capacity_retry_at.map_or(t, |r| r.max(t))));
         }
         if let (Some(t), false) = (self.scenario.failover_at, self.failed_over) {
             consider(Some(at(t)));
         }
+        if let (Some(t), false) = (self.scenario.twin_spms_at, self.twins_started) {
+            consider(Some(at(t)));
+        }
+        if let Some(d) = self.scenario.superblock_damage {
+            if !self.superblock_damaged {
+                consider(Some(at(d.at)));
+            } else if !self.superblock_repaired {
+                consider(Some(self.superblock_repair_at(d)));
+            }
+        }
         next
+    }
+
+    fn superblock_repair_at(&self, d: SuperblockDamage) -> Instant {
+        at(self
+            .scenario
+            .faults_until
+            .max(d.at + Duration::from_secs(5)))
+    }
+
+    /// The [`SuperblockDamage`] fault, and its repair.
+    fn superblock_fault(&mut self) -> Result<(), String> {
+        let Some(d) = self.scenario.superblock_damage else {
+            return Ok(());
+        };
+        if !self.superblock_damaged && self.now >= at(d.at) {
+            self.superblock_damaged = true;
+            let mut places = vec![SUPERBLOCK_OFFSET];
+            if d.backup_too {
+                places.push(SUPERBLOCK_BACKUP_OFFSET);
+            }
+            for place in places {
+                let mut record = self.disk.record(place).to_vec();
+                if self.rng.below(2) == 0 {
+                    // A bit flip.
+                    let bit = self.rng.below(RECORD_LEN as u64 * 8) as usize;
+                    record[bit / 8] ^= 1 << (bit % 8);
+                } else {
+                    // A stray write over the block (zeroes, or another
+                    // record of the mailbox: the SPM header's).
+                    record = if self.rng.below(2) == 0 {
+                        vec![0; RECORD_LEN]
+                    } else {
+                        self.disk.record(SPM_HEADER_OFFSET).to_vec()
+                    };
+                }
+                self.disk.put(place, &record);
+            }
+            // The SPM and one host restart and read it.
+            if self.spm.take().is_some() {
+                self.spm_restart_at = Some(self.now + Duration::from_millis(1));
+            }
+            if !self.hosts.is_empty() {
+                let i = self.rng.below(self.hosts.len() as u64) as usize;
+                self.hosts[i].engine = None;
+                self.hosts[i].restart_at = Some(self.now + Duration::from_millis(1));
+            }
+        }
+        if self.superblock_damaged
+            && !self.superblock_repaired
+            && self.now >= self.superblock_repair_at(d)
+        {
+            // `spmbox repair`: both blocks rewritten.
+            self.superblock_repaired = true;
+            let sb = Superblock {
+                domain: self.domain,
+                geometry: self.disk.geometry(),
+            };
+            let record = sb.to_bytes().map_err(|e| format!("superblock: {e:?}"))?;
+            self.disk.put(SUPERBLOCK_OFFSET, &record);
+            self.disk.put(SUPERBLOCK_BACKUP_OFFSET, &record);
+        }
+        Ok(())
     }
 
     fn step(&mut self) -> Result<(), String> {
@@ -545,19 +810,42 @@ impl Sim {
             if let Some(mut old) = self.spm.take() {
                 old.pool = None;
                 self.old_spm = Some(old);
-                self.start_spm();
+                self.twin = None;
+                self.start_spm()?;
             }
+        }
+        self.superblock_fault()?;
+        if !self.twins_started
+            && self
+                .scenario
+                .twin_spms_at
+                .is_some_and(|t| self.now >= at(t))
+        {
+            self.twins_started = true;
+            // The SPM restarts as two.
+            self.spm = None;
+            self.twin = None;
+            self.spm_restart_at = None;
+            self.start_twins()?;
         }
         if self.spm_restart_at.is_some_and(|t| self.now >= t) {
             self.spm_restart_at = None;
-            self.start_spm();
+            self.start_spm()?;
         }
         self.withdraw_fault();
-        if !self.capacity_added && self.now >= at(self.scenario.add_capacity_at) {
+        if !self.capacity_added
+            && self.now >= at(self.scenario.add_capacity_at)
+            && self.capacity_retry_at.is_none_or(|t| self.now >= t)
+        {
             self.add_capacity()?;
         }
-        self.drive_spm(false)?;
-        self.drive_spm(true)?;
+        self.drive_spm(Which::Live)?;
+        self.drive_spm(Which::Twin)?;
+        self.drive_spm(Which::Old)?;
+        self.reap_deposed();
+        if self.spm.is_none() && self.twin.is_none() && self.spm_restart_at.is_none() {
+            self.spm_restart_at = Some(self.now + Duration::from_secs(1));
+        }
         for i in 0..self.hosts.len() {
             self.drive_host(i)?;
         }
@@ -569,6 +857,14 @@ impl Sim {
     }
 
     fn add_capacity(&mut self) -> Result<(), String> {
+        // The operator adds a LUN through the SPM that acts; while none
+        // does (restarting, settling, two racing), the operator retries.
+        let ready = self.spm.as_ref().is_some_and(|n| n.engine.is_confirmed())
+            && self.twin.as_ref().is_none_or(|n| n.engine.is_confirmed());
+        if !ready {
+            self.capacity_retry_at = Some(self.now + Duration::from_millis(100));
+            return Ok(());
+        }
         // Enough for every volume to reach its limit.
         let Some(node) = self.spm.as_mut() else {
             return Ok(());
@@ -587,11 +883,15 @@ impl Sim {
             .map_err(|e| format!("add_lun: {e:?}"))?;
         let after = sizes(pool);
         self.check_extension(&before, &after, "a LUN was added")?;
+        if !self.commit(Which::Live, false)? {
+            // It stood down before the commit: the LUN was not added.
+            self.capacity_retry_at = Some(self.now + Duration::from_millis(100));
+            return Ok(());
+        }
         self.capacity_added = true;
         if !self.faults_on() {
             self.capacity_added_quietly = Some(self.now);
         }
-        self.commit(false)?;
         let now = self.now;
         if let Some(node) = self.spm.as_mut() {
             if let Some(pool) = node.pool.as_mut() {
@@ -604,48 +904,102 @@ impl Sim {
         Ok(())
     }
 
-    /// Commits the live SPM's pool. Returns false if the SPM crashed.
-    fn commit(&mut self, may_crash: bool) -> Result<bool, String> {
+    /// Commits the pool of SPM `which`, as the daemon does: only when the
+    /// SPM header on disk is exactly this SPM's (active, its epoch and
+    /// owner); otherwise the SPM stands down without committing (deposed,
+    /// or restarting to reload the pool). Returns false if the SPM crashed
+    /// or stood down.
+    fn commit(&mut self, which: Which, may_crash: bool) -> Result<bool, String> {
         let crash = may_crash && self.crash_here();
-        let Some(seq) = self.spm.as_ref().map(|n| n.seq + 1) else {
+        let now = self.now;
+        let header = self.disk.record(SPM_HEADER_OFFSET).to_vec();
+        let Some(node) = self.node(which) else {
             return Ok(false);
         };
-        let offset = self.meta_offset(pool::next_copy(seq));
-        let Some(node) = self.spm.as_mut() else {
+        if node.pool.is_none() {
+            return Ok(true);
+        }
+        let (epoch, owner) = (node.engine.epoch(), node.engine.owner());
+        let own = matches!(SpmHeader::decode(&header), Ok(Some(h))
+            if h.state == SpmState::Active && h.epoch == epoch && h.owner == owner);
+        if !own {
+            node.engine.handle_spm_header(now, &header);
+            let deposed = node.engine.is_deposed();
+            self.report.stood_down_before_commit += 1;
+            if deposed {
+                self.reap_deposed();
+            } else {
+                // The daemon exits with an error; it is started again and
+                // reloads the pool from disk.
+                *self.slot(which) = None;
+                if which == Which::Live {
+                    self.spm = self.twin.take();
+                }
+                if self.spm.is_none() {
+                    self.spm_restart_at = Some(now + Duration::from_secs(1));
+                }
+            }
+            return Ok(false);
+        }
+        if node.engine.is_deposed() || self.deposed.contains(&(epoch, owner)) {
+            return Err(format!(
+                "the deposed SPM of epoch {epoch} (owner {owner:#x}) committed pool metadata"
+            ));
+        }
+        if let Some(&other) = self.committers.get(&epoch)
+            && other != owner
+        {
+            return Err(format!(
+                "two SPMs committed pool metadata at epoch {epoch}: owners {other:#x} and {owner:#x}"
+            ));
+        }
+        self.committers.insert(epoch, owner);
+        let Some(node) = self.node(which) else {
             return Ok(false);
         };
+        let seq = node.seq + 1;
         let Some(pool) = node.pool.as_ref() else {
             return Ok(true);
         };
         let mut buf = vec![0u8; COPY];
         pool.encode(seq, &mut buf)
             .map_err(|e| format!("encode: {e:?}"))?;
+        let offset = self.meta_offset(pool::next_copy(seq));
         if crash {
             // The commit is torn: only some of its sectors land.
             let sector = self.disk.geometry().sector_size() as usize;
             let landed = self.rng.below((COPY / sector) as u64) as usize * sector;
             self.disk.put(offset, &buf[..landed]);
-            self.crash_spm();
+            self.crash_spm(which);
             return Ok(false);
         }
         self.disk.put(offset, &buf);
-        node.seq = seq;
+        if let Some(node) = self.node(which) {
+            node.seq = seq;
+            node.engine.set_pool_commit(seq);
+        }
         Ok(true)
     }
 
-    fn crash_spm(&mut self) {
+    fn crash_spm(&mut self, which: Which) {
         self.report.crashes += 1;
-        self.spm = None;
-        self.spm_restart_at = Some(self.now + Duration::from_millis(self.rng.between(10, 2_000)));
+        *self.slot(which) = None;
+        if which == Which::Live {
+            self.spm = self.twin.take();
+        }
+        if self.spm.is_none() {
+            self.spm_restart_at =
+                Some(self.now + Duration::from_millis(self.rng.between(10, 2_000)));
+        }
     }
 
-    fn drive_spm(&mut self, old: bool) -> Result<(), String> {
+    fn drive_spm(&mut self, which: Which) -> Result<(), String> {
         let now = self.now;
         for _ in 0..10_000 {
-            let node = if old {
-                self.old_spm.as_mut()
-            } else {
-                self.spm.as_mut()
+            let node = match which {
+                Which::Live => self.spm.as_mut(),
+                Which::Twin => self.twin.as_mut(),
+                Which::Old => self.old_spm.as_mut(),
             };
             let Some(node) = node else { return Ok(()) };
             let mut progressed = false;
@@ -669,7 +1023,7 @@ impl Sim {
                             self.disk.read(outbox, len).to_vec(),
                         );
                         node.engine.handle_hosts(now, first_host, &ib, &ob);
-                        if !old {
+                        if which != Which::Old {
                             reads.push((first_host, ib));
                         }
                     }
@@ -678,19 +1032,19 @@ impl Sim {
             let write = node.engine.poll_write();
             if let Some(w) = write {
                 progressed = true;
-                if !old && self.crash_here() {
-                    self.crash_spm();
+                if which != Which::Old && self.crash_here() {
+                    self.crash_spm(which);
                     return Ok(());
                 }
                 self.disk.write_record(&mut self.rng, w.offset, &w.record);
             }
             for (first, inbox) in reads {
-                self.note_read(first, &inbox);
+                self.note_read(which, first, &inbox);
             }
-            let node = if old {
-                self.old_spm.as_mut()
-            } else {
-                self.spm.as_mut()
+            let node = match which {
+                Which::Live => self.spm.as_mut(),
+                Which::Twin => self.twin.as_mut(),
+                Which::Old => self.old_spm.as_mut(),
             };
             let Some(node) = node else { return Ok(()) };
             if let Some(job) = node.engine.poll_job() {
@@ -728,29 +1082,29 @@ impl Sim {
                     self.check_extension(&before, &after, "a job ran")?;
                 }
                 if self.scenario.bug == Some(Bug::ReplyBeforeCommit) {
-                    if let Some(node) = self.spm.as_mut() {
+                    if let Some(node) = self.node(which) {
                         node.engine.handle_job_result(now, job.volume, result);
                         node.uncommitted = true;
                     }
                     // The commit happens, but only at the next step.
                     continue;
                 }
-                if !self.commit(true)? {
+                if !self.commit(which, true)? {
                     return Ok(());
                 }
-                if let Some(node) = self.spm.as_mut() {
+                if let Some(node) = self.node(which) {
                     node.engine.handle_job_result(now, job.volume, result);
                 }
-                self.follow_withdrawals();
+                self.follow_withdrawals(which);
             }
             if !progressed {
-                let due = self.spm.as_mut().is_some_and(|n| {
+                let due = self.node(which).is_some_and(|n| {
                     let due = n.uncommitted;
                     n.uncommitted = false;
                     due
                 });
-                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) && !old && due {
-                    self.commit(true)?;
+                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) && which != Which::Old && due {
+                    self.commit(which, true)?;
                 }
                 return Ok(());
             }
@@ -759,8 +1113,12 @@ impl Sim {
     }
 
     fn start_host(&mut self, i: usize) -> Result<(), String> {
-        let g = self.disk.geometry();
         let host_id = self.hosts[i].host_id;
+        let Some(sb) = self.read_superblock(&format!("host {host_id}"))? else {
+            self.hosts[i].restart_at = Some(self.now + Duration::from_secs(1));
+            return Ok(());
+        };
+        let g = sb.geometry;
         let config = HostConfig::default();
         let config = HostConfig {
             chunk_size: if self.small_chunk.contains(&host_id) {
@@ -770,7 +1128,7 @@ impl Sim {
             },
             ..config
         };
-        let mut engine = Host::<HOST_VOLUMES>::new(self.domain, host_id, g, config)
+        let mut engine = Host::<HOST_VOLUMES>::new(sb.domain, host_id, g, config)
             .map_err(|e| format!("host {host_id}: new: {e:?}"))?;
         let truth = self.committed().map(|(p, _)| p);
         for guest in self.guests.iter_mut().filter(|g| g.host_id == host_id) {
@@ -1045,7 +1403,7 @@ impl Sim {
 
     /// The live SPM read hosts `first ..` (their inbox areas `inbox`):
     /// from now on it may know only of what they hold.
-    fn note_read(&mut self, first: u16, inbox: &[u8]) {
+    fn note_read(&mut self, which: Which, first: u16, inbox: &[u8]) {
         for (k, area) in inbox.chunks_exact(AREA_SIZE).enumerate() {
             let Some(host_id) = u16::try_from(k).ok().and_then(|k| first.checked_add(k)) else {
                 continue;
@@ -1066,30 +1424,30 @@ impl Sim {
                 self.requested.insert(host_id, now);
             }
         }
-        self.follow_withdrawals();
+        self.follow_withdrawals(which);
     }
 
     /// Hands the live pool what still waits when the engine says parked
     /// requests left the disk (the daemon does the same).
-    fn follow_withdrawals(&mut self) {
-        let Some(node) = self.spm.as_mut() else {
+    fn follow_withdrawals(&mut self, which: Which) {
+        let now = self.now;
+        let Some(node) = self.node(which) else {
             return;
         };
         let Some(pool) = node.pool.as_mut() else {
             return;
         };
         let n = node.engine.withdrawn();
-        if n == self.withdrawn_seen {
+        if n == node.withdrawn_seen {
             return;
         }
-        self.withdrawn_seen = n;
-        self.live_dirty = true;
+        node.withdrawn_seen = n;
         let engine = &node.engine;
         pool.withdraw_parked(|v| engine.waiting(v));
-        let now = self.now;
         while let Some(c) = pool.poll_completed() {
             node.engine.handle_capacity(now, c.volume, c.size);
         }
+        self.live_dirty = true;
     }
 
     /// No volume grows past the largest target a host still asks for at
@@ -1168,12 +1526,16 @@ impl Sim {
     pub fn check_safety(&mut self) -> Result<(), String> {
         // Both pools are checked whenever they may have changed: the live
         // one first, since every commit comes from it.
-        if std::mem::take(&mut self.live_dirty)
-            && let Some(live) = self.spm.as_ref().and_then(|n| n.pool.as_ref())
-        {
-            check_extent_owners(live).map_err(|e| format!("live pool: {e}"))?;
-            live.check_invariants()
-                .map_err(|e| format!("live pool breaks an invariant: {e:?}"))?;
+        if std::mem::take(&mut self.live_dirty) {
+            for live in [&self.spm, &self.twin]
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.pool.as_ref())
+            {
+                check_extent_owners(live).map_err(|e| format!("live pool: {e}"))?;
+                live.check_invariants()
+                    .map_err(|e| format!("live pool breaks an invariant: {e:?}"))?;
+            }
         }
         let Some((pool, _)) = self.committed() else {
             let why = |copy| {
@@ -1198,6 +1560,8 @@ impl Sim {
             check_extent_owners(&pool).map_err(|e| format!("committed pool: {e}"))?;
             pool.check_invariants()
                 .map_err(|e| format!("committed pool breaks an invariant: {e:?}"))?;
+            check_extent_history(&pool, &mut self.extent_history)
+                .map_err(|e| format!("committed pool: {e}"))?;
             self.committed_checked = Some(version);
         }
         for v in pool.volumes() {
@@ -1300,6 +1664,30 @@ fn check_extent_owners(pool: &SimPool) -> Result<(), String> {
     Ok(())
 }
 
+/// Extents are never freed, so every extent a committed pool gives a
+/// volume must never have been committed to another volume before, in any
+/// earlier commit (by any SPM). `history` holds every owner seen so far.
+fn check_extent_history(
+    pool: &SimPool,
+    history: &mut HashMap<(u16, u32), Uuid>,
+) -> Result<(), String> {
+    for v in pool.volumes() {
+        for s in pool.segments(v.id).unwrap_or(&[]) {
+            for extent in s.first_extent..s.first_extent.saturating_add(s.extents) {
+                let before = *history.entry((s.lun, extent)).or_insert(v.id);
+                if before != v.id {
+                    return Err(format!(
+                        "extent {extent} of LUN {} was committed to volume {before} and is now \
+                         committed to volume {}: given to two volumes",
+                        s.lun, v.id
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one seed's scenario.
 pub fn run_seed(seed: u64) -> Result<Report, Failure> {
     run(Scenario::from_seed(seed))
@@ -1314,4 +1702,32 @@ pub fn run(scenario: Scenario) -> Result<Report, Failure> {
         .expect("simulation thread")
         .join()
         .expect("the simulation panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extent_committed_to_one_volume_and_later_to_another_is_caught() {
+        let (v, w) = (Uuid([1; 16]), Uuid([2; 16]));
+        let pool_with = |first: Uuid, second: Uuid| {
+            let mut pool = SimPool::new(EXTENT).expect("pool");
+            pool.add_lun(Uuid([0x10; 16]), 8).expect("LUN");
+            pool.create_volume(first, 4 * EXTENT, 2 * EXTENT)
+                .expect("volume");
+            pool.create_volume(second, 4 * EXTENT, 2 * EXTENT)
+                .expect("volume");
+            pool
+        };
+        let mut history = HashMap::new();
+        check_extent_history(&pool_with(v, w), &mut history).expect("first commit");
+        check_extent_history(&pool_with(v, w), &mut history).expect("the same again");
+        // A pool rolled back or run by a second SPM gives the same
+        // extents in another order: each pool alone is consistent.
+        let other = pool_with(w, v);
+        check_extent_owners(&other).expect("consistent alone");
+        let err = check_extent_history(&other, &mut history).expect_err("double allocation");
+        assert!(err.contains("given to two volumes"), "{err}");
+    }
 }
