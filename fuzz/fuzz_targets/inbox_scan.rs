@@ -204,6 +204,8 @@ fn geometry(max_hosts: u16, sector_size: u32, offset: u64, host: u16) {
         4096,
         8192,
         12288,
+        61439,
+        61440,
         65535,
         65536,
         g.outbox_offset() - 1,
@@ -258,7 +260,8 @@ fn expected_place(off: u64, max_hosts: u16) -> Option<Place> {
         0..4096 => Region::Superblock,
         4096..8192 => Region::SpmHeader,
         8192..12288 => Region::Doorbell,
-        12288..65536 => Region::Reserved,
+        12288..61440 => Region::Reserved,
+        61440..65536 => Region::SuperblockBackup,
         _ if off < outbox => Region::Inbox {
             host_id: ((off - 65536) / 4096 + 1) as u16,
         },
