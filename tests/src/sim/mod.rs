@@ -403,7 +403,7 @@ pub struct Sim {
     /// Which volume every extent was ever committed to (extents are never
     /// freed): an extent committed to two volumes over time is a double
     /// allocation even when each committed pool is consistent.
-    extent_history: HashMap<(u16, u32), Uuid>,
+    extent_history: ExtentHistory,
     /// Per epoch, the owner of the SPM that committed at it.
     committers: HashMap<u64, u64>,
     /// The (epoch, owner) of every SPM that was deposed.
@@ -418,7 +418,7 @@ pub struct Sim {
     believed_pool: Option<Rc<SimPool>>,
     /// `extent_history` and `committed_max` as they were before the faulty
     /// commit, while the disk lags behind `believed`.
-    before_fault: Option<(HashMap<(u16, u32), Uuid>, HashMap<Uuid, u64>)>,
+    before_fault: Option<(ExtentHistory, HashMap<Uuid, u64>)>,
     metadata_faulted: bool,
     /// When the SPM restarts after the [`MetadataFault`].
     metadata_restart_at: Option<Instant>,
@@ -426,6 +426,9 @@ pub struct Sim {
 
 /// The committed pool and its sequence number.
 type Committed = (Rc<SimPool>, u64);
+
+/// Which volume every extent (LUN, extent) was ever committed to.
+type ExtentHistory = HashMap<(u16, u32), Uuid>;
 
 const GUEST_TICK: Duration = Duration::from_millis(10);
 
