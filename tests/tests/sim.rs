@@ -45,6 +45,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     });
     let mut failures = Vec::new();
     let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
+    let (mut metadata_faults, mut rollbacks_refused) = (0, 0);
     for (_, result) in &results {
         match result {
             Ok(r) => {
@@ -53,13 +54,16 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 resumes += r.resumes;
                 crashes += r.crashes;
                 faults += r.faults.torn + r.faults.lost + r.faults.misdirected + r.faults.bitflips;
+                metadata_faults += r.metadata_faults;
+                rollbacks_refused += r.rollbacks_refused;
             }
             Err(f) => failures.push(f.to_string()),
         }
     }
     println!(
         "simulation: {seeds} seeds from {first}, {extensions} extensions, {pauses} pauses, {resumes} resumes, \
-         {crashes} crashes, {faults} disk faults, {} failed",
+         {crashes} crashes, {faults} disk faults, {metadata_faults} lost or misplaced commits, \
+         {rollbacks_refused} SPM starts refused for a rollback, {} failed",
         failures.len()
     );
     assert!(

@@ -134,8 +134,8 @@ pub struct Scenario {
 /// (which then fails its checks as misplaced, so the disk falls back two
 /// commits). `restart_after` later the SPM restarts, and its start makes
 /// the daemon's rollback check. A misplaced commit is held back until the
-/// copy it would have overwritten is valid, so that one copy always
-/// decodes.
+/// copy at its own place (two commits old) is valid, so that one copy
+/// always decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MetadataFault {
     /// From when.
@@ -237,7 +237,13 @@ impl Scenario {
             metadata_fault: (rng.below(8) == 0).then(|| MetadataFault {
                 at: Duration::from_millis(rng.between(200, 20_000)),
                 misplaced: rng.below(2) == 0,
-                restart_after: Duration::from_millis(rng.between(0, 3_000)),
+                // Half at the next instant, before a later commit can
+                // overwrite the wrong copy.
+                restart_after: Duration::from_millis(if rng.below(2) == 0 {
+                    0
+                } else {
+                    rng.between(1, 3_000)
+                }),
             }),
         }
     }
@@ -1235,7 +1241,8 @@ impl Sim {
             return false;
         }
         if f.misplaced {
-            // The copy it lands on must not be the only valid one.
+            // The copy at its own place must stay valid: the misplaced
+            // write invalidates the other one.
             let other = self.disk.read(self.meta_offset(pool::next_copy(seq)), COPY);
             let alone = if pool::next_copy(seq) == 0 {
                 SimPool::decode(other, &[])
