@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use spmbox_tests::sim::{Bug, Faults, Scenario, SuperblockDamage, Withdraw, run, run_seed};
+use spmbox_tests::sim::{
+    Bug, Faults, MetadataFault, Scenario, SuperblockDamage, Withdraw, run, run_seed,
+};
 
 const DEFAULT_SEEDS: u64 = 64;
 
@@ -43,6 +45,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     });
     let mut failures = Vec::new();
     let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
+    let (mut metadata_faults, mut rollbacks_refused) = (0, 0);
     for (_, result) in &results {
         match result {
             Ok(r) => {
@@ -51,13 +54,16 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 resumes += r.resumes;
                 crashes += r.crashes;
                 faults += r.faults.torn + r.faults.lost + r.faults.misdirected + r.faults.bitflips;
+                metadata_faults += r.metadata_faults;
+                rollbacks_refused += r.rollbacks_refused;
             }
             Err(f) => failures.push(f.to_string()),
         }
     }
     println!(
         "simulation: {seeds} seeds from {first}, {extensions} extensions, {pauses} pauses, {resumes} resumes, \
-         {crashes} crashes, {faults} disk faults, {} failed",
+         {crashes} crashes, {faults} disk faults, {metadata_faults} lost or misplaced commits, \
+         {rollbacks_refused} SPM starts refused for a rollback, {} failed",
         failures.len()
     );
     assert!(
@@ -101,6 +107,7 @@ fn clean(seed: u64) -> Scenario {
         withdraw: None,
         twin_spms_at: None,
         superblock_damage: None,
+        metadata_fault: None,
     }
 }
 
@@ -277,4 +284,68 @@ fn with_the_superblock_and_its_backup_damaged_nothing_starts_until_repaired() {
         assert!(report.superblock_refusals >= 2, "seed {seed}: {report:?}");
         assert!(report.resumes > 0, "seed {seed}: {report:?}");
     }
+}
+
+/// A metadata commit that extends a volume 2 s in is lost (or, with
+/// `misplaced`, lands at the other copy's place) while the SPM believes it
+/// landed; the SPM restarts at the next instant, its reply to the host
+/// already in the outbox. Capacity comes first, so that the pool has free
+/// extents to hand out again.
+fn metadata_fault(seed: u64, misplaced: bool) -> Scenario {
+    Scenario {
+        metadata_fault: Some(MetadataFault {
+            at: Duration::from_secs(2),
+            misplaced,
+            restart_after: Duration::ZERO,
+        }),
+        add_capacity_at: Duration::from_secs(1),
+        ..clean(seed)
+    }
+}
+
+#[test]
+fn an_spm_restarting_after_a_lost_commit_is_refused_and_the_commit_restored() {
+    for seed in 1..=4 {
+        let report = run(metadata_fault(seed, false)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(report.metadata_faults, 1, "seed {seed}: {report:?}");
+        assert_eq!(report.rollbacks_refused, 1, "seed {seed}: {report:?}");
+        assert_eq!(report.pauses, report.resumes, "seed {seed}: {report:?}");
+    }
+}
+
+#[test]
+fn an_spm_restarting_after_a_misplaced_commit_is_refused_and_the_commit_restored() {
+    for seed in 1..=4 {
+        let report = run(metadata_fault(seed, true)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(report.metadata_faults, 1, "seed {seed}: {report:?}");
+        assert_eq!(report.rollbacks_refused, 1, "seed {seed}: {report:?}");
+        assert_eq!(report.pauses, report.resumes, "seed {seed}: {report:?}");
+    }
+}
+
+/// What the checks say when an SPM starts on rolled-back metadata: an
+/// extent the lost commit gave one volume is given to another, or a host
+/// is told of a size the pool lacks.
+fn caught_rollback(what: &str) -> bool {
+    what.contains("given to two volumes") || what.contains("but the pool committed")
+}
+
+#[test]
+fn an_spm_that_starts_on_metadata_a_lost_commit_rolled_back_is_caught() {
+    let failure = run(Scenario {
+        bug: Some(Bug::SpmSkipsRollbackCheck),
+        ..metadata_fault(1, false)
+    })
+    .expect_err("an SPM starting on rolled-back metadata went unnoticed");
+    assert!(caught_rollback(&failure.what), "{failure}");
+}
+
+#[test]
+fn an_spm_that_starts_on_metadata_a_misplaced_commit_rolled_back_is_caught() {
+    let failure = run(Scenario {
+        bug: Some(Bug::SpmSkipsRollbackCheck),
+        ..metadata_fault(1, true)
+    })
+    .expect_err("an SPM starting on rolled-back metadata went unnoticed");
+    assert!(caught_rollback(&failure.what), "{failure}");
 }

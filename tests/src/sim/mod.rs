@@ -10,7 +10,38 @@
 //! and pool ([`Scenario::twin_spms_at`]; the SPM commits only while the SPM
 //! header is exactly its own, as the daemon does), or damage the superblock
 //! and sometimes its backup ([`SuperblockDamage`]; every start reads the
-//! superblock, else its backup, else refuses).
+//! superblock, else its backup, else refuses). Some seeds lose one pool
+//! metadata commit or write it at the other copy's place, and restart the
+//! SPM after it ([`MetadataFault`]).
+//!
+//! Every SPM start makes the daemon's rollback check
+//! (`check_no_rollback` in the host shell's `spm_daemon.rs`), modelled
+//! here in [`Sim::rollback_findings`]: it refuses when the newest valid
+//! metadata copy is older than the SPM header's `pool_commit`, or when an
+//! extended reply (valid or stale) in any outbox names a volume the pool
+//! lacks or a size above the pool's. A refusal is counted
+//! ([`Report::rollbacks_refused`]) and the operator's recovery follows: the
+//! commit the SPM believed durable (the simulation keeps it) is written
+//! back to its copy and the SPM starts again. If the check still refuses,
+//! a host was told of a size the SPM never committed, and the run fails.
+//!
+//! What the checks compare against, once commits can be lost: the
+//! simulation keeps the last commit an SPM made (its record of what the
+//! SPM believed durable). While the metadata on disk is older than that
+//! record (a lost or misplaced commit not yet overwritten by a later one),
+//! the checks of sizes (a host told of a size, no volume shrinks, passes
+//! its limit or grows past what was asked, no guest writes past its
+//! volume) use the SPM's record instead of the disk: the disk is wrong
+//! there by the fault itself, and the SPM cannot know. The extents of the
+//! faulty commit count as committed for [`check_extent_history`] from the
+//! moment the SPM believed it landed. Everything else stays checked on the
+//! disk, and once the disk holds the record again (the next commit, or the
+//! operator's restore), the size checks are back on the disk. An SPM start
+//! that finds no trace of the lost commit on disk (no header write and no
+//! reply carried it out before the restart) loads the older pool, as the
+//! daemon does; nobody was told of the lost commit, so the simulation
+//! forgets it too (its sizes and extents are taken back from the checks'
+//! records).
 //!
 //! The engines are the real ones (`spmbox_core::{spm, host, pool}`); the
 //! simulation plays the thin shell around them: it does the reads and writes
@@ -92,6 +123,27 @@ pub struct Scenario {
     pub twin_spms_at: Option<Duration>,
     /// The superblock is damaged (see [`SuperblockDamage`]).
     pub superblock_damage: Option<SuperblockDamage>,
+    /// A pool metadata commit is lost or misplaced, and the SPM restarts
+    /// after it (see [`MetadataFault`]).
+    pub metadata_fault: Option<MetadataFault>,
+}
+
+/// The first metadata commit at or after `at` (that can be, see below) is
+/// written wrong while the SPM believes it landed: lost (the copy keeps
+/// its old bytes) or, with `misplaced`, written at the other copy's place
+/// (which then fails its checks as misplaced, so the disk falls back two
+/// commits). `restart_after` later the SPM restarts, and its start makes
+/// the daemon's rollback check. A misplaced commit is held back until the
+/// copy at its own place (two commits old) is valid, so that one copy
+/// always decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetadataFault {
+    /// From when.
+    pub at: Duration,
+    /// Written at the other copy's place instead of lost.
+    pub misplaced: bool,
+    /// The SPM restarts this long after the faulty commit.
+    pub restart_after: Duration,
 }
 
 /// Damage to the superblock block at `at` (a bit flip, or a stray write
@@ -137,6 +189,10 @@ pub enum Bug {
     /// Two SPMs started at one epoch draw the same owner, so the settle
     /// cannot tell them apart: both act, each on its own pool.
     TwinsShareOwner,
+    /// A starting SPM skips the rollback check (the pool commit in the
+    /// SPM header and the replies in the outboxes) and loads whatever
+    /// metadata is newest on disk.
+    SpmSkipsRollbackCheck,
 }
 
 impl Scenario {
@@ -177,6 +233,17 @@ impl Scenario {
             superblock_damage: (rng.below(8) == 0).then(|| SuperblockDamage {
                 at: Duration::from_millis(rng.between(100, 20_000)),
                 backup_too: rng.below(3) == 0,
+            }),
+            metadata_fault: (rng.below(8) == 0).then(|| MetadataFault {
+                at: Duration::from_millis(rng.between(200, 20_000)),
+                misplaced: rng.below(2) == 0,
+                // Half at the next instant, before a later commit can
+                // overwrite the wrong copy.
+                restart_after: Duration::from_millis(if rng.below(2) == 0 {
+                    0
+                } else {
+                    rng.between(1, 3_000)
+                }),
             }),
         }
     }
@@ -266,6 +333,11 @@ pub struct Report {
     pub superblock_backup_reads: u64,
     /// Starts refused because the superblock and its backup were damaged.
     pub superblock_refusals: u64,
+    /// Metadata commits lost or misplaced ([`MetadataFault`]).
+    pub metadata_faults: u64,
+    /// SPM starts the rollback check refused (each followed by the
+    /// operator's restore of the commit the SPM believed durable).
+    pub rollbacks_refused: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -337,17 +409,32 @@ pub struct Sim {
     /// Which volume every extent was ever committed to (extents are never
     /// freed): an extent committed to two volumes over time is a double
     /// allocation even when each committed pool is consistent.
-    extent_history: HashMap<(u16, u32), Uuid>,
+    extent_history: ExtentHistory,
     /// Per epoch, the owner of the SPM that committed at it.
     committers: HashMap<u64, u64>,
     /// The (epoch, owner) of every SPM that was deposed.
     deposed: Vec<(u64, u64)>,
     superblock_damaged: bool,
     superblock_repaired: bool,
+    /// The last commit an SPM made and believed durable: its sequence and
+    /// encoded copy.
+    believed: (u64, Vec<u8>),
+    /// The pool of `believed`, kept while the disk may lag behind it (from
+    /// a [`MetadataFault`] until a commit or a restore lands).
+    believed_pool: Option<Rc<SimPool>>,
+    /// `extent_history` and `committed_max` as they were before the faulty
+    /// commit, while the disk lags behind `believed`.
+    before_fault: Option<(ExtentHistory, HashMap<Uuid, u64>)>,
+    metadata_faulted: bool,
+    /// When the SPM restarts after the [`MetadataFault`].
+    metadata_restart_at: Option<Instant>,
 }
 
 /// The committed pool and its sequence number.
 type Committed = (Rc<SimPool>, u64);
+
+/// Which volume every extent (LUN, extent) was ever committed to.
+type ExtentHistory = HashMap<(u16, u32), Uuid>;
 
 const GUEST_TICK: Duration = Duration::from_millis(10);
 
@@ -445,6 +532,11 @@ impl Sim {
             deposed: Vec::new(),
             superblock_damaged: false,
             superblock_repaired: false,
+            believed: (0, Vec::new()),
+            believed_pool: None,
+            before_fault: None,
+            metadata_faulted: false,
+            metadata_restart_at: None,
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -474,6 +566,7 @@ impl Sim {
         let mut buf = vec![0u8; COPY];
         pool.encode(1, &mut buf).expect("encode");
         self.disk.put(self.meta_offset(pool::next_copy(1)), &buf);
+        self.believed = (1, buf);
         for v in pool.volumes() {
             self.committed_max.insert(v.id, v.size);
         }
@@ -498,6 +591,110 @@ impl Sim {
             .map(|(pool, seq)| (Rc::new(pool), seq));
         *self.committed_cache.borrow_mut() = Some((version, found.clone()));
         found
+    }
+
+    /// The pool the size checks hold hosts and guests to: the committed
+    /// pool on disk, or the last commit the SPM made while the disk lags
+    /// behind it after a [`MetadataFault`].
+    fn reference(&self) -> Option<Committed> {
+        let disk = self.committed()?;
+        match &self.believed_pool {
+            Some(pool) if disk.1 < self.believed.0 => Some((pool.clone(), self.believed.0)),
+            _ => Some(disk),
+        }
+    }
+
+    /// The daemon's rollback check at SPM start (`check_no_rollback`):
+    /// what it finds, if anything. `found` is the SPM header the SPM takes
+    /// over from.
+    fn rollback_findings(&self, found: Option<&SpmHeader>) -> Vec<String> {
+        let Some((pool, committed)) = self.committed() else {
+            return vec!["no pool metadata copy decodes".into()];
+        };
+        let mut findings = Vec::new();
+        if let Some(h) = found.filter(|h| h.pool_commit > committed) {
+            findings.push(format!(
+                "the SPM header says pool metadata commit {} was made durable, but the newest \
+                 valid copy is commit {committed}",
+                h.pool_commit
+            ));
+        }
+        let g = self.disk.geometry();
+        let outboxes = self
+            .disk
+            .read(g.outbox_offset(), usize::from(g.max_hosts()) * AREA_SIZE);
+        for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(outboxes, self.domain, 1) {
+            for (slot, state) in area.slots() {
+                let (spmbox_core::wire::SlotState::Valid(r)
+                | spmbox_core::wire::SlotState::Stale(r)) = state
+                else {
+                    continue;
+                };
+                if r.status != spmbox_core::wire::ReplyStatus::Extended {
+                    continue;
+                }
+                let have = pool.volume(r.volume).map(|v| v.size);
+                if have.is_some_and(|size| size >= r.size) {
+                    continue;
+                }
+                findings.push(format!(
+                    "host {} slot {slot} was told (epoch {}) that volume {} is {} bytes, but the \
+                     pool has {have:?}",
+                    r.host_id, r.epoch, r.volume, r.size
+                ));
+            }
+        }
+        findings
+    }
+
+    /// The rollback check of a starting SPM, and the operator's recovery
+    /// when it refuses: the commit the SPM believed durable is written back
+    /// to its copy, and the SPM starts on it.
+    fn check_no_rollback(&mut self, found: Option<&SpmHeader>) -> Result<(), String> {
+        let findings = self.rollback_findings(found);
+        let behind = self
+            .committed()
+            .is_some_and(|(_, seq)| seq < self.believed.0);
+        if findings.is_empty() {
+            if behind {
+                // No trace of the lost commit: the SPM loads the older
+                // pool, as the daemon does, and nobody was told of it.
+                let (_, seq) = self.committed().expect("decodes");
+                let bytes = self
+                    .disk
+                    .read(self.meta_offset(pool::next_copy(seq)), COPY)
+                    .to_vec();
+                self.believed = (seq, bytes);
+                self.believed_pool = None;
+                if let Some((history, max)) = self.before_fault.take() {
+                    self.extent_history = history;
+                    self.committed_max = max;
+                    self.committed_checked = None;
+                }
+            }
+            return Ok(());
+        }
+        if self.scenario.bug == Some(Bug::SpmSkipsRollbackCheck) {
+            return Ok(());
+        }
+        self.report.rollbacks_refused += 1;
+        let (seq, bytes) = &self.believed;
+        let offset = self.meta_offset(pool::next_copy(*seq));
+        let bytes = bytes.clone();
+        self.disk.put(offset, &bytes);
+        let again = self.rollback_findings(found);
+        if !again.is_empty() {
+            return Err(format!(
+                "the SPM refused to start (rollback check: {}) and still refuses with the last \
+                 commit it made ({}) restored: {}",
+                findings.join("; "),
+                self.believed.0,
+                again.join("; ")
+            ));
+        }
+        self.believed_pool = None;
+        self.before_fault = None;
+        Ok(())
     }
 
     /// Reads the superblock as the daemons do: the one at offset 0, else
@@ -541,6 +738,7 @@ impl Sim {
             return Ok(());
         };
         let found = self.found_spm_header();
+        self.check_no_rollback(found.as_ref())?;
         let owner = self.rng.next_u64() | 1;
         self.spm = Some(self.spm_node(sb, found.as_ref(), owner, SpmConfig::default()));
         Ok(())
@@ -555,6 +753,7 @@ impl Sim {
             return Ok(());
         };
         let found = self.found_spm_header();
+        self.check_no_rollback(found.as_ref())?;
         let owner = self.rng.next_u64() | 1;
         let twin_owner = if self.scenario.bug == Some(Bug::TwinsShareOwner) {
             owner
@@ -627,6 +826,15 @@ impl Sim {
             uncommitted: false,
             withdrawn_seen,
         }
+    }
+
+    fn spm_pool(&self, which: Which) -> Option<&SimPool> {
+        match which {
+            Which::Live => self.spm.as_ref(),
+            Which::Twin => self.twin.as_ref(),
+            Which::Old => self.old_spm.as_ref(),
+        }
+        .and_then(|n| n.pool.as_ref())
     }
 
     fn node(&mut self, which: Which) -> Option<&mut SpmNode> {
@@ -718,6 +926,7 @@ impl Sim {
             consider(node.engine.poll_timeout());
         }
         consider(self.spm_restart_at);
+        consider(self.metadata_restart_at);
         for h in &self.hosts {
             consider(h.engine.as_ref().and_then(|e| e.poll_timeout()));
             consider(h.restart_at);
@@ -827,6 +1036,13 @@ impl Sim {
             self.twin = None;
             self.spm_restart_at = None;
             self.start_twins()?;
+        }
+        if self.metadata_restart_at.is_some_and(|t| self.now >= t) {
+            // The SPM restarts after the metadata fault.
+            self.metadata_restart_at = None;
+            self.spm = None;
+            self.twin = None;
+            self.spm_restart_at = Some(self.now);
         }
         if self.spm_restart_at.is_some_and(|t| self.now >= t) {
             self.spm_restart_at = None;
@@ -973,12 +1189,74 @@ impl Sim {
             self.crash_spm(which);
             return Ok(false);
         }
-        self.disk.put(offset, &buf);
+        if self.metadata_fault_now(which, seq) {
+            let misplaced = self.scenario.metadata_fault.is_some_and(|f| f.misplaced);
+            if misplaced {
+                self.disk
+                    .put(self.meta_offset(pool::next_copy(seq + 1)), &buf);
+            }
+            // The SPM believes the commit landed: from now on its extents
+            // count as committed (and its sizes as the reference).
+            let pool = Rc::new(
+                self.node(which)
+                    .and_then(|n| n.pool.clone())
+                    .expect("the committing SPM has a pool"),
+            );
+            self.before_fault = Some((self.extent_history.clone(), self.committed_max.clone()));
+            check_extent_history(&pool, &mut self.extent_history)
+                .map_err(|e| format!("the pool the SPM committed: {e}"))?;
+            self.believed_pool = Some(pool);
+        } else {
+            self.disk.put(offset, &buf);
+            self.believed_pool = None;
+            self.before_fault = None;
+        }
+        self.believed = (seq, buf);
         if let Some(node) = self.node(which) {
             node.seq = seq;
             node.engine.set_pool_commit(seq);
         }
         Ok(true)
+    }
+
+    /// Whether the [`MetadataFault`] strikes the commit of `seq` by SPM
+    /// `which`, once; schedules the SPM's restart after it. It strikes a
+    /// commit that extends a volume (losing one that only parks a request
+    /// loses nothing).
+    fn metadata_fault_now(&mut self, which: Which, seq: u64) -> bool {
+        let Some(f) = self.scenario.metadata_fault else {
+            return false;
+        };
+        if self.metadata_faulted || self.now < at(f.at) {
+            return false;
+        }
+        let extends = match (
+            self.spm_pool(which).map(sizes),
+            self.committed().map(|(p, _)| sizes(&p)),
+        ) {
+            (Some(live), Some(disk)) => live != disk,
+            _ => false,
+        };
+        if !extends {
+            return false;
+        }
+        if f.misplaced {
+            // The copy at its own place must stay valid: the misplaced
+            // write invalidates the other one.
+            let other = self.disk.read(self.meta_offset(pool::next_copy(seq)), COPY);
+            let alone = if pool::next_copy(seq) == 0 {
+                SimPool::decode(other, &[])
+            } else {
+                SimPool::decode(&[], other)
+            };
+            if alone.is_err() {
+                return false;
+            }
+        }
+        self.metadata_faulted = true;
+        self.report.metadata_faults += 1;
+        self.metadata_restart_at = Some(self.now + f.restart_after);
+        true
     }
 
     fn crash_spm(&mut self, which: Which) {
@@ -1243,14 +1521,17 @@ impl Sim {
         let host_id = self.hosts[i].host_id;
         match event {
             HostEvent::Refresh { volume, size } => {
-                let truth = self
-                    .committed()
-                    .and_then(|(p, _)| p.volume(volume))
-                    .map(|v| v.size)
-                    .unwrap_or(0);
-                if size > truth {
+                let size_in = |pool: Option<Committed>| {
+                    pool.and_then(|(p, _)| p.volume(volume).map(|v| v.size))
+                        .unwrap_or(0)
+                };
+                // The host's refresh reads the disk; what it was told is
+                // held to what the SPM committed (see the module docs).
+                let truth = size_in(self.committed());
+                let committed = size_in(self.reference());
+                if size > committed {
                     return Err(format!(
-                        "host {host_id} was told volume {volume} is {size} bytes but the pool committed {truth}"
+                        "host {host_id} was told volume {volume} is {size} bytes but the pool committed {committed}"
                     ));
                 }
                 if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
@@ -1564,6 +1845,8 @@ impl Sim {
                 .map_err(|e| format!("committed pool: {e}"))?;
             self.committed_checked = Some(version);
         }
+        // Sizes are held to the reference (see the module docs).
+        let pool = self.reference().map_or(pool, |(p, _)| p);
         for v in pool.volumes() {
             let max = self.committed_max.entry(v.id).or_insert(v.size);
             if v.size < *max {
