@@ -307,8 +307,16 @@ impl TestDomain {
         ]
     }
 
+    /// The SPM header as on disk. Read with a run directory of its own:
+    /// `status` asks a running SPM through its control socket, and one
+    /// that is stopped would keep it waiting.
     fn spm_header(&self) -> Value {
-        self.a.status()["spm"].clone()
+        let observer = Machine {
+            device: self.a.device.clone(),
+            run: self.dir.path().join("run-observer"),
+        };
+        fs::create_dir_all(&observer.run).unwrap();
+        observer.status()["spm"].clone()
     }
 
     /// The hosts finish, the pool on disk is sound and holds no extent
