@@ -390,7 +390,7 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// Of two SPMs that raced, the one that still runs once the race is
 /// decided. The other exited with an error saying another SPM runs or
 /// took over, and committed no job; the survivor ran them all.
-fn one_spm_survives<'a>(run: usize, spms: [&'a mut Proc; 2]) -> &'a mut Proc {
+fn one_spm_survives(run: usize, spms: [&mut Proc; 2]) -> &mut Proc {
     let [p, q] = spms;
     // Two watches of a dead header's heartbeat (2.5 s) and a settle
     // (1.5 s) decide any race; the hosts ran far longer.
@@ -407,7 +407,7 @@ fn one_spm_survives<'a>(run: usize, spms: [&'a mut Proc; 2]) -> &'a mut Proc {
     let (winner, loser) = if p_alive { (p, q) } else { (q, p) };
     let status = loser.child.wait().unwrap();
     let log = loser.log();
-    assert!(!status.success(), "run {run}: {log}");
+    assert_eq!(status.code(), Some(1), "run {run}: {log}");
     assert!(
         log.contains("another SPM is running") || log.contains("another SPM took over"),
         "run {run}: the loser must say why it stopped: {log}"
@@ -504,15 +504,20 @@ fn an_spm_stopped_longer_than_its_lease_stands_down_when_continued() {
     spm1.signal(rustix::process::Signal::CONT);
     let status = spm1.wait_for(Duration::from_secs(10));
     let log = spm1.log();
-    assert!(
-        status.is_some_and(|s| !s.success()),
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
         "the first SPM did not stand down ({status:?}): {log}"
     );
     assert!(
         log.contains("another SPM took over") || log.contains("no longer names this SPM"),
         "{log}"
     );
-    assert_eq!(spm1.jobs(), jobs_before, "it committed after SIGCONT: {log}");
+    assert_eq!(
+        spm1.jobs(),
+        jobs_before,
+        "it committed after SIGCONT: {log}"
+    );
     assert!(spm2.alive(), "the second SPM stopped: {}", spm2.log());
     d.check(&mut hosts, 0, &[&spm1, &spm2]);
     assert_eq!(d.spm_header()["epoch"].as_u64(), Some(epoch + 1));
@@ -559,7 +564,7 @@ fn a_host_id_in_use_is_refused_through_either_path() {
         let mut second = idle_host(m, &d, "3", name);
         let status = second.wait_for(Duration::from_secs(20));
         let log = second.log();
-        assert!(status.is_some_and(|s| !s.success()), "{name}: {log}");
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{name}: {log}");
         assert!(
             log.contains("host id 3 is in use by another live process"),
             "{name}: {log}"
