@@ -731,14 +731,24 @@ pub fn run(
                     if engine.is_deposed() {
                         break;
                     }
-                    return Err(BackendError::new(format!(
-                        "the SPM header no longer names this SPM (epoch {}, owner {:#x}) before \
-                         a metadata commit; it stood down without committing. Start it again: \
-                         it reloads the pool from disk",
+                    // A header of a lower epoch, or a damaged one: an older
+                    // SPM that stalled wrote it late, or this SPM's write was
+                    // lost. Standing down here would leave that older SPM
+                    // running on a stale pool. The engine writes its header
+                    // again and settles; the batch waits for its commit until
+                    // the header is read back as this SPM's, and the older
+                    // SPM is deposed when it reads it.
+                    tracing::warn!(
+                        "the SPM header does not name this SPM (epoch {}, owner {:#x}) before a \
+                         metadata commit: writing it again; the commit waits until it is read \
+                         back",
                         engine.epoch(),
                         engine.owner()
-                    )));
+                    );
                 }
+                // Settling again after its header was overwritten: the
+                // batch waits.
+                Ok(_) if !engine.is_confirmed() => {}
                 Ok(_) => {
                     header_seen = std::time::Instant::now();
                     let commit_started = std::time::Instant::now();
@@ -853,7 +863,8 @@ pub fn run(
     if engine.is_deposed() {
         tracing::error!("another SPM took over the domain; this one stands down without writing");
         return Err(BackendError::new(
-            "another SPM took over the domain (a higher epoch); this SPM stood down",
+            "another SPM took over the domain (the SPM header names a higher epoch, or this \
+             epoch under another owner); this SPM stood down without committing",
         ));
     }
     // Graceful stop: the replies still due, then the vacant header; what

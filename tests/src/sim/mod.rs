@@ -1145,8 +1145,10 @@ impl Sim {
             if deposed {
                 self.reap_deposed();
             } else {
-                // The daemon exits with an error; it is started again and
-                // reloads the pool from disk.
+                // The daemon writes its header again and holds the batch
+                // until it reads that header back; the simulation takes the
+                // stricter path of starting the SPM again, which reloads the
+                // pool from disk. Neither commits on a header not its own.
                 *self.slot(which) = None;
                 if which == Which::Live {
                     self.spm = self.twin.take();
