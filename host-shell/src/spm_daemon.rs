@@ -423,6 +423,9 @@ pub fn private_dir(dir: &Path) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// How long a `status` request waits for the SPM's answer.
+pub const STATUS_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Sends one admin request to the SPM's control socket. `Ok(None)` if no
 /// SPM listens there.
 pub fn control_request(control: &Path, request: &Value) -> Result<Option<Value>, BackendError> {
@@ -443,8 +446,17 @@ pub fn control_request(control: &Path, request: &Value) -> Result<Option<Value>,
             )));
         }
     };
+    // A running SPM answers `status` within milliseconds; one that does
+    // not within STATUS_ANSWER_TIMEOUT is stopped or stuck, and callers
+    // fall back to what is on disk. Changes (an lvextend, a pvcreate) may
+    // take longer.
+    let timeout = if request["op"] == json!("status") {
+        STATUS_ANSWER_TIMEOUT
+    } else {
+        CONTROL_ANSWER_TIMEOUT
+    };
     stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| BackendError::new(e.to_string()))?;
     let mut line = request.to_string();
     line.push('\n');

@@ -210,6 +210,26 @@ fn a_client_sending_a_byte_at_a_time_does_not_hold_up_status() {
 }
 
 #[test]
+fn status_of_a_stopped_spm_falls_back_to_the_disk_within_seconds() {
+    let d = Domain::new();
+    let spm = d.start_spm();
+    let pid = rustix::process::Pid::from_child(&spm.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let started = Instant::now();
+    let out = d.status();
+    let took = started.elapsed();
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    assert!(out.status.success(), "status: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("as committed"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Not a performance figure: the old code waited the socket's 60 s.
+    assert!(took < Duration::from_secs(30), "status took {took:?}");
+}
+
+#[test]
 fn a_request_line_not_finished_within_the_deadline_is_answered_with_an_error() {
     let d = Domain::new();
     let _spm = d.start_spm();
