@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
-use spmbox_core::wire::{Geometry, SpmHeader, SpmState, Uuid};
+use spmbox_core::wire::{Geometry, SpmHeader, Uuid};
 
 use crate::backend::BackendError;
 
@@ -502,24 +502,7 @@ impl Drop for SpmLease {
 /// the lease version: epochs then grow across every SPM that ever held the
 /// lease, even one that died before it wrote the header.
 pub fn raise_epoch(found: Option<SpmHeader>, lver: u64, domain: Uuid) -> Option<SpmHeader> {
-    let floor = lver.saturating_sub(1);
-    match found {
-        Some(mut h) => {
-            h.epoch = h.epoch.max(floor);
-            Some(h)
-        }
-        None if floor > 0 => Some(SpmHeader {
-            domain,
-            epoch: floor,
-            spm_id: 0,
-            state: SpmState::Vacant,
-            heartbeat_interval_ms: 1000,
-            heartbeat: 0,
-            owner: 0,
-            pool_commit: 0,
-        }),
-        None => None,
-    }
+    crate::spm_daemon::with_epoch_at_least(found, lver.saturating_sub(1), domain)
 }
 
 /// Who holds the domain's leases, read from disk (`sanlock direct dump`):

@@ -225,14 +225,25 @@ fn with_highest_epoch(
         .map(|h| h.epoch)
         .max()
         .unwrap_or(0);
-    Ok(match found {
+    Ok(with_epoch_at_least(found, highest, domain))
+}
+
+/// The SPM header to start from, its epoch raised to at least `floor`
+/// (the engine runs with the header's epoch plus one); a vacant header
+/// at `floor` when none was found and `floor` is above 0.
+pub fn with_epoch_at_least(
+    found: Option<SpmHeader>,
+    floor: u64,
+    domain: Uuid,
+) -> Option<SpmHeader> {
+    match found {
         Some(mut h) => {
-            h.epoch = h.epoch.max(highest);
+            h.epoch = h.epoch.max(floor);
             Some(h)
         }
-        None if highest > 0 => Some(SpmHeader {
+        None if floor > 0 => Some(SpmHeader {
             domain,
-            epoch: highest,
+            epoch: floor,
             spm_id: 0,
             state: SpmState::Vacant,
             heartbeat_interval_ms: 1000,
@@ -241,7 +252,7 @@ fn with_highest_epoch(
             pool_commit: 0,
         }),
         None => None,
-    })
+    }
 }
 
 /// The most rollback findings one error lists; the rest are counted.
