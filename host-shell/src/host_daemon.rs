@@ -368,15 +368,10 @@ pub fn run(
                 }
             }
             // Writes: the whole inbox area from the mirror, then the bell.
-            while let Some(w) = engine.poll_write() {
-                if w.offset == DOORBELL_OFFSET {
-                    bell = Some(w.record);
-                } else if let Some(at) = w.offset.checked_sub(inbox_offset)
-                    && (at as usize) + RECORD_LEN <= AREA_SIZE
-                {
-                    mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
-                    area_dirty = true;
-                }
+            let (dirty, rang) = take_writes(&mut engine, inbox_offset, &mut mirror);
+            area_dirty |= dirty;
+            if rang.is_some() {
+                bell = rang;
             }
             if area_dirty && io.ready() {
                 if let Err(e) = mailbox.device().write_at(inbox_offset, &mirror) {
@@ -479,13 +474,7 @@ pub fn run(
     {
         // The writes still due go into the mirror; the release header
         // replaces the header in it, and the area is written once.
-        while let Some(w) = engine.poll_write() {
-            if let Some(at) = w.offset.checked_sub(inbox_offset)
-                && (at as usize) + RECORD_LEN <= AREA_SIZE
-            {
-                mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
-            }
-        }
+        let _ = take_writes(&mut engine, inbox_offset, &mut mirror);
         mirror[..RECORD_LEN].copy_from_slice(&release.record);
         let written = mailbox.device().write_at(inbox_offset, &mirror);
         if let Err(e) = written {
@@ -522,6 +511,29 @@ fn retry_at_start<T>(
     }
 }
 
+/// Takes what the engine hands out to write: records of the inbox area go
+/// into its mirror, the doorbell is returned. Whether the mirror changed,
+/// and the newest doorbell record.
+fn take_writes(
+    engine: &mut Host<HOST_VOLUMES>,
+    inbox_offset: u64,
+    mirror: &mut AlignedBuf,
+) -> (bool, Option<[u8; RECORD_LEN]>) {
+    let mut dirty = false;
+    let mut bell = None;
+    while let Some(w) = engine.poll_write() {
+        if w.offset == DOORBELL_OFFSET {
+            bell = Some(w.record);
+        } else if let Some(at) = w.offset.checked_sub(inbox_offset)
+            && (at as usize) + RECORD_LEN <= AREA_SIZE
+        {
+            mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
+            dirty = true;
+        }
+    }
+    (dirty, bell)
+}
+
 /// Writes what the engine hands out: its records into the inbox area's
 /// mirror and the whole area once (this host is its only writer), then the
 /// doorbell's sector. Whether the area was written. Records taken from the
@@ -533,18 +545,7 @@ fn flush_writes(
     mirror: &mut AlignedBuf,
     sector: usize,
 ) -> Result<bool, DeviceError> {
-    let mut area_dirty = false;
-    let mut bell = None;
-    while let Some(w) = engine.poll_write() {
-        if w.offset == DOORBELL_OFFSET {
-            bell = Some(w.record);
-        } else if let Some(at) = w.offset.checked_sub(inbox_offset)
-            && (at as usize) + RECORD_LEN <= AREA_SIZE
-        {
-            mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
-            area_dirty = true;
-        }
-    }
+    let (area_dirty, bell) = take_writes(engine, inbox_offset, mirror);
     // At start the area is written whole whether or not the engine had
     // anything new: a retry after a failed write must write it again.
     mailbox.device().write_at(inbox_offset, mirror)?;
