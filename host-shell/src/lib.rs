@@ -22,6 +22,7 @@ pub mod lvm_glue;
 pub mod mailbox;
 pub mod mapping;
 pub mod metrics;
+pub mod qmp;
 pub mod sanlock;
 pub mod spm_daemon;
 pub mod spm_io;

@@ -501,6 +501,16 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .map(|v| v.state)
     }
 
+    /// The allocation at which `volume` crosses its watermark: the offset
+    /// to arm a write threshold at (qemu's `block-set-write-threshold`),
+    /// so the caller hears of the guest's allocation exactly when the
+    /// engine would ask for more. `None` for an unknown volume or one that
+    /// can grow no more.
+    pub fn write_threshold(&self, volume: Uuid) -> Option<u64> {
+        let v = self.volume(volume)?;
+        (v.physical < v.limit).then(|| v.physical.saturating_sub(self.threshold))
+    }
+
     /// Every tracked volume.
     pub fn volumes(&self) -> impl Iterator<Item = VolumeState> + '_ {
         self.volumes.iter().map(|v| v.state)

@@ -607,6 +607,29 @@ fn below_the_watermark_nothing_is_sent() {
 }
 
 #[test]
+fn the_write_threshold_is_the_last_allocation_that_asks_for_nothing() {
+    let mut rig = Rig::<4>::one(0);
+    let threshold = rig.host.write_threshold(vol(1)).unwrap();
+    assert_eq!(threshold, GIB - WATERMARK);
+    rig.writes.clear();
+    rig.host.handle_allocation(at(1), vol(1), threshold);
+    assert!(rig.flush().is_empty());
+    rig.host.handle_allocation(at(1), vol(1), threshold + 1);
+    assert!(!rig.flush().is_empty());
+    assert!(rig.request(1).is_some());
+    assert_eq!(rig.host.write_threshold(vol(9)), None);
+}
+
+#[test]
+fn a_volume_at_its_limit_has_no_write_threshold() {
+    let mut rig = Rig::<4>::new();
+    rig.host
+        .add_volume(vol(1), VIRTUAL, LIMIT, LIMIT, 0)
+        .unwrap();
+    assert_eq!(rig.host.write_threshold(vol(1)), None);
+}
+
+#[test]
 fn crossing_the_watermark_writes_one_request_then_rings() {
     let mut rig = Rig::<4>::one(0);
     rig.writes.clear();
