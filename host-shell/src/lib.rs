@@ -27,3 +27,5 @@ pub mod sanlock;
 pub mod spm_daemon;
 pub mod spm_io;
 pub mod units;
+pub mod vm_guest;
+pub mod vm_image;

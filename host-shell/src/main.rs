@@ -220,6 +220,29 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Inside a VM: write verifiable blocks to its disk, read them back,
+    /// print the result line on the console (see vm_guest.rs).
+    #[command(hide = true)]
+    VmGuest {
+        /// The VM's disk.
+        #[arg(long, value_name = "PATH")]
+        device: PathBuf,
+        /// The volume whose blocks are written.
+        #[arg(long, value_name = "UUID")]
+        volume: String,
+        /// The generation stamped into the blocks.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        generation: u64,
+        /// Bytes to have written from offset 0.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        bytes: u64,
+        /// Bytes per second (0: unlimited).
+        #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
+        rate: u64,
+        /// Bytes per write (a multiple of 4K, at most 64M).
+        #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+        write_size: u64,
+    },
 }
 
 /// Which storage backend the SPM (and hosts) use.
@@ -496,6 +519,21 @@ fn main() -> ExitCode {
             backend: lvm.into(),
             lease: lease.into(),
         }),
+        Command::VmGuest {
+            device,
+            volume,
+            generation,
+            bytes,
+            rate,
+            write_size,
+        } => Ok(spmbox::vm_guest::run(&spmbox::vm_guest::VmGuestArgs {
+            device: &device,
+            volume: &volume,
+            generation,
+            bytes,
+            rate,
+            write_size,
+        })),
         Command::Demo { json, keep } => spmbox::demo::run(json, keep),
         Command::Bench {
             device,
