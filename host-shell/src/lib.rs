@@ -22,6 +22,7 @@ pub mod lvm_glue;
 pub mod mailbox;
 pub mod mapping;
 pub mod metrics;
+pub mod nbd;
 pub mod sanlock;
 pub mod spm_daemon;
 pub mod spm_io;
