@@ -27,3 +27,4 @@ pub mod sanlock;
 pub mod spm_daemon;
 pub mod spm_io;
 pub mod units;
+pub mod volume_export;

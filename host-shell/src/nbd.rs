@@ -525,6 +525,7 @@ fn serve_connection(stream: UnixStream, shared: &Arc<Shared>) {
     }
 }
 
+#[cfg(test)]
 fn read_u16(r: &mut impl Read) -> io::Result<u16> {
     let mut b = [0; 2];
     r.read_exact(&mut b)?;
