@@ -24,6 +24,11 @@ pub const EXIT_DEFECTS: u8 = 3;
 /// a damaged one, another version), or the device does not fit the mailbox
 /// (sector size, size).
 pub const EXIT_NOT_A_MAILBOX: u8 = 4;
+/// Exit status: a program or file the command needs is not installed
+/// (`--vm` without qemu, a kernel or busybox); the message names the
+/// package. The same number as [`EXIT_NOT_A_MAILBOX`]: nothing was done
+/// and nothing will be until the machine is set up.
+pub const EXIT_MISSING: u8 = 4;
 
 /// An error of a command, with the exit status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +45,9 @@ pub enum CommandError {
     /// A domain, daemon or backend operation failed.
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    /// Something the command needs is not installed.
+    #[error("{0}")]
+    Missing(String),
 }
 
 impl CommandError {
@@ -47,6 +55,7 @@ impl CommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CommandError::Usage(_) => EXIT_USAGE,
+            CommandError::Missing(_) => EXIT_MISSING,
             CommandError::Mailbox(e) if e.is_no_usable_mailbox() => EXIT_NOT_A_MAILBOX,
             CommandError::Backend(e) if e.is_no_usable_mailbox() => EXIT_NOT_A_MAILBOX,
             CommandError::Mailbox(_) | CommandError::Output(_) | CommandError::Backend(_) => {
@@ -636,6 +645,12 @@ pub struct HostArgs {
     pub backend: BackendArgs,
     /// The leases.
     pub lease: LeaseArgs,
+    /// Run a real VM on each volume.
+    pub vm: bool,
+    /// The VMs' kernel, instead of the newest in /boot.
+    pub vm_kernel: Option<std::path::PathBuf>,
+    /// The VMs' initramfs, instead of one built from installed files.
+    pub vm_initrd: Option<std::path::PathBuf>,
 }
 
 /// `spmbox host`.
@@ -700,6 +715,19 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
     if let Some(dir) = status_file.parent() {
         crate::spm_daemon::private_dir(dir)?;
     }
+    let vm = if args.vm {
+        crate::vm_image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;
+        Some(crate::vm::VmOptions {
+            dir: crate::vm::vm_dir(),
+            kernel: args.vm_kernel.clone(),
+            initrd: args.vm_initrd.clone(),
+            rate: args.rate,
+            write_size: args.write_size,
+            guest_bytes: args.guest_bytes,
+        })
+    } else {
+        None
+    };
     let options = crate::host_daemon::HostOptions {
         device: args.device.clone(),
         host_id: args.host_id,
@@ -722,6 +750,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         json_events: args.json_events,
         status_file: Some(status_file),
         metrics: args.metrics,
+        vm,
         keep_latencies: false,
     };
     let stop = stop_flag()?;

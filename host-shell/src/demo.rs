@@ -7,6 +7,13 @@
 //! adds a LUN once every guest has paused for lack of space (or after a
 //! while), waits for every guest to finish, stops the SPM, and reads back
 //! and checks every byte the guests wrote.
+//!
+//! With `--vm` the guests are real VMs: qemu runs each on a qcow2 image on
+//! its volume, exported over NBD by its host; the hosts arm qemu's write
+//! threshold, qemu pauses the VMs on ENOSPC when the pool is exhausted and
+//! the hosts resume them after the LUN is added. Each VM reads back and
+//! checks what it wrote, and its host checks the image again through the
+//! qcow2 layer after the VM exits.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
@@ -36,6 +43,15 @@ const FIRST_LUN_EXTENTS: u64 = 24;
 const PAUSE_WAIT: Duration = Duration::from_secs(20);
 /// How long the guests get to finish after the LUN is added.
 const FINISH_WAIT: Duration = Duration::from_secs(120);
+/// With `--vm`: VMs per host (host 1 runs two).
+const VM_VOLUMES: [usize; 3] = [2, 1, 1];
+/// With `--vm`: each volume's virtual size, and what its VM writes.
+const VM_VIRTUAL: u64 = 64 << 20;
+const VM_GUEST_BYTES: &str = "40M";
+/// With `--vm`: each VM's write rate (TCG guests on few cores).
+const VM_RATE: &str = "16M";
+/// With `--vm`: how long the VMs get to pause (they boot first).
+const VM_PAUSE_WAIT: Duration = Duration::from_secs(60);
 
 struct Children(Vec<(String, Child)>);
 
@@ -46,6 +62,11 @@ impl Drop for Children {
             let _ = child.wait();
         }
     }
+}
+
+/// The first 8 characters of a volume id.
+fn short(v: &Value) -> String {
+    v.as_str().unwrap_or("?").chars().take(8).collect()
 }
 
 fn spmbox() -> Result<PathBuf, CommandError> {
@@ -65,11 +86,25 @@ struct HostCount {
     resumes: u64,
     paused_now: u64,
     done: u64,
+    thresholds: u64,
+    vm_failures: u64,
 }
 
-/// Runs the demo.
-pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
+/// Runs the demo; with `vm`, real VMs instead of simulated guests.
+pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandError> {
     let started = Instant::now();
+    if vm {
+        crate::vm_image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;
+    }
+    let per_host = |host: u16| {
+        if vm {
+            VM_VOLUMES[usize::from(host - 1) % VM_VOLUMES.len()]
+        } else {
+            VOLUMES_PER_HOST
+        }
+    };
+    let virtual_size = if vm { VM_VIRTUAL } else { VIRTUAL };
+    let guests: u64 = (1..=HOSTS).map(|h| per_host(h) as u64).sum();
     let tmp = tempfile::Builder::new().prefix("spmbox-demo-").tempdir()?;
     let dir = tmp.path().to_owned();
     let say = |line: String| {
@@ -85,7 +120,7 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
     let lun1 = dir.join("lun1");
     let lun2 = dir.join("lun2");
     sparse(&lun1, domain::LUN_DATA_OFFSET + FIRST_LUN_EXTENTS * EXTENT)?;
-    let needed = HOSTS as u64 * VOLUMES_PER_HOST as u64 * (VIRTUAL + 2 * EXTENT);
+    let needed = guests * (virtual_size + virtual_size / 10 + 2 * EXTENT);
     sparse(&lun2, domain::LUN_DATA_OFFSET + needed)?;
     let (domain_id, _) = domain::create(
         &device,
@@ -134,26 +169,54 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    let mut vm_boot: Option<crate::vm::VmSetup> = None;
     // 3. Volumes, through the running SPM.
     let mut volumes: Vec<(u16, Uuid)> = Vec::new();
     for host in 1..=HOSTS {
-        for _ in 0..VOLUMES_PER_HOST {
+        for _ in 0..per_host(host) {
             let id = crate::mailbox::random_uuid()?;
             crate::spm_daemon::control_request(
                 &control,
-                &json!({"op": "create_volume", "id": id.to_string(), "virtual_size": VIRTUAL, "initial_size": INITIAL}),
+                &json!({"op": "create_volume", "id": id.to_string(), "virtual_size": virtual_size, "initial_size": INITIAL}),
             )?;
             volumes.push((host, id));
         }
     }
-    say(format!(
-        "{} volumes of {} virtual, {} allocated; {} hosts with {} guests each writing {RATE}/s",
-        volumes.len(),
-        Bytes(VIRTUAL),
-        Bytes(INITIAL),
-        HOSTS,
-        VOLUMES_PER_HOST
-    ));
+    if vm {
+        say(format!(
+            "{} volumes of {} virtual, {} allocated; {} hosts running {} VMs, each writing \
+             {VM_GUEST_BYTES} at {VM_RATE}/s to a qcow2 image on its volume",
+            volumes.len(),
+            Bytes(virtual_size),
+            Bytes(INITIAL),
+            HOSTS,
+            guests
+        ));
+        // One initramfs for every host (they find it in the cache).
+        let setup = crate::vm::VmSetup::prepare(&crate::vm::VmOptions {
+            dir: run_dir.join("vm-image"),
+            kernel: None,
+            initrd: None,
+            rate: 0,
+            write_size: 0,
+            guest_bytes: None,
+        })?;
+        say(format!(
+            "        VM: kernel {}, initramfs {}",
+            setup.kernel().display(),
+            setup.initramfs().display()
+        ));
+        vm_boot = Some(setup);
+    } else {
+        say(format!(
+            "{} volumes of {} virtual, {} allocated; {} hosts with {} guests each writing {RATE}/s",
+            volumes.len(),
+            Bytes(VIRTUAL),
+            Bytes(INITIAL),
+            HOSTS,
+            VOLUMES_PER_HOST
+        ));
+    }
 
     // 4. Hosts, reporting events as JSON lines.
     let (tx, rx) = mpsc::channel::<(u16, Value)>();
@@ -165,7 +228,7 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
                 "--host-id",
                 &host.to_string(),
                 "--rate",
-                RATE,
+                if vm { VM_RATE } else { RATE },
                 "--chunk-size",
                 CHUNK,
             ])
@@ -175,6 +238,12 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
             .stderr(log(&format!("host{host}"))?);
         for (_, v) in volumes.iter().filter(|(h, _)| *h == host) {
             cmd.args(["--volume", &v.to_string()]);
+        }
+        if let Some(setup) = &vm_boot {
+            cmd.args(["--vm", "--guest-bytes", VM_GUEST_BYTES, "--vm-initrd"])
+                .arg(setup.initramfs())
+                .arg("--vm-kernel")
+                .arg(setup.kernel());
         }
         let mut child = cmd.spawn()?;
         let out = child.stdout.take();
@@ -212,15 +281,59 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
                             latencies.record(ms);
                         }
                     }
-                    Some("paused") => {
+                    // A VM's pauses are the ones qemu reports.
+                    Some("paused") if !vm => {
                         c.pauses += 1;
                         c.paused_now += 1;
                     }
-                    Some("resumed") => {
+                    Some("resumed") if !vm => {
                         c.resumes += 1;
                         c.paused_now = c.paused_now.saturating_sub(1);
                     }
                     Some("done") => c.done += 1,
+                    Some("vm_paused") => {
+                        c.pauses += 1;
+                        c.paused_now += 1;
+                        say(format!(
+                            "{:>5.1}s  host {host}: qemu paused the VM of {} (ENOSPC at {})",
+                            started.elapsed().as_secs_f64(),
+                            short(&v["volume"]),
+                            Bytes(v["physical"].as_u64().unwrap_or(0))
+                        ));
+                    }
+                    Some("vm_resumed") => {
+                        c.resumes += 1;
+                        c.paused_now = c.paused_now.saturating_sub(1);
+                        say(format!(
+                            "{:>5.1}s  host {host}: the VM of {} resumed (cont)",
+                            started.elapsed().as_secs_f64(),
+                            short(&v["volume"])
+                        ));
+                    }
+                    Some("vm_threshold") => c.thresholds += 1,
+                    Some("vm_exited") => {
+                        c.done += 1;
+                        let ok = v["ok"].as_bool().unwrap_or(false);
+                        if !ok {
+                            c.vm_failures += 1;
+                        }
+                        let r = &v["vm"]["result"];
+                        say(format!(
+                            "{:>5.1}s  host {host}: the VM of {} finished: wrote {}, verified {}, \
+                             {} errors; image check through qcow2: {}",
+                            started.elapsed().as_secs_f64(),
+                            short(&v["volume"]),
+                            Bytes(r["written"].as_u64().unwrap_or(0)),
+                            Bytes(r["verified"].as_u64().unwrap_or(0)),
+                            r["errors"].as_u64().unwrap_or(0),
+                            match &v["vm"]["image_check"] {
+                                Value::Object(c) if c["ok"] == true => "ok".to_owned(),
+                                Value::Object(c) =>
+                                    c["error"].as_str().unwrap_or("failed").to_owned(),
+                                _ => "not run".to_owned(),
+                            }
+                        ));
+                    }
                     _ => {}
                 }
             }
@@ -229,8 +342,9 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
         }
         let paused: u64 = counts.iter().map(|c| c.paused_now).sum();
         let done: u64 = counts.iter().map(|c| c.done).sum();
+        let pause_wait = if vm { VM_PAUSE_WAIT } else { PAUSE_WAIT };
         if lun_added.is_none()
-            && (paused + done >= total_guests && paused > 0 || watch_start.elapsed() > PAUSE_WAIT)
+            && (paused + done >= total_guests && paused > 0 || watch_start.elapsed() > pause_wait)
         {
             say(format!(
                 "{:>5.1}s  pool exhausted: {paused} of {total_guests} guests paused; adding LUN 2",
@@ -256,7 +370,12 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
                 .map(|h| {
                     let c = counts[usize::from(h)];
                     format!(
-                        "host {h}: {} ext {} paused {} resumed{}",
+                        "host {h}: {}{} ext {} paused {} resumed{}",
+                        if vm {
+                            format!("{} thr ", c.thresholds)
+                        } else {
+                            String::new()
+                        },
                         c.extensions,
                         c.pauses,
                         c.resumes,
@@ -307,7 +426,7 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
     let mut bytes_verified = 0u64;
     let mut data_errors = 0u64;
     let mut first_errors = Vec::new();
-    for (_, volume) in &volumes {
+    for (_, volume) in volumes.iter().filter(|_| !vm) {
         let map = maps.refresh(*volume)?;
         let upto = VIRTUAL.min(map.size);
         let report = guest::verify(*volume, &map, &mut devices, upto)
@@ -324,7 +443,14 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
     let extensions: u64 = counts.iter().map(|c| c.extensions).sum();
     let pauses: u64 = counts.iter().map(|c| c.pauses).sum();
     let resumes: u64 = counts.iter().map(|c| c.resumes).sum();
-    let summary = json!({
+    if vm {
+        // Each VM read back what it wrote and its host checked the image
+        // through qcow2; a failure of either is a data error here.
+        data_errors += counts.iter().map(|c| c.vm_failures).sum::<u64>();
+        bytes_verified = crate::units::parse_size(VM_GUEST_BYTES).unwrap_or(0)
+            * counts.iter().map(|c| c.done).sum::<u64>();
+    }
+    let mut summary = json!({
         "domain": domain_id.to_string(),
         "hosts": HOSTS,
         "volumes": volumes.len(),
@@ -339,6 +465,11 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "kept": if keep { Some(dir.display().to_string()) } else { None },
     });
+    if vm {
+        summary["vms"] = json!(volumes.len());
+        summary["enospc_pauses"] = json!(pauses);
+        summary["threshold_events"] = json!(counts.iter().map(|c| c.thresholds).sum::<u64>());
+    }
     if json_out {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -354,9 +485,14 @@ pub fn run(json_out: bool, keep: bool) -> Result<ExitCode, CommandError> {
             latencies.percentile(99.0)
         );
         println!(
-            "verified {} written by {} guests: {data_errors} data errors",
+            "verified {} written by {} {}: {data_errors} data errors",
             Bytes(bytes_verified),
-            volumes.len()
+            volumes.len(),
+            if vm {
+                "VMs (each read back in the VM, and through qcow2 by its host)"
+            } else {
+                "guests"
+            }
         );
         for e in &first_errors {
             println!("  {e}");

@@ -71,6 +71,8 @@ pub struct HostOptions {
     pub status_file: Option<PathBuf>,
     /// Serve Prometheus metrics on this loopback address.
     pub metrics: Option<String>,
+    /// Run a real VM (qemu) on each volume instead of a simulated guest.
+    pub vm: Option<crate::vm::VmOptions>,
     /// Keep every extension's latency in [`HostSummary::latencies_ms`]
     /// (for `spmbox bench`, whose runs are bounded); the daemon keeps only
     /// the fixed-size histogram.
@@ -93,6 +95,17 @@ pub struct HostSummary {
     pub latencies_ms: Vec<f64>,
     /// Every extension's total latency, seconds, in fixed buckets.
     pub extension_seconds: crate::metrics::Histogram,
+    /// What qemu reported, summed over the VMs (with `--vm`).
+    pub vm: crate::vm::VmCounts,
+    /// VMs whose guest or image check found a data error.
+    pub vm_failures: Vec<String>,
+    /// With `--vm`: milliseconds from each `BLOCK_WRITE_THRESHOLD` to the
+    /// volume refreshed (and the threshold armed again).
+    pub threshold_to_refresh_ms: Vec<f64>,
+    /// With `--vm`: when each VM paused on ENOSPC was resumed.
+    pub vm_resumed_at: Vec<std::time::Instant>,
+    /// With `--vm`: what each guest measured of its own writes, MiB/s.
+    pub vm_write_mib_per_s: Vec<f64>,
 }
 
 /// A guest's shared state: its map, and a signal when the map grows.
@@ -107,6 +120,8 @@ enum Msg {
     Failed(Uuid, String),
     /// A guest write keeps failing (`Some`: the error) or works again.
     Stalled(Uuid, Option<String>),
+    /// A message from the QMP connection of the volume's VM.
+    Vm(Uuid, crate::qmp::QmpMessage),
 }
 
 /// Per-volume bookkeeping of the main loop.
@@ -123,6 +138,10 @@ struct VolumeRun {
     /// The error while the guest's writes keep failing; it waits and
     /// retries, and counts as paused.
     stalled: Option<String>,
+    /// The volume's real VM (with `--vm`), instead of a guest thread.
+    vm: Option<Box<crate::vm::Vm>>,
+    /// When qemu reported the write threshold crossed, until the refresh.
+    threshold_at: Option<std::time::Instant>,
 }
 
 fn emit(json_events: bool, value: Value) {
@@ -169,7 +188,12 @@ pub fn run(
     for &volume in &options.volumes {
         let sizes = maps.sizes(volume)?;
         let map = maps.refresh(volume)?;
-        let allocation = guest::recover_allocation(volume, &map, &mut devices).map_err(err)?;
+        // A VM's allocation is what qemu reports once it is attached.
+        let allocation = if options.vm.is_some() {
+            0
+        } else {
+            guest::recover_allocation(volume, &map, &mut devices).map_err(err)?
+        };
         engine
             .add_volume(
                 volume,
@@ -252,27 +276,66 @@ pub fn run(
         json!({"event": "started", "host": host_id, "generation": generation}),
     );
 
-    // Guests.
+    // Guests: real VMs, or threads.
     let (tx, rx) = mpsc::channel::<Msg>();
     let mut runs: HashMap<Uuid, VolumeRun> = HashMap::new();
     let mut threads = Vec::new();
+    let vm_setup = options
+        .vm
+        .as_ref()
+        .map(crate::vm::VmSetup::prepare)
+        .transpose()?;
     for (volume, map, allocation, total) in starts {
         let slot = Arc::new(GuestSlot {
-            map: Mutex::new(map),
+            map: Mutex::new(map.clone()),
             grown: Condvar::new(),
         });
+        let vm = match &vm_setup {
+            Some(setup) => {
+                let sizes = maps.sizes(volume)?;
+                let tx = Mutex::new(tx.clone());
+                let notify = Arc::new(move |m| {
+                    if let Ok(tx) = tx.lock() {
+                        let _ = tx.send(Msg::Vm(volume, m));
+                    }
+                });
+                let mut vm = crate::vm::Vm::start(
+                    setup,
+                    volume,
+                    generation,
+                    map,
+                    sizes.virtual_size,
+                    sizes.limit,
+                    notify,
+                )?;
+                vm.arm(engine.write_threshold(volume));
+                emit(
+                    options.json_events,
+                    json!({"event": "vm_started", "host": host_id, "volume": volume.to_string(), "state": vm.state.name()}),
+                );
+                Some(Box::new(vm))
+            }
+            None => None,
+        };
+        let is_vm = vm.is_some();
+        let done = vm.as_ref().is_some_and(|v| v.is_done());
         runs.insert(
             volume,
             VolumeRun {
                 slot: slot.clone(),
                 written: None,
                 reply_seen: None,
-                done: false,
+                done,
                 allocation,
                 paused: false,
                 stalled: None,
+                vm,
+                threshold_at: None,
             },
         );
+        if is_vm {
+            continue;
+        }
         let tx = tx.clone();
         let stop = stop.clone();
         let (rate, write_size) = (options.rate, options.write_size);
@@ -355,6 +418,42 @@ pub fn run(
                             r.stalled = error;
                         }
                     }
+                    Msg::Vm(volume, message) => {
+                        if let (Some(r), Some(setup)) = (runs.get_mut(&volume), &vm_setup) {
+                            vm_message(
+                                volume,
+                                message,
+                                r,
+                                setup,
+                                &mut engine,
+                                &mut summary,
+                                options,
+                                now,
+                            )?;
+                        }
+                    }
+                }
+            }
+            // VMs: the allocation qemu reports (the poll behind the
+            // threshold event), and a paused VM resumed once its volume
+            // has room.
+            for (volume, r) in runs.iter_mut() {
+                let threshold = engine.write_threshold(*volume);
+                let Some(vm) = r.vm.as_mut() else {
+                    continue;
+                };
+                if let Some(highest) = vm.poll(threshold)
+                    && highest > r.allocation
+                {
+                    r.allocation = highest;
+                    engine.handle_allocation(now, *volume, highest);
+                }
+                if vm.resume_if_room() {
+                    summary.vm_resumed_at.push(std::time::Instant::now());
+                    emit(
+                        options.json_events,
+                        json!({"event": "vm_resumed", "host": host_id, "volume": volume.to_string()}),
+                    );
                 }
             }
             engine.handle_timeout(now);
@@ -484,7 +583,127 @@ pub fn run(
     if let Some(path) = &options.status_file {
         write_status(path, host_id, &engine, &runs);
     }
+    for vm in runs.values().filter_map(|r| r.vm.as_ref()) {
+        let c = vm.counts;
+        summary.vm.threshold_events += c.threshold_events;
+        summary.vm.enospc_pauses += c.enospc_pauses;
+        summary.vm.resumes += c.resumes;
+        summary.vm.restarts += c.restarts;
+        if !vm.is_done() {
+            tracing::info!(
+                "volume {}: its VM keeps running (qemu {}); a host daemon started again attaches \
+                 to it",
+                vm.volume,
+                vm.state.name()
+            );
+        }
+    }
     result.map(|()| summary)
+}
+
+/// Acts on a QMP message of a volume's VM: the allocation qemu reports
+/// goes to the engine; a pause on ENOSPC makes the volume out of space (its
+/// request urgent); an exit ends the volume's run once the guest's result
+/// and the image check are in.
+#[allow(clippy::too_many_arguments)]
+fn vm_message(
+    volume: Uuid,
+    message: crate::qmp::QmpMessage,
+    run: &mut VolumeRun,
+    setup: &crate::vm::VmSetup,
+    engine: &mut Host<HOST_VOLUMES>,
+    summary: &mut HostSummary,
+    options: &HostOptions,
+    now: spmbox_core::time::Instant,
+) -> Result<(), BackendError> {
+    use crate::vm::VmAction;
+    let host = options.host_id;
+    let Some(vm) = run.vm.as_mut() else {
+        return Ok(());
+    };
+    let before = vm.counts;
+    match vm.handle(message) {
+        VmAction::None => {}
+        VmAction::Allocation(allocation) => {
+            if allocation > run.allocation {
+                run.allocation = allocation;
+            }
+            run.threshold_at.get_or_insert_with(std::time::Instant::now);
+            engine.handle_allocation(now, volume, allocation);
+            emit(
+                options.json_events,
+                json!({"event": "vm_threshold", "host": host, "volume": volume.to_string(), "allocation": allocation}),
+            );
+        }
+        VmAction::OutOfSpace => {
+            // The failed write ends past the volume: for the engine the
+            // guest has used all of it, so it is paused and its request
+            // urgent.
+            let physical = vm.export().physical();
+            run.allocation = run.allocation.max(physical);
+            engine.handle_allocation(now, volume, physical);
+            if vm.counts.enospc_pauses > before.enospc_pauses {
+                emit(
+                    options.json_events,
+                    json!({"event": "vm_paused", "host": host, "volume": volume.to_string(), "reason": "enospc", "physical": physical}),
+                );
+            }
+        }
+        VmAction::Exited => {
+            if vm.after_exit(setup)? {
+                emit(
+                    options.json_events,
+                    json!({"event": "vm_restarted", "host": host, "volume": volume.to_string()}),
+                );
+                return Ok(());
+            }
+            let result = vm.result();
+            let mut failure = None;
+            match &result {
+                Some(r) if r.errors == 0 => tracing::info!(
+                    "volume {volume}: the VM finished: wrote {}, read back and verified {}, no errors",
+                    Bytes(r.written),
+                    Bytes(r.verified)
+                ),
+                Some(r) => {
+                    failure = Some(format!(
+                        "volume {volume}: the guest found {} bad blocks (first: {})",
+                        r.errors,
+                        r.first_error.as_deref().unwrap_or("?")
+                    ))
+                }
+                None => failure = Some(format!("volume {volume}: the VM exited without a result")),
+            }
+            match &vm.image_check {
+                Some(Ok(blocks)) => tracing::info!(
+                    "volume {volume}: the image read back through qcow2 holds {blocks} good blocks"
+                ),
+                Some(Err(e)) => {
+                    failure.get_or_insert(format!("volume {volume}: image check: {e}"));
+                }
+                None => {}
+            }
+            if let Some(f) = &failure {
+                tracing::error!("{f}");
+                summary.vm_failures.push(f.clone());
+            }
+            if let Some(r) = &result {
+                summary.bytes_written += r.written;
+                if r.write_seconds > 0.0 {
+                    summary
+                        .vm_write_mib_per_s
+                        .push(r.written as f64 / r.write_seconds / (1u64 << 20) as f64);
+                }
+            }
+            run.done = true;
+            emit(
+                options.json_events,
+                json!({"event": "vm_exited", "host": host, "volume": volume.to_string(),
+                       "vm": vm.status_json(), "ok": failure.is_none()}),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs `io` until it succeeds, retrying errors that can heal with the
@@ -784,6 +1003,22 @@ fn handle_event(
             }
             run.slot.grown.notify_all();
             engine.handle_refreshed(clock.now(), volume, map.size);
+            if let Some(vm) = run.vm.as_mut() {
+                let resumed = vm.counts.resumes;
+                vm.refreshed(map, engine.write_threshold(volume))?;
+                if let Some(at) = run.threshold_at.take() {
+                    summary
+                        .threshold_to_refresh_ms
+                        .push(at.elapsed().as_secs_f64() * 1e3);
+                }
+                if vm.counts.resumes > resumed {
+                    summary.vm_resumed_at.push(std::time::Instant::now());
+                    emit(
+                        json_events,
+                        json!({"event": "vm_resumed", "host": host, "volume": volume.to_string()}),
+                    );
+                }
+            }
         }
         HostEvent::Extended {
             volume,
@@ -972,6 +1207,7 @@ fn write_status(
                 "io_error": run.and_then(|r| r.stalled.clone()),
                 "guest_done": run.is_some_and(|r| r.done),
                 "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": format!("{:?}", f.phase)})),
+                "vm": run.and_then(|r| r.vm.as_ref()).map(|vm| vm.status_json()),
             })
         })
         .collect();

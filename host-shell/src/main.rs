@@ -183,6 +183,19 @@ enum Command {
         /// loopback address, such as 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Run a real VM (qemu) on each volume instead of a simulated
+        /// guest: its disk is a qcow2 image on the volume, exported over
+        /// NBD; the workload inside writes --guest-bytes at --rate and
+        /// checks it. Needs qemu-system-x86, qemu-utils, a kernel and
+        /// busybox-static (docs/operations.md).
+        #[arg(long)]
+        vm: bool,
+        /// The VMs' kernel. Default: the newest in /boot with virtio modules.
+        #[arg(long, value_name = "PATH", requires = "vm")]
+        vm_kernel: Option<PathBuf>,
+        /// The VMs' initramfs. Default: built from installed files.
+        #[arg(long, value_name = "PATH", requires = "vm")]
+        vm_initrd: Option<PathBuf>,
         #[command(flatten)]
         lvm: LvmArgs,
         #[command(flatten)]
@@ -219,6 +232,10 @@ enum Command {
         /// Keep the temporary directory.
         #[arg(long)]
         keep: bool,
+        /// Real VMs (qemu) instead of simulated guests: 3 hosts, 4 VMs,
+        /// qcow2 images on the volumes (docs/operations.md, "Running VMs").
+        #[arg(long)]
+        vm: bool,
     },
     /// Inside a VM: write verifiable blocks to its disk, read them back,
     /// print the result line on the console (see vm_guest.rs).
@@ -501,6 +518,9 @@ fn main() -> ExitCode {
             exit_when_done,
             json_events,
             metrics,
+            vm,
+            vm_kernel,
+            vm_initrd,
             lvm,
             lease,
         } => commands::host(commands::HostArgs {
@@ -518,6 +538,9 @@ fn main() -> ExitCode {
             metrics,
             backend: lvm.into(),
             lease: lease.into(),
+            vm,
+            vm_kernel,
+            vm_initrd,
         }),
         Command::VmGuest {
             device,
@@ -534,7 +557,7 @@ fn main() -> ExitCode {
             rate,
             write_size,
         })),
-        Command::Demo { json, keep } => spmbox::demo::run(json, keep),
+        Command::Demo { json, keep, vm } => spmbox::demo::run(json, keep, vm),
         Command::Bench {
             device,
             quick,

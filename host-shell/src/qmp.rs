@@ -124,10 +124,7 @@ impl Qmp {
         let thread = std::thread::Builder::new()
             .name("qmp-reader".into())
             .spawn(move || {
-                loop {
-                    let Ok(line) = read_line(&mut reader) else {
-                        break;
-                    };
+                while let Ok(line) = read_line(&mut reader) {
                     let Ok(message) = serde_json::from_str::<Value>(&line) else {
                         tracing::warn!("QMP: ignoring a line that is not JSON: {line:.200}");
                         continue;

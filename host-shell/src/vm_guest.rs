@@ -96,6 +96,7 @@ pub fn run(args: &VmGuestArgs<'_>) -> ExitCode {
             errors: 1,
             resumed_from: 0,
             first_error: Some(message),
+            write_seconds: 0.0,
         },
     };
     if let Some(e) = &result.first_error {
@@ -222,6 +223,7 @@ fn work(
         errors: 0,
         resumed_from: 0,
         first_error: None,
+        write_seconds: 0.0,
     };
     let start = match resume_point(device, volume, bytes, write_size) {
         Ok(at) => at,
@@ -281,6 +283,7 @@ fn work(
         }
     }
     let secs = began.elapsed().as_secs_f64();
+    result.write_seconds = secs;
     if result.written > 0 && secs > 0.0 {
         say(&format!(
             "spmbox-vm: wrote {} bytes in {secs:.2} s ({:.1} MiB/s)",

@@ -856,7 +856,7 @@ pub fn qemu_base_args(
 }
 
 /// What the in-VM workload reported.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GuestResult {
     /// Bytes written by this boot.
     pub written: u64,
@@ -869,6 +869,10 @@ pub struct GuestResult {
     pub resumed_from: u64,
     /// The first error, in words.
     pub first_error: Option<String>,
+    /// Seconds the writes of this boot took, on the guest's clock (which
+    /// stands still while qemu holds the VM paused).
+    #[serde(default)]
+    pub write_seconds: f64,
 }
 
 impl GuestResult {
@@ -1053,6 +1057,7 @@ mod tests {
             errors: 1,
             resumed_from: 1 << 20,
             first_error: Some("block at 4096: pattern mismatch".into()),
+            write_seconds: 0.25,
         };
         let log = format!(
             "SeaBIOS\r\nspmbox-vm: wrote 1 of 2\r\n[    3.1] x{}\r\nspmbox-vm: workload exit status 1\r\n",
