@@ -360,15 +360,21 @@ pub fn render(s: &Status) -> String {
                 p.luns.len()
             );
             for v in &p.volumes {
-                let alloc = s
+                let report = s
                     .host_reports
                     .iter()
                     .flat_map(|h| h["volumes"].as_array().cloned().unwrap_or_default())
-                    .find(|x| x["id"].as_str() == Some(&v.id.to_string()))
-                    .and_then(|x| x["allocation"].as_u64());
+                    .find(|x| x["id"].as_str() == Some(&v.id.to_string()));
+                let alloc = report.as_ref().and_then(|x| x["allocation"].as_u64());
+                let vm = report
+                    .as_ref()
+                    .map(|x| &x["vm"])
+                    .filter(|vm| vm.is_object())
+                    .map(vm_words)
+                    .unwrap_or_default();
                 let _ = writeln!(
                     o,
-                    "  volume {}: virtual {}, physical {}, allocation {}",
+                    "  volume {}: virtual {}, physical {}, allocation {}{vm}",
                     v.id,
                     Bytes(v.virtual_size),
                     Bytes(v.size),
@@ -393,4 +399,21 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(o, "WARNING: {w}");
     }
     o
+}
+
+/// A volume's VM in words, for `status`: how qemu runs it and what it
+/// reported.
+fn vm_words(vm: &Value) -> String {
+    let state = match vm["state"].as_str().unwrap_or("unknown") {
+        "paused-enospc" => "paused by qemu (ENOSPC: waiting for the volume to grow)",
+        "paused" => "paused",
+        "running" => "running",
+        "exited" => "exited",
+        other => other,
+    };
+    let c = &vm["counts"];
+    format!(
+        "; VM {state} (qemu pid {}; {} threshold events, {} ENOSPC pauses, {} resumes)",
+        vm["pid"], c["threshold_events"], c["enospc_pauses"], c["resumes"]
+    )
 }

@@ -488,6 +488,12 @@ fn a_vm_paused_on_enospc_resumes_after_a_lun_is_added() {
         let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         let vm_state = &status["host_reports"][0]["volumes"][0]["vm"]["state"];
         if vm_state == "paused-enospc" {
+            let out = d.cli(&["status", "--device", d.path()]);
+            assert!(
+                text(&out.stdout).contains("VM paused by qemu (ENOSPC"),
+                "{}",
+                text(&out.stdout)
+            );
             break;
         }
         assert!(Instant::now() < deadline, "{status:#}");
@@ -580,4 +586,24 @@ fn with_the_lvm_backend_a_vm_pauses_and_resumes() {
     d.add_lun(&d.luns[1].clone());
     d.wait_exit(&mut host, 120);
     assert_vms_verified(&d, &host.events(), 1, 32);
+}
+
+#[test]
+fn a_vm_whose_qemu_is_killed_is_started_again_and_finishes() {
+    need_vms!("a_vm_whose_qemu_is_killed_is_started_again_and_finishes");
+    let mut d = VmDomain::new(&[256], false);
+    let _spm = d.start_spm();
+    let v = d.create_volume(64, 4);
+    let mut host = d.start_host(&[&v], 40, "8M", "8M");
+    d.wait_for(&host, "the VM to be writing", 60, |e| {
+        e.iter().filter(|e| e["event"] == "extended").count() >= 2
+    });
+    let pids = qemu_pids(&d.run);
+    assert_eq!(pids.len(), 1, "one qemu");
+    let pid = rustix::process::Pid::from_raw(pids[0]).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    d.wait_exit(&mut host, 120);
+    let events = host.events();
+    assert_eq!(host.count("vm_restarted"), 1, "{events:#?}");
+    assert_vms_verified(&d, &events, 1, 40);
 }
