@@ -1,9 +1,9 @@
 //! A QMP client: qemu's JSON machine protocol over its Unix socket.
 //!
 //! The host daemon uses a handful of commands (`qmp_capabilities`,
-//! `query-status`, `query-blockstats`, `block-set-write-threshold`, `cont`,
-//! `quit`) and a handful of events (`BLOCK_WRITE_THRESHOLD`,
-//! `BLOCK_IO_ERROR`, `STOP`, `RESUME`, `SHUTDOWN`). Messages are one JSON
+//! `query-status`, `query-blockstats`, `block-set-write-threshold`, `cont`)
+//! and a handful of events (`BLOCK_WRITE_THRESHOLD`, `BLOCK_IO_ERROR`,
+//! `STOP`, `RESUME`). Messages are one JSON
 //! object per line; serde_json reads and writes them. A typed QMP crate
 //! would pin the project to one qemu release's schema for eight messages
 //! whose few fields are read by name here.

@@ -615,7 +615,7 @@ impl Vm {
             QmpMessage::Closed => {
                 self.qmp = None;
                 // qemu closes QMP as it exits; wait for the process to go.
-                let until = Instant::now() + Duration::from_secs(5);
+                let until = Instant::now() + Duration::from_secs(2);
                 while self.pid.is_some_and(alive) && Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -796,12 +796,5 @@ impl Vm {
             }),
             "serial": self.paths.serial().display().to_string(),
         })
-    }
-
-    /// Stops qemu (the host daemon stopping for good with `--vm-stop`).
-    pub fn quit(&mut self) {
-        if let Some(q) = self.qmp.as_mut() {
-            let _ = q.execute("quit", Value::Null);
-        }
     }
 }

@@ -108,7 +108,9 @@ impl fmt::Display for MissingTool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} for the test VMs: {}; it comes with the Debian package {}",
+            "{} to run VMs: {}; it comes with the Debian package {} (apt-get install \
+             qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static installs \
+             all that VMs need)",
             self.what, self.detail, self.package
         )
     }
@@ -807,7 +809,7 @@ pub fn kvm_usable() -> bool {
 
 /// The accelerator VMs use: `SPMBOX_VM_ACCEL` (`kvm` or `tcg`) when set to
 /// one of them, else `kvm` when [`kvm_usable`], else `tcg` (emulation,
-/// several times slower but enough for the test VMs).
+/// several times slower but enough for these VMs).
 pub fn accelerator() -> &'static str {
     match std::env::var("SPMBOX_VM_ACCEL").as_deref() {
         Ok("kvm") => "kvm",
