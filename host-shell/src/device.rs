@@ -112,6 +112,24 @@ impl AlignedBuf {
     pub fn align(&self) -> usize {
         self.align
     }
+
+    /// The longest length [`Self::set_len`] takes: what the allocation
+    /// holds past the aligned start.
+    pub fn capacity(&self) -> usize {
+        self.storage.len() - self.start
+    }
+
+    /// Makes the buffer `len` bytes long without a new allocation, so one
+    /// buffer can be reused for requests of many sizes. Bytes past the old
+    /// length keep whatever they held (zero, or earlier contents). Returns
+    /// false, changing nothing, if `len` is over [`Self::capacity`].
+    pub fn set_len(&mut self, len: usize) -> bool {
+        if len > self.capacity() {
+            return false;
+        }
+        self.len = len;
+        true
+    }
 }
 
 impl Deref for AlignedBuf {
@@ -868,6 +886,21 @@ mod tests {
         }
         assert_eq!(AlignedBuf::new(100).align(), DEFAULT_ALIGN);
         assert_eq!(AlignedBuf::new(100).len(), 100);
+    }
+
+    #[test]
+    fn set_len_reuses_the_allocation_up_to_its_capacity() {
+        let mut buf = AlignedBuf::zeroed(4096, 4096);
+        assert!(buf.capacity() >= 4096);
+        let ptr = buf.as_ptr();
+        buf.fill(7);
+        assert!(buf.set_len(512));
+        assert_eq!((buf.len(), buf.as_ptr()), (512, ptr));
+        assert!(buf.set_len(4096));
+        assert!(buf.iter().all(|&b| b == 7), "contents kept");
+        let cap = buf.capacity();
+        assert!(!buf.set_len(cap + 1));
+        assert_eq!(buf.len(), 4096, "a refused length changes nothing");
     }
 
     #[test]

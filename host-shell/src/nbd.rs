@@ -33,6 +33,10 @@
 //! - Each connection holds at most 64 MiB of request and reply data at
 //!   once (one request is always let through); the reader waits for
 //!   replies to go out before taking more.
+//! - Payloads are read into, and read replies built in, buffers aligned
+//!   for `O_DIRECT` ([`Export::write_aligned`], [`Export::read_aligned`]);
+//!   each connection keeps up to 8 of them of at most 4 MiB for reuse (so
+//!   up to 32 MiB stays allocated while it is open).
 //! - Option data is at most 8 KiB (`NBD_REP_ERR_TOO_BIG` past it, the data
 //!   discarded); a client has 30 s for each read of the negotiation.
 //! - At most 16 connections at once; more are closed at once.
@@ -64,6 +68,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use crate::device::AlignedBuf;
 
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -178,6 +184,11 @@ pub const CONNECTION_BUDGET: u64 = 64 << 20;
 pub const MAX_CONNECTIONS: usize = 16;
 /// Worker threads per connection.
 pub const WORKERS: usize = 4;
+/// Payload buffers each connection keeps for reuse.
+pub const POOLED_BUFFERS: usize = 8;
+/// Largest payload buffer kept for reuse; longer requests get a buffer of
+/// their own, freed once answered.
+pub const MAX_POOLED_BUFFER: usize = 4 << 20;
 /// How long the server waits for each read during negotiation.
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -198,6 +209,18 @@ pub trait Export: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError>;
     /// Writes `data` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError>;
+    /// [`Export::read`] into a buffer aligned for `O_DIRECT`, which an
+    /// export on devices can read into without a bounce buffer. The server
+    /// calls this one; by default it calls [`Export::read`].
+    fn read_aligned(&self, offset: u64, buf: &mut AlignedBuf) -> Result<(), NbdError> {
+        self.read(offset, buf)
+    }
+    /// [`Export::write`] from a buffer aligned for `O_DIRECT`, which an
+    /// export on devices can write from without a copy. The server calls
+    /// this one; by default it calls [`Export::write`].
+    fn write_aligned(&self, offset: u64, data: &AlignedBuf, fua: bool) -> Result<(), NbdError> {
+        self.write(offset, data, fua)
+    }
     /// Writes `len` zero bytes at `offset`; with `fua`, durably.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), NbdError>;
     /// Makes every completed write durable.
@@ -699,7 +722,7 @@ enum Work {
     },
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: AlignedBuf,
         fua: bool,
     },
     WriteZeroes {
@@ -733,9 +756,48 @@ struct Conn {
     /// Sequence numbers of the writes, write-zeroes and trims under way.
     writes: Mutex<BTreeSet<u64>>,
     writes_done: Condvar,
+    /// Payload buffers to reuse (at most [`POOLED_BUFFERS`]).
+    buffers: Mutex<Vec<AlignedBuf>>,
 }
 
 impl Conn {
+    /// A buffer of `len` bytes for a payload, reused when one fits. New
+    /// ones are made at least [`PREFERRED_BLOCK`] long, rounded up to a
+    /// power of two, so that they fit later requests too.
+    fn take_buffer(&self, len: usize) -> AlignedBuf {
+        let mut pool = lock(&self.buffers);
+        if let Some(i) = pool.iter().position(|b| b.capacity() >= len) {
+            let mut buf = pool.swap_remove(i);
+            if buf.set_len(len) {
+                return buf;
+            }
+        }
+        drop(pool);
+        let room = len.next_power_of_two().max(PREFERRED_BLOCK as usize);
+        if room > MAX_POOLED_BUFFER {
+            return AlignedBuf::new(len);
+        }
+        let mut buf = AlignedBuf::new(room);
+        buf.set_len(len);
+        buf
+    }
+
+    /// Keeps `buf` for reuse, in place of a smaller one when the pool is
+    /// full.
+    fn give_buffer(&self, buf: AlignedBuf) {
+        if buf.capacity() > MAX_POOLED_BUFFER {
+            return;
+        }
+        let mut pool = lock(&self.buffers);
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        } else if let Some(small) = pool.iter_mut().min_by_key(|b| b.capacity())
+            && small.capacity() < buf.capacity()
+        {
+            *small = buf;
+        }
+    }
+
     fn take_budget(&self, bytes: u64) {
         let mut held = lock(&self.budget);
         while *held > 0 && *held + bytes > CONNECTION_BUDGET {
@@ -795,21 +857,21 @@ impl Conn {
         let export = &*self.export;
         let result = match job.work {
             Work::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                match export.read(offset, &mut buf) {
-                    Ok(()) => {
-                        self.reply(job.handle, 0, &buf);
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
+                let mut buf = self.take_buffer(len as usize);
+                let read = export.read_aligned(offset, &mut buf);
+                if read.is_ok() {
+                    self.reply(job.handle, 0, &buf);
                 }
+                self.give_buffer(buf);
+                read
             }
             Work::Write { offset, data, fua } => {
                 // Done only once answered: a later flush answers after it.
-                match export.write(offset, &data, fua) {
+                match export.write_aligned(offset, &data, fua) {
                     Ok(()) => self.reply(job.handle, 0, b""),
                     Err(e) => self.fail(job.handle, &e),
                 }
+                self.give_buffer(data);
                 self.write_done(job.seq);
                 Ok(())
             }
@@ -895,6 +957,7 @@ fn transmission(stream: UnixStream, shared: &Shared) {
         budget_freed: Condvar::new(),
         writes: Mutex::new(BTreeSet::new()),
         writes_done: Condvar::new(),
+        buffers: Mutex::new(Vec::new()),
     });
     let (tx, rx) = mpsc::sync_channel::<Job>(WORKERS);
     let rx = Arc::new(Mutex::new(rx));
@@ -996,7 +1059,9 @@ fn read_requests(stream: &UnixStream, conn: &Conn, tx: &mpsc::SyncSender<Job>) -
                     continue;
                 }
                 conn.take_budget(len);
-                let mut data = vec![0u8; req.len as usize];
+                // Read straight into an aligned buffer: the export writes
+                // it with O_DIRECT without another copy.
+                let mut data = conn.take_buffer(req.len as usize);
                 if let Err(e) = s.read_exact(&mut data) {
                     conn.give_budget(len);
                     return Err(e);
@@ -1450,6 +1515,41 @@ mod tests {
         let err = Server::serve(&path, "vol", Mem::new(4096)).unwrap_err();
         assert!(err.to_string().contains("is not a socket"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
+
+    fn conn() -> Conn {
+        let (out, _) = UnixStream::pair().unwrap();
+        Conn {
+            export: Mem::new(4096),
+            out: Mutex::new(out),
+            budget: Mutex::new(0),
+            budget_freed: Condvar::new(),
+            writes: Mutex::new(BTreeSet::new()),
+            writes_done: Condvar::new(),
+            buffers: Mutex::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn payload_buffers_are_aligned_and_reused_for_later_requests() {
+        let c = conn();
+        let a = c.take_buffer(4096);
+        assert_eq!((a.len(), a.as_ptr().addr() % 4096), (4096, 0));
+        let at = a.as_ptr();
+        c.give_buffer(a);
+        let b = c.take_buffer(PREFERRED_BLOCK as usize);
+        assert_eq!(b.as_ptr(), at, "a fitting buffer is taken again");
+        assert_eq!(b.len(), PREFERRED_BLOCK as usize);
+        c.give_buffer(b);
+        let big = c.take_buffer(MAX_POOLED_BUFFER + 1);
+        assert_eq!(big.len(), MAX_POOLED_BUFFER + 1);
+        c.give_buffer(big);
+        assert_eq!(lock(&c.buffers).len(), 1, "an oversized buffer is not kept");
+        for _ in 0..POOLED_BUFFERS + 2 {
+            let fresh = AlignedBuf::new(8192);
+            c.give_buffer(fresh);
+        }
+        assert_eq!(lock(&c.buffers).len(), POOLED_BUFFERS);
     }
 
     #[test]
