@@ -1155,7 +1155,13 @@ fn vm_bench(dir: &Path, run_dir: &Path, quick: bool) -> Result<Value, BackendErr
             32 << 20,
         )?;
         lat.extend_from_slice(&thin.summary.threshold_to_refresh_ms);
-        thin_rates.push(thin.summary.vm_write_mib_per_s.first().copied().unwrap_or(0.0));
+        thin_rates.push(
+            thin.summary
+                .vm_write_mib_per_s
+                .first()
+                .copied()
+                .unwrap_or(0.0),
+        );
         let c = thin.summary.vm;
         counts.enospc_pauses += c.enospc_pauses;
         counts.threshold_events += c.threshold_events;
