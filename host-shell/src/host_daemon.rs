@@ -420,16 +420,7 @@ pub fn run(
                     }
                     Msg::Vm(volume, message) => {
                         if let (Some(r), Some(setup)) = (runs.get_mut(&volume), &vm_setup) {
-                            vm_message(
-                                volume,
-                                message,
-                                r,
-                                setup,
-                                &mut engine,
-                                &mut summary,
-                                options,
-                                now,
-                            )?;
+                            vm_message(volume, message, r, setup, &mut engine, options, now)?;
                         }
                     }
                 }
@@ -442,6 +433,10 @@ pub fn run(
                 let Some(vm) = r.vm.as_mut() else {
                     continue;
                 };
+                if vm.poll_check().is_some() {
+                    vm_finished(*volume, r, &mut summary, options);
+                    continue;
+                }
                 if let Some(highest) = vm.poll(threshold)
                     && highest > r.allocation
                 {
@@ -603,16 +598,14 @@ pub fn run(
 
 /// Acts on a QMP message of a volume's VM: the allocation qemu reports
 /// goes to the engine; a pause on ENOSPC makes the volume out of space (its
-/// request urgent); an exit ends the volume's run once the guest's result
-/// and the image check are in.
-#[allow(clippy::too_many_arguments)]
+/// request urgent); an exit starts qemu again or the image check
+/// ([`vm_finished`] ends the volume's run once that is done).
 fn vm_message(
     volume: Uuid,
     message: crate::qmp::QmpMessage,
     run: &mut VolumeRun,
     setup: &crate::vm::VmSetup,
     engine: &mut Host<HOST_VOLUMES>,
-    summary: &mut HostSummary,
     options: &HostOptions,
     now: spmbox_core::time::Instant,
 ) -> Result<(), BackendError> {
@@ -655,55 +648,67 @@ fn vm_message(
                     options.json_events,
                     json!({"event": "vm_restarted", "host": host, "volume": volume.to_string()}),
                 );
-                return Ok(());
             }
-            let result = vm.result();
-            let mut failure = None;
-            match &result {
-                Some(r) if r.errors == 0 => tracing::info!(
-                    "volume {volume}: the VM finished: wrote {}, read back and verified {}, no errors",
-                    Bytes(r.written),
-                    Bytes(r.verified)
-                ),
-                Some(r) => {
-                    failure = Some(format!(
-                        "volume {volume}: the guest found {} bad blocks (first: {})",
-                        r.errors,
-                        r.first_error.as_deref().unwrap_or("?")
-                    ))
-                }
-                None => failure = Some(format!("volume {volume}: the VM exited without a result")),
-            }
-            match &vm.image_check {
-                Some(Ok(blocks)) => tracing::info!(
-                    "volume {volume}: the image read back through qcow2 holds {blocks} good blocks"
-                ),
-                Some(Err(e)) => {
-                    failure.get_or_insert(format!("volume {volume}: image check: {e}"));
-                }
-                None => {}
-            }
-            if let Some(f) = &failure {
-                tracing::error!("{f}");
-                summary.vm_failures.push(f.clone());
-            }
-            if let Some(r) = &result {
-                summary.bytes_written += r.written;
-                if r.write_seconds > 0.0 {
-                    summary
-                        .vm_write_mib_per_s
-                        .push(r.written as f64 / r.write_seconds / (1u64 << 20) as f64);
-                }
-            }
-            run.done = true;
-            emit(
-                options.json_events,
-                json!({"event": "vm_exited", "host": host, "volume": volume.to_string(),
-                       "vm": vm.status_json(), "ok": failure.is_none()}),
-            );
         }
     }
     Ok(())
+}
+
+/// A VM whose image check is done: logs the guest's result and the
+/// check, counts them, and ends the volume's run.
+fn vm_finished(
+    volume: Uuid,
+    run: &mut VolumeRun,
+    summary: &mut HostSummary,
+    options: &HostOptions,
+) {
+    let Some(vm) = run.vm.as_ref() else {
+        return;
+    };
+    let result = vm.result();
+    let mut failure = None;
+    match &result {
+        Some(r) if r.errors == 0 => tracing::info!(
+            "volume {volume}: the VM finished: wrote {}, read back and verified {}, no errors",
+            Bytes(r.written),
+            Bytes(r.verified)
+        ),
+        Some(r) => {
+            failure = Some(format!(
+                "volume {volume}: the guest found {} bad blocks (first: {})",
+                r.errors,
+                r.first_error.as_deref().unwrap_or("?")
+            ))
+        }
+        None => failure = Some(format!("volume {volume}: the VM exited without a result")),
+    }
+    match &vm.image_check {
+        Some(Ok(blocks)) => tracing::info!(
+            "volume {volume}: the image read back through qcow2 holds {blocks} good blocks"
+        ),
+        Some(Err(e)) => {
+            failure.get_or_insert(format!("volume {volume}: image check: {e}"));
+        }
+        None => {}
+    }
+    if let Some(f) = &failure {
+        tracing::error!("{f}");
+        summary.vm_failures.push(f.clone());
+    }
+    if let Some(r) = &result {
+        summary.bytes_written += r.written;
+        if r.write_seconds > 0.0 {
+            summary
+                .vm_write_mib_per_s
+                .push(r.written as f64 / r.write_seconds / (1u64 << 20) as f64);
+        }
+    }
+    run.done = true;
+    emit(
+        options.json_events,
+        json!({"event": "vm_exited", "host": options.host_id, "volume": volume.to_string(),
+               "vm": vm.status_json(), "ok": failure.is_none()}),
+    );
 }
 
 /// Runs `io` until it succeeds, retrying errors that can heal with the

@@ -246,6 +246,8 @@ pub struct Vm {
     /// The host-side check of the image after the VM exited: `Ok(blocks
     /// verified)` or what was wrong.
     pub image_check: Option<Result<u64, String>>,
+    /// The image check while it runs.
+    checking: Option<std::thread::JoinHandle<Result<u64, String>>>,
     params: GuestParams,
     virtual_size: u64,
     /// Where the write threshold is armed now (one-shot: `None` after it
@@ -284,6 +286,49 @@ fn alive(pid: i32) -> bool {
     std::fs::read(format!("/proc/{}/cmdline", pid.as_raw_nonzero()))
         .map(|c| String::from_utf8_lossy(&c).contains("qemu"))
         .unwrap_or(false)
+}
+
+/// Reads a guest's disk back through the qcow2 layer (`qemu-img convert`
+/// of the image at `uri` to the raw file `raw`, removed after) and checks
+/// every block of `volume` up to `bytes`. The number of good blocks.
+fn check_image(
+    qemu_img: &Path,
+    uri: &str,
+    raw: &Path,
+    volume: Uuid,
+    bytes: u64,
+) -> Result<u64, String> {
+    let _ = std::fs::remove_file(raw);
+    let out = std::process::Command::new(qemu_img)
+        .args(["convert", "-q", "-f", "qcow2", "-O", "raw", uri])
+        .arg(raw)
+        .output()
+        .map_err(|e| format!("running qemu-img: {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(raw);
+        return Err(format!(
+            "qemu-img convert: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let report = vm_image::verify_raw(raw, volume, bytes);
+    let _ = std::fs::remove_file(raw);
+    let report = report.map_err(|e| format!("reading the image back: {e}"))?;
+    if report.error_count > 0 {
+        let first = report
+            .errors
+            .first()
+            .map(|b| format!(" (first at {}: {})", b.offset, b.defect))
+            .unwrap_or_default();
+        return Err(format!("{} bad blocks{first}", report.error_count));
+    }
+    if report.bytes_verified < bytes {
+        return Err(format!(
+            "only {} of {bytes} bytes read back good",
+            report.bytes_verified
+        ));
+    }
+    Ok(report.bytes_verified / crate::guest::BLOCK)
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
@@ -337,6 +382,7 @@ impl Vm {
             state: VmState::Running,
             counts: VmCounts::default(),
             image_check: None,
+            checking: None,
             params,
             virtual_size,
             armed: None,
@@ -704,14 +750,17 @@ impl Vm {
         highest
     }
 
-    /// Whether the VM is done: exited with its result, or given up.
+    /// Whether the VM is done: exited with its result and its image
+    /// checked.
     pub fn is_done(&self) -> bool {
-        matches!(self.state, VmState::Exited(_))
+        matches!(self.state, VmState::Exited(_)) && self.checking.is_none()
     }
 
     /// After qemu exited: starts it again if the guest printed no result
-    /// (up to [`MAX_RESTARTS`] times), else checks the image through the
-    /// qcow2 layer. Whether the VM runs again.
+    /// (up to [`MAX_RESTARTS`] times), else starts the check of the image
+    /// through the qcow2 layer in a thread of its own (the host's mailbox
+    /// I/O goes on meanwhile; [`Vm::poll_check`] says when it is done).
+    /// Whether the VM runs again.
     pub fn after_exit(&mut self, setup: &VmSetup) -> Result<bool, BackendError> {
         let VmState::Exited(result) = &self.state else {
             return Ok(false);
@@ -735,46 +784,36 @@ impl Vm {
             self.launch(setup)?;
             return Ok(true);
         }
-        self.image_check = Some(self.check_image(setup));
+        let (qemu_img, uri, raw) = (
+            setup.qemu_img().to_owned(),
+            self.uri(),
+            self.paths.dir.join("check.raw"),
+        );
+        let (volume, bytes) = (self.volume, self.params.bytes);
+        self.checking = Some(std::thread::spawn(move || {
+            check_image(&qemu_img, &uri, &raw, volume, bytes)
+        }));
         Ok(false)
     }
 
-    /// Reads the guest's disk back through the qcow2 layer (qemu-img
-    /// convert over the export) and checks every block the guest wrote.
-    fn check_image(&self, setup: &VmSetup) -> Result<u64, String> {
-        let raw = self.paths.dir.join("check.raw");
-        let _ = std::fs::remove_file(&raw);
-        let out = std::process::Command::new(setup.qemu_img())
-            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-            .arg(self.uri())
-            .arg(&raw)
-            .output()
-            .map_err(|e| format!("running qemu-img: {e}"))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&raw);
-            return Err(format!(
-                "qemu-img convert: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+    /// Once the image check started by [`Vm::after_exit`] is done: its
+    /// result, kept in [`Vm::image_check`]. `None` while it runs (or if
+    /// none runs).
+    pub fn poll_check(&mut self) -> Option<&Result<u64, String>> {
+        if !self.checking.as_ref().is_some_and(|t| t.is_finished()) {
+            return None;
         }
-        let report = vm_image::verify_raw(&raw, self.volume, self.params.bytes);
-        let _ = std::fs::remove_file(&raw);
-        let report = report.map_err(|e| format!("reading the image back: {e}"))?;
-        if report.error_count > 0 {
-            let first = report
-                .errors
-                .first()
-                .map(|b| format!(" (first at {}: {})", b.offset, b.defect))
-                .unwrap_or_default();
-            return Err(format!("{} bad blocks{first}", report.error_count));
-        }
-        if report.bytes_verified < self.params.bytes {
-            return Err(format!(
-                "only {} of {} bytes read back good",
-                report.bytes_verified, self.params.bytes
-            ));
-        }
-        Ok(report.bytes_verified / crate::guest::BLOCK)
+        let result = match self.checking.take()?.join() {
+            Ok(r) => r,
+            Err(_) => Err("the image check panicked".to_owned()),
+        };
+        self.image_check = Some(result);
+        self.image_check.as_ref()
+    }
+
+    /// Whether the image check runs now.
+    pub fn is_checking(&self) -> bool {
+        self.checking.is_some()
     }
 
     /// The status-file view.
