@@ -88,6 +88,8 @@ struct HostCount {
     done: u64,
     thresholds: u64,
     vm_failures: u64,
+    /// Bytes the VMs that finished without an error read back good.
+    vm_verified: u64,
 }
 
 /// Runs the demo; with `vm`, real VMs instead of simulated guests.
@@ -314,10 +316,12 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
                     Some("vm_exited") => {
                         c.done += 1;
                         let ok = v["ok"].as_bool().unwrap_or(false);
-                        if !ok {
+                        let r = &v["vm"]["result"];
+                        if ok {
+                            c.vm_verified += r["verified"].as_u64().unwrap_or(0);
+                        } else {
                             c.vm_failures += 1;
                         }
-                        let r = &v["vm"]["result"];
                         say(format!(
                             "{:>5.1}s  host {host}: the VM of {} finished: wrote {}, verified {}, \
                              {} errors; image check through qcow2: {}",
@@ -447,8 +451,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
         // Each VM read back what it wrote and its host checked the image
         // through qcow2; a failure of either is a data error here.
         data_errors += counts.iter().map(|c| c.vm_failures).sum::<u64>();
-        bytes_verified = crate::units::parse_size(VM_GUEST_BYTES).unwrap_or(0)
-            * counts.iter().map(|c| c.done).sum::<u64>();
+        bytes_verified = counts.iter().map(|c| c.vm_verified).sum();
     }
     let mut summary = json!({
         "domain": domain_id.to_string(),

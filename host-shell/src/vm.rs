@@ -127,11 +127,6 @@ impl VmSetup {
     pub fn initramfs(&self) -> &Path {
         &self.initramfs
     }
-
-    /// What the VMs' guests are told to do.
-    pub fn options(&self) -> &VmOptions {
-        &self.options
-    }
 }
 
 /// Where the host daemons on this machine keep their VMs' files: one
@@ -258,7 +253,6 @@ pub struct Vm {
     paused_at: Option<u64>,
     next_poll: Instant,
     on_message: Arc<dyn Fn(QmpMessage) + Send + Sync>,
-    started: Instant,
 }
 
 impl std::fmt::Debug for Vm {
@@ -389,7 +383,6 @@ impl Vm {
             paused_at: None,
             next_poll: Instant::now(),
             on_message,
-            started: Instant::now(),
         };
         if let Some(pid) = read_pid(&vm.paths.pid()).filter(|&p| alive(p)) {
             vm.pid = Some(pid);
@@ -480,16 +473,9 @@ impl Vm {
         .into_iter()
         // -daemonize does not go with -nographic; there is no display
         // either way.
-        .map(|a| {
-            if a == "-nographic" {
-                OsString::from("-display")
-            } else {
-                a
-            }
-        })
         .flat_map(|a| {
-            if a == "-display" {
-                vec![a, OsString::from("none")]
+            if a == "-nographic" {
+                vec![OsString::from("-display"), OsString::from("none")]
             } else {
                 vec![a]
             }
@@ -542,7 +528,6 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.started = Instant::now();
         self.armed = None;
         self.paused_at = None;
         self.state = VmState::Running;
@@ -655,7 +640,6 @@ impl Vm {
                     self.state = VmState::Running;
                     VmAction::None
                 }
-                "SHUTDOWN" => VmAction::None,
                 _ => VmAction::None,
             },
             QmpMessage::Closed => {
@@ -809,11 +793,6 @@ impl Vm {
         };
         self.image_check = Some(result);
         self.image_check.as_ref()
-    }
-
-    /// Whether the image check runs now.
-    pub fn is_checking(&self) -> bool {
-        self.checking.is_some()
     }
 
     /// The status-file view.

@@ -470,17 +470,24 @@ fn a_vm_fills_a_thin_volume_through_many_extensions_without_a_pause() {
     assert_eq!(host.count("vm_paused"), 0, "{events:#?}\n{}", d.logs_text());
 }
 
-#[test]
-fn a_vm_paused_on_enospc_resumes_after_a_lun_is_added() {
-    need_vms!("a_vm_paused_on_enospc_resumes_after_a_lun_is_added");
-    // 16 MiB of extents (after the LUN's label): the volume stops at 16.
-    let mut d = VmDomain::new(&[20, 128], false);
-    let _spm = d.start_spm();
+/// One VM writing 32 MiB into a volume of 8 MiB on a pool of 16 MiB (LUN
+/// 2, 128 MiB, is there to add), paused by qemu on ENOSPC. The locals are
+/// bound in the order they must be dropped in reverse.
+fn a_vm_paused_on_a_full_pool(lvm: bool) -> (VmDomain, Proc, String, HostProc) {
+    let mut d = VmDomain::new(&[20, 128], lvm);
+    let spm = d.start_spm();
     let v = d.create_volume(64, 8);
-    let mut host = d.start_host(&[&v], 32, "16M", "8M");
+    let host = d.start_host(&[&v], 32, "16M", "8M");
     d.wait_for(&host, "qemu to pause the VM on ENOSPC", 90, |e| {
         e.iter().any(|e| e["event"] == "vm_paused")
     });
+    (d, spm, v, host)
+}
+
+#[test]
+fn a_vm_paused_on_enospc_resumes_after_a_lun_is_added() {
+    need_vms!("a_vm_paused_on_enospc_resumes_after_a_lun_is_added");
+    let (d, _spm, _v, mut host) = a_vm_paused_on_a_full_pool(false);
     // `spmbox status` shows it (the host writes its status every second).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -514,13 +521,7 @@ fn a_vm_paused_on_enospc_resumes_after_a_lun_is_added() {
 #[test]
 fn a_host_killed_while_its_vm_is_paused_resumes_it_after_restart() {
     need_vms!("a_host_killed_while_its_vm_is_paused_resumes_it_after_restart");
-    let mut d = VmDomain::new(&[20, 128], false);
-    let _spm = d.start_spm();
-    let v = d.create_volume(64, 8);
-    let mut host = d.start_host(&[&v], 32, "16M", "8M");
-    d.wait_for(&host, "qemu to pause the VM on ENOSPC", 90, |e| {
-        e.iter().any(|e| e["event"] == "vm_paused")
-    });
+    let (mut d, _spm, v, mut host) = a_vm_paused_on_a_full_pool(false);
     host.kill9();
     let pids = qemu_pids(&d.run);
     assert_eq!(pids.len(), 1, "one qemu");
@@ -576,13 +577,7 @@ fn with_the_lvm_backend_a_vm_pauses_and_resumes() {
         eprintln!("skipped: with_the_lvm_backend_a_vm_pauses_and_resumes: {why}");
         return;
     }
-    let mut d = VmDomain::new(&[20, 128], true);
-    let _spm = d.start_spm();
-    let v = d.create_volume(64, 8);
-    let mut host = d.start_host(&[&v], 32, "16M", "8M");
-    d.wait_for(&host, "qemu to pause the VM on ENOSPC", 90, |e| {
-        e.iter().any(|e| e["event"] == "vm_paused")
-    });
+    let (d, _spm, _v, mut host) = a_vm_paused_on_a_full_pool(true);
     d.add_lun(&d.luns[1].clone());
     d.wait_exit(&mut host, 120);
     assert_vms_verified(&d, &host.events(), 1, 32);
