@@ -26,7 +26,11 @@
 //!   resume, recovery after a restart.
 //! - [`pool`]: the reference thin pool (LUNs, extents, thin volumes, parked
 //!   requests, crash-safe metadata), the builtin backend and firmware's.
+//! - [`driver`]: runs the engines against a block device: the mirrors,
+//!   merged and ordered writes, the doorbell, fencing and commit reads.
 //! - [`time`]: the caller-supplied clock the engines run on.
+//! - `testing` (feature `testing`): an in-memory block device with
+//!   injected faults, for tests, the simulation and the fuzzers.
 //!
 //! The engines are sans-I/O state machines: inputs are `handle_*(.., now)`,
 //! outputs `poll_*()`; `docs/protocol.md` describes their behaviour.
@@ -51,8 +55,11 @@
 #[macro_use]
 mod fmt;
 
+pub mod driver;
 pub mod host;
 pub mod pool;
 pub mod spm;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 pub mod wire;

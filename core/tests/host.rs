@@ -187,6 +187,8 @@ struct Sim {
     now: Instant,
     writes: Vec<(Instant, HostWrite)>,
     reads: Vec<Instant>,
+    /// Reads of the SPM header asked for.
+    spm_header_reads: u32,
     events: Vec<(Instant, HostEvent)>,
     /// Answer `Refresh` events at once with the size they name.
     auto_refresh: bool,
@@ -216,6 +218,7 @@ impl Sim {
             now: Instant::ZERO,
             writes: Vec::new(),
             reads: Vec::new(),
+            spm_header_reads: 0,
             events: Vec::new(),
             auto_refresh: true,
         };
@@ -247,6 +250,9 @@ impl Sim {
                         self.host
                             .handle_inbox_header(self.now, &inbox[..RECORD_LEN]);
                     }
+                    // This rig keeps no SPM header: the tests hand the
+                    // engine the epochs they need.
+                    HostRead::SpmHeader => self.spm_header_reads += 1,
                 }
             }
             while let Some(e) = self.host.poll_event() {
@@ -724,6 +730,12 @@ fn interoperates_with_the_spm_engine() {
                     HostRead::InboxHeader { offset } => {
                         host.handle_inbox_header(now, &record(&disk, offset))
                     }
+                    HostRead::SpmHeader => {
+                        let bytes = record(&disk, spmbox_core::wire::SPM_HEADER_OFFSET);
+                        if let Ok(Some(h)) = spmbox_core::wire::SpmHeader::decode(&bytes) {
+                            host.handle_spm_header(&h);
+                        }
+                    }
                 }
             }
             while let Some(e) = host.poll_event() {
@@ -734,6 +746,13 @@ fn interoperates_with_the_spm_engine() {
                     HostEvent::Paused { .. } => panic!("the guest paused at {now:?}"),
                     _ => {}
                 }
+            }
+            // The backend is memory: a commit is durable at once. The
+            // first call closes the batch; the engine then asks for the
+            // fencing read below, and the next call hands the commit out.
+            if spm.poll_commit().is_some() {
+                busy = true;
+                spm.handle_committed(now, 0);
             }
             while let Some(io) = spm.poll_io(now) {
                 busy = true;

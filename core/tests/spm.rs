@@ -97,24 +97,40 @@ fn request(host_id: u16, slot: u16, volume: u8, target_gib: u64) -> Request {
     }
 }
 
-/// Runs the engine's reads and writes at `now` until it has nothing more
-/// to do; returns the jobs it handed out.
+/// Does every read the engine asks for at `now`; whether there was one.
+fn read_all(spm: &mut Spm<64>, disk: &Disk, now: Instant) -> bool {
+    let mut any = false;
+    while let Some(io) = spm.poll_io(now) {
+        any = true;
+        match io {
+            SpmIo::ReadDoorbell => spm.handle_doorbell(now, disk.record(DOORBELL_OFFSET)),
+            SpmIo::ReadSpmHeader => spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET)),
+            SpmIo::ReadHosts { first_host, count } => {
+                let g = disk.geometry;
+                let inbox = disk.region(g.inbox_offset(), first_host, count).to_vec();
+                let outbox = disk.region(g.outbox_offset(), first_host, count).to_vec();
+                spm.handle_hosts(now, first_host, &inbox, &outbox);
+            }
+        }
+    }
+    any
+}
+
+/// Runs the engine's reads, commits and writes at `now` until it has
+/// nothing more to do; returns the jobs it handed out.
 fn step(spm: &mut Spm<64>, disk: &mut Disk, now: Instant) -> Vec<Job> {
     let mut jobs = Vec::new();
     loop {
-        let mut progressed = false;
-        while let Some(io) = spm.poll_io(now) {
+        let mut progressed = read_all(spm, disk, now);
+        // A commit (of memory: these tests keep no pool on disk), after
+        // the fencing read the engine asks for.
+        let mut commit = spm.poll_commit();
+        if commit.is_none() && spm.commit_pending() && read_all(spm, disk, now) {
+            commit = spm.poll_commit();
+        }
+        if commit.is_some() {
             progressed = true;
-            match io {
-                SpmIo::ReadDoorbell => spm.handle_doorbell(now, disk.record(DOORBELL_OFFSET)),
-                SpmIo::ReadSpmHeader => spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET)),
-                SpmIo::ReadHosts { first_host, count } => {
-                    let g = disk.geometry;
-                    let inbox = disk.region(g.inbox_offset(), first_host, count).to_vec();
-                    let outbox = disk.region(g.outbox_offset(), first_host, count).to_vec();
-                    spm.handle_hosts(now, first_host, &inbox, &outbox);
-                }
-            }
+            spm.handle_committed(now, 0);
         }
         while let Some(w) = spm.poll_write() {
             progressed = true;
@@ -901,4 +917,191 @@ fn a_no_space_result_for_requests_already_withdrawn_is_counted() {
         "the backend parked what nobody asks for"
     );
     assert_eq!(spm.waiting(r.volume), None);
+}
+
+// ------------------------------------------------ commits and fencing
+
+/// The engine's next write that is not its SPM header (which it writes
+/// whatever the batch).
+fn next_reply_write(spm: &mut Spm<64>) -> Option<spmbox_core::spm::SpmWrite> {
+    std::iter::from_fn(|| spm.poll_write()).find(|w| w.offset != SPM_HEADER_OFFSET)
+}
+
+/// Host 3 asks for 2 GiB of volume 7; the SPM ran the job and the result
+/// is in. Returns the engine and the request.
+fn result_in(disk: &mut Disk) -> (Spm<64>, Request) {
+    disk.host_start(3, 1);
+    let r = request(3, 2, 7, 2);
+    disk.send(&r);
+    let mut spm = start(disk, ms(0));
+    let jobs = step(&mut spm, disk, ms(0));
+    assert_eq!(jobs.len(), 1);
+    spm.handle_job_result(ms(1), r.volume, JobResult::Extended { size: 2 << 30 });
+    (spm, r)
+}
+
+#[test]
+fn no_reply_is_written_before_its_batch_is_committed() {
+    let mut disk = Disk::new(4);
+    let (mut spm, _) = result_in(&mut disk);
+    assert!(spm.commit_pending());
+    assert_eq!(
+        next_reply_write(&mut spm),
+        None,
+        "the result is not answered yet"
+    );
+    assert_eq!(spm.poll_job(), None, "no new job joins a closed batch");
+    // The batch closes; the engine asks to read its header back first.
+    assert_eq!(spm.poll_commit(), None);
+    assert_eq!(spm.poll_io(ms(1)), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(ms(1), disk.record(SPM_HEADER_OFFSET));
+    let commit = spm
+        .poll_commit()
+        .expect("the commit, once the header is ours");
+    assert_eq!(commit.jobs, 1);
+    assert_eq!(
+        next_reply_write(&mut spm),
+        None,
+        "still not before the commit is durable"
+    );
+    spm.handle_committed(ms(2), 17);
+    let w = next_reply_write(&mut spm).expect("the outbox header, then the reply");
+    assert_eq!(w.offset, disk.geometry.outbox_area(3).unwrap());
+    assert!(spm.poll_write().is_some());
+    assert_eq!(
+        spm.pool_commit(),
+        17,
+        "the header carries the commit from now on"
+    );
+}
+
+#[test]
+fn an_spm_whose_header_was_taken_before_its_commit_commits_nothing() {
+    let mut disk = Disk::new(4);
+    let (mut spm, _) = result_in(&mut disk);
+    // Another SPM took over while the job ran.
+    let mut newer = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    newer.epoch += 1;
+    newer.owner = 0xbeef;
+    disk.put(SPM_HEADER_OFFSET, &newer.to_bytes().unwrap());
+    assert_eq!(spm.poll_commit(), None);
+    assert_eq!(spm.poll_io(ms(1)), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(ms(1), disk.record(SPM_HEADER_OFFSET));
+    assert!(spm.is_deposed());
+    assert_eq!(spm.poll_commit(), None);
+    assert_eq!(spm.poll_write(), None);
+}
+
+#[test]
+fn a_failed_commit_answers_nothing_and_the_next_attempt_reads_the_header_again() {
+    let mut disk = Disk::new(4);
+    let (mut spm, _) = result_in(&mut disk);
+    assert_eq!(spm.poll_commit(), None);
+    assert_eq!(spm.poll_io(ms(1)), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(ms(1), disk.record(SPM_HEADER_OFFSET));
+    assert!(spm.poll_commit().is_some());
+    spm.handle_commit_failed(ms(2));
+    assert_eq!(next_reply_write(&mut spm), None);
+    assert_eq!(spm.poll_job(), None);
+    assert_eq!(spm.poll_commit(), None, "not without a fresh read");
+    assert_eq!(spm.poll_io(ms(500)), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(ms(500), disk.record(SPM_HEADER_OFFSET));
+    assert!(spm.poll_commit().is_some());
+    spm.handle_committed(ms(501), 1);
+    assert!(next_reply_write(&mut spm).is_some());
+}
+
+#[test]
+fn a_batch_holds_at_most_max_jobs_jobs() {
+    let mut disk = Disk::new(8);
+    for h in 1..=4u16 {
+        disk.host_start(h, 1);
+        disk.send(&request(h, 1, h as u8, 2));
+    }
+    let found = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET)).unwrap();
+    let config = SpmConfig {
+        max_jobs: 2,
+        ..SpmConfig::default()
+    };
+    let born = Instant(0);
+    let mut spm: Spm<64> =
+        Spm::new(born, DOMAIN, disk.geometry, 0, 1, found.as_ref(), config).unwrap();
+    while let Some(w) = spm.poll_write() {
+        disk.put(w.offset, &w.record);
+    }
+    let now = ms(0);
+    read_all(&mut spm, &disk, now);
+    let mut jobs = Vec::new();
+    while let Some(job) = spm.poll_job() {
+        spm.handle_job_result(
+            now,
+            job.volume,
+            JobResult::Extended {
+                size: job.target_size,
+            },
+        );
+        jobs.push(job);
+    }
+    assert_eq!(jobs.len(), 2, "the batch closed at max_jobs");
+    let more = step(&mut spm, &mut disk, now);
+    assert_eq!(more.len(), 2, "the next batch starts after the commit");
+}
+
+#[test]
+fn a_stalled_spm_reads_its_header_before_it_writes_anything() {
+    let mut disk = Disk::new(4);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    // A heartbeat read is due and handled, so a header write is due...
+    let beat = ms(0) + SpmConfig::default().heartbeat_interval;
+    assert_eq!(spm.poll_io(beat), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(beat, disk.record(SPM_HEADER_OFFSET));
+    // ...but the process stalls before writing it, for longer than the
+    // fence, while another SPM takes over.
+    let late = beat + SpmConfig::default().heartbeat_interval * 3;
+    let mut newer = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    newer.epoch += 1;
+    newer.owner = 0xbeef;
+    disk.put(SPM_HEADER_OFFSET, &newer.to_bytes().unwrap());
+    spm.handle_timeout(late);
+    assert_eq!(spm.poll_write(), None, "fenced: not even its header");
+    assert_eq!(spm.poll_io(late), Some(SpmIo::ReadSpmHeader));
+    spm.handle_spm_header(late, disk.record(SPM_HEADER_OFFSET));
+    assert!(spm.is_deposed());
+    assert_eq!(spm.poll_write(), None);
+    assert_eq!(
+        SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+            .unwrap()
+            .unwrap()
+            .epoch,
+        newer.epoch
+    );
+}
+
+#[test]
+fn one_mapping_from_the_pool_to_job_results_with_named_error_codes() {
+    use spmbox_core::pool::{Extend, PoolError};
+    use spmbox_core::spm::errno;
+    assert_eq!(
+        JobResult::from_pool(Ok(Extend::Parked { size: 5 }), 5),
+        JobResult::NoSpace { size: 5 }
+    );
+    assert_eq!(
+        JobResult::from_pool(Err(PoolError::OverLimit { limit: 9 }), 4),
+        JobResult::OverLimit { size: 4 }
+    );
+    assert_eq!(
+        JobResult::from_pool(Err(PoolError::ParkedFull), 4),
+        JobResult::Failed {
+            code: errno::EAGAIN
+        }
+    );
+    assert_eq!(
+        JobResult::from_pool(Err(PoolError::NilId), 4),
+        JobResult::Failed { code: errno::EIO }
+    );
 }

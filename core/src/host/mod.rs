@@ -144,6 +144,10 @@ pub struct HostConfig {
     /// so with an interval of 0; use it where sanlock holds host ids).
     /// Default 1 s.
     pub lease_interval: Duration,
+    /// How often the SPM header is read while requests await a reply (and
+    /// before the first outbox read of such a wait): it tells the newest
+    /// SPM epoch, below which replies are ignored. Nonzero. Default 1 s.
+    pub spm_header_interval: Duration,
 }
 
 impl Default for HostConfig {
@@ -157,6 +161,7 @@ impl Default for HostConfig {
             remind_interval: Duration::from_secs(10),
             ring_retry: Duration::from_millis(10),
             lease_interval: Duration::from_secs(1),
+            spm_header_interval: Duration::from_secs(1),
         }
     }
 }
@@ -175,6 +180,8 @@ pub enum HostError {
     UtilizationPercent,
     /// `poll_interval` is zero.
     PollInterval,
+    /// `spm_header_interval` is zero.
+    SpmHeaderInterval,
     /// `resend_timeout` is zero or above `max_resend_timeout`.
     ResendTimeout,
     /// `remind_interval` is zero.
@@ -209,6 +216,7 @@ impl fmt::Display for HostError {
             HostError::ChunkSize => "the chunk size must be at least 1 byte",
             HostError::UtilizationPercent => "the utilization percentage must be 0..=100",
             HostError::PollInterval => "the poll interval must not be zero",
+            HostError::SpmHeaderInterval => "the SPM header interval must not be zero",
             HostError::ResendTimeout => {
                 "the resend timeout must be nonzero and at most the maximum resend timeout"
             }
@@ -257,6 +265,11 @@ pub enum HostRead {
         /// Where the record is.
         offset: u64,
     },
+    /// Read the SPM header record (at
+    /// [`SPM_HEADER_OFFSET`](crate::wire::SPM_HEADER_OFFSET)) and pass it
+    /// to [`Host::handle_spm_header`]: the newest SPM epoch, while replies
+    /// are awaited.
+    SpmHeader,
 }
 
 /// What happened, for the caller to act on or log.
@@ -389,6 +402,7 @@ fn slot_bit(slot: u16) -> u32 {
 pub struct Host<const VOLUMES: usize> {
     domain: Uuid,
     host_id: u16,
+    geometry: Geometry,
     inbox_offset: u64,
     outbox_offset: u64,
     config: HostConfig,
@@ -416,6 +430,8 @@ pub struct Host<const VOLUMES: usize> {
     /// awaits its reply ([`HostConfig::ring_retry`]).
     ring_again: Option<(Instant, Duration)>,
     next_read: Instant,
+    /// When the SPM header is next read while replies are awaited.
+    next_spm_header: Instant,
     last_now: Instant,
     pending_counter: u64,
     events: heapless::Deque<HostEvent, EVENTS>,
@@ -448,6 +464,9 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         if config.poll_interval.is_zero() {
             return Err(HostError::PollInterval);
         }
+        if config.spm_header_interval.is_zero() {
+            return Err(HostError::SpmHeaderInterval);
+        }
         if config.resend_timeout.is_zero() || config.resend_timeout > config.max_resend_timeout {
             return Err(HostError::ResendTimeout);
         }
@@ -457,6 +476,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         Ok(Self {
             domain,
             host_id,
+            geometry,
             inbox_offset,
             outbox_offset,
             config,
@@ -474,6 +494,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             ring: None,
             ring_again: None,
             next_read: Instant::ZERO,
+            next_spm_header: Instant::ZERO,
             last_now: Instant::ZERO,
             pending_counter: 0,
             events: heapless::Deque::new(),
@@ -482,6 +503,16 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     }
 
     // ----------------------------------------------------------------- queries
+
+    /// This host's id.
+    pub fn host_id(&self) -> u16 {
+        self.host_id
+    }
+
+    /// The mailbox geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
 
     /// The host's generation: 0 before [`Host::start`].
     pub fn generation(&self) -> u64 {
@@ -1023,7 +1054,14 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 offset: self.inbox_offset,
             });
         }
-        if !self.awaiting_reply() || now < self.next_read {
+        if !self.awaiting_reply() {
+            return None;
+        }
+        if now >= self.next_spm_header {
+            self.next_spm_header = now + self.config.spm_header_interval;
+            return Some(HostRead::SpmHeader);
+        }
+        if now < self.next_read {
             return None;
         }
         self.next_read = now + self.config.poll_interval;
@@ -1052,7 +1090,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             at(t);
         }
         if self.awaiting_reply() {
-            at(self.next_read);
+            at(self.next_read.min(self.next_spm_header));
         }
         for v in &self.volumes {
             if v.check_due {

@@ -924,7 +924,9 @@ fn waiting_for_space_slows_resends_but_not_polling() {
     rig.deliver(at(2));
     assert!(rig.take_events().is_empty());
     assert_eq!(rig.host.stats().replies_accepted, 1);
-    // Polling goes on at the poll interval; nothing is resent.
+    // Polling goes on at the poll interval (the SPM header at its own);
+    // nothing is resent.
+    assert_eq!(rig.host.poll_read(at(2)), Some(HostRead::SpmHeader));
     assert_eq!(
         rig.host.poll_timeout(),
         Some(at(0) + Duration::from_millis(2))
@@ -1154,11 +1156,22 @@ fn the_outbox_is_read_only_while_requests_await_a_reply() {
         offset: geometry().outbox_area(HOST).unwrap(),
     };
     let t = at(100);
+    assert_eq!(
+        rig.host.poll_read(t),
+        Some(HostRead::SpmHeader),
+        "the SPM header first: the newest epoch, below which replies are ignored"
+    );
     assert_eq!(rig.host.poll_read(t), None, "not before a poll interval");
     let t2 = t + Duration::from_millis(2);
     assert_eq!(rig.host.poll_timeout(), Some(t2));
     assert_eq!(rig.host.poll_read(t2), Some(read));
     assert_eq!(rig.host.poll_read(t2), None, "one read per interval");
+    let t3 = t + Duration::from_secs(1);
+    assert_eq!(
+        rig.host.poll_read(t3),
+        Some(HostRead::SpmHeader),
+        "the SPM header again a second later"
+    );
     rig.answer(1, 1, ReplyStatus::Extended, 2 * GIB);
     rig.deliver(t2);
     assert_eq!(

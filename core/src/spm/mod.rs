@@ -94,6 +94,24 @@ pub const REFUSAL_REPORTS_PER_SCAN: u32 = 16;
 pub const TARGETED_READS: usize = 64;
 /// Events kept until polled; past that the oldest are dropped (counted).
 pub const EVENTS: usize = 64;
+/// Fencing: once this many heartbeat intervals have passed without a read
+/// of the SPM header that names this SPM, it writes nothing until such a
+/// read (see [`Spm::handle_timeout`]). Another SPM takes over only after
+/// the heartbeat has not moved for 2.5 intervals, so an SPM that stalled
+/// longer than this reads the header before its next write.
+pub const FENCE_HEARTBEATS: u32 = 2;
+
+/// Error numbers a [`JobResult::Failed`] carries into a reply's `code`
+/// (Linux errno values; docs/format.md, the reply record).
+pub mod errno {
+    /// The backend failed (an I/O error, a tool that failed, anything not
+    /// more specific). The host retries later.
+    pub const EIO: u32 = 5;
+    /// The backend cannot take the request now (its parked list is full);
+    /// the request stays in the mailbox and is retried.
+    pub const EAGAIN: u32 = 11;
+}
+
 /// Two new rings read at most this many doorbell intervals apart are
 /// taken as a sign that rings collide ([`SpmConfig::busy_scan_interval`]).
 pub const RING_WINDOW_READS: u32 = 4;
@@ -204,6 +222,73 @@ pub enum JobResult {
         /// The error number.
         code: u32,
     },
+}
+
+impl JobResult {
+    /// The one mapping from what the reference pool's
+    /// [`Pool::extend`](crate::pool::Pool::extend) returned to a job
+    /// result. `size` is the volume's size in the pool after the call (a
+    /// refusal reports it).
+    pub fn from_pool(
+        result: Result<crate::pool::Extend, crate::pool::PoolError>,
+        size: u64,
+    ) -> JobResult {
+        use crate::pool::{Extend, PoolError};
+        match result {
+            Ok(Extend::Extended { size }) => JobResult::Extended { size },
+            Ok(Extend::Parked { size }) => JobResult::NoSpace { size },
+            Err(PoolError::UnknownVolume) => JobResult::UnknownVolume,
+            Err(PoolError::OverLimit { .. }) => JobResult::OverLimit { size },
+            Err(PoolError::InvalidSize { .. }) => JobResult::Malformed,
+            // The parked list is full: the request stays in the mailbox
+            // and is retried.
+            Err(PoolError::ParkedFull) => JobResult::Failed {
+                code: errno::EAGAIN,
+            },
+            Err(_) => JobResult::Failed { code: errno::EIO },
+        }
+    }
+}
+
+/// Runs `job` on the reference pool: the extension, and the job result
+/// for [`Spm::handle_job_result`].
+pub fn run_pool_job<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize>(
+    pool: &mut crate::pool::Pool<LUNS, LVS, SEGS, PARKED>,
+    job: &Job,
+) -> JobResult {
+    let result = pool.extend(job.volume, job.target_size, job.urgent);
+    let size = pool.volume(job.volume).map_or(0, |v| v.size);
+    JobResult::from_pool(result, size)
+}
+
+/// A batch of job results the backend must make durable before any of
+/// them is answered: [`Spm::poll_commit`] hands it out once the SPM header
+/// was read back naming this SPM, and [`Spm::handle_committed`] (or
+/// [`Spm::handle_commit_failed`]) takes the outcome.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SpmCommit {
+    /// Jobs whose results the batch holds (0 for a commit asked with
+    /// [`Spm::request_commit`]).
+    pub jobs: usize,
+}
+
+/// Where the current batch of jobs stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+enum Batch {
+    /// No result waits for a commit.
+    Idle,
+    /// Results are in; more jobs may still be handed out.
+    Open,
+    /// Closed (no more jobs); the fencing read is not asked yet.
+    Closed,
+    /// Closed; waiting for the SPM header to be read back.
+    Fence,
+    /// The header was read back naming this SPM: the commit may be made.
+    Ready,
+    /// Handed out by `poll_commit`; waiting for its outcome.
+    Committing,
 }
 
 /// Something worth logging.
@@ -330,6 +415,18 @@ pub struct Spm<const QUEUE: usize> {
     deposed: bool,
     queue: RequestQueue<QUEUE>,
     jobs_running: usize,
+    /// Jobs handed out in the current batch.
+    batch_jobs: usize,
+    batch: Batch,
+    /// The fencing read of the SPM header was handed out and not yet
+    /// handled.
+    header_asked: bool,
+    /// No read of the SPM header named this SPM for
+    /// [`FENCE_HEARTBEATS`] heartbeat intervals: nothing is written until
+    /// one does.
+    fenced: bool,
+    /// When a read of the SPM header last named this SPM.
+    last_own_header: Instant,
     next_doorbell: Instant,
     next_scan: Instant,
     next_heartbeat: Instant,
@@ -395,6 +492,11 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             deposed: false,
             queue: RequestQueue::new(config.per_host_cap),
             jobs_running: 0,
+            batch_jobs: 0,
+            batch: Batch::Idle,
+            header_asked: false,
+            fenced: false,
+            last_own_header: now,
             next_doorbell: now,
             next_scan: now,
             next_heartbeat: now + settle(&config),
@@ -411,6 +513,11 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             stats: SpmStats::default(),
             orphan_parks: 0,
         })
+    }
+
+    /// The mailbox geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
     }
 
     /// This SPM's epoch.
@@ -491,6 +598,13 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if self.deposed {
             return None;
         }
+        self.handle_timeout(now);
+        if (self.fenced || (self.batch == Batch::Fence && self.confirmed)) && !self.header_asked {
+            // Fencing: the header is read before the next write, and
+            // before every commit attempt.
+            self.header_asked = true;
+            return Some(SpmIo::ReadSpmHeader);
+        }
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.config.heartbeat_interval;
             return Some(SpmIo::ReadSpmHeader);
@@ -542,6 +656,28 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         None
     }
 
+    /// Time has passed: an SPM that has not read its own header back for
+    /// [`FENCE_HEARTBEATS`] heartbeat intervals (it stalled, or its reads
+    /// failed) is *fenced*: [`Spm::poll_write`] gives nothing and
+    /// [`Spm::poll_io`] asks for the SPM header first. A newer SPM may have
+    /// taken over meanwhile; writing before looking could overwrite its
+    /// replies. [`Spm::poll_io`] calls this itself.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deposed || !self.confirmed || self.fenced {
+            return;
+        }
+        let fence = self
+            .config
+            .heartbeat_interval
+            .checked_mul(FENCE_HEARTBEATS)
+            .unwrap_or(Duration::MAX);
+        if now.saturating_since(self.last_own_header) > fence {
+            warn!("spm: no read of the SPM header named this SPM lately; fenced until one does");
+            self.fenced = true;
+            self.header_asked = false;
+        }
+    }
+
     /// Requests are likely waiting on disk and the queue has room.
     fn backlog_due(&self) -> bool {
         self.backlog && self.queue.len() <= QUEUE / 2
@@ -559,11 +695,20 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             .next_doorbell
             .min(self.next_scan)
             .min(self.next_heartbeat);
-        Some(if self.targeted.is_empty() && !self.backlog_due() {
-            soonest
-        } else {
-            Instant::ZERO
-        })
+        let commit_due = match self.batch {
+            Batch::Open => self.jobs_running == 0,
+            Batch::Closed | Batch::Ready => true,
+            Batch::Fence => !self.header_asked,
+            Batch::Idle | Batch::Committing => false,
+        };
+        let fence_due = self.fenced && !self.header_asked;
+        Some(
+            if self.targeted.is_empty() && !self.backlog_due() && !commit_due && !fence_due {
+                soonest
+            } else {
+                Instant::ZERO
+            },
+        )
     }
 
     /// The doorbell record as read.
@@ -761,17 +906,25 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             });
             return;
         }
+        self.header_asked = false;
+        self.fenced = false;
         if !ours {
             // Our header write was lost or torn, or an older SPM wrote
             // late: write it again and settle again before acting.
             warn!("spm: the SPM header is not ours; writing it again");
             self.confirmed = false;
             self.next_heartbeat = now + settle(&self.config);
-        } else if !self.confirmed {
-            self.confirmed = true;
-            self.next_doorbell = now;
-            self.next_scan = now;
-            self.last_ring = now;
+        } else {
+            self.last_own_header = now;
+            if !self.confirmed {
+                self.confirmed = true;
+                self.next_doorbell = now;
+                self.next_scan = now;
+                self.last_ring = now;
+            }
+            if self.batch == Batch::Fence {
+                self.batch = Batch::Ready;
+            }
         }
         self.heartbeat = self.heartbeat.wrapping_add(1);
         self.header_write = true;
@@ -780,19 +933,36 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// The next job for the backend, if any may start.
     #[must_use]
     pub fn poll_job(&mut self) -> Option<Job> {
-        if self.deposed || !self.confirmed || self.jobs_running >= self.config.max_jobs.max(1) {
+        let max = self.config.max_jobs.max(1);
+        if self.deposed
+            || !self.confirmed
+            || !matches!(self.batch, Batch::Idle | Batch::Open)
+            || self.jobs_running >= max
+            || self.batch_jobs >= max
+        {
             return None;
         }
         let job = self.queue.next_job()?;
         self.jobs_running += 1;
+        self.batch_jobs += 1;
         self.stats.jobs += 1;
+        debug_assert!(self.jobs_running <= self.batch_jobs);
         Some(job)
     }
 
-    /// What the backend did with the job for `volume`.
+    /// What the backend did with the job for `volume`. The result is
+    /// answered only once the batch it belongs to is committed
+    /// ([`Spm::poll_commit`]).
     pub fn handle_job_result(&mut self, now: Instant, volume: Uuid, result: JobResult) {
         let _ = now;
-        self.jobs_running = self.jobs_running.saturating_sub(1);
+        if self.jobs_running == 0 || !matches!(self.batch, Batch::Idle | Batch::Open) {
+            // A result for no job handed out: the caller's bug; nothing in
+            // the engine's state may change on it.
+            debug_assert!(false, "a job result without a running job");
+            return;
+        }
+        self.jobs_running -= 1;
+        self.batch = Batch::Open;
         let mut answered = false;
         for e in self.queue.entries_mut().iter_mut() {
             if e.request.volume != volume || e.state != EntryState::Running {
@@ -829,6 +999,87 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             // Its requests left the disk while the job ran.
             self.orphan_parks = self.orphan_parks.wrapping_add(1);
         }
+    }
+
+    /// The next commit to make, if one is due: the results handed in since
+    /// the last commit (once no job runs any more), or a commit asked with
+    /// [`Spm::request_commit`].
+    ///
+    /// A batch closes at the first call after its last running job
+    /// reported (no more jobs join it), or once `max_jobs` jobs were handed
+    /// out. The engine then asks, through [`Spm::poll_io`], to read the SPM
+    /// header back; only when that read names this SPM does this return
+    /// the commit. So a commit is always made right after a read showed no
+    /// other SPM took over. Make the backend's state durable, then call
+    /// [`Spm::handle_committed`] (or [`Spm::handle_commit_failed`]). No
+    /// reply of the batch is released by [`Spm::poll_write`] before that.
+    #[must_use]
+    pub fn poll_commit(&mut self) -> Option<SpmCommit> {
+        if self.deposed {
+            return None;
+        }
+        match self.batch {
+            Batch::Open if self.jobs_running == 0 => {
+                self.batch = Batch::Fence;
+                self.header_asked = false;
+                None
+            }
+            Batch::Closed => {
+                self.batch = Batch::Fence;
+                self.header_asked = false;
+                None
+            }
+            Batch::Ready => {
+                self.batch = Batch::Committing;
+                Some(SpmCommit {
+                    jobs: self.batch_jobs,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Asks for a commit with no job in it (the backend's state changed
+    /// outside a job, and a change that failed part way must be made
+    /// durable before anything more is answered). It goes through the same
+    /// fencing read as a batch. Joins the running batch if there is one.
+    pub fn request_commit(&mut self) {
+        if self.batch == Batch::Idle {
+            self.batch = Batch::Closed;
+        }
+    }
+
+    /// Whether a batch waits for its commit: no new job starts and no reply
+    /// of it is written until [`Spm::handle_committed`].
+    pub fn commit_pending(&self) -> bool {
+        self.batch != Batch::Idle
+    }
+
+    /// The commit [`Spm::poll_commit`] handed out is durable, as pool
+    /// metadata commit `sequence` (0 if the backend keeps no sequence): its
+    /// replies may go out, and the SPM header carries `sequence` from its
+    /// next write on.
+    pub fn handle_committed(&mut self, now: Instant, sequence: u64) {
+        let _ = now;
+        if self.batch != Batch::Committing {
+            debug_assert!(false, "handle_committed without a commit handed out");
+            return;
+        }
+        self.batch = Batch::Idle;
+        self.batch_jobs = 0;
+        self.pool_commit = self.pool_commit.max(sequence);
+    }
+
+    /// The commit [`Spm::poll_commit`] handed out failed: nothing of the
+    /// batch is answered. The next [`Spm::poll_commit`] reads the SPM header
+    /// again before it hands the commit out again.
+    pub fn handle_commit_failed(&mut self, now: Instant) {
+        let _ = now;
+        if self.batch != Batch::Committing {
+            debug_assert!(false, "handle_commit_failed without a commit handed out");
+            return;
+        }
+        self.batch = Batch::Closed;
     }
 
     /// The backend completed a parked extension: `volume` is now `size`.
@@ -879,7 +1130,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// The next record to write.
     #[must_use]
     pub fn poll_write(&mut self) -> Option<SpmWrite> {
-        if self.deposed {
+        if self.deposed || self.fenced {
+            // Fenced: not even the header, which a newer SPM may hold.
             return None;
         }
         if self.header_write {
@@ -903,7 +1155,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 });
             }
         }
-        if !self.confirmed {
+        if !self.confirmed || self.fenced || self.batch != Batch::Idle {
             return None;
         }
         let epoch = self.epoch;
@@ -938,13 +1190,18 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         let (status, size) = e.reply?;
         let r = e.request;
         let reply = Reply::answering(&r, status, size, epoch);
+        // Encoded before the queue changes: a reply that cannot be encoded
+        // is a bug, and its request must stay queued rather than vanish.
+        let Ok(record) = reply.to_bytes() else {
+            debug_assert!(false, "a reply built from a valid request encodes");
+            return None;
+        };
         if status.is_final() {
             self.queue.remove(r.host_id, r.slot);
         } else if let Some(entry) = self.queue.entries_mut().get_mut(i) {
             entry.reply = None;
             entry.waiting_sent = true;
         }
-        let record = reply.to_bytes().ok()?;
         self.stats.replies += 1;
         self.event(SpmEvent::Answered {
             host_id: r.host_id,

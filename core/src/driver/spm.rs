@@ -1,0 +1,481 @@
+//! The SPM's side of the driver.
+
+use crate::spm::{Spm, SpmCommit, SpmIo, SpmWrite};
+use crate::time::Instant;
+use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, SPM_HEADER_OFFSET};
+
+use super::{BlockDevice, Counted, DriverError, IoStats, carve};
+
+/// Outbox areas with no request between two that have one are read along
+/// with them when there are at most this many.
+pub const OUTBOX_GAP: usize = 8;
+
+/// Dirty outbox sectors at most this many bytes apart are written in one
+/// run (the clean sectors between them written back as the mirror holds
+/// them).
+pub const MERGE_GAP: usize = 8 * AREA_SIZE;
+
+/// Records outside the outbox areas (the SPM header) staged at once.
+const OTHERS: usize = 4;
+
+/// Outbox records staged at once without a mirror.
+const STAGED: usize = 64;
+
+/// Runs an [`Spm`] engine against a [`BlockDevice`].
+///
+/// One step of an SPM, in this order:
+/// 1. [`SpmDriver::read`]: every read the engine asks for.
+/// 2. jobs: `engine_mut().poll_job()`, run on the backend, results to
+///    `engine_mut().handle_job_result(..)`;
+/// 3. [`SpmDriver::poll_commit`]: when it returns a commit, make the
+///    backend durable, then `engine_mut().handle_committed(..)`;
+/// 4. [`SpmDriver::write`]: the replies and the SPM header.
+///
+/// With a mirror (`buffer_len(.., true)`: one 4 KiB copy per host, 8 MiB
+/// at 2000 hosts) replies are written without reading first, and merged;
+/// without one (firmware with little RAM) each record's sector is read,
+/// patched and written.
+#[derive(Debug)]
+pub struct SpmDriver<'b, D: BlockDevice, const QUEUE: usize> {
+    io: Counted<D>,
+    engine: Spm<QUEUE>,
+    geometry: Geometry,
+    sector: usize,
+    /// Hosts read per chunk of a `ReadHosts`.
+    chunk_hosts: usize,
+    /// One sector.
+    one: &'b mut [u8],
+    /// Inbox areas of the chunk being read.
+    inbox: &'b mut [u8],
+    /// Outbox areas of the chunk being read, as handed to the engine:
+    /// zeros where the inbox had no request.
+    pub(super) view: &'b mut [u8],
+    /// Every outbox area as this SPM last read or wrote it (empty without
+    /// a mirror).
+    mirror: &'b mut [u8],
+    /// Per outbox area, a bit: the mirror holds it.
+    known: &'b mut [u8],
+    /// Per outbox sector, a bit: the mirror's copy is newer than the disk.
+    dirty: &'b mut [u8],
+    /// Whether any bit of `dirty` is set.
+    any_dirty: bool,
+    /// Records outside the outbox areas waiting to be written.
+    others: heapless::Vec<SpmWrite, OTHERS>,
+    /// Outbox records waiting to be written (without a mirror).
+    staged: heapless::Vec<SpmWrite, STAGED>,
+    /// A record taken from the engine whose area could not be read into
+    /// the mirror yet.
+    held: Option<SpmWrite>,
+    /// A read that failed: done again first.
+    failed_read: Option<SpmIo>,
+}
+
+fn bit(bits: &[u8], i: usize) -> bool {
+    bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+fn set_bit(bits: &mut [u8], i: usize, on: bool) {
+    if let Some(b) = bits.get_mut(i / 8) {
+        if on {
+            *b |= 1 << (i % 8);
+        } else {
+            *b &= !(1 << (i % 8));
+        }
+    }
+}
+
+impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
+    /// The buffer a driver for `geometry` needs, reading `chunk_hosts`
+    /// hosts per read (at least 1; a full scan of `max_hosts` in one read
+    /// is fastest on a host), with or without a mirror of the outbox areas.
+    pub fn buffer_len(geometry: &Geometry, chunk_hosts: u16, mirror: bool) -> usize {
+        let hosts = usize::from(geometry.max_hosts());
+        let chunk = usize::from(chunk_hosts.clamp(1, geometry.max_hosts().max(1)));
+        let sector = geometry.sector_size() as usize;
+        let mut len = sector + 2 * chunk * AREA_SIZE;
+        if mirror {
+            let sectors = hosts * AREA_SIZE / sector;
+            len += hosts * AREA_SIZE + hosts.div_ceil(8) + sectors.div_ceil(8);
+        }
+        len
+    }
+
+    /// A driver for `engine` on `device`, in `buffer` (at least
+    /// [`SpmDriver::buffer_len`] bytes; its start aligned as the device
+    /// needs). `mirror` must match what `buffer_len` was asked with.
+    pub fn new(
+        device: D,
+        engine: Spm<QUEUE>,
+        buffer: &'b mut [u8],
+        chunk_hosts: u16,
+        mirror: bool,
+    ) -> Result<Self, DriverError> {
+        let geometry = *engine.geometry();
+        let sector = geometry.sector_size() as usize;
+        if device.sector_size() != geometry.sector_size() {
+            return Err(DriverError::SectorSize {
+                device: device.sector_size(),
+                mailbox: geometry.sector_size(),
+            });
+        }
+        let needed = Self::buffer_len(&geometry, chunk_hosts, mirror);
+        if buffer.len() < needed {
+            return Err(DriverError::BufferTooSmall { needed });
+        }
+        let hosts = usize::from(geometry.max_hosts());
+        let chunk = usize::from(chunk_hosts.clamp(1, geometry.max_hosts().max(1)));
+        let mut rest = buffer;
+        let one = carve(&mut rest, sector);
+        let inbox = carve(&mut rest, chunk * AREA_SIZE);
+        let view = carve(&mut rest, chunk * AREA_SIZE);
+        let (mirror, known, dirty) = if mirror {
+            let m = carve(&mut rest, hosts * AREA_SIZE);
+            let k = carve(&mut rest, hosts.div_ceil(8));
+            let d = carve(&mut rest, (hosts * AREA_SIZE / sector).div_ceil(8));
+            k.fill(0);
+            d.fill(0);
+            (m, k, d)
+        } else {
+            (
+                carve(&mut rest, 0),
+                carve(&mut rest, 0),
+                carve(&mut rest, 0),
+            )
+        };
+        Ok(SpmDriver {
+            io: Counted {
+                device,
+                stats: IoStats::default(),
+            },
+            engine,
+            geometry,
+            sector,
+            chunk_hosts: chunk,
+            one,
+            inbox,
+            view,
+            mirror,
+            known,
+            dirty,
+            any_dirty: false,
+            others: heapless::Vec::new(),
+            staged: heapless::Vec::new(),
+            held: None,
+            failed_read: None,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Spm<QUEUE> {
+        &self.engine
+    }
+
+    /// The engine, for jobs, commits and events.
+    pub fn engine_mut(&mut self) -> &mut Spm<QUEUE> {
+        &mut self.engine
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.io.device
+    }
+
+    /// The device, for its owner's own needs.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.io.device
+    }
+
+    /// Calls and bytes so far.
+    pub fn stats(&self) -> IoStats {
+        self.io.stats
+    }
+
+    /// Whether records taken from the engine wait to be written.
+    pub fn writes_pending(&self) -> bool {
+        self.any_dirty || !self.others.is_empty() || !self.staged.is_empty() || self.held.is_some()
+    }
+
+    /// Does every read the engine asks for at `now` and hands it what was
+    /// read. On an error the read is done again first at the next call.
+    pub fn read(&mut self, now: Instant) -> Result<(), D::Error> {
+        while let Some(io) = self.failed_read.take().or_else(|| self.engine.poll_io(now)) {
+            if let Err(e) = self.read_one(now, io) {
+                self.failed_read = Some(io);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_one(&mut self, now: Instant, io: SpmIo) -> Result<(), D::Error> {
+        match io {
+            SpmIo::ReadDoorbell => {
+                let within = self.read_sector_of(DOORBELL_OFFSET)?;
+                self.engine
+                    .handle_doorbell(now, &self.one[within..within + RECORD_LEN]);
+            }
+            SpmIo::ReadSpmHeader => {
+                let within = self.read_sector_of(SPM_HEADER_OFFSET)?;
+                self.engine
+                    .handle_spm_header(now, &self.one[within..within + RECORD_LEN]);
+            }
+            SpmIo::ReadHosts { first_host, count } => {
+                let last = u32::from(first_host) + u32::from(count);
+                let end = last.min(u32::from(self.geometry.max_hosts()) + 1);
+                let mut host = u32::from(first_host.max(1));
+                while host < end {
+                    let n = (end - host).min(self.chunk_hosts as u32);
+                    // Both fit a u16: `end` is at most max_hosts + 1.
+                    self.read_chunk(now, host as u16, n as usize)?;
+                    host += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the sector holding the record at `offset` into `one`; returns
+    /// where in it the record starts.
+    fn read_sector_of(&mut self, offset: u64) -> Result<usize, D::Error> {
+        let start = offset - offset % self.sector as u64;
+        self.io.read(start, self.one)?;
+        Ok((offset - start) as usize)
+    }
+
+    /// Reads hosts `first ..` `+ n` and hands them to the engine.
+    pub(super) fn read_chunk(
+        &mut self,
+        now: Instant,
+        first: u16,
+        n: usize,
+    ) -> Result<(), D::Error> {
+        let (Some(ib), Some(ob)) = (
+            self.geometry.inbox_area(first),
+            self.geometry.outbox_area(first),
+        ) else {
+            return Ok(());
+        };
+        let len = n * AREA_SIZE;
+        self.io.read(ib, &mut self.inbox[..len])?;
+        let busy = |inbox: &[u8], i: usize| {
+            inbox[i * AREA_SIZE + RECORD_LEN..(i + 1) * AREA_SIZE]
+                .iter()
+                .any(|&b| b != 0)
+        };
+        let base = usize::from(first) - 1;
+        let mut i = 0;
+        while i < n {
+            if !busy(self.inbox, i) {
+                i += 1;
+                continue;
+            }
+            // A run from i to the last busy area with gaps of at most
+            // OUTBOX_GAP.
+            let mut end = i + 1;
+            let mut j = i + 1;
+            while j < n && j - end <= OUTBOX_GAP {
+                if busy(self.inbox, j) {
+                    end = j + 1;
+                }
+                j += 1;
+            }
+            let at = ob + (i * AREA_SIZE) as u64;
+            if self.mirror.is_empty() {
+                self.io
+                    .read(at, &mut self.view[i * AREA_SIZE..end * AREA_SIZE])?;
+            } else {
+                let (from, to) = ((base + i) * AREA_SIZE, (base + end) * AREA_SIZE);
+                self.io.read(at, &mut self.mirror[from..to])?;
+                for k in base + i..base + end {
+                    set_bit(self.known, k, true);
+                    // What was read replaces the mirror's copy: clean.
+                    let per = AREA_SIZE / self.sector;
+                    for s in k * per..(k + 1) * per {
+                        set_bit(self.dirty, s, false);
+                    }
+                }
+            }
+            i = end;
+        }
+        for k in 0..n {
+            let view = &mut self.view[k * AREA_SIZE..(k + 1) * AREA_SIZE];
+            if !busy(self.inbox, k) {
+                view.fill(0);
+            } else if !self.mirror.is_empty() {
+                let at = (base + k) * AREA_SIZE;
+                view.copy_from_slice(&self.mirror[at..at + AREA_SIZE]);
+            }
+        }
+        self.engine
+            .handle_hosts(now, first, &self.inbox[..len], &self.view[..len]);
+        Ok(())
+    }
+
+    /// The commit to make now, if one is due: asks the engine, and does the
+    /// fencing read of the SPM header it needs first. Make the backend's
+    /// state durable, then call `engine_mut().handle_committed(..)` (or
+    /// `handle_commit_failed`).
+    pub fn poll_commit(&mut self, now: Instant) -> Result<Option<SpmCommit>, D::Error> {
+        if let Some(c) = self.engine.poll_commit() {
+            return Ok(Some(c));
+        }
+        if !self.engine.commit_pending() {
+            return Ok(None);
+        }
+        self.read(now)?;
+        Ok(self.engine.poll_commit())
+    }
+
+    /// Writes what the engine has to write: the SPM header, then replies,
+    /// each sector whole. On an error what was not written stays staged and
+    /// goes first at the next call.
+    pub fn write(&mut self) -> Result<(), D::Error> {
+        if let Some(w) = self.held.take() {
+            self.stage(w)?;
+        }
+        while self.room() {
+            let Some(w) = self.engine.poll_write() else {
+                break;
+            };
+            self.stage(w)?;
+        }
+        self.flush_staged()
+    }
+
+    /// For a graceful stop: writes what is staged and what the engine still
+    /// has, then the SPM header that vacates the mailbox, and flushes the
+    /// device. Returns `false`, writing nothing more, when the engine was
+    /// deposed (another SPM's header must stay).
+    pub fn stop(&mut self) -> Result<bool, D::Error> {
+        self.write()?;
+        if self.engine.is_deposed() {
+            return Ok(false);
+        }
+        let Some(w) = self.engine.vacate() else {
+            return Ok(false);
+        };
+        self.stage(w)?;
+        self.flush_staged()?;
+        self.io.device.flush()?;
+        Ok(true)
+    }
+
+    fn room(&self) -> bool {
+        self.held.is_none() && !self.others.is_full() && !self.staged.is_full()
+    }
+
+    fn outbox_region(&self) -> core::ops::Range<u64> {
+        let at = self.geometry.outbox_offset();
+        at..at + (usize::from(self.geometry.max_hosts()) * AREA_SIZE) as u64
+    }
+
+    /// Takes a record in: into the mirror (reading its area first if the
+    /// mirror does not hold it), or into a staging list.
+    pub(super) fn stage(&mut self, w: SpmWrite) -> Result<(), D::Error> {
+        let region = self.outbox_region();
+        if !region.contains(&w.offset) {
+            match self.others.iter_mut().find(|o| o.offset == w.offset) {
+                Some(o) => *o = w,
+                None => {
+                    if self.others.push(w).is_err() {
+                        self.held = Some(w);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if self.mirror.is_empty() {
+            match self.staged.iter_mut().find(|o| o.offset == w.offset) {
+                Some(o) => *o = w,
+                None => {
+                    if self.staged.push(w).is_err() {
+                        self.held = Some(w);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let at = (w.offset - region.start) as usize;
+        let area = at / AREA_SIZE;
+        if !bit(self.known, area) {
+            let from = area * AREA_SIZE;
+            let read = self.io.read(
+                region.start + from as u64,
+                &mut self.mirror[from..from + AREA_SIZE],
+            );
+            if let Err(e) = read {
+                self.held = Some(w);
+                return Err(e);
+            }
+            set_bit(self.known, area, true);
+        }
+        self.mirror[at..at + RECORD_LEN].copy_from_slice(&w.record);
+        set_bit(self.dirty, at / self.sector, true);
+        self.any_dirty = true;
+        Ok(())
+    }
+
+    /// Writes what is staged: records outside the outbox areas first (read-
+    /// modify-write of their sector), then the outbox.
+    pub(super) fn flush_staged(&mut self) -> Result<(), D::Error> {
+        while let Some(&w) = self.others.first() {
+            self.patch_sector(w)?;
+            self.others.remove(0);
+        }
+        while let Some(&w) = self.staged.first() {
+            self.patch_sector(w)?;
+            self.staged.remove(0);
+        }
+        if self.any_dirty {
+            self.write_dirty()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the sector of `w`, puts `w` in it and writes it back.
+    fn patch_sector(&mut self, w: SpmWrite) -> Result<(), D::Error> {
+        let start = w.offset - w.offset % self.sector as u64;
+        self.io.read(start, self.one)?;
+        let within = (w.offset - start) as usize;
+        self.one[within..within + RECORD_LEN].copy_from_slice(&w.record);
+        self.io.write(start, self.one)
+    }
+
+    /// Writes the mirror's dirty sectors: runs of sectors less than
+    /// [`MERGE_GAP`] apart go in one write, through known areas only.
+    fn write_dirty(&mut self) -> Result<(), D::Error> {
+        let sector = self.sector;
+        let total = self.mirror.len() / sector;
+        let merge = MERGE_GAP / sector;
+        let base = self.geometry.outbox_offset();
+        let mut k = 0;
+        while k < total {
+            if !bit(self.dirty, k) {
+                k += 1;
+                continue;
+            }
+            let first = k;
+            let mut last = k;
+            let mut j = k + 1;
+            while j < total && j - last <= merge {
+                if bit(self.dirty, j) {
+                    let known = (last * sector / AREA_SIZE..=j * sector / AREA_SIZE)
+                        .all(|a| bit(self.known, a));
+                    if !known {
+                        break;
+                    }
+                    last = j;
+                }
+                j += 1;
+            }
+            let (from, to) = (first * sector, (last + 1) * sector);
+            self.io.write(base + from as u64, &self.mirror[from..to])?;
+            for s in first..=last {
+                set_bit(self.dirty, s, false);
+            }
+            k = last + 1;
+        }
+        self.any_dirty = false;
+        Ok(())
+    }
+}
