@@ -4,7 +4,14 @@ use crate::host::{Host, HostError, HostRead};
 use crate::time::Instant;
 use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader};
 
-use super::{BlockDevice, Counted, DriverError, IoStats, carve};
+use super::{BlockDevice, Counted, DriverError, IoStats};
+
+/// The inbox area's mirror in the buffer.
+const MIRROR: core::ops::Range<usize> = 0..AREA_SIZE;
+/// The outbox area as read.
+const READ: core::ops::Range<usize> = AREA_SIZE..2 * AREA_SIZE;
+/// Where the sector buffer starts.
+const ONE: usize = 2 * AREA_SIZE;
 
 /// Runs a [`Host`] engine against a [`BlockDevice`].
 ///
@@ -19,17 +26,14 @@ use super::{BlockDevice, Counted, DriverError, IoStats, carve};
 /// its reads. Events (refresh a volume, a request failed, ...) are then
 /// taken with `engine_mut().poll_event()`.
 #[derive(Debug)]
-pub struct HostDriver<'b, D: BlockDevice, const VOLUMES: usize> {
+pub struct HostDriver<D: BlockDevice, B, const VOLUMES: usize> {
     io: Counted<D>,
     engine: Host<VOLUMES>,
     sector: usize,
     inbox_offset: u64,
-    /// The inbox area as this host last wrote it (or read it at start).
-    mirror: &'b mut [u8],
-    /// An outbox area as read.
-    read: &'b mut [u8],
-    /// One sector.
-    one: &'b mut [u8],
+    /// The caller's buffer: the inbox area as this host last wrote it (or
+    /// read it at start), then an outbox area as read, then one sector.
+    buf: B,
     /// The mirror holds records not yet written.
     area_dirty: bool,
     /// The newest doorbell ring not yet written.
@@ -38,7 +42,7 @@ pub struct HostDriver<'b, D: BlockDevice, const VOLUMES: usize> {
     failed_read: Option<HostRead>,
 }
 
-impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
+impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const VOLUMES: usize> HostDriver<D, B, VOLUMES> {
     /// The buffer a host driver needs: the inbox area's mirror, an outbox
     /// area, and one sector (at most 4 KiB).
     pub const BUFFER_LEN: usize = 3 * AREA_SIZE;
@@ -46,11 +50,7 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
     /// A driver for `engine` (volumes added, not started) on `device`, in
     /// `buffer` (at least [`HostDriver::BUFFER_LEN`] bytes, its start
     /// aligned as the device needs).
-    pub fn new(
-        device: D,
-        engine: Host<VOLUMES>,
-        buffer: &'b mut [u8],
-    ) -> Result<Self, DriverError> {
+    pub fn new(device: D, engine: Host<VOLUMES>, buffer: B) -> Result<Self, DriverError> {
         let geometry = *engine.geometry();
         if device.sector_size() != geometry.sector_size() {
             return Err(DriverError::SectorSize {
@@ -58,16 +58,12 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
                 mailbox: geometry.sector_size(),
             });
         }
-        if buffer.len() < Self::BUFFER_LEN {
+        if buffer.as_ref().len() < Self::BUFFER_LEN {
             return Err(DriverError::BufferTooSmall {
                 needed: Self::BUFFER_LEN,
             });
         }
         let sector = geometry.sector_size() as usize;
-        let mut rest = buffer;
-        let mirror = carve(&mut rest, AREA_SIZE);
-        let read = carve(&mut rest, AREA_SIZE);
-        let one = carve(&mut rest, sector);
         let inbox_offset = geometry.inbox_area(engine.host_id()).unwrap_or(0);
         Ok(HostDriver {
             io: Counted {
@@ -77,9 +73,7 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
             engine,
             sector,
             inbox_offset,
-            mirror,
-            read,
-            one,
+            buf: buffer,
             area_dirty: false,
             bell: None,
             failed_read: None,
@@ -95,9 +89,10 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
         let Some(outbox) = geometry.outbox_area(self.engine.host_id()) else {
             return Ok(Err(HostError::HostId));
         };
-        self.io.read(self.inbox_offset, self.mirror)?;
-        self.io.read(outbox, self.read)?;
-        if let Err(e) = self.engine.start(now, self.mirror, self.read, owner) {
+        let buf = self.buf.as_mut();
+        self.io.read(self.inbox_offset, &mut buf[MIRROR])?;
+        self.io.read(outbox, &mut buf[READ])?;
+        if let Err(e) = self.engine.start(now, &buf[MIRROR], &buf[READ], owner) {
             return Ok(Err(e));
         }
         self.read_spm_header()?;
@@ -144,15 +139,17 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
     /// whole, then the newest ring.
     pub fn write(&mut self) -> Result<(), D::Error> {
         self.take_writes();
+        let buf = self.buf.as_mut();
         if self.area_dirty {
-            self.io.write(self.inbox_offset, self.mirror)?;
+            self.io.write(self.inbox_offset, &buf[MIRROR])?;
             self.area_dirty = false;
         }
         if let Some(record) = self.bell {
             // The doorbell's sector holds one ring; the rest stays zero.
-            self.one.fill(0);
-            self.one[..RECORD_LEN].copy_from_slice(&record);
-            self.io.write(DOORBELL_OFFSET, self.one)?;
+            let one = &mut buf[ONE..ONE + self.sector];
+            one.fill(0);
+            one[..RECORD_LEN].copy_from_slice(&record);
+            self.io.write(DOORBELL_OFFSET, one)?;
             self.bell = None;
         }
         Ok(())
@@ -166,7 +163,7 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
                 && (at as usize) + RECORD_LEN <= AREA_SIZE
             {
                 let at = at as usize;
-                self.mirror[at..at + RECORD_LEN].copy_from_slice(&w.record);
+                self.buf.as_mut()[at..at + RECORD_LEN].copy_from_slice(&w.record);
                 self.area_dirty = true;
             } else {
                 debug_assert!(false, "a host writes only its inbox area and the doorbell");
@@ -182,12 +179,15 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
             .or_else(|| self.engine.poll_read(now))
         {
             let done = match r {
-                HostRead::OutboxArea { offset } => self.io.read(offset, self.read).map(|()| {
-                    self.engine.handle_outbox(now, self.read);
-                }),
-                HostRead::InboxHeader { offset } => self.read_sector_of(offset).map(|within| {
-                    self.engine
-                        .handle_inbox_header(now, &self.one[within..within + RECORD_LEN]);
+                HostRead::OutboxArea { offset } => {
+                    let buf = self.buf.as_mut();
+                    self.io.read(offset, &mut buf[READ]).map(|()| {
+                        self.engine.handle_outbox(now, &buf[READ]);
+                    })
+                }
+                HostRead::InboxHeader { offset } => self.read_sector_of(offset).map(|at| {
+                    let record = &self.buf.as_ref()[at..at + RECORD_LEN];
+                    self.engine.handle_inbox_header(now, record);
                 }),
                 HostRead::SpmHeader => self.read_spm_header(),
             };
@@ -200,17 +200,20 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
     }
 
     fn read_spm_header(&mut self) -> Result<(), D::Error> {
-        let within = self.read_sector_of(SPM_HEADER_OFFSET)?;
-        if let Ok(Some(h)) = SpmHeader::decode(&self.one[within..within + RECORD_LEN]) {
+        let at = self.read_sector_of(SPM_HEADER_OFFSET)?;
+        if let Ok(Some(h)) = SpmHeader::decode(&self.buf.as_ref()[at..at + RECORD_LEN]) {
             self.engine.handle_spm_header(&h);
         }
         Ok(())
     }
 
+    /// Reads the sector holding the record at `offset` into the sector
+    /// buffer; returns where in the buffer the record starts.
     fn read_sector_of(&mut self, offset: u64) -> Result<usize, D::Error> {
         let start = offset - offset % self.sector as u64;
-        self.io.read(start, self.one)?;
-        Ok((offset - start) as usize)
+        let one = &mut self.buf.as_mut()[ONE..ONE + self.sector];
+        self.io.read(start, one)?;
+        Ok(ONE + (offset - start) as usize)
     }
 
     /// For a clean stop: the writes still due, then the inbox header that
@@ -218,12 +221,13 @@ impl<'b, D: BlockDevice, const VOLUMES: usize> HostDriver<'b, D, VOLUMES> {
     /// flushed. Nothing is written once evicted.
     pub fn release(&mut self) -> Result<(), D::Error> {
         self.take_writes();
+        let buf = self.buf.as_mut();
         if let Some(w) = self.engine.release() {
-            self.mirror[..RECORD_LEN].copy_from_slice(&w.record);
+            buf[..RECORD_LEN].copy_from_slice(&w.record);
             self.area_dirty = true;
         }
         if self.area_dirty {
-            self.io.write(self.inbox_offset, self.mirror)?;
+            self.io.write(self.inbox_offset, &buf[MIRROR])?;
             self.area_dirty = false;
         }
         self.io.device.flush()

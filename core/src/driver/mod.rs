@@ -158,12 +158,11 @@ impl core::fmt::Display for DriverError {
 
 impl core::error::Error for DriverError {}
 
-/// Splits `len` bytes off the front of `buf`.
-fn carve<'b>(buf: &mut &'b mut [u8], len: usize) -> &'b mut [u8] {
-    let taken = core::mem::take(buf);
-    let (head, tail) = taken.split_at_mut(len.min(taken.len()));
-    *buf = tail;
-    head
+/// The next `len` bytes of a buffer being divided, from `*at` on.
+fn carve(at: &mut usize, len: usize) -> core::ops::Range<usize> {
+    let r = *at..*at + len;
+    *at += len;
+    r
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use crate::spm::{Spm, SpmCommit, SpmIo, SpmWrite};
 use crate::time::Instant;
 use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, SPM_HEADER_OFFSET};
 
+use core::ops::Range;
+
 use super::{BlockDevice, Counted, DriverError, IoStats, carve};
 
 /// Outbox areas with no request between two that have one are read along
@@ -36,27 +38,16 @@ const STAGED: usize = 64;
 /// without one (firmware with little RAM) each record's sector is read,
 /// patched and written.
 #[derive(Debug)]
-pub struct SpmDriver<'b, D: BlockDevice, const QUEUE: usize> {
+pub struct SpmDriver<D: BlockDevice, B, const QUEUE: usize> {
     io: Counted<D>,
     engine: Spm<QUEUE>,
     geometry: Geometry,
     sector: usize,
     /// Hosts read per chunk of a `ReadHosts`.
     chunk_hosts: usize,
-    /// One sector.
-    one: &'b mut [u8],
-    /// Inbox areas of the chunk being read.
-    inbox: &'b mut [u8],
-    /// Outbox areas of the chunk being read, as handed to the engine:
-    /// zeros where the inbox had no request.
-    pub(super) view: &'b mut [u8],
-    /// Every outbox area as this SPM last read or wrote it (empty without
-    /// a mirror).
-    mirror: &'b mut [u8],
-    /// Per outbox area, a bit: the mirror holds it.
-    known: &'b mut [u8],
-    /// Per outbox sector, a bit: the mirror's copy is newer than the disk.
-    dirty: &'b mut [u8],
+    /// The caller's buffer, in parts: [`Parts`].
+    pub(super) buf: B,
+    pub(super) parts: Parts,
     /// Whether any bit of `dirty` is set.
     any_dirty: bool,
     /// Records outside the outbox areas waiting to be written.
@@ -68,6 +59,25 @@ pub struct SpmDriver<'b, D: BlockDevice, const QUEUE: usize> {
     held: Option<SpmWrite>,
     /// A read that failed: done again first.
     failed_read: Option<SpmIo>,
+}
+
+/// Where each part of the driver's buffer is.
+#[derive(Clone, Debug)]
+pub(super) struct Parts {
+    /// One sector.
+    one: Range<usize>,
+    /// Inbox areas of the chunk being read.
+    inbox: Range<usize>,
+    /// Outbox areas of the chunk being read, as handed to the engine:
+    /// zeros where the inbox had no request.
+    pub(super) view: Range<usize>,
+    /// Every outbox area as this SPM last read or wrote it (empty without
+    /// a mirror).
+    mirror: Range<usize>,
+    /// Per outbox area, a bit: the mirror holds it.
+    known: Range<usize>,
+    /// Per outbox sector, a bit: the mirror's copy is newer than the disk.
+    dirty: Range<usize>,
 }
 
 fn bit(bits: &[u8], i: usize) -> bool {
@@ -84,7 +94,7 @@ fn set_bit(bits: &mut [u8], i: usize, on: bool) {
     }
 }
 
-impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
+impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver<D, B, QUEUE> {
     /// The buffer a driver for `geometry` needs, reading `chunk_hosts`
     /// hosts per read (at least 1; a full scan of `max_hosts` in one read
     /// is fastest on a host), with or without a mirror of the outbox areas.
@@ -102,11 +112,12 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
 
     /// A driver for `engine` on `device`, in `buffer` (at least
     /// [`SpmDriver::buffer_len`] bytes; its start aligned as the device
-    /// needs). `mirror` must match what `buffer_len` was asked with.
+    /// needs: a `&mut [u8]`, a `Vec<u8>`, an aligned allocation).
+    /// `mirror` must match what `buffer_len` was asked with.
     pub fn new(
         device: D,
         engine: Spm<QUEUE>,
-        buffer: &'b mut [u8],
+        mut buffer: B,
         chunk_hosts: u16,
         mirror: bool,
     ) -> Result<Self, DriverError> {
@@ -119,29 +130,27 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             });
         }
         let needed = Self::buffer_len(&geometry, chunk_hosts, mirror);
-        if buffer.len() < needed {
+        if buffer.as_ref().len() < needed {
             return Err(DriverError::BufferTooSmall { needed });
         }
         let hosts = usize::from(geometry.max_hosts());
         let chunk = usize::from(chunk_hosts.clamp(1, geometry.max_hosts().max(1)));
-        let mut rest = buffer;
-        let one = carve(&mut rest, sector);
-        let inbox = carve(&mut rest, chunk * AREA_SIZE);
-        let view = carve(&mut rest, chunk * AREA_SIZE);
+        let mut at = 0;
+        let one = carve(&mut at, sector);
+        let inbox = carve(&mut at, chunk * AREA_SIZE);
+        let view = carve(&mut at, chunk * AREA_SIZE);
         let (mirror, known, dirty) = if mirror {
-            let m = carve(&mut rest, hosts * AREA_SIZE);
-            let k = carve(&mut rest, hosts.div_ceil(8));
-            let d = carve(&mut rest, (hosts * AREA_SIZE / sector).div_ceil(8));
-            k.fill(0);
-            d.fill(0);
-            (m, k, d)
-        } else {
             (
-                carve(&mut rest, 0),
-                carve(&mut rest, 0),
-                carve(&mut rest, 0),
+                carve(&mut at, hosts * AREA_SIZE),
+                carve(&mut at, hosts.div_ceil(8)),
+                carve(&mut at, (hosts * AREA_SIZE / sector).div_ceil(8)),
             )
+        } else {
+            (at..at, at..at, at..at)
         };
+        let b = buffer.as_mut();
+        b[known.clone()].fill(0);
+        b[dirty.clone()].fill(0);
         Ok(SpmDriver {
             io: Counted {
                 device,
@@ -151,12 +160,15 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             geometry,
             sector,
             chunk_hosts: chunk,
-            one,
-            inbox,
-            view,
-            mirror,
-            known,
-            dirty,
+            buf: buffer,
+            parts: Parts {
+                one,
+                inbox,
+                view,
+                mirror,
+                known,
+                dirty,
+            },
             any_dirty: false,
             others: heapless::Vec::new(),
             staged: heapless::Vec::new(),
@@ -211,13 +223,15 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
         match io {
             SpmIo::ReadDoorbell => {
                 let within = self.read_sector_of(DOORBELL_OFFSET)?;
+                let one = &self.buf.as_ref()[self.parts.one.clone()];
                 self.engine
-                    .handle_doorbell(now, &self.one[within..within + RECORD_LEN]);
+                    .handle_doorbell(now, &one[within..within + RECORD_LEN]);
             }
             SpmIo::ReadSpmHeader => {
                 let within = self.read_sector_of(SPM_HEADER_OFFSET)?;
+                let one = &self.buf.as_ref()[self.parts.one.clone()];
                 self.engine
-                    .handle_spm_header(now, &self.one[within..within + RECORD_LEN]);
+                    .handle_spm_header(now, &one[within..within + RECORD_LEN]);
             }
             SpmIo::ReadHosts { first_host, count } => {
                 let last = u32::from(first_host) + u32::from(count);
@@ -234,11 +248,12 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
         Ok(())
     }
 
-    /// Reads the sector holding the record at `offset` into `one`; returns
-    /// where in it the record starts.
+    /// Reads the sector holding the record at `offset` into the sector
+    /// buffer; returns where in it the record starts.
     fn read_sector_of(&mut self, offset: u64) -> Result<usize, D::Error> {
         let start = offset - offset % self.sector as u64;
-        self.io.read(start, self.one)?;
+        let one = &mut self.buf.as_mut()[self.parts.one.clone()];
+        self.io.read(start, one)?;
         Ok((offset - start) as usize)
     }
 
@@ -256,16 +271,21 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             return Ok(());
         };
         let len = n * AREA_SIZE;
-        self.io.read(ib, &mut self.inbox[..len])?;
-        let busy = |inbox: &[u8], i: usize| {
-            inbox[i * AREA_SIZE + RECORD_LEN..(i + 1) * AREA_SIZE]
+        let p = &self.parts;
+        let buf = self.buf.as_mut();
+        self.io
+            .read(ib, &mut buf[p.inbox.start..p.inbox.start + len])?;
+        let busy = |buf: &[u8], i: usize| {
+            buf[p.inbox.start + i * AREA_SIZE + RECORD_LEN..p.inbox.start + (i + 1) * AREA_SIZE]
                 .iter()
                 .any(|&b| b != 0)
         };
         let base = usize::from(first) - 1;
+        let mirrored = !p.mirror.is_empty();
+        let per = AREA_SIZE / self.sector;
         let mut i = 0;
         while i < n {
-            if !busy(self.inbox, i) {
+            if !busy(buf, i) {
                 i += 1;
                 continue;
             }
@@ -274,40 +294,47 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             let mut end = i + 1;
             let mut j = i + 1;
             while j < n && j - end <= OUTBOX_GAP {
-                if busy(self.inbox, j) {
+                if busy(buf, j) {
                     end = j + 1;
                 }
                 j += 1;
             }
             let at = ob + (i * AREA_SIZE) as u64;
-            if self.mirror.is_empty() {
-                self.io
-                    .read(at, &mut self.view[i * AREA_SIZE..end * AREA_SIZE])?;
-            } else {
-                let (from, to) = ((base + i) * AREA_SIZE, (base + end) * AREA_SIZE);
-                self.io.read(at, &mut self.mirror[from..to])?;
-                for k in base + i..base + end {
-                    set_bit(self.known, k, true);
-                    // What was read replaces the mirror's copy: clean.
-                    let per = AREA_SIZE / self.sector;
-                    for s in k * per..(k + 1) * per {
-                        set_bit(self.dirty, s, false);
+            let view = p.view.start + i * AREA_SIZE..p.view.start + end * AREA_SIZE;
+            self.io.read(at, &mut buf[view.clone()])?;
+            if mirrored {
+                // What was read replaces the mirror's copy, except sectors
+                // staged and not yet written: those are newer.
+                for s in (base + i) * per..(base + end) * per {
+                    if bit(&buf[p.dirty.clone()], s) {
+                        continue;
                     }
+                    let from = view.start + (s - (base + i) * per) * self.sector;
+                    let to = p.mirror.start + s * self.sector;
+                    buf.copy_within(from..from + self.sector, to);
+                }
+                for k in base + i..base + end {
+                    set_bit(&mut buf[p.known.clone()], k, true);
                 }
             }
             i = end;
         }
         for k in 0..n {
-            let view = &mut self.view[k * AREA_SIZE..(k + 1) * AREA_SIZE];
-            if !busy(self.inbox, k) {
-                view.fill(0);
-            } else if !self.mirror.is_empty() {
-                let at = (base + k) * AREA_SIZE;
-                view.copy_from_slice(&self.mirror[at..at + AREA_SIZE]);
+            let view = p.view.start + k * AREA_SIZE;
+            if !busy(buf, k) {
+                buf[view..view + AREA_SIZE].fill(0);
+            } else if mirrored {
+                let at = p.mirror.start + (base + k) * AREA_SIZE;
+                buf.copy_within(at..at + AREA_SIZE, view);
             }
         }
-        self.engine
-            .handle_hosts(now, first, &self.inbox[..len], &self.view[..len]);
+        let buf = self.buf.as_ref();
+        self.engine.handle_hosts(
+            now,
+            first,
+            &buf[p.inbox.start..p.inbox.start + len],
+            &buf[p.view.start..p.view.start + len],
+        );
         Ok(())
     }
 
@@ -384,7 +411,8 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             }
             return Ok(());
         }
-        if self.mirror.is_empty() {
+        let p = &self.parts;
+        if p.mirror.is_empty() {
             match self.staged.iter_mut().find(|o| o.offset == w.offset) {
                 Some(o) => *o = w,
                 None => {
@@ -395,22 +423,24 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             }
             return Ok(());
         }
+        let buf = self.buf.as_mut();
         let at = (w.offset - region.start) as usize;
         let area = at / AREA_SIZE;
-        if !bit(self.known, area) {
-            let from = area * AREA_SIZE;
+        if !bit(&buf[p.known.clone()], area) {
+            let from = p.mirror.start + area * AREA_SIZE;
             let read = self.io.read(
-                region.start + from as u64,
-                &mut self.mirror[from..from + AREA_SIZE],
+                region.start + (area * AREA_SIZE) as u64,
+                &mut buf[from..from + AREA_SIZE],
             );
             if let Err(e) = read {
                 self.held = Some(w);
                 return Err(e);
             }
-            set_bit(self.known, area, true);
+            set_bit(&mut buf[p.known.clone()], area, true);
         }
-        self.mirror[at..at + RECORD_LEN].copy_from_slice(&w.record);
-        set_bit(self.dirty, at / self.sector, true);
+        let m = p.mirror.start + at;
+        buf[m..m + RECORD_LEN].copy_from_slice(&w.record);
+        set_bit(&mut buf[p.dirty.clone()], at / self.sector, true);
         self.any_dirty = true;
         Ok(())
     }
@@ -435,22 +465,25 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
     /// Reads the sector of `w`, puts `w` in it and writes it back.
     fn patch_sector(&mut self, w: SpmWrite) -> Result<(), D::Error> {
         let start = w.offset - w.offset % self.sector as u64;
-        self.io.read(start, self.one)?;
+        let one = &mut self.buf.as_mut()[self.parts.one.clone()];
+        self.io.read(start, one)?;
         let within = (w.offset - start) as usize;
-        self.one[within..within + RECORD_LEN].copy_from_slice(&w.record);
-        self.io.write(start, self.one)
+        one[within..within + RECORD_LEN].copy_from_slice(&w.record);
+        self.io.write(start, one)
     }
 
     /// Writes the mirror's dirty sectors: runs of sectors less than
     /// [`MERGE_GAP`] apart go in one write, through known areas only.
     fn write_dirty(&mut self) -> Result<(), D::Error> {
         let sector = self.sector;
-        let total = self.mirror.len() / sector;
+        let p = &self.parts;
+        let buf = self.buf.as_mut();
+        let total = p.mirror.len() / sector;
         let merge = MERGE_GAP / sector;
         let base = self.geometry.outbox_offset();
         let mut k = 0;
         while k < total {
-            if !bit(self.dirty, k) {
+            if !bit(&buf[p.dirty.clone()], k) {
                 k += 1;
                 continue;
             }
@@ -458,9 +491,9 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
             let mut last = k;
             let mut j = k + 1;
             while j < total && j - last <= merge {
-                if bit(self.dirty, j) {
+                if bit(&buf[p.dirty.clone()], j) {
                     let known = (last * sector / AREA_SIZE..=j * sector / AREA_SIZE)
-                        .all(|a| bit(self.known, a));
+                        .all(|a| bit(&buf[p.known.clone()], a));
                     if !known {
                         break;
                     }
@@ -469,9 +502,10 @@ impl<'b, D: BlockDevice, const QUEUE: usize> SpmDriver<'b, D, QUEUE> {
                 j += 1;
             }
             let (from, to) = (first * sector, (last + 1) * sector);
-            self.io.write(base + from as u64, &self.mirror[from..to])?;
+            let m = p.mirror.start;
+            self.io.write(base + from as u64, &buf[m + from..m + to])?;
             for s in first..=last {
-                set_bit(self.dirty, s, false);
+                set_bit(&mut buf[p.dirty.clone()], s, false);
             }
             k = last + 1;
         }

@@ -73,11 +73,12 @@ fn outbox_areas_of_hosts_without_requests_are_not_read_and_given_as_zeros() {
     poke(&d, g.inbox_area(3).unwrap() + RECORD_LEN as u64, 1);
     poke(&d, g.outbox_area(3).unwrap() + 7, 3);
     poke(&d, g.outbox_area(5).unwrap() + 7, 5);
-    let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 8, true)];
-    let mut drv = SpmDriver::new(Shared(&d), spm(g), &mut buf, 8, true).unwrap();
+    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 8, true)];
+    let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 8, true).unwrap();
     drv.read_chunk(Instant::ZERO, 1, 8).unwrap();
-    assert_eq!(drv.view[2 * AREA_SIZE + 7], 3, "host 3's outbox is read");
-    assert_eq!(drv.view[4 * AREA_SIZE + 7], 0, "host 5's is not");
+    let view = &drv.buf[drv.parts.view.clone()];
+    assert_eq!(view[2 * AREA_SIZE + 7], 3, "host 3's outbox is read");
+    assert_eq!(view[4 * AREA_SIZE + 7], 0, "host 5's is not");
     assert_eq!(drv.stats().reads, 2, "the inboxes, then host 3's outbox");
     assert_eq!(drv.stats().read_bytes, 9 * AREA_SIZE as u64);
 }
@@ -85,8 +86,8 @@ fn outbox_areas_of_hosts_without_requests_are_not_read_and_given_as_zeros() {
 #[test]
 fn a_full_scan_in_chunks_reads_every_host_once() {
     let (g, d) = disk(10);
-    let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 4, false)];
-    let mut drv = SpmDriver::new(Shared(&d), spm(g), &mut buf, 4, false).unwrap();
+    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, false)];
+    let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, false).unwrap();
     drv.read_one(
         Instant::ZERO,
         crate::spm::SpmIo::ReadHosts {
@@ -108,8 +109,8 @@ fn replies_are_written_without_reading_and_merged_only_through_known_areas() {
     // Host 4's outbox is never read (it has no request), and what it holds
     // must survive writes on both sides of it.
     poke(&d, g.outbox_area(4).unwrap() + 300, 0x44);
-    let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 16, true)];
-    let mut drv = SpmDriver::new(Shared(&d), spm(g), &mut buf, 16, true).unwrap();
+    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 16, true)];
+    let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 16, true).unwrap();
     drv.read_chunk(Instant::ZERO, 1, 3).unwrap();
     drv.read_chunk(Instant::ZERO, 5, 1).unwrap();
     let reads = drv.stats().reads;
@@ -148,8 +149,8 @@ fn records_outside_the_outboxes_keep_their_neighbours() {
         let (g, d) = disk(4);
         let neighbour = SPM_HEADER_OFFSET + RECORD_LEN as u64;
         poke(&d, neighbour, 0x77);
-        let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 4, mirror)];
-        let mut drv = SpmDriver::new(Shared(&d), spm(g), &mut buf, 4, mirror).unwrap();
+        let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
+        let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, mirror).unwrap();
         drv.stage(write(SPM_HEADER_OFFSET, 0x5a)).unwrap();
         drv.flush_staged().unwrap();
         assert_eq!(peek(&d, SPM_HEADER_OFFSET, 4), [0x5a; 4]);
@@ -161,8 +162,8 @@ fn records_outside_the_outboxes_keep_their_neighbours() {
 fn a_write_that_failed_is_made_whole_by_the_next_one() {
     for mirror in [true, false] {
         let (g, d) = disk(4);
-        let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 4, mirror)];
-        let mut drv = SpmDriver::new(Shared(&d), spm(g), &mut buf, 4, mirror).unwrap();
+        let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
+        let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, mirror).unwrap();
         drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
         let at = g.outbox_area(2).unwrap() + RECORD_LEN as u64;
         drv.stage(write(at, 1)).unwrap();
@@ -180,8 +181,8 @@ fn a_write_that_failed_is_made_whole_by_the_next_one() {
 #[test]
 fn a_read_that_failed_is_done_again_first() {
     let (g, d) = disk(4);
-    let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 4, true)];
-    let mut drv = SpmDriver::new(Shared(&d), spm(g), &mut buf, 4, true).unwrap();
+    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, true)];
+    let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, true).unwrap();
     // Its header, then settle.
     drv.write().unwrap();
     let now = Instant::ZERO + settle(&SpmConfig::default());
@@ -194,8 +195,8 @@ fn a_read_that_failed_is_done_again_first() {
 
 /// A host and an SPM, each through its driver, on one disk.
 struct Pair<'a> {
-    host: HostDriver<'a, Shared<'a>, 4>,
-    spm: SpmDriver<'a, Shared<'a>, 64>,
+    host: HostDriver<Shared<'a>, Vec<u8>, 4>,
+    spm: SpmDriver<Shared<'a>, Vec<u8>, 64>,
     now: Instant,
     physical: u64,
 }
@@ -203,8 +204,9 @@ struct Pair<'a> {
 const VOLUME: Uuid = Uuid([7; 16]);
 
 impl<'a> Pair<'a> {
-    fn new(g: Geometry, d: &'a RefCell<Disk>, bufs: &'a mut [Vec<u8>; 2]) -> Pair<'a> {
-        let [hb, sb] = bufs;
+    fn new(g: Geometry, d: &'a RefCell<Disk>) -> Pair<'a> {
+        let hb = vec![0u8; HostDriver::<Shared, Vec<u8>, 4>::BUFFER_LEN];
+        let sb = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, true)];
         let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
         host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
             .unwrap();
@@ -249,11 +251,7 @@ impl<'a> Pair<'a> {
 #[test]
 fn a_host_and_an_spm_through_their_drivers_extend_a_volume() {
     let (g, d) = disk(4);
-    let mut bufs = [
-        vec![0u8; HostDriver::<Shared, 4>::BUFFER_LEN],
-        vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g, 4, true)],
-    ];
-    let mut pair = Pair::new(g, &d, &mut bufs);
+    let mut pair = Pair::new(g, &d);
     for _ in 0..1600 {
         pair.step();
     }
@@ -276,11 +274,11 @@ fn a_host_and_an_spm_through_their_drivers_extend_a_volume() {
 #[test]
 fn the_doorbell_is_written_only_after_the_area_it_announces() {
     let (g, d) = disk(4);
-    let mut buf = vec![0u8; HostDriver::<Shared, 4>::BUFFER_LEN];
+    let buf = vec![0u8; HostDriver::<Shared, Vec<u8>, 4>::BUFFER_LEN];
     let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
-    let mut drv = HostDriver::new(Shared(&d), host, &mut buf).unwrap();
+    let mut drv = HostDriver::new(Shared(&d), host, buf).unwrap();
     drv.start(Instant::ZERO, 9).unwrap().unwrap();
     drv.step(Instant::ZERO).unwrap();
     drv.engine_mut()
@@ -304,11 +302,11 @@ fn the_doorbell_is_written_only_after_the_area_it_announces() {
 #[test]
 fn a_torn_area_write_is_repaired_by_the_next_write_of_the_whole_area() {
     let (g, d) = disk(4);
-    let mut buf = vec![0u8; HostDriver::<Shared, 4>::BUFFER_LEN];
+    let buf = vec![0u8; HostDriver::<Shared, Vec<u8>, 4>::BUFFER_LEN];
     let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
-    let mut drv = HostDriver::new(Shared(&d), host, &mut buf).unwrap();
+    let mut drv = HostDriver::new(Shared(&d), host, buf).unwrap();
     drv.start(Instant::ZERO, 9).unwrap().unwrap();
     d.borrow_mut().faults.then = WriteFault::Torn { sectors: 0 };
     drv.step(Instant::ZERO).unwrap();
@@ -330,18 +328,41 @@ fn a_torn_area_write_is_repaired_by_the_next_write_of_the_whole_area() {
 #[test]
 fn a_buffer_too_small_or_a_sector_size_that_differs_is_refused() {
     let (g, d) = disk(4);
-    let mut small = vec![0u8; 100];
+    let small = vec![0u8; 100];
     assert!(matches!(
-        SpmDriver::new(Shared(&d), spm(g), &mut small, 4, true),
+        SpmDriver::new(Shared(&d), spm(g), small, 4, true),
         Err(DriverError::BufferTooSmall { .. })
     ));
     let g4k = Geometry::new(4, 4096).unwrap();
-    let mut buf = vec![0u8; SpmDriver::<Shared, 64>::buffer_len(&g4k, 4, true)];
+    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g4k, 4, true)];
     assert!(matches!(
-        SpmDriver::new(Shared(&d), spm(g4k), &mut buf, 4, true),
+        SpmDriver::new(Shared(&d), spm(g4k), buf, 4, true),
         Err(DriverError::SectorSize {
             device: 512,
             mailbox: 4096
         })
     ));
+}
+
+#[test]
+fn a_read_of_an_area_keeps_the_replies_not_yet_written_to_it() {
+    let (g, d) = disk(4);
+    poke(&d, g.inbox_area(2).unwrap() + RECORD_LEN as u64, 1);
+    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, true)];
+    let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, true).unwrap();
+    drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
+    let at = g.outbox_area(2).unwrap() + RECORD_LEN as u64;
+    drv.stage(write(at, 0xc2)).unwrap();
+    d.borrow_mut().faults.fail_writes = 1;
+    assert!(drv.flush_staged().is_err());
+    // The next scan reads host 2's outbox (still the old bytes on disk)...
+    drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
+    let view = &drv.buf[drv.parts.view.clone()];
+    assert_eq!(
+        view[AREA_SIZE + RECORD_LEN],
+        0xc2,
+        "...and the engine sees the reply that waits, not the disk's old slot"
+    );
+    drv.flush_staged().unwrap();
+    assert_eq!(peek(&d, at, RECORD_LEN), vec![0xc2; RECORD_LEN]);
 }
