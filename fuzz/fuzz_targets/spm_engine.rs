@@ -280,8 +280,29 @@ fuzz_target!(|input: Input| {
             );
             jobs.push(job);
         }
+        // Commits: the batch closes, the engine reads its header back
+        // (the harness's disk holds what it last wrote), then hands the
+        // commit out; no reply of a batch is written before that.
+        if spm.poll_commit().is_none() && spm.commit_pending() {
+            while let Some(io) = spm.poll_io(now) {
+                if io == SpmIo::ReadSpmHeader {
+                    spm.handle_spm_header(now, &header);
+                }
+            }
+        }
+        if spm.poll_commit().is_some() {
+            while let Some(w) = spm.poll_write() {
+                assert_eq!(
+                    w.offset, SPM_HEADER_OFFSET,
+                    "a reply before its batch was committed"
+                );
+                header = w.record;
+            }
+            spm.handle_committed(now, round);
+        }
         while let Some(w) = spm.poll_write() {
             if w.offset == SPM_HEADER_OFFSET {
+                header = w.record;
                 continue;
             }
             assert!(

@@ -1,14 +1,16 @@
-//! Firmware-sized instantiations of the spmbox-core engines, for measuring
-//! code size and static memory on `thumbv7em-none-eabihf`. Every public
-//! input and output of each engine is reached from a function here, so the
-//! compiled object holds the code firmware would link.
+//! Firmware-sized instantiations of the spmbox-core engines and their
+//! drivers, for measuring code size and static memory on
+//! `thumbv7em-none-eabihf`. Every public input and output of each engine
+//! is reached from a function here (through the driver, as firmware runs
+//! them), so the compiled object holds the code firmware would link.
 #![no_std]
 
 use core::mem::size_of;
 
+use spmbox_core::driver::{BlockDevice, HostDriver, SpmDriver};
 use spmbox_core::host::{Host, HostConfig, HostEvent};
-use spmbox_core::pool::{DefaultPool, Extend};
-use spmbox_core::spm::{JobResult, Spm, SpmConfig};
+use spmbox_core::pool::DefaultPool;
+use spmbox_core::spm::{Spm, SpmConfig, run_pool_job};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{Geometry, SpmHeader, Uuid};
 
@@ -24,50 +26,75 @@ pub const STATE_BYTES: [usize; 3] = [
     size_of::<DefaultPool>(),
 ];
 
-/// What an SPM read in one round.
-pub struct SpmReads<'a> {
-    /// The doorbell record.
-    pub doorbell: &'a [u8],
-    /// The SPM header record.
-    pub header: &'a [u8],
-    /// Inbox areas from host 1 on.
-    pub inbox: &'a [u8],
-    /// Outbox areas from host 1 on.
-    pub outbox: &'a [u8],
+/// A block device over memory (what a firmware's storage driver stands in
+/// for here: the probe measures the mailbox driver, not a storage driver).
+pub struct Ram<'a>(pub &'a mut [u8]);
+
+impl embedded_io::ErrorType for Ram<'_> {
+    type Error = core::convert::Infallible;
 }
 
-/// One round of an SPM: every input and output.
-pub fn spm_round(
-    spm: &mut FirmwareSpm,
-    pool: &mut DefaultPool,
-    now: Instant,
-    reads: &SpmReads<'_>,
-    out: &mut [u8; 128],
-) -> u64 {
-    spm.handle_doorbell(now, reads.doorbell);
-    spm.handle_spm_header(now, reads.header);
-    spm.handle_hosts(now, 1, reads.inbox, reads.outbox);
-    let mut offsets = 0;
-    while let Some(io) = spm.poll_io(now) {
-        offsets += matches!(io, spmbox_core::spm::SpmIo::ReadDoorbell) as u64;
+impl BlockDevice for Ram<'_> {
+    fn sector_size(&self) -> u32 {
+        512
     }
-    while let Some(job) = spm.poll_job() {
-        let result = match pool.extend(job.volume, job.target_size, job.urgent) {
-            Ok(Extend::Extended { size }) => JobResult::Extended { size },
-            Ok(Extend::Parked { size }) => JobResult::NoSpace { size },
-            Err(_) => JobResult::Failed { code: 5 },
-        };
-        spm.handle_job_result(now, job.volume, result);
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        let at = offset as usize;
+        if let Some(src) = self.0.get(at..at + buf.len()) {
+            buf.copy_from_slice(src);
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        let at = offset as usize;
+        if let Some(dst) = self.0.get_mut(at..at + buf.len()) {
+            dst.copy_from_slice(buf);
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// The SPM as firmware runs it: the engine in its driver, without a mirror
+/// of the outbox areas (reads 16 hosts per chunk).
+pub type FirmwareSpmDriver<'a> = SpmDriver<Ram<'a>, &'a mut [u8], 256>;
+/// A host in its driver.
+pub type FirmwareHostDriver<'a> = HostDriver<Ram<'a>, &'a mut [u8], 64>;
+
+/// An SPM driver for `spm` on `disk`, in `buffer`.
+pub fn spm_driver<'a>(
+    spm: FirmwareSpm,
+    disk: &'a mut [u8],
+    buffer: &'a mut [u8],
+) -> Option<FirmwareSpmDriver<'a>> {
+    SpmDriver::new(Ram(disk), spm, buffer, 16, false).ok()
+}
+
+/// One round of an SPM: every input and output, through the driver.
+pub fn spm_round(driver: &mut FirmwareSpmDriver<'_>, pool: &mut DefaultPool, now: Instant) -> u64 {
+    let _ = driver.read(now);
+    while let Some(job) = driver.engine_mut().poll_job() {
+        let result = run_pool_job(pool, &job);
+        driver
+            .engine_mut()
+            .handle_job_result(now, job.volume, result);
+    }
+    if let Ok(Some(_)) = driver.poll_commit(now) {
+        driver.engine_mut().handle_committed(now, 1);
     }
     while let Some(c) = pool.poll_completed() {
-        spm.handle_capacity(now, c.volume, c.size);
+        driver.engine_mut().handle_capacity(now, c.volume, c.size);
     }
-    while let Some(w) = spm.poll_write() {
-        *out = w.record;
-        offsets += w.offset;
-    }
-    while spm.poll_event().is_some() {}
-    offsets + spm.poll_timeout().map_or(0, |t| t.as_micros())
+    let _ = driver.write();
+    while driver.engine_mut().poll_event().is_some() {}
+    driver.stats().reads + driver.engine().poll_timeout().map_or(0, |t| t.as_micros())
+}
+
+/// A graceful stop of an SPM.
+pub fn spm_stop(driver: &mut FirmwareSpmDriver<'_>) -> bool {
+    driver.stop().unwrap_or(false)
 }
 
 /// A new SPM taking over from `found`.
@@ -80,45 +107,42 @@ pub fn spm_start(
     Spm::new(now, domain, geometry, 0, 1, found, SpmConfig::default()).ok()
 }
 
-/// One round of a host: every input and output.
+/// One round of a host: every input and output, through the driver.
 pub fn host_round(
-    host: &mut FirmwareHost,
+    driver: &mut FirmwareHostDriver<'_>,
     now: Instant,
     volume: Uuid,
     allocation: u64,
-    outbox: &[u8],
-    out: &mut [u8; 128],
 ) -> u64 {
-    host.handle_allocation(now, volume, allocation);
-    host.handle_outbox(now, outbox);
-    host.handle_timeout(now);
-    let mut n = 0;
-    while let Some(w) = host.poll_write() {
-        *out = w.record;
-        n += w.offset;
-    }
-    while host.poll_read(now).is_some() {
-        n += 1;
-    }
-    while let Some(e) = host.poll_event() {
+    driver
+        .engine_mut()
+        .handle_allocation(now, volume, allocation);
+    let _ = driver.step(now);
+    while let Some(e) = driver.engine_mut().poll_event() {
         if let HostEvent::Refresh { volume, size } = e {
-            host.handle_refreshed(now, volume, size);
+            driver.engine_mut().handle_refreshed(now, volume, size);
         }
     }
-    n + host.poll_timeout().map_or(0, |t| t.as_micros())
+    driver.stats().writes + driver.engine().poll_timeout().map_or(0, |t| t.as_micros())
 }
 
-/// A host starting from its areas.
-pub fn host_start(
+/// A host starting from its areas, in its driver.
+pub fn host_start<'a>(
     domain: Uuid,
     geometry: Geometry,
     now: Instant,
-    inbox: &[u8],
-    outbox: &[u8],
-) -> Option<FirmwareHost> {
-    let mut host = Host::new(domain, 1, geometry, HostConfig::default()).ok()?;
-    host.start(now, inbox, outbox, 1).ok()?;
-    Some(host)
+    disk: &'a mut [u8],
+    buffer: &'a mut [u8],
+) -> Option<FirmwareHostDriver<'a>> {
+    let host = Host::new(domain, 1, geometry, HostConfig::default()).ok()?;
+    let mut driver = HostDriver::new(Ram(disk), host, buffer).ok()?;
+    driver.start(now, 1).ok()?.ok()?;
+    Some(driver)
+}
+
+/// A clean stop of a host.
+pub fn host_stop(driver: &mut FirmwareHostDriver<'_>) -> bool {
+    driver.release().is_ok()
 }
 
 /// Pool metadata: commit and reload.
