@@ -146,6 +146,18 @@ impl DerefMut for AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AsMut<[u8]> for AlignedBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
 impl fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AlignedBuf")
@@ -311,9 +323,16 @@ impl Device {
         buf: &mut AlignedBuf,
         range: std::ops::Range<usize>,
     ) -> Result<(), DeviceError> {
-        self.check(offset, buf, &range)?;
-        let len = range.len();
-        let buf = &mut buf[range];
+        self.check_range(offset, buf, &range)?;
+        self.read_slice(offset, &mut buf[range])
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`, a slice whose first
+    /// byte sits at a multiple of [`Self::dio_mem_align`] (a part of an
+    /// [`AlignedBuf`]), under the rules of [`Self::read_at`].
+    pub fn read_slice(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.check(offset, buf.as_ptr(), buf.len())?;
+        let len = buf.len();
         let mut done = 0;
         while done < len {
             match rustix::io::pread(&self.fd, &mut buf[done..], offset + done as u64) {
@@ -341,9 +360,15 @@ impl Device {
         buf: &AlignedBuf,
         range: std::ops::Range<usize>,
     ) -> Result<(), DeviceError> {
-        self.check(offset, buf, &range)?;
-        let len = range.len();
-        let buf = &buf[range];
+        self.check_range(offset, buf, &range)?;
+        self.write_slice(offset, &buf[range])
+    }
+
+    /// Writes all of `buf` at `offset`, under the rules of
+    /// [`Self::read_slice`].
+    pub fn write_slice(&self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        self.check(offset, buf.as_ptr(), buf.len())?;
+        let len = buf.len();
         let mut done = 0;
         while done < len {
             match rustix::io::pwrite(&self.fd, &buf[done..], offset + done as u64) {
@@ -365,15 +390,38 @@ impl Device {
     }
 
     /// Checks an I/O request against the device's rules before doing it.
-    fn check(
+    /// `range` lies within `buf`, which is aligned for direct I/O.
+    fn check_range(
         &self,
         offset: u64,
         buf: &AlignedBuf,
         range: &std::ops::Range<usize>,
     ) -> Result<(), DeviceError> {
-        let len = range.len() as u64;
+        if range.end > buf.len() || range.start > range.end {
+            return Err(DeviceError::Unaligned {
+                path: self.path.clone(),
+                offset,
+                len: range.len() as u64,
+                sector_size: self.sector_size,
+            });
+        }
+        // The buffer's own alignment, not only where it happens to sit.
+        if buf.align() % self.mem_align != 0 || range.start % self.mem_align != 0 {
+            return Err(DeviceError::UnalignedBuffer {
+                path: self.path.clone(),
+                align: buf.align(),
+                required: self.mem_align,
+            });
+        }
+        Ok(())
+    }
+
+    /// An I/O of `len` bytes at `offset` from memory at `at`: whole
+    /// sectors, memory aligned for direct I/O, within the device.
+    fn check(&self, offset: u64, at: *const u8, len: usize) -> Result<(), DeviceError> {
+        let len = len as u64;
         let sector = u64::from(self.sector_size);
-        if offset % sector != 0 || len % sector != 0 || range.end > buf.len() {
+        if offset % sector != 0 || len % sector != 0 {
             return Err(DeviceError::Unaligned {
                 path: self.path.clone(),
                 offset,
@@ -381,10 +429,11 @@ impl Device {
                 sector_size: self.sector_size,
             });
         }
-        if buf.align() % self.mem_align != 0 || range.start % self.mem_align != 0 {
+        let misalign = (at as usize) % self.mem_align;
+        if misalign != 0 {
             return Err(DeviceError::UnalignedBuffer {
                 path: self.path.clone(),
-                align: buf.align(),
+                align: 1 << (at as usize).trailing_zeros(),
                 required: self.mem_align,
             });
         }
@@ -740,6 +789,49 @@ pub enum DeviceError {
         /// The error from the kernel.
         source: Errno,
     },
+}
+
+/// The core's driver ([`spmbox_core::driver`]) reads and writes the
+/// mailbox through a shared reference to the device: `pread`/`pwrite`
+/// need no exclusive access.
+impl embedded_io::ErrorType for &Device {
+    type Error = DeviceError;
+}
+
+impl spmbox_core::driver::BlockDevice for &Device {
+    fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.read_slice(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DeviceError> {
+        self.write_slice(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), DeviceError> {
+        self.sync_data()
+    }
+}
+
+impl embedded_io::Error for DeviceError {
+    fn kind(&self) -> embedded_io::ErrorKind {
+        use embedded_io::ErrorKind;
+        match self {
+            DeviceError::Unaligned { .. }
+            | DeviceError::UnalignedBuffer { .. }
+            | DeviceError::OutOfRange { .. } => ErrorKind::InvalidInput,
+            DeviceError::ShortRead { .. } => ErrorKind::InvalidData,
+            DeviceError::ShortWrite { .. } => ErrorKind::WriteZero,
+            _ if self.is_no_space() => ErrorKind::OutOfMemory,
+            _ => match self.errno() {
+                Some(Errno::NOENT) => ErrorKind::NotFound,
+                Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) => ErrorKind::PermissionDenied,
+                Some(Errno::INTR) => ErrorKind::Interrupted,
+                Some(Errno::OPNOTSUPP) => ErrorKind::Unsupported,
+                _ => ErrorKind::Other,
+            },
+        }
+    }
 }
 
 impl DeviceError {

@@ -697,22 +697,6 @@ impl BuiltinSpm {
     }
 }
 
-fn job_result(result: Result<Extend, PoolError>, pool: &DomainPool, volume: Uuid) -> JobResult {
-    match result {
-        Ok(Extend::Extended { size }) => JobResult::Extended { size },
-        Ok(Extend::Parked { size }) => JobResult::NoSpace { size },
-        Err(PoolError::UnknownVolume) => JobResult::UnknownVolume,
-        Err(PoolError::OverLimit { .. }) => JobResult::OverLimit {
-            size: pool.volume(volume).map_or(0, |v| v.size),
-        },
-        Err(PoolError::InvalidSize { .. }) => JobResult::Malformed,
-        // EAGAIN: the parked list is full (the request stays in the
-        // mailbox and is retried); EIO: anything else.
-        Err(PoolError::ParkedFull) => JobResult::Failed { code: 11 },
-        Err(_) => JobResult::Failed { code: 5 },
-    }
-}
-
 fn report_of(pool: &DomainPool) -> PoolReport {
     PoolReport {
         backend: "builtin",
@@ -758,7 +742,7 @@ impl SpmBackend for BuiltinSpm {
                 Bytes(target)
             );
         }
-        job_result(result, &self.pool, volume)
+        JobResult::from_pool(result, self.pool.volume(volume).map_or(0, |v| v.size))
     }
 
     fn commit(&mut self) -> Result<(), BackendError> {

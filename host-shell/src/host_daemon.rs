@@ -30,13 +30,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
-use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, InboxHeader, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid,
-};
+use spmbox_core::driver::HostDriver;
+use spmbox_core::host::{Host, HostConfig, HostEvent};
+use spmbox_core::wire::{InboxHeader, RECORD_LEN, Uuid};
 
 use crate::backend::{BackendError, VolumeMaps};
-use crate::device::{Access, AlignedBuf, DeviceError};
+use crate::device::{Access, AlignedBuf, Device, DeviceError};
 use crate::guest::{self, Devices, Guest, GuestError, Pacer, Step};
 use crate::mailbox::Mailbox;
 use crate::mapping::Mapping;
@@ -167,7 +166,7 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let host_id = options.host_id;
-    let (Some(inbox_offset), Some(outbox_offset)) =
+    let (Some(inbox_offset), Some(_)) =
         (geometry.inbox_area(host_id), geometry.outbox_area(host_id))
     else {
         return Err(BackendError::new(format!(
@@ -181,8 +180,8 @@ pub fn run(
         )));
     }
     let clock = Clock::start();
-    let mut engine: Box<Host<HOST_VOLUMES>> =
-        Box::new(Host::new(domain, host_id, geometry, options.config).map_err(err)?);
+    let mut engine =
+        Host::<HOST_VOLUMES>::new(domain, host_id, geometry, options.config).map_err(err)?;
     let mut devices = Devices::new();
     let mut starts = Vec::new();
     for &volume in &options.volumes {
@@ -219,21 +218,29 @@ pub fn run(
     if !options.config.lease_interval.is_zero() {
         check_host_id_free(&mailbox, domain, host_id, inbox_offset, &stop)?;
     }
-    let inbox = mailbox.read(inbox_offset, AREA_SIZE).map_err(err)?;
-    let outbox = mailbox.read(outbox_offset, AREA_SIZE).map_err(err)?;
+    // The core's driver does the mailbox I/O: the inbox area written whole
+    // from its mirror, the doorbell after it, the reads the engine asks
+    // for (its outbox area, its inbox header, the SPM header).
+    let device = mailbox.device();
+    let buffer = AlignedBuf::zeroed(
+        HostDriver::<&Device, AlignedBuf, HOST_VOLUMES>::BUFFER_LEN,
+        device.dio_mem_align(),
+    );
+    let mut driver = Box::new(
+        HostDriver::new(device, engine, buffer)
+            .map_err(|e| BackendError::new(format!("cannot start the host's driver: {e:?}")))?,
+    );
     let owner = crate::mailbox::random_owner().map_err(err)?;
-    engine
-        .start(clock.now(), &inbox, &outbox, owner)
+    driver
+        .start(clock.now(), owner)
+        .map_err(err)?
         .map_err(err)?;
-    let mut mirror = inbox;
     if !options.config.lease_interval.is_zero() {
         // Write the header with this process's owner, wait longer than a
         // heartbeat, and read it back: another process that started at
         // the same moment with the same host id either overwrote it (this
         // one stops before any guest wrote) or saw it and refused.
-        retry_at_start(&stop, || {
-            flush_writes(&mut engine, &mailbox, inbox_offset, &mut mirror, sector)
-        })?;
+        retry_at_start(&stop, || driver.write())?;
         let settle = options.config.lease_interval * 3 / 2;
         let until = std::time::Instant::now() + settle;
         while std::time::Instant::now() < until {
@@ -243,30 +250,20 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(20));
         }
         let header = retry_at_start(&stop, || {
-            let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
-            mailbox
-                .device()
-                .read_at(inbox_offset, &mut buf)
-                .map(|()| buf)
+            let mut buf = AlignedBuf::zeroed(sector, device.dio_mem_align());
+            device.read_at(inbox_offset, &mut buf).map(|()| buf)
         })?;
-        engine.handle_inbox_header(clock.now(), &header[..RECORD_LEN]);
-        if engine.is_evicted() {
+        driver
+            .engine_mut()
+            .handle_inbox_header(clock.now(), &header[..RECORD_LEN]);
+        if driver.engine().is_evicted() {
             return Err(BackendError::new(format!(
                 "another process took host id {host_id} while this one started (its owner \
                  replaced this one's in the inbox header); run each host id on one host only"
             )));
         }
     }
-    let read_header = |engine: &mut Host<HOST_VOLUMES>| -> Result<(), DeviceError> {
-        let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
-        mailbox.device().read_at(SPM_HEADER_OFFSET, &mut buf)?;
-        if let Ok(Some(h)) = SpmHeader::decode(&buf[..RECORD_LEN]) {
-            engine.handle_spm_header(&h);
-        }
-        Ok(())
-    };
-    read_header(&mut engine).map_err(err)?;
-    let generation = engine.generation();
+    let generation = driver.engine().generation();
     tracing::info!(
         "host {host_id} started: generation {generation}, {} volumes",
         options.volumes.len()
@@ -308,7 +305,7 @@ pub fn run(
                     sizes.limit,
                     notify,
                 )?;
-                vm.arm(engine.write_threshold(volume));
+                vm.arm(driver.engine().write_threshold(volume));
                 emit(
                     options.json_events,
                     json!({"event": "vm_started", "host": host_id, "volume": volume.to_string(), "state": vm.state.name()}),
@@ -353,24 +350,20 @@ pub fn run(
         .map(crate::metrics::Exporter::serve)
         .transpose()?;
     let mut summary = HostSummary::default();
-    let mut next_header = clock.now();
     let mut next_status = std::time::Instant::now();
-    // Mailbox I/O that fails is retried with backoff: the inbox area and
-    // the doorbell stay due (`area_dirty`, `bell`) until written, in that
-    // order; a failed read is asked for again.
+    // Mailbox I/O that fails is retried with backoff; the driver keeps
+    // what failed (the inbox area, the ring, a read) and does it first.
     let mut io = Retry::new("the host's mailbox I/O");
-    let mut area_dirty = false;
-    let mut bell = None;
     let result = (|| -> Result<(), BackendError> {
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             let now = clock.now();
-            let deadline = engine.poll_timeout();
+            let deadline = driver.engine().poll_timeout();
             let mut wait = deadline.map_or(Duration::from_millis(100), |t| clock.until(t));
             if let Some(retry) = io.until_next()
-                && (area_dirty || bell.is_some())
+                && driver.writes_pending()
             {
                 wait = wait.min(retry);
             }
@@ -397,7 +390,9 @@ pub fn run(
                         if let Some(r) = runs.get_mut(&volume) {
                             r.allocation = allocation;
                         }
-                        engine.handle_allocation(now, volume, allocation);
+                        driver
+                            .engine_mut()
+                            .handle_allocation(now, volume, allocation);
                     }
                     Msg::Done(volume, allocation) => {
                         if let Some(r) = runs.get_mut(&volume) {
@@ -420,7 +415,15 @@ pub fn run(
                     }
                     Msg::Vm(volume, message) => {
                         if let (Some(r), Some(setup)) = (runs.get_mut(&volume), &vm_setup) {
-                            vm_message(volume, message, r, setup, &mut engine, options, now)?;
+                            vm_message(
+                                volume,
+                                message,
+                                r,
+                                setup,
+                                driver.engine_mut(),
+                                options,
+                                now,
+                            )?;
                         }
                     }
                 }
@@ -429,7 +432,7 @@ pub fn run(
             // threshold event), and a paused VM resumed once its volume
             // has room.
             for (volume, r) in runs.iter_mut() {
-                let threshold = engine.write_threshold(*volume);
+                let threshold = driver.engine().write_threshold(*volume);
                 let Some(vm) = r.vm.as_mut() else {
                     continue;
                 };
@@ -441,7 +444,7 @@ pub fn run(
                     && highest > r.allocation
                 {
                     r.allocation = highest;
-                    engine.handle_allocation(now, *volume, highest);
+                    driver.engine_mut().handle_allocation(now, *volume, highest);
                 }
                 if vm.resume_if_room() {
                     summary.vm_resumed_at.push(std::time::Instant::now());
@@ -451,69 +454,20 @@ pub fn run(
                     );
                 }
             }
-            engine.handle_timeout(now);
-            if now >= next_header && io.ready() {
-                match read_header(&mut engine) {
+            // The engine's timers, its writes (the inbox area, then the
+            // ring), its reads; what fails is done again after the backoff.
+            if io.ready() {
+                match driver.step(now) {
                     Ok(()) => {
                         io.succeeded();
-                        next_header = now + Duration::from_secs(1);
-                    }
-                    Err(e) => io_failed(&mut io, e)?,
-                }
-            }
-            // Writes: the whole inbox area from the mirror, then the bell.
-            let (dirty, rang) = take_writes(&mut engine, inbox_offset, &mut mirror);
-            area_dirty |= dirty;
-            if rang.is_some() {
-                bell = rang;
-            }
-            if area_dirty && io.ready() {
-                if let Err(e) = mailbox.device().write_at(inbox_offset, &mirror) {
-                    io_failed(&mut io, e)?;
-                } else {
-                    io.succeeded();
-                    area_dirty = false;
-                    let written = clock.now();
-                    for (volume, run) in runs.iter_mut() {
-                        let waiting = engine.volume(*volume).is_some_and(|v| v.request.is_some());
-                        if waiting && run.written.is_none() {
-                            run.written = Some(written);
-                        }
-                    }
-                }
-            }
-            // The bell only once the area it announces is on disk.
-            if let Some(record) = bell
-                && !area_dirty
-                && io.ready()
-            {
-                let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
-                buf[..RECORD_LEN].copy_from_slice(&record);
-                match mailbox.device().write_at(DOORBELL_OFFSET, &buf) {
-                    Ok(()) => {
-                        io.succeeded();
-                        bell = None;
-                    }
-                    Err(e) => io_failed(&mut io, e)?,
-                }
-            }
-            // Reads; one that fails is asked for again by the engine after
-            // its poll interval, or sooner once the backoff has passed.
-            while io.ready()
-                && let Some(read) = engine.poll_read(now)
-            {
-                let (offset, len) = match read {
-                    HostRead::OutboxArea { offset } => (offset, AREA_SIZE),
-                    HostRead::InboxHeader { offset } => (offset, sector),
-                };
-                let mut buf = AlignedBuf::zeroed(len, mailbox.device().dio_mem_align());
-                match mailbox.device().read_at(offset, &mut buf) {
-                    Ok(()) => {
-                        io.succeeded();
-                        match read {
-                            HostRead::OutboxArea { .. } => engine.handle_outbox(now, &buf),
-                            HostRead::InboxHeader { .. } => {
-                                engine.handle_inbox_header(now, &buf[..RECORD_LEN])
+                        let written = clock.now();
+                        for (volume, run) in runs.iter_mut() {
+                            let waiting = driver
+                                .engine()
+                                .volume(*volume)
+                                .is_some_and(|v| v.request.is_some());
+                            if waiting && run.written.is_none() {
+                                run.written = Some(written);
                             }
                         }
                     }
@@ -521,11 +475,11 @@ pub fn run(
                 }
             }
             // Events.
-            while let Some(event) = engine.poll_event() {
+            while let Some(event) = driver.engine_mut().poll_event() {
                 handle_event(
                     event,
                     options,
-                    &mut engine,
+                    driver.engine_mut(),
                     maps,
                     &mut runs,
                     &mut summary,
@@ -535,7 +489,11 @@ pub fn run(
             // A request that ended without an extension (rejected,
             // failed) leaves no timestamps for the next one.
             for (volume, run) in runs.iter_mut() {
-                if engine.volume(*volume).is_none_or(|v| v.request.is_none()) {
+                if driver
+                    .engine()
+                    .volume(*volume)
+                    .is_none_or(|v| v.request.is_none())
+                {
                     run.written = None;
                     run.reply_seen = None;
                 }
@@ -544,12 +502,15 @@ pub fn run(
                 && std::time::Instant::now() >= next_status
             {
                 next_status = std::time::Instant::now() + Duration::from_secs(1);
-                write_status(path, host_id, &engine, &runs);
+                write_status(path, host_id, driver.engine(), &runs);
                 if let Some(exporter) = &exporter {
-                    exporter.publish(host_metrics(&engine, &runs, &summary));
+                    exporter.publish(host_metrics(driver.engine(), &runs, &summary));
                 }
             }
-            if options.exit_when_done && runs.values().all(|r| r.done) && engine.in_flight() == 0 {
+            if options.exit_when_done
+                && runs.values().all(|r| r.done)
+                && driver.engine().in_flight() == 0
+            {
                 return Ok(());
             }
         }
@@ -564,19 +525,12 @@ pub fn run(
     // A clean stop releases the host id: the next process with it need not
     // watch for a live one. The writes still due go first.
     if result.is_ok()
-        && let Some(release) = engine.release()
+        && let Err(e) = driver.release()
     {
-        // The writes still due go into the mirror; the release header
-        // replaces the header in it, and the area is written once.
-        let _ = take_writes(&mut engine, inbox_offset, &mut mirror);
-        mirror[..RECORD_LEN].copy_from_slice(&release.record);
-        let written = mailbox.device().write_at(inbox_offset, &mirror);
-        if let Err(e) = written {
-            tracing::warn!("could not release host id {host_id} in the inbox header: {e}");
-        }
+        tracing::warn!("could not release host id {host_id} in the inbox header: {e}");
     }
     if let Some(path) = &options.status_file {
-        write_status(path, host_id, &engine, &runs);
+        write_status(path, host_id, driver.engine(), &runs);
     }
     for vm in runs.values().filter_map(|r| r.vm.as_ref()) {
         let c = vm.counts;
@@ -733,52 +687,6 @@ fn retry_at_start<T>(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-/// Takes what the engine hands out to write: records of the inbox area go
-/// into its mirror, the doorbell is returned. Whether the mirror changed,
-/// and the newest doorbell record.
-fn take_writes(
-    engine: &mut Host<HOST_VOLUMES>,
-    inbox_offset: u64,
-    mirror: &mut AlignedBuf,
-) -> (bool, Option<[u8; RECORD_LEN]>) {
-    let mut dirty = false;
-    let mut bell = None;
-    while let Some(w) = engine.poll_write() {
-        if w.offset == DOORBELL_OFFSET {
-            bell = Some(w.record);
-        } else if let Some(at) = w.offset.checked_sub(inbox_offset)
-            && (at as usize) + RECORD_LEN <= AREA_SIZE
-        {
-            mirror[at as usize..at as usize + RECORD_LEN].copy_from_slice(&w.record);
-            dirty = true;
-        }
-    }
-    (dirty, bell)
-}
-
-/// Writes what the engine hands out: its records into the inbox area's
-/// mirror and the whole area once (this host is its only writer), then the
-/// doorbell's sector. Whether the area was written. Records taken from the
-/// engine stay in the mirror when a write fails, so a retry writes them.
-fn flush_writes(
-    engine: &mut Host<HOST_VOLUMES>,
-    mailbox: &Mailbox,
-    inbox_offset: u64,
-    mirror: &mut AlignedBuf,
-    sector: usize,
-) -> Result<bool, DeviceError> {
-    let (area_dirty, bell) = take_writes(engine, inbox_offset, mirror);
-    // At start the area is written whole whether or not the engine had
-    // anything new: a retry after a failed write must write it again.
-    mailbox.device().write_at(inbox_offset, mirror)?;
-    if let Some(record) = bell {
-        let mut buf = AlignedBuf::zeroed(sector, mailbox.device().dio_mem_align());
-        buf[..RECORD_LEN].copy_from_slice(&record);
-        mailbox.device().write_at(DOORBELL_OFFSET, &buf)?;
-    }
-    Ok(area_dirty)
 }
 
 /// The builtin lease on a host id: refuses to start while another live

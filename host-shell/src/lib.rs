@@ -26,7 +26,6 @@ pub mod nbd;
 pub mod qmp;
 pub mod sanlock;
 pub mod spm_daemon;
-pub mod spm_io;
 pub mod units;
 pub mod vm;
 pub mod vm_guest;

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use spmbox_core::pool::{max_size, valid_extent_size};
-use spmbox_core::spm::JobResult;
+use spmbox_core::spm::{JobResult, errno};
 use spmbox_core::wire::Uuid;
 
 use crate::backend::{BackendError, PoolReport, SpmBackend, VolumeMaps, VolumeReport};
@@ -216,7 +216,9 @@ impl SpmBackend for LvmSpm {
             return if self.park(volume, target, urgent) {
                 JobResult::NoSpace { size: v.size }
             } else {
-                JobResult::Failed { code: 11 }
+                JobResult::Failed {
+                    code: errno::EAGAIN,
+                }
             };
         }
         match self.lvextend(volume, target) {
@@ -230,7 +232,7 @@ impl SpmBackend for LvmSpm {
                 {
                     return JobResult::NoSpace { size: v.size };
                 }
-                JobResult::Failed { code: 5 }
+                JobResult::Failed { code: errno::EIO }
             }
         }
     }

@@ -25,16 +25,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, SpmWrite};
+use spmbox_core::driver::SpmDriver;
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
 use spmbox_core::time::Instant;
-use spmbox_core::wire::{
-    DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid,
-};
+use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
 
 use crate::backend::{BackendError, SpmBackend};
-use crate::device::Access;
+use crate::device::{Access, AlignedBuf, Device};
 use crate::mailbox::Mailbox;
-use crate::spm_io::SpmDisk;
 use crate::units::Bytes;
 
 /// The SPM's queue window: requests beyond it wait on disk.
@@ -545,7 +543,7 @@ pub struct SpmSummary {
     /// The engine's counters.
     pub engine: spmbox_core::spm::SpmStats,
     /// The mailbox reads and writes.
-    pub disk: crate::spm_io::DiskStats,
+    pub disk: spmbox_core::driver::IoStats,
 }
 
 /// Runs the SPM until `stop` is set or another SPM takes over.
@@ -629,19 +627,31 @@ pub fn run(
         ));
     }
     let owner = crate::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
-    let mut engine: Box<Spm<QUEUE>> = Box::new(
-        Spm::new(
-            clock.now(),
-            domain,
-            geometry,
-            options.spm_id,
-            owner,
-            found.as_ref(),
-            config,
-        )
-        .map_err(|e| BackendError::new(e.to_string()))?,
+    let engine = Spm::<QUEUE>::new(
+        clock.now(),
+        domain,
+        geometry,
+        options.spm_id,
+        owner,
+        found.as_ref(),
+        config,
+    )
+    .map_err(|e| BackendError::new(e.to_string()))?;
+    // The core's driver does the mailbox I/O: a full scan reads every
+    // host in one read, and the outbox areas are mirrored so replies are
+    // written without reading first.
+    let device = mailbox.device();
+    let buffer = AlignedBuf::zeroed(
+        SpmDriver::<&Device, AlignedBuf, QUEUE>::buffer_len(&geometry, geometry.max_hosts(), true),
+        device.dio_mem_align(),
     );
-    engine.set_pool_commit(backend.committed_sequence());
+    let mut driver = Box::new(
+        SpmDriver::new(device, engine, buffer, geometry.max_hosts(), true)
+            .map_err(|e| BackendError::new(format!("cannot start the SPM's driver: {e:?}")))?,
+    );
+    driver
+        .engine_mut()
+        .set_pool_commit(backend.committed_sequence());
     let _ = std::fs::remove_file(&options.control);
     let listener = UnixListener::bind(&options.control).map_err(|e| {
         BackendError::new(format!(
@@ -655,39 +665,39 @@ pub fn run(
     tracing::info!(
         "SPM of domain {} started: epoch {}, {} hosts, doorbell every {:?}, full scan every {:?}, control socket {}",
         domain,
-        engine.epoch(),
+        driver.engine().epoch(),
         geometry.max_hosts(),
         options.config.doorbell_interval,
         options.config.full_scan_interval,
         options.control.display()
     );
-    let mut disk = SpmDisk::new(&mailbox);
     let mut summary = SpmSummary::default();
-    let mut writes: Vec<SpmWrite> = Vec::new();
     let mut next_metrics = std::time::Instant::now();
     let mut batch_seconds = crate::metrics::Histogram::new();
-    // I/O errors of the domain device are retried (see `Retry`): a read
-    // that failed is done again before any other, a batch whose commit
-    // failed waits (its results unseen by the engine, so nothing about it
-    // is answered) and takes no new jobs, and writes that failed stay in
-    // `writes`, newer records after them.
+    // I/O errors of the domain device are retried (see `Retry`); the
+    // driver keeps what failed and does it first at the next attempt: a
+    // read, a commit (its batch unanswered until it is durable; no new
+    // job starts meanwhile), the records still to be written.
     let mut reads = Retry::new("reading the mailbox");
     let mut commits = Retry::new("committing the pool metadata");
     let mut write_retry = Retry::new("writing replies and the SPM header");
-    let mut failed_read: Option<SpmIo> = None;
-    let mut uncommitted: Option<Batch> = None;
+    // The results of the batch waiting for its commit, for the log.
+    let mut batch: Option<Batch> = None;
     // An admin request failed part way: the pool in memory may be ahead
     // of the disk until a commit succeeds.
     let mut commit_owed = false;
-    let fence = config.heartbeat_interval * FENCE_HEARTBEATS;
-    let mut header_seen = std::time::Instant::now();
-    let mut withdrawn = engine.withdrawn();
+    let mut withdrawn = driver.engine().withdrawn();
     loop {
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
         {
             next_metrics = std::time::Instant::now() + Duration::from_secs(1);
-            exporter.publish(spm_metrics(&engine, backend, &summary, &batch_seconds));
+            exporter.publish(spm_metrics(
+                driver.engine(),
+                backend,
+                &summary,
+                &batch_seconds,
+            ));
         }
         if stop.load(Ordering::Relaxed) {
             break;
@@ -695,93 +705,67 @@ pub fn run(
         let now = clock.now();
         // Reads.
         if reads.ready() {
-            while let Some(io) = failed_read.take().or_else(|| engine.poll_io(now)) {
-                match read_for_engine(&mut disk, &mut engine, now, io) {
-                    Ok(header_names_us) => {
-                        reads.succeeded();
-                        if header_names_us {
-                            header_seen = std::time::Instant::now();
-                        }
-                    }
-                    Err(e) if e.is_transient() => {
-                        reads.failed(&e);
-                        failed_read = Some(io);
-                        break;
-                    }
-                    Err(e) => return Err(fatal_io(e)),
-                }
+            match driver.read(now) {
+                Ok(()) => reads.succeeded(),
+                Err(e) if e.is_transient() => reads.failed(&e),
+                Err(e) => return Err(fatal_io(e)),
             }
         }
-        // Jobs, committed as one batch before any reply. A batch ends at
-        // BATCH jobs or once its extensions took BATCH_EXTEND_BUDGET: the
-        // builtin pool extends in microseconds and batches share one
-        // commit, while an lvextend takes tens of milliseconds and each is
-        // answered as soon as it is done. No new batch starts while one
-        // waits for its commit.
+        // Jobs. The engine closes a batch at BATCH jobs; the daemon also
+        // stops taking jobs once the batch's extensions took
+        // BATCH_EXTEND_BUDGET: the builtin pool extends in microseconds
+        // and batches share one commit, while an lvextend takes tens of
+        // milliseconds and each is answered as soon as it is done.
         let mut had_jobs = false;
-        if uncommitted.is_none() {
-            let started = std::time::Instant::now();
-            let mut results: Vec<(Uuid, u64, JobResult)> = Vec::new();
-            while let Some(job) = engine.poll_job() {
-                results.push((
-                    job.volume,
-                    job.target_size,
-                    backend.extend(job.volume, job.target_size, job.urgent),
-                ));
-                if started.elapsed() >= BATCH_EXTEND_BUDGET {
-                    break;
-                }
-            }
-            if !results.is_empty() {
-                had_jobs = true;
-                let extended = started.elapsed();
-                summary.extend_seconds += extended.as_secs_f64();
-                uncommitted = Some(Batch {
-                    results,
-                    started,
-                    extended,
-                });
+        let started = std::time::Instant::now();
+        while let Some(job) = driver.engine_mut().poll_job() {
+            had_jobs = true;
+            let result = backend.extend(job.volume, job.target_size, job.urgent);
+            driver
+                .engine_mut()
+                .handle_job_result(clock.now(), job.volume, result);
+            let b = batch.get_or_insert_with(|| Batch {
+                results: Vec::new(),
+                started,
+                extended: Duration::ZERO,
+            });
+            b.results.push((job.volume, job.target_size, result));
+            if started.elapsed() >= BATCH_EXTEND_BUDGET {
+                break;
             }
         }
-        if (uncommitted.is_some() || commit_owed) && commits.ready() {
-            // Still the SPM? A stalled SPM must not commit over a newer
-            // one; read before every attempt.
-            match disk.read_record(SPM_HEADER_OFFSET) {
+        if had_jobs {
+            let took = started.elapsed();
+            summary.extend_seconds += took.as_secs_f64();
+            if let Some(b) = batch.as_mut() {
+                b.extended += took;
+            }
+        }
+        // The commit: the driver reads the SPM header back first (a
+        // stalled SPM must not commit over a newer one); no reply of the
+        // batch is written before the backend made it durable.
+        if commit_owed {
+            driver.engine_mut().request_commit();
+        }
+        if commits.ready() {
+            match driver.poll_commit(clock.now()) {
                 Err(e) if e.is_transient() => commits.failed(&e),
                 Err(e) => return Err(fatal_io(e)),
-                Ok(header) if !own_header(header, engine.epoch(), engine.owner()) => {
-                    engine.handle_spm_header(now, header);
-                    if engine.is_deposed() {
-                        break;
-                    }
-                    // A header of a lower epoch, or a damaged one: an older
-                    // SPM that stalled wrote it late, or this SPM's write was
-                    // lost. Standing down here would leave that older SPM
-                    // running on a stale pool. The engine writes its header
-                    // again and settles; the batch waits for its commit until
-                    // the header is read back as this SPM's, and the older
-                    // SPM is deposed when it reads it.
-                    tracing::warn!(
-                        "the SPM header does not name this SPM (epoch {}, owner {:#x}) before a \
-                         metadata commit: writing it again; the commit waits until it is read \
-                         back",
-                        engine.epoch(),
-                        engine.owner()
-                    );
-                }
-                // Settling again after its header was overwritten: the
-                // batch waits.
-                Ok(_) if !engine.is_confirmed() => {}
-                Ok(_) => {
-                    header_seen = std::time::Instant::now();
+                Ok(None) => {}
+                Ok(Some(_)) => {
                     let commit_started = std::time::Instant::now();
                     match backend.commit() {
-                        Err(e) => commits.failed(&e),
+                        Err(e) => {
+                            commits.failed(&e);
+                            driver.engine_mut().handle_commit_failed(clock.now());
+                        }
                         Ok(()) => {
                             commits.succeeded();
                             commit_owed = false;
-                            engine.set_pool_commit(backend.committed_sequence());
-                            if let Some(batch) = uncommitted.take() {
+                            driver
+                                .engine_mut()
+                                .handle_committed(clock.now(), backend.committed_sequence());
+                            if let Some(batch) = batch.take() {
                                 summary.commits += 1;
                                 summary.commit_seconds += commit_started.elapsed().as_secs_f64();
                                 let committed = batch.started.elapsed();
@@ -796,7 +780,6 @@ pub fn run(
                                         committed.as_secs_f64() * 1e3,
                                         size
                                     );
-                                    engine.handle_job_result(clock.now(), volume, result);
                                 }
                             }
                         }
@@ -804,45 +787,39 @@ pub fn run(
                 }
             }
         }
+        if driver.engine().is_deposed() {
+            break;
+        }
         // Parked requests their hosts withdrew leave the backend before
         // any capacity (an add-lun below, a full scan's look) can serve
         // them.
-        if engine.withdrawn() != withdrawn {
-            withdrawn = engine.withdrawn();
+        if driver.engine().withdrawn() != withdrawn {
+            withdrawn = driver.engine().withdrawn();
+            let engine = driver.engine();
             backend.withdraw_parked(&|volume| engine.waiting(volume));
         }
         // Completions only of a pool that is on disk.
-        if uncommitted.is_none() && !commit_owed {
+        if !driver.engine().commit_pending() && !commit_owed {
             for (volume, size) in backend.take_completed() {
                 tracing::info!(
                     "capacity: parked request of volume {volume} completed at {}",
                     Bytes(size)
                 );
-                engine.handle_capacity(clock.now(), volume, size);
+                driver
+                    .engine_mut()
+                    .handle_capacity(clock.now(), volume, size);
             }
         }
-        // Writes, after any that failed.
-        take_writes(&mut engine, &mut writes);
-        if !writes.is_empty() && write_retry.ready() {
-            match write_fenced(
-                &mut disk,
-                &mut engine,
-                now,
-                &writes,
-                &mut header_seen,
-                fence,
-            ) {
-                Ok(true) => {
-                    write_retry.succeeded();
-                    writes.clear();
-                }
-                Ok(false) => break,
+        // Writes: what failed before goes first.
+        if write_retry.ready() {
+            match driver.write() {
+                Ok(()) => write_retry.succeeded(),
                 Err(e) if e.is_transient() => write_retry.failed(&e),
                 Err(e) => return Err(fatal_io(e)),
             }
         }
         // Events.
-        while let Some(event) = engine.poll_event() {
+        while let Some(event) = driver.engine_mut().poll_event() {
             log_event(&event, &mut summary);
             if matches!(event, SpmEvent::FullScan)
                 && let Err(e) = backend.poll_capacity()
@@ -850,7 +827,7 @@ pub fn run(
                 tracing::warn!("looking for new capacity failed: {e}");
             }
         }
-        if engine.is_deposed() {
+        if driver.engine().is_deposed() {
             break;
         }
         let failing = [&reads, &commits, &write_retry]
@@ -861,9 +838,11 @@ pub fn run(
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
             let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
-            engine.set_pool_commit(backend.committed_sequence());
+            driver
+                .engine_mut()
+                .set_pool_commit(backend.committed_sequence());
         }
-        let next = engine.poll_timeout();
+        let next = driver.engine().poll_timeout();
         let wait = [&reads, &commits, &write_retry]
             .into_iter()
             .filter_map(Retry::until_next)
@@ -880,10 +859,13 @@ pub fn run(
         {
             tracing::info!("control: {request}");
             let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
-            engine.set_pool_commit(backend.committed_sequence());
+            driver
+                .engine_mut()
+                .set_pool_commit(backend.committed_sequence());
         }
     }
-    if engine.is_deposed() {
+    summary.engine = driver.engine().stats();
+    if driver.engine().is_deposed() {
         tracing::error!("another SPM took over the domain; this one stands down without writing");
         return Err(BackendError::new(
             "another SPM took over the domain (the SPM header names a higher epoch, or this \
@@ -893,27 +875,14 @@ pub fn run(
     // Graceful stop: the replies still due, then the vacant header; what
     // is not committed is not answered (the next SPM answers it from the
     // mailbox). During an I/O error streak this is one more attempt.
-    if let Some(batch) = &uncommitted {
+    if let Some(batch) = &batch {
         tracing::warn!(
             "stopping with {} extensions not committed: they are not answered; \
              the next SPM answers those requests from the mailbox",
             batch.results.len()
         );
     }
-    take_writes(&mut engine, &mut writes);
-    let last = write_fenced(
-        &mut disk,
-        &mut engine,
-        clock.now(),
-        &writes,
-        &mut header_seen,
-        fence,
-    )
-    .and_then(|written| match engine.vacate() {
-        Some(w) if written => disk.write(&[w]).map(|()| true),
-        _ => Ok(false),
-    });
-    match last {
+    match driver.stop() {
         Ok(true) => {}
         Ok(false) => {
             tracing::error!(
@@ -934,8 +903,8 @@ pub fn run(
         summary.commits,
         summary.replies
     );
-    summary.engine = engine.stats();
-    summary.disk = disk.stats;
+    summary.engine = driver.engine().stats();
+    summary.disk = driver.stats();
     Ok(summary)
 }
 
@@ -945,12 +914,6 @@ pub const IO_RETRY_FIRST: Duration = Duration::from_millis(10);
 
 /// The longest wait between two attempts of an I/O that keeps failing.
 pub const IO_RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// Fencing: once this many heartbeat intervals have passed without a
-/// read of the SPM header that still names this SPM, it writes nothing
-/// (and commits nothing) until such a read succeeds. Another SPM takes
-/// over after 2.5 intervals without a heartbeat, so this stays below.
-pub const FENCE_HEARTBEATS: u32 = 2;
 
 /// One kind of I/O of the domain device and its current run of failures:
 /// the first failure is logged with the error, the first success after a
@@ -1043,86 +1006,6 @@ fn fatal_io(e: crate::device::DeviceError) -> BackendError {
     BackendError::new(format!(
         "{e}; this error does not heal by retrying, so the SPM stops"
     ))
-}
-
-/// Whether the SPM header in `bytes` says another SPM is active: a higher
-/// epoch, or this epoch with another SPM id.
-/// Whether the SPM header record `bytes` is this SPM's own: active, its
-/// epoch and its owner. A stalled SPM must not commit over a newer one,
-/// nor two SPMs that took one epoch over each other.
-fn own_header(bytes: &[u8], epoch: u64, owner: u64) -> bool {
-    matches!(SpmHeader::decode(bytes), Ok(Some(h))
-        if h.state == SpmState::Active && h.epoch == epoch && h.owner == owner)
-}
-
-/// Does read `io` and hands what was read to the engine. Returns whether
-/// it was a read of the SPM header that still names this SPM.
-fn read_for_engine(
-    disk: &mut SpmDisk<'_>,
-    engine: &mut Spm<QUEUE>,
-    now: Instant,
-    io: SpmIo,
-) -> Result<bool, crate::device::DeviceError> {
-    match io {
-        SpmIo::ReadDoorbell => engine.handle_doorbell(now, disk.read_record(DOORBELL_OFFSET)?),
-        SpmIo::ReadSpmHeader => {
-            engine.handle_spm_header(now, disk.read_record(SPM_HEADER_OFFSET)?);
-            return Ok(engine.is_confirmed());
-        }
-        SpmIo::ReadHosts { first_host, count } => {
-            let (inbox, outbox) = disk.read_hosts(first_host, count)?;
-            engine.handle_hosts(now, first_host, inbox, outbox);
-        }
-    }
-    Ok(false)
-}
-
-/// Adds the engine's writes after those still to be written.
-fn take_writes(engine: &mut Spm<QUEUE>, writes: &mut Vec<SpmWrite>) {
-    if writes.is_empty() {
-        while let Some(w) = engine.poll_write() {
-            writes.push(w);
-        }
-    } else {
-        while let Some(w) = engine.poll_write() {
-            push_write(writes, w);
-        }
-    }
-}
-
-/// Adds `w` to writes that wait for a retry: a newer record for the same
-/// place replaces the older one, so what waits stays bounded by the
-/// mailbox's size.
-fn push_write(writes: &mut Vec<SpmWrite>, w: SpmWrite) {
-    match writes.iter_mut().find(|o| o.offset == w.offset) {
-        Some(old) => *old = w,
-        None => writes.push(w),
-    }
-}
-
-/// Writes `writes`. If no read of the SPM header has named this SPM for
-/// `fence`, the header is read first (and `header_seen` moved on): when it
-/// names another SPM, the engine learns it was deposed and nothing is
-/// written. Returns whether the writes were made.
-fn write_fenced(
-    disk: &mut SpmDisk<'_>,
-    engine: &mut Spm<QUEUE>,
-    now: Instant,
-    writes: &[SpmWrite],
-    header_seen: &mut std::time::Instant,
-    fence: Duration,
-) -> Result<bool, crate::device::DeviceError> {
-    if header_seen.elapsed() > fence {
-        engine.handle_spm_header(now, disk.read_record(SPM_HEADER_OFFSET)?);
-        if engine.is_deposed() {
-            return Ok(false);
-        }
-        *header_seen = std::time::Instant::now();
-    }
-    if !writes.is_empty() {
-        disk.write(writes)?;
-    }
-    Ok(true)
 }
 
 /// Answers an admin request. While an I/O of the domain device keeps
