@@ -243,3 +243,27 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>, F: Faults> BlockDevice for MemDisk<S, F> {
         Ok(())
     }
 }
+
+/// A handle on a device that several drivers share: an SPM and its hosts
+/// on one disk, each driver owning a `Shared` of the same `RefCell`.
+#[derive(Debug)]
+pub struct Shared<'a, D>(pub &'a core::cell::RefCell<D>);
+
+impl<D: BlockDevice> embedded_io::ErrorType for Shared<'_, D> {
+    type Error = D::Error;
+}
+
+impl<D: BlockDevice> BlockDevice for Shared<'_, D> {
+    fn sector_size(&self) -> u32 {
+        self.0.borrow().sector_size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D::Error> {
+        self.0.borrow_mut().read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), D::Error> {
+        self.0.borrow_mut().write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), D::Error> {
+        self.0.borrow_mut().flush()
+    }
+}

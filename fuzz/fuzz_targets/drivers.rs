@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use spmbox_core::driver::{BlockDevice, HostDriver, SpmDriver};
 use spmbox_core::host::{Host, HostConfig, HostEvent};
 use spmbox_core::spm::{JobResult, Spm, SpmConfig};
-use spmbox_core::testing::{Faults, MemDisk, MemError, WriteFault};
+use spmbox_core::testing::{Faults, MemDisk, Shared, WriteFault};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{Geometry, Uuid};
 
@@ -85,26 +85,7 @@ impl Faults for Plan {
     }
 }
 
-struct Shared<'a>(&'a RefCell<MemDisk<Vec<u8>, Plan>>);
-
-impl embedded_io::ErrorType for Shared<'_> {
-    type Error = MemError;
-}
-
-impl BlockDevice for Shared<'_> {
-    fn sector_size(&self) -> u32 {
-        self.0.borrow().sector_size()
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0.borrow_mut().read_at(offset, buf)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), MemError> {
-        self.0.borrow_mut().write_at(offset, buf)
-    }
-    fn flush(&mut self) -> Result<(), MemError> {
-        self.0.borrow_mut().flush()
-    }
-}
+type Disk = MemDisk<Vec<u8>, Plan>;
 
 fuzz_target!(|input: Input| {
     let g = Geometry::new(HOSTS, 512).unwrap();
@@ -121,8 +102,9 @@ fuzz_target!(|input: Input| {
     let disk = RefCell::new(MemDisk::new(bytes, 512, plan));
 
     let mut host: Host<2> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
-    host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0).unwrap();
-    let hb = vec![0u8; HostDriver::<Shared, Vec<u8>, 2>::BUFFER_LEN];
+    host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
+        .unwrap();
+    let hb = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 2>::BUFFER_LEN];
     let mut host = HostDriver::new(Shared(&disk), host, hb).unwrap();
     let mut now = Instant::ZERO;
     let mut started = false;
@@ -136,7 +118,7 @@ fuzz_target!(|input: Input| {
         return;
     }
     let spm: Spm<16> = Spm::new(now, DOMAIN, g, 0, 1, None, SpmConfig::default()).unwrap();
-    let sb = vec![0u8; SpmDriver::<Shared, Vec<u8>, 16>::buffer_len(&g, 2, input.mirror)];
+    let sb = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 16>::buffer_len(&g, 2, input.mirror)];
     let mut spm = SpmDriver::new(Shared(&disk), spm, sb, 2, input.mirror).unwrap();
 
     // The backend: sizes it reached, and the largest it committed.

@@ -6,7 +6,7 @@ use core::time::Duration;
 use super::*;
 use crate::host::{Host, HostConfig, HostEvent};
 use crate::spm::{Spm, SpmConfig, SpmWrite, settle};
-use crate::testing::{MemDisk, MemError, Script, WriteFault};
+use crate::testing::{MemDisk, Script, Shared, WriteFault};
 use crate::time::Instant;
 use crate::wire::{
     AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, OutboxArea, RECORD_LEN, ReplyStatus,
@@ -17,28 +17,6 @@ const DOMAIN: Uuid = Uuid([0xd0; 16]);
 const GIB: u64 = 1 << 30;
 
 type Disk = MemDisk<Vec<u8>, Script>;
-
-/// A handle on a disk that several drivers share.
-struct Shared<'a>(&'a RefCell<Disk>);
-
-impl embedded_io::ErrorType for Shared<'_> {
-    type Error = MemError;
-}
-
-impl BlockDevice for Shared<'_> {
-    fn sector_size(&self) -> u32 {
-        self.0.borrow().sector_size()
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        self.0.borrow_mut().read_at(offset, buf)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), MemError> {
-        self.0.borrow_mut().write_at(offset, buf)
-    }
-    fn flush(&mut self) -> Result<(), MemError> {
-        self.0.borrow_mut().flush()
-    }
-}
 
 fn disk(hosts: u16) -> (Geometry, RefCell<Disk>) {
     let g = Geometry::new(hosts, 512).unwrap();
@@ -73,7 +51,7 @@ fn outbox_areas_of_hosts_without_requests_are_not_read_and_given_as_zeros() {
     poke(&d, g.inbox_area(3).unwrap() + RECORD_LEN as u64, 1);
     poke(&d, g.outbox_area(3).unwrap() + 7, 3);
     poke(&d, g.outbox_area(5).unwrap() + 7, 5);
-    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 8, true)];
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 8, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 8, true).unwrap();
     drv.read_chunk(Instant::ZERO, 1, 8).unwrap();
     let view = &drv.buf[drv.parts.view.clone()];
@@ -86,7 +64,7 @@ fn outbox_areas_of_hosts_without_requests_are_not_read_and_given_as_zeros() {
 #[test]
 fn a_full_scan_in_chunks_reads_every_host_once() {
     let (g, d) = disk(10);
-    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, false)];
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, false)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, false).unwrap();
     drv.read_one(
         Instant::ZERO,
@@ -109,7 +87,7 @@ fn replies_are_written_without_reading_and_merged_only_through_known_areas() {
     // Host 4's outbox is never read (it has no request), and what it holds
     // must survive writes on both sides of it.
     poke(&d, g.outbox_area(4).unwrap() + 300, 0x44);
-    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 16, true)];
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 16, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 16, true).unwrap();
     drv.read_chunk(Instant::ZERO, 1, 3).unwrap();
     drv.read_chunk(Instant::ZERO, 5, 1).unwrap();
@@ -149,7 +127,7 @@ fn records_outside_the_outboxes_keep_their_neighbours() {
         let (g, d) = disk(4);
         let neighbour = SPM_HEADER_OFFSET + RECORD_LEN as u64;
         poke(&d, neighbour, 0x77);
-        let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
+        let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
         let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, mirror).unwrap();
         drv.stage(write(SPM_HEADER_OFFSET, 0x5a)).unwrap();
         drv.flush_staged().unwrap();
@@ -162,7 +140,7 @@ fn records_outside_the_outboxes_keep_their_neighbours() {
 fn a_write_that_failed_is_made_whole_by_the_next_one() {
     for mirror in [true, false] {
         let (g, d) = disk(4);
-        let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
+        let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
         let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, mirror).unwrap();
         drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
         let at = g.outbox_area(2).unwrap() + RECORD_LEN as u64;
@@ -181,7 +159,7 @@ fn a_write_that_failed_is_made_whole_by_the_next_one() {
 #[test]
 fn a_read_that_failed_is_done_again_first() {
     let (g, d) = disk(4);
-    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, true)];
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, true).unwrap();
     // Its header, then settle.
     drv.write().unwrap();
@@ -195,8 +173,8 @@ fn a_read_that_failed_is_done_again_first() {
 
 /// A host and an SPM, each through its driver, on one disk.
 struct Pair<'a> {
-    host: HostDriver<Shared<'a>, Vec<u8>, 4>,
-    spm: SpmDriver<Shared<'a>, Vec<u8>, 64>,
+    host: HostDriver<Shared<'a, Disk>, Vec<u8>, 4>,
+    spm: SpmDriver<Shared<'a, Disk>, Vec<u8>, 64>,
     now: Instant,
     physical: u64,
 }
@@ -205,8 +183,8 @@ const VOLUME: Uuid = Uuid([7; 16]);
 
 impl<'a> Pair<'a> {
     fn new(g: Geometry, d: &'a RefCell<Disk>) -> Pair<'a> {
-        let hb = vec![0u8; HostDriver::<Shared, Vec<u8>, 4>::BUFFER_LEN];
-        let sb = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, true)];
+        let hb = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
+        let sb = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, true)];
         let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
         host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
             .unwrap();
@@ -274,7 +252,7 @@ fn a_host_and_an_spm_through_their_drivers_extend_a_volume() {
 #[test]
 fn the_doorbell_is_written_only_after_the_area_it_announces() {
     let (g, d) = disk(4);
-    let buf = vec![0u8; HostDriver::<Shared, Vec<u8>, 4>::BUFFER_LEN];
+    let buf = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
     let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
@@ -302,7 +280,7 @@ fn the_doorbell_is_written_only_after_the_area_it_announces() {
 #[test]
 fn a_torn_area_write_is_repaired_by_the_next_write_of_the_whole_area() {
     let (g, d) = disk(4);
-    let buf = vec![0u8; HostDriver::<Shared, Vec<u8>, 4>::BUFFER_LEN];
+    let buf = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
     let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
@@ -334,7 +312,7 @@ fn a_buffer_too_small_or_a_sector_size_that_differs_is_refused() {
         Err(DriverError::BufferTooSmall { .. })
     ));
     let g4k = Geometry::new(4, 4096).unwrap();
-    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g4k, 4, true)];
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g4k, 4, true)];
     assert!(matches!(
         SpmDriver::new(Shared(&d), spm(g4k), buf, 4, true),
         Err(DriverError::SectorSize {
@@ -348,7 +326,7 @@ fn a_buffer_too_small_or_a_sector_size_that_differs_is_refused() {
 fn a_read_of_an_area_keeps_the_replies_not_yet_written_to_it() {
     let (g, d) = disk(4);
     poke(&d, g.inbox_area(2).unwrap() + RECORD_LEN as u64, 1);
-    let buf = vec![0u8; SpmDriver::<Shared, Vec<u8>, 64>::buffer_len(&g, 4, true)];
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, true).unwrap();
     drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
     let at = g.outbox_area(2).unwrap() + RECORD_LEN as u64;
