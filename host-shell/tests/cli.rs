@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use spmbox::inspect;
+use spmbox::cli::inspect;
 use spmbox_core::wire::{
     Geometry, InboxHeader, OutboxHeader, Reply, ReplyStatus, Request, SlotState, Superblock, Uuid,
 };

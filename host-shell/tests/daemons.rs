@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::{BuiltinMaps, Domain};
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::{BuiltinMaps, Domain};
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -157,7 +157,7 @@ struct Setup {
     /// Backend arguments every command gets (`--backend lvm ...`).
     backend: Vec<String>,
     /// The lvm backend's volume group, removed on drop.
-    _lvm: Option<spmbox::lvm::VgRemoval>,
+    _lvm: Option<spmbox::backend::lvm::VgRemoval>,
     /// Detached after every process (declared before `Setup`) is gone.
     _loops: Vec<Loop>,
 }
@@ -219,7 +219,7 @@ impl Setup {
                     backend.push("--pv".into());
                     backend.push(pv.display().to_string());
                 }
-                lvm = Some(spmbox::lvm::VgRemoval {
+                lvm = Some(spmbox::backend::lvm::VgRemoval {
                     vg,
                     pvs: devs[1..].to_vec(),
                 });
@@ -431,7 +431,7 @@ impl Setup {
     /// Reads back every volume: (bytes verified, data errors).
     fn verify(&self, volumes: &[Uuid], upto: u64) -> (u64, u64, Vec<String>) {
         let mut maps: Box<dyn VolumeMaps> = match &self._lvm {
-            Some(lvm) => spmbox::lvm_glue::maps(&lvm.vg, &lvm.pvs).unwrap(),
+            Some(lvm) => spmbox::backend::lvm_glue::maps(&lvm.vg, &lvm.pvs).unwrap(),
             None => Box::new(BuiltinMaps::open(&self.device, self.lun_search.clone()).unwrap()),
         };
         let mut devices = Devices::new();
@@ -455,11 +455,11 @@ impl Setup {
     fn check_pool(&self) {
         if let Some(lvm) = &self._lvm {
             // lvm2's own check of its metadata.
-            let lvm = spmbox::lvm::Lvm::new(&lvm.vg, &lvm.pvs).unwrap();
+            let lvm = spmbox::backend::lvm::Lvm::new(&lvm.vg, &lvm.pvs).unwrap();
             lvm.run("vgck", &[lvm.vg()]).expect("vgck");
             return;
         }
-        let domain = Domain::open(&self.device, spmbox::device::Access::ReadOnly).unwrap();
+        let domain = Domain::open(&self.device, spmbox::io::device::Access::ReadOnly).unwrap();
         let (pool, _) = domain.read_pool().expect("the pool metadata decodes");
         pool.check_invariants().expect("pool invariants");
     }
@@ -880,7 +880,7 @@ fn an_spm_that_waits_for_the_domain_lock_sees_what_the_holder_committed() {
     let mut s = Setup::new(&[64], 4);
     // Hold the lock as an admin command would, and let the SPM start
     // meanwhile: it must load the pool only once it has the lock.
-    let lock = spmbox::spm_daemon::lock_domain(&s.device, || Ok(())).unwrap();
+    let lock = spmbox::daemon::spm::lock_domain(&s.device, || Ok(())).unwrap();
     let mut spm = s.spawn_spm();
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -889,7 +889,7 @@ fn an_spm_that_waits_for_the_domain_lock_sees_what_the_holder_committed() {
         s.logs_text()
     );
     let volume = Uuid([0x42; 16]);
-    let mut direct = spmbox::domain::BuiltinSpm::open(&s.device).unwrap();
+    let mut direct = spmbox::backend::builtin::BuiltinSpm::open(&s.device).unwrap();
     direct.create_volume(volume, 32 * MIB, 4 * MIB).unwrap();
     drop(direct);
     drop(lock);

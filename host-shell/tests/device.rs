@@ -1,4 +1,4 @@
-//! `spmbox::device` on real block devices: loop devices with 512- and
+//! `spmbox::io::device` on real block devices: loop devices with 512- and
 //! 4096-byte logical sectors.
 //!
 //! These tests need root and `losetup`; without them they print why they
@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use spmbox::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
+use spmbox::io::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
 use tempfile::TempDir;
 
 /// Size of the loop devices' backing files.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::BuiltinMaps;
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::BuiltinMaps;
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::{BuiltinMaps, Domain};
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::{BuiltinMaps, Domain};
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -338,7 +338,7 @@ impl TestDomain {
                 logs(hosts)
             );
         }
-        let domain = Domain::open(&self.a.device, spmbox::device::Access::ReadOnly).unwrap();
+        let domain = Domain::open(&self.a.device, spmbox::io::device::Access::ReadOnly).unwrap();
         let (pool, _) = domain.read_pool().unwrap();
         pool.check_invariants().expect("pool invariants");
         let mut owned: Vec<(u16, u32, u32, Uuid)> = Vec::new();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::{BuiltinMaps, Domain};
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::{BuiltinMaps, Domain};
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 /// sanlock's I/O timeout in the tests: joining a lockspace takes about 3 s.
@@ -550,7 +550,7 @@ fn two_spms_started_at_once_through_two_paths_never_allocate_an_extent_twice() {
                 assert!(p.term().success());
             }
         }
-        let domain = Domain::open(&d.device, spmbox::device::Access::ReadOnly).unwrap();
+        let domain = Domain::open(&d.device, spmbox::io::device::Access::ReadOnly).unwrap();
         let (pool, _) = domain.read_pool().unwrap();
         pool.check_invariants().expect("pool invariants");
         let mut maps = BuiltinMaps::open(&d.device, vec![d.dir.path().to_owned()]).unwrap();

@@ -30,7 +30,7 @@ fn text(b: &[u8]) -> String {
 
 /// Why VMs cannot run here, if they cannot.
 fn vms_missing() -> Option<String> {
-    spmbox::vm_image::find_tools().err().map(|e| e.to_string())
+    spmbox::vm::image::find_tools().err().map(|e| e.to_string())
 }
 
 macro_rules! need_vms {
@@ -133,7 +133,7 @@ struct VmDomain {
     luns: Vec<PathBuf>,
     backend: Vec<String>,
     logs: u32,
-    _lvm: Option<spmbox::lvm::VgRemoval>,
+    _lvm: Option<spmbox::backend::lvm::VgRemoval>,
     _loops: Vec<Loop>,
 }
 
@@ -201,7 +201,7 @@ impl VmDomain {
                 backend.push("--pv".into());
                 backend.push(pv.display().to_string());
             }
-            vg_removal = Some(spmbox::lvm::VgRemoval {
+            vg_removal = Some(spmbox::backend::lvm::VgRemoval {
                 vg,
                 pvs: luns.clone(),
             });

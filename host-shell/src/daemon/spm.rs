@@ -31,8 +31,8 @@ use spmbox_core::time::Instant;
 use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
 
 use crate::backend::{BackendError, SpmBackend};
-use crate::device::{Access, AlignedBuf, Device};
-use crate::mailbox::Mailbox;
+use crate::io::device::{Access, AlignedBuf, Device};
+use crate::io::mailbox::Mailbox;
 use crate::units::Bytes;
 
 /// The SPM's queue window: requests beyond it wait on disk.
@@ -569,7 +569,7 @@ pub fn run(
     let exporter = options
         .metrics
         .as_deref()
-        .map(crate::metrics::Exporter::serve)
+        .map(crate::daemon::metrics::Exporter::serve)
         .transpose()?;
     let mut told = false;
     let _lock = lock_domain(&options.device, || {
@@ -600,7 +600,7 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let found = with_highest_epoch(&mailbox, found)?;
-    let found = crate::sanlock::raise_epoch(found, options.lease_version, domain);
+    let found = crate::daemon::sanlock::raise_epoch(found, options.lease_version, domain);
     let mut backend = open_backend()?;
     let mut found = found;
     check_no_rollback(
@@ -626,7 +626,7 @@ pub fn run(
             scan_bytes as f64 / BUSY_SCAN_READ_RATE as f64,
         ));
     }
-    let owner = crate::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
+    let owner = crate::io::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
     let engine = Spm::<QUEUE>::new(
         clock.now(),
         domain,
@@ -673,7 +673,7 @@ pub fn run(
     );
     let mut summary = SpmSummary::default();
     let mut next_metrics = std::time::Instant::now();
-    let mut batch_seconds = crate::metrics::Histogram::new();
+    let mut batch_seconds = crate::daemon::metrics::Histogram::new();
     // I/O errors of the domain device are retried (see `Retry`); the
     // driver keeps what failed and does it first at the next attempt: a
     // read, a commit (its batch unanswered until it is durable; no new
@@ -1002,7 +1002,7 @@ struct Batch {
 }
 
 /// An error of the domain device that retrying cannot heal.
-fn fatal_io(e: crate::device::DeviceError) -> BackendError {
+fn fatal_io(e: crate::io::device::DeviceError) -> BackendError {
     BackendError::new(format!(
         "{e}; this error does not heal by retrying, so the SPM stops"
     ))
@@ -1040,11 +1040,11 @@ fn spm_metrics(
     engine: &Spm<QUEUE>,
     backend: &dyn SpmBackend,
     summary: &SpmSummary,
-    batch_seconds: &crate::metrics::Histogram,
-) -> crate::metrics::Text {
+    batch_seconds: &crate::daemon::metrics::Histogram,
+) -> crate::daemon::metrics::Text {
     let stats = engine.stats();
     let pool = backend.report();
-    let mut t = crate::metrics::Text::new();
+    let mut t = crate::daemon::metrics::Text::new();
     t.gauges(
         "spmbox_spm_epoch",
         "The SPM's epoch.",

@@ -1,9 +1,9 @@
 //! `spmbox bench`: the figures of docs/performance.md, measured here.
 //!
 //! Every figure comes from the real daemons' code against a real device
-//! with `O_DIRECT`: the SPM daemon ([`crate::spm_daemon::run`]) runs in a
+//! with `O_DIRECT`: the SPM daemon ([`crate::daemon::spm::run`]) runs in a
 //! thread; hosts are either full host daemons with guests
-//! ([`crate::host_daemon::run`]) or, where hundreds or thousands of hosts
+//! ([`crate::daemon::host::run`]) or, where hundreds or thousands of hosts
 //! are needed, a *fleet*: host engines driven from one thread that writes
 //! each host's inbox area, rings the doorbell and reads outbox areas just
 //! as the host daemon does. Percentiles are taken over all samples.
@@ -33,12 +33,12 @@ use spmbox_core::spm::{JobResult, Spm, SpmConfig};
 use spmbox_core::testing::{MemDisk, NoFaults};
 use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, Uuid};
 
+use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, PoolReport, SpmBackend};
-use crate::commands::{CommandError, EXIT_OK};
-use crate::device::{Access, AlignedBuf, Device};
-use crate::domain::{self, BuiltinMaps, CreateOptions};
-use crate::mailbox::{self, FormatOptions, Mailbox};
-use crate::spm_daemon::{self, Clock, SpmOptions};
+use crate::cli::commands::{CommandError, EXIT_OK};
+use crate::daemon::spm::{self, Clock, SpmOptions};
+use crate::io::device::{Access, AlignedBuf, Device};
+use crate::io::mailbox::{self, FormatOptions, Mailbox};
 use crate::units::Bytes;
 
 /// The `p`-th percentile (nearest rank) of sorted samples; 0 if none.
@@ -141,7 +141,7 @@ struct SpmThread {
 struct SpmRun {
     /// CPU time of its thread, seconds.
     cpu: f64,
-    summary: spm_daemon::SpmSummary,
+    summary: spm::SpmSummary,
 }
 
 /// CPU time of the calling thread, seconds.
@@ -155,7 +155,7 @@ impl SpmThread {
         let stop = Arc::new(AtomicBool::new(false));
         let options = SpmOptions {
             device: device.to_owned(),
-            config: spm_daemon::daemon_config(
+            config: spm::daemon_config(
                 SpmConfig::default().doorbell_interval,
                 SpmConfig::default().full_scan_interval,
             ),
@@ -171,11 +171,11 @@ impl SpmThread {
             let open = || -> Result<Box<dyn SpmBackend>, BackendError> {
                 match &backend {
                     Backend::Noop => Ok(Box::new(NoopBackend)),
-                    Backend::Builtin => Ok(Box::new(domain::BuiltinSpm::open(&path)?)),
-                    Backend::Lvm { vg, pvs } => crate::lvm_glue::spm_backend(vg, pvs),
+                    Backend::Builtin => Ok(Box::new(builtin::BuiltinSpm::open(&path)?)),
+                    Backend::Lvm { vg, pvs } => crate::backend::lvm_glue::spm_backend(vg, pvs),
                 }
             };
-            spm_daemon::run(&options, &open, flag)
+            spm::run(&options, &open, flag)
                 .map(|summary| SpmRun {
                     cpu: thread_cpu_seconds(),
                     summary,
@@ -190,7 +190,7 @@ impl SpmThread {
         let mailbox = Mailbox::open(device, Access::ReadOnly).map_err(err)?;
         let started = StdInstant::now();
         loop {
-            if let Some(h) = spm_daemon::read_spm_header(&mailbox)?
+            if let Some(h) = spm::read_spm_header(&mailbox)?
                 && h.state == spmbox_core::wire::SpmState::Active
                 && h.heartbeat > 0
             {
@@ -292,7 +292,7 @@ struct FleetDisk {
 }
 
 impl embedded_io::ErrorType for FleetDisk {
-    type Error = crate::device::DeviceError;
+    type Error = crate::io::device::DeviceError;
 }
 
 impl BlockDevice for FleetDisk {
@@ -339,8 +339,8 @@ struct Ringer {
 
 impl Ringer {
     fn start(mailbox: &Mailbox) -> Result<Ringer, BackendError> {
-        let device =
-            crate::device::Device::open(mailbox.device().path(), Access::ReadWrite).map_err(err)?;
+        let device = crate::io::device::Device::open(mailbox.device().path(), Access::ReadWrite)
+            .map_err(err)?;
         let sector = mailbox.geometry().sector_size() as usize;
         let pending = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -835,7 +835,7 @@ fn throughput_builtin(
     std::fs::File::create(&lun)
         .and_then(|f| f.set_len(lun_size))
         .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
-    domain::create(
+    builtin::create(
         &device,
         std::slice::from_ref(&lun),
         &CreateOptions {
@@ -848,7 +848,7 @@ fn throughput_builtin(
     )?;
     let mut specs = Vec::new();
     {
-        let mut b = domain::BuiltinSpm::open(&device)?;
+        let mut b = builtin::BuiltinSpm::open(&device)?;
         for h in 1..=volumes {
             let v = mailbox::random_uuid().map_err(err)?;
             b.create_volume(v, virtual_size, extent)?;
@@ -927,8 +927,8 @@ fn guest_host_options(
     rate: u64,
     write_size: u64,
     bytes: u64,
-) -> crate::host_daemon::HostOptions {
-    crate::host_daemon::HostOptions {
+) -> crate::daemon::host::HostOptions {
+    crate::daemon::host::HostOptions {
         device,
         host_id,
         volumes,
@@ -961,7 +961,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
         .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
-    domain::create(
+    builtin::create(
         &device,
         std::slice::from_ref(&lun),
         &CreateOptions {
@@ -974,14 +974,14 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     )?;
     let volume = mailbox::random_uuid().map_err(err)?;
     {
-        let mut b = domain::BuiltinSpm::open(&device)?;
+        let mut b = builtin::BuiltinSpm::open(&device)?;
         b.create_volume(volume, total, chunk)?;
     }
     let spm = SpmThread::start(&device, run_dir, Backend::Builtin)?;
     let mut maps = BuiltinMaps::open(&device, vec![dir.to_owned()])?;
     let options = guest_host_options(device.clone(), 1, vec![volume], chunk, 0, 4 << 20, total);
     let started = StdInstant::now();
-    let summary = crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))?;
+    let summary = crate::daemon::host::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))?;
     let elapsed = started.elapsed().as_secs_f64();
     spm.stop()?;
     // The same writes with no mailbox, no pool and no data to make: what
@@ -1008,7 +1008,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
 
 /// What a VM bench run measured.
 struct VmRun {
-    summary: crate::host_daemon::HostSummary,
+    summary: crate::daemon::host::HostSummary,
     /// When the LUN was added (the paused run), else `None`.
     lun_added: Option<StdInstant>,
     seconds: f64,
@@ -1039,11 +1039,11 @@ fn vm_run(
     for (lun, size) in luns.iter().zip([Some(lun1), lun2]) {
         if let Some(size) = size {
             std::fs::File::create(lun)
-                .and_then(|f| preallocate(&f, domain::LUN_DATA_OFFSET + size))
+                .and_then(|f| preallocate(&f, builtin::LUN_DATA_OFFSET + size))
                 .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
         }
     }
-    domain::create(
+    builtin::create(
         &device,
         std::slice::from_ref(&luns[0]),
         &CreateOptions {
@@ -1056,7 +1056,7 @@ fn vm_run(
     )?;
     let mut ids = Vec::new();
     {
-        let mut b = domain::BuiltinSpm::open(&device)?;
+        let mut b = builtin::BuiltinSpm::open(&device)?;
         for _ in 0..volumes {
             let id = mailbox::random_uuid().map_err(err)?;
             b.create_volume(id, virtual_size, initial)?;
@@ -1074,7 +1074,7 @@ fn vm_run(
     let stop = Arc::new(AtomicBool::new(false));
     let started = StdInstant::now();
     let host = std::thread::spawn(move || {
-        crate::host_daemon::run(&options, &mut maps, stop).map_err(|e| e.to_string())
+        crate::daemon::host::run(&options, &mut maps, stop).map_err(|e| e.to_string())
     });
     let mut lun_added = None;
     if lun2.is_some() {
@@ -1104,7 +1104,7 @@ fn vm_run(
         }
         let lun = std::fs::canonicalize(&luns[1]).map_err(err)?;
         lun_added = Some(StdInstant::now());
-        spm_daemon::control_request(&control, &json!({"op": "add_lun", "path": lun}))?;
+        spm::control_request(&control, &json!({"op": "add_lun", "path": lun}))?;
     }
     let summary = match host.join() {
         Ok(Ok(s)) => s,
@@ -1134,7 +1134,7 @@ fn vm_run(
 /// volume that keeps extending, beside the same VM on a preallocated raw
 /// file; the time from a LUN added to every paused VM running again.
 fn vm_bench(dir: &Path, run_dir: &Path, quick: bool) -> Result<Value, BackendError> {
-    let tools = match crate::vm_image::find_tools() {
+    let tools = match crate::vm::image::find_tools() {
         Ok(t) => t,
         Err(e) => return Ok(json!({"skipped": e.to_string()})),
     };
@@ -1258,7 +1258,7 @@ fn vm_bench(dir: &Path, run_dir: &Path, quick: bool) -> Result<Value, BackendErr
 /// a preallocated raw image, or (`qcow2`) a new qcow2 image growing on
 /// the file system, which tells the cost of qcow2 itself.
 fn vm_file_rate(
-    tools: &crate::vm_image::VmTools,
+    tools: &crate::vm::image::VmTools,
     initramfs: &Path,
     dir: &Path,
     bytes: u64,
@@ -1285,16 +1285,16 @@ fn vm_file_rate(
             .map_err(|e| BackendError::new(format!("cannot make {}: {e}", raw.display())))?;
     }
     let serial = dir.join("vm-raw.serial");
-    let params = crate::vm_image::GuestParams {
+    let params = crate::vm::image::GuestParams {
         volume: Uuid([0x5a; 16]),
         generation: 1,
         bytes,
         rate: 0,
         write_size: 1 << 20,
     };
-    let cmdline = crate::vm_image::kernel_cmdline(&params);
+    let cmdline = crate::vm::image::kernel_cmdline(&params);
     let status = std::process::Command::new(&tools.qemu)
-        .args(crate::vm_image::qemu_base_args(
+        .args(crate::vm::image::qemu_base_args(
             tools, initramfs, &cmdline, &serial,
         ))
         .arg("-drive")
@@ -1311,7 +1311,7 @@ fn vm_file_rate(
         .map_err(|e| BackendError::new(format!("running qemu: {e}")))?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     let _ = std::fs::remove_file(&raw);
-    let result = crate::vm_image::parse_result(&log).ok_or_else(|| {
+    let result = crate::vm::image::parse_result(&log).ok_or_else(|| {
         BackendError::new(format!(
             "bench: the VM on a file printed no result (qemu {status}); console: {}",
             log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
@@ -1329,7 +1329,7 @@ fn vm_file_rate(
 /// MiB/s of `bytes` written from the start of `path` in `write_size`
 /// O_DIRECT writes of one buffer, then synced.
 fn raw_write_rate(path: &Path, bytes: u64, write_size: usize) -> Result<f64, BackendError> {
-    let device = crate::device::Device::open(path, Access::ReadWrite).map_err(err)?;
+    let device = crate::io::device::Device::open(path, Access::ReadWrite).map_err(err)?;
     let mut buf = AlignedBuf::zeroed(write_size, device.dio_mem_align().max(4096));
     buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
     let started = StdInstant::now();
@@ -1345,13 +1345,13 @@ fn raw_write_rate(path: &Path, bytes: u64, write_size: usize) -> Result<f64, Bac
 /// MiB/s at which one thread makes guest data (pattern and checksum per
 /// block), with no I/O.
 fn fill_rate(bytes: u64) -> f64 {
-    let block = crate::guest::BLOCK as usize;
+    let block = crate::daemon::guest::BLOCK as usize;
     let mut buf = vec![0u8; block];
     let volume = Uuid([7; 16]);
     let started = StdInstant::now();
     let mut offset = 0;
     while offset < bytes {
-        crate::guest::fill_block(&mut buf, volume, offset, 1);
+        crate::daemon::guest::fill_block(&mut buf, volume, offset, 1);
         offset += block as u64;
     }
     std::hint::black_box(&buf);
@@ -1432,7 +1432,7 @@ fn whole_extension_round(
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
         .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
-    domain::create(
+    builtin::create(
         &device,
         std::slice::from_ref(&lun),
         &CreateOptions {
@@ -1445,7 +1445,7 @@ fn whole_extension_round(
     )?;
     let mut assignment = Vec::new();
     {
-        let mut b = domain::BuiltinSpm::open(&device)?;
+        let mut b = builtin::BuiltinSpm::open(&device)?;
         for h in 1..=hosts {
             let mut vols = Vec::new();
             for _ in 0..volumes_per_host {
@@ -1468,7 +1468,7 @@ fn whole_extension_round(
         threads.push(std::thread::spawn(move || -> Result<Vec<f64>, String> {
             let mut maps = BuiltinMaps::open(&device, search).map_err(|e| e.to_string())?;
             let options = guest_host_options(device, h, vols, extent, rate, 256 << 10, bytes);
-            crate::host_daemon::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))
+            crate::daemon::host::run(&options, &mut maps, Arc::new(AtomicBool::new(false)))
                 .map(|s| s.latencies_ms)
                 .map_err(|e| e.to_string())
         }));
@@ -1569,11 +1569,11 @@ fn whole_extension_lvm(
     let lun_loop = LoopDevice::attach(&lun_file)?;
     let vg = format!("spmboxbench{}", std::process::id());
     let pvs = vec![lun_loop.0.clone()];
-    let _cleanup = crate::lvm::VgRemoval {
+    let _cleanup = crate::backend::lvm::VgRemoval {
         vg: vg.clone(),
         pvs: pvs.clone(),
     };
-    crate::lvm_glue::create(
+    crate::backend::lvm_glue::create(
         &domain_loop.0,
         &pvs,
         &CreateOptions {
@@ -1587,7 +1587,7 @@ fn whole_extension_lvm(
         &pvs,
     )?;
     let volume = mailbox::random_uuid().map_err(err)?;
-    crate::lvm_glue::spm_backend(&vg, &pvs)?.create_volume(volume, per_volume, extent)?;
+    crate::backend::lvm_glue::spm_backend(&vg, &pvs)?.create_volume(volume, per_volume, extent)?;
     let spm = SpmThread::start(
         &domain_loop.0,
         run_dir,
@@ -1596,7 +1596,7 @@ fn whole_extension_lvm(
             pvs: pvs.clone(),
         },
     )?;
-    let mut maps = crate::lvm_glue::maps(&vg, &pvs)?;
+    let mut maps = crate::backend::lvm_glue::maps(&vg, &pvs)?;
     // Fewer extensions than the builtin rows: each is an lvextend and a
     // refresh of the map from lvm2's metadata.
     let rate = GUEST_RATE;
@@ -1611,7 +1611,7 @@ fn whole_extension_lvm(
         bytes,
     );
     let summary =
-        crate::host_daemon::run(&options, maps.as_mut(), Arc::new(AtomicBool::new(false)))?;
+        crate::daemon::host::run(&options, maps.as_mut(), Arc::new(AtomicBool::new(false)))?;
     let run = spm.stop()?;
     let lat = summary.latencies_ms;
     let mut v = json!({
@@ -1619,7 +1619,7 @@ fn whole_extension_lvm(
         "hosts": 1,
         "volumes": 1,
         "rounds": 1,
-        "device_mapper": crate::lvm::device_mapper_present(),
+        "device_mapper": crate::backend::lvm::device_mapper_present(),
         "lvextend_ms_mean": round(run.summary.extend_seconds * 1e3 / run.summary.jobs.max(1) as f64, 3),
         "commit_ms_mean": round(run.summary.commit_seconds * 1e3 / run.summary.commits.max(1) as f64, 3),
     });
