@@ -19,6 +19,7 @@ pub mod bench;
 pub mod cli;
 pub mod daemon;
 pub mod io;
+pub mod stats;
 pub mod units;
 pub mod vm;
 

@@ -36,27 +36,15 @@ use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, Uuid};
 use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, PoolReport, SpmBackend};
 use crate::cli::commands::{CommandError, EXIT_OK};
-use crate::daemon::spm::{self, Clock, SpmOptions};
+use crate::daemon::Clock;
+use crate::daemon::spm::{self, SpmOptions};
 use crate::io::device::{Access, AlignedBuf, Device};
 use crate::io::mailbox::{self, FormatOptions, Mailbox};
+use crate::stats::{percentile, round};
 use crate::units::Bytes;
-
-/// The `p`-th percentile (nearest rank) of sorted samples; 0 if none.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 fn err(e: impl std::fmt::Display) -> BackendError {
     BackendError::new(e.to_string())
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
 }
 
 /// A latency distribution, milliseconds.

@@ -267,7 +267,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
 
     // 5. Watch: add the LUN once every guest paused, wait for the rest.
     let mut counts = vec![HostCount::default(); usize::from(HOSTS) + 1];
-    let mut latencies = crate::daemon::metrics::Percentiles::new();
+    let mut latencies = crate::stats::Percentiles::new();
     let mut lun_added: Option<Instant> = None;
     let total_guests = volumes.len() as u64;
     let mut last_print = Instant::now();

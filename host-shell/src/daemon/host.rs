@@ -36,7 +36,7 @@ use spmbox_core::wire::{InboxHeader, RECORD_LEN, Uuid};
 
 use crate::backend::{BackendError, VolumeMaps};
 use crate::daemon::guest::{self, Devices, Guest, GuestError, Pacer, Step};
-use crate::daemon::spm::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
+use crate::daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
 use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
 use crate::io::mailbox::Mailbox;
 use crate::io::mapping::Mapping;
