@@ -124,6 +124,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn percentiles_are_nearest_rank_over_all_samples() {
+        let s: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&s, 50.0), 50.0);
+        assert_eq!(percentile(&s, 99.0), 99.0);
+        assert_eq!(percentile(&s, 100.0), 100.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+        assert_eq!(percentile(&[7.0], 1.0), 7.0);
+    }
+
+    #[test]
     fn percentiles_are_within_one_percent_of_the_exact_ones() {
         // Latencies from 0.01 ms to 100 s, spread over seven decades.
         let mut exact: Vec<f64> = (0..70_000u32)
