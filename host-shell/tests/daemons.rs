@@ -3,11 +3,14 @@
 //! guests writing verifiable data, a pool that runs out and a LUN added,
 //! processes killed with SIGKILL at random moments.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Loop, loop_devices_missing};
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
 use spmbox::backend::builtin::{BuiltinMaps, Domain};
@@ -68,55 +71,6 @@ impl Drop for Proc {
     }
 }
 
-/// A loop device over a backing file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn attach(file: &Path, sector_size: u32) -> Loop {
-        let out = Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--sector-size",
-                &sector_size.to_string(),
-            ])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            text(&out.stderr)
-        );
-        Loop {
-            dev: PathBuf::from(text(&out.stdout).trim()),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// Why loop-device tests cannot run here, if they cannot.
-fn loop_devices_missing() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root");
-    }
-    if !Command::new("losetup")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return Some("needs losetup (util-linux)");
-    }
-    None
-}
-
 /// Where the domain lives.
 #[derive(Clone, Copy, Debug)]
 enum Storage {
@@ -130,7 +84,7 @@ enum Storage {
 }
 
 /// Why lvm2 tests cannot run here, if they cannot.
-fn lvm_missing() -> Option<&'static str> {
+fn lvm_missing() -> Option<String> {
     if let Some(why) = loop_devices_missing() {
         return Some(why);
     }
@@ -139,7 +93,7 @@ fn lvm_missing() -> Option<&'static str> {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        return Some("needs lvm2 (apt-get install lvm2)");
+        return Some("needs lvm2 (apt-get install lvm2)".into());
     }
     None
 }
