@@ -12,7 +12,7 @@ use super::spm::{Backend, SpmThread};
 use super::{err, guest_host_options, preallocate};
 use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, SpmBackend};
-use crate::daemon::spm;
+use crate::daemon::control;
 use crate::io::mailbox;
 use crate::stats::{percentile, round};
 
@@ -114,7 +114,7 @@ fn vm_run(
         }
         let lun = std::fs::canonicalize(&luns[1]).map_err(err)?;
         lun_added = Some(StdInstant::now());
-        spm::control_request(&control, &json!({"op": "add_lun", "path": lun}))?;
+        control::control_request(&control, &json!({"op": "add_lun", "path": lun}))?;
     }
     let summary = match host.join() {
         Ok(Ok(s)) => s,

@@ -15,6 +15,7 @@ use spmbox_core::wire::{AREA_SIZE, InboxArea, OutboxArea, ReplyStatus, SlotState
 
 use crate::backend::builtin::{self, BuiltinSpm};
 use crate::backend::{BackendError, PoolReport, SpmBackend};
+use crate::daemon::control;
 use crate::daemon::spm;
 use crate::io::device::Access;
 use crate::io::mailbox::Mailbox;
@@ -34,7 +35,7 @@ pub fn control_path(device: &Path, control: Option<&Path>) -> Result<PathBuf, Ba
         return Ok(c.to_owned());
     }
     let mailbox = Mailbox::open(device, Access::ReadOnly)?;
-    Ok(spm::default_control(mailbox.superblock().domain))
+    Ok(control::default_control(mailbox.superblock().domain))
 }
 
 /// Sends `request` to the running SPM, or, if none runs, carries it out
@@ -46,14 +47,14 @@ pub fn change_pool(
     direct: DirectBackend<'_>,
 ) -> Result<Value, BackendError> {
     let socket = control_path(device, control)?;
-    if let Some(answer) = spm::control_request(&socket, request)? {
+    if let Some(answer) = control::control_request(&socket, request)? {
         return Ok(answer);
     }
     // An SPM that is starting holds the lock before its socket listens:
     // while waiting for the lock, keep asking the socket.
     let mut answered = None;
     let lock = spm::lock_domain(device, || {
-        if let Some(answer) = spm::control_request(&socket, request)? {
+        if let Some(answer) = control::control_request(&socket, request)? {
             answered = Some(answer);
             return Err(BackendError::new("answered"));
         }
@@ -196,7 +197,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
     }
     let socket = control_path(device, control)?;
     let (pool, pool_error, pool_source) =
-        match spm::control_request(&socket, &json!({"op": "status"})) {
+        match control::control_request(&socket, &json!({"op": "status"})) {
             Ok(Some(answer)) => match pool_from_json(&answer["pool"]) {
                 Some(p) => (Some(p), None, "spm"),
                 None => (None, Some(format!("the SPM answered {answer}")), "none"),
@@ -207,7 +208,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
             },
         };
     let mut host_reports = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(spm::run_dir()) {
+    if let Ok(entries) = std::fs::read_dir(control::run_dir()) {
         let prefix = format!("host-{domain}-");
         let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
@@ -268,7 +269,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
 
 /// The status file a host daemon on this machine writes.
 pub fn host_status_file(domain: Uuid, host: u16) -> PathBuf {
-    spm::run_dir().join(format!("host-{domain}-{host}.json"))
+    control::run_dir().join(format!("host-{domain}-{host}.json"))
 }
 
 fn pool_from_json(v: &Value) -> Option<PoolReport> {

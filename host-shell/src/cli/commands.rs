@@ -716,7 +716,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
     };
     let status_file = crate::cli::admin::host_status_file(domain, args.host_id);
     if let Some(dir) = status_file.parent() {
-        crate::daemon::spm::private_dir(dir)?;
+        crate::daemon::control::private_dir(dir)?;
     }
     let vm = if args.vm {
         crate::vm::image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;

@@ -177,7 +177,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
     for host in 1..=HOSTS {
         for _ in 0..per_host(host) {
             let id = crate::io::mailbox::random_uuid()?;
-            crate::daemon::spm::control_request(
+            crate::daemon::control::control_request(
                 &control,
                 &json!({"op": "create_volume", "id": id.to_string(), "virtual_size": virtual_size, "initial_size": INITIAL}),
             )?;
@@ -355,7 +355,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
                 started.elapsed().as_secs_f64()
             ));
             let lun = std::fs::canonicalize(&lun2)?;
-            let answer = crate::daemon::spm::control_request(
+            let answer = crate::daemon::control::control_request(
                 &control,
                 &json!({"op": "add_lun", "path": lun}),
             )?;

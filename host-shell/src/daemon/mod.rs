@@ -3,6 +3,7 @@
 //! what both daemons share: the engines' [`Clock`] and the [`Retry`] of
 //! failed I/O on the domain device.
 
+pub mod control;
 pub mod guest;
 pub mod host;
 pub mod metrics;

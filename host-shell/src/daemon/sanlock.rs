@@ -229,7 +229,7 @@ pub fn join(
     io_timeout: u32,
     exclusive: bool,
 ) -> Result<Joined, BackendError> {
-    let run = crate::daemon::spm::run_dir();
+    let run = crate::daemon::control::run_dir();
     let host_lock = if exclusive {
         let path = run.join(format!("lease-{domain}-{host}.host"));
         let file = lock_file(&path)?;

@@ -379,7 +379,7 @@ pub struct IdleLock {
 /// SPM header says *active* and its heartbeat moves (watched for 2.5
 /// heartbeat intervals). A path that does not exist is not live.
 pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
-    use crate::daemon::spm;
+    use crate::daemon::{control, spm};
     if std::fs::metadata(path).is_err() {
         return Ok(IdleLock { _file: None });
     }
@@ -402,8 +402,9 @@ pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
     // Only a readable superblock names a domain whose SPM may answer.
     if let Ok(mailbox) = Mailbox::open(path, Access::ReadOnly) {
         let domain = mailbox.superblock().domain;
-        let socket = spm::default_control(domain);
-        if let Ok(Some(_)) = spm::control_request(&socket, &serde_json::json!({"op": "status"})) {
+        let socket = control::default_control(domain);
+        if let Ok(Some(_)) = control::control_request(&socket, &serde_json::json!({"op": "status"}))
+        {
             return Err(live(format!(
                 "the SPM of domain {domain} answers on its control socket {}",
                 socket.display()

@@ -98,7 +98,7 @@ impl VmSetup {
         if let Some(kernel) = &options.kernel {
             tools.kernel = kernel.clone();
         }
-        crate::daemon::spm::private_dir(&options.dir)
+        crate::daemon::control::private_dir(&options.dir)
             .map_err(|e| BackendError::new(e.to_string()))?;
         let initramfs = match &options.initrd {
             Some(p) => p.clone(),
@@ -140,7 +140,7 @@ impl VmSetup {
 /// Unix socket's path must be shorter than 108 bytes, and qemu connects to
 /// these by path.
 pub fn vm_dir() -> PathBuf {
-    crate::daemon::spm::run_dir().join("vm")
+    crate::daemon::control::run_dir().join("vm")
 }
 
 /// Where one VM keeps its files.
@@ -351,7 +351,7 @@ impl Vm {
         on_message: Arc<dyn Fn(QmpMessage) + Send + Sync>,
     ) -> Result<Vm, BackendError> {
         let paths = VmPaths::new(&setup.options.dir, volume);
-        crate::daemon::spm::private_dir(&paths.dir).map_err(err)?;
+        crate::daemon::control::private_dir(&paths.dir).map_err(err)?;
         let export = Arc::new(VolumeExport::new(map, limit));
         let server =
             crate::vm::nbd::Server::serve(&paths.nbd(), &volume.to_string(), export.clone())
