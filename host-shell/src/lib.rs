@@ -11,7 +11,7 @@
 //! - [`daemon`]: the SPM and host daemons, leases, guests, metrics;
 //! - [`vm`]: real VMs on the volumes (qemu, QMP, NBD);
 //! - [`cli`]: the commands, their output and logging;
-//! - [`bench`]: the measurements of docs/performance.md;
+//! - [`bench`](mod@bench): the measurements of docs/performance.md;
 //! - [`units`] and [`stats`]: small helpers every part uses.
 
 pub mod backend;

@@ -1,6 +1,7 @@
-//! The daemons: `spmbox spm` and `spmbox host`, the sanlock leases that
-//! guard them, the simulated guests a host runs, and their metrics; and
-//! what both daemons share: the engines' [`Clock`] and the [`Retry`] of
+//! The daemons: `spmbox spm` and `spmbox host`, the SPM's control socket,
+//! the sanlock leases that guard them, the simulated guests a host runs,
+//! and their metrics; and
+//! what both daemons share: the engines' [`Clock`] and the `Retry` of
 //! failed I/O on the domain device.
 
 pub mod control;
