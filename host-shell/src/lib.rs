@@ -1,33 +1,27 @@
 //! spmbox: the Linux shell around `spmbox-core`.
 //!
-//! The core knows the formats and the protocol but does no I/O; this crate
-//! opens block devices and files with O_DIRECT and runs the commands of the
-//! `spmbox` binary. `main.rs` only parses arguments; the work lives in the
-//! modules below, named for what they do.
+//! The core knows the formats and the protocol, and its drivers decide
+//! every I/O step; this crate opens block devices and files with O_DIRECT,
+//! runs the daemons and serves the commands of the `spmbox` binary.
+//! `main.rs` only parses arguments. The parts, from the disk up (see
+//! docs/architecture.md):
+//!
+//! - [`io`]: the device, the mailbox on it, volume maps;
+//! - [`backend`]: where volumes get their space (the builtin pool, lvm2);
+//! - [`daemon`]: the SPM and host daemons, leases, guests, metrics;
+//! - [`vm`]: real VMs on the volumes (qemu, QMP, NBD);
+//! - [`cli`]: the commands, their output and logging;
+//! - [`bench`](mod@bench): the measurements of docs/performance.md;
+//! - [`units`] and [`stats`]: small helpers every part uses.
 
-pub mod admin;
 pub mod backend;
 pub mod bench;
-pub mod commands;
-pub mod demo;
-pub mod device;
-pub mod domain;
-pub mod guest;
-pub mod host_daemon;
-pub mod inspect;
-pub mod json;
-pub mod logging;
-pub mod lvm;
-pub mod lvm_glue;
-pub mod mailbox;
-pub mod mapping;
-pub mod metrics;
-pub mod nbd;
-pub mod qmp;
-pub mod sanlock;
-pub mod spm_daemon;
+pub mod cli;
+pub mod daemon;
+pub mod io;
+pub mod stats;
 pub mod units;
 pub mod vm;
-pub mod vm_guest;
-pub mod vm_image;
-pub mod volume_export;
+
+/// The JSON form of on-disk records is public: the test vectors check it.
+pub use cli::json;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use spmbox::commands;
+use spmbox::cli::commands;
 
 /// spmbox: the storage mailbox through which hosts ask the Storage Pool
 /// Manager to extend thin-provisioned volumes on shared block storage.
@@ -238,7 +238,7 @@ enum Command {
         vm: bool,
     },
     /// Inside a VM: write verifiable blocks to its disk, read them back,
-    /// print the result line on the console (see vm_guest.rs).
+    /// print the result line on the console (see vm/guest.rs).
     #[command(hide = true)]
     VmGuest {
         /// The VM's disk.
@@ -298,7 +298,7 @@ struct LeaseArgs {
     /// sanlock's I/O timeout in seconds: written into the host id leases
     /// (pool create) and used when joining the lockspace. Failure
     /// detection takes about 8 times this.
-    #[arg(long, value_name = "SECONDS", default_value_t = spmbox::sanlock::DEFAULT_IO_TIMEOUT,
+    #[arg(long, value_name = "SECONDS", default_value_t = spmbox::daemon::sanlock::DEFAULT_IO_TIMEOUT,
           value_parser = clap::value_parser!(u32).range(1..=60))]
     sanlock_io_timeout: u32,
 }
@@ -414,7 +414,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    spmbox::logging::init(cli.verbose);
+    spmbox::cli::logging::init(cli.verbose);
     let result = match cli.command {
         Command::Format {
             device,
@@ -549,7 +549,7 @@ fn main() -> ExitCode {
             bytes,
             rate,
             write_size,
-        } => Ok(spmbox::vm_guest::run(&spmbox::vm_guest::VmGuestArgs {
+        } => Ok(spmbox::vm::guest::run(&spmbox::vm::guest::VmGuestArgs {
             device: &device,
             volume: &volume,
             generation,
@@ -557,7 +557,7 @@ fn main() -> ExitCode {
             rate,
             write_size,
         })),
-        Command::Demo { json, keep, vm } => spmbox::demo::run(json, keep, vm),
+        Command::Demo { json, keep, vm } => spmbox::cli::demo::run(json, keep, vm),
         Command::Bench {
             device,
             quick,

@@ -1,13 +1,16 @@
 //! The `spmbox format` and `spmbox inspect` commands, through the real
 //! binary, on files (and loop devices when running as root).
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::{Loop, loop_devices_missing};
 use serde_json::Value;
-use spmbox::inspect;
+use spmbox::cli::inspect;
 use spmbox_core::wire::{
     Geometry, InboxHeader, OutboxHeader, Reply, ReplyStatus, Request, SlotState, Superblock, Uuid,
 };
@@ -391,52 +394,16 @@ fn every_single_byte_flip_is_reported_and_never_seen_as_a_valid_request() {
     }
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// A loop device over a backing file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn attach(file: &Path, sector_size: u32) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--sector-size",
-                &sector_size.to_string(),
-            ])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            panic!("losetup failed: {}", stderr(&out));
-        }
-        Some(Loop {
-            dev: PathBuf::from(stdout(&out).trim()),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 #[test]
 fn on_loop_devices_the_sector_size_must_match() {
-    if !is_root() || Command::new("losetup").arg("--version").output().is_err() {
-        println!("skipped: on_loop_devices_the_sector_size_must_match: needs root and losetup");
+    if let Some(why) = loop_devices_missing() {
+        println!("skipped: on_loop_devices_the_sector_size_must_match: {why}");
         return;
     }
     let dir = tempdir();
     let backing = dir.path().join("lun");
     fs::write(&backing, vec![0u8; 4 << 20]).unwrap();
-    let lun = Loop::attach(&backing, 4096).expect("losetup");
+    let lun = Loop::attach(&backing, 4096);
     let dev = lun.dev.to_str().unwrap();
 
     let out = spmbox(&[
@@ -463,7 +430,7 @@ fn on_loop_devices_the_sector_size_must_match() {
     drop(lun);
 
     // The same bytes seen through a 512-byte-sector device do not fit.
-    let lun = Loop::attach(&backing, 512).expect("losetup");
+    let lun = Loop::attach(&backing, 512);
     let out = spmbox(&["inspect", "--device", lun.dev.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(4));
     assert!(

@@ -3,15 +3,18 @@
 //! guests writing verifiable data, a pool that runs out and a LUN added,
 //! processes killed with SIGKILL at random moments.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Loop, loop_devices_missing};
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::{BuiltinMaps, Domain};
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::{BuiltinMaps, Domain};
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -68,55 +71,6 @@ impl Drop for Proc {
     }
 }
 
-/// A loop device over a backing file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn attach(file: &Path, sector_size: u32) -> Loop {
-        let out = Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--sector-size",
-                &sector_size.to_string(),
-            ])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            text(&out.stderr)
-        );
-        Loop {
-            dev: PathBuf::from(text(&out.stdout).trim()),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// Why loop-device tests cannot run here, if they cannot.
-fn loop_devices_missing() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root");
-    }
-    if !Command::new("losetup")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return Some("needs losetup (util-linux)");
-    }
-    None
-}
-
 /// Where the domain lives.
 #[derive(Clone, Copy, Debug)]
 enum Storage {
@@ -130,7 +84,7 @@ enum Storage {
 }
 
 /// Why lvm2 tests cannot run here, if they cannot.
-fn lvm_missing() -> Option<&'static str> {
+fn lvm_missing() -> Option<String> {
     if let Some(why) = loop_devices_missing() {
         return Some(why);
     }
@@ -139,7 +93,7 @@ fn lvm_missing() -> Option<&'static str> {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        return Some("needs lvm2 (apt-get install lvm2)");
+        return Some("needs lvm2 (apt-get install lvm2)".into());
     }
     None
 }
@@ -157,7 +111,7 @@ struct Setup {
     /// Backend arguments every command gets (`--backend lvm ...`).
     backend: Vec<String>,
     /// The lvm backend's volume group, removed on drop.
-    _lvm: Option<spmbox::lvm::VgRemoval>,
+    _lvm: Option<spmbox::backend::lvm::VgRemoval>,
     /// Detached after every process (declared before `Setup`) is gone.
     _loops: Vec<Loop>,
 }
@@ -219,7 +173,7 @@ impl Setup {
                     backend.push("--pv".into());
                     backend.push(pv.display().to_string());
                 }
-                lvm = Some(spmbox::lvm::VgRemoval {
+                lvm = Some(spmbox::backend::lvm::VgRemoval {
                     vg,
                     pvs: devs[1..].to_vec(),
                 });
@@ -431,7 +385,7 @@ impl Setup {
     /// Reads back every volume: (bytes verified, data errors).
     fn verify(&self, volumes: &[Uuid], upto: u64) -> (u64, u64, Vec<String>) {
         let mut maps: Box<dyn VolumeMaps> = match &self._lvm {
-            Some(lvm) => spmbox::lvm_glue::maps(&lvm.vg, &lvm.pvs).unwrap(),
+            Some(lvm) => spmbox::backend::lvm_glue::maps(&lvm.vg, &lvm.pvs).unwrap(),
             None => Box::new(BuiltinMaps::open(&self.device, self.lun_search.clone()).unwrap()),
         };
         let mut devices = Devices::new();
@@ -455,11 +409,11 @@ impl Setup {
     fn check_pool(&self) {
         if let Some(lvm) = &self._lvm {
             // lvm2's own check of its metadata.
-            let lvm = spmbox::lvm::Lvm::new(&lvm.vg, &lvm.pvs).unwrap();
+            let lvm = spmbox::backend::lvm::Lvm::new(&lvm.vg, &lvm.pvs).unwrap();
             lvm.run("vgck", &[lvm.vg()]).expect("vgck");
             return;
         }
-        let domain = Domain::open(&self.device, spmbox::device::Access::ReadOnly).unwrap();
+        let domain = Domain::open(&self.device, spmbox::io::device::Access::ReadOnly).unwrap();
         let (pool, _) = domain.read_pool().expect("the pool metadata decodes");
         pool.check_invariants().expect("pool invariants");
     }
@@ -880,7 +834,7 @@ fn an_spm_that_waits_for_the_domain_lock_sees_what_the_holder_committed() {
     let mut s = Setup::new(&[64], 4);
     // Hold the lock as an admin command would, and let the SPM start
     // meanwhile: it must load the pool only once it has the lock.
-    let lock = spmbox::spm_daemon::lock_domain(&s.device, || Ok(())).unwrap();
+    let lock = spmbox::daemon::spm::lock_domain(&s.device, || Ok(())).unwrap();
     let mut spm = s.spawn_spm();
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -889,7 +843,7 @@ fn an_spm_that_waits_for_the_domain_lock_sees_what_the_holder_committed() {
         s.logs_text()
     );
     let volume = Uuid([0x42; 16]);
-    let mut direct = spmbox::domain::BuiltinSpm::open(&s.device).unwrap();
+    let mut direct = spmbox::backend::builtin::BuiltinSpm::open(&s.device).unwrap();
     direct.create_volume(volume, 32 * MIB, 4 * MIB).unwrap();
     drop(direct);
     drop(lock);

@@ -1,44 +1,21 @@
-//! `spmbox::device` on real block devices: loop devices with 512- and
+//! `spmbox::io::device` on real block devices: loop devices with 512- and
 //! 4096-byte logical sectors.
 //!
 //! These tests need root and `losetup`; without them they print why they
 //! were skipped and pass.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-use spmbox::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
+use std::path::PathBuf;
+
+use common::{Loop, loop_devices_missing};
+use spmbox::io::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
 use tempfile::TempDir;
 
 /// Size of the loop devices' backing files.
 const SIZE: u64 = 4 << 20;
 
 const TMPFS_MAGIC: i128 = 0x0102_1994;
-
-/// Why loop-device tests cannot run here, if they cannot.
-fn missing_prerequisite() -> Option<String> {
-    match effective_uid() {
-        Some(0) => {}
-        Some(uid) => return Some(format!("running as uid {uid}, not root")),
-        None => return Some("cannot read the effective uid from /proc/self/status".into()),
-    }
-    let losetup = Command::new("losetup").arg("--version").output();
-    if !losetup.is_ok_and(|out| out.status.success()) {
-        return Some("losetup not found".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        return Some("no loop device support: /dev/loop-control is missing".into());
-    }
-    None
-}
-
-/// The effective uid, from the second field of the `Uid:` line of
-/// /proc/self/status.
-fn effective_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
 
 /// A temporary directory on a real (non-tmpfs) file system.
 fn disk_temp_dir() -> TempDir {
@@ -51,44 +28,6 @@ fn disk_temp_dir() -> TempDir {
     panic!("both the temp dir and /var/tmp are on tmpfs; set TMPDIR to a disk file system");
 }
 
-/// An attached loop device, detached again on drop.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(backing: &Path, sector_size: u32) -> LoopDevice {
-        let out = Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "--sector-size",
-                &sector_size.to_string(),
-            ])
-            .arg(backing)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = String::from_utf8(out.stdout).expect("losetup output is UTF-8");
-        LoopDevice {
-            path: PathBuf::from(path.trim()),
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let status = Command::new("losetup").arg("-d").arg(&self.path).status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("warning: could not detach {}", self.path.display());
-        }
-    }
-}
-
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -98,8 +37,8 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// Attaches a loop device with `sector_size`-byte sectors and exercises
 /// `Device` on it.
 fn check_loop_device(test: &str, sector_size: u32) {
-    if let Some(reason) = missing_prerequisite() {
-        println!("skipped: {test}: needs root and losetup ({reason})");
+    if let Some(reason) = loop_devices_missing() {
+        println!("skipped: {test}: {reason}");
         return;
     }
     let dir = disk_temp_dir();
@@ -107,10 +46,10 @@ fn check_loop_device(test: &str, sector_size: u32) {
     std::fs::File::create(&backing)
         .and_then(|f| f.set_len(SIZE))
         .expect("create backing file");
-    let lo = LoopDevice::attach(&backing, sector_size);
+    let lo = Loop::attach(&backing, sector_size);
 
-    let dev = Device::open(&lo.path, Access::ReadWrite).expect("open loop device");
-    assert_eq!(dev.path(), lo.path);
+    let dev = Device::open(&lo.dev, Access::ReadWrite).expect("open loop device");
+    assert_eq!(dev.path(), lo.dev);
     assert_eq!(dev.kind(), DeviceKind::BlockDevice);
     assert_eq!(dev.sector_size(), sector_size);
     assert_eq!(dev.size(), SIZE);
@@ -173,15 +112,15 @@ fn loop_device_with_4096_byte_sectors() {
 #[test]
 fn loop_device_refuses_unaligned_512_byte_write_at_offset_zero() {
     let test = "loop_device_refuses_unaligned_512_byte_write_at_offset_zero";
-    if let Some(reason) = missing_prerequisite() {
-        println!("skipped: {test}: needs root and losetup ({reason})");
+    if let Some(reason) = loop_devices_missing() {
+        println!("skipped: {test}: {reason}");
         return;
     }
     let dir = disk_temp_dir();
     let backing = dir.path().join("backing");
     std::fs::write(&backing, vec![0xabu8; SIZE as usize]).expect("create backing file");
-    let lo = LoopDevice::attach(&backing, 4096);
-    let dev = Device::open(&lo.path, Access::ReadWrite).expect("open loop device");
+    let lo = Loop::attach(&backing, 4096);
+    let dev = Device::open(&lo.dev, Access::ReadWrite).expect("open loop device");
     let small = AlignedBuf::new(512);
     assert!(matches!(
         dev.write_at(0, &small),

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use spmbox::domain::{LUN_DATA_OFFSET, LunLabel};
+use spmbox::backend::builtin::{LUN_DATA_OFFSET, LunLabel};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;

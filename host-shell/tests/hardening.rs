@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use spmbox::spm_daemon::{CONTROL_CONNECTIONS, CONTROL_REQUEST_MAX, control_request};
+use spmbox::daemon::control::{CONTROL_CONNECTIONS, CONTROL_REQUEST_MAX, control_request};
 
 const MIB: u64 = 1 << 20;
 

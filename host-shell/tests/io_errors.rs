@@ -7,15 +7,18 @@
 //! Needs root, `losetup`, `blockdev`, `mkfs.ext4` and `mount`; without
 //! them every test prints `skipped: <why>` and passes.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Loop;
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::BuiltinMaps;
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::BuiltinMaps;
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -81,45 +84,6 @@ impl Drop for Proc {
     }
 }
 
-/// A loop device over a file; set writable again and detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = sh(
-            "losetup",
-            &[
-                "--find",
-                "--show",
-                "--sector-size",
-                "512",
-                file.to_str().unwrap(),
-            ],
-        );
-        Loop(PathBuf::from(text(&out.stdout).trim()))
-    }
-
-    fn set_read_only(&self, ro: bool) {
-        sh(
-            "blockdev",
-            &[
-                if ro { "--setro" } else { "--setrw" },
-                self.0.to_str().unwrap(),
-            ],
-        );
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("blockdev")
-            .arg("--setrw")
-            .arg(&self.0)
-            .status();
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 /// A small ext4 file system on a loop device, mounted; unmounted on drop.
 struct SmallFs {
     mount: PathBuf,
@@ -129,10 +93,13 @@ struct SmallFs {
 impl SmallFs {
     fn new(image: &Path, mount: &Path, size: u64) -> SmallFs {
         fs::File::create(image).unwrap().set_len(size).unwrap();
-        let dev = Loop::attach(image);
-        sh("mkfs.ext4", &["-q", "-F", dev.0.to_str().unwrap()]);
+        let dev = Loop::attach(image, 512);
+        sh("mkfs.ext4", &["-q", "-F", dev.dev.to_str().unwrap()]);
         fs::create_dir_all(mount).unwrap();
-        sh("mount", &[dev.0.to_str().unwrap(), mount.to_str().unwrap()]);
+        sh(
+            "mount",
+            &[dev.dev.to_str().unwrap(), mount.to_str().unwrap()],
+        );
         SmallFs {
             mount: mount.to_owned(),
             _loop: dev,
@@ -362,9 +329,9 @@ fn loop_domain() -> (Domain, Loop, Loop) {
         .unwrap()
         .set_len(64 * MIB)
         .unwrap();
-    let dev = Loop::attach(&dev_file);
-    let lun = Loop::attach(&lun_file);
-    let d = Domain::create(dir, dev.0.clone(), &lun.0, lun.0.clone());
+    let dev = Loop::attach(&dev_file, 512);
+    let lun = Loop::attach(&lun_file, 512);
+    let d = Domain::create(dir, dev.dev.clone(), &lun.dev, lun.dev.clone());
     (d, dev, lun)
 }
 

@@ -25,15 +25,18 @@
 //! Needs root and losetup; prints `skipped: ...` and passes otherwise.
 //! SPMBOX_LEASE_RACES sets how many times each SPM race runs (default 3).
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Loop, loop_devices_missing};
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::{BuiltinMaps, Domain};
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::{BuiltinMaps, Domain};
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -48,24 +51,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Why these tests cannot run here, if they cannot.
-fn missing() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root (loop devices)");
-    }
-    if !Command::new("losetup")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return Some("needs losetup (util-linux)");
-    }
-    None
-}
-
 macro_rules! skip_unless_ready {
     ($name:expr) => {
-        if let Some(why) = missing() {
+        if let Some(why) = loop_devices_missing() {
             eprintln!("skipped: {}: {why}", $name);
             return;
         }
@@ -135,27 +123,6 @@ impl Drop for Proc {
         let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::CONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A loop device with direct I/O over a file; detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(out.status.success(), "losetup: {}", text(&out.stderr));
-        Loop(PathBuf::from(text(&out.stdout).trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
 
@@ -279,7 +246,7 @@ impl TestDomain {
             assert!(out.status.success(), "volume create: {}", text(&out.stderr));
             volumes.push(Uuid::parse_str(text(&out.stdout).trim()).unwrap());
         }
-        let lp = Loop::attach(&device);
+        let lp = Loop::attach_direct_io(&device);
         let machine = |name: &str, device: PathBuf| {
             let run = dir.path().join(format!("run-{name}"));
             fs::create_dir_all(&run).unwrap();
@@ -288,7 +255,7 @@ impl TestDomain {
         TestDomain {
             volumes,
             a: machine("a", device),
-            b: machine("b", lp.0.clone()),
+            b: machine("b", lp.dev.clone()),
             _loop: lp,
             dir,
         }
@@ -338,7 +305,7 @@ impl TestDomain {
                 logs(hosts)
             );
         }
-        let domain = Domain::open(&self.a.device, spmbox::device::Access::ReadOnly).unwrap();
+        let domain = Domain::open(&self.a.device, spmbox::io::device::Access::ReadOnly).unwrap();
         let (pool, _) = domain.read_pool().unwrap();
         pool.check_invariants().expect("pool invariants");
         let mut owned: Vec<(u16, u32, u32, Uuid)> = Vec::new();

@@ -9,10 +9,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Instant;
 
-use spmbox::device::Device;
-use spmbox::mapping::{Mapping, Run};
-use spmbox::nbd::Server;
-use spmbox::volume_export::VolumeExport;
+use spmbox::io::device::Device;
+use spmbox::io::mapping::{Mapping, Run};
+use spmbox::vm::export::VolumeExport;
+use spmbox::vm::nbd::Server;
 
 const MIB: u64 = 1 << 20;
 

@@ -9,15 +9,18 @@
 //! `skipped: ...` and passes otherwise. SPMBOX_SANLOCK_RACES sets how many
 //! times the race runs (default 3).
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Loop, loop_devices_missing};
 use serde_json::Value;
 use spmbox::backend::VolumeMaps;
-use spmbox::domain::{BuiltinMaps, Domain};
-use spmbox::guest::{self, Devices};
+use spmbox::backend::builtin::{BuiltinMaps, Domain};
+use spmbox::daemon::guest::{self, Devices};
 use spmbox_core::wire::Uuid;
 
 /// sanlock's I/O timeout in the tests: joining a lockspace takes about 3 s.
@@ -39,18 +42,15 @@ fn works(cmd: &str, arg: &str) -> bool {
 }
 
 /// Why these tests cannot run here, if they cannot.
-fn missing() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root (sanlock daemons, loop devices)");
+fn missing() -> Option<String> {
+    if let Some(why) = loop_devices_missing() {
+        return Some(why);
     }
     if !works("sanlock", "version") {
-        return Some("needs the sanlock binary (package sanlock)");
+        return Some("needs the sanlock binary (package sanlock)".into());
     }
     if !works("cc", "--version") {
-        return Some("needs a C compiler for the sanlock setrlimit shim");
-    }
-    if !works("losetup", "--version") {
-        return Some("needs losetup (util-linux)");
+        return Some("needs a C compiler for the sanlock setrlimit shim".into());
     }
     None
 }
@@ -168,27 +168,6 @@ impl Machine {
                 .spawn()
                 .expect("spawn spmbox"),
         )
-    }
-}
-
-/// A loop device over a file; detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(out.status.success(), "losetup: {}", text(&out.stderr));
-        Loop(PathBuf::from(text(&out.stdout).trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
 
@@ -345,8 +324,8 @@ fn a_host_id_is_refused_while_another_process_or_machine_holds_it() {
         text(&out.stderr)
     );
     // Another machine, through another path.
-    let lp = Loop::attach(&d.device);
-    let other = lp.0.to_str().unwrap();
+    let lp = Loop::attach_direct_io(&d.device);
+    let other = lp.dev.to_str().unwrap();
     let out = b.run(&host_args(other, "3", &vols, lun));
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -372,8 +351,8 @@ fn a_second_spm_through_another_path_cannot_acquire_the_lease() {
         &a, device
     )
     .is_some()));
-    let lp = Loop::attach(&d.device);
-    let out = b.run(&spm_args(lp.0.to_str().unwrap(), "2"));
+    let lp = Loop::attach_direct_io(&d.device);
+    let out = b.run(&spm_args(lp.dev.to_str().unwrap(), "2"));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("another SPM holds the SPM lease")
@@ -501,9 +480,9 @@ fn two_spms_started_at_once_through_two_paths_never_allocate_an_extent_twice() {
             Machine::start(d.dir.path(), "a"),
             Machine::start(d.dir.path(), "b"),
         );
-        let lp = Loop::attach(&d.device);
+        let lp = Loop::attach_direct_io(&d.device);
         let device = d.device.to_str().unwrap();
-        let other = lp.0.to_str().unwrap();
+        let other = lp.dev.to_str().unwrap();
         let lun = d.dir.path().to_str().unwrap();
         let log = |n: &str| d.dir.path().join(format!("{n}.log"));
         let mut spm1 = a.spawn(&spm_args(device, "1"), &log("spm1"));
@@ -550,7 +529,7 @@ fn two_spms_started_at_once_through_two_paths_never_allocate_an_extent_twice() {
                 assert!(p.term().success());
             }
         }
-        let domain = Domain::open(&d.device, spmbox::device::Access::ReadOnly).unwrap();
+        let domain = Domain::open(&d.device, spmbox::io::device::Access::ReadOnly).unwrap();
         let (pool, _) = domain.read_pool().unwrap();
         pool.check_invariants().expect("pool invariants");
         let mut maps = BuiltinMaps::open(&d.device, vec![d.dir.path().to_owned()]).unwrap();

@@ -9,6 +9,8 @@
 //! Needs qemu-system-x86, qemu-utils, a kernel with virtio modules and
 //! busybox-static; without them each test prints `skipped: <why>`.
 
+mod common;
+
 use std::fs;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Loop, loop_devices_missing};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -30,7 +33,7 @@ fn text(b: &[u8]) -> String {
 
 /// Why VMs cannot run here, if they cannot.
 fn vms_missing() -> Option<String> {
-    spmbox::vm_image::find_tools().err().map(|e| e.to_string())
+    spmbox::vm::image::find_tools().err().map(|e| e.to_string())
 }
 
 macro_rules! need_vms {
@@ -43,9 +46,9 @@ macro_rules! need_vms {
 }
 
 /// Why lvm2 on loop devices cannot run here, if it cannot.
-fn lvm_missing() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root (loop devices)");
+fn lvm_missing() -> Option<String> {
+    if let Some(why) = loop_devices_missing() {
+        return Some(why);
     }
     let ok = |cmd: &str, arg: &str| {
         Command::new(cmd)
@@ -53,38 +56,10 @@ fn lvm_missing() -> Option<&'static str> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if !ok("losetup", "--version") {
-        return Some("needs losetup (util-linux)");
-    }
     if !ok("lvm", "version") {
-        return Some("needs lvm2 (apt-get install lvm2)");
+        return Some("needs lvm2 (apt-get install lvm2)".into());
     }
     None
-}
-
-/// A loop device over a backing file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--sector-size", "512"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(out.status.success(), "losetup: {}", text(&out.stderr));
-        Loop {
-            dev: PathBuf::from(text(&out.stdout).trim()),
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
 }
 
 /// A running `spmbox host --vm --json-events`: its events as they come.
@@ -133,7 +108,7 @@ struct VmDomain {
     luns: Vec<PathBuf>,
     backend: Vec<String>,
     logs: u32,
-    _lvm: Option<spmbox::lvm::VgRemoval>,
+    _lvm: Option<spmbox::backend::lvm::VgRemoval>,
     _loops: Vec<Loop>,
 }
 
@@ -189,9 +164,9 @@ impl VmDomain {
         let mut vg_removal = None;
         if lvm {
             let domain = file("domain", 16 * MIB);
-            loops.push(Loop::attach(&domain));
+            loops.push(Loop::attach(&domain, 512));
             for l in &luns {
-                loops.push(Loop::attach(l));
+                loops.push(Loop::attach(l, 512));
             }
             device = loops[0].dev.clone();
             luns = loops[1..].iter().map(|l| l.dev.clone()).collect();
@@ -201,7 +176,7 @@ impl VmDomain {
                 backend.push("--pv".into());
                 backend.push(pv.display().to_string());
             }
-            vg_removal = Some(spmbox::lvm::VgRemoval {
+            vg_removal = Some(spmbox::backend::lvm::VgRemoval {
                 vg,
                 pvs: luns.clone(),
             });

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use spmbox::vm_image::{self, GuestParams, GuestResult, VmTools};
+use spmbox::vm::image::{self as vm_image, GuestParams, GuestResult, VmTools};
 use spmbox_core::wire::Uuid;
 
 const MIB: u64 = 1 << 20;

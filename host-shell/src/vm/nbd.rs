@@ -69,7 +69,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::device::AlignedBuf;
+use crate::io::device::AlignedBuf;
 
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;

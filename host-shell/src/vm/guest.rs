@@ -2,10 +2,10 @@
 //! blocks to the VM's disk, reads them all back, and reports on the
 //! serial console.
 //!
-//! The blocks are those of the simulated guests ([`crate::guest`]): each
+//! The blocks are those of the simulated guests ([`crate::daemon::guest`]): each
 //! names its volume, offset and writer generation and carries a checksum,
 //! so the host can check the disk image after the VM is gone
-//! ([`crate::vm_image::verify_raw`]).
+//! ([`crate::vm::image::verify_raw`]).
 //!
 //! # Resuming
 //!
@@ -23,7 +23,7 @@
 //! `spmbox-vm: resuming at N` (when N > 0), `spmbox-vm: wrote X of N`
 //! every 16 MiB, and the result line
 //! `SPMBOX-VM-RESULT {"written":..,"verified":..,"errors":..,"resumed_from":..,"first_error":..}`
-//! that [`crate::vm_image::parse_result`] reads. Exit status 0 when
+//! that [`crate::vm::image::parse_result`] reads. Exit status 0 when
 //! `errors` is 0, 1 otherwise.
 
 use std::fs;
@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use spmbox_core::wire::Uuid;
 
-use crate::device::{Access, AlignedBuf, Device, DeviceError};
-use crate::guest::{BLOCK, Pacer, check_block, fill_block};
-use crate::vm_image::GuestResult;
+use crate::daemon::guest::{BLOCK, Pacer, check_block, fill_block};
+use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
+use crate::vm::image::GuestResult;
 
 /// How often the written data is flushed (and a progress line printed).
 pub const FLUSH_EVERY: u64 = 16 << 20;

@@ -59,7 +59,7 @@ pub struct Area {
 impl Area {
     /// The lease area of the domain with `geometry` on `device`.
     pub fn of(device: &Path, geometry: Geometry) -> Area {
-        let lockspace = crate::domain::domain_size(geometry).next_multiple_of(SLOT);
+        let lockspace = crate::backend::builtin::domain_size(geometry).next_multiple_of(SLOT);
         let sector = geometry.sector_size();
         let align_mib = match (sector, geometry.max_hosts()) {
             (512, _) | (_, ..=250) => 1,
@@ -229,7 +229,7 @@ pub fn join(
     io_timeout: u32,
     exclusive: bool,
 ) -> Result<Joined, BackendError> {
-    let run = crate::spm_daemon::run_dir();
+    let run = crate::daemon::control::run_dir();
     let host_lock = if exclusive {
         let path = run.join(format!("lease-{domain}-{host}.host"));
         let file = lock_file(&path)?;
@@ -502,7 +502,7 @@ impl Drop for SpmLease {
 /// the lease version: epochs then grow across every SPM that ever held the
 /// lease, even one that died before it wrote the header.
 pub fn raise_epoch(found: Option<SpmHeader>, lver: u64, domain: Uuid) -> Option<SpmHeader> {
-    crate::spm_daemon::with_epoch_at_least(found, lver.saturating_sub(1), domain)
+    crate::daemon::spm::with_epoch_at_least(found, lver.saturating_sub(1), domain)
 }
 
 /// Who holds the domain's leases, read from disk (`sanlock direct dump`):

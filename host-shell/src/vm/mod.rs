@@ -2,7 +2,7 @@
 //! host side of thin provisioning through QMP.
 //!
 //! Each volume a host serves with `--vm` gets:
-//! - an NBD export of the volume ([`crate::volume_export`]) on a Unix
+//! - an NBD export of the volume ([`crate::vm::export`]) on a Unix
 //!   socket in the VM's directory: the stand-in for the LV's /dev node
 //!   where there is no device-mapper. A write past the volume's physical
 //!   size fails with ENOSPC, as a write past an LV's end does;
@@ -24,6 +24,12 @@
 //! its NBD client waits up to [`RECONNECT_DELAY`] for the server), and
 //! resumes a VM that paused while it was down once the volume has room.
 
+pub mod export;
+pub mod guest;
+pub mod image;
+pub mod nbd;
+pub mod qmp;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,11 +39,11 @@ use serde_json::{Value, json};
 use spmbox_core::wire::Uuid;
 
 use crate::backend::BackendError;
-use crate::mapping::Mapping;
-use crate::qmp::{self, Qmp, QmpMessage};
+use crate::io::mapping::Mapping;
 use crate::units::Bytes;
-use crate::vm_image::{self, GuestParams, GuestResult, VmTools};
-use crate::volume_export::VolumeExport;
+use crate::vm::export::VolumeExport;
+use image::{GuestParams, GuestResult, VmTools};
+use qmp::{Qmp, QmpMessage};
 
 /// The qcow2 image's protocol node: the volume as qemu sees it through
 /// NBD; its write threshold and highest offset are the volume's
@@ -88,11 +94,11 @@ impl VmSetup {
     /// Finds qemu, qemu-img, a kernel and busybox, and builds the
     /// initramfs (or takes the ones given).
     pub fn prepare(options: &VmOptions) -> Result<VmSetup, BackendError> {
-        let mut tools = vm_image::find_tools().map_err(|e| BackendError::new(e.to_string()))?;
+        let mut tools = image::find_tools().map_err(|e| BackendError::new(e.to_string()))?;
         if let Some(kernel) = &options.kernel {
             tools.kernel = kernel.clone();
         }
-        crate::spm_daemon::private_dir(&options.dir)
+        crate::daemon::control::private_dir(&options.dir)
             .map_err(|e| BackendError::new(e.to_string()))?;
         let initramfs = match &options.initrd {
             Some(p) => p.clone(),
@@ -101,7 +107,7 @@ impl VmSetup {
                 let exe = std::env::current_exe().map_err(|e| {
                     BackendError::new(format!("cannot find the spmbox binary: {e}"))
                 })?;
-                vm_image::build_initramfs(&tools, &exe, &out)
+                image::build_initramfs(&tools, &exe, &out)
                     .map_err(|e| BackendError::new(format!("building the VM's initramfs: {e}")))?;
                 out
             }
@@ -134,7 +140,7 @@ impl VmSetup {
 /// Unix socket's path must be shorter than 108 bytes, and qemu connects to
 /// these by path.
 pub fn vm_dir() -> PathBuf {
-    crate::spm_daemon::run_dir().join("vm")
+    crate::daemon::control::run_dir().join("vm")
 }
 
 /// Where one VM keeps its files.
@@ -231,7 +237,7 @@ pub struct Vm {
     pub volume: Uuid,
     paths: VmPaths,
     export: Arc<VolumeExport>,
-    _server: crate::nbd::Server,
+    _server: crate::vm::nbd::Server,
     qmp: Option<Qmp>,
     pid: Option<i32>,
     /// Where the VM stands.
@@ -305,7 +311,7 @@ fn check_image(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let report = vm_image::verify_raw(raw, volume, bytes);
+    let report = image::verify_raw(raw, volume, bytes);
     let _ = std::fs::remove_file(raw);
     let report = report.map_err(|e| format!("reading the image back: {e}"))?;
     if report.error_count > 0 {
@@ -322,7 +328,7 @@ fn check_image(
             report.bytes_verified
         ));
     }
-    Ok(report.bytes_verified / crate::guest::BLOCK)
+    Ok(report.bytes_verified / crate::daemon::guest::BLOCK)
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
@@ -345,15 +351,16 @@ impl Vm {
         on_message: Arc<dyn Fn(QmpMessage) + Send + Sync>,
     ) -> Result<Vm, BackendError> {
         let paths = VmPaths::new(&setup.options.dir, volume);
-        crate::spm_daemon::private_dir(&paths.dir).map_err(err)?;
+        crate::daemon::control::private_dir(&paths.dir).map_err(err)?;
         let export = Arc::new(VolumeExport::new(map, limit));
-        let server = crate::nbd::Server::serve(&paths.nbd(), &volume.to_string(), export.clone())
-            .map_err(|e| {
-            err(format!(
-                "volume {volume}: serving its NBD export on {}: {e}",
-                paths.nbd().display()
-            ))
-        })?;
+        let server =
+            crate::vm::nbd::Server::serve(&paths.nbd(), &volume.to_string(), export.clone())
+                .map_err(|e| {
+                    err(format!(
+                        "volume {volume}: serving its NBD export on {}: {e}",
+                        paths.nbd().display()
+                    ))
+                })?;
         let bytes = setup
             .options
             .guest_bytes
@@ -362,7 +369,7 @@ impl Vm {
         let params = GuestParams {
             volume,
             generation,
-            bytes: bytes - bytes % crate::guest::BLOCK,
+            bytes: bytes - bytes % crate::daemon::guest::BLOCK,
             rate: setup.options.rate,
             write_size: setup.options.write_size,
         };
@@ -410,7 +417,7 @@ impl Vm {
     /// The guest's result, from its serial console.
     pub fn result(&self) -> Option<GuestResult> {
         let log = std::fs::read(self.paths.serial()).ok()?;
-        vm_image::parse_result(&String::from_utf8_lossy(&log))
+        image::parse_result(&String::from_utf8_lossy(&log))
     }
 
     /// The VM's files.
@@ -430,7 +437,7 @@ impl Vm {
     /// Creates the qcow2 image on the volume unless one is there.
     fn ensure_image(&self, setup: &VmSetup) -> Result<(), BackendError> {
         let mut head = vec![0u8; 4096];
-        crate::nbd::Export::read(&*self.export, 0, &mut head).map_err(|e| {
+        crate::vm::nbd::Export::read(&*self.export, 0, &mut head).map_err(|e| {
             err(format!(
                 "volume {}: reading its first block: {}",
                 self.volume, e.what
@@ -463,8 +470,8 @@ impl Vm {
     fn launch(&mut self, setup: &VmSetup) -> Result<(), BackendError> {
         let _ = std::fs::remove_file(self.paths.qmp());
         let _ = std::fs::remove_file(self.paths.pid());
-        let cmdline = vm_image::kernel_cmdline(&self.params);
-        let mut args: Vec<OsString> = vm_image::qemu_base_args(
+        let cmdline = image::kernel_cmdline(&self.params);
+        let mut args: Vec<OsString> = image::qemu_base_args(
             &setup.tools,
             &setup.initramfs,
             &cmdline,

@@ -4,13 +4,17 @@
 //! volume's current map. Both backends give the same answers for the same
 //! situation, so the daemons do not know which one runs.
 
+pub mod builtin;
+pub mod lvm;
+pub mod lvm_glue;
+
 use std::path::Path;
 
 use spmbox_core::spm::JobResult;
 use spmbox_core::wire::Uuid;
 
-use crate::mailbox::MailboxError;
-use crate::mapping::Mapping;
+use crate::io::mailbox::MailboxError;
+use crate::io::mapping::Mapping;
 
 /// An error of a backend, with what to do about it in the message. The
 /// flag says the device holds no usable mailbox (exit status 4).
@@ -41,7 +45,7 @@ impl From<MailboxError> for BackendError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VolumeReport {
     /// The volume.
-    #[serde(serialize_with = "crate::json::uuid")]
+    #[serde(serialize_with = "crate::cli::json::uuid")]
     pub id: Uuid,
     /// Its virtual (guest-visible) size.
     pub virtual_size: u64,

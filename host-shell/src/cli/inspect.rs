@@ -15,7 +15,7 @@ use spmbox_core::wire::{
     first_nonzero,
 };
 
-use crate::json;
+use crate::cli::json;
 
 /// What the audit found in one record that is not a slot.
 #[derive(Debug, Clone, PartialEq)]

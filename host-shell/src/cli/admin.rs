@@ -13,11 +13,12 @@ use std::sync::atomic::AtomicBool;
 use serde_json::{Value, json};
 use spmbox_core::wire::{AREA_SIZE, InboxArea, OutboxArea, ReplyStatus, SlotState, SpmState, Uuid};
 
+use crate::backend::builtin::{self, BuiltinSpm};
 use crate::backend::{BackendError, PoolReport, SpmBackend};
-use crate::device::Access;
-use crate::domain::{self, BuiltinSpm};
-use crate::mailbox::Mailbox;
-use crate::spm_daemon;
+use crate::daemon::control;
+use crate::daemon::spm;
+use crate::io::device::Access;
+use crate::io::mailbox::Mailbox;
 use crate::units::Bytes;
 
 /// Opens the backend to change the pool directly, when no SPM runs.
@@ -34,7 +35,7 @@ pub fn control_path(device: &Path, control: Option<&Path>) -> Result<PathBuf, Ba
         return Ok(c.to_owned());
     }
     let mailbox = Mailbox::open(device, Access::ReadOnly)?;
-    Ok(spm_daemon::default_control(mailbox.superblock().domain))
+    Ok(control::default_control(mailbox.superblock().domain))
 }
 
 /// Sends `request` to the running SPM, or, if none runs, carries it out
@@ -46,14 +47,14 @@ pub fn change_pool(
     direct: DirectBackend<'_>,
 ) -> Result<Value, BackendError> {
     let socket = control_path(device, control)?;
-    if let Some(answer) = spm_daemon::control_request(&socket, request)? {
+    if let Some(answer) = control::control_request(&socket, request)? {
         return Ok(answer);
     }
     // An SPM that is starting holds the lock before its socket listens:
     // while waiting for the lock, keep asking the socket.
     let mut answered = None;
-    let lock = spm_daemon::lock_domain(device, || {
-        if let Some(answer) = spm_daemon::control_request(&socket, request)? {
+    let lock = spm::lock_domain(device, || {
+        if let Some(answer) = control::control_request(&socket, request)? {
             answered = Some(answer);
             return Err(BackendError::new("answered"));
         }
@@ -69,18 +70,18 @@ pub fn change_pool(
         ))
     })?;
     let mailbox = Mailbox::open(device, Access::ReadOnly)?;
-    let header = spm_daemon::read_spm_header(&mailbox)?;
+    let header = spm::read_spm_header(&mailbox)?;
     if header.is_some_and(|h| h.state == SpmState::Active) {
         // A crashed SPM leaves "active" behind; a live one elsewhere moves
         // its heartbeat.
-        spm_daemon::check_no_live_spm(&mailbox, &AtomicBool::new(false)).map_err(|e| {
+        spm::check_no_live_spm(&mailbox, &AtomicBool::new(false)).map_err(|e| {
             BackendError::new(format!(
                 "{e}; run this command on the SPM's machine, or pass --control with its socket"
             ))
         })?;
     }
     let mut backend = direct()?;
-    let answer = spm_daemon::admin(backend.as_mut(), request);
+    let answer = spm::admin(backend.as_mut(), request);
     if answer["ok"] == json!(true) {
         Ok(answer)
     } else {
@@ -147,7 +148,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
     let image = mailbox
         .read_all()
         .map_err(|e| BackendError::new(e.to_string()))?;
-    let header = spm_daemon::read_spm_header(&mailbox)?;
+    let header = spm::read_spm_header(&mailbox)?;
     let spm = header.map_or(json!(null), |h| {
         json!({"epoch": h.epoch, "spm_id": h.spm_id, "state": format!("{:?}", h.state).to_lowercase(),
                "heartbeat": h.heartbeat, "heartbeat_interval_ms": h.heartbeat_interval_ms})
@@ -196,18 +197,18 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
     }
     let socket = control_path(device, control)?;
     let (pool, pool_error, pool_source) =
-        match spm_daemon::control_request(&socket, &json!({"op": "status"})) {
+        match control::control_request(&socket, &json!({"op": "status"})) {
             Ok(Some(answer)) => match pool_from_json(&answer["pool"]) {
                 Some(p) => (Some(p), None, "spm"),
                 None => (None, Some(format!("the SPM answered {answer}")), "none"),
             },
-            _ => match domain::committed_report(device) {
+            _ => match builtin::committed_report(device) {
                 Ok(p) => (Some(p), None, "metadata"),
                 Err(e) => (None, Some(e.to_string()), "none"),
             },
         };
     let mut host_reports = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(spm_daemon::run_dir()) {
+    if let Ok(entries) = std::fs::read_dir(control::run_dir()) {
         let prefix = format!("host-{domain}-");
         let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         paths.sort();
@@ -268,7 +269,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
 
 /// The status file a host daemon on this machine writes.
 pub fn host_status_file(domain: Uuid, host: u16) -> PathBuf {
-    spm_daemon::run_dir().join(format!("host-{domain}-{host}.json"))
+    control::run_dir().join(format!("host-{domain}-{host}.json"))
 }
 
 fn pool_from_json(v: &Value) -> Option<PoolReport> {

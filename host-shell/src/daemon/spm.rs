@@ -17,8 +17,7 @@
 //! metadata commit the SPM header is read back, so an SPM that was stalled
 //! while another took over stands down without committing.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,12 +26,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spmbox_core::driver::SpmDriver;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
-use spmbox_core::time::Instant;
 use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
 
 use crate::backend::{BackendError, SpmBackend};
-use crate::device::{Access, AlignedBuf, Device};
-use crate::mailbox::Mailbox;
+use crate::daemon::control::{ControlMsg, ControlServer, control_request, private_dir};
+use crate::daemon::{Clock, Retry};
+use crate::io::device::{Access, AlignedBuf, Device};
+use crate::io::mailbox::Mailbox;
 use crate::units::Bytes;
 
 /// The SPM's queue window: requests beyond it wait on disk.
@@ -89,27 +89,6 @@ pub struct SpmOptions {
     /// Start on pool metadata older than what SPMs already answered
     /// ([`check_no_rollback`] says what it found, as warnings).
     pub accept_metadata_rollback: bool,
-}
-
-/// A clock for the engines: microseconds since the daemon started.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock(std::time::Instant);
-
-impl Clock {
-    /// A clock starting now.
-    pub fn start() -> Clock {
-        Clock(std::time::Instant::now())
-    }
-
-    /// Now, for the engines.
-    pub fn now(&self) -> Instant {
-        Instant(u64::try_from(self.0.elapsed().as_micros()).unwrap_or(u64::MAX))
-    }
-
-    /// How long until `at`.
-    pub fn until(&self, at: Instant) -> Duration {
-        Duration::from_micros(at.0.saturating_sub(self.now().0))
-    }
 }
 
 /// How long the SPM and admin commands wait for the domain lock while
@@ -353,143 +332,6 @@ pub fn check_no_rollback(
     )))
 }
 
-/// The default control socket of a domain.
-pub fn default_control(domain: Uuid) -> PathBuf {
-    run_dir().join(format!("spm-{domain}.sock"))
-}
-
-/// Where daemons keep sockets and status files: `$SPMBOX_RUN_DIR`, else
-/// `/run/spmbox` for root, else `$XDG_RUNTIME_DIR/spmbox`, else
-/// `/tmp/spmbox-<uid>`. Daemons create it with mode 0700 and refuse one
-/// that is not theirs alone ([`private_dir`]).
-pub fn run_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SPMBOX_RUN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let uid = rustix::process::geteuid();
-    if uid.is_root() {
-        return PathBuf::from("/run/spmbox");
-    }
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(dir).join("spmbox");
-    }
-    PathBuf::from(format!("/tmp/spmbox-{}", uid.as_raw()))
-}
-
-/// Makes sure `dir`, where a daemon puts its control socket or status
-/// file, is this user's alone: creates it (and missing parents) with mode
-/// 0700, and refuses one that another user owns or that group or others
-/// may write to, since whoever can write there can replace the socket or
-/// the status file. Nothing is changed when it refuses.
-pub fn private_dir(dir: &Path) -> Result<(), BackendError> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                BackendError::new(format!(
-                    "cannot create the run directory {}: {e}; create it (mode 0700) or set \
-                     SPMBOX_RUN_DIR (or --control) to a directory of your own",
-                    dir.display()
-                ))
-            })?;
-    }
-    let meta = std::fs::metadata(dir).map_err(|e| {
-        BackendError::new(format!(
-            "cannot use the run directory {}: {e}",
-            dir.display()
-        ))
-    })?;
-    if !meta.is_dir() {
-        return Err(BackendError::new(format!(
-            "the run directory {} is not a directory; remove it, or set SPMBOX_RUN_DIR \
-             (or --control) to a directory of your own",
-            dir.display()
-        )));
-    }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(BackendError::new(format!(
-            "the run directory {} belongs to uid {}, not to this user (uid {me}): another user \
-             could replace the control socket or status files there; remove it (as its owner or root), or set \
-             SPMBOX_RUN_DIR (or --control) to a directory of your own",
-            dir.display(),
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(BackendError::new(format!(
-            "the run directory {} is writable by group or others (mode {:04o}): another user \
-             could replace the control socket or status files there; `chmod go-w {}`, or set SPMBOX_RUN_DIR \
-             (or --control) to a directory of your own",
-            dir.display(),
-            meta.mode() & 0o7777,
-            dir.display()
-        )));
-    }
-    Ok(())
-}
-
-/// How long a `status` request waits for the SPM's answer.
-pub const STATUS_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Sends one admin request to the SPM's control socket. `Ok(None)` if no
-/// SPM listens there.
-pub fn control_request(control: &Path, request: &Value) -> Result<Option<Value>, BackendError> {
-    let mut stream = match UnixStream::connect(control) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None);
-        }
-        Err(e) => {
-            return Err(BackendError::new(format!(
-                "cannot reach the SPM at {}: {e}",
-                control.display()
-            )));
-        }
-    };
-    // A running SPM answers `status` within milliseconds; one that does
-    // not within STATUS_ANSWER_TIMEOUT is stopped or stuck, and callers
-    // fall back to what is on disk. Changes (an lvextend, a pvcreate) may
-    // take longer.
-    let timeout = if request["op"] == json!("status") {
-        STATUS_ANSWER_TIMEOUT
-    } else {
-        CONTROL_ANSWER_TIMEOUT
-    };
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| BackendError::new(e.to_string()))?;
-    let mut line = request.to_string();
-    line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|e| BackendError::new(format!("cannot talk to the SPM: {e}")))?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| BackendError::new(format!("no answer from the SPM: {e}")))?;
-    let value: Value = serde_json::from_str(&answer)
-        .map_err(|e| BackendError::new(format!("the SPM answered nonsense ({e}): {answer}")))?;
-    if value["ok"] == json!(true) {
-        Ok(Some(value))
-    } else {
-        Err(BackendError::new(
-            value["error"]
-                .as_str()
-                .unwrap_or("the SPM refused")
-                .to_string(),
-        ))
-    }
-}
-
 /// Runs admin request `request` against `backend`.
 pub fn admin(backend: &mut dyn SpmBackend, request: &Value) -> Value {
     let result = (|| -> Result<Value, BackendError> {
@@ -569,7 +411,7 @@ pub fn run(
     let exporter = options
         .metrics
         .as_deref()
-        .map(crate::metrics::Exporter::serve)
+        .map(crate::daemon::metrics::Exporter::serve)
         .transpose()?;
     let mut told = false;
     let _lock = lock_domain(&options.device, || {
@@ -600,7 +442,7 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let found = with_highest_epoch(&mailbox, found)?;
-    let found = crate::sanlock::raise_epoch(found, options.lease_version, domain);
+    let found = crate::daemon::sanlock::raise_epoch(found, options.lease_version, domain);
     let mut backend = open_backend()?;
     let mut found = found;
     check_no_rollback(
@@ -626,7 +468,7 @@ pub fn run(
             scan_bytes as f64 / BUSY_SCAN_READ_RATE as f64,
         ));
     }
-    let owner = crate::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
+    let owner = crate::io::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
     let engine = Spm::<QUEUE>::new(
         clock.now(),
         domain,
@@ -673,7 +515,7 @@ pub fn run(
     );
     let mut summary = SpmSummary::default();
     let mut next_metrics = std::time::Instant::now();
-    let mut batch_seconds = crate::metrics::Histogram::new();
+    let mut batch_seconds = crate::daemon::metrics::Histogram::new();
     // I/O errors of the domain device are retried (see `Retry`); the
     // driver keeps what failed and does it first at the next attempt: a
     // read, a commit (its batch unanswered until it is durable; no new
@@ -908,92 +750,6 @@ pub fn run(
     Ok(summary)
 }
 
-/// The first wait before an I/O of the domain device that failed is done
-/// again; each failure in a row doubles it, up to [`IO_RETRY_MAX`].
-pub const IO_RETRY_FIRST: Duration = Duration::from_millis(10);
-
-/// The longest wait between two attempts of an I/O that keeps failing.
-pub const IO_RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// One kind of I/O of the domain device and its current run of failures:
-/// the first failure is logged with the error, the first success after a
-/// run is logged with its length; in between, attempts wait
-/// [`IO_RETRY_FIRST`] doubling to [`IO_RETRY_MAX`].
-pub(crate) struct Retry {
-    what: &'static str,
-    streak: Option<Streak>,
-}
-
-struct Streak {
-    since: std::time::Instant,
-    retries: u64,
-    backoff: Duration,
-    next: std::time::Instant,
-    error: String,
-}
-
-impl Retry {
-    pub(crate) fn new(what: &'static str) -> Retry {
-        Retry { what, streak: None }
-    }
-
-    /// Whether an attempt may be made now.
-    pub(crate) fn ready(&self) -> bool {
-        self.streak
-            .as_ref()
-            .is_none_or(|s| std::time::Instant::now() >= s.next)
-    }
-
-    /// How long until the next attempt, during a run of failures.
-    pub(crate) fn until_next(&self) -> Option<Duration> {
-        self.streak
-            .as_ref()
-            .map(|s| s.next.saturating_duration_since(std::time::Instant::now()))
-    }
-
-    /// The error that started the current run of failures.
-    pub(crate) fn failing(&self) -> Option<&str> {
-        self.streak.as_ref().map(|s| s.error.as_str())
-    }
-
-    pub(crate) fn failed(&mut self, error: &dyn std::fmt::Display) {
-        let now = std::time::Instant::now();
-        match &mut self.streak {
-            Some(s) => {
-                s.retries += 1;
-                s.backoff = (s.backoff * 2).min(IO_RETRY_MAX);
-                s.next = now + s.backoff;
-            }
-            None => {
-                tracing::error!(
-                    "{} failed: {error}; retrying every {:?} to {:?} until it succeeds",
-                    self.what,
-                    IO_RETRY_FIRST,
-                    IO_RETRY_MAX
-                );
-                self.streak = Some(Streak {
-                    since: now,
-                    retries: 0,
-                    backoff: IO_RETRY_FIRST,
-                    next: now + IO_RETRY_FIRST,
-                    error: error.to_string(),
-                });
-            }
-        }
-    }
-
-    pub(crate) fn succeeded(&mut self) {
-        if let Some(s) = self.streak.take() {
-            tracing::warn!(
-                "{} works again after {:.3} s of errors and {} retries",
-                self.what,
-                s.since.elapsed().as_secs_f64(),
-                s.retries + 1
-            );
-        }
-    }
-}
-
 /// A batch of jobs run on the backend, waiting for its commit.
 struct Batch {
     results: Vec<(Uuid, u64, JobResult)>,
@@ -1002,7 +758,7 @@ struct Batch {
 }
 
 /// An error of the domain device that retrying cannot heal.
-fn fatal_io(e: crate::device::DeviceError) -> BackendError {
+fn fatal_io(e: crate::io::device::DeviceError) -> BackendError {
     BackendError::new(format!(
         "{e}; this error does not heal by retrying, so the SPM stops"
     ))
@@ -1040,11 +796,11 @@ fn spm_metrics(
     engine: &Spm<QUEUE>,
     backend: &dyn SpmBackend,
     summary: &SpmSummary,
-    batch_seconds: &crate::metrics::Histogram,
-) -> crate::metrics::Text {
+    batch_seconds: &crate::daemon::metrics::Histogram,
+) -> crate::daemon::metrics::Text {
     let stats = engine.stats();
     let pool = backend.report();
-    let mut t = crate::metrics::Text::new();
+    let mut t = crate::daemon::metrics::Text::new();
     t.gauges(
         "spmbox_spm_epoch",
         "The SPM's epoch.",
@@ -1109,222 +865,6 @@ fn spm_metrics(
         &[(String::new(), pool.parked.len() as f64)],
     );
     t
-}
-
-/// An admin request from the control socket, and where its answer goes.
-type ControlMsg = (Value, std::sync::mpsc::Sender<Value>);
-
-/// The longest admin request the control socket reads, newline included.
-/// Requests are a line of JSON of a few hundred bytes; a longer one is
-/// answered with an error and the connection closed.
-pub const CONTROL_REQUEST_MAX: usize = 4096;
-
-/// How long a client has to send its whole request line, from the moment
-/// it connected; then the connection is answered with an error and closed.
-pub const CONTROL_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-
-/// The most control connections served at once (each on its own thread);
-/// a connection past it is answered with an error at once and closed.
-pub const CONTROL_CONNECTIONS: usize = 8;
-
-/// The longest the control thread waits in `accept` before it looks
-/// whether the daemon is stopping: the longest a stop waits for it.
-const CONTROL_POLL: Duration = Duration::from_millis(250);
-
-/// The control socket's thread: it accepts connections (with a receive
-/// timeout on the listening socket, so that it ends within
-/// [`CONTROL_POLL`] of the daemon stopping, whatever happened to the
-/// socket file, and costs a few wake-ups a second when idle) and serves
-/// each on a thread of its own, at most
-/// [`CONTROL_CONNECTIONS`] at once. Requests reach the daemon's loop over
-/// a channel and wake it from its wait.
-struct ControlServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ControlServer {
-    fn start(
-        listener: UnixListener,
-        tx: std::sync::mpsc::Sender<ControlMsg>,
-    ) -> Result<ControlServer, BackendError> {
-        // accept(2) on a Unix socket ends with EAGAIN after SO_RCVTIMEO.
-        rustix::net::sockopt::set_socket_timeout(
-            &listener,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(CONTROL_POLL),
-        )
-        .map_err(|e| BackendError::new(format!("cannot set up the control socket: {e}")))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || accept_control(&listener, &tx, &flag))
-            .map_err(|e| BackendError::new(format!("cannot start the control thread: {e}")))?;
-        Ok(ControlServer {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ControlServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn accept_control(
-    listener: &UnixListener,
-    tx: &std::sync::mpsc::Sender<ControlMsg>,
-    stop: &AtomicBool,
-) {
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    while !stop.load(Ordering::Relaxed) {
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!("control socket: {e}");
-                std::thread::sleep(CONTROL_POLL);
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::AcqRel) >= CONTROL_CONNECTIONS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!(
-                "control socket: {CONTROL_CONNECTIONS} connections are being served; one more refused"
-            );
-            answer_control(
-                &stream,
-                &control_error(format!(
-                    "the SPM is serving {CONTROL_CONNECTIONS} control connections already; \
-                     try again in a few seconds"
-                )),
-            );
-            continue;
-        }
-        let (tx, served) = (tx.clone(), active.clone());
-        let spawned = std::thread::Builder::new()
-            .name("control-client".into())
-            .spawn(move || {
-                serve_control(stream, &tx);
-                served.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("control socket: cannot start a thread for a client: {e}");
-            active.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// How long a control client waits for the daemon's loop to answer.
-const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn control_error(error: String) -> Value {
-    json!({ "ok": false, "error": error })
-}
-
-fn answer_control(stream: &UnixStream, answer: &Value) {
-    let _ = stream.set_write_timeout(Some(CONTROL_REQUEST_DEADLINE));
-    let mut out = answer.to_string();
-    out.push('\n');
-    let _ = (&*stream).write_all(out.as_bytes());
-}
-
-/// Reads one request line of at most [`CONTROL_REQUEST_MAX`] bytes within
-/// [`CONTROL_REQUEST_DEADLINE`]. `Ok(None)`: the client closed without
-/// sending anything.
-fn read_control_request(stream: &UnixStream) -> Result<Option<Vec<u8>>, String> {
-    let deadline = std::time::Instant::now() + CONTROL_REQUEST_DEADLINE;
-    let mut line = Vec::new();
-    let mut buf = [0u8; 512];
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "no whole request line within {CONTROL_REQUEST_DEADLINE:?}; \
-                 send one line of JSON ending in a newline"
-            ));
-        }
-        let _ = stream.set_read_timeout(Some(left));
-        let n = match (&*stream).read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(format!("reading the request: {e}")),
-        };
-        if n == 0 {
-            return if line.is_empty() {
-                Ok(None)
-            } else {
-                Ok(Some(line))
-            };
-        }
-        let end = buf[..n].iter().position(|&b| b == b'\n');
-        let take = end.map_or(n, |i| i + 1);
-        if line.len() + take > CONTROL_REQUEST_MAX {
-            return Err(format!(
-                "the request is longer than {CONTROL_REQUEST_MAX} bytes; \
-                 send one line of JSON of at most that size"
-            ));
-        }
-        line.extend_from_slice(&buf[..take]);
-        if end.is_some() {
-            return Ok(Some(line));
-        }
-    }
-}
-
-fn serve_control(stream: UnixStream, tx: &std::sync::mpsc::Sender<ControlMsg>) {
-    let line = match read_control_request(&stream) {
-        Ok(Some(line)) => line,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!("control socket: request refused: {e}");
-            answer_control(&stream, &control_error(e));
-            return;
-        }
-    };
-    let answer = match serde_json::from_slice::<Value>(&line) {
-        Ok(request) => {
-            let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-            if tx.send((request, reply_tx)).is_err() {
-                control_error("the SPM is stopping".into())
-            } else {
-                match reply_rx.recv_timeout(CONTROL_ANSWER_TIMEOUT) {
-                    Ok(answer) => answer,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => control_error(format!(
-                        "the SPM did not answer within {CONTROL_ANSWER_TIMEOUT:?}"
-                    )),
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                        control_error("the SPM is stopping".into())
-                    }
-                }
-            }
-        }
-        Err(e) => control_error(format!("not a JSON request: {e}")),
-    };
-    answer_control(&stream, &answer);
 }
 
 fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {

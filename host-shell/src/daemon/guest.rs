@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use spmbox_core::wire::{CRC32C, Uuid};
 
-use crate::device::{Access, AlignedBuf, Device, DeviceError};
-use crate::mapping::Mapping;
+use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
+use crate::io::mapping::Mapping;
 
 /// Bytes per guest block: the unit guests write and the verifier checks.
 pub const BLOCK: u64 = 4096;
@@ -562,7 +562,7 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::Run;
+    use crate::io::mapping::Run;
 
     const V: Uuid = Uuid([7; 16]);
 

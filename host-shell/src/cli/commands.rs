@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
-use crate::device::Access;
-use crate::inspect;
-use crate::mailbox::{self, FormatOptions, Mailbox, MailboxError};
+use crate::cli::inspect;
+use crate::io::device::Access;
+use crate::io::mailbox::{self, FormatOptions, Mailbox, MailboxError};
 use crate::units::Bytes;
 
 /// Exit status: success; for `inspect`, the mailbox is valid.
@@ -266,10 +266,10 @@ fn pool_metadata_report(
     mailbox: &Mailbox,
     image: &[u8],
 ) -> Result<Option<PoolMetadataReport>, CommandError> {
-    if mailbox.device().size() < crate::domain::domain_size(mailbox.geometry()) {
+    if mailbox.device().size() < crate::backend::builtin::domain_size(mailbox.geometry()) {
         return Ok(None);
     }
-    let domain = crate::domain::Domain::open(path, Access::ReadOnly)?;
+    let domain = crate::backend::builtin::Domain::open(path, Access::ReadOnly)?;
     let [a, b] = domain.check_copies()?;
     let header = image
         .get(SPM_HEADER_OFFSET as usize..SPM_HEADER_OFFSET as usize + RECORD_LEN)
@@ -346,12 +346,12 @@ pub enum LeaseArgs {
 }
 
 /// The sanlock lease area of the domain on `device`, and its UUID.
-fn lease_area(device: &Path) -> Result<(crate::sanlock::Area, Uuid), CommandError> {
+fn lease_area(device: &Path) -> Result<(crate::daemon::sanlock::Area, Uuid), CommandError> {
     let mailbox = Mailbox::open(device, Access::ReadOnly)?;
     let path = std::fs::canonicalize(device)
         .map_err(|e| CommandError::Usage(format!("--device {}: {e}", device.display())))?;
     Ok((
-        crate::sanlock::Area::of(&path, mailbox.geometry()),
+        crate::daemon::sanlock::Area::of(&path, mailbox.geometry()),
         mailbox.superblock().domain,
     ))
 }
@@ -361,8 +361,8 @@ fn open_spm_backend(
     backend: &BackendArgs,
 ) -> Result<Box<dyn crate::backend::SpmBackend>, crate::backend::BackendError> {
     match backend {
-        BackendArgs::Builtin => crate::admin::builtin(device),
-        BackendArgs::Lvm { vg, pvs } => crate::lvm_glue::spm_backend(vg, pvs),
+        BackendArgs::Builtin => crate::cli::admin::builtin(device),
+        BackendArgs::Lvm { vg, pvs } => crate::backend::lvm_glue::spm_backend(vg, pvs),
     }
 }
 
@@ -391,7 +391,7 @@ pub fn pool_create(
     let domain = domain
         .map(|text| parse_uuid("--domain", text))
         .transpose()?;
-    let options = crate::domain::CreateOptions {
+    let options = crate::backend::builtin::CreateOptions {
         hosts,
         sector_size,
         domain,
@@ -401,7 +401,7 @@ pub fn pool_create(
     let mut out = std::io::stdout().lock();
     match backend {
         BackendArgs::Builtin => {
-            let (id, labels) = crate::domain::create(device, luns, &options)?;
+            let (id, labels) = crate::backend::builtin::create(device, luns, &options)?;
             writeln!(
                 out,
                 "created domain {id} on {}: {hosts} hosts",
@@ -419,7 +419,7 @@ pub fn pool_create(
             }
         }
         BackendArgs::Lvm { vg, pvs } => {
-            let id = crate::lvm_glue::create(device, luns, &options, vg, pvs)?;
+            let id = crate::backend::lvm_glue::create(device, luns, &options, vg, pvs)?;
             writeln!(
                 out,
                 "created domain {id} on {}: {hosts} hosts, volume group {vg} on {} PVs",
@@ -437,7 +437,7 @@ pub fn pool_create(
         if file.metadata()?.is_file() && file.metadata()?.len() < area.end() {
             file.set_len(area.end())?;
         }
-        crate::sanlock::init(&area, id, io_timeout)?;
+        crate::daemon::sanlock::init(&area, id, io_timeout)?;
         writeln!(
             out,
             "  sanlock leases: lockspace {id} at {}, SPM lease at {} (io timeout {io_timeout} s)",
@@ -451,19 +451,19 @@ pub fn pool_create(
 /// sanlock lease area (a regular file is extended), or a machine without
 /// the `sanlock` command.
 fn check_lease_room(device: &Path, hosts: u16, sector: Option<u32>) -> Result<(), CommandError> {
-    crate::sanlock::check_tool()?;
+    crate::daemon::sanlock::check_tool()?;
     let Ok(meta) = std::fs::metadata(device) else {
         return Ok(());
     };
     if meta.is_file() {
         return Ok(());
     }
-    let d = crate::device::Device::open(device, Access::ReadOnly)
+    let d = crate::io::device::Device::open(device, Access::ReadOnly)
         .map_err(|e| CommandError::Usage(format!("--device {}: {e}", device.display())))?;
     let sector = sector.unwrap_or(d.sector_size());
     let geometry = spmbox_core::wire::Geometry::new(hosts, sector)
         .map_err(|e| CommandError::Usage(e.to_string()))?;
-    let need = crate::sanlock::Area::of(device, geometry).end();
+    let need = crate::daemon::sanlock::Area::of(device, geometry).end();
     if d.size() < need {
         return Err(CommandError::Usage(format!(
             "{} is {}; a domain for {hosts} hosts with sanlock leases needs {} (mailbox, pool \
@@ -486,7 +486,7 @@ pub fn add_lun(
     let lun = std::fs::canonicalize(lun)
         .map_err(|e| CommandError::Usage(format!("--lun {}: {e}", lun.display())))?;
     let request = serde_json::json!({"op": "add_lun", "path": lun});
-    let answer = crate::admin::change_pool(device, control, &request, &|| {
+    let answer = crate::cli::admin::change_pool(device, control, &request, &|| {
         open_spm_backend(device, backend)
     })?;
     writeln!(
@@ -517,7 +517,7 @@ pub fn volume_create(
     }
     let request = serde_json::json!({"op": "create_volume", "id": id.to_string(),
         "virtual_size": virtual_size, "initial_size": initial_size});
-    let answer = crate::admin::change_pool(device, control, &request, &|| {
+    let answer = crate::cli::admin::change_pool(device, control, &request, &|| {
         open_spm_backend(device, backend)
     })?;
     let size = answer["volume"]["size"].as_u64().unwrap_or(0);
@@ -537,17 +537,17 @@ pub fn status(
     json: bool,
     lease: &LeaseArgs,
 ) -> Result<ExitCode, CommandError> {
-    let mut s = crate::admin::status(device, control)?;
+    let mut s = crate::cli::admin::status(device, control)?;
     if let LeaseArgs::Sanlock { .. } = lease {
         let (area, id) = lease_area(device)?;
-        s.leases = Some(crate::sanlock::holders(&area, id)?);
+        s.leases = Some(crate::daemon::sanlock::holders(&area, id)?);
     }
     if json {
         print_json(&serde_json::to_value(&s).map_err(std::io::Error::other)?)?;
     } else {
-        let mut text = crate::admin::render(&s);
+        let mut text = crate::cli::admin::render(&s);
         if let Some(leases) = &s.leases {
-            text.push_str(&crate::sanlock::render(leases));
+            text.push_str(&crate::daemon::sanlock::render(leases));
         }
         write!(std::io::stdout().lock(), "{text}")?;
     }
@@ -582,11 +582,11 @@ pub fn spm(
     }
     let control = match control {
         Some(c) => c,
-        None => crate::admin::control_path(device, None)?,
+        None => crate::cli::admin::control_path(device, None)?,
     };
-    let options = crate::spm_daemon::SpmOptions {
+    let options = crate::daemon::spm::SpmOptions {
         device: device.to_owned(),
-        config: crate::spm_daemon::daemon_config(doorbell_interval, full_scan_interval),
+        config: crate::daemon::spm::daemon_config(doorbell_interval, full_scan_interval),
         spm_id,
         control,
         metrics,
@@ -601,12 +601,12 @@ pub fn spm(
         LeaseArgs::Builtin => None,
         LeaseArgs::Sanlock { io_timeout } => {
             let (area, id) = lease_area(device)?;
-            let held = crate::sanlock::acquire_spm(&area, id, spm_id, io_timeout)?;
+            let held = crate::daemon::sanlock::acquire_spm(&area, id, spm_id, io_timeout)?;
             options.lease_version = held.lver;
             Some(held)
         }
     };
-    let result = crate::spm_daemon::run(&options, &|| open_spm_backend(device, backend), stop);
+    let result = crate::daemon::spm::run(&options, &|| open_spm_backend(device, backend), stop);
     if let Some(held) = spm_lease {
         held.release();
     }
@@ -663,15 +663,15 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         }
         volumes.push(id);
     }
-    if volumes.len() > crate::host_daemon::HOST_VOLUMES {
+    if volumes.len() > crate::daemon::host::HOST_VOLUMES {
         return Err(CommandError::Usage(format!(
             "{} volumes given: a host runs at most {} (--volume)",
             volumes.len(),
-            crate::host_daemon::HOST_VOLUMES
+            crate::daemon::host::HOST_VOLUMES
         )));
     }
     if args.write_size == 0
-        || args.write_size % crate::guest::BLOCK != 0
+        || args.write_size % crate::daemon::guest::BLOCK != 0
         || args.write_size > WRITE_SIZE_MAX
     {
         return Err(CommandError::Usage(format!(
@@ -702,21 +702,24 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         )));
     }
     let search = if args.lun_search.is_empty() {
-        crate::domain::default_search(&args.device, mailbox.device().kind())
+        crate::backend::builtin::default_search(&args.device, mailbox.device().kind())
     } else {
         args.lun_search.clone()
     };
     drop(mailbox);
     let mut maps: Box<dyn crate::backend::VolumeMaps> = match &args.backend {
-        BackendArgs::Builtin => Box::new(crate::domain::BuiltinMaps::open(&args.device, search)?),
-        BackendArgs::Lvm { vg, pvs } => crate::lvm_glue::maps(vg, pvs)?,
+        BackendArgs::Builtin => Box::new(crate::backend::builtin::BuiltinMaps::open(
+            &args.device,
+            search,
+        )?),
+        BackendArgs::Lvm { vg, pvs } => crate::backend::lvm_glue::maps(vg, pvs)?,
     };
-    let status_file = crate::admin::host_status_file(domain, args.host_id);
+    let status_file = crate::cli::admin::host_status_file(domain, args.host_id);
     if let Some(dir) = status_file.parent() {
-        crate::spm_daemon::private_dir(dir)?;
+        crate::daemon::control::private_dir(dir)?;
     }
     let vm = if args.vm {
-        crate::vm_image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;
+        crate::vm::image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;
         Some(crate::vm::VmOptions {
             dir: crate::vm::vm_dir(),
             kernel: args.vm_kernel.clone(),
@@ -728,7 +731,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
     } else {
         None
     };
-    let options = crate::host_daemon::HostOptions {
+    let options = crate::daemon::host::HostOptions {
         device: args.device.clone(),
         host_id: args.host_id,
         volumes,
@@ -760,7 +763,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         LeaseArgs::Builtin => None,
         LeaseArgs::Sanlock { io_timeout } => {
             let (area, id) = lease_area(&args.device)?;
-            Some(crate::sanlock::join(
+            Some(crate::daemon::sanlock::join(
                 &area,
                 id,
                 args.host_id,
@@ -769,7 +772,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
             )?)
         }
     };
-    let result = crate::host_daemon::run(&options, maps.as_mut(), stop);
+    let result = crate::daemon::host::run(&options, maps.as_mut(), stop);
     if let Some(joined) = joined {
         joined.leave();
     }

@@ -22,11 +22,11 @@ use spmbox_core::pool::{max_size, valid_extent_size};
 use spmbox_core::spm::{JobResult, errno};
 use spmbox_core::wire::Uuid;
 
+use crate::backend::builtin::CreateOptions;
+use crate::backend::lvm::{LvInfo, Lvm, VgInfo};
 use crate::backend::{BackendError, PoolReport, SpmBackend, VolumeMaps, VolumeReport};
-use crate::domain::CreateOptions;
-use crate::lvm::{LvInfo, Lvm, VgInfo};
-use crate::mailbox;
-use crate::mapping::{Mapping, Run};
+use crate::io::mailbox;
+use crate::io::mapping::{Mapping, Run};
 use crate::units::Bytes;
 
 /// The tag prefix that records a volume's virtual size.
@@ -247,7 +247,7 @@ impl SpmBackend for LvmSpm {
     }
 
     fn add_lun(&mut self, path: &Path) -> Result<String, BackendError> {
-        crate::lvm::check_device_path(path)?;
+        crate::backend::lvm::check_device_path(path)?;
         let mut lvm = self.lvm.clone();
         lvm.admit(path)?;
         let pv = lvm
@@ -535,7 +535,7 @@ pub fn create(
         )));
     }
     for lun in luns {
-        crate::lvm::check_device_path(lun)?;
+        crate::backend::lvm::check_device_path(lun)?;
     }
     let mut all: Vec<PathBuf> = pvs.to_vec();
     for lun in luns {

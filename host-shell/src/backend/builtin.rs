@@ -23,9 +23,9 @@ use spmbox_core::spm::JobResult;
 use spmbox_core::wire::{CRC32C, Geometry, Uuid};
 
 use crate::backend::{BackendError, PoolReport, SpmBackend, VolumeMaps, VolumeReport};
-use crate::device::{Access, AlignedBuf, Device, DeviceKind};
-use crate::mailbox::{self, Mailbox};
-use crate::mapping::{Mapping, Run};
+use crate::io::device::{Access, AlignedBuf, Device, DeviceKind};
+use crate::io::mailbox::{self, Mailbox};
+use crate::io::mapping::{Mapping, Run};
 use crate::units::Bytes;
 
 /// The pool type the daemons run: 16 LUNs, 1024 volumes of 32 segments,

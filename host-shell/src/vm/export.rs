@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::device::{Access, AlignedBuf, Device, DeviceError};
-use crate::mapping::Mapping;
-use crate::nbd::{Export, NbdError};
+use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
+use crate::io::mapping::Mapping;
+use crate::vm::nbd::{Export, NbdError};
 
 /// Write-zeroes requests are written this many bytes at a time.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -80,7 +80,7 @@ fn aligned(offset: u64, len: u64, sector: u64) -> (u64, u64) {
 }
 
 impl VolumeExport {
-    /// `map`: the volume's current segment map (crate::mapping::Mapping);
+    /// `map`: the volume's current segment map (crate::io::mapping::Mapping);
     /// `advertised`: the size told to clients (the volume's limit: its
     /// virtual size plus format overhead, what it may grow to).
     pub fn new(map: Mapping, advertised: u64) -> VolumeExport {
@@ -382,8 +382,8 @@ impl Export for VolumeExport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::Run;
-    use crate::nbd::{EINVAL, ENOSPC};
+    use crate::io::mapping::Run;
+    use crate::vm::nbd::{EINVAL, ENOSPC};
 
     const KIB: u64 = 1024;
 

@@ -8,7 +8,7 @@ use spmbox_core::wire::{
     SUPERBLOCK_OFFSET, SpmHeader, SpmState, Superblock, Uuid,
 };
 
-use crate::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
+use crate::io::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
 use crate::units::Bytes;
 
 /// Errors of opening or formatting a mailbox. Each names the device and
@@ -379,7 +379,7 @@ pub struct IdleLock {
 /// SPM header says *active* and its heartbeat moves (watched for 2.5
 /// heartbeat intervals). A path that does not exist is not live.
 pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
-    use crate::spm_daemon;
+    use crate::daemon::{control, spm};
     if std::fs::metadata(path).is_err() {
         return Ok(IdleLock { _file: None });
     }
@@ -388,7 +388,7 @@ pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
         why,
     };
     let held = std::cell::Cell::new(false);
-    let file = spm_daemon::lock_domain(path, || {
+    let file = spm::lock_domain(path, || {
         held.set(true);
         Err(crate::backend::BackendError::new("held"))
     })
@@ -402,16 +402,15 @@ pub fn lock_idle(path: &Path) -> Result<IdleLock, MailboxError> {
     // Only a readable superblock names a domain whose SPM may answer.
     if let Ok(mailbox) = Mailbox::open(path, Access::ReadOnly) {
         let domain = mailbox.superblock().domain;
-        let socket = spm_daemon::default_control(domain);
-        if let Ok(Some(_)) =
-            spm_daemon::control_request(&socket, &serde_json::json!({"op": "status"}))
+        let socket = control::default_control(domain);
+        if let Ok(Some(_)) = control::control_request(&socket, &serde_json::json!({"op": "status"}))
         {
             return Err(live(format!(
                 "the SPM of domain {domain} answers on its control socket {}",
                 socket.display()
             )));
         }
-        spm_daemon::check_no_live_spm(&mailbox, &std::sync::atomic::AtomicBool::new(false))
+        spm::check_no_live_spm(&mailbox, &std::sync::atomic::AtomicBool::new(false))
             .map_err(|e| live(e.to_string()))?;
     }
     Ok(IdleLock { _file: Some(file) })
@@ -522,8 +521,8 @@ fn format_device(
         let mut ranges = vec![geometry];
         ranges.extend(old.map(|o| o.geometry));
         for g in ranges {
-            let at = crate::domain::metadata_offset(g);
-            let len = crate::domain::domain_size(g) - at;
+            let at = crate::backend::builtin::metadata_offset(g);
+            let len = crate::backend::builtin::domain_size(g) - at;
             if at + len <= device.size() {
                 device.write_at(at, &AlignedBuf::zeroed(len as usize, align))?;
             }
@@ -745,7 +744,7 @@ pub fn refuse_other_data(device: &Device, len: u64) -> Result<(), MailboxError> 
         let mut buf = AlignedBuf::zeroed(n as usize, align);
         device.read_at(offset, &mut buf)?;
         if offset == 0
-            && let Some(label) = crate::domain::LunLabel::parse(&buf)
+            && let Some(label) = crate::backend::builtin::LunLabel::parse(&buf)
         {
             return Err(MailboxError::HoldsOtherData {
                 path,

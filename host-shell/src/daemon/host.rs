@@ -1,7 +1,7 @@
 //! `spmbox host`: one host's engine, its guests, and the volume maps.
 //!
 //! Each guest is a thread that writes verifiable data (see
-//! [`crate::guest`]) through its volume's current map at a set rate. What
+//! [`crate::daemon::guest`]) through its volume's current map at a set rate. What
 //! the guests have written is the allocation the host engine sees. A guest
 //! that reaches the end of its volume blocks (nothing is dropped): the
 //! engine marks it paused and asks for an extension; when the reply comes,
@@ -35,11 +35,11 @@ use spmbox_core::host::{Host, HostConfig, HostEvent};
 use spmbox_core::wire::{InboxHeader, RECORD_LEN, Uuid};
 
 use crate::backend::{BackendError, VolumeMaps};
-use crate::device::{Access, AlignedBuf, Device, DeviceError};
-use crate::guest::{self, Devices, Guest, GuestError, Pacer, Step};
-use crate::mailbox::Mailbox;
-use crate::mapping::Mapping;
-use crate::spm_daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
+use crate::daemon::guest::{self, Devices, Guest, GuestError, Pacer, Step};
+use crate::daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
+use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
+use crate::io::mailbox::Mailbox;
+use crate::io::mapping::Mapping;
 use crate::units::Bytes;
 
 /// Volumes one host runs at most.
@@ -93,7 +93,7 @@ pub struct HostSummary {
     /// [`HostOptions::keep_latencies`]; else empty.
     pub latencies_ms: Vec<f64>,
     /// Every extension's total latency, seconds, in fixed buckets.
-    pub extension_seconds: crate::metrics::Histogram,
+    pub extension_seconds: crate::daemon::metrics::Histogram,
     /// What qemu reported, summed over the VMs (with `--vm`).
     pub vm: crate::vm::VmCounts,
     /// VMs whose guest or image check found a data error.
@@ -120,7 +120,7 @@ enum Msg {
     /// A guest write keeps failing (`Some`: the error) or works again.
     Stalled(Uuid, Option<String>),
     /// A message from the QMP connection of the volume's VM.
-    Vm(Uuid, crate::qmp::QmpMessage),
+    Vm(Uuid, crate::vm::qmp::QmpMessage),
 }
 
 /// Per-volume bookkeeping of the main loop.
@@ -230,7 +230,7 @@ pub fn run(
         HostDriver::new(device, engine, buffer)
             .map_err(|e| BackendError::new(format!("cannot start the host's driver: {e:?}")))?,
     );
-    let owner = crate::mailbox::random_owner().map_err(err)?;
+    let owner = crate::io::mailbox::random_owner().map_err(err)?;
     driver
         .start(clock.now(), owner)
         .map_err(err)?
@@ -347,7 +347,7 @@ pub fn run(
     let exporter = options
         .metrics
         .as_deref()
-        .map(crate::metrics::Exporter::serve)
+        .map(crate::daemon::metrics::Exporter::serve)
         .transpose()?;
     let mut summary = HostSummary::default();
     let mut next_status = std::time::Instant::now();
@@ -556,7 +556,7 @@ pub fn run(
 /// ([`vm_finished`] ends the volume's run once that is done).
 fn vm_message(
     volume: Uuid,
-    message: crate::qmp::QmpMessage,
+    message: crate::vm::qmp::QmpMessage,
     run: &mut VolumeRun,
     setup: &crate::vm::VmSetup,
     engine: &mut Host<HOST_VOLUMES>,
@@ -1038,8 +1038,8 @@ fn host_metrics(
     engine: &Host<HOST_VOLUMES>,
     runs: &HashMap<Uuid, VolumeRun>,
     summary: &HostSummary,
-) -> crate::metrics::Text {
-    let mut t = crate::metrics::Text::new();
+) -> crate::daemon::metrics::Text {
+    let mut t = crate::daemon::metrics::Text::new();
     t.counter(
         "spmbox_host_extensions_total",
         "Extensions completed.",

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use spmbox_core::wire::Uuid;
 
+use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, VolumeMaps};
-use crate::commands::{CommandError, EXIT_ERROR, EXIT_OK};
-use crate::domain::{self, BuiltinMaps, CreateOptions};
-use crate::guest::{self, Devices};
+use crate::cli::commands::{CommandError, EXIT_ERROR, EXIT_OK};
+use crate::daemon::guest::{self, Devices};
 use crate::units::Bytes;
 
 const HOSTS: u16 = 3;
@@ -96,7 +96,7 @@ struct HostCount {
 pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandError> {
     let started = Instant::now();
     if vm {
-        crate::vm_image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;
+        crate::vm::image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;
     }
     let per_host = |host: u16| {
         if vm {
@@ -121,10 +121,10 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
     let device = dir.join("domain");
     let lun1 = dir.join("lun1");
     let lun2 = dir.join("lun2");
-    sparse(&lun1, domain::LUN_DATA_OFFSET + FIRST_LUN_EXTENTS * EXTENT)?;
+    sparse(&lun1, builtin::LUN_DATA_OFFSET + FIRST_LUN_EXTENTS * EXTENT)?;
     let needed = guests * (virtual_size + virtual_size / 10 + 2 * EXTENT);
-    sparse(&lun2, domain::LUN_DATA_OFFSET + needed)?;
-    let (domain_id, _) = domain::create(
+    sparse(&lun2, builtin::LUN_DATA_OFFSET + needed)?;
+    let (domain_id, _) = builtin::create(
         &device,
         std::slice::from_ref(&lun1),
         &CreateOptions {
@@ -176,8 +176,8 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
     let mut volumes: Vec<(u16, Uuid)> = Vec::new();
     for host in 1..=HOSTS {
         for _ in 0..per_host(host) {
-            let id = crate::mailbox::random_uuid()?;
-            crate::spm_daemon::control_request(
+            let id = crate::io::mailbox::random_uuid()?;
+            crate::daemon::control::control_request(
                 &control,
                 &json!({"op": "create_volume", "id": id.to_string(), "virtual_size": virtual_size, "initial_size": INITIAL}),
             )?;
@@ -267,7 +267,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
 
     // 5. Watch: add the LUN once every guest paused, wait for the rest.
     let mut counts = vec![HostCount::default(); usize::from(HOSTS) + 1];
-    let mut latencies = crate::metrics::Percentiles::new();
+    let mut latencies = crate::stats::Percentiles::new();
     let mut lun_added: Option<Instant> = None;
     let total_guests = volumes.len() as u64;
     let mut last_print = Instant::now();
@@ -355,7 +355,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
                 started.elapsed().as_secs_f64()
             ));
             let lun = std::fs::canonicalize(&lun2)?;
-            let answer = crate::spm_daemon::control_request(
+            let answer = crate::daemon::control::control_request(
                 &control,
                 &json!({"op": "add_lun", "path": lun}),
             )?;

@@ -6,7 +6,7 @@
 //! built here (`-initrd`): busybox, the virtio modules, the `spmbox`
 //! binary with the shared libraries it needs, and an `/init` script that
 //! loads the modules, waits for the disk (`/dev/vda`) and runs
-//! `spmbox vm-guest` (see [`crate::vm_guest`]) with the parameters it finds
+//! `spmbox vm-guest` (see [`crate::vm::guest`]) with the parameters it finds
 //! on the kernel command line (`spmbox.*=` words, written by
 //! [`kernel_cmdline`]). The workload prints one result line on the serial
 //! console, which [`parse_result`] reads; then the VM powers off.
@@ -32,8 +32,8 @@ use std::process::Command;
 
 use spmbox_core::wire::Uuid;
 
-use crate::guest::{self, Devices, GuestError, VerifyReport};
-use crate::mapping::{Mapping, Run};
+use crate::daemon::guest::{self, Devices, GuestError, VerifyReport};
+use crate::io::mapping::{Mapping, Run};
 
 /// The virtio modules the guest needs for its disk, in load order (each
 /// after those it depends on). Those built into the kernel are skipped.

@@ -1,0 +1,391 @@
+//! The fleet: host engines for hundreds or thousands of hosts driven from
+//! one thread, writing each host's inbox area, ringing the doorbell and
+//! reading outbox areas as the host daemon does.
+
+use std::cell::{Cell, RefCell};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant as StdInstant};
+
+use spmbox_core::driver::{BlockDevice, HostDriver};
+use spmbox_core::host::{Host, HostConfig, HostEvent};
+use spmbox_core::pool::max_size;
+use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, Uuid};
+
+use super::err;
+use crate::backend::BackendError;
+use crate::daemon::Clock;
+use crate::io::device::{Access, AlignedBuf, Device};
+use crate::io::mailbox::{self, Mailbox};
+
+/// Bytes one fleet request asks for.
+pub(super) const FLEET_CHUNK: u64 = 1 << 20;
+
+/// The most volumes one fleet host drives.
+const FLEET_VOLUMES: usize = 8;
+
+/// A volume of a fleet host.
+pub(super) struct FleetVolume {
+    pub(super) id: Uuid,
+    physical: u64,
+    /// When its request went on disk.
+    sent: Option<StdInstant>,
+}
+
+/// One host of a fleet: the core's host driver on a [`FleetDisk`].
+pub(super) struct FleetHost {
+    pub(super) driver: Box<HostDriver<FleetDisk, AlignedBuf, FLEET_VOLUMES>>,
+    pub(super) volumes: Vec<FleetVolume>,
+}
+
+/// Host engines driven from one thread, as host daemons would drive them.
+pub(super) struct Fleet {
+    mailbox: Mailbox,
+    clock: Clock,
+    pub(super) hosts: Vec<FleetHost>,
+    /// Round trips, milliseconds: request on disk to reply read.
+    pub(super) round_trips: Vec<f64>,
+    /// Requests answered with anything but an extension.
+    pub(super) refused: u64,
+    /// The device every host's driver writes through.
+    io: Rc<FleetIo>,
+    /// Hands a pass's rings to a [`Ringer`] thread (see [`FleetIo`]).
+    batched: Option<Ringer>,
+    /// CPU time of the last [`keep_asking`], seconds.
+    pub(super) cpu: f64,
+}
+
+/// The mailbox device as the fleet's host drivers see it.
+///
+/// Unbatched (latency runs), every write goes to the device as a host
+/// daemon's would. Batched (throughput runs), the inbox areas a pass
+/// wrote are kept in `inboxes` and written as runs of adjacent areas,
+/// and the rings are handed to a [`Ringer`] thread: one thread simulates
+/// every host here, and thousands of separate writes a second would
+/// measure that thread's I/O rather than the SPM; the SPM sees the same
+/// bytes, areas before the rings that announce them.
+struct FleetIo {
+    device: Device,
+    inbox_offset: u64,
+    batched: Cell<bool>,
+    /// Every inbox area of the mailbox, as the fleet's hosts wrote them.
+    inboxes: RefCell<AlignedBuf>,
+    /// Areas written in this pass (batched).
+    dirty: RefCell<Vec<usize>>,
+    /// Rings of this pass, with their host's area (batched).
+    rings: RefCell<Vec<(usize, [u8; RECORD_LEN])>>,
+}
+
+/// One fleet host's handle on [`FleetIo`].
+pub(super) struct FleetDisk {
+    io: Rc<FleetIo>,
+    /// The host's inbox area, as an index.
+    area: usize,
+}
+
+impl embedded_io::ErrorType for FleetDisk {
+    type Error = crate::io::device::DeviceError;
+}
+
+impl BlockDevice for FleetDisk {
+    fn sector_size(&self) -> u32 {
+        self.io.device.sector_size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        self.io.device.read_slice(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Self::Error> {
+        let io = &self.io;
+        if !io.batched.get() {
+            return io.device.write_slice(offset, buf);
+        }
+        if offset == DOORBELL_OFFSET {
+            let mut record = [0; RECORD_LEN];
+            record.copy_from_slice(&buf[..RECORD_LEN]);
+            io.rings.borrow_mut().push((self.area, record));
+            return Ok(());
+        }
+        let at = (offset - io.inbox_offset) as usize;
+        io.inboxes.borrow_mut()[at..at + buf.len()].copy_from_slice(buf);
+        io.dirty.borrow_mut().push(self.area);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        self.io.device.sync_data()
+    }
+}
+
+/// Rings waiting to be written, keyed by their host's inbox area place.
+type RingQueue = std::collections::VecDeque<(usize, [u8; RECORD_LEN])>;
+
+/// Writes the doorbell rings it is given, one after another, in its own
+/// thread, as thousands of hosts ringing on their own would: each ring is
+/// written unless the same host rang again before it was (the newer ring
+/// takes its place), and rings that follow each other faster than the
+/// SPM reads the doorbell overwrite each other on disk, as they would.
+struct Ringer {
+    pending: Arc<std::sync::Mutex<RingQueue>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ringer {
+    fn start(mailbox: &Mailbox) -> Result<Ringer, BackendError> {
+        let device = crate::io::device::Device::open(mailbox.device().path(), Access::ReadWrite)
+            .map_err(err)?;
+        let sector = mailbox.geometry().sector_size() as usize;
+        let pending = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (pending.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = AlignedBuf::zeroed(sector, device.dio_mem_align());
+            while !s.load(Ordering::Relaxed) {
+                let next: Option<(usize, [u8; RECORD_LEN])> =
+                    p.lock().ok().and_then(|mut q| q.pop_front());
+                match next {
+                    Some((_, record)) => {
+                        buf[..RECORD_LEN].copy_from_slice(&record);
+                        // A lost ring is a hint lost: the SPM's scans
+                        // cover it.
+                        let _ = device.write_at(DOORBELL_OFFSET, &buf);
+                    }
+                    None => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Ok(Ringer {
+            pending,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Rings of hosts (keyed by their inbox area's place).
+    fn ring(&self, rings: &[(usize, [u8; RECORD_LEN])]) {
+        if let Ok(mut q) = self.pending.lock() {
+            for &(host, record) in rings {
+                match q.iter_mut().find(|(h, _)| *h == host) {
+                    Some(slot) => slot.1 = record,
+                    None => q.push_back((host, record)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ringer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A volume a fleet host drives: its id, virtual size and current size.
+type FleetVolumeSpec = (Uuid, u64, u64);
+
+impl Fleet {
+    /// A fleet of hosts `ids`, each with one volume of its own (the no-op
+    /// SPM extends whatever is asked).
+    pub(super) fn new(
+        device: &Path,
+        ids: impl Iterator<Item = u16>,
+    ) -> Result<Fleet, BackendError> {
+        let mut hosts = Vec::new();
+        for id in ids {
+            let v = mailbox::random_uuid().map_err(err)?;
+            hosts.push((id, vec![(v, 1u64 << 40, FLEET_CHUNK)]));
+        }
+        Fleet::with_volumes(device, hosts)
+    }
+
+    /// A fleet of the given hosts, each with its volumes (at most
+    /// [`FLEET_VOLUMES`]).
+    pub(super) fn with_volumes(
+        device: &Path,
+        hosts: Vec<(u16, Vec<FleetVolumeSpec>)>,
+    ) -> Result<Fleet, BackendError> {
+        let mailbox = Mailbox::open(device, Access::ReadWrite).map_err(err)?;
+        let geometry = mailbox.geometry();
+        let domain = mailbox.superblock().domain;
+        let clock = Clock::start();
+        // The fleet stands in for many hosts' requests and replies in one
+        // process; each of its engines keeps no builtin host-id lease.
+        let config = HostConfig {
+            chunk_size: FLEET_CHUNK,
+            lease_interval: std::time::Duration::ZERO,
+            ..HostConfig::default()
+        };
+        let inboxes = mailbox
+            .read(
+                geometry.inbox_offset(),
+                usize::from(geometry.max_hosts()) * AREA_SIZE,
+            )
+            .map_err(err)?;
+        let io = Rc::new(FleetIo {
+            device: Device::open(device, Access::ReadWrite).map_err(err)?,
+            inbox_offset: geometry.inbox_offset(),
+            batched: Cell::new(false),
+            inboxes: RefCell::new(inboxes),
+            dirty: RefCell::new(Vec::new()),
+            rings: RefCell::new(Vec::new()),
+        });
+        let align = io.device.dio_mem_align();
+        let mut fleet = Vec::new();
+        for (id, specs) in hosts {
+            let Some(inbox) = geometry.inbox_area(id) else {
+                continue;
+            };
+            let mut engine = Host::new(domain, id, geometry, config).map_err(err)?;
+            let mut volumes = Vec::new();
+            for (v, virtual_size, size) in specs.into_iter().take(FLEET_VOLUMES) {
+                let limit = max_size(virtual_size, 1 << 20).unwrap_or(u64::MAX);
+                engine
+                    .add_volume(v, virtual_size, limit, size, 0)
+                    .map_err(err)?;
+                volumes.push(FleetVolume {
+                    id: v,
+                    physical: size,
+                    sent: None,
+                });
+            }
+            let disk = FleetDisk {
+                io: io.clone(),
+                area: ((inbox - geometry.inbox_offset()) as usize) / AREA_SIZE,
+            };
+            let buffer = AlignedBuf::zeroed(
+                HostDriver::<FleetDisk, AlignedBuf, FLEET_VOLUMES>::BUFFER_LEN,
+                align,
+            );
+            let mut driver = Box::new(
+                HostDriver::new(disk, engine, buffer)
+                    .map_err(|e| BackendError::new(format!("fleet host {id}: {e:?}")))?,
+            );
+            driver.start(clock.now(), 1).map_err(err)?.map_err(err)?;
+            fleet.push(FleetHost { driver, volumes });
+        }
+        Ok(Fleet {
+            mailbox,
+            clock,
+            hosts: fleet,
+            round_trips: Vec::new(),
+            refused: 0,
+            io,
+            batched: None,
+            cpu: 0.0,
+        })
+    }
+
+    /// Batched writes and rings from now on (see [`FleetIo`]).
+    pub(super) fn batch(&mut self) -> Result<(), BackendError> {
+        self.batched = Some(Ringer::start(&self.mailbox)?);
+        self.io.batched.set(true);
+        Ok(())
+    }
+
+    /// Host `i`'s guest on its first volume crosses its watermark.
+    pub(super) fn ask(&mut self, i: usize) {
+        self.ask_volume(i, 0);
+    }
+
+    /// Host `i`'s guest on volume `v` crosses its watermark.
+    pub(super) fn ask_volume(&mut self, i: usize, v: usize) {
+        let now = self.clock.now();
+        let h = &mut self.hosts[i];
+        let Some(vol) = h.volumes.get(v) else {
+            return;
+        };
+        h.driver
+            .engine_mut()
+            .handle_allocation(now, vol.id, vol.physical.saturating_sub(4096));
+    }
+
+    /// Every host's writes: its inbox area, then its doorbell ring.
+    pub(super) fn flush(&mut self) -> Result<(), BackendError> {
+        for h in &mut self.hosts {
+            h.driver.write().map_err(err)?;
+            let now = StdInstant::now();
+            for v in &mut h.volumes {
+                if v.sent.is_none()
+                    && h.driver
+                        .engine()
+                        .volume(v.id)
+                        .is_some_and(|s| s.request.is_some())
+                {
+                    v.sent = Some(now);
+                }
+            }
+        }
+        let Some(ringer) = &self.batched else {
+            return Ok(());
+        };
+        // The pass's areas as runs of adjacent areas, then its rings.
+        let mut dirty = std::mem::take(&mut *self.io.dirty.borrow_mut());
+        dirty.sort_unstable();
+        dirty.dedup();
+        let inboxes = self.io.inboxes.borrow();
+        let mut k = 0;
+        while k < dirty.len() {
+            let first = dirty[k];
+            let mut end = first + 1;
+            k += 1;
+            while k < dirty.len() && dirty[k] == end {
+                end += 1;
+                k += 1;
+            }
+            let (from, to) = (first * AREA_SIZE, end * AREA_SIZE);
+            self.io
+                .device
+                .write_from(self.io.inbox_offset + from as u64, &inboxes, from..to)
+                .map_err(err)?;
+        }
+        ringer.ring(&std::mem::take(&mut *self.io.rings.borrow_mut()));
+        Ok(())
+    }
+
+    /// Does the reads each host's engine asks for (its outbox area while
+    /// it waits for a reply, the SPM header) and completes the extensions
+    /// whose replies arrived. Returns how many completed.
+    pub(super) fn poll(&mut self) -> Result<usize, BackendError> {
+        let mut completed = 0;
+        for h in &mut self.hosts {
+            let now = self.clock.now();
+            h.driver.engine_mut().handle_timeout(now);
+            h.driver.read(now).map_err(err)?;
+            let read_at = StdInstant::now();
+            while let Some(event) = h.driver.engine_mut().poll_event() {
+                match event {
+                    HostEvent::Refresh { volume, size } => {
+                        if let Some(v) = h.volumes.iter_mut().find(|v| v.id == volume) {
+                            if let Some(sent) = v.sent.take() {
+                                self.round_trips
+                                    .push(read_at.duration_since(sent).as_secs_f64() * 1e3);
+                            }
+                            v.physical = v.physical.max(size);
+                        }
+                        h.driver.engine_mut().handle_refreshed(now, volume, size);
+                    }
+                    HostEvent::Extended { .. } => completed += 1,
+                    HostEvent::Failed { volume, .. } | HostEvent::Rejected { volume, .. } => {
+                        self.refused += 1;
+                        if let Some(v) = h.volumes.iter_mut().find(|v| v.id == volume) {
+                            v.sent = None;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(completed)
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.hosts
+            .iter()
+            .map(|h| h.driver.engine().in_flight())
+            .sum()
+    }
+}

@@ -1,0 +1,9 @@
+//! The commands of the `spmbox` binary: what each does, its output
+//! (text and JSON) and the log on stderr.
+
+pub mod admin;
+pub mod commands;
+pub mod demo;
+pub mod inspect;
+pub mod json;
+pub mod logging;
