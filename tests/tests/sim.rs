@@ -45,7 +45,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     });
     let mut failures = Vec::new();
     let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
-    let (mut metadata_faults, mut rollbacks_refused) = (0, 0);
+    let (mut metadata_faults, mut rollbacks_refused, mut evictions) = (0, 0, 0);
     for (_, result) in &results {
         match result {
             Ok(r) => {
@@ -56,6 +56,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 faults += r.faults.torn + r.faults.lost + r.faults.misdirected + r.faults.bitflips;
                 metadata_faults += r.metadata_faults;
                 rollbacks_refused += r.rollbacks_refused;
+                evictions += r.evictions;
             }
             Err(f) => failures.push(f.to_string()),
         }
@@ -63,7 +64,8 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     println!(
         "simulation: {seeds} seeds from {first}, {extensions} extensions, {pauses} pauses, {resumes} resumes, \
          {crashes} crashes, {faults} disk faults, {metadata_faults} lost or misplaced commits, \
-         {rollbacks_refused} SPM starts refused for a rollback, {} failed",
+         {rollbacks_refused} SPM starts refused for a rollback, {evictions} hosts evicted by a lost \
+         header write, {} failed",
         failures.len()
     );
     assert!(

@@ -353,6 +353,9 @@ pub struct Report {
     /// SPM starts the rollback check refused (each followed by the
     /// operator's restore of the commit the SPM believed durable).
     pub rollbacks_refused: u64,
+    /// Hosts that read another owner back from their inbox header and
+    /// stopped (their own header write was lost); each starts again.
+    pub evictions: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -1586,6 +1589,18 @@ impl Sim {
             HostEvent::Extended { .. } => self.report.extensions += 1,
             HostEvent::Paused { .. } => self.report.pauses += 1,
             HostEvent::Resumed { .. } => self.report.resumes += 1,
+            HostEvent::Evicted { .. } => {
+                // Its first inbox header write was lost or torn, so the
+                // read-back found its predecessor's owner (only one
+                // process runs per host id here). The daemon exits, as
+                // docs/operations.md (section 7.1) says, and its
+                // supervisor starts it again.
+                self.report.evictions += 1;
+                let restart = now + Duration::from_millis(self.rng.between(10, 2_000));
+                let node = &mut self.hosts[i];
+                node.driver = None;
+                node.restart_at = Some(restart);
+            }
             _ => {}
         }
         Ok(())
@@ -1690,6 +1705,11 @@ impl Sim {
                 }
             }
             if let Some(d) = h.driver.as_ref() {
+                detail += &format!(
+                    "\n  host generation {} evicted {}",
+                    d.engine().generation(),
+                    d.engine().is_evicted()
+                );
                 for v in d.engine().volumes() {
                     detail += &format!("\n  host volume {v:?}");
                 }
@@ -1905,10 +1925,11 @@ impl Sim {
                         .and_then(|d| d.engine().volume(g.volume));
                     return Err(format!(
                         "liveness: the guest of volume {} paused before capacity was added (at {:?}) and was \
-                         not resumed within one full scan ({bound:?}); host {} sees {view:?}",
+                         not resumed within one full scan ({bound:?}); host {} sees {view:?}\n  then: {}",
                         g.volume,
                         since_zero(added),
-                        g.host_id
+                        g.host_id,
+                        self.liveness_problem()
                     ));
                 }
             }
