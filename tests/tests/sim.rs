@@ -1,9 +1,15 @@
 //! The deterministic simulation of hosts and the SPM on a faulty shared
-//! disk (see `spmbox_tests::sim`).
+//! disk (see `spmbox_tests::sim`): every SPM and host is the core's driver
+//! (`SpmDriver`, `HostDriver`) running its real engine on a simulated
+//! block device, as the daemons and firmware run them.
 //!
 //! - `cargo test -p spmbox-tests --test sim` runs a modest number of seeds;
-//!   `SPMBOX_SIM_SEEDS=N` runs N seeds instead (use `--release` for many),
-//!   starting at `SPMBOX_SIM_FIRST_SEED` (default 0).
+//!   `SPMBOX_SIM_SEEDS=N` runs N seeds instead, starting at
+//!   `SPMBOX_SIM_FIRST_SEED` (default 0). Many seeds run in the dev
+//!   profile, debug assertions on (the workspace optimizes the core and
+//!   the simulation there): `SPMBOX_SIM_SEEDS=10000 cargo test -p
+//!   spmbox-tests --test sim -- every_seed`, about 25 minutes on two
+//!   cores; split it with `SPMBOX_SIM_FIRST_SEED`.
 //! - `SPMBOX_SIM_SEED=S cargo test -p spmbox-tests --test sim -- --nocapture replay`
 //!   replays one seed and prints its report.
 

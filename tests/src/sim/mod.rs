@@ -7,12 +7,12 @@
 //! SPM failover while the old SPM still writes late replies, and a pool
 //! that runs out of space until LUNs are added. Some seeds restart the SPM
 //! as two engines at once from the same SPM header, each with its own owner
-//! and pool ([`Scenario::twin_spms_at`]; the SPM commits only while the SPM
-//! header is exactly its own, as the daemon does), or damage the superblock
-//! and sometimes its backup ([`SuperblockDamage`]; every start reads the
-//! superblock, else its backup, else refuses). Some seeds lose one pool
-//! metadata commit or write it at the other copy's place, and restart the
-//! SPM after it ([`MetadataFault`]).
+//! and pool ([`Scenario::twin_spms_at`]; the engine reads the SPM header
+//! back before every commit and commits only while it names that SPM), or
+//! damage the superblock and sometimes its backup ([`SuperblockDamage`];
+//! every start reads the superblock, else its backup, else refuses). Some
+//! seeds lose one pool metadata commit or write it at the other copy's
+//! place, and restart the SPM after it ([`MetadataFault`]).
 //!
 //! Every SPM start makes the daemon's rollback check
 //! (`check_no_rollback` in the host shell's `spm_daemon.rs`), modelled
@@ -43,12 +43,22 @@
 //! forgets it too (its sizes and extents are taken back from the checks'
 //! records).
 //!
-//! The engines are the real ones (`spmbox_core::{spm, host, pool}`); the
-//! simulation plays the thin shell around them: it does the reads and writes
-//! they ask for on a [`SimDisk`], runs extension jobs on the pool, commits
-//! the pool's metadata (two copies) before any reply, refreshes a host's view
-//! of a volume by reading the committed metadata, and moves simulated time
-//! to the next instant any of them wants to be woken.
+//! The engines and their drivers are the real ones
+//! (`spmbox_core::{spm, host, pool, driver}`): every SPM is an
+//! [`SpmDriver`] and every host a [`HostDriver`], each on its own
+//! [`SimDev`] handle of the shared [`SimDisk`]. So the inbox mirror, sector
+//! read-modify-write, merged reply writes, the doorbell after the area,
+//! the fencing read before a commit, the hosts' reads of the SPM header and
+//! the mapping of pool results to job results are the core's. The
+//! simulation plays the rest of the shell: it runs extension jobs on the
+//! pool ([`run_pool_job`]), makes each commit the engine hands out
+//! (`poll_commit`) durable in the pool's metadata (two copies) before it
+//! calls `handle_committed`, adds LUNs through `request_commit`, refreshes a
+//! host's view of a volume by reading the committed metadata, and moves
+//! simulated time to the next instant any of them wants to be woken. A node
+//! that crashes (at any of its writes) is dropped with its driver and
+//! engine; it starts again from what is on disk. A host evicted by its own
+//! lost inbox header write exits and starts again, as the daemon does.
 //!
 //! Safety is checked after every step ([`Sim::check_safety`]); liveness once
 //! the faults have stopped and enough capacity was added
@@ -709,9 +719,7 @@ impl Sim {
                 // No trace of the lost commit: the SPM loads the older
                 // pool, as the daemon does, and nobody was told of it.
                 let (_, seq) = self.committed().expect("decodes");
-                let bytes = self
-                    .read(self.meta_offset(pool::next_copy(seq)), COPY)
-                    .to_vec();
+                let bytes = self.read(self.meta_offset(pool::next_copy(seq)), COPY);
                 self.believed = (seq, bytes);
                 self.believed_pool = None;
                 if let Some((history, max)) = self.before_fault.take() {
