@@ -1,9 +1,15 @@
 //! The deterministic simulation of hosts and the SPM on a faulty shared
-//! disk (see `spmbox_tests::sim`).
+//! disk (see `spmbox_tests::sim`): every SPM and host is the core's driver
+//! (`SpmDriver`, `HostDriver`) running its real engine on a simulated
+//! block device, as the daemons and firmware run them.
 //!
 //! - `cargo test -p spmbox-tests --test sim` runs a modest number of seeds;
-//!   `SPMBOX_SIM_SEEDS=N` runs N seeds instead (use `--release` for many),
-//!   starting at `SPMBOX_SIM_FIRST_SEED` (default 0).
+//!   `SPMBOX_SIM_SEEDS=N` runs N seeds instead, starting at
+//!   `SPMBOX_SIM_FIRST_SEED` (default 0). Many seeds run in the dev
+//!   profile, debug assertions on (the workspace optimizes the core and
+//!   the simulation there): `SPMBOX_SIM_SEEDS=10000 cargo test -p
+//!   spmbox-tests --test sim -- every_seed`, about 25 minutes on two
+//!   cores; split it with `SPMBOX_SIM_FIRST_SEED`.
 //! - `SPMBOX_SIM_SEED=S cargo test -p spmbox-tests --test sim -- --nocapture replay`
 //!   replays one seed and prints its report.
 
@@ -45,7 +51,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     });
     let mut failures = Vec::new();
     let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
-    let (mut metadata_faults, mut rollbacks_refused) = (0, 0);
+    let (mut metadata_faults, mut rollbacks_refused, mut evictions) = (0, 0, 0);
     for (_, result) in &results {
         match result {
             Ok(r) => {
@@ -56,6 +62,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 faults += r.faults.torn + r.faults.lost + r.faults.misdirected + r.faults.bitflips;
                 metadata_faults += r.metadata_faults;
                 rollbacks_refused += r.rollbacks_refused;
+                evictions += r.evictions;
             }
             Err(f) => failures.push(f.to_string()),
         }
@@ -63,7 +70,8 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     println!(
         "simulation: {seeds} seeds from {first}, {extensions} extensions, {pauses} pauses, {resumes} resumes, \
          {crashes} crashes, {faults} disk faults, {metadata_faults} lost or misplaced commits, \
-         {rollbacks_refused} SPM starts refused for a rollback, {} failed",
+         {rollbacks_refused} SPM starts refused for a rollback, {evictions} hosts evicted by a lost \
+         header write, {} failed",
         failures.len()
     );
     assert!(

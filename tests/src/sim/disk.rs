@@ -1,14 +1,25 @@
 //! A simulated shared disk: atomic per sector and nothing more, with
 //! injected faults.
 //!
-//! Writers hand it records at absolute offsets; like the real daemons, the
-//! simulation writes the whole sector holding each record (read-modify-write
-//! of a sector only its writer owns). A write of several sectors may be
-//! torn (only a prefix lands). Any write may be lost, land in the same
-//! place of another host's area (misdirected), or land with one bit
-//! flipped.
+//! The core's drivers reach it through [`SimDev`], one handle per node
+//! (a host or an SPM), which implements [`BlockDevice`]: whole sectors at
+//! sector-aligned offsets. A write of several sectors may be torn (only a
+//! prefix lands). Any write may be lost, land in the same place of another
+//! host's area (misdirected), or land with one bit flipped. A node may
+//! crash at any of its writes: a prefix of the write's sectors lands (none
+//! for a one-sector write), and every later I/O of that handle fails; the
+//! simulation then drops the node's driver and engine.
+//!
+//! The handles also note what the simulation's checks need to know: every
+//! request a host wrote to its inbox area, and which requests the SPM
+//! found at its last read of each host ([`Observed`]).
 
-use spmbox_core::wire::{AREA_SIZE, Geometry, RECORD_LEN};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use spmbox_core::driver::BlockDevice;
+use spmbox_core::wire::{AREA_SIZE, Geometry, InboxArea, RECORD_LEN, SlotState, Uuid};
 
 use super::rng::Rng;
 
@@ -68,24 +79,31 @@ pub struct SimDisk {
     sector: usize,
     /// Current fault rates.
     pub faults: Faults,
+    /// Current chance per write, per million, that a writer that may crash
+    /// crashes at it.
+    pub crash_ppm: u32,
     /// What was injected so far.
     pub counts: FaultCounts,
     /// Bumped by every write, so that readers can cache what they derive.
     version: u64,
+    /// Draws the faults.
+    rng: Rng,
 }
 
 impl SimDisk {
     /// A zeroed disk with the mailbox of `geometry` and `extra` bytes after
-    /// it.
-    pub fn new(geometry: Geometry, extra: usize) -> SimDisk {
+    /// it, drawing its faults from `rng`.
+    pub fn new(geometry: Geometry, extra: usize, rng: Rng) -> SimDisk {
         let len = geometry.mailbox_size() as usize + extra;
         SimDisk {
             bytes: vec![0; len],
             geometry,
             sector: geometry.sector_size() as usize,
             faults: Faults::NONE,
+            crash_ppm: 0,
             counts: FaultCounts::default(),
             version: 0,
+            rng,
         }
     }
 
@@ -117,19 +135,9 @@ impl SimDisk {
         self.bytes[o..o + data.len()].copy_from_slice(data);
     }
 
-    /// Writes one record the way a daemon does: the whole sector holding
-    /// it, read-modify-write. Faults apply.
-    pub fn write_record(&mut self, rng: &mut Rng, offset: u64, record: &[u8; RECORD_LEN]) {
-        let start = offset - offset % self.sector as u64;
-        let mut sector = self.read(start, self.sector).to_vec();
-        let within = (offset - start) as usize;
-        sector[within..within + RECORD_LEN].copy_from_slice(record);
-        self.write(rng, start, &sector);
-    }
-
     /// Writes whole sectors at a sector-aligned offset. Each sector lands
     /// atomically or not at all; faults apply.
-    pub fn write(&mut self, rng: &mut Rng, offset: u64, data: &[u8]) {
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
         assert_eq!(
             offset as usize % self.sector,
             0,
@@ -143,6 +151,7 @@ impl SimDisk {
         );
         self.counts.writes += 1;
         self.version += 1;
+        let rng = &mut self.rng;
         if rng.chance(self.faults.lost_ppm) {
             self.counts.lost += 1;
             return;
@@ -155,15 +164,15 @@ impl SimDisk {
         }
         let mut target = offset;
         if rng.chance(self.faults.misdirected_ppm) {
-            if let Some(other) = self.misdirect(rng, offset) {
+            if let Some(other) = self.misdirect(offset) {
                 self.counts.misdirected += 1;
                 target = other;
             }
         }
         let sectors = data.len() / self.sector;
-        let landed = if sectors > 1 && rng.chance(self.faults.torn_ppm) {
+        let landed = if sectors > 1 && self.rng.chance(self.faults.torn_ppm) {
             self.counts.torn += 1;
-            rng.below(sectors as u64) as usize
+            self.rng.below(sectors as u64) as usize
         } else {
             sectors
         };
@@ -173,7 +182,7 @@ impl SimDisk {
 
     /// The same place in another host's area of the same region, if the
     /// offset is in a host area and there is another host.
-    fn misdirect(&self, rng: &mut Rng, offset: u64) -> Option<u64> {
+    fn misdirect(&mut self, offset: u64) -> Option<u64> {
         let g = self.geometry;
         let hosts = u64::from(g.max_hosts());
         if hosts < 2 {
@@ -188,8 +197,184 @@ impl SimDisk {
             return None;
         };
         let host = (offset - region) / area;
-        let other = (host + 1 + rng.below(hosts - 1)) % hosts;
+        let other = (host + 1 + self.rng.below(hosts - 1)) % hosts;
         Some(region + other * area + (offset - region) % area)
+    }
+}
+
+/// What the disk saw that the simulation's checks need.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The largest target any host asked for, per volume.
+    pub asked_max: HashMap<Uuid, u64>,
+    /// Per host, the requests (volume, target) the live SPM may know of:
+    /// those on disk at its last read of the host and those written since.
+    pub requested: HashMap<u16, Vec<(Uuid, u64)>>,
+}
+
+/// The valid requests of an inbox area.
+fn requests(area: &[u8], domain: Uuid, host_id: u16) -> Vec<(Uuid, u64)> {
+    InboxArea::new(area, domain, host_id).map_or_else(Vec::new, |area| {
+        area.slots()
+            .filter_map(|(_, s)| match s {
+                SlotState::Valid(r) => Some((r.volume, r.target_size)),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// Who uses a [`SimDev`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    /// Host `id`: its writes of its inbox area are noted as requests.
+    Host(u16),
+    /// An SPM; with `notes_reads` (the SPM that holds the lease), its reads
+    /// of inbox areas are noted as what it may know of.
+    Spm {
+        /// Whether its reads are noted.
+        notes_reads: bool,
+    },
+}
+
+/// The error of a [`SimDev`]: its node crashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crashed;
+
+impl std::fmt::Display for Crashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the node crashed")
+    }
+}
+
+impl std::error::Error for Crashed {}
+
+impl embedded_io::Error for Crashed {
+    fn kind(&self) -> embedded_io::ErrorKind {
+        embedded_io::ErrorKind::Other
+    }
+}
+
+/// One node's handle on the shared [`SimDisk`], for its driver.
+#[derive(Debug)]
+pub struct SimDev {
+    disk: Rc<RefCell<SimDisk>>,
+    observed: Rc<RefCell<Observed>>,
+    domain: Uuid,
+    /// Whose handle it is.
+    pub node: Node,
+    /// Whether the node may crash at a write.
+    pub may_crash: bool,
+    /// The node crashed at a write: every later I/O fails.
+    pub crashed: bool,
+}
+
+impl SimDev {
+    /// A handle for `node` on `disk`.
+    pub fn new(
+        disk: Rc<RefCell<SimDisk>>,
+        observed: Rc<RefCell<Observed>>,
+        domain: Uuid,
+        node: Node,
+        may_crash: bool,
+    ) -> SimDev {
+        SimDev {
+            disk,
+            observed,
+            domain,
+            node,
+            may_crash,
+            crashed: false,
+        }
+    }
+
+    fn note_write(&self, offset: u64, data: &[u8]) {
+        let Node::Host(host_id) = self.node else {
+            return;
+        };
+        let g = self.disk.borrow().geometry;
+        if g.inbox_area(host_id) != Some(offset) || data.len() < AREA_SIZE {
+            return;
+        }
+        let mut observed = self.observed.borrow_mut();
+        for (volume, target) in requests(&data[..AREA_SIZE], self.domain, host_id) {
+            let max = observed.asked_max.entry(volume).or_insert(0);
+            *max = (*max).max(target);
+            let known = observed.requested.entry(host_id).or_default();
+            if !known.contains(&(volume, target)) {
+                known.push((volume, target));
+            }
+        }
+    }
+
+    fn note_read(&self, offset: u64, data: &[u8]) {
+        if self.node != (Node::Spm { notes_reads: true }) {
+            return;
+        }
+        let g = self.disk.borrow().geometry;
+        let inboxes = g.inbox_offset()..g.outbox_offset();
+        if !inboxes.contains(&offset) || (offset - g.inbox_offset()) % AREA_SIZE as u64 != 0 {
+            return;
+        }
+        let first = (offset - g.inbox_offset()) / AREA_SIZE as u64 + 1;
+        let mut observed = self.observed.borrow_mut();
+        for (k, area) in data.chunks_exact(AREA_SIZE).enumerate() {
+            let Ok(host_id) = u16::try_from(first + k as u64) else {
+                continue;
+            };
+            let found = requests(area, self.domain, host_id);
+            if found.is_empty() {
+                observed.requested.remove(&host_id);
+            } else {
+                observed.requested.insert(host_id, found);
+            }
+        }
+    }
+}
+
+impl embedded_io::ErrorType for SimDev {
+    type Error = Crashed;
+}
+
+impl BlockDevice for SimDev {
+    fn sector_size(&self) -> u32 {
+        self.disk.borrow().sector as u32
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Crashed> {
+        if self.crashed {
+            return Err(Crashed);
+        }
+        buf.copy_from_slice(self.disk.borrow().read(offset, buf.len()));
+        self.note_read(offset, buf);
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), Crashed> {
+        if self.crashed {
+            return Err(Crashed);
+        }
+        self.note_write(offset, buf);
+        let mut disk = self.disk.borrow_mut();
+        let ppm = disk.crash_ppm;
+        if self.may_crash && disk.rng.chance(ppm) {
+            // The node crashes during the write: a prefix of its sectors
+            // lands, never all of them.
+            self.crashed = true;
+            let sectors = buf.len() / disk.sector;
+            let landed = disk.rng.below(sectors as u64) as usize * disk.sector;
+            disk.put(offset, &buf[..landed]);
+            return Err(Crashed);
+        }
+        disk.write(offset, buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Crashed> {
+        if self.crashed {
+            return Err(Crashed);
+        }
+        Ok(())
     }
 }
 
@@ -200,10 +385,11 @@ mod tests {
     #[test]
     fn without_faults_a_record_lands_exactly() {
         let g = Geometry::new(4, 512).unwrap();
-        let mut disk = SimDisk::new(g, 0);
-        let mut rng = Rng::new(1);
+        let mut disk = SimDisk::new(g, 0, Rng::new(1));
         let offset = g.inbox_area(2).unwrap() + 3 * 128;
-        disk.write_record(&mut rng, offset, &[7; RECORD_LEN]);
+        let mut sector = disk.read(offset - 3 * 128, 512).to_vec();
+        sector[3 * 128..4 * 128].copy_from_slice(&[7; RECORD_LEN]);
+        disk.write(offset - 3 * 128, &sector);
         assert_eq!(disk.record(offset), &[7; RECORD_LEN]);
         assert!(disk.read(offset - 128, 128).iter().all(|&b| b == 0));
     }
@@ -211,14 +397,13 @@ mod tests {
     #[test]
     fn a_misdirected_write_lands_in_another_hosts_area() {
         let g = Geometry::new(4, 512).unwrap();
-        let mut disk = SimDisk::new(g, 0);
+        let mut disk = SimDisk::new(g, 0, Rng::new(2));
         disk.faults.misdirected_ppm = 1_000_000;
-        let mut rng = Rng::new(2);
-        let offset = g.inbox_area(2).unwrap() + 128;
-        disk.write_record(&mut rng, offset, &[9; RECORD_LEN]);
+        let offset = g.inbox_area(2).unwrap();
+        disk.write(offset, &[9; 512]);
         assert!(disk.record(offset).iter().all(|&b| b == 0));
         let hits = (1..=4)
-            .filter(|&h| disk.record(g.inbox_area(h).unwrap() + 128) == [9; RECORD_LEN])
+            .filter(|&h| disk.record(g.inbox_area(h).unwrap()) == [9; RECORD_LEN])
             .count();
         assert_eq!(hits, 1);
     }
@@ -226,11 +411,10 @@ mod tests {
     #[test]
     fn a_torn_write_lands_a_prefix_of_its_sectors() {
         let g = Geometry::new(4, 512).unwrap();
-        let mut disk = SimDisk::new(g, 0);
+        let mut disk = SimDisk::new(g, 0, Rng::new(3));
         disk.faults.torn_ppm = 1_000_000;
-        let mut rng = Rng::new(3);
         let offset = g.inbox_area(1).unwrap();
-        disk.write(&mut rng, offset, &[5; AREA_SIZE]);
+        disk.write(offset, &[5; AREA_SIZE]);
         let landed = disk
             .read(offset, AREA_SIZE)
             .iter()

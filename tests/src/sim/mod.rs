@@ -7,12 +7,12 @@
 //! SPM failover while the old SPM still writes late replies, and a pool
 //! that runs out of space until LUNs are added. Some seeds restart the SPM
 //! as two engines at once from the same SPM header, each with its own owner
-//! and pool ([`Scenario::twin_spms_at`]; the SPM commits only while the SPM
-//! header is exactly its own, as the daemon does), or damage the superblock
-//! and sometimes its backup ([`SuperblockDamage`]; every start reads the
-//! superblock, else its backup, else refuses). Some seeds lose one pool
-//! metadata commit or write it at the other copy's place, and restart the
-//! SPM after it ([`MetadataFault`]).
+//! and pool ([`Scenario::twin_spms_at`]; the engine reads the SPM header
+//! back before every commit and commits only while it names that SPM), or
+//! damage the superblock and sometimes its backup ([`SuperblockDamage`];
+//! every start reads the superblock, else its backup, else refuses). Some
+//! seeds lose one pool metadata commit or write it at the other copy's
+//! place, and restart the SPM after it ([`MetadataFault`]).
 //!
 //! Every SPM start makes the daemon's rollback check
 //! (`check_no_rollback` in the host shell's `spm_daemon.rs`), modelled
@@ -43,12 +43,22 @@
 //! forgets it too (its sizes and extents are taken back from the checks'
 //! records).
 //!
-//! The engines are the real ones (`spmbox_core::{spm, host, pool}`); the
-//! simulation plays the thin shell around them: it does the reads and writes
-//! they ask for on a [`SimDisk`], runs extension jobs on the pool, commits
-//! the pool's metadata (two copies) before any reply, refreshes a host's view
-//! of a volume by reading the committed metadata, and moves simulated time
-//! to the next instant any of them wants to be woken.
+//! The engines and their drivers are the real ones
+//! (`spmbox_core::{spm, host, pool, driver}`): every SPM is an
+//! [`SpmDriver`] and every host a [`HostDriver`], each on its own
+//! [`SimDev`] handle of the shared [`SimDisk`]. So the inbox mirror, sector
+//! read-modify-write, merged reply writes, the doorbell after the area,
+//! the fencing read before a commit, the hosts' reads of the SPM header and
+//! the mapping of pool results to job results are the core's. The
+//! simulation plays the rest of the shell: it runs extension jobs on the
+//! pool ([`run_pool_job`]), makes each commit the engine hands out
+//! (`poll_commit`) durable in the pool's metadata (two copies) before it
+//! calls `handle_committed`, adds LUNs through `request_commit`, refreshes a
+//! host's view of a volume by reading the committed metadata, and moves
+//! simulated time to the next instant any of them wants to be woken. A node
+//! that crashes (at any of its writes) is dropped with its driver and
+//! engine; it starts again from what is on disk. A host evicted by its own
+//! lost inbox header write exits and starts again, as the daemon does.
 //!
 //! Safety is checked after every step ([`Sim::check_safety`]); liveness once
 //! the faults have stopped and enough capacity was added
@@ -64,17 +74,17 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead};
-use spmbox_core::pool::{self, Extend, Pool, PoolError};
-use spmbox_core::spm::SpmIo;
-use spmbox_core::spm::{JobResult, Spm, SpmConfig};
+use spmbox_core::driver::{HostDriver, SpmDriver};
+use spmbox_core::host::{Host, HostConfig, HostEvent};
+use spmbox_core::pool::{self, Pool};
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, run_pool_job};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET,
-    SUPERBLOCK_OFFSET, SpmHeader, SpmState, Superblock, Uuid,
+    AREA_SIZE, Geometry, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET,
+    SUPERBLOCK_OFFSET, SpmHeader, Superblock, Uuid,
 };
 
-pub use disk::{Faults, SimDisk};
+pub use disk::{Faults, Node, Observed, SimDev, SimDisk};
 pub use rng::Rng;
 
 /// The pool the simulation runs: 8 LUNs, 64 volumes (12 hosts with 4
@@ -180,8 +190,9 @@ pub struct Withdraw {
 pub enum Bug {
     /// The backend answers "extended" to the target without extending.
     ReplyWithoutExtending,
-    /// The backend replies before its metadata commit lands, so a crash
-    /// forgets an extension a host was told about.
+    /// The backend tells the engine its metadata commit landed before it
+    /// writes it (the replies go out first), so a crash forgets an
+    /// extension a host was told about.
     ReplyBeforeCommit,
     /// The pool gives an LV its extents but forgets to mark them used on
     /// their LUN, so it hands them out again.
@@ -275,24 +286,38 @@ struct Guest {
     paused_since: Option<Instant>,
 }
 
+/// A host's driver and engine.
+type HostDrv = HostDriver<SimDev, Vec<u8>, HOST_VOLUMES>;
+/// An SPM's driver and engine.
+type SpmDrv = SpmDriver<SimDev, Vec<u8>, QUEUE>;
+
 struct HostNode {
     host_id: u16,
-    engine: Option<Host<HOST_VOLUMES>>,
-    mirror: Vec<u8>,
+    /// The driver and its engine; `None` while the host is down.
+    driver: Option<HostDrv>,
     restart_at: Option<Instant>,
 }
 
 struct SpmNode {
-    engine: Spm<QUEUE>,
+    driver: SpmDrv,
     /// The pool, for the SPM that holds the lease; `None` for an old SPM
-    /// that lost it (it may still flush replies it computed before).
+    /// that lost it (it may still flush replies it computed before; its
+    /// commits fail).
     pool: Option<SimPool>,
     seq: u64,
-    /// [`Bug::ReplyBeforeCommit`]: jobs ran whose commit is still to come.
-    uncommitted: bool,
+    /// [`Bug::ReplyBeforeCommit`]: the backend told the engine a commit
+    /// was made that it writes only after the replies.
+    unwritten_commit: bool,
     /// The engine's `withdrawn()` count this node's pool last followed.
     withdrawn_seen: u64,
+    /// The pool holds a LUN the operator added that no commit carries yet.
+    lun_pending: bool,
+    /// A commit failed: the next is tried at this time.
+    commit_retry_at: Option<Instant>,
 }
+
+/// How long an SPM whose commit failed waits before it tries again.
+const COMMIT_RETRY: Duration = Duration::from_millis(100);
 
 /// One of the SPM engines that may run at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,6 +363,9 @@ pub struct Report {
     /// SPM starts the rollback check refused (each followed by the
     /// operator's restore of the commit the SPM believed durable).
     pub rollbacks_refused: u64,
+    /// Hosts that read another owner back from their inbox header and
+    /// stopped (their own header write was lost); each starts again.
+    pub evictions: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -369,7 +397,10 @@ impl std::fmt::Display for Failure {
 pub struct Sim {
     scenario: Scenario,
     rng: Rng,
-    disk: SimDisk,
+    /// The shared disk; every node's driver holds a handle on it.
+    disk: Rc<RefCell<SimDisk>>,
+    /// What the disk saw hosts ask and the SPM read.
+    observed: Rc<RefCell<Observed>>,
     domain: Uuid,
     now: Instant,
     spm: Option<SpmNode>,
@@ -384,10 +415,8 @@ pub struct Sim {
     /// on, every guest paused before must resume within one full scan.
     capacity_added_quietly: Option<Instant>,
     failed_over: bool,
-    /// The largest size each volume was ever committed at, and the largest
-    /// target any host asked for.
+    /// The largest size each volume was ever committed at.
     committed_max: HashMap<Uuid, u64>,
-    asked_max: HashMap<Uuid, u64>,
     initial: HashMap<Uuid, u64>,
     report: Report,
     /// The committed pool decoded at a disk version, and the disk version
@@ -398,9 +427,6 @@ pub struct Sim {
     live_dirty: bool,
     /// The highest epoch any SPM started with (the lease's generation).
     lease_epoch: u64,
-    /// Per host, the requests (volume, target) the live SPM may know of:
-    /// those on disk at its last read of the host and those written since.
-    requested: HashMap<u16, Vec<(Uuid, u64)>>,
     /// Hosts that restarted with a chunk of one extent ([`Withdraw`]).
     small_chunk: Vec<u16>,
     /// The next time to try adding capacity, when the SPM was not ready.
@@ -455,7 +481,11 @@ impl Sim {
             if rng.below(2) == 0 { 512 } else { 4096 },
         )
         .expect("scenario geometry");
-        let disk = SimDisk::new(geometry, 2 * COPY);
+        let disk = SimDisk::new(
+            geometry,
+            2 * COPY,
+            Rng::new(scenario.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD15C),
+        );
         let domain = Uuid([0x5a; 16]);
         let mut pool = SimPool::new(EXTENT).expect("pool");
         let mut guests = Vec::new();
@@ -502,7 +532,8 @@ impl Sim {
         let mut sim = Sim {
             scenario,
             rng,
-            disk,
+            disk: Rc::new(RefCell::new(disk)),
+            observed: Rc::new(RefCell::new(Observed::default())),
             domain,
             now: Instant::ZERO,
             spm: None,
@@ -515,14 +546,12 @@ impl Sim {
             capacity_added_quietly: None,
             failed_over: false,
             committed_max: HashMap::new(),
-            asked_max: HashMap::new(),
             initial,
             report: Report::default(),
             committed_cache: RefCell::new(None),
             committed_checked: None,
             live_dirty: true,
             lease_epoch: 0,
-            requested: HashMap::new(),
             small_chunk: Vec::new(),
             twin: None,
             capacity_retry_at: None,
@@ -544,8 +573,7 @@ impl Sim {
         for host_id in ids {
             sim.hosts.push(HostNode {
                 host_id,
-                engine: None,
-                mirror: vec![0; AREA_SIZE],
+                driver: None,
                 restart_at: Some(Instant::ZERO),
             });
         }
@@ -557,35 +585,67 @@ impl Sim {
     fn write_superblock_and_metadata(&mut self, pool: &SimPool) {
         let sb = spmbox_core::wire::Superblock {
             domain: self.domain,
-            geometry: self.disk.geometry(),
+            geometry: self.geometry(),
         };
         let mut block = vec![0u8; AREA_SIZE];
         block[..RECORD_LEN].copy_from_slice(&sb.to_bytes().expect("superblock"));
-        self.disk.put(SUPERBLOCK_OFFSET, &block);
-        self.disk.put(SUPERBLOCK_BACKUP_OFFSET, &block);
+        self.put(SUPERBLOCK_OFFSET, &block);
+        self.put(SUPERBLOCK_BACKUP_OFFSET, &block);
         let mut buf = vec![0u8; COPY];
         pool.encode(1, &mut buf).expect("encode");
-        self.disk.put(self.meta_offset(pool::next_copy(1)), &buf);
+        self.put(self.meta_offset(pool::next_copy(1)), &buf);
         self.believed = (1, buf);
         for v in pool.volumes() {
             self.committed_max.insert(v.id, v.size);
         }
     }
 
+    fn geometry(&self) -> Geometry {
+        self.disk.borrow().geometry()
+    }
+
+    /// `len` bytes of the disk at `offset`.
+    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
+        self.disk.borrow().read(offset, len).to_vec()
+    }
+
+    /// The record at `offset`.
+    fn record(&self, offset: u64) -> Vec<u8> {
+        self.read(offset, RECORD_LEN)
+    }
+
+    /// Writes without faults (setup, and the operator's and the
+    /// simulation's own faults).
+    fn put(&self, offset: u64, data: &[u8]) {
+        self.disk.borrow_mut().put(offset, data);
+    }
+
+    /// A handle on the disk for a node's driver.
+    fn device(&self, node: Node, may_crash: bool) -> SimDev {
+        SimDev::new(
+            self.disk.clone(),
+            self.observed.clone(),
+            self.domain,
+            node,
+            may_crash,
+        )
+    }
+
     fn meta_offset(&self, copy: usize) -> u64 {
-        self.disk.geometry().mailbox_size() + (copy * COPY) as u64
+        self.geometry().mailbox_size() + (copy * COPY) as u64
     }
 
     /// The pool as committed on disk (what a host's refresh reads).
     fn committed(&self) -> Option<Committed> {
-        let version = self.disk.version();
+        let version = self.disk.borrow().version();
         if let Some((v, found)) = self.committed_cache.borrow().as_ref()
             && *v == version
         {
             return found.clone();
         }
-        let a = self.disk.read(self.meta_offset(0), COPY);
-        let b = self.disk.read(self.meta_offset(1), COPY);
+        let disk = self.disk.borrow();
+        let a = disk.read(self.meta_offset(0), COPY);
+        let b = disk.read(self.meta_offset(1), COPY);
         let found = SimPool::decode(a, b)
             .ok()
             .map(|(pool, seq)| (Rc::new(pool), seq));
@@ -619,11 +679,10 @@ impl Sim {
                 h.pool_commit
             ));
         }
-        let g = self.disk.geometry();
-        let outboxes = self
-            .disk
-            .read(g.outbox_offset(), usize::from(g.max_hosts()) * AREA_SIZE);
-        for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(outboxes, self.domain, 1) {
+        let g = self.geometry();
+        let outboxes = self.read(g.outbox_offset(), usize::from(g.max_hosts()) * AREA_SIZE);
+        for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, self.domain, 1)
+        {
             for (slot, state) in area.slots() {
                 let (spmbox_core::wire::SlotState::Valid(r)
                 | spmbox_core::wire::SlotState::Stale(r)) = state
@@ -660,10 +719,7 @@ impl Sim {
                 // No trace of the lost commit: the SPM loads the older
                 // pool, as the daemon does, and nobody was told of it.
                 let (_, seq) = self.committed().expect("decodes");
-                let bytes = self
-                    .disk
-                    .read(self.meta_offset(pool::next_copy(seq)), COPY)
-                    .to_vec();
+                let bytes = self.read(self.meta_offset(pool::next_copy(seq)), COPY);
                 self.believed = (seq, bytes);
                 self.believed_pool = None;
                 if let Some((history, max)) = self.before_fault.take() {
@@ -681,7 +737,7 @@ impl Sim {
         let (seq, bytes) = &self.believed;
         let offset = self.meta_offset(pool::next_copy(*seq));
         let bytes = bytes.clone();
-        self.disk.put(offset, &bytes);
+        self.put(offset, &bytes);
         let again = self.rollback_findings(found);
         if !again.is_empty() {
             return Err(format!(
@@ -703,7 +759,7 @@ impl Sim {
     /// another domain or geometry than the domain's is a failure: nothing
     /// may act on it.
     fn read_superblock(&mut self, who: &str) -> Result<Option<Superblock>, String> {
-        let read = |at| Superblock::decode(self.disk.record(at)).ok().flatten();
+        let read = |at| Superblock::decode(&self.record(at)).ok().flatten();
         let found = match read(SUPERBLOCK_OFFSET) {
             Some(sb) => Some(sb),
             None => {
@@ -717,7 +773,7 @@ impl Sim {
             }
         };
         if let Some(sb) = found
-            && (sb.domain != self.domain || sb.geometry != self.disk.geometry())
+            && (sb.domain != self.domain || sb.geometry != self.geometry())
         {
             return Err(format!(
                 "{who} started on a superblock naming domain {} with {} hosts of {}-byte \
@@ -776,7 +832,7 @@ impl Sim {
 
     /// The SPM header a starting SPM takes over from.
     fn found_spm_header(&self) -> Option<SpmHeader> {
-        let mut found = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET))
+        let mut found = SpmHeader::decode(&self.record(SPM_HEADER_OFFSET))
             .ok()
             .flatten();
         // The lease that makes an SPM (sanlock's, in oVirt) carries a
@@ -802,6 +858,10 @@ impl Sim {
         found
     }
 
+    /// An SPM: its engine in a driver on the shared disk, and its pool
+    /// loaded from the metadata on disk. Each SPM reads hosts in chunks
+    /// of its own size and keeps a mirror of the outbox areas or not, as
+    /// a daemon and array firmware would.
     fn spm_node(
         &mut self,
         sb: Superblock,
@@ -819,12 +879,24 @@ impl Sim {
             pool.inject_forget_extents_used();
         }
         self.live_dirty = true;
+        let hosts = sb.geometry.max_hosts();
+        let chunk = if self.rng.below(2) == 0 {
+            hosts
+        } else {
+            self.rng.between(1, u64::from(hosts)) as u16
+        };
+        let mirror = self.rng.below(4) != 0;
+        let buffer = vec![0u8; SpmDrv::buffer_len(&sb.geometry, chunk, mirror)];
+        let device = self.device(Node::Spm { notes_reads: true }, true);
+        let driver = SpmDriver::new(device, engine, buffer, chunk, mirror).expect("spm driver");
         SpmNode {
-            engine,
+            driver,
             pool: Some(pool),
             seq,
-            uncommitted: false,
+            unwritten_commit: false,
             withdrawn_seen,
+            lun_pending: false,
+            commit_retry_at: None,
         }
     }
 
@@ -857,10 +929,10 @@ impl Sim {
     /// remembering it; the twin left standing becomes the SPM.
     fn reap_deposed(&mut self) {
         for which in [Which::Live, Which::Twin] {
-            if let Some(node) = self.slot(which).take_if(|n| n.engine.is_deposed()) {
+            if let Some(node) = self.slot(which).take_if(|n| n.driver.engine().is_deposed()) {
                 self.report.spms_deposed += 1;
-                self.deposed
-                    .push((node.engine.epoch(), node.engine.owner()));
+                let engine = node.driver.engine();
+                self.deposed.push((engine.epoch(), engine.owner()));
             }
         }
         if self.spm.is_none() {
@@ -885,11 +957,16 @@ impl Sim {
             .max(self.scenario.add_capacity_at);
         let end = quiet_after + self.scenario.settle;
         loop {
-            self.disk.faults = if self.faults_on() {
-                self.scenario.faults
-            } else {
-                Faults::NONE
-            };
+            {
+                let on = self.faults_on();
+                let mut disk = self.disk.borrow_mut();
+                disk.faults = if on {
+                    self.scenario.faults
+                } else {
+                    Faults::NONE
+                };
+                disk.crash_ppm = if on { self.scenario.crash_ppm } else { 0 };
+            }
             self.step().map_err(|what| self.fail(what))?;
             self.check_safety().map_err(|what| self.fail(what))?;
             self.report.steps += 1;
@@ -903,7 +980,7 @@ impl Sim {
             self.now = self.next_instant().max(self.now + Duration::from_micros(1));
         }
         self.report.end = since_zero(self.now);
-        self.report.faults = self.disk.counts;
+        self.report.faults = self.disk.borrow().counts;
         Ok(self.report)
     }
 
@@ -923,12 +1000,19 @@ impl Sim {
             }
         };
         for node in [&self.spm, &self.twin, &self.old_spm].into_iter().flatten() {
-            consider(node.engine.poll_timeout());
+            let engine = node.driver.engine();
+            let mut t = engine.poll_timeout();
+            if let Some(retry) = node.commit_retry_at.filter(|_| engine.commit_pending()) {
+                // A commit failed: nothing is due before it is tried again
+                // but the SPM header's reads.
+                t = t.map(|t| t.max(retry).min(retry.max(self.now)));
+            }
+            consider(t);
         }
         consider(self.spm_restart_at);
         consider(self.metadata_restart_at);
         for h in &self.hosts {
-            consider(h.engine.as_ref().and_then(|e| e.poll_timeout()));
+            consider(h.driver.as_ref().and_then(|d| d.engine().poll_timeout()));
             consider(h.restart_at);
         }
         if !self.capacity_added {
@@ -970,7 +1054,7 @@ impl Sim {
                 places.push(SUPERBLOCK_BACKUP_OFFSET);
             }
             for place in places {
-                let mut record = self.disk.record(place).to_vec();
+                let mut record = self.record(place).to_vec();
                 if self.rng.below(2) == 0 {
                     // A bit flip.
                     let bit = self.rng.below(RECORD_LEN as u64 * 8) as usize;
@@ -981,10 +1065,10 @@ impl Sim {
                     record = if self.rng.below(2) == 0 {
                         vec![0; RECORD_LEN]
                     } else {
-                        self.disk.record(SPM_HEADER_OFFSET).to_vec()
+                        self.record(SPM_HEADER_OFFSET).to_vec()
                     };
                 }
-                self.disk.put(place, &record);
+                self.put(place, &record);
             }
             // The SPM and one host restart and read it.
             if self.spm.take().is_some() {
@@ -992,7 +1076,7 @@ impl Sim {
             }
             if !self.hosts.is_empty() {
                 let i = self.rng.below(self.hosts.len() as u64) as usize;
-                self.hosts[i].engine = None;
+                self.hosts[i].driver = None;
                 self.hosts[i].restart_at = Some(self.now + Duration::from_millis(1));
             }
         }
@@ -1004,11 +1088,11 @@ impl Sim {
             self.superblock_repaired = true;
             let sb = Superblock {
                 domain: self.domain,
-                geometry: self.disk.geometry(),
+                geometry: self.geometry(),
             };
             let record = sb.to_bytes().map_err(|e| format!("superblock: {e:?}"))?;
-            self.disk.put(SUPERBLOCK_OFFSET, &record);
-            self.disk.put(SUPERBLOCK_BACKUP_OFFSET, &record);
+            self.put(SUPERBLOCK_OFFSET, &record);
+            self.put(SUPERBLOCK_BACKUP_OFFSET, &record);
         }
         Ok(())
     }
@@ -1018,6 +1102,12 @@ impl Sim {
             self.failed_over = true;
             if let Some(mut old) = self.spm.take() {
                 old.pool = None;
+                // It no longer holds the lease: what it reads says nothing
+                // of what the SPM knows, and it does not crash (it is
+                // stalled, not running on).
+                let device = old.driver.device_mut();
+                device.node = Node::Spm { notes_reads: false };
+                device.may_crash = false;
                 self.old_spm = Some(old);
                 self.twin = None;
                 self.start_spm()?;
@@ -1074,11 +1164,18 @@ impl Sim {
 
     fn add_capacity(&mut self) -> Result<(), String> {
         // The operator adds a LUN through the SPM that acts; while none
-        // does (restarting, settling, two racing), the operator retries.
-        let ready = self.spm.as_ref().is_some_and(|n| n.engine.is_confirmed())
-            && self.twin.as_ref().is_none_or(|n| n.engine.is_confirmed());
+        // does (restarting, settling, two racing), or while a LUN added
+        // before waits for its commit, the operator retries.
+        self.capacity_retry_at = Some(self.now + Duration::from_millis(100));
+        let ready = self
+            .spm
+            .as_ref()
+            .is_some_and(|n| n.driver.engine().is_confirmed() && !n.lun_pending)
+            && self
+                .twin
+                .as_ref()
+                .is_none_or(|n| n.driver.engine().is_confirmed());
         if !ready {
-            self.capacity_retry_at = Some(self.now + Duration::from_millis(100));
             return Ok(());
         }
         // Enough for every volume to reach its limit.
@@ -1098,68 +1195,61 @@ impl Sim {
         pool.add_lun(lun, (needed + 1) as u32)
             .map_err(|e| format!("add_lun: {e:?}"))?;
         let after = sizes(pool);
-        self.check_extension(&before, &after, "a LUN was added")?;
-        if !self.commit(Which::Live, false)? {
-            // It stood down before the commit: the LUN was not added.
-            self.capacity_retry_at = Some(self.now + Duration::from_millis(100));
-            return Ok(());
-        }
-        self.capacity_added = true;
-        if !self.faults_on() {
-            self.capacity_added_quietly = Some(self.now);
-        }
-        let now = self.now;
-        if let Some(node) = self.spm.as_mut() {
-            if let Some(pool) = node.pool.as_mut() {
-                self.live_dirty = true;
-                while let Some(c) = pool.poll_completed() {
-                    node.engine.handle_capacity(now, c.volume, c.size);
-                }
-            }
-        }
-        Ok(())
+        // The pool changed outside a job: the change is made durable
+        // through the engine's commit, after its fencing read, before
+        // anything it completed is answered (see `committed`). Should the
+        // SPM crash or stand down first, the LUN is lost with its pool and
+        // the operator adds it again.
+        node.driver.engine_mut().request_commit();
+        node.lun_pending = true;
+        self.check_extension(&before, &after, "a LUN was added")
     }
 
-    /// Commits the pool of SPM `which`, as the daemon does: only when the
-    /// SPM header on disk is exactly this SPM's (active, its epoch and
-    /// owner); otherwise the SPM stands down without committing (deposed,
-    /// or restarting to reload the pool). Returns false if the SPM crashed
-    /// or stood down.
+    /// The commit of SPM `which` landed: the engine may release its
+    /// replies, and what the pool completed is answered.
+    fn committed_by(&mut self, which: Which) {
+        let now = self.now;
+        let quiet = !self.faults_on();
+        let Some(node) = self.node(which) else {
+            return;
+        };
+        if !node.unwritten_commit {
+            let seq = node.seq;
+            node.driver.engine_mut().handle_committed(now, seq);
+        }
+        let lun = std::mem::take(&mut node.lun_pending);
+        if let Some(pool) = node.pool.as_mut() {
+            while let Some(c) = pool.poll_completed() {
+                node.driver
+                    .engine_mut()
+                    .handle_capacity(now, c.volume, c.size);
+            }
+        }
+        self.live_dirty = true;
+        if lun {
+            self.capacity_added = true;
+            self.capacity_retry_at = None;
+            if quiet {
+                self.capacity_added_quietly = Some(now);
+            }
+        }
+    }
+
+    /// Makes the pool of SPM `which` durable: the commit the engine handed
+    /// out with `poll_commit` (after its fencing read of the SPM header).
+    /// Returns false if the SPM crashed, or has no pool any more (an old
+    /// SPM that lost the lease: its commit fails).
     fn commit(&mut self, which: Which, may_crash: bool) -> Result<bool, String> {
         let crash = may_crash && self.crash_here();
-        let now = self.now;
-        let header = self.disk.record(SPM_HEADER_OFFSET).to_vec();
         let Some(node) = self.node(which) else {
             return Ok(false);
         };
         if node.pool.is_none() {
-            return Ok(true);
-        }
-        let (epoch, owner) = (node.engine.epoch(), node.engine.owner());
-        let own = matches!(SpmHeader::decode(&header), Ok(Some(h))
-            if h.state == SpmState::Active && h.epoch == epoch && h.owner == owner);
-        if !own {
-            node.engine.handle_spm_header(now, &header);
-            let deposed = node.engine.is_deposed();
-            self.report.stood_down_before_commit += 1;
-            if deposed {
-                self.reap_deposed();
-            } else {
-                // The daemon writes its header again and holds the batch
-                // until it reads that header back; the simulation takes the
-                // stricter path of starting the SPM again, which reloads the
-                // pool from disk. Neither commits on a header not its own.
-                *self.slot(which) = None;
-                if which == Which::Live {
-                    self.spm = self.twin.take();
-                }
-                if self.spm.is_none() {
-                    self.spm_restart_at = Some(now + Duration::from_secs(1));
-                }
-            }
             return Ok(false);
         }
-        if node.engine.is_deposed() || self.deposed.contains(&(epoch, owner)) {
+        let engine = node.driver.engine();
+        let (epoch, owner) = (engine.epoch(), engine.owner());
+        if engine.is_deposed() || self.deposed.contains(&(epoch, owner)) {
             return Err(format!(
                 "the deposed SPM of epoch {epoch} (owner {owner:#x}) committed pool metadata"
             ));
@@ -1177,7 +1267,7 @@ impl Sim {
         };
         let seq = node.seq + 1;
         let Some(pool) = node.pool.as_ref() else {
-            return Ok(true);
+            return Ok(false);
         };
         let mut buf = vec![0u8; COPY];
         pool.encode(seq, &mut buf)
@@ -1185,17 +1275,16 @@ impl Sim {
         let offset = self.meta_offset(pool::next_copy(seq));
         if crash {
             // The commit is torn: only some of its sectors land.
-            let sector = self.disk.geometry().sector_size() as usize;
+            let sector = self.geometry().sector_size() as usize;
             let landed = self.rng.below((COPY / sector) as u64) as usize * sector;
-            self.disk.put(offset, &buf[..landed]);
+            self.put(offset, &buf[..landed]);
             self.crash_spm(which);
             return Ok(false);
         }
         if self.metadata_fault_now(which, seq) {
             let misplaced = self.scenario.metadata_fault.is_some_and(|f| f.misplaced);
             if misplaced {
-                self.disk
-                    .put(self.meta_offset(pool::next_copy(seq + 1)), &buf);
+                self.put(self.meta_offset(pool::next_copy(seq + 1)), &buf);
             }
             // The SPM believes the commit landed: from now on its extents
             // count as committed (and its sizes as the reference).
@@ -1209,14 +1298,13 @@ impl Sim {
                 .map_err(|e| format!("the pool the SPM committed: {e}"))?;
             self.believed_pool = Some(pool);
         } else {
-            self.disk.put(offset, &buf);
+            self.put(offset, &buf);
             self.believed_pool = None;
             self.before_fault = None;
         }
         self.believed = (seq, buf);
         if let Some(node) = self.node(which) {
             node.seq = seq;
-            node.engine.set_pool_commit(seq);
         }
         Ok(true)
     }
@@ -1245,11 +1333,11 @@ impl Sim {
         if f.misplaced {
             // The copy at its own place must stay valid: the misplaced
             // write invalidates the other one.
-            let other = self.disk.read(self.meta_offset(pool::next_copy(seq)), COPY);
+            let other = self.read(self.meta_offset(pool::next_copy(seq)), COPY);
             let alone = if pool::next_copy(seq) == 0 {
-                SimPool::decode(other, &[])
+                SimPool::decode(&other, &[])
             } else {
-                SimPool::decode(&[], other)
+                SimPool::decode(&[], &other)
             };
             if alone.is_err() {
                 return false;
@@ -1273,123 +1361,118 @@ impl Sim {
         }
     }
 
+    /// Runs SPM `which` at this instant until it has nothing more to do, a
+    /// step of its driver at a time: reads, jobs on the pool, the commit
+    /// the engine hands out, writes.
     fn drive_spm(&mut self, which: Which) -> Result<(), String> {
         let now = self.now;
+        let early_commit = self.scenario.bug == Some(Bug::ReplyBeforeCommit) && which != Which::Old;
         for _ in 0..10_000 {
-            let node = match which {
-                Which::Live => self.spm.as_mut(),
-                Which::Twin => self.twin.as_mut(),
-                Which::Old => self.old_spm.as_mut(),
+            let Some(node) = self.node(which) else {
+                return Ok(());
             };
-            let Some(node) = node else { return Ok(()) };
-            let mut progressed = false;
-            let mut reads = Vec::new();
-            while let Some(io) = node.engine.poll_io(now) {
-                progressed = true;
-                match io {
-                    SpmIo::ReadDoorbell => node
-                        .engine
-                        .handle_doorbell(now, self.disk.record(DOORBELL_OFFSET)),
-                    SpmIo::ReadSpmHeader => node
-                        .engine
-                        .handle_spm_header(now, self.disk.record(SPM_HEADER_OFFSET)),
-                    SpmIo::ReadHosts { first_host, count } => {
-                        let g = self.disk.geometry();
-                        let len = usize::from(count) * AREA_SIZE;
-                        let inbox = g.inbox_area(first_host).expect("inbox");
-                        let outbox = g.outbox_area(first_host).expect("outbox");
-                        let (ib, ob) = (
-                            self.disk.read(inbox, len).to_vec(),
-                            self.disk.read(outbox, len).to_vec(),
-                        );
-                        node.engine.handle_hosts(now, first_host, &ib, &ob);
-                        if which != Which::Old {
-                            reads.push((first_host, ib));
+            let before = progress(&node.driver);
+            // Reads fail only once the node crashed, and a node crashes
+            // only at a write.
+            let _ = node.driver.read(now);
+            self.follow_withdrawals(which);
+            self.run_jobs(which)?;
+            self.follow_withdrawals(which);
+            let Some(node) = self.node(which) else {
+                return Ok(());
+            };
+            let engine = node.driver.engine();
+            let pending = engine.commit_pending();
+            let was_deposed = engine.is_deposed();
+            if pending && node.commit_retry_at.is_none_or(|t| now >= t) {
+                node.commit_retry_at = None;
+                match node.driver.poll_commit(now) {
+                    Ok(Some(_)) if early_commit => {
+                        // The broken backend: "committed" now, written
+                        // after the replies (it reports the sequence
+                        // already on disk, so that only the replies can
+                        // give it away).
+                        let seq = node.seq;
+                        node.driver.engine_mut().handle_committed(now, seq);
+                        node.unwritten_commit = true;
+                    }
+                    Ok(Some(_)) => {
+                        if self.commit(which, which != Which::Old)? {
+                            self.committed_by(which);
+                        } else if let Some(node) = self.node(which) {
+                            node.driver.engine_mut().handle_commit_failed(now);
+                            node.commit_retry_at = Some(now + COMMIT_RETRY);
                         }
                     }
+                    Ok(None) => {
+                        if !was_deposed && node.driver.engine().is_deposed() {
+                            // The fencing read found another SPM's header.
+                            self.report.stood_down_before_commit += 1;
+                        }
+                    }
+                    Err(_) => {}
                 }
             }
-            let write = node.engine.poll_write();
-            if let Some(w) = write {
-                progressed = true;
-                if which != Which::Old && self.crash_here() {
-                    self.crash_spm(which);
-                    return Ok(());
-                }
-                self.disk.write_record(&mut self.rng, w.offset, &w.record);
-            }
-            for (first, inbox) in reads {
-                self.note_read(which, first, &inbox);
-            }
-            let node = match which {
-                Which::Live => self.spm.as_mut(),
-                Which::Twin => self.twin.as_mut(),
-                Which::Old => self.old_spm.as_mut(),
+            let Some(node) = self.node(which) else {
+                return Ok(());
             };
-            let Some(node) = node else { return Ok(()) };
-            if let Some(job) = node.engine.poll_job() {
-                progressed = true;
-                let Some(pool) = node.pool.as_mut() else {
-                    // An old SPM without the lease: its jobs go nowhere.
-                    continue;
-                };
-                self.live_dirty = true;
-                let mut grown = None;
-                let result = match self.scenario.bug {
-                    Some(Bug::ReplyWithoutExtending) => Ok(Extend::Extended {
-                        size: job.target_size,
-                    }),
-                    _ => {
-                        let before = sizes(pool);
-                        let result = pool.extend(job.volume, job.target_size, job.urgent);
-                        grown = Some((before, sizes(pool)));
-                        result
-                    }
-                };
-                let result = match result {
-                    Ok(Extend::Extended { size }) => JobResult::Extended { size },
-                    Ok(Extend::Parked { size }) => JobResult::NoSpace { size },
-                    Err(PoolError::UnknownVolume) => JobResult::UnknownVolume,
-                    Err(PoolError::OverLimit { .. }) => JobResult::OverLimit {
-                        size: pool.volume(job.volume).map_or(0, |v| v.size),
-                    },
-                    Err(PoolError::InvalidSize { .. }) => JobResult::Malformed,
-                    // EAGAIN: the parked list is full; EIO: anything else.
-                    Err(PoolError::ParkedFull) => JobResult::Failed { code: 11 },
-                    Err(_) => JobResult::Failed { code: 5 },
-                };
-                if let Some((before, after)) = grown {
-                    self.check_extension(&before, &after, "a job ran")?;
-                }
-                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) {
-                    if let Some(node) = self.node(which) {
-                        node.engine.handle_job_result(now, job.volume, result);
-                        node.uncommitted = true;
-                    }
-                    // The commit happens, but only at the next step.
-                    continue;
-                }
-                if !self.commit(which, true)? {
-                    return Ok(());
+            if node.driver.write().is_err() || node.driver.device().crashed {
+                self.crash_spm(which);
+                return Ok(());
+            }
+            if node.unwritten_commit {
+                if self.commit(which, true)? {
+                    self.committed_by(which);
                 }
                 if let Some(node) = self.node(which) {
-                    node.engine.handle_job_result(now, job.volume, result);
+                    node.unwritten_commit = false;
                 }
-                self.follow_withdrawals(which);
             }
-            if !progressed {
-                let due = self.node(which).is_some_and(|n| {
-                    let due = n.uncommitted;
-                    n.uncommitted = false;
-                    due
-                });
-                if self.scenario.bug == Some(Bug::ReplyBeforeCommit) && which != Which::Old && due {
-                    self.commit(which, true)?;
-                }
+            let Some(node) = self.node(which) else {
+                return Ok(());
+            };
+            if progress(&node.driver) == before {
                 return Ok(());
             }
         }
         Err("the SPM engine did not settle within 10000 rounds at one instant".into())
+    }
+
+    /// Runs the jobs SPM `which` hands out on its pool, through the core's
+    /// one mapping of pool results to job results.
+    fn run_jobs(&mut self, which: Which) -> Result<(), String> {
+        let now = self.now;
+        let bug = self.scenario.bug;
+        loop {
+            let Some(node) = self.node(which) else {
+                return Ok(());
+            };
+            let Some(job) = node.driver.engine_mut().poll_job() else {
+                return Ok(());
+            };
+            let Some(pool) = node.pool.as_mut() else {
+                // An old SPM without the lease: its jobs go nowhere.
+                continue;
+            };
+            let mut grown = None;
+            let result = if bug == Some(Bug::ReplyWithoutExtending) {
+                JobResult::Extended {
+                    size: job.target_size,
+                }
+            } else {
+                let before = sizes(pool);
+                let result = run_pool_job(pool, &job);
+                grown = Some((before, sizes(pool)));
+                result
+            };
+            node.driver
+                .engine_mut()
+                .handle_job_result(now, job.volume, result);
+            self.live_dirty = true;
+            if let Some((before, after)) = grown {
+                self.check_extension(&before, &after, "a job ran")?;
+            }
+        }
     }
 
     fn start_host(&mut self, i: usize) -> Result<(), String> {
@@ -1428,88 +1511,56 @@ impl Sim {
                 )
                 .map_err(|e| format!("host {host_id}: add_volume: {e:?}"))?;
         }
-        let inbox_at = g.inbox_area(host_id).expect("inbox");
-        let outbox_at = g.outbox_area(host_id).expect("outbox");
-        let inbox = self.disk.read(inbox_at, AREA_SIZE).to_vec();
-        let outbox = self.disk.read(outbox_at, AREA_SIZE).to_vec();
-        engine
-            .start(self.now, &inbox, &outbox, self.rng.next_u64() | 1)
-            .map_err(|e| format!("host {host_id}: start: {e:?}"))?;
+        let device = self.device(Node::Host(host_id), true);
+        let mut driver = HostDriver::new(device, engine, vec![0u8; HostDrv::BUFFER_LEN])
+            .map_err(|e| format!("host {host_id}: driver: {e}"))?;
+        let owner = self.rng.next_u64() | 1;
+        match driver.start(self.now, owner) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("host {host_id}: start: {e:?}")),
+            Err(e) => return Err(format!("host {host_id}: start: {e}")),
+        }
         let node = &mut self.hosts[i];
-        node.mirror = inbox;
-        node.engine = Some(engine);
+        node.driver = Some(driver);
         node.restart_at = None;
         Ok(())
     }
 
+    fn crash_host(&mut self, i: usize) {
+        self.report.crashes += 1;
+        let restart = self.now + Duration::from_millis(self.rng.between(10, 2_000));
+        let node = &mut self.hosts[i];
+        node.driver = None;
+        node.restart_at = Some(restart);
+    }
+
+    /// Runs host `i` at this instant until it has nothing more to do: a
+    /// step of its driver (timers, the inbox area written whole, then the
+    /// doorbell, then reads), then its events.
     fn drive_host(&mut self, i: usize) -> Result<(), String> {
         if self.hosts[i].restart_at.is_some_and(|t| self.now >= t) {
             self.start_host(i)?;
         }
         let now = self.now;
-        let g = self.disk.geometry();
         let host_id = self.hosts[i].host_id;
-        let inbox_at = g.inbox_area(host_id).expect("inbox");
         for _ in 0..10_000 {
-            let Some(engine) = self.hosts[i].engine.as_mut() else {
+            let Some(driver) = self.hosts[i].driver.as_mut() else {
                 return Ok(());
             };
-            if engine.poll_timeout().is_some_and(|t| t <= now) {
-                engine.handle_timeout(now);
+            let before = driver.stats();
+            if driver.step(now).is_err() || driver.device().crashed {
+                // The write it crashed at is torn away with the host.
+                self.crash_host(i);
+                return Ok(());
             }
-            let mut progressed = false;
-            if let Some(w) = engine.poll_write() {
-                progressed = true;
-                if self.crash_here() {
-                    // The write is torn away with the host.
-                    self.report.crashes += 1;
-                    let node = &mut self.hosts[i];
-                    node.engine = None;
-                    node.restart_at =
-                        Some(now + Duration::from_millis(self.rng.between(10, 2_000)));
-                    return Ok(());
-                }
-                if (inbox_at..inbox_at + AREA_SIZE as u64).contains(&w.offset) {
-                    if let Ok(Some(r)) = spmbox_core::wire::Request::decode(&w.record) {
-                        let e = self.asked_max.entry(r.volume).or_insert(0);
-                        *e = (*e).max(r.target_size);
-                        self.requested
-                            .entry(host_id)
-                            .or_default()
-                            .push((r.volume, r.target_size));
-                    }
-                    // The host owns its area: it writes it whole from its
-                    // mirror, repairing anything another writer damaged.
-                    let within = (w.offset - inbox_at) as usize;
-                    let node = &mut self.hosts[i];
-                    node.mirror[within..within + w.record.len()].copy_from_slice(&w.record);
-                    let mirror = node.mirror.clone();
-                    self.disk.write(&mut self.rng, inbox_at, &mirror);
-                } else {
-                    self.disk.write_record(&mut self.rng, w.offset, &w.record);
-                }
-            }
-            let engine = self.hosts[i].engine.as_mut().expect("alive");
-            match engine.poll_read(now) {
-                Some(HostRead::OutboxArea { offset }) => {
-                    progressed = true;
-                    if let Ok(Some(h)) = SpmHeader::decode(self.disk.record(SPM_HEADER_OFFSET)) {
-                        engine.handle_spm_header(&h);
-                    }
-                    engine.handle_outbox(now, self.disk.read(offset, AREA_SIZE));
-                }
-                Some(HostRead::InboxHeader { offset }) => {
-                    progressed = true;
-                    engine.handle_inbox_header(now, self.disk.record(offset));
-                }
-                None => {}
-            }
+            let after = driver.stats();
+            let engine = driver.engine_mut();
             let events: Vec<HostEvent> = std::iter::from_fn(|| engine.poll_event()).collect();
+            let idle = events.is_empty() && after == before;
             for event in events {
-                progressed = true;
                 self.host_event(i, event)?;
             }
-            if !progressed {
+            if idle {
                 return Ok(());
             }
         }
@@ -1539,13 +1590,25 @@ impl Sim {
                 if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
                     g.mapped = g.mapped.max(truth);
                 }
-                if let Some(engine) = self.hosts[i].engine.as_mut() {
-                    engine.handle_refreshed(now, volume, truth);
+                if let Some(driver) = self.hosts[i].driver.as_mut() {
+                    driver.engine_mut().handle_refreshed(now, volume, truth);
                 }
             }
             HostEvent::Extended { .. } => self.report.extensions += 1,
             HostEvent::Paused { .. } => self.report.pauses += 1,
             HostEvent::Resumed { .. } => self.report.resumes += 1,
+            HostEvent::Evicted { .. } => {
+                // Its first inbox header write was lost or torn, so the
+                // read-back found its predecessor's owner (only one
+                // process runs per host id here). The daemon exits, as
+                // docs/operations.md (section 7.1) says, and its
+                // supervisor starts it again.
+                self.report.evictions += 1;
+                let restart = now + Duration::from_millis(self.rng.between(10, 2_000));
+                let node = &mut self.hosts[i];
+                node.driver = None;
+                node.restart_at = Some(restart);
+            }
             _ => {}
         }
         Ok(())
@@ -1574,8 +1637,10 @@ impl Sim {
                 }
             }
             let (volume, allocation) = (g.volume, g.allocation);
-            if let Some(engine) = self.hosts[i].engine.as_mut() {
-                engine.handle_allocation(now, volume, allocation);
+            if let Some(driver) = self.hosts[i].driver.as_mut() {
+                driver
+                    .engine_mut()
+                    .handle_allocation(now, volume, allocation);
             }
         }
     }
@@ -1584,10 +1649,11 @@ impl Sim {
         self.guests
             .iter()
             .all(|g| g.allocation >= g.virtual_size && !g.paused)
-            && self
-                .hosts
-                .iter()
-                .all(|h| h.engine.as_ref().is_some_and(|e| e.in_flight() == 0))
+            && self.hosts.iter().all(|h| {
+                h.driver
+                    .as_ref()
+                    .is_some_and(|d| d.engine().in_flight() == 0)
+            })
     }
 
     fn liveness_problem(&self) -> String {
@@ -1606,13 +1672,13 @@ impl Sim {
         let busy: Vec<String> = self
             .hosts
             .iter()
-            .filter(|h| h.engine.as_ref().is_none_or(|e| e.in_flight() > 0))
+            .filter(|h| h.driver.as_ref().is_none_or(|d| d.engine().in_flight() > 0))
             .take(5)
             .map(|h| {
                 format!(
                     "host {} in flight {:?}",
                     h.host_id,
-                    h.engine.as_ref().map(|e| e.in_flight())
+                    h.driver.as_ref().map(|d| d.engine().in_flight())
                 )
             })
             .collect();
@@ -1620,23 +1686,16 @@ impl Sim {
         if let Some(h) = self
             .hosts
             .iter()
-            .find(|h| h.engine.as_ref().is_none_or(|e| e.in_flight() > 0))
+            .find(|h| h.driver.as_ref().is_none_or(|d| d.engine().in_flight() > 0))
         {
-            let g = self.disk.geometry();
+            let g = self.geometry();
             let (ia, oa) = (
                 g.inbox_area(h.host_id).unwrap_or(0),
                 g.outbox_area(h.host_id).unwrap_or(0),
             );
-            let inbox = spmbox_core::wire::InboxArea::new(
-                self.disk.read(ia, AREA_SIZE),
-                self.domain,
-                h.host_id,
-            );
-            let outbox = spmbox_core::wire::OutboxArea::new(
-                self.disk.read(oa, AREA_SIZE),
-                self.domain,
-                h.host_id,
-            );
+            let (ib, ob) = (self.read(ia, AREA_SIZE), self.read(oa, AREA_SIZE));
+            let inbox = spmbox_core::wire::InboxArea::new(&ib, self.domain, h.host_id);
+            let outbox = spmbox_core::wire::OutboxArea::new(&ob, self.domain, h.host_id);
             if let (Some(inbox), Some(outbox)) = (inbox, outbox) {
                 detail += &format!(
                     "\n  inbox header {:?}\n  outbox header {:?}",
@@ -1653,18 +1712,23 @@ impl Sim {
                     );
                 }
             }
-            if let Some(e) = h.engine.as_ref() {
-                for v in e.volumes() {
+            if let Some(d) = h.driver.as_ref() {
+                detail += &format!(
+                    "\n  host generation {} evicted {}",
+                    d.engine().generation(),
+                    d.engine().is_evicted()
+                );
+                for v in d.engine().volumes() {
                     detail += &format!("\n  host volume {v:?}");
                 }
             }
             if let Some(spm) = self.spm.as_ref() {
                 detail += &format!(
                     "\n  spm epoch {} stats {:?}",
-                    spm.engine.epoch(),
-                    spm.engine.stats()
+                    spm.driver.engine().epoch(),
+                    spm.driver.engine().stats()
                 );
-                for e in spm.engine.queue().entries() {
+                for e in spm.driver.engine().queue().entries() {
                     detail += &format!("\n  queued {e:?}");
                 }
                 if let Some(pool) = spm.pool.as_ref() {
@@ -1684,32 +1748,6 @@ impl Sim {
         )
     }
 
-    /// The live SPM read hosts `first ..` (their inbox areas `inbox`):
-    /// from now on it may know only of what they hold.
-    fn note_read(&mut self, which: Which, first: u16, inbox: &[u8]) {
-        for (k, area) in inbox.chunks_exact(AREA_SIZE).enumerate() {
-            let Some(host_id) = u16::try_from(k).ok().and_then(|k| first.checked_add(k)) else {
-                continue;
-            };
-            let Some(area) = spmbox_core::wire::InboxArea::new(area, self.domain, host_id) else {
-                continue;
-            };
-            let now: Vec<(Uuid, u64)> = area
-                .slots()
-                .filter_map(|(_, s)| match s {
-                    spmbox_core::wire::SlotState::Valid(r) => Some((r.volume, r.target_size)),
-                    _ => None,
-                })
-                .collect();
-            if now.is_empty() {
-                self.requested.remove(&host_id);
-            } else {
-                self.requested.insert(host_id, now);
-            }
-        }
-        self.follow_withdrawals(which);
-    }
-
     /// Hands the live pool what still waits when the engine says parked
     /// requests left the disk (the daemon does the same).
     fn follow_withdrawals(&mut self, which: Which) {
@@ -1720,15 +1758,17 @@ impl Sim {
         let Some(pool) = node.pool.as_mut() else {
             return;
         };
-        let n = node.engine.withdrawn();
+        let n = node.driver.engine().withdrawn();
         if n == node.withdrawn_seen {
             return;
         }
         node.withdrawn_seen = n;
-        let engine = &node.engine;
+        let engine = node.driver.engine();
         pool.withdraw_parked(|v| engine.waiting(v));
         while let Some(c) = pool.poll_completed() {
-            node.engine.handle_capacity(now, c.volume, c.size);
+            node.driver
+                .engine_mut()
+                .handle_capacity(now, c.volume, c.size);
         }
         self.live_dirty = true;
     }
@@ -1747,6 +1787,8 @@ impl Sim {
                 continue;
             }
             let asked = self
+                .observed
+                .borrow()
                 .requested
                 .values()
                 .flatten()
@@ -1789,15 +1831,15 @@ impl Sim {
         let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
             return;
         };
-        let Some(inbox_at) = self.disk.geometry().inbox_area(host_id) else {
+        let Some(inbox_at) = self.geometry().inbox_area(host_id) else {
             return;
         };
         self.report.withdrawals += 1;
         // Restarted without the volume: its area holds no request.
-        self.disk.put(inbox_at, &[0; AREA_SIZE]);
+        self.put(inbox_at, &[0; AREA_SIZE]);
         self.small_chunk.push(host_id);
         let node = &mut self.hosts[i];
-        node.engine = None;
+        node.driver = None;
         node.restart_at = Some(self.now);
         if w.restart_spm && self.spm.is_some() {
             self.spm = None;
@@ -1822,11 +1864,11 @@ impl Sim {
         }
         let Some((pool, _)) = self.committed() else {
             let why = |copy| {
-                let bytes = self.disk.read(self.meta_offset(copy), COPY);
+                let bytes = self.read(self.meta_offset(copy), COPY);
                 let alone = if copy == 0 {
-                    SimPool::decode(bytes, &[])
+                    SimPool::decode(&bytes, &[])
                 } else {
-                    SimPool::decode(&[], bytes)
+                    SimPool::decode(&[], &bytes)
                 };
                 alone
                     .err()
@@ -1838,7 +1880,7 @@ impl Sim {
                 why(1)
             ));
         };
-        let version = self.disk.version();
+        let version = self.disk.borrow().version();
         if self.committed_checked != Some(version) {
             check_extent_owners(&pool).map_err(|e| format!("committed pool: {e}"))?;
             pool.check_invariants()
@@ -1861,7 +1903,13 @@ impl Sim {
                     v.id, v.size, v.limit
                 ));
             }
-            let asked = self.asked_max.get(&v.id).copied().unwrap_or(0);
+            let asked = self
+                .observed
+                .borrow()
+                .asked_max
+                .get(&v.id)
+                .copied()
+                .unwrap_or(0);
             let initial = self.initial.get(&v.id).copied().unwrap_or(0);
             let allowed = asked.max(initial).div_ceil(EXTENT) * EXTENT;
             if v.size > allowed {
@@ -1881,14 +1929,15 @@ impl Sim {
                 {
                     let host = self.hosts.iter().find(|h| h.host_id == g.host_id);
                     let view = host
-                        .and_then(|h| h.engine.as_ref())
-                        .and_then(|e| e.volume(g.volume));
+                        .and_then(|h| h.driver.as_ref())
+                        .and_then(|d| d.engine().volume(g.volume));
                     return Err(format!(
                         "liveness: the guest of volume {} paused before capacity was added (at {:?}) and was \
-                         not resumed within one full scan ({bound:?}); host {} sees {view:?}",
+                         not resumed within one full scan ({bound:?}); host {} sees {view:?}\n  then: {}",
                         g.volume,
                         since_zero(added),
-                        g.host_id
+                        g.host_id,
+                        self.liveness_problem()
                     ));
                 }
             }
@@ -1909,6 +1958,20 @@ impl Sim {
     pub fn scenario(&self) -> &Scenario {
         &self.scenario
     }
+}
+
+/// What an SPM driver has done so far: it made progress when this changed.
+fn progress(driver: &SpmDrv) -> impl PartialEq + use<> {
+    let engine = driver.engine();
+    let stats = engine.stats();
+    (
+        driver.stats(),
+        stats.jobs,
+        stats.replies,
+        engine.commit_pending(),
+        engine.is_confirmed(),
+        engine.is_deposed(),
+    )
 }
 
 /// Every volume's size in `pool`.
