@@ -15,7 +15,7 @@
 //! place, and restart the SPM after it ([`MetadataFault`]).
 //!
 //! Every SPM start makes the daemon's rollback check
-//! (`check_no_rollback` in the host shell's `spm_daemon.rs`), modelled
+//! (`check_no_rollback` in the host shell's `daemon/spm.rs`), modelled
 //! here in [`Sim::rollback_findings`]: it refuses when the newest valid
 //! metadata copy is older than the SPM header's `pool_commit`, or when an
 //! extended reply (valid or stale) in any outbox names a volume the pool
