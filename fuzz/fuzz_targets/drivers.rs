@@ -157,6 +157,6 @@ fuzz_target!(|input: Input| {
         let gap = gaps.next().copied().unwrap_or(5);
         now = now + Duration::from_millis(u64::from(gap % 50) + 1);
     }
-    let _ = spm.stop();
+    let _ = spm.stop(now);
     let _ = host.release();
 });

@@ -93,8 +93,8 @@ pub fn spm_round(driver: &mut FirmwareSpmDriver<'_>, pool: &mut DefaultPool, now
 }
 
 /// A graceful stop of an SPM.
-pub fn spm_stop(driver: &mut FirmwareSpmDriver<'_>) -> bool {
-    driver.stop().unwrap_or(false)
+pub fn spm_stop(driver: &mut FirmwareSpmDriver<'_>, now: Instant) -> bool {
+    driver.stop(now).unwrap_or(false)
 }
 
 /// A new SPM taking over from `found`.

@@ -369,11 +369,15 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver
         self.flush_staged()
     }
 
-    /// For a graceful stop: writes what is staged and what the engine still
-    /// has, then the SPM header that vacates the mailbox, and flushes the
-    /// device. Returns `false`, writing nothing more, when the engine was
+    /// For a graceful stop at `now`: writes what is staged and what the
+    /// engine still has, then the SPM header that vacates the mailbox, and
+    /// flushes the device. A fenced SPM (it stalled) reads the SPM header
+    /// first. Returns `false`, writing nothing more, when the engine was
     /// deposed (another SPM's header must stay).
-    pub fn stop(&mut self) -> Result<bool, D::Error> {
+    pub fn stop(&mut self, now: Instant) -> Result<bool, D::Error> {
+        if self.engine.is_fenced() && !self.engine.is_deposed() {
+            self.read_one(now, SpmIo::ReadSpmHeader)?;
+        }
         self.write()?;
         if self.engine.is_deposed() {
             return Ok(false);

@@ -10,7 +10,7 @@ use crate::testing::{MemDisk, Script, Shared, WriteFault};
 use crate::time::Instant;
 use crate::wire::{
     AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, OutboxArea, RECORD_LEN, ReplyStatus,
-    SPM_HEADER_OFFSET, SlotState, Uuid,
+    SPM_HEADER_OFFSET, SlotState, SpmHeader, Uuid,
 };
 
 const DOMAIN: Uuid = Uuid([0xd0; 16]);
@@ -343,4 +343,35 @@ fn a_read_of_an_area_keeps_the_replies_not_yet_written_to_it() {
     );
     drv.flush_staged().unwrap();
     assert_eq!(peek(&d, at, RECORD_LEN), vec![0xc2; RECORD_LEN]);
+}
+
+#[test]
+fn a_stalled_spm_that_stops_reads_the_header_and_leaves_a_newer_spms_alone() {
+    let (g, d) = disk(4);
+    let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, true)];
+    let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, true).unwrap();
+    drv.write().unwrap();
+    let now = Instant::ZERO + settle(&SpmConfig::default());
+    drv.read(now).unwrap();
+    drv.write().unwrap();
+    assert!(drv.engine().is_confirmed());
+    // The SPM stalls for longer than the fence while another SPM takes
+    // over the header.
+    let late = now + SpmConfig::default().heartbeat_interval * 3;
+    let mut newer =
+        SpmHeader::decode(&d.borrow().bytes()[SPM_HEADER_OFFSET as usize..][..RECORD_LEN])
+            .unwrap()
+            .unwrap();
+    newer.epoch += 1;
+    newer.owner = 0xbeef;
+    let record = newer.to_bytes().unwrap();
+    d.borrow_mut().bytes_mut()[SPM_HEADER_OFFSET as usize..][..RECORD_LEN].copy_from_slice(&record);
+    drv.engine_mut().handle_timeout(late);
+    assert!(drv.engine().is_fenced());
+    assert!(!drv.stop(late).unwrap(), "deposed: it does not vacate");
+    assert_eq!(
+        &d.borrow().bytes()[SPM_HEADER_OFFSET as usize..][..RECORD_LEN],
+        &record[..],
+        "the newer SPM's header stays"
+    );
 }

@@ -553,6 +553,12 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         self.deposed
     }
 
+    /// Whether the SPM is fenced ([`Spm::handle_timeout`]): it writes
+    /// nothing until a read of the SPM header names it again.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
     /// The queue, for status displays.
     pub fn queue(&self) -> &RequestQueue<QUEUE> {
         &self.queue
@@ -1101,10 +1107,11 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// mailbox (state vacant, this epoch), and the engine stops as if
     /// deposed. Write it after the replies still waiting in
     /// [`Spm::poll_write`]. `None` if another SPM took over (its header
-    /// must stay).
+    /// must stay), or while the SPM is fenced: a newer SPM may hold the
+    /// header, so it is read first (`SpmDriver::stop` does).
     #[must_use]
     pub fn vacate(&mut self) -> Option<SpmWrite> {
-        if self.deposed {
+        if self.deposed || self.fenced {
             return None;
         }
         self.deposed = true;

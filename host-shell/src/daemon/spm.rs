@@ -724,7 +724,7 @@ pub fn run(
             batch.results.len()
         );
     }
-    match driver.stop() {
+    match driver.stop(clock.now()) {
         Ok(true) => {}
         Ok(false) => {
             tracing::error!(
