@@ -103,6 +103,7 @@ impl Faults for Script {
 /// The error of a [`MemDisk`]: an injected failure, or an access out of
 /// range or not sector-aligned (a caller's bug).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum MemError {
     /// An injected fault.
     Injected,

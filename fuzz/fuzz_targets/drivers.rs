@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use spmbox_core::driver::{BlockDevice, HostDriver, SpmDriver};
+use spmbox_core::driver::{HostDriver, SpmDriver};
 use spmbox_core::host::{Host, HostConfig, HostEvent};
 use spmbox_core::spm::{JobResult, Spm, SpmConfig};
 use spmbox_core::testing::{Faults, MemDisk, Shared, WriteFault};

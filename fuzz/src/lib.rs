@@ -479,6 +479,8 @@ pub fn assert_geometry_error(err: GeometryError, max_hosts: u16, sector_size: u3
     let ok = match err {
         GeometryError::SectorSize { sector_size: s } => s == sector_size && !sector_ok,
         GeometryError::MaxHosts { max_hosts: m } => m == max_hosts && !hosts_ok,
+        // A refusal the specification does not name.
+        _ => false,
     };
     assert!(
         ok,

@@ -169,6 +169,7 @@ impl Default for HostConfig {
 /// Why the engine refuses a call. Nothing changes when it does.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
 pub enum HostError {
     /// The domain is the nil UUID.
     NilDomain,
@@ -275,6 +276,7 @@ pub enum HostRead {
 /// What happened, for the caller to act on or log.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
 pub enum HostEvent {
     /// The SPM extended `volume` to `size`: refresh the view of the volume
     /// (LVM: `lvchange --refresh`; builtin pool: re-read its map) and call

@@ -294,6 +294,7 @@ enum Batch {
 /// Something worth logging.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
 pub enum SpmEvent {
     /// A full scan was handed out.
     FullScan,
@@ -376,6 +377,7 @@ pub fn settle(config: &SpmConfig) -> Duration {
 /// Why [`Spm::new`] refuses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
 pub enum SpmError {
     /// The SPM header's epoch cannot be raised.
     EpochExhausted,

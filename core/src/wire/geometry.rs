@@ -22,6 +22,7 @@ pub struct Geometry {
 /// Why a geometry is refused.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
 pub enum GeometryError {
     /// The sector size is neither 512 nor 4096.
     SectorSize {

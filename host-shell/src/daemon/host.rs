@@ -1029,6 +1029,8 @@ fn handle_event(
         HostEvent::SlotsExhausted => {
             tracing::warn!("all 31 inbox slots are in use; more requests wait in memory");
         }
+        // An event of a newer core that this shell does not act on yet.
+        other => tracing::info!("host engine: {other:?}"),
     }
     Ok(())
 }

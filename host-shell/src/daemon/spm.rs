@@ -898,6 +898,8 @@ fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {
         SpmEvent::Deposed { epoch, spm_id } => {
             tracing::error!("deposed by SPM {spm_id} at epoch {epoch}")
         }
+        // An event of a newer core that this shell does not act on yet.
+        other => tracing::info!("SPM engine: {other:?}"),
     }
 }
 
