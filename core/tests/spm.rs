@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use spmbox_core::spm::queue::Job;
+use spmbox_core::spm::Job;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, settle};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
@@ -264,7 +264,7 @@ fn a_request_is_extended_and_answered_in_its_slot() {
         (reply.status, reply.size, reply.epoch),
         (ReplyStatus::Extended, 2 << 30, 1)
     );
-    assert!(spm.queue().is_empty());
+    assert!(spm.queue_len() == 0);
 }
 
 #[test]
@@ -510,7 +510,7 @@ fn rings_that_collide_bring_a_full_scan_forward() {
     }
     assert_eq!(spm.stats().full_scans, 2, "the scan brought forward ran");
     assert_eq!(
-        spm.queue().len(),
+        spm.queue_len(),
         4,
         "the overwritten rings' requests were found by it"
     );
@@ -651,7 +651,7 @@ fn rings_a_few_reads_apart_are_taken_as_collisions_and_far_apart_are_not() {
     }
     assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
     assert_eq!(spm.stats().full_scans, 2);
-    assert_eq!(spm.queue().len(), 3, "hosts 2, 3 and 4");
+    assert_eq!(spm.queue_len(), 3, "hosts 2, 3 and 4");
     // A ring a second later is no sign of anything.
     disk.host_start(5, 1);
     let r = request(5, 1, 5, 2);

@@ -43,7 +43,7 @@
 //!   restarted in between.
 //!
 //! # Queue
-//! See [`queue`]: a bounded window over the mailbox, one job per volume
+//! See `queue.rs`: a bounded window over the mailbox, one job per volume
 //! (largest target wins), paused guests first, hosts round robin, a
 //! per-host cap. A request the queue cannot take stays on disk.
 //!
@@ -74,7 +74,14 @@
 //! wrote late: it writes its header again and settles again. Hosts ignore
 //! replies from an epoch older than the newest they have seen.
 
+// The queue is the engine's own; tests, fuzzers and the simulation reach
+// it with the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
 pub mod queue;
+#[cfg(not(any(test, feature = "testing")))]
+#[allow(dead_code)] // what only tests and fuzzers inspect
+mod queue;
+pub use queue::{Job, Refused};
 
 use core::time::Duration;
 
@@ -84,7 +91,7 @@ use crate::wire::{
     RejectReason, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, SpmHeader, SpmState,
     Uuid,
 };
-use queue::{EntryState, Job, Refused, RequestQueue};
+use queue::{EntryState, RequestQueue};
 
 /// Defective records reported per full scan; the rest are only counted.
 pub const DEFECT_REPORTS_PER_SCAN: u32 = 16;
@@ -561,7 +568,13 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         self.fenced
     }
 
-    /// The queue, for status displays.
+    /// How many requests the queue holds, for status displays.
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The queue, for tests and the simulation (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub fn queue(&self) -> &RequestQueue<QUEUE> {
         &self.queue
     }

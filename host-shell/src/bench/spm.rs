@@ -247,7 +247,7 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
         let t = StdInstant::now();
         spm.handle_hosts(clock.now(), 1, inbox, &outbox);
         times.push(t.elapsed().as_secs_f64() * 1e3);
-        let queued = spm.queue().len();
+        let queued = spm.queue_len();
         if queued < busy.min(1024) {
             return Err(BackendError::new(format!(
                 "scan queued {queued} requests of {busy}: the benchmark's image is wrong"

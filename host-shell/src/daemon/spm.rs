@@ -844,7 +844,7 @@ fn spm_metrics(
     t.gauges(
         "spmbox_spm_queue_length",
         "Requests in the SPM's queue.",
-        &[(String::new(), engine.queue().len() as f64)],
+        &[(String::new(), engine.queue_len() as f64)],
     );
     t.histogram(
         "spmbox_spm_batch_seconds",
