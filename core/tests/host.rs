@@ -311,7 +311,8 @@ impl Sim {
 fn watermark_request_reply_refresh_extended() {
     let spm = ScriptedSpm { epoch: 1 };
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
-    sim.host.handle_spm_header(&spm.header());
+    sim.host
+        .handle_spm_header(ms(0), &spm.header().to_bytes().unwrap());
     sim.run_until(ms(10));
     sim.allocate(vol(1), GIB - 100 * MIB); // 100 MiB left < 128 MiB
     let r = sim.mb.request(1).expect("a request in slot 1");
@@ -431,7 +432,8 @@ fn a_reply_older_than_the_spm_header_epoch_is_ignored() {
     let old = ScriptedSpm { epoch: 2 };
     let new = ScriptedSpm { epoch: 3 };
     let mut sim = Sim::new(&[(vol(1), GIB, GIB - MIB)]);
-    sim.host.handle_spm_header(&new.header());
+    sim.host
+        .handle_spm_header(ms(0), &new.header().to_bytes().unwrap());
     old.extend_all(&mut sim.mb);
     sim.run_until(ms(100));
     assert!(sim.events().is_empty());
@@ -732,9 +734,7 @@ fn interoperates_with_the_spm_engine() {
                     }
                     HostRead::SpmHeader => {
                         let bytes = record(&disk, spmbox_core::wire::SPM_HEADER_OFFSET);
-                        if let Ok(Some(h)) = spmbox_core::wire::SpmHeader::decode(&bytes) {
-                            host.handle_spm_header(&h);
-                        }
+                        host.handle_spm_header(now, &bytes);
                     }
                 }
             }
@@ -762,9 +762,7 @@ fn interoperates_with_the_spm_engine() {
                     }
                     SpmIo::ReadSpmHeader => {
                         let h = record(&disk, SPM_HEADER_OFFSET);
-                        if let Ok(Some(h)) = SpmHeader::decode(&h) {
-                            host.handle_spm_header(&h);
-                        }
+                        host.handle_spm_header(now, &h);
                         spm.handle_spm_header(now, &h)
                     }
                     SpmIo::ReadHosts { first_host, count } => {

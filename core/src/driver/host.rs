@@ -2,7 +2,7 @@
 
 use crate::host::{Host, HostError, HostRead};
 use crate::time::Instant;
-use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader};
+use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, SPM_HEADER_OFFSET};
 
 use super::{BlockDevice, Counted, DriverError, IoStats};
 
@@ -95,7 +95,7 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const VOLUMES: usize> HostDri
         if let Err(e) = self.engine.start(now, &buf[MIRROR], &buf[READ], owner) {
             return Ok(Err(e));
         }
-        self.read_spm_header()?;
+        self.read_spm_header(now)?;
         Ok(Ok(()))
     }
 
@@ -189,7 +189,7 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const VOLUMES: usize> HostDri
                     let record = &self.buf.as_ref()[at..at + RECORD_LEN];
                     self.engine.handle_inbox_header(now, record);
                 }),
-                HostRead::SpmHeader => self.read_spm_header(),
+                HostRead::SpmHeader => self.read_spm_header(now),
             };
             if let Err(e) = done {
                 self.failed_read = Some(r);
@@ -199,11 +199,10 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const VOLUMES: usize> HostDri
         Ok(())
     }
 
-    fn read_spm_header(&mut self) -> Result<(), D::Error> {
+    fn read_spm_header(&mut self, now: Instant) -> Result<(), D::Error> {
         let at = self.read_sector_of(SPM_HEADER_OFFSET)?;
-        if let Ok(Some(h)) = SpmHeader::decode(&self.buf.as_ref()[at..at + RECORD_LEN]) {
-            self.engine.handle_spm_header(&h);
-        }
+        let record = &self.buf.as_ref()[at..at + RECORD_LEN];
+        self.engine.handle_spm_header(now, record);
         Ok(())
     }
 

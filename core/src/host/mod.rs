@@ -11,7 +11,7 @@
 //!   handle_allocation(now, volume, allocation)   <── the guest wrote
 //!   handle_outbox(now, outbox area bytes)        <── a HostRead done
 //!   handle_refreshed(now, volume, physical)      <── the LV map re-read
-//!   handle_spm_header(&SpmHeader)                <── the epoch learnt
+//!   handle_spm_header(now, record)               <── the epoch learnt
 //!   handle_timeout(now)                          <── poll_timeout() reached
 //!
 //!   poll_write()    ──> HostWrite { offset, record }  (in this order!)
@@ -849,9 +849,14 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         self.check_volume(now, i);
     }
 
-    /// The SPM header as read: learns its epoch. Replies from older epochs
-    /// are ignored from now on.
-    pub fn handle_spm_header(&mut self, header: &SpmHeader) {
+    /// The SPM header record as read ([`HostRead::SpmHeader`]): learns its
+    /// epoch. Replies from older epochs are ignored from now on. An empty
+    /// or damaged record, or one of another domain, teaches nothing.
+    pub fn handle_spm_header(&mut self, now: Instant, record: &[u8]) {
+        let _ = now;
+        let Ok(Some(header)) = SpmHeader::decode(record) else {
+            return;
+        };
         if header.domain != self.domain {
             return;
         }
