@@ -133,8 +133,10 @@ mod assertions {
 pub(crate) use assertions::{assert, assert_eq, debug_assert, debug_assert_eq, unwrap};
 
 /// What `unwrap!` accepts: an `Option` (a `None` is the error) or a
-/// `Result`.
+/// `Result`. (Unused while no production code unwraps: the core keeps its
+/// fallible paths panic-free and asserts its invariants instead.)
 #[cfg(not(feature = "defmt"))]
+#[allow(dead_code)]
 pub(crate) trait Unwrap {
     /// The value inside.
     type Value;
@@ -147,6 +149,7 @@ pub(crate) trait Unwrap {
 /// The error of an `Option` that was `None`.
 #[cfg(not(feature = "defmt"))]
 #[derive(Debug)]
+#[allow(dead_code)]
 pub(crate) struct NoneError;
 
 #[cfg(not(feature = "defmt"))]
