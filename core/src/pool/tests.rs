@@ -922,6 +922,17 @@ fn the_overlap_check_walks_many_segments_per_lun_in_batches() {
 }
 
 #[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "pool invariant broken")]
+fn debug_builds_assert_the_invariants_after_a_change() {
+    let mut p = two_volumes();
+    // Extents marked used behind the pool's back...
+    p.luns[0].used = 5;
+    // ...are caught by the next change.
+    let _ = p.add_lun(id(101), 10);
+}
+
+#[test]
 fn encode_refuses_a_pool_that_breaks_an_invariant_and_writes_nothing() {
     let mut p = two_volumes();
     p.luns[0].used = 5;
