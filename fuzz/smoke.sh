@@ -14,6 +14,11 @@
 # a target finds a crash, a failed assertion, a timeout or an OOM. Needs the
 # nightly toolchain and cargo-fuzz; installs nothing. Works from any
 # directory.
+#
+# Targets are built and run with debug assertions on (`--debug-assertions`),
+# so the core's own invariant checks (the pool's and the queue's, which
+# release builds compile out) fail a run as soon as an input breaks one, and
+# integer overflow panics instead of wrapping.
 set -euo pipefail
 
 usage() {
@@ -29,6 +34,8 @@ fuzz_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # cargo-fuzz finds its project from the directory that holds fuzz/.
 cd "$fuzz_dir/.."
 fuzz=(cargo +nightly fuzz)
+# For `build` and `run` alike: `run` rebuilds if its flags differ.
+flags=(--debug-assertions)
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/spmbox-fuzz-smoke.XXXXXX")
 keep_logs=0
@@ -46,7 +53,7 @@ if [[ ${#targets[@]} -eq 0 ]]; then
 fi
 
 # Build first, so that the time limit is spent fuzzing, not compiling.
-"${fuzz[@]}" build --fuzz-dir "$fuzz_dir" >&2
+"${fuzz[@]}" build "${flags[@]}" --fuzz-dir "$fuzz_dir" >&2
 
 for target in "${targets[@]}"; do
     corpus="$fuzz_dir/corpus/$target"
@@ -62,7 +69,7 @@ for target in "${targets[@]}"; do
     log="$logs/$target.log"
     echo "fuzz $target: fuzzing for $seconds s (log: $log)" >&2
     status=0
-    "${fuzz[@]}" run --fuzz-dir "$fuzz_dir" "$target" "$corpus" -- \
+    "${fuzz[@]}" run "${flags[@]}" --fuzz-dir "$fuzz_dir" "$target" "$corpus" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
         >"$log" 2>&1 || status=$?
 
@@ -75,7 +82,7 @@ for target in "${targets[@]}"; do
         if [[ -n $artifact ]]; then
             [[ $artifact = /* ]] || artifact="$PWD/$artifact"
             echo "fuzz $target: FINDING (exit status $status); artifact: $artifact" >&2
-            echo "reproduce: cargo +nightly fuzz run --fuzz-dir $fuzz_dir $target $artifact" >&2
+            echo "reproduce: cargo +nightly fuzz run ${flags[*]} --fuzz-dir $fuzz_dir $target $artifact" >&2
         else
             echo "fuzz $target: cargo fuzz run failed (exit status $status), no artifact; log: $log" >&2
         fi

@@ -56,15 +56,40 @@ struct Model {
 }
 
 impl Model {
-    fn next_parked(&self) -> Option<usize> {
-        self.parked
-            .iter()
-            .position(|p| p.urgent)
-            .or(if self.parked.is_empty() {
-                None
-            } else {
-                Some(0)
-            })
+    /// Serves parked requests after capacity arrived, the rule restated
+    /// as a prefix: the service order is the parked list sorted (stably)
+    /// with urgent requests first; the requests served are the longest
+    /// prefix of that order whose needs, added up, fit the free extents
+    /// (each LV is parked at most once, so the needs do not interact).
+    fn serve_parked(&mut self) {
+        let mut order: Vec<(usize, Parked)> = self.parked.iter().copied().enumerate().collect();
+        order.sort_by_key(|&(i, p)| (!p.urgent, i));
+        let mut total = 0u64;
+        let mut served = Vec::new();
+        for (i, p) in order {
+            let extents = self.volumes[&p.volume].1;
+            total += extents_for(p.target_size).saturating_sub(extents);
+            if total > self.free {
+                break;
+            }
+            served.push(i);
+        }
+        for &i in &served {
+            let p = self.parked[i];
+            let lv = self.volumes.get_mut(&p.volume).unwrap();
+            let need = extents_for(p.target_size).saturating_sub(lv.1);
+            self.free -= need;
+            lv.1 += need;
+            self.completed.push_back(Completion {
+                volume: p.volume,
+                size: lv.1 * EXT,
+            });
+        }
+        let mut index = 0;
+        self.parked.retain(|_| {
+            index += 1;
+            !served.contains(&(index - 1))
+        });
     }
 
     fn add_lun(&mut self, lun: Uuid, extents: u32) -> Result<u16, PoolError> {
@@ -79,22 +104,7 @@ impl Model {
         }
         self.luns.push((lun, extents));
         self.free += u64::from(extents);
-        while let Some(i) = self.next_parked() {
-            let p = self.parked[i];
-            let (_, extents) = self.volumes[&p.volume];
-            let need = extents_for(p.target_size).saturating_sub(extents);
-            if need > self.free {
-                break;
-            }
-            self.free -= need;
-            let lv = self.volumes.get_mut(&p.volume).unwrap();
-            lv.1 += need;
-            self.parked.remove(i);
-            self.completed.push_back(Completion {
-                volume: p.volume,
-                size: lv.1 * EXT,
-            });
-        }
+        self.serve_parked();
         Ok((self.luns.len() - 1) as u16)
     }
 

@@ -354,7 +354,15 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
     /// [`METADATA_COPY_SIZE`]) always suffices; a smaller one may not, and
     /// then the answer is [`PoolError::BufferTooSmall`] with the bytes this
     /// copy needs.
+    ///
+    /// The pool checks its invariants first ([`Pool::check_invariants`],
+    /// in every build): a pool that breaks one (a bug) is refused with
+    /// [`PoolError::Invariant`] and `out` is left untouched, so that no
+    /// commit writes a state that decoding would refuse.
     pub fn encode(&self, seq: u64, out: &mut [u8]) -> Result<usize, PoolError> {
+        if !self.fault_injected() {
+            self.check_invariants().map_err(PoolError::Invariant)?;
+        }
         let state = (self.luns.as_slice(), self.volumes.as_slice());
         let available = u64::try_from(out.len()).unwrap_or(u64::MAX);
         let too_small = || {

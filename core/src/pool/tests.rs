@@ -874,6 +874,80 @@ fn check_invariants_finds_unsorted_lvs() {
     );
 }
 
+#[test]
+fn the_overlap_check_walks_many_segments_per_lun_in_batches() {
+    // More segments on one LUN than one batch holds, interleaved between
+    // two LVs so that the LUN's segments are out of order in the list.
+    let mut p = Pool::<1, 2, 512, 1>::new(EXT).unwrap();
+    p.add_lun(id(100), 1000).unwrap();
+    p.create_volume(id(1), 1000 * EXT, EXT).unwrap();
+    p.create_volume(id(2), 1000 * EXT, EXT).unwrap();
+    for n in 2..=400 {
+        for lv in [1, 2] {
+            p.extend(id(lv), n * EXT, false).unwrap();
+        }
+    }
+    assert_eq!(p.segments(id(1)).unwrap().len(), 400);
+    p.check_invariants().unwrap();
+    assert!(p.tiles(0, 800), "a valid pool needs no pairwise search");
+    assert!(!p.tiles(0, 801), "a gap at the end");
+    // The last segment of id(2) moved one extent down, onto id(1)'s last
+    // extent; the sum of extents still matches the high-water mark.
+    let last = p.volumes[1].segments.last_mut().unwrap();
+    last.first_extent -= 1;
+    assert!(!p.tiles(0, 800));
+    assert_eq!(
+        p.check_invariants(),
+        Err(Invariant::Overlap {
+            a: id(1),
+            b: id(2),
+            lun: 0
+        })
+    );
+    // Two segments that start at the same extent, far apart in the list.
+    let mut p2 = p.clone();
+    p2.volumes[1].segments.last_mut().unwrap().first_extent += 1;
+    p2.check_invariants().unwrap();
+    let first = p2.volumes[0].segments[0];
+    assert_eq!(p2.volumes[1].segments[300].extents, first.extents);
+    p2.volumes[1].segments[300] = first;
+    assert_eq!(
+        p2.check_invariants(),
+        Err(Invariant::Overlap {
+            a: id(1),
+            b: id(2),
+            lun: 0
+        })
+    );
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "pool invariant broken")]
+fn debug_builds_assert_the_invariants_after_a_change() {
+    let mut p = two_volumes();
+    // Extents marked used behind the pool's back...
+    p.luns[0].used = 5;
+    // ...are caught by the next change.
+    let _ = p.add_lun(id(101), 10);
+}
+
+#[test]
+fn encode_refuses_a_pool_that_breaks_an_invariant_and_writes_nothing() {
+    let mut p = two_volumes();
+    p.luns[0].used = 5;
+    let mut out = std::vec![0xA5; Small::MAX_COPY_LEN];
+    assert_eq!(
+        p.encode(0, &mut out),
+        Err(PoolError::Invariant(Invariant::Leak {
+            lun: 0,
+            used: 5,
+            allocated: 4
+        }))
+    );
+    assert!(out.iter().all(|&b| b == 0xA5), "nothing written");
+}
+
 // --- metadata ------------------------------------------------------------------
 
 fn state(
@@ -1117,11 +1191,17 @@ fn trailing_payload_bytes_are_refused() {
 
 #[test]
 fn a_checksummed_copy_that_breaks_an_invariant_loses_to_the_older_copy() {
-    let mut p = two_volumes();
+    let p = two_volumes();
     let (mut a, mut b) = (buffer(), buffer());
     p.encode(0, &mut a).unwrap();
-    p.volumes[1].segments[0].first_extent = 1; // overlaps id(1)
     p.encode(1, &mut b).unwrap();
+    // The encoder refuses to write a broken pool, so break the copy: id(2)'s
+    // one segment (lun 0, first extent 2, 2 extents) moves to extent 1 and
+    // overlaps id(1).
+    let at = b.windows(16).position(|w| w == [2; 16]).unwrap();
+    let seg = at + b[at..].windows(4).position(|w| w == [1, 0, 2, 2]).unwrap();
+    b[seg + 2] = 1;
+    reseal(&mut b);
     let (q, seq) = Small::decode(&a, &b).unwrap();
     assert_eq!(seq, 0);
     q.check_invariants().unwrap();

@@ -17,7 +17,18 @@
 //!   served last, so one busy host cannot starve the others; within a host,
 //!   requests go in arrival order.
 
-use crate::wire::{MAX_HOSTS, ReplyStatus, Request, Uuid};
+use crate::fmt::{debug_assert, debug_assert_eq};
+use crate::wire::{MAX_HOSTS, ReplyStatus, Request, SLOTS_PER_AREA, Uuid};
+
+/// Debug builds check every invariant ([`RequestQueue::check_invariants`])
+/// after each change of the queue while it holds at most this many
+/// entries; above, only the linear part (the per-host counts and caps),
+/// so that a change stays cheap. The key of a new entry is checked to be
+/// unique at any length.
+pub const CHECK_AFTER_CHANGE_MAX_ENTRIES: usize = 128;
+
+// A host's entries are counted in a `u8`: one per slot at most.
+const _: () = ::core::assert!(SLOTS_PER_AREA as usize <= u8::MAX as usize);
 
 /// What a queued request is waiting for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -60,7 +71,62 @@ pub enum Refused {
     Full,
     /// The host already has `per_host_cap` entries.
     HostCap,
+    /// The host id is not in 1..=[`MAX_HOSTS`] or the slot not in
+    /// 1..=[`SLOTS_PER_AREA`]: no host can have written the request (the
+    /// wire format refuses such records, so only a caller's bug gets here).
+    OutOfRange,
 }
+
+/// A broken queue invariant, found by [`RequestQueue::check_invariants`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum QueueInvariant {
+    /// An entry's host id or slot is out of range.
+    OutOfRange {
+        /// The host.
+        host_id: u16,
+        /// The slot.
+        slot: u16,
+    },
+    /// A host's entry count differs from its entries in the queue.
+    HostCount {
+        /// The host.
+        host_id: u16,
+    },
+    /// A host has more than `per_host_cap` entries.
+    HostCap {
+        /// The host.
+        host_id: u16,
+    },
+    /// Two entries are for the same host and slot.
+    Duplicate {
+        /// The host.
+        host_id: u16,
+        /// The slot.
+        slot: u16,
+    },
+}
+
+impl core::fmt::Display for QueueInvariant {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            QueueInvariant::OutOfRange { host_id, slot } => {
+                write!(f, "an entry for host {host_id} slot {slot} is out of range")
+            }
+            QueueInvariant::HostCount { host_id } => {
+                write!(f, "host {host_id}'s entry count is wrong")
+            }
+            QueueInvariant::HostCap { host_id } => {
+                write!(f, "host {host_id} has more entries than its cap")
+            }
+            QueueInvariant::Duplicate { host_id, slot } => {
+                write!(f, "host {host_id} slot {slot} is queued twice")
+            }
+        }
+    }
+}
+
+impl core::error::Error for QueueInvariant {}
 
 /// What `offer` did with a request.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -171,13 +237,27 @@ impl<const N: usize> RequestQueue<N> {
         )
     }
 
+    /// Counts an entry of `host_id` in (`up`) or out. Entries are only
+    /// queued for hosts in range, and a host's count never exceeds its
+    /// slots: anything else is a bug, asserted in debug builds and left
+    /// uncounted in release.
     fn count(&mut self, host_id: u16, up: bool) {
-        if let Some(c) = self.per_host.get_mut(usize::from(host_id)) {
-            *c = if up {
-                c.saturating_add(1)
-            } else {
-                c.saturating_sub(1)
-            };
+        let Some(c) = self.per_host.get_mut(usize::from(host_id)) else {
+            debug_assert!(false, "host {} has no entry count", host_id);
+            return;
+        };
+        let next = if up {
+            c.checked_add(1).filter(|&n| u16::from(n) <= SLOTS_PER_AREA)
+        } else {
+            c.checked_sub(1)
+        };
+        debug_assert!(
+            next.is_some(),
+            "host {}'s entry count out of range",
+            host_id
+        );
+        if let Some(next) = next {
+            *c = next;
         }
     }
 
@@ -187,8 +267,93 @@ impl<const N: usize> RequestQueue<N> {
         e
     }
 
+    /// Checks the queue from scratch: every entry's host id and slot are
+    /// in range, each host's count matches its entries and is within
+    /// `per_host_cap`, and no two entries are for the same host and slot.
+    /// (The length is within `N` by construction.)
+    ///
+    /// The counts cost O(`N` + [`MAX_HOSTS`]), the duplicate search
+    /// O(`N`²): for tests, fuzzers and debug builds.
+    pub fn check_invariants(&self) -> Result<(), QueueInvariant> {
+        self.check_counts()?;
+        for (i, e) in self.entries.iter().enumerate() {
+            let (host_id, slot) = (e.request.host_id, e.request.slot);
+            if self
+                .entries
+                .iter()
+                .skip(i.saturating_add(1))
+                .any(|o| o.request.host_id == host_id && o.request.slot == slot)
+            {
+                return Err(QueueInvariant::Duplicate { host_id, slot });
+            }
+        }
+        Ok(())
+    }
+
+    /// The linear part of [`RequestQueue::check_invariants`]: ranges,
+    /// counts and caps.
+    fn check_counts(&self) -> Result<(), QueueInvariant> {
+        // Every entry takes one off its host's count; all must end at 0.
+        let mut left = self.per_host;
+        for e in &self.entries {
+            let (host_id, slot) = (e.request.host_id, e.request.slot);
+            if !in_range(host_id, slot) {
+                return Err(QueueInvariant::OutOfRange { host_id, slot });
+            }
+            let Some(c) = left.get_mut(usize::from(host_id)) else {
+                return Err(QueueInvariant::OutOfRange { host_id, slot });
+            };
+            *c = c
+                .checked_sub(1)
+                .ok_or(QueueInvariant::HostCount { host_id })?;
+        }
+        if let Some(host) = left.iter().position(|&c| c != 0) {
+            let host_id = u16::try_from(host).unwrap_or(u16::MAX);
+            return Err(QueueInvariant::HostCount { host_id });
+        }
+        if let Some(host) = self
+            .per_host
+            .iter()
+            .position(|&c| usize::from(c) > self.per_host_cap)
+        {
+            let host_id = u16::try_from(host).unwrap_or(u16::MAX);
+            return Err(QueueInvariant::HostCap { host_id });
+        }
+        Ok(())
+    }
+
+    /// Debug builds only: asserts the invariants after a change, in full
+    /// up to [`CHECK_AFTER_CHANGE_MAX_ENTRIES`] entries, else the linear
+    /// part.
+    fn check_after_change(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let checked = if self.entries.len() <= CHECK_AFTER_CHANGE_MAX_ENTRIES {
+            self.check_invariants()
+        } else {
+            self.check_counts()
+        };
+        if let Err(broken) = checked {
+            debug_assert!(false, "request queue invariant broken: {}", broken);
+        }
+    }
+
     /// Offers a valid, non-stale request read from the inbox.
+    ///
+    /// Refused with [`Refused::OutOfRange`] (a host id or slot no host
+    /// has), [`Refused::HostCap`] or [`Refused::Full`]; a refused request
+    /// changes nothing.
     pub fn offer(&mut self, request: Request) -> Result<Offered, Refused> {
+        if !in_range(request.host_id, request.slot) {
+            return Err(Refused::OutOfRange);
+        }
+        let offered = self.offer_in_range(request);
+        self.check_after_change();
+        offered
+    }
+
+    fn offer_in_range(&mut self, request: Request) -> Result<Offered, Refused> {
         let queued = self.host_entries(request.host_id);
         let same_slot = if queued == 0 {
             None
@@ -212,7 +377,9 @@ impl<const N: usize> RequestQueue<N> {
             // The host rewrote the slot: the old request is gone from disk.
             let old = self.swap_remove(i);
             self.count_withdrawn(&old);
+            // The old entry's place is free again.
             self.push(request)?;
+            debug_assert_eq!(self.host_entries(request.host_id), queued);
             return Ok(Offered::Replaced);
         }
         if queued >= self.per_host_cap {
@@ -240,6 +407,17 @@ impl<const N: usize> RequestQueue<N> {
         };
         self.entries.push(entry).map_err(|_| Refused::Full)?;
         self.count(request.host_id, true);
+        // The key is new: the caller found no entry for the slot.
+        debug_assert!(
+            self.entries
+                .iter()
+                .filter(|e| e.request.host_id == request.host_id && e.request.slot == request.slot)
+                .count()
+                == 1,
+            "host {} slot {} queued twice",
+            request.host_id,
+            request.slot
+        );
         Ok(())
     }
 
@@ -250,7 +428,9 @@ impl<const N: usize> RequestQueue<N> {
             .entries
             .iter()
             .position(|e| e.request.host_id == host_id && e.request.slot == slot)?;
-        Some(self.swap_remove(i))
+        let removed = self.swap_remove(i);
+        self.check_after_change();
+        Some(removed)
     }
 
     /// Removes every entry of a host whose request is no longer on disk, as
@@ -259,12 +439,13 @@ impl<const N: usize> RequestQueue<N> {
         if self.host_entries(host_id) == 0 {
             return;
         }
-        let mut left = 0u8;
+        let before = self.entries.len();
+        let mut left = 0usize;
         let mut withdrawn = 0u64;
         self.entries.retain(|e| {
             let keep = e.request.host_id != host_id || e.reply.is_some() || still_there(&e.request);
             if keep && e.request.host_id == host_id {
-                left = left.saturating_add(1);
+                left += 1;
             }
             if !keep && matches!(e.state, EntryState::Parked | EntryState::Running) {
                 withdrawn += 1;
@@ -272,9 +453,19 @@ impl<const N: usize> RequestQueue<N> {
             keep
         });
         self.withdrawn = self.withdrawn.wrapping_add(withdrawn);
-        if let Some(c) = self.per_host.get_mut(usize::from(host_id)) {
+        // At most the host's count before, which fits a u8.
+        let left = u8::try_from(left);
+        debug_assert!(
+            left.is_ok(),
+            "host {} kept more entries than it had",
+            host_id
+        );
+        if let (Some(c), Ok(left)) = (self.per_host.get_mut(usize::from(host_id)), left) {
+            debug_assert!(left <= *c, "host {} gained entries", host_id);
+            debug_assert_eq!(before - self.entries.len(), usize::from(*c - left));
             *c = left;
         }
+        self.check_after_change();
     }
 
     /// Whether a job runs for `volume`.
@@ -326,6 +517,9 @@ impl<const N: usize> RequestQueue<N> {
             best = Some(key);
         }
         let (_, turn, _, volume) = best?;
+        // One job per volume: the filter only skips exact checks that
+        // would have passed.
+        debug_assert!(!self.running(volume), "a second job for a volume");
         self.last_host = last.wrapping_add(turn).wrapping_add(1);
         let mut job = Job {
             volume,
@@ -341,8 +535,15 @@ impl<const N: usize> RequestQueue<N> {
             job.target_size = job.target_size.max(e.request.target_size);
             job.urgent |= e.request.paused;
         }
+        debug_assert!(self.running(volume), "a job without a running entry");
+        self.check_after_change();
         Some(job)
     }
+}
+
+/// Whether a host can have written a request at `host_id` and `slot`.
+fn in_range(host_id: u16, slot: u16) -> bool {
+    (1..=MAX_HOSTS).contains(&host_id) && (1..=SLOTS_PER_AREA).contains(&slot)
 }
 
 /// Words of the running-volume filter of [`RequestQueue::next_job`]
@@ -395,6 +596,90 @@ mod tests {
         assert_eq!(q.offer(req(2, 1, 2, 1, false)), Ok(Offered::New));
         assert_eq!(q.offer(req(3, 1, 3, 1, false)), Err(Refused::Full));
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn a_host_id_or_slot_no_host_has_is_refused_and_changes_nothing() {
+        let mut q: RequestQueue<8> = RequestQueue::new(8);
+        for (host, slot) in [(MAX_HOSTS + 1, 1), (u16::MAX, 1), (0, 1), (1, 0), (1, 32)] {
+            // Twice: an entry left uncounted would be queued again.
+            for _ in 0..2 {
+                assert_eq!(
+                    q.offer(req(host, slot, 1, 1, false)),
+                    Err(Refused::OutOfRange),
+                    "host {host} slot {slot}"
+                );
+            }
+        }
+        assert!(q.is_empty());
+        assert_eq!(q.host_entries(MAX_HOSTS + 1), 0);
+        assert_eq!(q.offer(req(MAX_HOSTS, 31, 1, 1, false)), Ok(Offered::New));
+        assert_eq!(q.host_entries(MAX_HOSTS), 1);
+        q.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn check_invariants_finds_wrong_counts_caps_and_duplicates() {
+        let mut q: RequestQueue<8> = RequestQueue::new(2);
+        q.offer(req(1, 1, 1, 1, false)).unwrap();
+        q.offer(req(1, 2, 2, 1, false)).unwrap();
+        q.check_invariants().unwrap();
+
+        let mut counted = RequestQueue::<8>::new(2);
+        counted.entries = q.entries.clone();
+        counted.per_host = q.per_host;
+        counted.per_host[1] = 1;
+        assert_eq!(
+            counted.check_invariants(),
+            Err(QueueInvariant::HostCount { host_id: 1 })
+        );
+        counted.per_host[1] = 2;
+        counted.per_host[7] = 1;
+        assert_eq!(
+            counted.check_invariants(),
+            Err(QueueInvariant::HostCount { host_id: 7 })
+        );
+
+        let mut capped = RequestQueue::<8>::new(1);
+        capped.entries = q.entries.clone();
+        capped.per_host = q.per_host;
+        assert_eq!(
+            capped.check_invariants(),
+            Err(QueueInvariant::HostCap { host_id: 1 })
+        );
+
+        let mut twice = RequestQueue::<8>::new(2);
+        twice.entries = q.entries.clone();
+        twice.per_host = q.per_host;
+        twice.entries[1].request.slot = 1;
+        assert_eq!(
+            twice.check_invariants(),
+            Err(QueueInvariant::Duplicate {
+                host_id: 1,
+                slot: 1
+            })
+        );
+        twice.entries[1].request.host_id = MAX_HOSTS + 1;
+        assert_eq!(
+            twice.check_invariants(),
+            Err(QueueInvariant::OutOfRange {
+                host_id: MAX_HOSTS + 1,
+                slot: 1
+            })
+        );
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "request queue invariant broken")]
+    fn debug_builds_assert_the_invariants_after_a_change() {
+        let mut q: RequestQueue<8> = RequestQueue::new(4);
+        q.offer(req(1, 1, 1, 1, false)).unwrap();
+        q.offer(req(2, 1, 2, 1, false)).unwrap();
+        // A count gone wrong behind the queue's back...
+        q.per_host[2] = 3;
+        // ...is caught by the next change.
+        q.remove(1, 1);
     }
 
     #[test]
@@ -509,6 +794,7 @@ mod tests {
                 let _ = q.offer(r);
             }
             while !q.is_empty() {
+                q.check_invariants().unwrap();
                 for h in 0..=12u16 {
                     let n = q
                         .entries()
