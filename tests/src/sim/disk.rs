@@ -1,14 +1,17 @@
 //! A simulated shared disk: atomic per sector and nothing more, with
 //! injected faults.
 //!
-//! The core's drivers reach it through [`SimDev`], one handle per node
-//! (a host or an SPM), which implements [`BlockDevice`]: whole sectors at
-//! sector-aligned offsets. A write of several sectors may be torn (only a
-//! prefix lands). Any write may be lost, land in the same place of another
-//! host's area (misdirected), or land with one bit flipped. A node may
-//! crash at any of its writes: a prefix of the write's sectors lands (none
-//! for a one-sector write), and every later I/O of that handle fails; the
-//! simulation then drops the node's driver and engine.
+//! The bytes live in the core's in-memory device,
+//! [`MemDisk`](spmbox_core::testing::MemDisk), which also applies each
+//! fault; [`SimFaults`] decides the faults from the simulation's random
+//! numbers. The core's drivers reach the disk through [`SimDev`], one
+//! handle per node (a host or an SPM), which implements [`BlockDevice`]:
+//! whole sectors at sector-aligned offsets. A write of several sectors may
+//! be torn (only a prefix lands). Any write may be lost, land in the same
+//! place of another host's area (misdirected), or land with one bit
+//! flipped. A node may crash at any of its writes: a prefix of the write's
+//! sectors lands (none for a one-sector write), and every later I/O of that
+//! handle fails; the simulation then drops the node's driver and engine.
 //!
 //! The handles also note what the simulation's checks need to know: every
 //! request a host wrote to its inbox area, and which requests the SPM
@@ -19,6 +22,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use spmbox_core::driver::BlockDevice;
+use spmbox_core::testing::{self, MemDisk, WriteFault};
 use spmbox_core::wire::{AREA_SIZE, Geometry, InboxArea, RECORD_LEN, SlotState, Uuid};
 
 use super::rng::Rng;
@@ -71,115 +75,31 @@ pub struct FaultCounts {
     pub writes: u64,
 }
 
-/// The disk: the mailbox, then any extra space (pool metadata).
+/// The simulation's fault plan for the core's [`MemDisk`]: each write
+/// draws its fate from the simulation's random numbers at the [`Faults`]
+/// rates.
+///
+/// A write suffers one fault at most, tried in this order: lost, else a bit
+/// flip, else misdirected (when it is in a host area and there is another
+/// host), else torn (when it has several sectors). So a write is never
+/// flipped and misdirected and torn at once, as it could be when each fault
+/// was drawn on its own; each of those faults alone still comes up at its
+/// rate, nearly.
 #[derive(Clone, Debug)]
-pub struct SimDisk {
-    bytes: Vec<u8>,
-    geometry: Geometry,
-    sector: usize,
+pub struct SimFaults {
     /// Current fault rates.
-    pub faults: Faults,
-    /// Current chance per write, per million, that a writer that may crash
-    /// crashes at it.
-    pub crash_ppm: u32,
-    /// What was injected so far.
+    pub rates: Faults,
+    /// What was injected so far (not counting [`SimFaults::next`]).
     pub counts: FaultCounts,
-    /// Bumped by every write, so that readers can cache what they derive.
-    version: u64,
-    /// Draws the faults.
+    /// The fate of the next write instead of a drawn one (a node's crash
+    /// during it); used once, and not counted.
+    pub next: Option<WriteFault>,
+    geometry: Geometry,
+    /// Draws the faults, and the crashes of [`SimDev`]s.
     rng: Rng,
 }
 
-impl SimDisk {
-    /// A zeroed disk with the mailbox of `geometry` and `extra` bytes after
-    /// it, drawing its faults from `rng`.
-    pub fn new(geometry: Geometry, extra: usize, rng: Rng) -> SimDisk {
-        let len = geometry.mailbox_size() as usize + extra;
-        SimDisk {
-            bytes: vec![0; len],
-            geometry,
-            sector: geometry.sector_size() as usize,
-            faults: Faults::NONE,
-            crash_ppm: 0,
-            counts: FaultCounts::default(),
-            version: 0,
-            rng,
-        }
-    }
-
-    /// The mailbox geometry.
-    pub fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-
-    /// Changes whenever the contents may have changed.
-    pub fn version(&self) -> u64 {
-        self.version
-    }
-
-    /// Reads `len` bytes at `offset`.
-    pub fn read(&self, offset: u64, len: usize) -> &[u8] {
-        let o = offset as usize;
-        &self.bytes[o..o + len]
-    }
-
-    /// The 128-byte record at `offset`.
-    pub fn record(&self, offset: u64) -> &[u8] {
-        self.read(offset, RECORD_LEN)
-    }
-
-    /// Writes without faults (setup only).
-    pub fn put(&mut self, offset: u64, data: &[u8]) {
-        let o = offset as usize;
-        self.version += 1;
-        self.bytes[o..o + data.len()].copy_from_slice(data);
-    }
-
-    /// Writes whole sectors at a sector-aligned offset. Each sector lands
-    /// atomically or not at all; faults apply.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        assert_eq!(
-            offset as usize % self.sector,
-            0,
-            "unaligned write at {offset}"
-        );
-        assert_eq!(
-            data.len() % self.sector,
-            0,
-            "write of {} bytes is not whole sectors",
-            data.len()
-        );
-        self.counts.writes += 1;
-        self.version += 1;
-        let rng = &mut self.rng;
-        if rng.chance(self.faults.lost_ppm) {
-            self.counts.lost += 1;
-            return;
-        }
-        let mut data = data.to_vec();
-        if rng.chance(self.faults.bitflip_ppm) {
-            self.counts.bitflips += 1;
-            let bit = rng.below(data.len() as u64 * 8) as usize;
-            data[bit / 8] ^= 1 << (bit % 8);
-        }
-        let mut target = offset;
-        if rng.chance(self.faults.misdirected_ppm) {
-            if let Some(other) = self.misdirect(offset) {
-                self.counts.misdirected += 1;
-                target = other;
-            }
-        }
-        let sectors = data.len() / self.sector;
-        let landed = if sectors > 1 && self.rng.chance(self.faults.torn_ppm) {
-            self.counts.torn += 1;
-            self.rng.below(sectors as u64) as usize
-        } else {
-            sectors
-        };
-        let len = landed * self.sector;
-        self.put(target, &data[..len]);
-    }
-
+impl SimFaults {
     /// The same place in another host's area of the same region, if the
     /// offset is in a host area and there is another host.
     fn misdirect(&mut self, offset: u64) -> Option<u64> {
@@ -199,6 +119,133 @@ impl SimDisk {
         let host = (offset - region) / area;
         let other = (host + 1 + self.rng.below(hosts - 1)) % hosts;
         Some(region + other * area + (offset - region) % area)
+    }
+}
+
+impl testing::Faults for SimFaults {
+    fn write(&mut self, offset: u64, len: usize) -> WriteFault {
+        if let Some(fault) = self.next.take() {
+            return fault;
+        }
+        self.counts.writes += 1;
+        let rates = self.rates;
+        if self.rng.chance(rates.lost_ppm) {
+            self.counts.lost += 1;
+            return WriteFault::Lost;
+        }
+        if self.rng.chance(rates.bitflip_ppm) {
+            self.counts.bitflips += 1;
+            let bit = self.rng.below(len as u64 * 8) as usize;
+            return WriteFault::BitFlip {
+                byte: bit / 8,
+                bit: (bit % 8) as u8,
+            };
+        }
+        if self.rng.chance(rates.misdirected_ppm)
+            && let Some(other) = self.misdirect(offset)
+        {
+            self.counts.misdirected += 1;
+            return WriteFault::Misdirected { offset: other };
+        }
+        let sectors = len / self.geometry.sector_size() as usize;
+        if sectors > 1 && self.rng.chance(rates.torn_ppm) {
+            self.counts.torn += 1;
+            return WriteFault::Torn {
+                sectors: self.rng.below(sectors as u64) as usize,
+            };
+        }
+        WriteFault::None
+    }
+}
+
+/// The disk: the mailbox, then any extra space (pool metadata).
+#[derive(Clone, Debug)]
+pub struct SimDisk {
+    mem: MemDisk<Vec<u8>, SimFaults>,
+    geometry: Geometry,
+    /// Current chance per write, per million, that a writer that may crash
+    /// crashes at it.
+    pub crash_ppm: u32,
+    /// Bumped by every write, so that readers can cache what they derive.
+    version: u64,
+}
+
+impl SimDisk {
+    /// A zeroed disk with the mailbox of `geometry` and `extra` bytes after
+    /// it, drawing its faults from `rng`.
+    pub fn new(geometry: Geometry, extra: usize, rng: Rng) -> SimDisk {
+        let len = geometry.mailbox_size() as usize + extra;
+        let faults = SimFaults {
+            rates: Faults::NONE,
+            counts: FaultCounts::default(),
+            next: None,
+            geometry,
+            rng,
+        };
+        SimDisk {
+            mem: MemDisk::new(vec![0; len], geometry.sector_size(), faults),
+            geometry,
+            crash_ppm: 0,
+            version: 0,
+        }
+    }
+
+    /// The mailbox geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Changes whenever the contents may have changed.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Sets the fault rates of the writes to come.
+    pub fn set_faults(&mut self, rates: Faults) {
+        self.mem.faults.rates = rates;
+    }
+
+    /// What was injected so far.
+    pub fn counts(&self) -> FaultCounts {
+        self.mem.faults.counts
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(&self, offset: u64, len: usize) -> &[u8] {
+        let o = offset as usize;
+        &self.mem.bytes()[o..o + len]
+    }
+
+    /// The 128-byte record at `offset`.
+    pub fn record(&self, offset: u64) -> &[u8] {
+        self.read(offset, RECORD_LEN)
+    }
+
+    /// Writes without faults (setup only).
+    pub fn put(&mut self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        self.version += 1;
+        self.mem.bytes_mut()[o..o + data.len()].copy_from_slice(data);
+    }
+
+    /// Writes whole sectors at a sector-aligned offset. Each sector lands
+    /// atomically or not at all; faults apply.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.version += 1;
+        if let Err(e) = self.mem.write_at(offset, data) {
+            panic!("write of {} bytes at {offset}: {e}", data.len());
+        }
+    }
+
+    /// Writes as a node that crashes during the write: only the first
+    /// `sectors` sectors land (none for 0), without other faults.
+    fn write_crashing(&mut self, offset: u64, data: &[u8], sectors: usize) {
+        self.mem.faults.next = Some(if sectors == 0 {
+            WriteFault::Lost
+        } else {
+            WriteFault::Torn { sectors }
+        });
+        self.write(offset, data);
     }
 }
 
@@ -338,14 +385,16 @@ impl embedded_io::ErrorType for SimDev {
 
 impl BlockDevice for SimDev {
     fn sector_size(&self) -> u32 {
-        self.disk.borrow().sector as u32
+        self.disk.borrow().geometry.sector_size()
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Crashed> {
         if self.crashed {
             return Err(Crashed);
         }
-        buf.copy_from_slice(self.disk.borrow().read(offset, buf.len()));
+        if let Err(e) = self.disk.borrow_mut().mem.read_at(offset, buf) {
+            panic!("read of {} bytes at {offset}: {e}", buf.len());
+        }
         self.note_read(offset, buf);
         Ok(())
     }
@@ -357,13 +406,13 @@ impl BlockDevice for SimDev {
         self.note_write(offset, buf);
         let mut disk = self.disk.borrow_mut();
         let ppm = disk.crash_ppm;
-        if self.may_crash && disk.rng.chance(ppm) {
+        if self.may_crash && disk.mem.faults.rng.chance(ppm) {
             // The node crashes during the write: a prefix of its sectors
             // lands, never all of them.
             self.crashed = true;
-            let sectors = buf.len() / disk.sector;
-            let landed = disk.rng.below(sectors as u64) as usize * disk.sector;
-            disk.put(offset, &buf[..landed]);
+            let sectors = buf.len() / disk.geometry.sector_size() as usize;
+            let landed = disk.mem.faults.rng.below(sectors as u64) as usize;
+            disk.write_crashing(offset, buf, landed);
             return Err(Crashed);
         }
         disk.write(offset, buf);
@@ -398,7 +447,10 @@ mod tests {
     fn a_misdirected_write_lands_in_another_hosts_area() {
         let g = Geometry::new(4, 512).unwrap();
         let mut disk = SimDisk::new(g, 0, Rng::new(2));
-        disk.faults.misdirected_ppm = 1_000_000;
+        disk.set_faults(Faults {
+            misdirected_ppm: 1_000_000,
+            ..Faults::NONE
+        });
         let offset = g.inbox_area(2).unwrap();
         disk.write(offset, &[9; 512]);
         assert!(disk.record(offset).iter().all(|&b| b == 0));
@@ -412,7 +464,10 @@ mod tests {
     fn a_torn_write_lands_a_prefix_of_its_sectors() {
         let g = Geometry::new(4, 512).unwrap();
         let mut disk = SimDisk::new(g, 0, Rng::new(3));
-        disk.faults.torn_ppm = 1_000_000;
+        disk.set_faults(Faults {
+            torn_ppm: 1_000_000,
+            ..Faults::NONE
+        });
         let offset = g.inbox_area(1).unwrap();
         disk.write(offset, &[5; AREA_SIZE]);
         let landed = disk
@@ -426,5 +481,56 @@ mod tests {
                 .iter()
                 .all(|&b| b == 0)
         );
+    }
+
+    #[test]
+    fn a_write_suffers_one_fault_at_most() {
+        let g = Geometry::new(4, 512).unwrap();
+        let mut disk = SimDisk::new(g, 0, Rng::new(4));
+        disk.set_faults(Faults::all(1_000_000));
+        let offset = g.inbox_area(1).unwrap();
+        for _ in 0..10 {
+            disk.write(offset, &[5; AREA_SIZE]);
+        }
+        // Every write is lost: the faults after it are not drawn.
+        assert!(disk.read(offset, AREA_SIZE).iter().all(|&b| b == 0));
+        let counts = disk.counts();
+        assert_eq!(
+            counts,
+            FaultCounts {
+                lost: 10,
+                writes: 10,
+                ..FaultCounts::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_crashing_node_lands_a_prefix_and_fails_from_then_on() {
+        let g = Geometry::new(4, 512).unwrap();
+        let disk = Rc::new(RefCell::new(SimDisk::new(g, 0, Rng::new(5))));
+        disk.borrow_mut().crash_ppm = 1_000_000;
+        let observed = Rc::new(RefCell::new(Observed::default()));
+        let mut dev = SimDev::new(disk.clone(), observed, Uuid([1; 16]), Node::Host(1), true);
+        let offset = g.inbox_area(1).unwrap();
+        let version = disk.borrow().version();
+        assert_eq!(dev.write_at(offset, &[5; AREA_SIZE]), Err(Crashed));
+        assert_ne!(disk.borrow().version(), version);
+        let disk = disk.borrow();
+        let landed = disk
+            .read(offset, AREA_SIZE)
+            .iter()
+            .take_while(|&&b| b == 5)
+            .count();
+        assert!(landed < AREA_SIZE && landed % 512 == 0, "landed {landed}");
+        assert!(
+            disk.read(offset + landed as u64, AREA_SIZE - landed)
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_eq!(disk.counts(), FaultCounts::default());
+        drop(disk);
+        let mut buf = [0; 512];
+        assert_eq!(dev.read_at(offset, &mut buf), Err(Crashed));
     }
 }

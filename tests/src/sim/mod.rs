@@ -960,11 +960,11 @@ impl Sim {
             {
                 let on = self.faults_on();
                 let mut disk = self.disk.borrow_mut();
-                disk.faults = if on {
+                disk.set_faults(if on {
                     self.scenario.faults
                 } else {
                     Faults::NONE
-                };
+                });
                 disk.crash_ppm = if on { self.scenario.crash_ppm } else { 0 };
             }
             self.step().map_err(|what| self.fail(what))?;
@@ -980,7 +980,7 @@ impl Sim {
             self.now = self.next_instant().max(self.now + Duration::from_micros(1));
         }
         self.report.end = since_zero(self.now);
-        self.report.faults = self.disk.borrow().counts;
+        self.report.faults = self.disk.borrow().counts();
         Ok(self.report)
     }
 
