@@ -1,10 +1,9 @@
 //! A simulated shared disk: atomic per sector and nothing more, with
 //! injected faults.
 //!
-//! The bytes live in the core's in-memory device,
-//! [`MemDisk`](spmbox_core::testing::MemDisk), which also applies each
-//! fault; [`SimFaults`] decides the faults from the simulation's random
-//! numbers. The core's drivers reach the disk through [`SimDev`], one
+//! The bytes live in the core's in-memory device, [`MemDisk`], which also
+//! applies each fault; [`SimFaults`] decides the faults from the
+//! simulation's random numbers. The core's drivers reach the disk through [`SimDev`], one
 //! handle per node (a host or an SPM), which implements [`BlockDevice`]:
 //! whole sectors at sector-aligned offsets. A write of several sectors may
 //! be torn (only a prefix lands). Any write may be lost, land in the same
