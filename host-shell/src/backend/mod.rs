@@ -10,34 +10,64 @@ pub mod lvm_glue;
 
 use std::path::Path;
 
-use spmbox_core::spm::JobResult;
-use spmbox_core::wire::Uuid;
+use spmbox_core::host::HostError;
+use spmbox_core::pool::PoolError;
+use spmbox_core::spm::{JobResult, SpmError};
+use spmbox_core::wire::{GeometryError, Uuid};
 
+use crate::daemon::guest::GuestError;
+use crate::io::device::DeviceError;
 use crate::io::mailbox::MailboxError;
 use crate::io::mapping::Mapping;
 
-/// An error of a backend, with what to do about it in the message. The
-/// flag says the device holds no usable mailbox (exit status 4).
+/// An error of a backend (or of a daemon or command built on one), with
+/// what to do about it in the message. Where the error comes from a typed
+/// layer the variant keeps it, so callers can match on it and see its
+/// source; text composed here is [`BackendError::Other`].
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BackendError(pub String, pub(crate) bool);
+pub enum BackendError {
+    /// Opening, reading or writing the mailbox failed.
+    #[error(transparent)]
+    Mailbox(#[from] MailboxError),
+    /// I/O on a device (domain device or LUN) failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The builtin pool refused an operation.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// A domain geometry (hosts, sector size) out of range.
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    /// The SPM engine refused its configuration.
+    #[error(transparent)]
+    Spm(#[from] SpmError),
+    /// The host engine refused its configuration.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A guest, a recovery or a verification failed.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// A system call outside the device layer failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A message composed from context.
+    #[error("{0}")]
+    Other(String),
+}
 
 impl BackendError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> BackendError {
-        BackendError(message.into(), false)
+        BackendError::Other(message.into())
     }
 
     /// Whether the device holds no usable mailbox (see
     /// [`MailboxError::is_no_usable_mailbox`]).
     pub fn is_no_usable_mailbox(&self) -> bool {
-        self.1
-    }
-}
-
-impl From<MailboxError> for BackendError {
-    fn from(e: MailboxError) -> BackendError {
-        BackendError(e.to_string(), e.is_no_usable_mailbox())
+        match self {
+            BackendError::Mailbox(e) => e.is_no_usable_mailbox(),
+            _ => false,
+        }
     }
 }
 
