@@ -263,7 +263,7 @@ pub fn label_lun(
     }
     let label = LunLabel {
         domain,
-        lun: mailbox::random_uuid().map_err(|e| BackendError::new(e.to_string()))?,
+        lun: mailbox::random_uuid()?,
         data_offset: LUN_DATA_OFFSET,
         extent_size,
         extents,
@@ -433,18 +433,9 @@ impl Domain {
     /// the copy's sequence number.
     pub fn read_pool(&self) -> Result<(Box<DomainPool>, u64), BackendError> {
         let len = METADATA_COPY_SIZE;
-        let a = self
-            .mailbox
-            .read(self.meta, len)
-            .map_err(|e| BackendError::new(e.to_string()))?;
-        let b = self
-            .mailbox
-            .read(self.meta + len as u64, len)
-            .map_err(|e| BackendError::new(e.to_string()))?;
-        let mut pool = Box::new(
-            DomainPool::new(pool::DEFAULT_EXTENT_SIZE)
-                .map_err(|e| BackendError::new(e.to_string()))?,
-        );
+        let a = self.mailbox.read(self.meta, len)?;
+        let b = self.mailbox.read(self.meta + len as u64, len)?;
+        let mut pool = Box::new(DomainPool::new(pool::DEFAULT_EXTENT_SIZE)?);
         let seq = pool.decode_into(&a, &b).map_err(|e| {
             BackendError::new(format!(
                 "the pool metadata on {} cannot be read: {e}; restore the device or recreate the domain",
@@ -462,14 +453,8 @@ impl Domain {
         let mut out = [(0, Err(CopyDefect::Empty)); 2];
         for (place, slot) in out.iter_mut().enumerate() {
             let offset = self.meta + (place * len) as u64;
-            let copy = self
-                .mailbox
-                .read(offset, len)
-                .map_err(|e| BackendError::new(e.to_string()))?;
-            let mut pool = Box::new(
-                DomainPool::new(pool::DEFAULT_EXTENT_SIZE)
-                    .map_err(|e| BackendError::new(e.to_string()))?,
-            );
+            let copy = self.mailbox.read(offset, len)?;
+            let mut pool = Box::new(DomainPool::new(pool::DEFAULT_EXTENT_SIZE)?);
             let (a, b): (&[u8], &[u8]) = if place == 0 {
                 (&copy, &[])
             } else {
@@ -518,7 +503,7 @@ impl Domain {
         device
             .write_at(self.meta, &buf)
             .and_then(|()| device.sync_data())
-            .map_err(|e| BackendError::new(e.to_string()))
+            .map_err(BackendError::from)
     }
 }
 
@@ -552,8 +537,7 @@ pub fn create(
             Bytes(pool::MIN_EXTENT_SIZE)
         )));
     }
-    let mut probe =
-        DomainPool::new(options.extent_size).map_err(|e| BackendError::new(e.to_string()))?;
+    let mut probe = DomainPool::new(options.extent_size)?;
     if luns.len() > 16 {
         return Err(BackendError::new("a domain holds at most 16 LUNs"));
     }
@@ -608,8 +592,7 @@ pub fn create(
         }
     }
     let sector = options.sector_size.unwrap_or(512);
-    let geometry =
-        Geometry::new(options.hosts, sector).map_err(|e| BackendError::new(e.to_string()))?;
+    let geometry = Geometry::new(options.hosts, sector)?;
     let size = domain_size(geometry);
     if !device.exists() {
         let file = File::create_new(device)
@@ -617,8 +600,7 @@ pub fn create(
         file.set_len(size)
             .map_err(|e| BackendError::new(format!("cannot size {}: {e}", device.display())))?;
     } else {
-        let d =
-            Device::open(device, Access::ReadOnly).map_err(|e| BackendError::new(e.to_string()))?;
+        let d = Device::open(device, Access::ReadOnly)?;
         if d.size() < size {
             return Err(BackendError::new(format!(
                 "{} is {}; a domain for {} hosts needs {} (mailbox and two pool metadata copies)",

@@ -672,7 +672,7 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
         .tempdir()
         .map_err(|e| BackendError::new(format!("cannot make a temporary directory: {e}")))?;
     let run_dir = dir.path().join("run");
-    std::fs::create_dir_all(&run_dir).map_err(|e| BackendError::new(e.to_string()))?;
+    std::fs::create_dir_all(&run_dir)?;
     // The given device is formatted over for each configuration; by
     // default each gets its own file, made at the right size.
     let device_for = |hosts: u16| {

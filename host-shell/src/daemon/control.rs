@@ -126,9 +126,7 @@ pub fn control_request(control: &Path, request: &Value) -> Result<Option<Value>,
     } else {
         CONTROL_ANSWER_TIMEOUT
     };
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = request.to_string();
     line.push('\n');
     stream

@@ -98,8 +98,7 @@ impl VmSetup {
         if let Some(kernel) = &options.kernel {
             tools.kernel = kernel.clone();
         }
-        crate::daemon::control::private_dir(&options.dir)
-            .map_err(|e| BackendError::new(e.to_string()))?;
+        crate::daemon::control::private_dir(&options.dir)?;
         let initramfs = match &options.initrd {
             Some(p) => p.clone(),
             None => {
@@ -351,7 +350,7 @@ impl Vm {
         on_message: Arc<dyn Fn(QmpMessage) + Send + Sync>,
     ) -> Result<Vm, BackendError> {
         let paths = VmPaths::new(&setup.options.dir, volume);
-        crate::daemon::control::private_dir(&paths.dir).map_err(err)?;
+        crate::daemon::control::private_dir(&paths.dir)?;
         let export = Arc::new(VolumeExport::new(map, limit));
         let server =
             crate::vm::nbd::Server::serve(&paths.nbd(), &volume.to_string(), export.clone())
