@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::report::{Dist, merge};
 use super::spm::{Backend, SpmThread};
 use super::{
-    GUEST_EXTENT, GUEST_RATE, GUEST_VOLUME, ROUND_EXTENSIONS, err, guest_host_options, preallocate,
+    GUEST_EXTENT, GUEST_RATE, GUEST_VOLUME, ROUND_EXTENSIONS, guest_host_options, preallocate,
 };
 use crate::backend::BackendError;
 use crate::backend::builtin::CreateOptions;
@@ -116,7 +116,7 @@ pub(super) fn whole_extension_lvm(
         &vg,
         &pvs,
     )?;
-    let volume = mailbox::random_uuid().map_err(err)?;
+    let volume = mailbox::random_uuid()?;
     crate::backend::lvm_glue::spm_backend(&vg, &pvs)?.create_volume(volume, per_volume, extent)?;
     let spm = SpmThread::start(
         &domain_loop.0,

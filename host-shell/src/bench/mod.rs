@@ -162,11 +162,7 @@ fn throughput(
     for id in 1..=hosts {
         let mut vols = Vec::new();
         for _ in 0..volumes_per_host {
-            vols.push((
-                mailbox::random_uuid().map_err(err)?,
-                1u64 << 40,
-                FLEET_CHUNK,
-            ));
+            vols.push((mailbox::random_uuid()?, 1u64 << 40, FLEET_CHUNK));
         }
         specs.push((id, vols));
     }
@@ -300,7 +296,7 @@ fn throughput_builtin(
     {
         let mut b = builtin::BuiltinSpm::open(&device)?;
         for h in 1..=volumes {
-            let v = mailbox::random_uuid().map_err(err)?;
+            let v = mailbox::random_uuid()?;
             b.create_volume(v, virtual_size, extent)?;
             specs.push((h, vec![(v, virtual_size, extent)]));
         }
@@ -422,7 +418,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
             force: true,
         },
     )?;
-    let volume = mailbox::random_uuid().map_err(err)?;
+    let volume = mailbox::random_uuid()?;
     {
         let mut b = builtin::BuiltinSpm::open(&device)?;
         b.create_volume(volume, total, chunk)?;
@@ -459,16 +455,16 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
 /// MiB/s of `bytes` written from the start of `path` in `write_size`
 /// O_DIRECT writes of one buffer, then synced.
 fn raw_write_rate(path: &Path, bytes: u64, write_size: usize) -> Result<f64, BackendError> {
-    let device = crate::io::device::Device::open(path, Access::ReadWrite).map_err(err)?;
+    let device = crate::io::device::Device::open(path, Access::ReadWrite)?;
     let mut buf = AlignedBuf::zeroed(write_size, device.dio_mem_align().max(4096));
     buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
     let started = StdInstant::now();
     let mut at = 0;
     while at + write_size as u64 <= bytes {
-        device.write_at(at, &buf).map_err(err)?;
+        device.write_at(at, &buf)?;
         at += write_size as u64;
     }
-    device.sync_data().map_err(err)?;
+    device.sync_data()?;
     Ok(at as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64)
 }
 
@@ -579,7 +575,7 @@ fn whole_extension_round(
         for h in 1..=hosts {
             let mut vols = Vec::new();
             for _ in 0..volumes_per_host {
-                let v = mailbox::random_uuid().map_err(err)?;
+                let v = mailbox::random_uuid()?;
                 b.create_volume(v, per_volume, extent)?;
                 vols.push(v);
             }

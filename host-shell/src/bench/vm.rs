@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use spmbox_core::wire::Uuid;
 
 use super::spm::{Backend, SpmThread};
-use super::{err, guest_host_options, preallocate};
+use super::{guest_host_options, preallocate};
 use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control;
@@ -68,7 +68,7 @@ fn vm_run(
     {
         let mut b = builtin::BuiltinSpm::open(&device)?;
         for _ in 0..volumes {
-            let id = mailbox::random_uuid().map_err(err)?;
+            let id = mailbox::random_uuid()?;
             b.create_volume(id, virtual_size, initial)?;
             ids.push(id);
         }
@@ -112,7 +112,7 @@ fn vm_run(
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let lun = std::fs::canonicalize(&luns[1]).map_err(err)?;
+        let lun = std::fs::canonicalize(&luns[1])?;
         lun_added = Some(StdInstant::now());
         control::control_request(&control, &json!({"op": "add_lun", "path": lun}))?;
     }
