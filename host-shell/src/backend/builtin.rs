@@ -123,14 +123,14 @@ pub fn read_label(path: &Path) -> Result<Option<LunLabel>, BackendError> {
 /// its size now.
 fn read_label_and_size(path: &Path) -> Result<(Option<LunLabel>, u64), BackendError> {
     let device = Device::open(path, Access::ReadOnly)
-        .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
+        .map_err(|e| BackendError::device("cannot read LUN label", e))?;
     if device.size() < LABEL_LEN as u64 {
         return Ok((None, device.size()));
     }
     let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
     device
         .read_at(0, &mut buf)
-        .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
+        .map_err(|e| BackendError::device("cannot read LUN label", e))?;
     Ok((LunLabel::parse(&buf), device.size()))
 }
 
@@ -227,11 +227,11 @@ pub fn label_lun(
     force: bool,
 ) -> Result<LunLabel, BackendError> {
     let device = Device::open(path, Access::ReadWrite)
-        .map_err(|e| BackendError::new(format!("cannot open LUN: {e}")))?;
+        .map_err(|e| BackendError::device("cannot open LUN", e))?;
     let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
     device
         .read_at(0, &mut buf)
-        .map_err(|e| BackendError::new(format!("cannot read LUN: {e}")))?;
+        .map_err(|e| BackendError::device("cannot read LUN", e))?;
     if let Some(label) = LunLabel::parse(&buf) {
         if label.domain == domain {
             return Ok(label);
@@ -272,7 +272,7 @@ pub fn label_lun(
     device
         .write_at(0, &buf)
         .and_then(|()| device.sync_data())
-        .map_err(|e| BackendError::new(format!("cannot write LUN label: {e}")))?;
+        .map_err(|e| BackendError::device("cannot write LUN label", e))?;
     Ok(label)
 }
 
@@ -490,7 +490,7 @@ impl Domain {
         device
             .write_at(offset, &out)
             .and_then(|()| device.sync_data())
-            .map_err(|e| BackendError::new(format!("cannot commit the pool metadata: {e}")))
+            .map_err(|e| BackendError::device("cannot commit the pool metadata", e))
     }
 
     /// Zeroes both copies whole: a new pool must not lose to a left-over
@@ -546,9 +546,9 @@ pub fn create(
     let mut kept: Vec<(Uuid, &PathBuf)> = Vec::new();
     for lun in luns {
         let d = Device::open(lun, Access::ReadOnly)
-            .map_err(|e| BackendError::new(format!("cannot use LUN: {e}")))?;
+            .map_err(|e| BackendError::device("cannot use LUN", e))?;
         let id = storage_id(lun)
-            .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", lun.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot stat {}", lun.display()), e))?;
         if let Some((_, first)) = ids.iter().find(|(other, _)| *other == id) {
             return Err(BackendError::new(format!(
                 "--lun {} and --lun {} are the same storage; give each LUN once",
@@ -596,9 +596,9 @@ pub fn create(
     let size = domain_size(geometry);
     if !device.exists() {
         let file = File::create_new(device)
-            .map_err(|e| BackendError::new(format!("cannot create {}: {e}", device.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot create {}", device.display()), e))?;
         file.set_len(size)
-            .map_err(|e| BackendError::new(format!("cannot size {}: {e}", device.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot size {}", device.display()), e))?;
     } else {
         let d = Device::open(device, Access::ReadOnly)?;
         if d.size() < size {
@@ -771,7 +771,7 @@ impl SpmBackend for BuiltinSpm {
                 search.push(dir.to_owned());
             }
             let id = storage_id(path)
-                .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", path.display())))?;
+                .map_err(|e| BackendError::io(format!("cannot stat {}", path.display()), e))?;
             if let Some(found) = find_luns(self.domain.id(), &search).get(&label.lun) {
                 let mut others: Vec<&PathBuf> = found
                     .others
@@ -919,7 +919,7 @@ impl BuiltinMaps {
         // The size now, not when it was found: a LUN may be cut while the
         // host runs.
         let size = Device::open(&lun.path, Access::ReadOnly)
-            .map_err(|e| BackendError::new(format!("cannot open LUN {id}: {e}")))?
+            .map_err(|e| BackendError::device(format!("cannot open LUN {id}"), e))?
             .size();
         check_lun_size(&lun.path, &lun.label, size, Some(pool_extents))?;
         Ok((lun.path, lun.label))

@@ -50,6 +50,25 @@ pub enum BackendError {
     /// A system call outside the device layer failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A system call outside the device layer failed; `what` says what
+    /// was being done.
+    #[error("{what}: {source}")]
+    IoContext {
+        /// What was being done, naming the file or socket.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// I/O on a device failed; `what` says what was being done.
+    #[error("{what}: {source}")]
+    DeviceContext {
+        /// What was being done, naming the device or LUN.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: DeviceError,
+    },
     /// A message composed from context.
     #[error("{0}")]
     Other(String),
@@ -59,6 +78,22 @@ impl BackendError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> BackendError {
         BackendError::Other(message.into())
+    }
+
+    /// `what` failed because of `source`; shown as `what: source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> BackendError {
+        BackendError::IoContext {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// `what` failed because of `source`; shown as `what: source`.
+    pub fn device(what: impl Into<String>, source: DeviceError) -> BackendError {
+        BackendError::DeviceContext {
+            what: what.into(),
+            source,
+        }
     }
 
     /// Whether the device holds no usable mailbox (see

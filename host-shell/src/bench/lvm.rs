@@ -26,7 +26,7 @@ impl LoopDevice {
             .args(["--find", "--show", "--sector-size", "512"])
             .arg(file)
             .output()
-            .map_err(|e| BackendError::new(format!("cannot run losetup: {e}")))?;
+            .map_err(|e| BackendError::io("cannot run losetup", e))?;
         if !out.status.success() {
             return Err(BackendError::new(format!(
                 "losetup {} failed: {}",
@@ -93,7 +93,7 @@ pub(super) fn whole_extension_lvm(
     ] {
         std::fs::File::create(f)
             .and_then(|file| preallocate(&file, size))
-            .map_err(|e| BackendError::new(format!("cannot make {}: {e}", f.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot make {}", f.display()), e))?;
     }
     let domain_loop = LoopDevice::attach(&domain_file)?;
     let lun_loop = LoopDevice::attach(&lun_file)?;

@@ -280,7 +280,7 @@ fn throughput_builtin(
     let lun_size = u64::from(volumes) * limit + (64 << 20);
     std::fs::File::create(&lun)
         .and_then(|f| f.set_len(lun_size))
-        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
     builtin::create(
         &device,
         std::slice::from_ref(&lun),
@@ -406,7 +406,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     let lun_size = (total + 4 * chunk).next_multiple_of(extent) + 2 * extent;
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
-        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
     builtin::create(
         &device,
         std::slice::from_ref(&lun),
@@ -557,7 +557,7 @@ fn whole_extension_round(
     let lun_size = per_volume * 2 * volumes_per_host * u64::from(hosts) + (64 << 20);
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
-        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
     builtin::create(
         &device,
         std::slice::from_ref(&lun),
@@ -666,7 +666,7 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
     let dir = tempfile::Builder::new()
         .prefix("spmbox-bench-")
         .tempdir()
-        .map_err(|e| BackendError::new(format!("cannot make a temporary directory: {e}")))?;
+        .map_err(|e| BackendError::io("cannot make a temporary directory", e))?;
     let run_dir = dir.path().join("run");
     std::fs::create_dir_all(&run_dir)?;
     // The given device is formatted over for each configuration; by
@@ -803,7 +803,7 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
     put("seconds", json!(round(started.elapsed().as_secs_f64(), 1)));
     if let Some(path) = &options.svg {
         std::fs::write(path, svg(&sets))
-            .map_err(|e| BackendError::new(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot write {}", path.display()), e))?;
     }
     if options.json {
         println!(

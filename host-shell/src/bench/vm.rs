@@ -50,7 +50,7 @@ fn vm_run(
         if let Some(size) = size {
             std::fs::File::create(lun)
                 .and_then(|f| preallocate(&f, builtin::LUN_DATA_OFFSET + size))
-                .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+                .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
         }
     }
     builtin::create(
@@ -282,7 +282,7 @@ fn vm_file_rate(
             .arg(&raw)
             .arg((bytes + (64 << 20)).to_string())
             .output()
-            .map_err(|e| BackendError::new(format!("running qemu-img: {e}")))?;
+            .map_err(|e| BackendError::io("running qemu-img", e))?;
         if !out.status.success() {
             return Err(BackendError::new(format!(
                 "bench: qemu-img create: {}",
@@ -292,7 +292,7 @@ fn vm_file_rate(
     } else {
         std::fs::File::create(&raw)
             .and_then(|f| preallocate(&f, bytes))
-            .map_err(|e| BackendError::new(format!("cannot make {}: {e}", raw.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot make {}", raw.display()), e))?;
     }
     let serial = dir.join("vm-raw.serial");
     let params = crate::vm::image::GuestParams {
@@ -318,7 +318,7 @@ fn vm_file_rate(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .map_err(|e| BackendError::new(format!("running qemu: {e}")))?;
+        .map_err(|e| BackendError::io("running qemu", e))?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     let _ = std::fs::remove_file(&raw);
     let result = crate::vm::image::parse_result(&log).ok_or_else(|| {

@@ -105,7 +105,7 @@ pub fn lock_domain(
     mut busy: impl FnMut() -> Result<(), BackendError>,
 ) -> Result<std::fs::File, BackendError> {
     let file = std::fs::File::open(path)
-        .map_err(|e| BackendError::new(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot open {}", path.display()), e))?;
     let started = std::time::Instant::now();
     loop {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {

@@ -103,9 +103,8 @@ impl VmSetup {
             Some(p) => p.clone(),
             None => {
                 let out = options.dir.join("initramfs.cpio");
-                let exe = std::env::current_exe().map_err(|e| {
-                    BackendError::new(format!("cannot find the spmbox binary: {e}"))
-                })?;
+                let exe = std::env::current_exe()
+                    .map_err(|e| BackendError::io("cannot find the spmbox binary", e))?;
                 image::build_initramfs(&tools, &exe, &out)
                     .map_err(|e| BackendError::new(format!("building the VM's initramfs: {e}")))?;
                 out
