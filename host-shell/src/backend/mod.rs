@@ -205,3 +205,61 @@ pub trait VolumeMaps {
     /// The volume's virtual size and limit, for the host engine.
     fn sizes(&mut self, volume: Uuid) -> Result<VolumeReport, BackendError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn composed_text_shows_as_given() {
+        let e = BackendError::new("add_lun needs a path");
+        assert_eq!(e.to_string(), "add_lun needs a path");
+        assert!(!e.is_no_usable_mailbox());
+        assert!(e.source().is_none());
+    }
+
+    #[test]
+    fn a_context_shows_as_what_colon_source_and_keeps_the_source() {
+        let io = || std::io::Error::from_raw_os_error(2);
+        let e = BackendError::io("cannot open /x", io());
+        assert_eq!(e.to_string(), format!("cannot open /x: {}", io()));
+        assert!(e.source().is_some());
+        let device = || DeviceError::AlreadyExists {
+            path: PathBuf::from("/x"),
+        };
+        let e = BackendError::device("cannot open LUN", device());
+        assert_eq!(e.to_string(), format!("cannot open LUN: {}", device()));
+        assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn a_typed_source_shows_as_itself() {
+        let e = BackendError::from(std::io::Error::from_raw_os_error(2));
+        assert_eq!(
+            e.to_string(),
+            std::io::Error::from_raw_os_error(2).to_string()
+        );
+        let e = BackendError::from(PoolError::NilId);
+        assert_eq!(e.to_string(), PoolError::NilId.to_string());
+    }
+
+    #[test]
+    fn only_a_mailbox_error_that_says_so_means_no_usable_mailbox() {
+        let not = || MailboxError::NotAMailbox {
+            path: PathBuf::from("/x"),
+            why: "it is all zeroes".into(),
+            hint: "format it",
+        };
+        let e = BackendError::from(not());
+        assert_eq!(e.to_string(), not().to_string());
+        assert!(e.is_no_usable_mailbox());
+        let e = BackendError::from(MailboxError::Device(DeviceError::AlreadyExists {
+            path: PathBuf::from("/x"),
+        }));
+        assert!(!e.is_no_usable_mailbox());
+        assert!(!BackendError::new(not().to_string()).is_no_usable_mailbox());
+    }
+}
