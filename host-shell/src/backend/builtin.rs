@@ -123,14 +123,14 @@ pub fn read_label(path: &Path) -> Result<Option<LunLabel>, BackendError> {
 /// its size now.
 fn read_label_and_size(path: &Path) -> Result<(Option<LunLabel>, u64), BackendError> {
     let device = Device::open(path, Access::ReadOnly)
-        .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
+        .map_err(|e| BackendError::device("cannot read LUN label", e))?;
     if device.size() < LABEL_LEN as u64 {
         return Ok((None, device.size()));
     }
     let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
     device
         .read_at(0, &mut buf)
-        .map_err(|e| BackendError::new(format!("cannot read LUN label: {e}")))?;
+        .map_err(|e| BackendError::device("cannot read LUN label", e))?;
     Ok((LunLabel::parse(&buf), device.size()))
 }
 
@@ -227,11 +227,11 @@ pub fn label_lun(
     force: bool,
 ) -> Result<LunLabel, BackendError> {
     let device = Device::open(path, Access::ReadWrite)
-        .map_err(|e| BackendError::new(format!("cannot open LUN: {e}")))?;
+        .map_err(|e| BackendError::device("cannot open LUN", e))?;
     let mut buf = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
     device
         .read_at(0, &mut buf)
-        .map_err(|e| BackendError::new(format!("cannot read LUN: {e}")))?;
+        .map_err(|e| BackendError::device("cannot read LUN", e))?;
     if let Some(label) = LunLabel::parse(&buf) {
         if label.domain == domain {
             return Ok(label);
@@ -263,7 +263,7 @@ pub fn label_lun(
     }
     let label = LunLabel {
         domain,
-        lun: mailbox::random_uuid().map_err(|e| BackendError::new(e.to_string()))?,
+        lun: mailbox::random_uuid()?,
         data_offset: LUN_DATA_OFFSET,
         extent_size,
         extents,
@@ -272,7 +272,7 @@ pub fn label_lun(
     device
         .write_at(0, &buf)
         .and_then(|()| device.sync_data())
-        .map_err(|e| BackendError::new(format!("cannot write LUN label: {e}")))?;
+        .map_err(|e| BackendError::device("cannot write LUN label", e))?;
     Ok(label)
 }
 
@@ -433,18 +433,9 @@ impl Domain {
     /// the copy's sequence number.
     pub fn read_pool(&self) -> Result<(Box<DomainPool>, u64), BackendError> {
         let len = METADATA_COPY_SIZE;
-        let a = self
-            .mailbox
-            .read(self.meta, len)
-            .map_err(|e| BackendError::new(e.to_string()))?;
-        let b = self
-            .mailbox
-            .read(self.meta + len as u64, len)
-            .map_err(|e| BackendError::new(e.to_string()))?;
-        let mut pool = Box::new(
-            DomainPool::new(pool::DEFAULT_EXTENT_SIZE)
-                .map_err(|e| BackendError::new(e.to_string()))?,
-        );
+        let a = self.mailbox.read(self.meta, len)?;
+        let b = self.mailbox.read(self.meta + len as u64, len)?;
+        let mut pool = Box::new(DomainPool::new(pool::DEFAULT_EXTENT_SIZE)?);
         let seq = pool.decode_into(&a, &b).map_err(|e| {
             BackendError::new(format!(
                 "the pool metadata on {} cannot be read: {e}; restore the device or recreate the domain",
@@ -462,14 +453,8 @@ impl Domain {
         let mut out = [(0, Err(CopyDefect::Empty)); 2];
         for (place, slot) in out.iter_mut().enumerate() {
             let offset = self.meta + (place * len) as u64;
-            let copy = self
-                .mailbox
-                .read(offset, len)
-                .map_err(|e| BackendError::new(e.to_string()))?;
-            let mut pool = Box::new(
-                DomainPool::new(pool::DEFAULT_EXTENT_SIZE)
-                    .map_err(|e| BackendError::new(e.to_string()))?,
-            );
+            let copy = self.mailbox.read(offset, len)?;
+            let mut pool = Box::new(DomainPool::new(pool::DEFAULT_EXTENT_SIZE)?);
             let (a, b): (&[u8], &[u8]) = if place == 0 {
                 (&copy, &[])
             } else {
@@ -505,7 +490,7 @@ impl Domain {
         device
             .write_at(offset, &out)
             .and_then(|()| device.sync_data())
-            .map_err(|e| BackendError::new(format!("cannot commit the pool metadata: {e}")))
+            .map_err(|e| BackendError::device("cannot commit the pool metadata", e))
     }
 
     /// Zeroes both copies whole: a new pool must not lose to a left-over
@@ -518,7 +503,7 @@ impl Domain {
         device
             .write_at(self.meta, &buf)
             .and_then(|()| device.sync_data())
-            .map_err(|e| BackendError::new(e.to_string()))
+            .map_err(BackendError::from)
     }
 }
 
@@ -552,8 +537,7 @@ pub fn create(
             Bytes(pool::MIN_EXTENT_SIZE)
         )));
     }
-    let mut probe =
-        DomainPool::new(options.extent_size).map_err(|e| BackendError::new(e.to_string()))?;
+    let mut probe = DomainPool::new(options.extent_size)?;
     if luns.len() > 16 {
         return Err(BackendError::new("a domain holds at most 16 LUNs"));
     }
@@ -562,9 +546,9 @@ pub fn create(
     let mut kept: Vec<(Uuid, &PathBuf)> = Vec::new();
     for lun in luns {
         let d = Device::open(lun, Access::ReadOnly)
-            .map_err(|e| BackendError::new(format!("cannot use LUN: {e}")))?;
+            .map_err(|e| BackendError::device("cannot use LUN", e))?;
         let id = storage_id(lun)
-            .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", lun.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot stat {}", lun.display()), e))?;
         if let Some((_, first)) = ids.iter().find(|(other, _)| *other == id) {
             return Err(BackendError::new(format!(
                 "--lun {} and --lun {} are the same storage; give each LUN once",
@@ -608,17 +592,15 @@ pub fn create(
         }
     }
     let sector = options.sector_size.unwrap_or(512);
-    let geometry =
-        Geometry::new(options.hosts, sector).map_err(|e| BackendError::new(e.to_string()))?;
+    let geometry = Geometry::new(options.hosts, sector)?;
     let size = domain_size(geometry);
     if !device.exists() {
         let file = File::create_new(device)
-            .map_err(|e| BackendError::new(format!("cannot create {}: {e}", device.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot create {}", device.display()), e))?;
         file.set_len(size)
-            .map_err(|e| BackendError::new(format!("cannot size {}: {e}", device.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot size {}", device.display()), e))?;
     } else {
-        let d =
-            Device::open(device, Access::ReadOnly).map_err(|e| BackendError::new(e.to_string()))?;
+        let d = Device::open(device, Access::ReadOnly)?;
         if d.size() < size {
             return Err(BackendError::new(format!(
                 "{} is {}; a domain for {} hosts needs {} (mailbox and two pool metadata copies)",
@@ -789,7 +771,7 @@ impl SpmBackend for BuiltinSpm {
                 search.push(dir.to_owned());
             }
             let id = storage_id(path)
-                .map_err(|e| BackendError::new(format!("cannot stat {}: {e}", path.display())))?;
+                .map_err(|e| BackendError::io(format!("cannot stat {}", path.display()), e))?;
             if let Some(found) = find_luns(self.domain.id(), &search).get(&label.lun) {
                 let mut others: Vec<&PathBuf> = found
                     .others
@@ -937,7 +919,7 @@ impl BuiltinMaps {
         // The size now, not when it was found: a LUN may be cut while the
         // host runs.
         let size = Device::open(&lun.path, Access::ReadOnly)
-            .map_err(|e| BackendError::new(format!("cannot open LUN {id}: {e}")))?
+            .map_err(|e| BackendError::device(format!("cannot open LUN {id}"), e))?
             .size();
         check_lun_size(&lun.path, &lun.label, size, Some(pool_extents))?;
         Ok((lun.path, lun.label))

@@ -327,7 +327,7 @@ impl Lvm {
                      or use the builtin backend",
                 )
             } else {
-                BackendError::new(format!("cannot run `{shown}`: {e}"))
+                BackendError::io(format!("cannot run `{shown}`"), e)
             }
         })?;
         if !out.status.success() {

@@ -10,34 +10,99 @@ pub mod lvm_glue;
 
 use std::path::Path;
 
-use spmbox_core::spm::JobResult;
-use spmbox_core::wire::Uuid;
+use spmbox_core::host::HostError;
+use spmbox_core::pool::PoolError;
+use spmbox_core::spm::{JobResult, SpmError};
+use spmbox_core::wire::{GeometryError, Uuid};
 
+use crate::daemon::guest::GuestError;
+use crate::io::device::DeviceError;
 use crate::io::mailbox::MailboxError;
 use crate::io::mapping::Mapping;
 
-/// An error of a backend, with what to do about it in the message. The
-/// flag says the device holds no usable mailbox (exit status 4).
+/// An error of a backend (or of a daemon or command built on one), with
+/// what to do about it in the message. Where the error comes from a typed
+/// layer the variant keeps it, so callers can match on it and see its
+/// source; text composed here is [`BackendError::Other`].
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BackendError(pub String, pub(crate) bool);
+pub enum BackendError {
+    /// Opening, reading or writing the mailbox failed.
+    #[error(transparent)]
+    Mailbox(#[from] MailboxError),
+    /// I/O on a device (domain device or LUN) failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The builtin pool refused an operation.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// A domain geometry (hosts, sector size) out of range.
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    /// The SPM engine refused its configuration.
+    #[error(transparent)]
+    Spm(#[from] SpmError),
+    /// The host engine refused its configuration.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A guest, a recovery or a verification failed.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// A system call outside the device layer failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A system call outside the device layer failed; `what` says what
+    /// was being done.
+    #[error("{what}: {source}")]
+    IoContext {
+        /// What was being done, naming the file or socket.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// I/O on a device failed; `what` says what was being done.
+    #[error("{what}: {source}")]
+    DeviceContext {
+        /// What was being done, naming the device or LUN.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: DeviceError,
+    },
+    /// A message composed from context.
+    #[error("{0}")]
+    Other(String),
+}
 
 impl BackendError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> BackendError {
-        BackendError(message.into(), false)
+        BackendError::Other(message.into())
+    }
+
+    /// `what` failed because of `source`; shown as `what: source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> BackendError {
+        BackendError::IoContext {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// `what` failed because of `source`; shown as `what: source`.
+    pub fn device(what: impl Into<String>, source: DeviceError) -> BackendError {
+        BackendError::DeviceContext {
+            what: what.into(),
+            source,
+        }
     }
 
     /// Whether the device holds no usable mailbox (see
     /// [`MailboxError::is_no_usable_mailbox`]).
     pub fn is_no_usable_mailbox(&self) -> bool {
-        self.1
-    }
-}
-
-impl From<MailboxError> for BackendError {
-    fn from(e: MailboxError) -> BackendError {
-        BackendError(e.to_string(), e.is_no_usable_mailbox())
+        match self {
+            BackendError::Mailbox(e) => e.is_no_usable_mailbox(),
+            _ => false,
+        }
     }
 }
 
@@ -139,4 +204,62 @@ pub trait VolumeMaps {
 
     /// The volume's virtual size and limit, for the host engine.
     fn sizes(&mut self, volume: Uuid) -> Result<VolumeReport, BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn composed_text_shows_as_given() {
+        let e = BackendError::new("add_lun needs a path");
+        assert_eq!(e.to_string(), "add_lun needs a path");
+        assert!(!e.is_no_usable_mailbox());
+        assert!(e.source().is_none());
+    }
+
+    #[test]
+    fn a_context_shows_as_what_colon_source_and_keeps_the_source() {
+        let io = || std::io::Error::from_raw_os_error(2);
+        let e = BackendError::io("cannot open /x", io());
+        assert_eq!(e.to_string(), format!("cannot open /x: {}", io()));
+        assert!(e.source().is_some());
+        let device = || DeviceError::AlreadyExists {
+            path: PathBuf::from("/x"),
+        };
+        let e = BackendError::device("cannot open LUN", device());
+        assert_eq!(e.to_string(), format!("cannot open LUN: {}", device()));
+        assert!(e.source().is_some());
+    }
+
+    #[test]
+    fn a_typed_source_shows_as_itself() {
+        let e = BackendError::from(std::io::Error::from_raw_os_error(2));
+        assert_eq!(
+            e.to_string(),
+            std::io::Error::from_raw_os_error(2).to_string()
+        );
+        let e = BackendError::from(PoolError::NilId);
+        assert_eq!(e.to_string(), PoolError::NilId.to_string());
+    }
+
+    #[test]
+    fn only_a_mailbox_error_that_says_so_means_no_usable_mailbox() {
+        let not = || MailboxError::NotAMailbox {
+            path: PathBuf::from("/x"),
+            why: "it is all zeroes".into(),
+            hint: "format it",
+        };
+        let e = BackendError::from(not());
+        assert_eq!(e.to_string(), not().to_string());
+        assert!(e.is_no_usable_mailbox());
+        let e = BackendError::from(MailboxError::Device(DeviceError::AlreadyExists {
+            path: PathBuf::from("/x"),
+        }));
+        assert!(!e.is_no_usable_mailbox());
+        assert!(!BackendError::new(not().to_string()).is_no_usable_mailbox());
+    }
 }

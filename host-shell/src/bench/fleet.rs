@@ -133,8 +133,7 @@ struct Ringer {
 
 impl Ringer {
     fn start(mailbox: &Mailbox) -> Result<Ringer, BackendError> {
-        let device = crate::io::device::Device::open(mailbox.device().path(), Access::ReadWrite)
-            .map_err(err)?;
+        let device = crate::io::device::Device::open(mailbox.device().path(), Access::ReadWrite)?;
         let sector = mailbox.geometry().sector_size() as usize;
         let pending = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -196,7 +195,7 @@ impl Fleet {
     ) -> Result<Fleet, BackendError> {
         let mut hosts = Vec::new();
         for id in ids {
-            let v = mailbox::random_uuid().map_err(err)?;
+            let v = mailbox::random_uuid()?;
             hosts.push((id, vec![(v, 1u64 << 40, FLEET_CHUNK)]));
         }
         Fleet::with_volumes(device, hosts)
@@ -219,14 +218,12 @@ impl Fleet {
             lease_interval: std::time::Duration::ZERO,
             ..HostConfig::default()
         };
-        let inboxes = mailbox
-            .read(
-                geometry.inbox_offset(),
-                usize::from(geometry.max_hosts()) * AREA_SIZE,
-            )
-            .map_err(err)?;
+        let inboxes = mailbox.read(
+            geometry.inbox_offset(),
+            usize::from(geometry.max_hosts()) * AREA_SIZE,
+        )?;
         let io = Rc::new(FleetIo {
-            device: Device::open(device, Access::ReadWrite).map_err(err)?,
+            device: Device::open(device, Access::ReadWrite)?,
             inbox_offset: geometry.inbox_offset(),
             batched: Cell::new(false),
             inboxes: RefCell::new(inboxes),
@@ -239,13 +236,11 @@ impl Fleet {
             let Some(inbox) = geometry.inbox_area(id) else {
                 continue;
             };
-            let mut engine = Host::new(domain, id, geometry, config).map_err(err)?;
+            let mut engine = Host::new(domain, id, geometry, config)?;
             let mut volumes = Vec::new();
             for (v, virtual_size, size) in specs.into_iter().take(FLEET_VOLUMES) {
                 let limit = max_size(virtual_size, 1 << 20).unwrap_or(u64::MAX);
-                engine
-                    .add_volume(v, virtual_size, limit, size, 0)
-                    .map_err(err)?;
+                engine.add_volume(v, virtual_size, limit, size, 0)?;
                 volumes.push(FleetVolume {
                     id: v,
                     physical: size,
@@ -264,7 +259,7 @@ impl Fleet {
                 HostDriver::new(disk, engine, buffer)
                     .map_err(|e| BackendError::new(format!("fleet host {id}: {e:?}")))?,
             );
-            driver.start(clock.now(), 1).map_err(err)?.map_err(err)?;
+            driver.start(clock.now(), 1)??;
             fleet.push(FleetHost { driver, volumes });
         }
         Ok(Fleet {
@@ -306,7 +301,7 @@ impl Fleet {
     /// Every host's writes: its inbox area, then its doorbell ring.
     pub(super) fn flush(&mut self) -> Result<(), BackendError> {
         for h in &mut self.hosts {
-            h.driver.write().map_err(err)?;
+            h.driver.write()?;
             let now = StdInstant::now();
             for v in &mut h.volumes {
                 if v.sent.is_none()
@@ -339,8 +334,7 @@ impl Fleet {
             let (from, to) = (first * AREA_SIZE, end * AREA_SIZE);
             self.io
                 .device
-                .write_from(self.io.inbox_offset + from as u64, &inboxes, from..to)
-                .map_err(err)?;
+                .write_from(self.io.inbox_offset + from as u64, &inboxes, from..to)?;
         }
         ringer.ring(&std::mem::take(&mut *self.io.rings.borrow_mut()));
         Ok(())
@@ -354,7 +348,7 @@ impl Fleet {
         for h in &mut self.hosts {
             let now = self.clock.now();
             h.driver.engine_mut().handle_timeout(now);
-            h.driver.read(now).map_err(err)?;
+            h.driver.read(now)?;
             let read_at = StdInstant::now();
             while let Some(event) = h.driver.engine_mut().poll_event() {
                 match event {

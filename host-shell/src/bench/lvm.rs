@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::report::{Dist, merge};
 use super::spm::{Backend, SpmThread};
 use super::{
-    GUEST_EXTENT, GUEST_RATE, GUEST_VOLUME, ROUND_EXTENSIONS, err, guest_host_options, preallocate,
+    GUEST_EXTENT, GUEST_RATE, GUEST_VOLUME, ROUND_EXTENSIONS, guest_host_options, preallocate,
 };
 use crate::backend::BackendError;
 use crate::backend::builtin::CreateOptions;
@@ -26,7 +26,7 @@ impl LoopDevice {
             .args(["--find", "--show", "--sector-size", "512"])
             .arg(file)
             .output()
-            .map_err(|e| BackendError::new(format!("cannot run losetup: {e}")))?;
+            .map_err(|e| BackendError::io("cannot run losetup", e))?;
         if !out.status.success() {
             return Err(BackendError::new(format!(
                 "losetup {} failed: {}",
@@ -93,7 +93,7 @@ pub(super) fn whole_extension_lvm(
     ] {
         std::fs::File::create(f)
             .and_then(|file| preallocate(&file, size))
-            .map_err(|e| BackendError::new(format!("cannot make {}: {e}", f.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot make {}", f.display()), e))?;
     }
     let domain_loop = LoopDevice::attach(&domain_file)?;
     let lun_loop = LoopDevice::attach(&lun_file)?;
@@ -116,7 +116,7 @@ pub(super) fn whole_extension_lvm(
         &vg,
         &pvs,
     )?;
-    let volume = mailbox::random_uuid().map_err(err)?;
+    let volume = mailbox::random_uuid()?;
     crate::backend::lvm_glue::spm_backend(&vg, &pvs)?.create_volume(volume, per_volume, extent)?;
     let spm = SpmThread::start(
         &domain_loop.0,

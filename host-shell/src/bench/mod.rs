@@ -162,11 +162,7 @@ fn throughput(
     for id in 1..=hosts {
         let mut vols = Vec::new();
         for _ in 0..volumes_per_host {
-            vols.push((
-                mailbox::random_uuid().map_err(err)?,
-                1u64 << 40,
-                FLEET_CHUNK,
-            ));
+            vols.push((mailbox::random_uuid()?, 1u64 << 40, FLEET_CHUNK));
         }
         specs.push((id, vols));
     }
@@ -284,7 +280,7 @@ fn throughput_builtin(
     let lun_size = u64::from(volumes) * limit + (64 << 20);
     std::fs::File::create(&lun)
         .and_then(|f| f.set_len(lun_size))
-        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
     builtin::create(
         &device,
         std::slice::from_ref(&lun),
@@ -300,7 +296,7 @@ fn throughput_builtin(
     {
         let mut b = builtin::BuiltinSpm::open(&device)?;
         for h in 1..=volumes {
-            let v = mailbox::random_uuid().map_err(err)?;
+            let v = mailbox::random_uuid()?;
             b.create_volume(v, virtual_size, extent)?;
             specs.push((h, vec![(v, virtual_size, extent)]));
         }
@@ -410,7 +406,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
     let lun_size = (total + 4 * chunk).next_multiple_of(extent) + 2 * extent;
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
-        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
     builtin::create(
         &device,
         std::slice::from_ref(&lun),
@@ -422,7 +418,7 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
             force: true,
         },
     )?;
-    let volume = mailbox::random_uuid().map_err(err)?;
+    let volume = mailbox::random_uuid()?;
     {
         let mut b = builtin::BuiltinSpm::open(&device)?;
         b.create_volume(volume, total, chunk)?;
@@ -459,16 +455,16 @@ fn write_rate(dir: &Path, run_dir: &Path, chunk: u64, total: u64) -> Result<Valu
 /// MiB/s of `bytes` written from the start of `path` in `write_size`
 /// O_DIRECT writes of one buffer, then synced.
 fn raw_write_rate(path: &Path, bytes: u64, write_size: usize) -> Result<f64, BackendError> {
-    let device = crate::io::device::Device::open(path, Access::ReadWrite).map_err(err)?;
+    let device = crate::io::device::Device::open(path, Access::ReadWrite)?;
     let mut buf = AlignedBuf::zeroed(write_size, device.dio_mem_align().max(4096));
     buf.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
     let started = StdInstant::now();
     let mut at = 0;
     while at + write_size as u64 <= bytes {
-        device.write_at(at, &buf).map_err(err)?;
+        device.write_at(at, &buf)?;
         at += write_size as u64;
     }
-    device.sync_data().map_err(err)?;
+    device.sync_data()?;
     Ok(at as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64)
 }
 
@@ -561,7 +557,7 @@ fn whole_extension_round(
     let lun_size = per_volume * 2 * volumes_per_host * u64::from(hosts) + (64 << 20);
     std::fs::File::create(&lun)
         .and_then(|f| preallocate(&f, lun_size))
-        .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
     builtin::create(
         &device,
         std::slice::from_ref(&lun),
@@ -579,7 +575,7 @@ fn whole_extension_round(
         for h in 1..=hosts {
             let mut vols = Vec::new();
             for _ in 0..volumes_per_host {
-                let v = mailbox::random_uuid().map_err(err)?;
+                let v = mailbox::random_uuid()?;
                 b.create_volume(v, per_volume, extent)?;
                 vols.push(v);
             }
@@ -670,9 +666,9 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
     let dir = tempfile::Builder::new()
         .prefix("spmbox-bench-")
         .tempdir()
-        .map_err(|e| BackendError::new(format!("cannot make a temporary directory: {e}")))?;
+        .map_err(|e| BackendError::io("cannot make a temporary directory", e))?;
     let run_dir = dir.path().join("run");
-    std::fs::create_dir_all(&run_dir).map_err(|e| BackendError::new(e.to_string()))?;
+    std::fs::create_dir_all(&run_dir)?;
     // The given device is formatted over for each configuration; by
     // default each gets its own file, made at the right size.
     let device_for = |hosts: u16| {
@@ -807,7 +803,7 @@ pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
     put("seconds", json!(round(started.elapsed().as_secs_f64(), 1)));
     if let Some(path) = &options.svg {
         std::fs::write(path, svg(&sets))
-            .map_err(|e| BackendError::new(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot write {}", path.display()), e))?;
     }
     if options.json {
         println!(

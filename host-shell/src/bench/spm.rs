@@ -178,7 +178,7 @@ impl Drop for SpmThread {
 /// The core engine reading a 2000-host mailbox image from memory.
 pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Value, BackendError> {
     let hosts = 2000u16;
-    let geometry = Geometry::new(hosts, 512).map_err(err)?;
+    let geometry = Geometry::new(hosts, 512)?;
     let domain = Uuid([0x5a; 16]);
     let area_bytes = usize::from(hosts) * AREA_SIZE;
     let mut image = MemDisk::new(
@@ -196,7 +196,7 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
     };
     for k in 0..busy {
         let id = (k * usize::from(hosts) / busy.max(1)) as u16 + 1;
-        let mut engine = Box::new(Host::<1>::new(domain, id, geometry, config).map_err(err)?);
+        let mut engine = Box::new(Host::<1>::new(domain, id, geometry, config)?);
         let volume = Uuid([
             (k % 251) as u8 + 1,
             (k / 251) as u8 + 1,
@@ -215,14 +215,12 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
             7,
             7,
         ]);
-        engine
-            .add_volume(volume, 1 << 40, 1 << 41, FLEET_CHUNK, 0)
-            .map_err(err)?;
+        engine.add_volume(volume, 1 << 40, 1 << 41, FLEET_CHUNK, 0)?;
         // The request goes on an in-memory disk through the core's host
         // driver, as a host daemon writes it.
         let mut driver = HostDriver::new(&mut image, *engine, vec![0u8; 3 * AREA_SIZE])
             .map_err(|e| BackendError::new(format!("scan image: {e:?}")))?;
-        driver.start(clock.now(), 1).map_err(err)?.map_err(err)?;
+        driver.start(clock.now(), 1).map_err(err)??;
         driver
             .engine_mut()
             .handle_allocation(clock.now(), volume, FLEET_CHUNK - 4096);
@@ -232,18 +230,15 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
     let inbox = &image.bytes()[at..at + area_bytes];
     let mut times = Vec::new();
     for _ in 0..repeats {
-        let mut spm: Box<Spm<1024>> = Box::new(
-            Spm::new(
-                clock.now(),
-                domain,
-                geometry,
-                0,
-                1,
-                None,
-                SpmConfig::default(),
-            )
-            .map_err(err)?,
-        );
+        let mut spm: Box<Spm<1024>> = Box::new(Spm::new(
+            clock.now(),
+            domain,
+            geometry,
+            0,
+            1,
+            None,
+            SpmConfig::default(),
+        )?);
         let t = StdInstant::now();
         spm.handle_hosts(clock.now(), 1, inbox, &outbox);
         times.push(t.elapsed().as_secs_f64() * 1e3);

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use spmbox_core::wire::Uuid;
 
 use super::spm::{Backend, SpmThread};
-use super::{err, guest_host_options, preallocate};
+use super::{guest_host_options, preallocate};
 use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control;
@@ -50,7 +50,7 @@ fn vm_run(
         if let Some(size) = size {
             std::fs::File::create(lun)
                 .and_then(|f| preallocate(&f, builtin::LUN_DATA_OFFSET + size))
-                .map_err(|e| BackendError::new(format!("cannot make {}: {e}", lun.display())))?;
+                .map_err(|e| BackendError::io(format!("cannot make {}", lun.display()), e))?;
         }
     }
     builtin::create(
@@ -68,7 +68,7 @@ fn vm_run(
     {
         let mut b = builtin::BuiltinSpm::open(&device)?;
         for _ in 0..volumes {
-            let id = mailbox::random_uuid().map_err(err)?;
+            let id = mailbox::random_uuid()?;
             b.create_volume(id, virtual_size, initial)?;
             ids.push(id);
         }
@@ -112,7 +112,7 @@ fn vm_run(
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let lun = std::fs::canonicalize(&luns[1]).map_err(err)?;
+        let lun = std::fs::canonicalize(&luns[1])?;
         lun_added = Some(StdInstant::now());
         control::control_request(&control, &json!({"op": "add_lun", "path": lun}))?;
     }
@@ -282,7 +282,7 @@ fn vm_file_rate(
             .arg(&raw)
             .arg((bytes + (64 << 20)).to_string())
             .output()
-            .map_err(|e| BackendError::new(format!("running qemu-img: {e}")))?;
+            .map_err(|e| BackendError::io("running qemu-img", e))?;
         if !out.status.success() {
             return Err(BackendError::new(format!(
                 "bench: qemu-img create: {}",
@@ -292,7 +292,7 @@ fn vm_file_rate(
     } else {
         std::fs::File::create(&raw)
             .and_then(|f| preallocate(&f, bytes))
-            .map_err(|e| BackendError::new(format!("cannot make {}: {e}", raw.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot make {}", raw.display()), e))?;
     }
     let serial = dir.join("vm-raw.serial");
     let params = crate::vm::image::GuestParams {
@@ -318,7 +318,7 @@ fn vm_file_rate(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .map_err(|e| BackendError::new(format!("running qemu: {e}")))?;
+        .map_err(|e| BackendError::io("running qemu", e))?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     let _ = std::fs::remove_file(&raw);
     let result = crate::vm::image::parse_result(&log).ok_or_else(|| {

@@ -145,9 +145,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
     let mailbox = Mailbox::open(device, Access::ReadOnly)?;
     let g = mailbox.geometry();
     let domain = mailbox.superblock().domain;
-    let image = mailbox
-        .read_all()
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    let image = mailbox.read_all()?;
     let header = spm::read_spm_header(&mailbox)?;
     let spm = header.map_or(json!(null), |h| {
         json!({"epoch": h.epoch, "spm_id": h.spm_id, "state": format!("{:?}", h.state).to_lowercase(),

@@ -434,7 +434,7 @@ pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandErro
         let map = maps.refresh(*volume)?;
         let upto = VIRTUAL.min(map.size);
         let report = guest::verify(*volume, &map, &mut devices, upto)
-            .map_err(|e| crate::backend::BackendError::new(e.to_string()))?;
+            .map_err(crate::backend::BackendError::from)?;
         bytes_verified += report.bytes_verified;
         data_errors += report.error_count;
         for bad in report.errors.iter().take(3) {

@@ -126,18 +126,16 @@ pub fn control_request(control: &Path, request: &Value) -> Result<Option<Value>,
     } else {
         CONTROL_ANSWER_TIMEOUT
     };
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = request.to_string();
     line.push('\n');
     stream
         .write_all(line.as_bytes())
-        .map_err(|e| BackendError::new(format!("cannot talk to the SPM: {e}")))?;
+        .map_err(|e| BackendError::io("cannot talk to the SPM", e))?;
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
-        .map_err(|e| BackendError::new(format!("no answer from the SPM: {e}")))?;
+        .map_err(|e| BackendError::io("no answer from the SPM", e))?;
     let value: Value = serde_json::from_str(&answer)
         .map_err(|e| BackendError::new(format!("the SPM answered nonsense ({e}): {answer}")))?;
     if value["ok"] == json!(true) {
@@ -201,7 +199,7 @@ impl ControlServer {
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || accept_control(&listener, &tx, &flag))
-            .map_err(|e| BackendError::new(format!("cannot start the control thread: {e}")))?;
+            .map_err(|e| BackendError::io("cannot start the control thread", e))?;
         Ok(ControlServer {
             stop,
             thread: Some(thread),

@@ -180,8 +180,7 @@ pub fn run(
         )));
     }
     let clock = Clock::start();
-    let mut engine =
-        Host::<HOST_VOLUMES>::new(domain, host_id, geometry, options.config).map_err(err)?;
+    let mut engine = Host::<HOST_VOLUMES>::new(domain, host_id, geometry, options.config)?;
     let mut devices = Devices::new();
     let mut starts = Vec::new();
     for &volume in &options.volumes {
@@ -191,7 +190,7 @@ pub fn run(
         let allocation = if options.vm.is_some() {
             0
         } else {
-            guest::recover_allocation(volume, &map, &mut devices).map_err(err)?
+            guest::recover_allocation(volume, &map, &mut devices)?
         };
         engine
             .add_volume(
@@ -230,11 +229,8 @@ pub fn run(
         HostDriver::new(device, engine, buffer)
             .map_err(|e| BackendError::new(format!("cannot start the host's driver: {e:?}")))?,
     );
-    let owner = crate::io::mailbox::random_owner().map_err(err)?;
-    driver
-        .start(clock.now(), owner)
-        .map_err(err)?
-        .map_err(err)?;
+    let owner = crate::io::mailbox::random_owner()?;
+    driver.start(clock.now(), owner)??;
     if !options.config.lease_interval.is_zero() {
         // Write the header with this process's owner, wait longer than a
         // heartbeat, and read it back: another process that started at
@@ -708,7 +704,7 @@ fn check_host_id_free(
         index: 0,
     };
     let read = || -> Result<Option<InboxHeader>, BackendError> {
-        let buf = mailbox.read(inbox_offset, sector).map_err(err)?;
+        let buf = mailbox.read(inbox_offset, sector)?;
         Ok(InboxHeader::parse(&buf[..RECORD_LEN], &at).ok().flatten())
     };
     let Some(first) = read()?.filter(|h| h.heartbeat_interval_ms != 0) else {

@@ -146,7 +146,7 @@ impl Exporter {
         })?;
         let addr = listener
             .local_addr()
-            .map_err(|e| BackendError::new(format!("metrics socket: {e}")))?;
+            .map_err(|e| BackendError::io("metrics socket", e))?;
         let page = Arc::new(Mutex::new(String::new()));
         let shared = page.clone();
         std::thread::Builder::new()
@@ -159,7 +159,7 @@ impl Exporter {
                     }
                 }
             })
-            .map_err(|e| BackendError::new(format!("cannot start the metrics thread: {e}")))?;
+            .map_err(|e| BackendError::io("cannot start the metrics thread", e))?;
         tracing::info!("metrics on http://{addr}/metrics");
         Ok(Exporter { page, addr })
     }

@@ -209,13 +209,13 @@ pub struct Joined {
 fn lock_file(path: &Path) -> Result<File, BackendError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
-            .map_err(|e| BackendError::new(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| BackendError::io(format!("cannot create {}", dir.display()), e))?;
     }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| BackendError::new(format!("cannot open {}: {e}", path.display())))
+        .map_err(|e| BackendError::io(format!("cannot open {}", path.display()), e))
 }
 
 /// Joins host id `host` of the domain's lockspace (`sanlock client
@@ -453,7 +453,7 @@ fn register() -> Result<UnixStream, BackendError> {
     }
     stream
         .write_all(&msg)
-        .map_err(|e| BackendError::new(format!("cannot register with sanlock: {e}")))?;
+        .map_err(|e| BackendError::io("cannot register with sanlock", e))?;
     Ok(stream)
 }
 

@@ -105,7 +105,7 @@ pub fn lock_domain(
     mut busy: impl FnMut() -> Result<(), BackendError>,
 ) -> Result<std::fs::File, BackendError> {
     let file = std::fs::File::open(path)
-        .map_err(|e| BackendError::new(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| BackendError::io(format!("cannot open {}", path.display()), e))?;
     let started = std::time::Instant::now();
     loop {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -135,9 +135,7 @@ pub fn lock_domain(
 /// Reads the SPM header.
 pub fn read_spm_header(mailbox: &Mailbox) -> Result<Option<SpmHeader>, BackendError> {
     let sector = mailbox.geometry().sector_size() as usize;
-    let buf = mailbox
-        .read(SPM_HEADER_OFFSET, sector)
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    let buf = mailbox.read(SPM_HEADER_OFFSET, sector)?;
     Ok(SpmHeader::decode(&buf[..RECORD_LEN]).ok().flatten())
 }
 
@@ -191,12 +189,10 @@ fn with_highest_epoch(
 ) -> Result<Option<SpmHeader>, BackendError> {
     let g = mailbox.geometry();
     let domain = mailbox.superblock().domain;
-    let outboxes = mailbox
-        .read(
-            g.outbox_offset(),
-            usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
-        )
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    let outboxes = mailbox.read(
+        g.outbox_offset(),
+        usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
+    )?;
     let highest = spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, 1)
         .filter_map(|area| area.header().ok().flatten())
         .map(|h| h.epoch)
@@ -264,12 +260,10 @@ pub fn check_no_rollback(
         .map(|v| (v.id, v.size))
         .collect();
     let g = mailbox.geometry();
-    let outboxes = mailbox
-        .read(
-            g.outbox_offset(),
-            usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
-        )
-        .map_err(|e| BackendError::new(e.to_string()))?;
+    let outboxes = mailbox.read(
+        g.outbox_offset(),
+        usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
+    )?;
     let domain = mailbox.superblock().domain;
     let mut more = 0usize;
     for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, 1) {
@@ -468,7 +462,7 @@ pub fn run(
             scan_bytes as f64 / BUSY_SCAN_READ_RATE as f64,
         ));
     }
-    let owner = crate::io::mailbox::random_owner().map_err(|e| BackendError::new(e.to_string()))?;
+    let owner = crate::io::mailbox::random_owner()?;
     let engine = Spm::<QUEUE>::new(
         clock.now(),
         domain,
@@ -477,8 +471,7 @@ pub fn run(
         owner,
         found.as_ref(),
         config,
-    )
-    .map_err(|e| BackendError::new(e.to_string()))?;
+    )?;
     // The core's driver does the mailbox I/O: a full scan reads every
     // host in one read, and the outbox areas are mirrored so replies are
     // written without reading first.

@@ -98,15 +98,13 @@ impl VmSetup {
         if let Some(kernel) = &options.kernel {
             tools.kernel = kernel.clone();
         }
-        crate::daemon::control::private_dir(&options.dir)
-            .map_err(|e| BackendError::new(e.to_string()))?;
+        crate::daemon::control::private_dir(&options.dir)?;
         let initramfs = match &options.initrd {
             Some(p) => p.clone(),
             None => {
                 let out = options.dir.join("initramfs.cpio");
-                let exe = std::env::current_exe().map_err(|e| {
-                    BackendError::new(format!("cannot find the spmbox binary: {e}"))
-                })?;
+                let exe = std::env::current_exe()
+                    .map_err(|e| BackendError::io("cannot find the spmbox binary", e))?;
                 image::build_initramfs(&tools, &exe, &out)
                     .map_err(|e| BackendError::new(format!("building the VM's initramfs: {e}")))?;
                 out
@@ -351,7 +349,7 @@ impl Vm {
         on_message: Arc<dyn Fn(QmpMessage) + Send + Sync>,
     ) -> Result<Vm, BackendError> {
         let paths = VmPaths::new(&setup.options.dir, volume);
-        crate::daemon::control::private_dir(&paths.dir).map_err(err)?;
+        crate::daemon::control::private_dir(&paths.dir)?;
         let export = Arc::new(VolumeExport::new(map, limit));
         let server =
             crate::vm::nbd::Server::serve(&paths.nbd(), &volume.to_string(), export.clone())
