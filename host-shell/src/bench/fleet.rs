@@ -257,7 +257,7 @@ impl Fleet {
             );
             let mut driver = Box::new(
                 HostDriver::new(disk, engine, buffer)
-                    .map_err(|e| BackendError::new(format!("fleet host {id}: {e:?}")))?,
+                    .map_err(|e| BackendError::new(format!("fleet host {id}: {e}")))?,
             );
             driver.start(clock.now(), 1)??;
             fleet.push(FleetHost { driver, volumes });

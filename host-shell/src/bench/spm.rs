@@ -219,7 +219,7 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
         // The request goes on an in-memory disk through the core's host
         // driver, as a host daemon writes it.
         let mut driver = HostDriver::new(&mut image, *engine, vec![0u8; 3 * AREA_SIZE])
-            .map_err(|e| BackendError::new(format!("scan image: {e:?}")))?;
+            .map_err(|e| BackendError::new(format!("scan image: {e}")))?;
         driver.start(clock.now(), 1).map_err(err)??;
         driver
             .engine_mut()

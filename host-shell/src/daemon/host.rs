@@ -151,10 +151,6 @@ fn emit(json_events: bool, value: Value) {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> BackendError {
-    BackendError::new(e.to_string())
-}
-
 /// Runs the host until `stop` is set (or, with `exit_when_done`, until
 /// every guest has written all it should and no request is in flight).
 pub fn run(
@@ -162,7 +158,7 @@ pub fn run(
     maps: &mut dyn VolumeMaps,
     stop: Arc<AtomicBool>,
 ) -> Result<HostSummary, BackendError> {
-    let mailbox = Mailbox::open(&options.device, Access::ReadWrite).map_err(err)?;
+    let mailbox = Mailbox::open(&options.device, Access::ReadWrite)?;
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let host_id = options.host_id;
@@ -227,7 +223,7 @@ pub fn run(
     );
     let mut driver = Box::new(
         HostDriver::new(device, engine, buffer)
-            .map_err(|e| BackendError::new(format!("cannot start the host's driver: {e:?}")))?,
+            .map_err(|e| BackendError::new(format!("cannot start the host's driver: {e}")))?,
     );
     let owner = crate::io::mailbox::random_owner()?;
     driver.start(clock.now(), owner)??;

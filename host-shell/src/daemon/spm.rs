@@ -482,7 +482,7 @@ pub fn run(
     );
     let mut driver = Box::new(
         SpmDriver::new(device, engine, buffer, geometry.max_hosts(), true)
-            .map_err(|e| BackendError::new(format!("cannot start the SPM's driver: {e:?}")))?,
+            .map_err(|e| BackendError::new(format!("cannot start the SPM's driver: {e}")))?,
     );
     driver
         .engine_mut()
