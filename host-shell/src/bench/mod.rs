@@ -37,6 +37,7 @@ use spmbox_core::wire::{AREA_SIZE, Uuid};
 
 use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, SpmBackend};
+use crate::cli::args::BenchArgs;
 use crate::cli::commands::{CommandError, EXIT_OK};
 use crate::io::device::{Access, AlignedBuf};
 use crate::io::mailbox::{self, FormatOptions};
@@ -624,21 +625,6 @@ fn memory() -> Value {
     })
 }
 
-/// What `spmbox bench` is asked to do.
-#[derive(Debug, Clone)]
-pub struct BenchOptions {
-    /// The mailbox device for the no-op runs; default a temporary file.
-    pub device: Option<PathBuf>,
-    /// About a minute instead of several.
-    pub quick: bool,
-    /// One JSON object on stdout.
-    pub json: bool,
-    /// Write the latency plot here.
-    pub svg: Option<PathBuf>,
-    /// The sections to run; empty: all.
-    pub only: Vec<Section>,
-}
-
 /// A section of the report (its JSON key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -662,7 +648,7 @@ pub enum Section {
 }
 
 /// `spmbox bench`.
-pub fn run(options: &BenchOptions) -> Result<ExitCode, CommandError> {
+pub fn run(options: &BenchArgs) -> Result<ExitCode, CommandError> {
     let dir = tempfile::Builder::new()
         .prefix("spmbox-bench-")
         .tempdir()

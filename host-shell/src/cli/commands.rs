@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
+use crate::cli::args::{
+    AddLunArgs, FormatArgs, HostArgs, InspectArgs, PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs,
+    VolumeCreateArgs,
+};
 use crate::cli::inspect;
 use crate::io::device::Access;
 use crate::io::mailbox::{self, FormatOptions, Mailbox, MailboxError};
@@ -85,21 +89,18 @@ fn parse_uuid(flag: &str, text: &str) -> Result<Uuid, CommandError> {
 }
 
 /// `spmbox format`.
-pub fn format(
-    path: &Path,
-    hosts: u16,
-    sector_size: Option<u32>,
-    domain: Option<&str>,
-    force: bool,
-) -> Result<ExitCode, CommandError> {
-    let domain = domain
+pub fn format(args: &FormatArgs) -> Result<ExitCode, CommandError> {
+    let path = args.device.as_path();
+    let domain = args
+        .domain
+        .as_deref()
         .map(|text| parse_uuid("--domain", text))
         .transpose()?;
     let options = FormatOptions {
-        hosts,
-        sector_size,
+        hosts: args.hosts,
+        sector_size: args.sector_size(),
         domain,
-        force,
+        force: args.force,
     };
     let done = mailbox::format(path, &options)?;
     let g = done.superblock.geometry;
@@ -123,13 +124,9 @@ pub fn format(
 }
 
 /// `spmbox repair`.
-pub fn repair(
-    path: &Path,
-    hosts: Option<u16>,
-    sector_size: Option<u32>,
-    domain: Option<&str>,
-) -> Result<ExitCode, CommandError> {
-    let domain = match domain {
+pub fn repair(args: &RepairArgs) -> Result<ExitCode, CommandError> {
+    let path = args.device.as_path();
+    let domain = match args.domain.as_deref() {
         Some(text) => Some(Uuid::parse_str(text).filter(|u| !u.is_nil()).ok_or_else(|| {
             CommandError::Usage(format!(
                 "--domain {text:?} is not a UUID (expected 8-4-4-4-12 hex digits, not all zero)"
@@ -137,7 +134,7 @@ pub fn repair(
         })?),
         None => None,
     };
-    let (superblock, from) = mailbox::repair(path, hosts, sector_size, domain)?;
+    let (superblock, from) = mailbox::repair(path, args.hosts, args.sector_size(), domain)?;
     let what = match from {
         mailbox::RepairedFrom::Intact => "both copies are intact; nothing written",
         mailbox::RepairedFrom::Primary => "the backup rewritten from the superblock",
@@ -156,7 +153,8 @@ pub fn repair(
 }
 
 /// `spmbox inspect`.
-pub fn inspect(path: &Path, host: Option<u16>, json: bool) -> Result<ExitCode, CommandError> {
+pub fn inspect(args: &InspectArgs) -> Result<ExitCode, CommandError> {
+    let (path, host, json) = (args.device.as_path(), args.host, args.json);
     let mailbox = Mailbox::open(path, Access::ReadOnly)?;
     let geometry = mailbox.geometry();
     if let Some(h) = host {
@@ -373,33 +371,28 @@ fn print_json(value: &serde_json::Value) -> Result<(), CommandError> {
 }
 
 /// `spmbox pool create`.
-#[allow(clippy::too_many_arguments)]
-pub fn pool_create(
-    device: &Path,
-    luns: &[std::path::PathBuf],
-    hosts: u16,
-    extent_size: u64,
-    sector_size: Option<u32>,
-    domain: Option<&str>,
-    force: bool,
-    backend: &BackendArgs,
-    lease: &LeaseArgs,
-) -> Result<ExitCode, CommandError> {
+pub fn pool_create(args: &PoolCreateArgs) -> Result<ExitCode, CommandError> {
+    let (device, luns, hosts) = (args.device.as_path(), args.luns.as_slice(), args.hosts);
+    let sector_size = args.sector_size();
+    let backend = args.lvm.to_backend();
+    let lease = args.lease.to_lease();
     if let LeaseArgs::Sanlock { .. } = lease {
         check_lease_room(device, hosts, sector_size)?;
     }
-    let domain = domain
+    let domain = args
+        .domain
+        .as_deref()
         .map(|text| parse_uuid("--domain", text))
         .transpose()?;
     let options = crate::backend::builtin::CreateOptions {
         hosts,
         sector_size,
         domain,
-        extent_size,
-        force,
+        extent_size: args.extent_size,
+        force: args.force,
     };
     let mut out = std::io::stdout().lock();
-    match backend {
+    match &backend {
         BackendArgs::Builtin => {
             let (id, labels) = crate::backend::builtin::create(device, luns, &options)?;
             writeln!(
@@ -428,7 +421,7 @@ pub fn pool_create(
             )?;
         }
     }
-    if let LeaseArgs::Sanlock { io_timeout } = *lease {
+    if let LeaseArgs::Sanlock { io_timeout } = lease {
         let (area, id) = lease_area(device)?;
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -477,12 +470,13 @@ fn check_lease_room(device: &Path, hosts: u16, sector: Option<u32>) -> Result<()
 }
 
 /// `spmbox pool add-lun`.
-pub fn add_lun(
-    device: &Path,
-    lun: &Path,
-    control: Option<&Path>,
-    backend: &BackendArgs,
-) -> Result<ExitCode, CommandError> {
+pub fn add_lun(args: &AddLunArgs) -> Result<ExitCode, CommandError> {
+    let (device, lun, control) = (
+        args.device.as_path(),
+        args.lun.as_path(),
+        args.control.as_deref(),
+    );
+    let backend = &args.lvm.to_backend();
     let lun = std::fs::canonicalize(lun)
         .map_err(|e| CommandError::Usage(format!("--lun {}: {e}", lun.display())))?;
     let request = serde_json::json!({"op": "add_lun", "path": lun});
@@ -498,15 +492,11 @@ pub fn add_lun(
 }
 
 /// `spmbox volume create`.
-pub fn volume_create(
-    device: &Path,
-    id: Option<&str>,
-    virtual_size: u64,
-    initial_size: u64,
-    control: Option<&Path>,
-    backend: &BackendArgs,
-) -> Result<ExitCode, CommandError> {
-    let id = match id {
+pub fn volume_create(args: &VolumeCreateArgs) -> Result<ExitCode, CommandError> {
+    let (device, control) = (args.device.as_path(), args.control.as_deref());
+    let (virtual_size, initial_size) = (args.virtual_size, args.initial_size);
+    let backend = &args.lvm.to_backend();
+    let id = match args.id.as_deref() {
         Some(text) => parse_uuid("--id", text)?,
         None => mailbox::random_uuid()?,
     };
@@ -531,18 +521,14 @@ pub fn volume_create(
 }
 
 /// `spmbox status`.
-pub fn status(
-    device: &Path,
-    control: Option<&Path>,
-    json: bool,
-    lease: &LeaseArgs,
-) -> Result<ExitCode, CommandError> {
-    let mut s = crate::cli::admin::status(device, control)?;
-    if let LeaseArgs::Sanlock { .. } = lease {
+pub fn status(args: &StatusArgs) -> Result<ExitCode, CommandError> {
+    let device = args.device.as_path();
+    let mut s = crate::cli::admin::status(device, args.control.as_deref())?;
+    if let LeaseArgs::Sanlock { .. } = args.lease.to_lease() {
         let (area, id) = lease_area(device)?;
         s.leases = Some(crate::daemon::sanlock::holders(&area, id)?);
     }
-    if json {
+    if args.json {
         print_json(&serde_json::to_value(&s).map_err(std::io::Error::other)?)?;
     } else {
         let mut text = crate::cli::admin::render(&s);
@@ -563,25 +549,18 @@ fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, CommandE
 }
 
 /// `spmbox spm`.
-#[allow(clippy::too_many_arguments)]
-pub fn spm(
-    device: &Path,
-    doorbell_interval: std::time::Duration,
-    full_scan_interval: std::time::Duration,
-    spm_id: u16,
-    control: Option<std::path::PathBuf>,
-    metrics: Option<String>,
-    accept_metadata_rollback: bool,
-    backend: &BackendArgs,
-    lease: &LeaseArgs,
-) -> Result<ExitCode, CommandError> {
+pub fn spm(args: &SpmArgs) -> Result<ExitCode, CommandError> {
+    let device = args.device.as_path();
+    let (doorbell_interval, full_scan_interval) = (args.doorbell_interval, args.full_scan_interval);
+    let spm_id = args.spm_id;
+    let backend = &args.lvm.to_backend();
     if doorbell_interval.is_zero() || full_scan_interval.is_zero() {
         return Err(CommandError::Usage(
             "--doorbell-interval and --full-scan-interval must be nonzero".into(),
         ));
     }
-    let control = match control {
-        Some(c) => c,
+    let control = match &args.control {
+        Some(c) => c.clone(),
         None => crate::cli::admin::control_path(device, None)?,
     };
     let options = crate::daemon::spm::SpmOptions {
@@ -589,15 +568,15 @@ pub fn spm(
         config: crate::daemon::spm::daemon_config(doorbell_interval, full_scan_interval),
         spm_id,
         control,
-        metrics,
+        metrics: args.metrics.clone(),
         lease_version: 0,
-        accept_metadata_rollback,
+        accept_metadata_rollback: args.accept_metadata_rollback,
     };
     let mut options = options;
     let stop = stop_flag()?;
     // The SPM lease is taken before the daemon writes anything, and held
     // until it has stopped.
-    let spm_lease = match *lease {
+    let spm_lease = match args.lease.to_lease() {
         LeaseArgs::Builtin => None,
         LeaseArgs::Sanlock { io_timeout } => {
             let (area, id) = lease_area(device)?;
@@ -614,47 +593,9 @@ pub fn spm(
     Ok(ExitCode::from(EXIT_OK))
 }
 
-/// The arguments of `spmbox host`.
-#[derive(Debug, Clone)]
-pub struct HostArgs {
-    /// The domain device.
-    pub device: std::path::PathBuf,
-    /// This host's id.
-    pub host_id: u16,
-    /// Volume UUIDs as given.
-    pub volumes: Vec<String>,
-    /// Guest rate, bytes per second.
-    pub rate: u64,
-    /// Bytes per guest write.
-    pub write_size: u64,
-    /// Bytes each guest writes in all.
-    pub guest_bytes: Option<u64>,
-    /// Bytes per extension request.
-    pub chunk_size: u64,
-    /// VDSM's utilization percent.
-    pub utilization: u8,
-    /// LUN search paths.
-    pub lun_search: Vec<std::path::PathBuf>,
-    /// Exit when every guest is done.
-    pub exit_when_done: bool,
-    /// JSON events on stdout.
-    pub json_events: bool,
-    /// Loopback address for Prometheus metrics.
-    pub metrics: Option<String>,
-    /// The backend.
-    pub backend: BackendArgs,
-    /// The leases.
-    pub lease: LeaseArgs,
-    /// Run a real VM on each volume.
-    pub vm: bool,
-    /// The VMs' kernel, instead of the newest in /boot.
-    pub vm_kernel: Option<std::path::PathBuf>,
-    /// The VMs' initramfs, instead of one built from installed files.
-    pub vm_initrd: Option<std::path::PathBuf>,
-}
-
 /// `spmbox host`.
-pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
+pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
+    let lease = args.lease.to_lease();
     let mut volumes = Vec::new();
     for text in &args.volumes {
         let id = parse_uuid("--volume", text)?;
@@ -707,7 +648,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         args.lun_search.clone()
     };
     drop(mailbox);
-    let mut maps: Box<dyn crate::backend::VolumeMaps> = match &args.backend {
+    let mut maps: Box<dyn crate::backend::VolumeMaps> = match &args.lvm.to_backend() {
         BackendArgs::Builtin => Box::new(crate::backend::builtin::BuiltinMaps::open(
             &args.device,
             search,
@@ -740,7 +681,7 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
             utilization_percent: args.utilization,
             // sanlock's delta lease holds the host id; the inbox header
             // then says that no builtin lease is kept.
-            lease_interval: match args.lease {
+            lease_interval: match lease {
                 LeaseArgs::Builtin => spmbox_core::host::HostConfig::default().lease_interval,
                 LeaseArgs::Sanlock { .. } => std::time::Duration::ZERO,
             },
@@ -752,14 +693,14 @@ pub fn host(args: HostArgs) -> Result<ExitCode, CommandError> {
         exit_when_done: args.exit_when_done,
         json_events: args.json_events,
         status_file: Some(status_file),
-        metrics: args.metrics,
+        metrics: args.metrics.clone(),
         vm,
         keep_latencies: false,
     };
     let stop = stop_flag()?;
     // The host id is joined before the host writes anything, and left
     // after it has stopped.
-    let joined = match args.lease {
+    let joined = match lease {
         LeaseArgs::Builtin => None,
         LeaseArgs::Sanlock { io_timeout } => {
             let (area, id) = lease_area(&args.device)?;

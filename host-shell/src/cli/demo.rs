@@ -26,6 +26,7 @@ use spmbox_core::wire::Uuid;
 
 use crate::backend::builtin::{self, BuiltinMaps, CreateOptions};
 use crate::backend::{BackendError, VolumeMaps};
+use crate::cli::args::DemoArgs;
 use crate::cli::commands::{CommandError, EXIT_ERROR, EXIT_OK};
 use crate::daemon::guest::{self, Devices};
 use crate::units::Bytes;
@@ -92,8 +93,13 @@ struct HostCount {
     vm_verified: u64,
 }
 
-/// Runs the demo; with `vm`, real VMs instead of simulated guests.
-pub fn run(json_out: bool, keep: bool, vm: bool) -> Result<ExitCode, CommandError> {
+/// Runs the demo; with `--vm`, real VMs instead of simulated guests.
+pub fn run(args: &DemoArgs) -> Result<ExitCode, CommandError> {
+    let DemoArgs {
+        json: json_out,
+        keep,
+        vm,
+    } = *args;
     let started = Instant::now();
     if vm {
         crate::vm::image::find_tools().map_err(|e| CommandError::Missing(e.to_string()))?;

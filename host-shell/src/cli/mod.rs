@@ -1,7 +1,8 @@
-//! The commands of the `spmbox` binary: what each does, its output
-//! (text and JSON) and the log on stderr.
+//! The commands of the `spmbox` binary: their arguments, what each does,
+//! its output (text and JSON) and the log on stderr.
 
 pub mod admin;
+pub mod args;
 pub mod commands;
 pub mod demo;
 pub mod inspect;

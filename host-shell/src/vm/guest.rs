@@ -28,13 +28,13 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use spmbox_core::wire::Uuid;
 
+use crate::cli::args::VmGuestArgs;
 use crate::daemon::guest::{BLOCK, Pacer, check_block, fill_block};
 use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
 use crate::vm::image::GuestResult;
@@ -56,23 +56,6 @@ pub const MAX_ATTEMPTS: u32 = 300;
 /// The largest `--write-size`.
 pub const WRITE_SIZE_MAX: u64 = 64 << 20;
 
-/// What `spmbox vm-guest` is asked to do.
-#[derive(Debug, Clone)]
-pub struct VmGuestArgs<'a> {
-    /// The disk (`/dev/vda`).
-    pub device: &'a Path,
-    /// The volume whose blocks are written.
-    pub volume: &'a str,
-    /// Stamped into the blocks.
-    pub generation: u64,
-    /// Bytes to have written from offset 0.
-    pub bytes: u64,
-    /// Bytes per second (0: unpaced).
-    pub rate: u64,
-    /// Bytes per write.
-    pub write_size: u64,
-}
-
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
@@ -80,7 +63,7 @@ fn say(line: &str) {
 }
 
 /// Runs the workload and prints its result line; returns the exit status.
-pub fn run(args: &VmGuestArgs<'_>) -> ExitCode {
+pub fn run(args: &VmGuestArgs) -> ExitCode {
     let result = match prepare(args) {
         Ok((device, volume, bytes, write_size)) => work(
             &device,
@@ -111,8 +94,8 @@ pub fn run(args: &VmGuestArgs<'_>) -> ExitCode {
 }
 
 /// Opens the disk and checks the arguments against it.
-fn prepare(args: &VmGuestArgs<'_>) -> Result<(Device, Uuid, u64, u64), String> {
-    let volume = Uuid::parse_str(args.volume)
+fn prepare(args: &VmGuestArgs) -> Result<(Device, Uuid, u64, u64), String> {
+    let volume = Uuid::parse_str(&args.volume)
         .filter(|u| !u.is_nil())
         .ok_or_else(|| {
             format!(
@@ -126,7 +109,7 @@ fn prepare(args: &VmGuestArgs<'_>) -> Result<(Device, Uuid, u64, u64), String> {
             args.write_size
         ));
     }
-    let device = Device::open(args.device, Access::ReadWrite).map_err(|e| e.to_string())?;
+    let device = Device::open(&args.device, Access::ReadWrite).map_err(|e| e.to_string())?;
     let bytes = args.bytes - args.bytes % BLOCK;
     if bytes > device.size() {
         return Err(format!(
@@ -319,6 +302,8 @@ fn work(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     const V: Uuid = Uuid([0x33; 16]);
