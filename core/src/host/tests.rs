@@ -1024,25 +1024,28 @@ fn a_reply_stale_under_its_outbox_header_is_ignored() {
     assert_eq!(rig.host.stats().replies_ignored, 1);
 }
 
+/// The record of an active SPM's header of `domain` at `epoch`.
+fn active_spm_header(domain: Uuid, epoch: u64) -> [u8; RECORD_LEN] {
+    SpmHeader {
+        domain,
+        epoch,
+        spm_id: 0,
+        state: SpmState::Active,
+        heartbeat_interval_ms: 1000,
+        heartbeat: 1,
+        owner: 7,
+        pool_commit: 0,
+    }
+    .to_bytes()
+    .unwrap()
+}
+
 #[test]
 fn a_reply_from_an_older_epoch_than_the_spm_header_is_ignored() {
     let mut rig = Rig::<4>::one(GIB - MIB);
     rig.take_events();
-    rig.host.handle_spm_header(
-        Instant::ZERO,
-        &SpmHeader {
-            domain: DOMAIN,
-            epoch: 5,
-            spm_id: 0,
-            state: SpmState::Active,
-            heartbeat_interval_ms: 1000,
-            heartbeat: 1,
-            owner: 7,
-            pool_commit: 0,
-        }
-        .to_bytes()
-        .unwrap(),
-    );
+    rig.host
+        .handle_spm_header(Instant::ZERO, &active_spm_header(DOMAIN, 5));
     rig.answer(1, 4, ReplyStatus::Extended, 2 * GIB);
     rig.deliver(at(1));
     assert!(rig.take_events().is_empty());
@@ -1054,21 +1057,8 @@ fn a_reply_from_an_older_epoch_than_the_spm_header_is_ignored() {
 #[test]
 fn an_spm_header_of_another_domain_teaches_nothing() {
     let mut rig = Rig::<4>::one(0);
-    rig.host.handle_spm_header(
-        Instant::ZERO,
-        &SpmHeader {
-            domain: Uuid([1; 16]),
-            epoch: 5,
-            spm_id: 0,
-            state: SpmState::Active,
-            heartbeat_interval_ms: 1000,
-            heartbeat: 1,
-            owner: 7,
-            pool_commit: 0,
-        }
-        .to_bytes()
-        .unwrap(),
-    );
+    rig.host
+        .handle_spm_header(Instant::ZERO, &active_spm_header(Uuid([1; 16]), 5));
     assert_eq!(rig.host.newest_epoch(), 0);
 }
 
@@ -1099,21 +1089,8 @@ fn the_newest_epoch_in_one_read_wins_whatever_the_slot_order() {
 #[test]
 fn an_old_epoch_final_answer_is_replaced_by_a_new_request_at_the_deadline() {
     let mut rig = Rig::<4>::one(GIB - MIB);
-    rig.host.handle_spm_header(
-        Instant::ZERO,
-        &SpmHeader {
-            domain: DOMAIN,
-            epoch: 5,
-            spm_id: 0,
-            state: SpmState::Active,
-            heartbeat_interval_ms: 1000,
-            heartbeat: 1,
-            owner: 7,
-            pool_commit: 0,
-        }
-        .to_bytes()
-        .unwrap(),
-    );
+    rig.host
+        .handle_spm_header(Instant::ZERO, &active_spm_header(DOMAIN, 5));
     // The old SPM answered; a new SPM sees that final reply and will not
     // answer the same sequence again.
     rig.answer(1, 4, ReplyStatus::Extended, 2 * GIB);

@@ -13,6 +13,9 @@ use spmbox_core::spm::{JobResult, Spm, SpmConfig};
 use spmbox_core::testing::{MemDisk, NoFaults};
 use spmbox_core::wire::{AREA_SIZE, Geometry, Uuid};
 
+/// The scan image's writer: a one-volume host's driver on an in-memory disk.
+type ScanDriver<'a> = HostDriver<&'a mut MemDisk<Vec<u8>, NoFaults>, Vec<u8>, 1>;
+
 use super::err;
 use super::fleet::FLEET_CHUNK;
 use crate::backend::builtin;
@@ -196,7 +199,7 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
     };
     for k in 0..busy {
         let id = (k * usize::from(hosts) / busy.max(1)) as u16 + 1;
-        let mut engine = Box::new(Host::<1>::new(domain, id, geometry, config)?);
+        let mut engine = Host::<1>::new(domain, id, geometry, config)?;
         let volume = Uuid([
             (k % 251) as u8 + 1,
             (k / 251) as u8 + 1,
@@ -218,7 +221,7 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
         engine.add_volume(volume, 1 << 40, 1 << 41, FLEET_CHUNK, 0)?;
         // The request goes on an in-memory disk through the core's host
         // driver, as a host daemon writes it.
-        let mut driver = HostDriver::new(&mut image, *engine, vec![0u8; 3 * AREA_SIZE])
+        let mut driver = HostDriver::new(&mut image, engine, vec![0u8; ScanDriver::BUFFER_LEN])
             .map_err(|e| BackendError::new(format!("scan image: {e}")))?;
         driver.start(clock.now(), 1).map_err(err)??;
         driver

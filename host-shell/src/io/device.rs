@@ -822,7 +822,6 @@ impl embedded_io::Error for DeviceError {
             | DeviceError::OutOfRange { .. } => ErrorKind::InvalidInput,
             DeviceError::ShortRead { .. } => ErrorKind::InvalidData,
             DeviceError::ShortWrite { .. } => ErrorKind::WriteZero,
-            _ if self.is_no_space() => ErrorKind::OutOfMemory,
             _ => match self.errno() {
                 Some(Errno::NOENT) => ErrorKind::NotFound,
                 Some(Errno::ACCESS | Errno::PERM | Errno::ROFS) => ErrorKind::PermissionDenied,
