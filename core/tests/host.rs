@@ -11,8 +11,9 @@ use std::time::Duration;
 use spmbox_core::host::{Host, HostConfig, HostEvent, HostRead, HostWrite, Phase, VolumeState};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, InboxArea, InboxHeader, Location, OutboxArea,
-    OutboxHeader, RECORD_LEN, Reply, ReplyStatus, Request, SlotState, SpmHeader, SpmState, Uuid,
+    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, HostId, InboxArea,
+    InboxHeader, Location, OutboxArea, OutboxHeader, RECORD_LEN, Reply, ReplyStatus, Request, Slot,
+    SlotState, SpmHeader, SpmState, Uuid,
 };
 
 const DOMAIN: Uuid = Uuid([0x5d; 16]);
@@ -63,7 +64,7 @@ impl Mailbox {
             self.doorbell = w.record;
             return;
         }
-        let area = geometry().inbox_area(HOST).unwrap();
+        let area = geometry().inbox_area(HostId::new(HOST)).unwrap();
         assert!(
             (area..area + AREA_SIZE as u64).contains(&w.offset),
             "host wrote outside its inbox area: {}",
@@ -75,11 +76,11 @@ impl Mailbox {
     }
 
     fn inbox(&self) -> InboxArea<'_> {
-        InboxArea::new(&self.inbox, DOMAIN, HOST).unwrap()
+        InboxArea::new(&self.inbox, DOMAIN, HostId::new(HOST)).unwrap()
     }
 
     fn request(&self, slot: u16) -> Option<Request> {
-        match self.inbox().slot(slot)? {
+        match self.inbox().slot(Slot::new(slot))? {
             SlotState::Valid(r) => Some(r),
             _ => None,
         }
@@ -103,7 +104,7 @@ impl Mailbox {
     fn doorbell(&self) -> Option<Doorbell> {
         let here = Location {
             domain: DOMAIN,
-            host_id: 0,
+            host_id: HostId::NONE,
             index: 0,
         };
         Doorbell::parse(&self.doorbell, &here).unwrap()
@@ -121,8 +122,8 @@ impl ScriptedSpm {
     fn header(&self) -> SpmHeader {
         SpmHeader {
             domain: DOMAIN,
-            epoch: self.epoch,
-            spm_id: 0,
+            epoch: Epoch::new(self.epoch),
+            spm_id: HostId::NONE,
             state: SpmState::Active,
             heartbeat_interval_ms: 1000,
             heartbeat: 1,
@@ -133,27 +134,29 @@ impl ScriptedSpm {
 
     /// The reply to `r` with `status` and `size`.
     fn reply(&self, r: &Request, status: ReplyStatus, size: u64) -> Reply {
-        Reply::answering(r, status, size, self.epoch)
+        Reply::answering(r, status, size, Epoch::new(self.epoch))
     }
 
     /// Writes `reply` (and first the outbox header for its generation, if
     /// the area's header names another generation or epoch).
     fn write(&self, mb: &mut Mailbox, reply: &Reply) {
-        let current = OutboxArea::new(&mb.outbox, DOMAIN, HOST)
+        let current = OutboxArea::new(&mb.outbox, DOMAIN, HostId::new(HOST))
             .unwrap()
             .header()
             .ok()
             .flatten();
-        if current.map(|h| (h.epoch, h.generation)) != Some((self.epoch, reply.generation)) {
+        if current.map(|h| (h.epoch, h.generation))
+            != Some((Epoch::new(self.epoch), reply.generation))
+        {
             let header = OutboxHeader {
                 domain: DOMAIN,
-                host_id: HOST,
-                epoch: self.epoch,
+                host_id: HostId::new(HOST),
+                epoch: Epoch::new(self.epoch),
                 generation: reply.generation,
             };
             mb.put_outbox(0, &header.to_bytes().unwrap());
         }
-        mb.put_outbox(reply.slot, &reply.to_bytes().unwrap());
+        mb.put_outbox(reply.slot.get(), &reply.to_bytes().unwrap());
     }
 
     /// Answers every valid request of the inbox that has no final reply
@@ -161,7 +164,7 @@ impl ScriptedSpm {
     fn serve(&self, mb: &mut Mailbox, decide: impl Fn(&Request) -> Option<(ReplyStatus, u64)>) {
         for r in mb.requests() {
             let done = matches!(
-                OutboxArea::new(&mb.outbox, DOMAIN, HOST).unwrap().slot(r.slot),
+                OutboxArea::new(&mb.outbox, DOMAIN, HostId::new(HOST)).unwrap().slot(r.slot),
                 Some(SlotState::Valid(p) | SlotState::Stale(p)) if p.answers(&r) && p.status.is_final()
             );
             if done {
@@ -206,7 +209,7 @@ impl Sim {
             lease_interval: Duration::ZERO,
             ..HostConfig::default()
         };
-        let mut host = Host::new(DOMAIN, HOST, geometry(), config).unwrap();
+        let mut host = Host::new(DOMAIN, HostId::new(HOST), geometry(), config).unwrap();
         for &(id, physical, allocation) in volumes {
             host.add_volume(id, VIRTUAL, LIMIT, physical, allocation)
                 .unwrap();
@@ -239,13 +242,13 @@ impl Sim {
                 busy = true;
                 match read {
                     HostRead::OutboxArea { offset } => {
-                        assert_eq!(offset, geometry().outbox_area(HOST).unwrap());
+                        assert_eq!(offset, geometry().outbox_area(HostId::new(HOST)).unwrap());
                         self.reads.push(self.now);
                         let outbox = self.mb.outbox;
                         self.host.handle_outbox(self.now, &outbox);
                     }
                     HostRead::InboxHeader { offset } => {
-                        assert_eq!(offset, geometry().inbox_area(HOST).unwrap());
+                        assert_eq!(offset, geometry().inbox_area(HostId::new(HOST)).unwrap());
                         let inbox = self.mb.inbox;
                         self.host
                             .handle_inbox_header(self.now, &inbox[..RECORD_LEN]);
@@ -309,7 +312,9 @@ impl Sim {
 
 #[test]
 fn watermark_request_reply_refresh_extended() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
     sim.host
         .handle_spm_header(ms(0), &spm.header().to_bytes().unwrap());
@@ -318,7 +323,7 @@ fn watermark_request_reply_refresh_extended() {
     let r = sim.mb.request(1).expect("a request in slot 1");
     assert_eq!(
         (r.generation, r.sequence, r.target_size, r.current_size),
-        (1, 1, GIB + CHUNK, GIB)
+        (Generation::new(1), 1, GIB + CHUNK, GIB)
     );
     assert_eq!(sim.mb.doorbell().unwrap().sequence, 1);
     // The SPM answers 5 ms later; the host sees it at its next poll.
@@ -348,7 +353,9 @@ fn watermark_request_reply_refresh_extended() {
 
 #[test]
 fn replies_that_do_not_answer_the_exact_request_are_ignored() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, GIB - MIB)]);
     let r = sim.mb.request(1).unwrap();
     let good = spm.reply(&r, ReplyStatus::Extended, 2 * GIB);
@@ -377,7 +384,7 @@ fn replies_that_do_not_answer_the_exact_request_are_ignored() {
         (
             "generation",
             Reply {
-                generation: r.generation + 1,
+                generation: Generation::new(r.generation.get() + 1),
                 ..good
             },
         ),
@@ -401,13 +408,17 @@ fn replies_that_do_not_answer_the_exact_request_are_ignored() {
 
 #[test]
 fn a_reply_from_an_older_epoch_than_one_seen_is_ignored() {
-    let old = ScriptedSpm { epoch: 4 };
-    let new = ScriptedSpm { epoch: 5 };
+    let old = ScriptedSpm {
+        epoch: (Epoch::new(4)).get(),
+    };
+    let new = ScriptedSpm {
+        epoch: (Epoch::new(5)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, GIB - MIB), (vol(2), GIB, 0)]);
     // An accepted reply from epoch 5 teaches the host epoch 5 ...
     new.extend_all(&mut sim.mb);
     sim.run_until(ms(10));
-    assert_eq!(sim.host.newest_epoch(), 5);
+    assert_eq!(sim.host.newest_epoch(), Epoch::new(5));
     // ... so a reply from epoch 4 for the next request is ignored.
     sim.allocate(vol(2), GIB - MIB);
     let t = sim.now;
@@ -429,8 +440,12 @@ fn a_reply_from_an_older_epoch_than_one_seen_is_ignored() {
 
 #[test]
 fn a_reply_older_than_the_spm_header_epoch_is_ignored() {
-    let old = ScriptedSpm { epoch: 2 };
-    let new = ScriptedSpm { epoch: 3 };
+    let old = ScriptedSpm {
+        epoch: (Epoch::new(2)).get(),
+    };
+    let new = ScriptedSpm {
+        epoch: (Epoch::new(3)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, GIB - MIB)]);
     sim.host
         .handle_spm_header(ms(0), &new.header().to_bytes().unwrap());
@@ -442,7 +457,9 @@ fn a_reply_older_than_the_spm_header_epoch_is_ignored() {
 
 #[test]
 fn a_parked_request_is_resent_only_every_remind_interval() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
     sim.run_until(ms(10));
     sim.allocate(vol(1), GIB);
@@ -462,7 +479,9 @@ fn a_parked_request_is_resent_only_every_remind_interval() {
 
 #[test]
 fn waiting_for_space_then_extended_resumes_the_paused_guest() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
     sim.run_until(ms(10));
     sim.allocate(vol(1), GIB); // out of space: paused
@@ -512,7 +531,9 @@ fn waiting_for_space_then_extended_resumes_the_paused_guest() {
 
 #[test]
 fn restart_recovers_in_flight_requests_with_a_higher_generation() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut first = Sim::new(&[(vol(1), GIB, 0), (vol(2), GIB, 0), (vol(3), GIB, 0)]);
     first.allocate(vol(1), GIB - MIB);
     first.allocate(vol(2), GIB - MIB);
@@ -529,11 +550,11 @@ fn restart_recovers_in_flight_requests_with_a_higher_generation() {
         first.mb.clone(),
         &[(vol(1), GIB + CHUNK, GIB - MIB), (vol(2), GIB, GIB - MIB)],
     );
-    assert_eq!(second.host.generation(), 2);
+    assert_eq!(second.host.generation(), Generation::new(2));
     let header = InboxHeader {
         domain: DOMAIN,
-        host_id: HOST,
-        generation: 2,
+        host_id: HostId::new(HOST),
+        generation: Generation::new(2),
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
@@ -541,7 +562,7 @@ fn restart_recovers_in_flight_requests_with_a_higher_generation() {
     assert_eq!(second.writes[0].1.record, header.to_bytes().unwrap());
     assert_eq!(
         second.writes[0].1.offset,
-        geometry().inbox_area(HOST).unwrap()
+        geometry().inbox_area(HostId::new(HOST)).unwrap()
     );
     let now: Vec<Request> = second.mb.requests();
     assert_eq!(now.len(), 1, "only volume 2's request is still needed");
@@ -549,9 +570,9 @@ fn restart_recovers_in_flight_requests_with_a_higher_generation() {
     let was = old.iter().find(|o| o.volume == vol(2)).unwrap();
     assert_eq!(
         (r.slot, r.generation, r.sequence, r.target_size),
-        (was.slot, 2, 1, was.target_size)
+        (was.slot, Generation::new(2), 1, was.target_size)
     );
-    assert_eq!(second.mb.doorbell().unwrap().generation, 2);
+    assert_eq!(second.mb.doorbell().unwrap().generation, Generation::new(2));
     // The other old slots were written empty, and nothing is stale.
     assert!(
         second
@@ -568,7 +589,9 @@ fn restart_recovers_in_flight_requests_with_a_higher_generation() {
 
 #[test]
 fn resend_with_backoff_while_the_spm_is_silent() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, GIB - MIB)]);
     let request = sim.writes[1].1;
     sim.run_until(secs(100));
@@ -605,7 +628,9 @@ fn resend_with_backoff_while_the_spm_is_silent() {
 
 #[test]
 fn no_outbox_reads_while_idle() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
     sim.run_until(secs(60));
     assert!(sim.reads.is_empty());
@@ -620,14 +645,16 @@ fn no_outbox_reads_while_idle() {
 
 #[test]
 fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
-    let spm = ScriptedSpm { epoch: 1 };
+    let spm = ScriptedSpm {
+        epoch: (Epoch::new(1)).get(),
+    };
     // A host at generation 6 wrote a request, then restarted and its
     // header write for generation 7 was torn.
     let mut mb = Mailbox::new();
     let g6 = InboxHeader {
         domain: DOMAIN,
-        host_id: HOST,
-        generation: 6,
+        host_id: HostId::new(HOST),
+        generation: Generation::new(6),
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
@@ -636,8 +663,8 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
     .unwrap();
     let g7 = InboxHeader {
         domain: DOMAIN,
-        host_id: HOST,
-        generation: 7,
+        host_id: HostId::new(HOST),
+        generation: Generation::new(7),
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
@@ -650,9 +677,9 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
     mb.inbox[..RECORD_LEN].copy_from_slice(&torn);
     let stale = Request {
         domain: DOMAIN,
-        host_id: HOST,
-        slot: 4,
-        generation: 6,
+        host_id: HostId::new(HOST),
+        slot: Slot::new(4),
+        generation: Generation::new(6),
         sequence: 9,
         volume: vol(1),
         target_size: GIB + CHUNK,
@@ -661,16 +688,25 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
     };
     mb.inbox[4 * RECORD_LEN..5 * RECORD_LEN].copy_from_slice(&stale.to_bytes().unwrap());
     assert!(mb.inbox().header().is_err(), "the header is defective");
-    assert!(matches!(mb.inbox().slot(4), Some(SlotState::Stale(_))));
+    assert!(matches!(
+        mb.inbox().slot(Slot::new(4)),
+        Some(SlotState::Stale(_))
+    ));
 
     let mut sim = Sim::on(mb, &[(vol(1), GIB, GIB / 2)]);
-    assert_eq!(sim.host.generation(), 7);
-    assert_eq!(sim.writes[0].1.offset, geometry().inbox_area(HOST).unwrap());
-    assert_eq!(sim.mb.inbox().header().unwrap().unwrap().generation, 7);
+    assert_eq!(sim.host.generation(), Generation::new(7));
+    assert_eq!(
+        sim.writes[0].1.offset,
+        geometry().inbox_area(HostId::new(HOST)).unwrap()
+    );
+    assert_eq!(
+        sim.mb.inbox().header().unwrap().unwrap().generation,
+        Generation::new(7)
+    );
     let r = sim.mb.request(4).expect("the stale request, rewritten");
     assert_eq!(
         (r.generation, r.sequence, r.target_size),
-        (7, 1, GIB + CHUNK)
+        (Generation::new(7), 1, GIB + CHUNK)
     );
     spm.extend_all(&mut sim.mb);
     sim.run_until(ms(10));
@@ -691,12 +727,20 @@ fn interoperates_with_the_spm_engine() {
     let put = |disk: &mut Vec<u8>, at: u64, r: &[u8; RECORD_LEN]| {
         disk[at as usize..at as usize + RECORD_LEN].copy_from_slice(r)
     };
-    let mut spm: Spm<64> =
-        Spm::new(Instant::ZERO, DOMAIN, g, 0, 1, None, SpmConfig::default()).unwrap();
-    let mut host: Host<8> = Host::new(DOMAIN, HOST, g, HostConfig::default()).unwrap();
+    let mut spm: Spm<64> = Spm::new(
+        Instant::ZERO,
+        DOMAIN,
+        g,
+        HostId::NONE,
+        1,
+        None,
+        SpmConfig::default(),
+    )
+    .unwrap();
+    let mut host: Host<8> = Host::new(DOMAIN, HostId::new(HOST), g, HostConfig::default()).unwrap();
     host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, 0).unwrap();
-    let inbox_at = g.inbox_area(HOST).unwrap() as usize;
-    let outbox_at = g.outbox_area(HOST).unwrap() as usize;
+    let inbox_at = g.inbox_area(HostId::new(HOST)).unwrap() as usize;
+    let outbox_at = g.outbox_area(HostId::new(HOST)).unwrap() as usize;
     let area = |disk: &[u8], at: usize| disk[at..at + AREA_SIZE].to_vec();
     host.start(
         Instant::ZERO,
@@ -766,7 +810,7 @@ fn interoperates_with_the_spm_engine() {
                         spm.handle_spm_header(now, &h)
                     }
                     SpmIo::ReadHosts { first_host, count } => {
-                        let from = (first_host as usize - 1) * AREA_SIZE;
+                        let from = (usize::from(first_host.get()) - 1) * AREA_SIZE;
                         let len = count as usize * AREA_SIZE;
                         let inbox = disk[g.inbox_offset() as usize + from..][..len].to_vec();
                         let outbox = disk[g.outbox_offset() as usize + from..][..len].to_vec();

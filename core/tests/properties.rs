@@ -2,7 +2,8 @@
 
 use proptest::prelude::*;
 use spmbox_core::wire::{
-    Defect, Geometry, Location, RECORD_LEN, Record, RejectReason, Reply, ReplyStatus, Request, Uuid,
+    Defect, Epoch, Generation, Geometry, HostId, Location, RECORD_LEN, Record, RejectReason, Reply,
+    ReplyStatus, Request, Slot, Uuid,
 };
 
 fn uuid() -> impl Strategy<Value = Uuid> {
@@ -17,7 +18,7 @@ prop_compose! {
         generation in 1u64.., sequence in 1u64.., volume in uuid(),
         sectors in 1u64..(1 << 40), current_size in any::<u64>(), paused in any::<bool>(),
     ) -> Request {
-        Request { domain, host_id, slot, generation, sequence, volume,
+        Request { domain, host_id: HostId::new(host_id), slot: Slot::new(slot), generation: Generation::new(generation), sequence, volume,
                   target_size: sectors * 512, current_size, paused }
     }
 }
@@ -38,7 +39,7 @@ prop_compose! {
         Reply {
             domain: request.domain, host_id: request.host_id, slot: request.slot,
             generation: request.generation, sequence: request.sequence, volume: request.volume,
-            target_size: request.target_size, size: request.target_size + extra, epoch, status,
+            target_size: request.target_size, size: request.target_size + extra, epoch: Epoch::new(epoch), status,
         }
     }
 }
@@ -77,7 +78,7 @@ proptest! {
     fn requests_round_trip(r in valid_request()) {
         let bytes = r.to_bytes().unwrap();
         prop_assert_eq!(Request::decode(&bytes), Ok(Some(r)));
-        let at = Location { domain: r.domain, host_id: r.host_id, index: r.slot };
+        let at = Location { domain: r.domain, host_id: r.host_id, index: r.slot.get() };
         prop_assert_eq!(Request::parse(&bytes, &at), Ok(Some(r)));
     }
 
@@ -99,11 +100,11 @@ proptest! {
     #[test]
     fn records_parse_only_where_they_belong(r in valid_request(), host_id in 1u16..=2000, index in 0u16..32, other in uuid()) {
         let bytes = r.to_bytes().unwrap();
-        let here = (host_id, index) == (r.host_id, r.slot);
-        let got = Request::parse(&bytes, &Location { domain: r.domain, host_id, index });
+        let here = (host_id, index) == (r.host_id.get(), r.slot.get());
+        let got = Request::parse(&bytes, &Location { domain: r.domain, host_id: HostId::new(host_id), index });
         prop_assert_eq!(got.is_ok(), here);
         if other != r.domain {
-            let got = Request::parse(&bytes, &Location { domain: other, host_id: r.host_id, index: r.slot });
+            let got = Request::parse(&bytes, &Location { domain: other, host_id: r.host_id, index: r.slot.get() });
             prop_assert_eq!(got, Err(Defect::Foreign { domain: r.domain }));
         }
     }
@@ -112,12 +113,12 @@ proptest! {
     #[test]
     fn locate_agrees_with_area_offsets(max_hosts in 1u16..=2000, host in 1u16..=2000, within in 0u64..4096) {
         let g = Geometry::new(max_hosts, 512).unwrap();
-        match g.inbox_area(host) {
+        match g.inbox_area(HostId::new(host)) {
             Some(start) => {
                 let p = g.locate(start + within).unwrap();
-                prop_assert_eq!(p.region, spmbox_core::wire::Region::Inbox { host_id: host });
-                let p = g.locate(g.outbox_area(host).unwrap() + within).unwrap();
-                prop_assert_eq!(p.region, spmbox_core::wire::Region::Outbox { host_id: host });
+                prop_assert_eq!(p.region, spmbox_core::wire::Region::Inbox { host_id: HostId::new(host) });
+                let p = g.locate(g.outbox_area(HostId::new(host)).unwrap() + within).unwrap();
+                prop_assert_eq!(p.region, spmbox_core::wire::Region::Outbox { host_id: HostId::new(host) });
             }
             None => prop_assert!(host > max_hosts),
         }

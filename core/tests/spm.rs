@@ -7,8 +7,9 @@ use spmbox_core::spm::Job;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, settle};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, InboxHeader, OutboxArea, RECORD_LEN, Reply,
-    ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, SpmHeader, SpmState, Uuid,
+    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, HostId, InboxHeader,
+    OutboxArea, RECORD_LEN, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, Slot, SlotState,
+    SpmHeader, SpmState, Uuid,
 };
 
 const DOMAIN: Uuid = Uuid([0xd0; 16]);
@@ -37,13 +38,13 @@ impl Disk {
     }
 
     fn host_start(&mut self, host_id: u16, generation: u64) {
-        let at = self.geometry.inbox_area(host_id).unwrap();
+        let at = self.geometry.inbox_area(HostId::new(host_id)).unwrap();
         self.put(
             at,
             &InboxHeader {
                 domain: DOMAIN,
-                host_id,
-                generation,
+                host_id: HostId::new(host_id),
+                generation: Generation::new(generation),
                 owner: 0,
                 heartbeat: 0,
                 heartbeat_interval_ms: 0,
@@ -54,8 +55,8 @@ impl Disk {
     }
 
     fn send(&mut self, r: &Request) {
-        let at =
-            self.geometry.inbox_area(r.host_id).unwrap() + u64::from(r.slot) * RECORD_LEN as u64;
+        let at = self.geometry.inbox_area(r.host_id).unwrap()
+            + u64::from(r.slot.get()) * RECORD_LEN as u64;
         self.put(at, &r.to_bytes().unwrap());
     }
 
@@ -70,11 +71,15 @@ impl Disk {
     }
 
     fn reply(&self, host_id: u16, slot: u16) -> SlotState<Reply> {
-        let at = self.geometry.outbox_area(host_id).unwrap() as usize;
-        OutboxArea::new(&self.bytes[at..at + AREA_SIZE], DOMAIN, host_id)
-            .unwrap()
-            .slot(slot)
-            .unwrap()
+        let at = self.geometry.outbox_area(HostId::new(host_id)).unwrap() as usize;
+        OutboxArea::new(
+            &self.bytes[at..at + AREA_SIZE],
+            DOMAIN,
+            HostId::new(host_id),
+        )
+        .unwrap()
+        .slot(Slot::new(slot))
+        .unwrap()
     }
 
     fn region(&self, start: u64, first: u16, count: u16) -> &[u8] {
@@ -86,9 +91,9 @@ impl Disk {
 fn request(host_id: u16, slot: u16, volume: u8, target_gib: u64) -> Request {
     Request {
         domain: DOMAIN,
-        host_id,
-        slot,
-        generation: 1,
+        host_id: HostId::new(host_id),
+        slot: Slot::new(slot),
+        generation: Generation::new(1),
         sequence: 1,
         volume: Uuid([volume; 16]),
         target_size: target_gib << 30,
@@ -107,8 +112,12 @@ fn read_all(spm: &mut Spm<64>, disk: &Disk, now: Instant) -> bool {
             SpmIo::ReadSpmHeader => spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET)),
             SpmIo::ReadHosts { first_host, count } => {
                 let g = disk.geometry;
-                let inbox = disk.region(g.inbox_offset(), first_host, count).to_vec();
-                let outbox = disk.region(g.outbox_offset(), first_host, count).to_vec();
+                let inbox = disk
+                    .region(g.inbox_offset(), first_host.get(), count)
+                    .to_vec();
+                let outbox = disk
+                    .region(g.outbox_offset(), first_host.get(), count)
+                    .to_vec();
                 spm.handle_hosts(now, first_host, &inbox, &outbox);
             }
         }
@@ -179,7 +188,7 @@ fn start_as(disk: &mut Disk, now: Instant, owner: u64) -> Spm<64> {
         born,
         DOMAIN,
         disk.geometry,
-        0,
+        HostId::NONE,
         owner,
         found.as_ref(),
         config,
@@ -213,9 +222,12 @@ fn a_starting_spm_writes_its_header_with_the_next_epoch() {
     let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
         .unwrap()
         .unwrap();
-    assert_eq!((header.epoch, header.state), (1, SpmState::Active));
+    assert_eq!(
+        (header.epoch, header.state),
+        (Epoch::new(1), SpmState::Active)
+    );
     let again = start(&mut disk, ms(1));
-    assert_eq!(again.epoch(), 2);
+    assert_eq!(again.epoch(), Epoch::new(2));
 }
 
 #[test]
@@ -228,14 +240,17 @@ fn a_stopping_spm_vacates_the_mailbox_and_then_does_nothing() {
     let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
         .unwrap()
         .unwrap();
-    assert_eq!((header.epoch, header.state), (1, SpmState::Vacant));
+    assert_eq!(
+        (header.epoch, header.state),
+        (Epoch::new(1), SpmState::Vacant)
+    );
     disk.host_start(1, 1);
     disk.send(&request(1, 1, 7, 2));
     assert!(step(&mut spm, &mut disk, ms(20_000)).is_empty());
     assert_eq!(spm.poll_timeout(), None);
     assert_eq!(spm.vacate(), None, "only once");
     // The next SPM takes the next epoch.
-    assert_eq!(start(&mut disk, ms(1)).epoch(), 2);
+    assert_eq!(start(&mut disk, ms(1)).epoch(), Epoch::new(2));
 }
 
 #[test]
@@ -262,7 +277,7 @@ fn a_request_is_extended_and_answered_in_its_slot() {
     assert!(reply.answers(&r));
     assert_eq!(
         (reply.status, reply.size, reply.epoch),
-        (ReplyStatus::Extended, 2 << 30, 1)
+        (ReplyStatus::Extended, 2 << 30, Epoch::new(1))
     );
     assert!(spm.queue_len() == 0);
 }
@@ -338,7 +353,7 @@ fn without_room_a_request_waits_and_is_completed_when_capacity_arrives() {
     };
     assert_eq!(
         (done.status, done.size, done.epoch),
-        (ReplyStatus::Extended, 3 << 30, 2)
+        (ReplyStatus::Extended, 3 << 30, Epoch::new(2))
     );
 }
 
@@ -384,7 +399,9 @@ fn a_full_queue_leaves_requests_on_disk_for_a_later_scan() {
         step_extending(&mut spm, &mut disk, now);
         answered = sent
             .iter()
-            .filter(|r| matches!(disk.reply(r.host_id, 1), SlotState::Valid(x) if x.answers(r)))
+            .filter(
+                |r| matches!(disk.reply(r.host_id.get(), 1), SlotState::Valid(x) if x.answers(r)),
+            )
             .count();
         if answered == sent.len() {
             break;
@@ -405,9 +422,9 @@ fn defective_and_stale_requests_are_never_run() {
     let stale = request(1, 1, 1, 2); // generation 1 < header's 2
     disk.send(&stale);
     let mut bad = request(1, 2, 2, 2);
-    bad.generation = 2;
+    bad.generation = Generation::new(2);
     disk.send(&bad);
-    let at = disk.geometry.inbox_area(1).unwrap() as usize + 2 * RECORD_LEN + 50;
+    let at = disk.geometry.inbox_area(HostId::new(1)).unwrap() as usize + 2 * RECORD_LEN + 50;
     disk.bytes[at] ^= 1;
     let mut spm = start(&mut disk, ms(0));
     assert!(step(&mut spm, &mut disk, ms(0)).is_empty());
@@ -417,11 +434,11 @@ fn defective_and_stale_requests_are_never_run() {
         events.iter().any(|e| matches!(
             e,
             SpmEvent::Defective {
-                host_id: 1,
+                host_id,
                 index: 2,
                 inbox: true,
                 ..
-            }
+            } if host_id.get() == 1
         )),
         "{events:?}"
     );
@@ -446,7 +463,8 @@ fn an_spm_that_sees_a_newer_epoch_stands_down() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        header.epoch, 2,
+        header.epoch,
+        Epoch::new(2),
         "the old SPM did not overwrite the new header"
     );
 }
@@ -564,7 +582,9 @@ fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
     let mut t = 0;
     let answered = |disk: &Disk| {
         sent.iter()
-            .filter(|r| matches!(disk.reply(r.host_id, 1), SlotState::Valid(x) if x.answers(r)))
+            .filter(
+                |r| matches!(disk.reply(r.host_id.get(), 1), SlotState::Valid(x) if x.answers(r)),
+            )
             .count()
     };
     while answered(&disk) < sent.len() && t < 1000 {
@@ -672,10 +692,26 @@ fn two_spms_that_start_at_once_take_one_epoch_and_only_the_last_writer_acts() {
     disk.send(&request(1, 1, 7, 2));
     let found = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET)).unwrap();
     let config = SpmConfig::default();
-    let mut a: Spm<64> =
-        Spm::new(ms(0), DOMAIN, disk.geometry, 0, 0xA, found.as_ref(), config).unwrap();
-    let mut b: Spm<64> =
-        Spm::new(ms(0), DOMAIN, disk.geometry, 0, 0xB, found.as_ref(), config).unwrap();
+    let mut a: Spm<64> = Spm::new(
+        ms(0),
+        DOMAIN,
+        disk.geometry,
+        HostId::NONE,
+        0xA,
+        found.as_ref(),
+        config,
+    )
+    .unwrap();
+    let mut b: Spm<64> = Spm::new(
+        ms(0),
+        DOMAIN,
+        disk.geometry,
+        HostId::NONE,
+        0xB,
+        found.as_ref(),
+        config,
+    )
+    .unwrap();
     assert_eq!(a.epoch(), b.epoch(), "both saw the same header");
     for spm in [&mut a, &mut b] {
         while let Some(w) = spm.poll_write() {
@@ -702,7 +738,16 @@ fn a_lost_header_write_is_written_again_and_the_spm_waits_again() {
     disk.host_start(1, 1);
     disk.send(&request(1, 1, 7, 2));
     let config = SpmConfig::default();
-    let mut spm: Spm<64> = Spm::new(ms(0), DOMAIN, disk.geometry, 0, 0xA, None, config).unwrap();
+    let mut spm: Spm<64> = Spm::new(
+        ms(0),
+        DOMAIN,
+        disk.geometry,
+        HostId::NONE,
+        0xA,
+        None,
+        config,
+    )
+    .unwrap();
     // The header write is lost.
     while spm.poll_write().is_some() {}
     let back = ms(0) + settle(&config);
@@ -721,7 +766,18 @@ fn a_lost_header_write_is_written_again_and_the_spm_waits_again() {
 fn an_spm_needs_a_nonzero_owner_and_its_header_carries_it_and_the_pool_commit() {
     let mut disk = Disk::new(4);
     let g = disk.geometry;
-    assert!(Spm::<64>::new(ms(0), DOMAIN, g, 0, 0, None, SpmConfig::default()).is_err());
+    assert!(
+        Spm::<64>::new(
+            ms(0),
+            DOMAIN,
+            g,
+            HostId::NONE,
+            0,
+            None,
+            SpmConfig::default()
+        )
+        .is_err()
+    );
     let mut spm = start_as(&mut disk, ms(0), 0xFEED);
     spm.set_pool_commit(41);
     step(&mut spm, &mut disk, ms(0));
@@ -813,7 +869,7 @@ fn parked_story(withdraw: impl Fn(&mut Disk), restart: bool) -> u64 {
 /// The host restarted: a new generation, the slot empty.
 fn host_restarts(disk: &mut Disk) {
     disk.host_start(1, 2);
-    let at = disk.geometry.inbox_area(1).unwrap() + RECORD_LEN as u64;
+    let at = disk.geometry.inbox_area(HostId::new(1)).unwrap() + RECORD_LEN as u64;
     disk.put(at, &[0; RECORD_LEN]);
 }
 
@@ -821,7 +877,7 @@ fn host_restarts(disk: &mut Disk) {
 fn host_asks_for_less(disk: &mut Disk) {
     disk.host_start(1, 2);
     let mut r = request(1, 1, 7, 3);
-    r.generation = 2;
+    r.generation = Generation::new(2);
     disk.send(&r);
 }
 
@@ -966,7 +1022,7 @@ fn no_reply_is_written_before_its_batch_is_committed() {
     );
     spm.handle_committed(ms(2), 17);
     let w = next_reply_write(&mut spm).expect("the outbox header, then the reply");
-    assert_eq!(w.offset, disk.geometry.outbox_area(3).unwrap());
+    assert_eq!(w.offset, disk.geometry.outbox_area(HostId::new(3)).unwrap());
     assert!(spm.poll_write().is_some());
     assert_eq!(
         spm.pool_commit(),
@@ -983,7 +1039,7 @@ fn an_spm_whose_header_was_taken_before_its_commit_commits_nothing() {
     let mut newer = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
         .unwrap()
         .unwrap();
-    newer.epoch += 1;
+    newer.epoch = newer.epoch.next().unwrap();
     newer.owner = 0xbeef;
     disk.put(SPM_HEADER_OFFSET, &newer.to_bytes().unwrap());
     assert_eq!(spm.poll_commit(), None);
@@ -1026,8 +1082,16 @@ fn a_batch_holds_at_most_max_jobs_jobs() {
         ..SpmConfig::default()
     };
     let born = Instant(0);
-    let mut spm: Spm<64> =
-        Spm::new(born, DOMAIN, disk.geometry, 0, 1, found.as_ref(), config).unwrap();
+    let mut spm: Spm<64> = Spm::new(
+        born,
+        DOMAIN,
+        disk.geometry,
+        HostId::NONE,
+        1,
+        found.as_ref(),
+        config,
+    )
+    .unwrap();
     while let Some(w) = spm.poll_write() {
         disk.put(w.offset, &w.record);
     }
@@ -1064,7 +1128,7 @@ fn a_stalled_spm_reads_its_header_before_it_writes_anything() {
     let mut newer = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
         .unwrap()
         .unwrap();
-    newer.epoch += 1;
+    newer.epoch = newer.epoch.next().unwrap();
     newer.owner = 0xbeef;
     disk.put(SPM_HEADER_OFFSET, &newer.to_bytes().unwrap());
     spm.handle_timeout(late);

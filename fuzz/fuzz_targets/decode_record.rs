@@ -22,8 +22,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::wire::{
-    Defect, Doorbell, InboxHeader, Location, OutboxHeader, Record, Reply, Request, SpmHeader,
-    Superblock, Uuid,
+    Defect, Doorbell, HostId, InboxHeader, Location, OutboxHeader, Record, Reply, Request,
+    SpmHeader, Superblock, Uuid,
 };
 use spmbox_fuzz::{
     LEN, Typed, assert_verdict, expected_record, is_nil, kind_of_code, kind_outcome,
@@ -210,7 +210,7 @@ fn locations(data: &[u8]) -> [Location; 5] {
             ..own
         },
         Location {
-            host_id: own.host_id ^ (1 << (b % 16)),
+            host_id: HostId::new(own.host_id.get() ^ (1 << (b % 16))),
             ..own
         },
         Location {
@@ -218,7 +218,7 @@ fn locations(data: &[u8]) -> [Location; 5] {
             ..own
         },
         Location {
-            host_id: own.host_id.wrapping_add(1),
+            host_id: HostId::new(own.host_id.get().wrapping_add(1)),
             index: own.index.wrapping_sub(1),
             ..own
         },

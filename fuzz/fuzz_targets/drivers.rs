@@ -18,7 +18,7 @@ use spmbox_core::host::{Host, HostConfig, HostEvent};
 use spmbox_core::spm::{JobResult, Spm, SpmConfig};
 use spmbox_core::testing::{Faults, MemDisk, Shared, WriteFault};
 use spmbox_core::time::Instant;
-use spmbox_core::wire::{Geometry, Uuid};
+use spmbox_core::wire::{Geometry, HostId, Uuid};
 
 const DOMAIN: Uuid = Uuid([0xd0; 16]);
 const VOLUME: Uuid = Uuid([7; 16]);
@@ -101,7 +101,7 @@ fuzz_target!(|input: Input| {
     };
     let disk = RefCell::new(MemDisk::new(bytes, 512, plan));
 
-    let mut host: Host<2> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
+    let mut host: Host<2> = Host::new(DOMAIN, HostId::new(2), g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
     let hb = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 2>::BUFFER_LEN];
@@ -117,7 +117,8 @@ fuzz_target!(|input: Input| {
     if !started {
         return;
     }
-    let spm: Spm<16> = Spm::new(now, DOMAIN, g, 0, 1, None, SpmConfig::default()).unwrap();
+    let spm: Spm<16> =
+        Spm::new(now, DOMAIN, g, HostId::NONE, 1, None, SpmConfig::default()).unwrap();
     let sb = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 16>::buffer_len(&g, 2, input.mirror)];
     let mut spm = SpmDriver::new(Shared(&disk), spm, sb, 2, input.mirror).unwrap();
 

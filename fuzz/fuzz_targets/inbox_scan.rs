@@ -29,8 +29,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::wire::{
-    AREA_SIZE, Geometry, Location, Place, Region, Reply, Request, SlotRecord, SlotState, Uuid,
-    areas,
+    AREA_SIZE, Geometry, HostId, Location, Place, Region, Reply, Request, Slot, SlotRecord,
+    SlotState, Uuid, areas,
 };
 use spmbox_fuzz::{
     LEN, MAX_HOSTS, Typed, assert_geometry_error, assert_verdict, is_nil, kind_outcome, le16, le32,
@@ -73,10 +73,13 @@ fn check(data: &[u8]) {
     let unpadded = &body[..body.len().min(MAX_AREAS * AREA_SIZE)];
     let whole = (unpadded.len() / AREA_SIZE).min(hosts_left);
     assert_eq!(
-        areas::<Request>(unpadded, domain, first_host).count(),
+        areas::<Request>(unpadded, domain, HostId::new(first_host)).count(),
         whole
     );
-    assert_eq!(areas::<Reply>(unpadded, domain, first_host).count(), whole);
+    assert_eq!(
+        areas::<Reply>(unpadded, domain, HostId::new(first_host)).count(),
+        whole
+    );
 
     let in_range = max_hosts % MAX_HOSTS + 1;
     for hosts in [max_hosts, in_range] {
@@ -92,10 +95,10 @@ where
     S::Header: Typed,
 {
     let mut seen = 0;
-    for (i, area) in areas::<S>(region, domain, first_host).enumerate() {
+    for (i, area) in areas::<S>(region, domain, HostId::new(first_host)).enumerate() {
         seen += 1;
         let host_id = area.host_id();
-        assert_eq!(usize::from(host_id), usize::from(first_host) + i);
+        assert_eq!(usize::from(host_id.get()), usize::from(first_host) + i);
         let bytes = &region[i * AREA_SIZE..(i + 1) * AREA_SIZE];
         let at = |index: u16| Location {
             domain,
@@ -130,17 +133,17 @@ where
         };
 
         // The slots.
-        let slots: Vec<(u16, SlotState<S>)> = area.slots().collect();
+        let slots: Vec<(Slot, SlotState<S>)> = area.slots().collect();
         assert_eq!(slots.len(), 31, "an area has 31 slots");
         for (i, (slot, state)) in slots.iter().enumerate() {
-            assert_eq!(usize::from(*slot), i + 1, "slots are numbered 1..=31");
+            assert_eq!(usize::from(slot.get()), i + 1, "slots are numbered 1..=31");
             assert_eq!(area.slot(*slot), Some(*state), "slot({slot}) != slots()");
-            let rec = &bytes[usize::from(*slot) * LEN..][..LEN];
-            let parsed = S::parse(rec, &at(*slot));
+            let rec = &bytes[usize::from(slot.get()) * LEN..][..LEN];
+            let parsed = S::parse(rec, &at(slot.get()));
             assert_verdict(
                 "slot",
                 kind_outcome(&parsed, |_| S::KIND),
-                &verdict(rec, Some(S::KIND), Some(&at(*slot))),
+                &verdict(rec, Some(S::KIND), Some(&at(slot.get()))),
             );
             match *state {
                 SlotState::Empty => {
@@ -149,7 +152,11 @@ where
                 }
                 SlotState::Valid(r) => {
                     assert_eq!(parsed, Ok(Some(r)));
-                    assert_eq!(r.location(), at(*slot), "valid record of another place");
+                    assert_eq!(
+                        r.location(),
+                        at(slot.get()),
+                        "valid record of another place"
+                    );
                     assert_eq!(
                         Some(r.generation()),
                         generation,
@@ -158,7 +165,11 @@ where
                 }
                 SlotState::Stale(r) => {
                     assert_eq!(parsed, Ok(Some(r)));
-                    assert_eq!(r.location(), at(*slot), "stale record of another place");
+                    assert_eq!(
+                        r.location(),
+                        at(slot.get()),
+                        "stale record of another place"
+                    );
                     assert_ne!(
                         Some(r.generation()),
                         generation,
@@ -170,7 +181,7 @@ where
         }
         // With slot(1..=31) above, slot(n) for n in 0..=33 and beyond.
         for slot in [0, 32, 33, u16::MAX] {
-            assert_eq!(area.slot(slot), None, "slot {slot} exists");
+            assert_eq!(area.slot(Slot::new(slot)), None, "slot {slot} exists");
         }
     }
     assert_eq!(seen, expected_areas, "areas yielded");
@@ -186,7 +197,7 @@ fn geometry(max_hosts: u16, sector_size: u32, offset: u64, host: u16) {
     };
     assert!(matches!(sector_size, 512 | 4096) && (1..=MAX_HOSTS).contains(&max_hosts));
     assert_eq!((g.max_hosts(), g.sector_size()), (max_hosts, sector_size));
-    assert_eq!(g.hosts(), 1..=max_hosts);
+    assert!(g.hosts().map(HostId::get).eq(1..=max_hosts));
     let area = AREA_SIZE as u64;
     let hosts = u64::from(max_hosts);
     assert_eq!(g.inbox_offset(), 65536);
@@ -220,20 +231,30 @@ fn geometry(max_hosts: u16, sector_size: u32, offset: u64, host: u16) {
         if let Some(p) = place {
             assert!(!p.to_string().is_empty());
             if let Region::Inbox { host_id } | Region::Outbox { host_id } = p.region {
-                assert!((1..=max_hosts).contains(&host_id), "host {host_id}");
+                assert!((1..=max_hosts).contains(&host_id.get()), "host {host_id}");
             }
         }
     }
 
     for h in [host, 0, 1, max_hosts, max_hosts.wrapping_add(1)] {
         let valid = (1..=max_hosts).contains(&h);
-        let (inbox, outbox) = (g.inbox_area(h), g.outbox_area(h));
+        let (inbox, outbox) = (g.inbox_area(HostId::new(h)), g.outbox_area(HostId::new(h)));
         assert_eq!(inbox.is_some(), valid, "inbox_area({h})");
         assert_eq!(outbox.is_some(), valid, "outbox_area({h})");
         if let (Some(i), Some(o)) = (inbox, outbox) {
             for (start, region) in [
-                (i, Region::Inbox { host_id: h }),
-                (o, Region::Outbox { host_id: h }),
+                (
+                    i,
+                    Region::Inbox {
+                        host_id: HostId::new(h),
+                    },
+                ),
+                (
+                    o,
+                    Region::Outbox {
+                        host_id: HostId::new(h),
+                    },
+                ),
             ] {
                 for within in [0, 127, 128, 4095] {
                     let p = g.locate(start + within).expect("area inside the mailbox");
@@ -263,10 +284,10 @@ fn expected_place(off: u64, max_hosts: u16) -> Option<Place> {
         12288..61440 => Region::Reserved,
         61440..65536 => Region::SuperblockBackup,
         _ if off < outbox => Region::Inbox {
-            host_id: ((off - 65536) / 4096 + 1) as u16,
+            host_id: HostId::new(((off - 65536) / 4096 + 1) as u16),
         },
         _ => Region::Outbox {
-            host_id: ((off - outbox) / 4096 + 1) as u16,
+            host_id: HostId::new(((off - outbox) / 4096 + 1) as u16),
         },
     };
     Some(Place {

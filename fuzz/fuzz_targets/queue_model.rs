@@ -12,7 +12,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::spm::queue::{EntryState, Offered, Refused, RequestQueue};
-use spmbox_core::wire::{Request, Uuid};
+use spmbox_core::wire::{Generation, HostId, Request, Slot, Uuid};
 
 const WINDOW: usize = 6;
 const CAP: usize = 3;
@@ -43,9 +43,9 @@ struct ModelEntry {
 fn request(host: u8, slot: u8, volume: u8, target: u8, sequence: u8, paused: bool) -> Request {
     Request {
         domain: Uuid([1; 16]),
-        host_id: u16::from(host % 4) + 1,
-        slot: u16::from(slot % 4) + 1,
-        generation: 1,
+        host_id: HostId::new(u16::from(host % 4) + 1),
+        slot: Slot::new(u16::from(slot % 4) + 1),
+        generation: Generation::new(1),
         sequence: u64::from(sequence % 3) + 1,
         volume: Uuid([volume % 3 + 1; 16]),
         target_size: (u64::from(target % 4) + 1) << 20,
@@ -155,10 +155,10 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Remove { host, slot } => {
                 let (host_id, slot) = (u16::from(host % 4) + 1, u16::from(slot % 4) + 1);
-                let i = model
-                    .iter()
-                    .position(|e| e.request.host_id == host_id && e.request.slot == slot);
-                let removed = queue.remove(host_id, slot);
+                let i = model.iter().position(|e| {
+                    e.request.host_id == HostId::new(host_id) && e.request.slot == Slot::new(slot)
+                });
+                let removed = queue.remove(HostId::new(host_id), Slot::new(slot));
                 assert_eq!(removed.is_some(), i.is_some());
                 if let Some(i) = i {
                     model.swap_remove(i);
@@ -172,7 +172,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 queue
                     .entries()
                     .iter()
-                    .filter(|e| e.request.host_id == h)
+                    .filter(|e| e.request.host_id == HostId::new(h))
                     .count()
                     <= CAP
             );

@@ -16,8 +16,8 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::wire::{
-    Defect, Doorbell, Geometry, InboxHeader, OutboxHeader, Record, RejectReason, Reply,
-    ReplyStatus, Request, SpmHeader, SpmState, Superblock, Uuid,
+    Defect, Doorbell, Epoch, Generation, Geometry, HostId, InboxHeader, OutboxHeader, Record,
+    RejectReason, Reply, ReplyStatus, Request, SpmHeader, SpmState, Superblock, Uuid,
 };
 use spmbox_fuzz::{
     LEN, Typed, Verdict, assert_geometry_error, assert_verdict, crc32c, kind_outcome, le32,
@@ -339,8 +339,8 @@ fn build(spec: &Spec) -> Option<Record> {
             pool_commit,
         } => Record::SpmHeader(SpmHeader {
             domain: Uuid(domain),
-            epoch,
-            spm_id: spm_id.get(),
+            epoch: Epoch::new(epoch),
+            spm_id: HostId::new(spm_id.get()),
             state: if active {
                 SpmState::Active
             } else {
@@ -358,8 +358,8 @@ fn build(spec: &Spec) -> Option<Record> {
             sequence,
         } => Record::Doorbell(Doorbell {
             domain: Uuid(domain),
-            ringer: ringer.get(),
-            generation,
+            ringer: HostId::new(ringer.get()),
+            generation: Generation::new(generation),
             sequence,
         }),
         Spec::InboxHeader {
@@ -371,8 +371,8 @@ fn build(spec: &Spec) -> Option<Record> {
             heartbeat_interval_ms,
         } => Record::InboxHeader(InboxHeader {
             domain: Uuid(domain),
-            host_id: host_id.get(),
-            generation,
+            host_id: HostId::new(host_id.get()),
+            generation: Generation::new(generation),
             owner,
             heartbeat,
             heartbeat_interval_ms,
@@ -389,9 +389,9 @@ fn build(spec: &Spec) -> Option<Record> {
             paused,
         } => Record::Request(Request {
             domain: Uuid(domain),
-            host_id: host_id.get(),
-            slot: slot.get(),
-            generation,
+            host_id: HostId::new(host_id.get()),
+            slot: spmbox_core::wire::Slot::new(slot.get()),
+            generation: Generation::new(generation),
             sequence,
             volume: Uuid(volume),
             target_size: target_size.get(),
@@ -405,9 +405,9 @@ fn build(spec: &Spec) -> Option<Record> {
             generation,
         } => Record::OutboxHeader(OutboxHeader {
             domain: Uuid(domain),
-            host_id: host_id.get(),
-            epoch,
-            generation,
+            host_id: HostId::new(host_id.get()),
+            epoch: Epoch::new(epoch),
+            generation: Generation::new(generation),
         }),
         Spec::Reply {
             domain,
@@ -422,14 +422,14 @@ fn build(spec: &Spec) -> Option<Record> {
             status,
         } => Record::Reply(Reply {
             domain: Uuid(domain),
-            host_id: host_id.get(),
-            slot: slot.get(),
-            generation,
+            host_id: HostId::new(host_id.get()),
+            slot: spmbox_core::wire::Slot::new(slot.get()),
+            generation: Generation::new(generation),
             sequence,
             volume: Uuid(volume),
             target_size: target_size.get(),
             size: size.get(),
-            epoch,
+            epoch: Epoch::new(epoch),
             status: status.get(),
         }),
     })

@@ -18,8 +18,8 @@ use libfuzzer_sys::fuzz_target;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmIo, settle};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, Geometry, InboxArea, InboxHeader, OutboxArea, OutboxHeader, RECORD_LEN, Reply,
-    ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, Uuid,
+    AREA_SIZE, Epoch, Generation, Geometry, HostId, InboxArea, InboxHeader, OutboxArea,
+    OutboxHeader, RECORD_LEN, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, Uuid,
 };
 
 const DOMAIN: Uuid = Uuid([0xd0; 16]);
@@ -85,9 +85,9 @@ fn request(
 ) -> Request {
     Request {
         domain: DOMAIN,
-        host_id,
-        slot,
-        generation: u64::from(generation).max(1),
+        host_id: HostId::new(host_id),
+        slot: spmbox_core::wire::Slot::new(slot),
+        generation: Generation::new(u64::from(generation).max(1)),
         sequence: u64::from(sequence).max(1),
         volume: Uuid([volume % 4 + 1; 16]),
         target_size: u64::from(sectors.max(1)) * 512,
@@ -125,7 +125,7 @@ fn fill(area: &mut [u8], host_id: u16, slots: &[Slot; 4]) {
                     host_id, index, generation, sequence, volume, sectors, paused,
                 );
                 match misplace % 8 {
-                    0 => r.host_id = host_id % HOSTS + 1,
+                    0 => r.host_id = HostId::new(host_id % HOSTS + 1),
                     1 => r.domain = Uuid([0xee; 16]),
                     _ => {}
                 }
@@ -142,14 +142,14 @@ fn fill(area: &mut [u8], host_id: u16, slots: &[Slot; 4]) {
                 let r = request(host_id, index, generation, sequence, volume, sectors, false);
                 Reply {
                     domain: DOMAIN,
-                    host_id,
-                    slot: index,
+                    host_id: HostId::new(host_id),
+                    slot: spmbox_core::wire::Slot::new(index),
                     generation: r.generation,
                     sequence: r.sequence,
                     volume: r.volume,
                     target_size: r.target_size,
                     size: r.target_size + u64::from(extra) * 512,
-                    epoch: 1,
+                    epoch: Epoch::new(1),
                     status: status(code, extra),
                 }
                 .to_bytes()
@@ -191,8 +191,8 @@ fuzz_target!(|input: Input| {
         if host.inbox_generation > 0 {
             let h = InboxHeader {
                 domain: DOMAIN,
-                host_id,
-                generation: u64::from(host.inbox_generation),
+                host_id: HostId::new(host_id),
+                generation: Generation::new(u64::from(host.inbox_generation)),
                 owner: 0,
                 heartbeat: 0,
                 heartbeat_interval_ms: 0,
@@ -204,9 +204,9 @@ fuzz_target!(|input: Input| {
         if host.outbox_generation > 0 && host.outbox_epoch > 0 {
             let h = OutboxHeader {
                 domain: DOMAIN,
-                host_id,
-                epoch: u64::from(host.outbox_epoch),
-                generation: u64::from(host.outbox_generation),
+                host_id: HostId::new(host_id),
+                epoch: Epoch::new(u64::from(host.outbox_epoch)),
+                generation: Generation::new(u64::from(host.outbox_generation)),
             };
             area[..RECORD_LEN].copy_from_slice(&h.to_bytes().unwrap());
         }
@@ -219,10 +219,18 @@ fuzz_target!(|input: Input| {
     let mut valid: Vec<Request> = Vec::new();
     for i in 0..usize::from(HOSTS) {
         let host_id = i as u16 + 1;
-        let ia =
-            InboxArea::new(&inbox[i * AREA_SIZE..(i + 1) * AREA_SIZE], DOMAIN, host_id).unwrap();
-        let oa =
-            OutboxArea::new(&outbox[i * AREA_SIZE..(i + 1) * AREA_SIZE], DOMAIN, host_id).unwrap();
+        let ia = InboxArea::new(
+            &inbox[i * AREA_SIZE..(i + 1) * AREA_SIZE],
+            DOMAIN,
+            HostId::new(host_id),
+        )
+        .unwrap();
+        let oa = OutboxArea::new(
+            &outbox[i * AREA_SIZE..(i + 1) * AREA_SIZE],
+            DOMAIN,
+            HostId::new(host_id),
+        )
+        .unwrap();
         for (slot, state) in ia.slots() {
             if let SlotState::Valid(r) = state {
                 valid.push(r);
@@ -240,7 +248,8 @@ fuzz_target!(|input: Input| {
     }
 
     let config = SpmConfig::default();
-    let mut spm: Spm<16> = Spm::new(Instant(0), DOMAIN, geometry, 0, 1, None, config).unwrap();
+    let mut spm: Spm<16> =
+        Spm::new(Instant(0), DOMAIN, geometry, HostId::NONE, 1, None, config).unwrap();
     // The SPM acts once it has read its own header back.
     let mut header = [0u8; RECORD_LEN];
     while let Some(w) = spm.poll_write() {
@@ -255,7 +264,7 @@ fuzz_target!(|input: Input| {
     assert_eq!(spm.poll_io(settled), Some(SpmIo::ReadSpmHeader));
     spm.handle_spm_header(settled, &header);
     assert!(spm.is_confirmed());
-    spm.handle_hosts(settled, 1, &inbox, &outbox);
+    spm.handle_hosts(settled, HostId::new(1), &inbox, &outbox);
     let mut jobs = Vec::new();
     let mut steps = input.steps.iter();
     for round in 0..64u64 {
@@ -316,14 +325,14 @@ fuzz_target!(|input: Input| {
             let host_id = area as u16 + 1;
             if index == 0 {
                 let h = OutboxHeader::decode(&w.record).unwrap().unwrap();
-                assert_eq!(h.host_id, host_id);
+                assert_eq!(h.host_id, HostId::new(host_id));
                 continue;
             }
             let reply = Reply::decode(&w.record).unwrap().unwrap();
             assert!(
-                valid
-                    .iter()
-                    .any(|r| r.host_id == host_id && r.slot == index as u16 && reply.answers(r)),
+                valid.iter().any(|r| r.host_id == HostId::new(host_id)
+                    && r.slot == spmbox_core::wire::Slot::new(index as u16)
+                    && reply.answers(r)),
                 "reply {reply:?} answers no request in the inbox"
             );
         }
@@ -347,7 +356,7 @@ fuzz_target!(|input: Input| {
             Some(Step::Capacity { volume, sectors }) => {
                 spm.handle_capacity(now, Uuid([volume % 4 + 1; 16]), u64::from(*sectors) * 512);
             }
-            Some(Step::Rescan) => spm.handle_hosts(now, 1, &inbox, &outbox),
+            Some(Step::Rescan) => spm.handle_hosts(now, HostId::new(1), &inbox, &outbox),
             None => break,
         }
     }

@@ -10,9 +10,9 @@ use core::fmt::Debug;
 use core::ops::Range;
 
 use spmbox_core::wire::{
-    Defect, Doorbell, Field, Geometry, GeometryError, InboxHeader, Kind, Location, OutboxHeader,
-    RECORD_LEN, Record, RejectReason, Reply, ReplyStatus, Request, SpmHeader, SpmState, Superblock,
-    Uuid,
+    Defect, Doorbell, Epoch, Field, Generation, Geometry, GeometryError, HostId, InboxHeader, Kind,
+    Location, OutboxHeader, RECORD_LEN, Record, RejectReason, Reply, ReplyStatus, Request, Slot,
+    SpmHeader, SpmState, Superblock, Uuid,
 };
 
 /// The record length of format v1 (docs/format.md section 2).
@@ -150,7 +150,7 @@ pub fn code_of_kind(kind: Kind) -> u8 {
 pub fn prefix_location(rec: &[u8]) -> Location {
     Location {
         domain: uuid(rec, 16),
-        host_id: le16(rec, 10),
+        host_id: HostId::new(le16(rec, 10)),
         index: le16(rec, 12),
     }
 }
@@ -401,8 +401,8 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
         }),
         Kind::SpmHeader => Record::SpmHeader(SpmHeader {
             domain,
-            epoch: le64(rec, 32),
-            spm_id: le16(rec, 40),
+            epoch: Epoch::new(le64(rec, 32)),
+            spm_id: HostId::new(le16(rec, 40)),
             state: if rec[42] == 1 {
                 SpmState::Active
             } else {
@@ -415,23 +415,23 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
         }),
         Kind::Doorbell => Record::Doorbell(Doorbell {
             domain,
-            ringer: le16(rec, 32),
-            generation: le64(rec, 40),
+            ringer: HostId::new(le16(rec, 32)),
+            generation: Generation::new(le64(rec, 40)),
             sequence: le64(rec, 48),
         }),
         Kind::InboxHeader => Record::InboxHeader(InboxHeader {
             domain,
-            host_id,
-            generation: le64(rec, 32),
+            host_id: HostId::new(host_id),
+            generation: Generation::new(le64(rec, 32)),
             owner: le64(rec, 40),
             heartbeat: le64(rec, 48),
             heartbeat_interval_ms: le32(rec, 56),
         }),
         Kind::Request => Record::Request(Request {
             domain,
-            host_id,
-            slot: index,
-            generation: le64(rec, 32),
+            host_id: HostId::new(host_id),
+            slot: Slot::new(index),
+            generation: Generation::new(le64(rec, 32)),
             sequence: le64(rec, 40),
             volume: uuid(rec, 48),
             target_size: le64(rec, 64),
@@ -440,20 +440,20 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
         }),
         Kind::OutboxHeader => Record::OutboxHeader(OutboxHeader {
             domain,
-            host_id,
-            epoch: le64(rec, 32),
-            generation: le64(rec, 40),
+            host_id: HostId::new(host_id),
+            epoch: Epoch::new(le64(rec, 32)),
+            generation: Generation::new(le64(rec, 40)),
         }),
         Kind::Reply => Record::Reply(Reply {
             domain,
-            host_id,
-            slot: index,
-            generation: le64(rec, 32),
+            host_id: HostId::new(host_id),
+            slot: Slot::new(index),
+            generation: Generation::new(le64(rec, 32)),
             sequence: le64(rec, 40),
             volume: uuid(rec, 48),
             target_size: le64(rec, 64),
             size: le64(rec, 72),
-            epoch: le64(rec, 80),
+            epoch: Epoch::new(le64(rec, 80)),
             status: match (rec[88], rec[89]) {
                 (1, _) => ReplyStatus::Extended,
                 (2, _) => ReplyStatus::WaitingForSpace,
@@ -556,13 +556,13 @@ macro_rules! typed {
     };
 }
 
-typed!(Superblock, |_r| 0, 0);
-typed!(SpmHeader, |_r| 0, 0);
-typed!(Doorbell, |_r| 0, 0);
+typed!(Superblock, |_r| HostId::NONE, 0);
+typed!(SpmHeader, |_r| HostId::NONE, 0);
+typed!(Doorbell, |_r| HostId::NONE, 0);
 typed!(InboxHeader, |r| r.host_id, 0);
-typed!(Request, |r| r.host_id, r.slot);
+typed!(Request, |r| r.host_id, r.slot.get());
 typed!(OutboxHeader, |r| r.host_id, 0);
-typed!(Reply, |r| r.host_id, r.slot);
+typed!(Reply, |r| r.host_id, r.slot.get());
 
 /// Calls `f` with the typed value inside `record`.
 #[macro_export]

@@ -12,7 +12,8 @@ use common::{Loop, loop_devices_missing};
 use serde_json::Value;
 use spmbox::cli::inspect;
 use spmbox_core::wire::{
-    Geometry, InboxHeader, OutboxHeader, Reply, ReplyStatus, Request, SlotState, Superblock, Uuid,
+    Epoch, Generation, Geometry, HostId, InboxHeader, OutboxHeader, Reply, ReplyStatus, Request,
+    Slot, SlotState, Superblock, Uuid,
 };
 
 const DOMAIN: &str = "5b0c1d2e-3f40-4152-8364-758697a8b9ca";
@@ -66,9 +67,9 @@ fn domain() -> Uuid {
 fn request() -> Request {
     Request {
         domain: domain(),
-        host_id: 2,
-        slot: 3,
-        generation: 4,
+        host_id: HostId::new(2),
+        slot: Slot::new(3),
+        generation: Generation::new(4),
         sequence: 17,
         volume: VOLUME,
         target_size: 3 << 30,
@@ -82,33 +83,33 @@ fn request() -> Request {
 fn put_mail(path: &Path, geometry: &Geometry) {
     let file = fs::OpenOptions::new().write(true).open(path).unwrap();
     let r = request();
-    let inbox = geometry.inbox_area(2).unwrap();
-    let outbox = geometry.outbox_area(2).unwrap();
+    let inbox = geometry.inbox_area(HostId::new(2)).unwrap();
+    let outbox = geometry.outbox_area(HostId::new(2)).unwrap();
     let header = InboxHeader {
         domain: r.domain,
-        host_id: 2,
-        generation: 4,
+        host_id: HostId::new(2),
+        generation: Generation::new(4),
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
     };
     let reply = Reply {
         domain: r.domain,
-        host_id: 2,
-        slot: 3,
-        generation: 4,
+        host_id: HostId::new(2),
+        slot: Slot::new(3),
+        generation: Generation::new(4),
         sequence: 17,
         volume: VOLUME,
         target_size: r.target_size,
         size: r.current_size,
-        epoch: 1,
+        epoch: Epoch::new(1),
         status: ReplyStatus::WaitingForSpace,
     };
     let oheader = OutboxHeader {
         domain: r.domain,
-        host_id: 2,
-        epoch: 1,
-        generation: 4,
+        host_id: HostId::new(2),
+        epoch: Epoch::new(1),
+        generation: Generation::new(4),
     };
     file.write_all_at(&header.to_bytes().unwrap(), inbox)
         .unwrap();
@@ -312,7 +313,7 @@ fn inspect_reports_a_flipped_byte_at_its_place_with_exit_status_3() {
     assert!(format(&path, "4").status.success());
     let g = Geometry::new(4, 512).unwrap();
     put_mail(&path, &g);
-    let offset = g.inbox_area(2).unwrap() + 3 * 128 + 70;
+    let offset = g.inbox_area(HostId::new(2)).unwrap() + 3 * 128 + 70;
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use spmbox_core::wire::{
-    Defect, Doorbell, Field, InboxHeader, Kind, Location, OutboxHeader, RECORD_LEN, Record, Reply,
-    Request, SpmHeader, Superblock, Uuid,
+    Defect, Doorbell, Field, HostId, InboxHeader, Kind, Location, OutboxHeader, RECORD_LEN, Record,
+    Reply, Request, SpmHeader, Superblock, Uuid,
 };
 
 /// The directory that holds the vectors, the manifest and the generator.
@@ -181,7 +181,7 @@ pub fn place(at: &At) -> Result<(Kind, Location), String> {
     let kind = kind_named(&at.kind).ok_or_else(|| format!("unknown kind {:?}", at.kind))?;
     let location = Location {
         domain: uuid(&at.domain)?,
-        host_id: at.host_id,
+        host_id: HostId::new(at.host_id),
         index: at.index,
     };
     Ok((kind, location))

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use spmbox_core::wire::{
-    AREA_SIZE, Area, CRC32C, Defect, FORMAT_VERSION, InboxArea, OutboxArea, RECORD_LEN, Record,
-    SLOTS_PER_AREA, SlotRecord, SlotState,
+    AREA_SIZE, Area, CRC32C, Defect, FORMAT_VERSION, HostId, InboxArea, OutboxArea, RECORD_LEN,
+    Record, SLOTS_PER_AREA, Slot, SlotRecord, SlotState,
 };
 use spmbox_tests::vectors::{
     AreaEntry, Parsed, SlotEntry, assert_no_failures, check_defect, check_outcome, decode_as,
@@ -179,7 +179,7 @@ fn check_area<S: SlotRecord + PartialEq>(
         }
     }
     for n in 1..=SLOTS_PER_AREA {
-        let Some(state) = area.slot(n) else {
+        let Some(state) = area.slot(Slot::new(n)) else {
             failures.push(format!("slot {n}: the area refuses the slot number"));
             continue;
         };
@@ -188,9 +188,9 @@ fn check_area<S: SlotRecord + PartialEq>(
         }
     }
     // The iterator agrees with slot-by-slot reading.
-    let all: Vec<(u16, SlotState<S>)> = area.slots().collect();
-    let one_by_one: Vec<(u16, SlotState<S>)> = (1..=SLOTS_PER_AREA)
-        .filter_map(|n| area.slot(n).map(|s| (n, s)))
+    let all: Vec<(Slot, SlotState<S>)> = area.slots().collect();
+    let one_by_one: Vec<(Slot, SlotState<S>)> = (1..=SLOTS_PER_AREA)
+        .filter_map(|n| area.slot(Slot::new(n)).map(|s| (Slot::new(n), s)))
         .collect();
     if all != one_by_one {
         failures.push("slots() disagrees with slot(n)".into());
@@ -211,11 +211,11 @@ fn check_area_vector(entry: &AreaEntry) -> Vec<String> {
         Err(e) => return vec![e],
     };
     match entry.side.as_str() {
-        "inbox" => match InboxArea::new(&bytes, domain, entry.host_id) {
+        "inbox" => match InboxArea::new(&bytes, domain, HostId::new(entry.host_id)) {
             Some(area) => check_area(&area, entry, Record::InboxHeader, Record::Request),
             None => vec!["InboxArea::new refuses it".into()],
         },
-        "outbox" => match OutboxArea::new(&bytes, domain, entry.host_id) {
+        "outbox" => match OutboxArea::new(&bytes, domain, HostId::new(entry.host_id)) {
             Some(area) => check_area(&area, entry, Record::OutboxHeader, Record::Reply),
             None => vec!["OutboxArea::new refuses it".into()],
         },
@@ -331,7 +331,7 @@ fn the_vectors_cover_every_kind_verdict_and_reply_status() {
             domain: spmbox_core::wire::Uuid::NIL,
         },
         Defect::Misdirected {
-            host_id: 0,
+            host_id: HostId::NONE,
             index: 0,
         },
         Defect::ReservedNotZero { offset: 0 },

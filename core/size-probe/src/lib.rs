@@ -12,7 +12,7 @@ use spmbox_core::host::{Host, HostConfig, HostEvent};
 use spmbox_core::pool::DefaultPool;
 use spmbox_core::spm::{Spm, SpmConfig, run_pool_job};
 use spmbox_core::time::Instant;
-use spmbox_core::wire::{Geometry, SpmHeader, Uuid};
+use spmbox_core::wire::{Geometry, HostId, SpmHeader, Uuid};
 
 /// The SPM engine with a 256-request window (any number of hosts).
 pub type FirmwareSpm = Spm<256>;
@@ -104,7 +104,16 @@ pub fn spm_start(
     geometry: Geometry,
     found: Option<&SpmHeader>,
 ) -> Option<FirmwareSpm> {
-    Spm::new(now, domain, geometry, 0, 1, found, SpmConfig::default()).ok()
+    Spm::new(
+        now,
+        domain,
+        geometry,
+        HostId::NONE,
+        1,
+        found,
+        SpmConfig::default(),
+    )
+    .ok()
 }
 
 /// One round of a host: every input and output, through the driver.
@@ -134,7 +143,7 @@ pub fn host_start<'a>(
     disk: &'a mut [u8],
     buffer: &'a mut [u8],
 ) -> Option<FirmwareHostDriver<'a>> {
-    let host = Host::new(domain, 1, geometry, HostConfig::default()).ok()?;
+    let host = Host::new(domain, HostId::new(1), geometry, HostConfig::default()).ok()?;
     let mut driver = HostDriver::new(Ram(disk), host, buffer).ok()?;
     driver.start(now, 1).ok()?.ok()?;
     Some(driver)

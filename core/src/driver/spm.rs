@@ -2,7 +2,7 @@
 
 use crate::spm::{Spm, SpmCommit, SpmIo, SpmWrite};
 use crate::time::Instant;
-use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, RECORD_LEN, SPM_HEADER_OFFSET};
+use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, HostId, RECORD_LEN, SPM_HEADER_OFFSET};
 
 use core::ops::Range;
 
@@ -234,13 +234,13 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver
                     .handle_spm_header(now, &one[within..within + RECORD_LEN]);
             }
             SpmIo::ReadHosts { first_host, count } => {
-                let last = u32::from(first_host) + u32::from(count);
+                let last = u32::from(first_host.get()) + u32::from(count);
                 let end = last.min(u32::from(self.geometry.max_hosts()) + 1);
-                let mut host = u32::from(first_host.max(1));
+                let mut host = u32::from(first_host.get().max(1));
                 while host < end {
                     let n = (end - host).min(self.chunk_hosts as u32);
                     // Both fit a u16: `end` is at most max_hosts + 1.
-                    self.read_chunk(now, host as u16, n as usize)?;
+                    self.read_chunk(now, HostId::new(host as u16), n as usize)?;
                     host += n;
                 }
             }
@@ -261,7 +261,7 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver
     pub(super) fn read_chunk(
         &mut self,
         now: Instant,
-        first: u16,
+        first: HostId,
         n: usize,
     ) -> Result<(), D::Error> {
         let (Some(ib), Some(ob)) = (
@@ -280,7 +280,7 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver
                 .iter()
                 .any(|&b| b != 0)
         };
-        let base = usize::from(first) - 1;
+        let base = usize::from(first.get()) - 1;
         let mirrored = !p.mirror.is_empty();
         let per = AREA_SIZE / self.sector;
         let mut i = 0;

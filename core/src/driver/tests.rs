@@ -9,8 +9,8 @@ use crate::spm::{Spm, SpmConfig, SpmWrite, settle};
 use crate::testing::{MemDisk, Script, Shared, WriteFault};
 use crate::time::Instant;
 use crate::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, OutboxArea, RECORD_LEN, ReplyStatus,
-    SPM_HEADER_OFFSET, SlotState, SpmHeader, Uuid,
+    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Geometry, HostId, OutboxArea, RECORD_LEN, ReplyStatus,
+    SPM_HEADER_OFFSET, Slot, SlotState, SpmHeader, Uuid,
 };
 
 const DOMAIN: Uuid = Uuid([0xd0; 16]);
@@ -33,7 +33,16 @@ fn peek(d: &RefCell<Disk>, offset: u64, len: usize) -> Vec<u8> {
 }
 
 fn spm(g: Geometry) -> Spm<64> {
-    Spm::new(Instant::ZERO, DOMAIN, g, 0, 1, None, SpmConfig::default()).unwrap()
+    Spm::new(
+        Instant::ZERO,
+        DOMAIN,
+        g,
+        HostId::NONE,
+        1,
+        None,
+        SpmConfig::default(),
+    )
+    .unwrap()
 }
 
 fn write(offset: u64, byte: u8) -> SpmWrite {
@@ -48,12 +57,16 @@ fn outbox_areas_of_hosts_without_requests_are_not_read_and_given_as_zeros() {
     let (g, d) = disk(8);
     // Host 3 has something in a slot; host 5 has none but something in
     // its outbox.
-    poke(&d, g.inbox_area(3).unwrap() + RECORD_LEN as u64, 1);
-    poke(&d, g.outbox_area(3).unwrap() + 7, 3);
-    poke(&d, g.outbox_area(5).unwrap() + 7, 5);
+    poke(
+        &d,
+        g.inbox_area(HostId::new(3)).unwrap() + RECORD_LEN as u64,
+        1,
+    );
+    poke(&d, g.outbox_area(HostId::new(3)).unwrap() + 7, 3);
+    poke(&d, g.outbox_area(HostId::new(5)).unwrap() + 7, 5);
     let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 8, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 8, true).unwrap();
-    drv.read_chunk(Instant::ZERO, 1, 8).unwrap();
+    drv.read_chunk(Instant::ZERO, HostId::new(1), 8).unwrap();
     let view = &drv.buf[drv.parts.view.clone()];
     assert_eq!(view[2 * AREA_SIZE + 7], 3, "host 3's outbox is read");
     assert_eq!(view[4 * AREA_SIZE + 7], 0, "host 5's is not");
@@ -69,7 +82,7 @@ fn a_full_scan_in_chunks_reads_every_host_once() {
     drv.read_one(
         Instant::ZERO,
         crate::spm::SpmIo::ReadHosts {
-            first_host: 1,
+            first_host: HostId::new(1),
             count: 10,
         },
     )
@@ -82,17 +95,21 @@ fn a_full_scan_in_chunks_reads_every_host_once() {
 fn replies_are_written_without_reading_and_merged_only_through_known_areas() {
     let (g, d) = disk(16);
     for h in [1u16, 2, 3, 5] {
-        poke(&d, g.inbox_area(h).unwrap() + RECORD_LEN as u64, 1);
+        poke(
+            &d,
+            g.inbox_area(HostId::new(h)).unwrap() + RECORD_LEN as u64,
+            1,
+        );
     }
     // Host 4's outbox is never read (it has no request), and what it holds
     // must survive writes on both sides of it.
-    poke(&d, g.outbox_area(4).unwrap() + 300, 0x44);
+    poke(&d, g.outbox_area(HostId::new(4)).unwrap() + 300, 0x44);
     let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 16, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 16, true).unwrap();
-    drv.read_chunk(Instant::ZERO, 1, 3).unwrap();
-    drv.read_chunk(Instant::ZERO, 5, 1).unwrap();
+    drv.read_chunk(Instant::ZERO, HostId::new(1), 3).unwrap();
+    drv.read_chunk(Instant::ZERO, HostId::new(5), 1).unwrap();
     let reads = drv.stats().reads;
-    let slot = |h: u16, s: u64| g.outbox_area(h).unwrap() + s * RECORD_LEN as u64;
+    let slot = |h: u16, s: u64| g.outbox_area(HostId::new(h)).unwrap() + s * RECORD_LEN as u64;
     for w in [
         write(slot(1, 1), 0xa1),
         write(slot(2, 5), 0xa2),
@@ -111,13 +128,19 @@ fn replies_are_written_without_reading_and_merged_only_through_known_areas() {
     for (h, s, b) in [(1, 1, 0xa1), (2, 5, 0xa2), (3, 1, 0xa3), (5, 2, 0xa5)] {
         assert_eq!(peek(&d, slot(h, s), RECORD_LEN), vec![b; RECORD_LEN]);
     }
-    assert_eq!(peek(&d, g.outbox_area(4).unwrap() + 300, 1), [0x44]);
+    assert_eq!(
+        peek(&d, g.outbox_area(HostId::new(4)).unwrap() + 300, 1),
+        [0x44]
+    );
     // A reply to a host never read: its area is read first, once.
-    poke(&d, g.outbox_area(9).unwrap() + 1000, 0x99);
+    poke(&d, g.outbox_area(HostId::new(9)).unwrap() + 1000, 0x99);
     drv.stage(write(slot(9, 1), 0xb9)).unwrap();
     drv.flush_staged().unwrap();
     assert_eq!(drv.stats().reads, reads + 1);
-    assert_eq!(peek(&d, g.outbox_area(9).unwrap() + 1000, 1), [0x99]);
+    assert_eq!(
+        peek(&d, g.outbox_area(HostId::new(9)).unwrap() + 1000, 1),
+        [0x99]
+    );
     assert_eq!(peek(&d, slot(9, 1), RECORD_LEN), vec![0xb9; RECORD_LEN]);
 }
 
@@ -142,8 +165,8 @@ fn a_write_that_failed_is_made_whole_by_the_next_one() {
         let (g, d) = disk(4);
         let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, mirror)];
         let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, mirror).unwrap();
-        drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
-        let at = g.outbox_area(2).unwrap() + RECORD_LEN as u64;
+        drv.read_chunk(Instant::ZERO, HostId::new(1), 4).unwrap();
+        let at = g.outbox_area(HostId::new(2)).unwrap() + RECORD_LEN as u64;
         drv.stage(write(at, 1)).unwrap();
         d.borrow_mut().faults.fail_writes = 1;
         assert!(drv.flush_staged().is_err());
@@ -185,7 +208,8 @@ impl<'a> Pair<'a> {
     fn new(g: Geometry, d: &'a RefCell<Disk>) -> Pair<'a> {
         let hb = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
         let sb = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, true)];
-        let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
+        let mut host: Host<4> =
+            Host::new(DOMAIN, HostId::new(2), g, HostConfig::default()).unwrap();
         host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
             .unwrap();
         let mut host = HostDriver::new(Shared(d), host, hb).unwrap();
@@ -241,10 +265,10 @@ fn a_host_and_an_spm_through_their_drivers_extend_a_volume() {
         pair.step();
     }
     assert!(pair.physical > GIB, "extended: {}", pair.physical);
-    let outbox = peek(&d, g.outbox_area(2).unwrap(), AREA_SIZE);
-    let area = OutboxArea::new(&outbox, DOMAIN, 2).unwrap();
+    let outbox = peek(&d, g.outbox_area(HostId::new(2)).unwrap(), AREA_SIZE);
+    let area = OutboxArea::new(&outbox, DOMAIN, HostId::new(2)).unwrap();
     assert!(matches!(
-        area.slot(1),
+        area.slot(Slot::new(1)),
         Some(SlotState::Valid(r)) if r.status == ReplyStatus::Extended
     ));
 }
@@ -253,7 +277,7 @@ fn a_host_and_an_spm_through_their_drivers_extend_a_volume() {
 fn the_doorbell_is_written_only_after_the_area_it_announces() {
     let (g, d) = disk(4);
     let buf = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
-    let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
+    let mut host: Host<4> = Host::new(DOMAIN, HostId::new(2), g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
     let mut drv = HostDriver::new(Shared(&d), host, buf).unwrap();
@@ -272,8 +296,8 @@ fn the_doorbell_is_written_only_after_the_area_it_announces() {
     drv.write().unwrap();
     let bell = peek(&d, DOORBELL_OFFSET, RECORD_LEN);
     let ring = Doorbell::decode(&bell).unwrap().unwrap();
-    assert_eq!(ring.ringer, 2);
-    let inbox = peek(&d, g.inbox_area(2).unwrap(), AREA_SIZE);
+    assert_eq!(ring.ringer, HostId::new(2));
+    let inbox = peek(&d, g.inbox_area(HostId::new(2)).unwrap(), AREA_SIZE);
     assert!(inbox[RECORD_LEN..].iter().any(|&b| b != 0), "the request");
 }
 
@@ -281,14 +305,14 @@ fn the_doorbell_is_written_only_after_the_area_it_announces() {
 fn a_torn_area_write_is_repaired_by_the_next_write_of_the_whole_area() {
     let (g, d) = disk(4);
     let buf = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
-    let mut host: Host<4> = Host::new(DOMAIN, 2, g, HostConfig::default()).unwrap();
+    let mut host: Host<4> = Host::new(DOMAIN, HostId::new(2), g, HostConfig::default()).unwrap();
     host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
         .unwrap();
     let mut drv = HostDriver::new(Shared(&d), host, buf).unwrap();
     drv.start(Instant::ZERO, 9).unwrap().unwrap();
     d.borrow_mut().faults.then = WriteFault::Torn { sectors: 0 };
     drv.step(Instant::ZERO).unwrap();
-    let at = g.inbox_area(2).unwrap();
+    let at = g.inbox_area(HostId::new(2)).unwrap();
     assert!(
         peek(&d, at, RECORD_LEN).iter().all(|&b| b == 0),
         "torn away"
@@ -325,16 +349,20 @@ fn a_buffer_too_small_or_a_sector_size_that_differs_is_refused() {
 #[test]
 fn a_read_of_an_area_keeps_the_replies_not_yet_written_to_it() {
     let (g, d) = disk(4);
-    poke(&d, g.inbox_area(2).unwrap() + RECORD_LEN as u64, 1);
+    poke(
+        &d,
+        g.inbox_area(HostId::new(2)).unwrap() + RECORD_LEN as u64,
+        1,
+    );
     let buf = vec![0u8; SpmDriver::<Shared<'_, Disk>, Vec<u8>, 64>::buffer_len(&g, 4, true)];
     let mut drv = SpmDriver::new(Shared(&d), spm(g), buf, 4, true).unwrap();
-    drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
-    let at = g.outbox_area(2).unwrap() + RECORD_LEN as u64;
+    drv.read_chunk(Instant::ZERO, HostId::new(1), 4).unwrap();
+    let at = g.outbox_area(HostId::new(2)).unwrap() + RECORD_LEN as u64;
     drv.stage(write(at, 0xc2)).unwrap();
     d.borrow_mut().faults.fail_writes = 1;
     assert!(drv.flush_staged().is_err());
     // The next scan reads host 2's outbox (still the old bytes on disk)...
-    drv.read_chunk(Instant::ZERO, 1, 4).unwrap();
+    drv.read_chunk(Instant::ZERO, HostId::new(1), 4).unwrap();
     let view = &drv.buf[drv.parts.view.clone()];
     assert_eq!(
         view[AREA_SIZE + RECORD_LEN],
@@ -362,7 +390,7 @@ fn a_stalled_spm_that_stops_reads_the_header_and_leaves_a_newer_spms_alone() {
         SpmHeader::decode(&d.borrow().bytes()[SPM_HEADER_OFFSET as usize..][..RECORD_LEN])
             .unwrap()
             .unwrap();
-    newer.epoch += 1;
+    newer.epoch = newer.epoch.next().unwrap();
     newer.owner = 0xbeef;
     let record = newer.to_bytes().unwrap();
     d.borrow_mut().bytes_mut()[SPM_HEADER_OFFSET as usize..][..RECORD_LEN].copy_from_slice(&record);

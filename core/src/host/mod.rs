@@ -83,9 +83,9 @@ use core::time::Duration;
 
 use crate::time::Instant;
 use crate::wire::{
-    DOORBELL_OFFSET, Doorbell, Geometry, InboxArea, InboxHeader, OutboxArea, RECORD_LEN,
-    RECORDS_PER_AREA, RejectReason, Reply, ReplyStatus, Request, SLOTS_PER_AREA, SlotState,
-    SpmHeader, Uuid,
+    DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, HostId, InboxArea, InboxHeader,
+    OutboxArea, RECORD_LEN, RECORDS_PER_AREA, RejectReason, Reply, ReplyStatus, Request,
+    SLOTS_PER_AREA, Slot, SlotState, SpmHeader, Uuid,
 };
 
 pub use volume::{InFlight, Phase, SIZE_ALIGN, VolumeState};
@@ -376,7 +376,7 @@ enum Intent {
     /// The inbox header of the current generation.
     Header,
     /// A slot's current content: its request, or all zero.
-    Slot(u16),
+    Slot(Slot),
 }
 
 /// One tracked volume.
@@ -391,26 +391,26 @@ struct Volume {
 
 /// Where slot `slot` (1..=31) is kept in per-slot arrays; out of range for
 /// anything else.
-fn slot_index(slot: u16) -> usize {
-    usize::from(slot).wrapping_sub(1)
+fn slot_index(slot: Slot) -> usize {
+    usize::from(slot.get()).wrapping_sub(1)
 }
 
-fn slot_bit(slot: u16) -> u32 {
-    1u32.checked_shl(u32::from(slot)).unwrap_or(0)
+fn slot_bit(slot: Slot) -> u32 {
+    1u32.checked_shl(u32::from(slot.get())).unwrap_or(0)
 }
 
 /// The host engine for up to `VOLUMES` volumes.
 #[derive(Debug)]
 pub struct Host<const VOLUMES: usize> {
     domain: Uuid,
-    host_id: u16,
+    host_id: HostId,
     geometry: Geometry,
     inbox_offset: u64,
     outbox_offset: u64,
     config: HostConfig,
     threshold: u64,
     /// 0 until started.
-    generation: u64,
+    generation: Generation,
     /// This process's lease owner number (0: no builtin lease).
     owner: u64,
     /// The lease heartbeat written in the inbox header.
@@ -420,7 +420,7 @@ pub struct Host<const VOLUMES: usize> {
     /// Another process holds the host id: nothing more is done.
     evicted: bool,
     next_sequence: u64,
-    newest_epoch: u64,
+    newest_epoch: Epoch,
     volumes: heapless::Vec<Volume, VOLUMES>,
     /// Slots (bit n = slot n) that hold a finished request and are to be
     /// written empty. They may be reused before that write is handed out.
@@ -445,7 +445,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     /// nothing until [`Host::start`].
     pub fn new(
         domain: Uuid,
-        host_id: u16,
+        host_id: HostId,
         geometry: Geometry,
         config: HostConfig,
     ) -> Result<Self, HostError> {
@@ -483,13 +483,13 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             outbox_offset,
             config,
             threshold: volume::threshold(config.chunk_size, config.utilization_percent),
-            generation: 0,
+            generation: Generation::new(0),
             owner: 0,
             heartbeat: 0,
             next_lease: None,
             evicted: false,
             next_sequence: 1,
-            newest_epoch: 0,
+            newest_epoch: Epoch::ZERO,
             volumes: heapless::Vec::new(),
             clearing: 0,
             writes: heapless::Deque::new(),
@@ -507,7 +507,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     // ----------------------------------------------------------------- queries
 
     /// This host's id.
-    pub fn host_id(&self) -> u16 {
+    pub fn host_id(&self) -> HostId {
         self.host_id
     }
 
@@ -517,12 +517,12 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     }
 
     /// The host's generation: 0 before [`Host::start`].
-    pub fn generation(&self) -> u64 {
+    pub fn generation(&self) -> Generation {
         self.generation
     }
 
     /// The newest SPM epoch seen in an accepted reply or an SPM header.
-    pub fn newest_epoch(&self) -> u64 {
+    pub fn newest_epoch(&self) -> Epoch {
         self.newest_epoch
     }
 
@@ -658,7 +658,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         let outbox =
             OutboxArea::new(outbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
         let generation = Self::highest_generation(&inbox, &outbox)
-            .checked_add(1)
+            .next()
             .ok_or(HostError::GenerationExhausted)?;
         self.last_now = now;
         self.generation = generation;
@@ -1009,7 +1009,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 Intent::Slot(slot) => {
                     let offset = self
                         .inbox_offset
-                        .saturating_add(u64::from(slot).saturating_mul(RECORD));
+                        .saturating_add(u64::from(slot.get()).saturating_mul(RECORD));
                     if let Some(request) = self.request_in(slot) {
                         match request.to_bytes() {
                             Ok(record) => return Some(HostWrite { offset, record }),
@@ -1133,7 +1133,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     /// hosts that rang at the same moment ring again at different ones.
     fn jittered(&self, interval: Duration, sequence: u64) -> Duration {
         let step = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
-        let h = (u64::from(self.host_id).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        let h = (u64::from(self.host_id.get()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ sequence.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
             ^ step)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -1182,7 +1182,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     }
 
     fn started(&self) -> bool {
-        self.generation != 0
+        self.generation.get() != 0
     }
 
     fn inbox_header(&self, lease_interval: Duration) -> InboxHeader {
@@ -1208,8 +1208,8 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .any(|v| v.state.request.is_some_and(|f| f.awaits_reply()))
     }
 
-    fn highest_generation(inbox: &InboxArea<'_>, outbox: &OutboxArea<'_>) -> u64 {
-        let mut g = 0u64;
+    fn highest_generation(inbox: &InboxArea<'_>, outbox: &OutboxArea<'_>) -> Generation {
+        let mut g = Generation::new(0);
         if let Ok(Some(h)) = inbox.header() {
             g = g.max(h.generation);
         }
@@ -1248,7 +1248,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     }
 
     /// The request record for `slot`'s in-flight request, if any.
-    fn request_in(&self, slot: u16) -> Option<Request> {
+    fn request_in(&self, slot: Slot) -> Option<Request> {
         self.volumes.iter().find_map(|v| {
             let flight = v.state.request.filter(|f| f.slot == slot)?;
             Some(self.record(&v.state, &flight))
@@ -1274,7 +1274,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     fn answer(
         &self,
         outbox: &OutboxArea<'_>,
-        header: Option<u64>,
+        header: Option<Generation>,
         volume: &VolumeState,
     ) -> Option<Reply> {
         let flight = volume.request.filter(InFlight::awaits_reply)?;
@@ -1423,7 +1423,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         }
     }
 
-    fn resend(&mut self, volume: Uuid, slot: u16, sequence: u64) {
+    fn resend(&mut self, volume: Uuid, slot: Slot, sequence: u64) {
         self.push_write(Intent::Slot(slot));
         self.ring = Some(sequence);
         self.ring_scheduled(self.last_now);
@@ -1469,14 +1469,14 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     /// A slot no request holds: one already empty if any, else one about
     /// to be written empty (its empty write is then skipped).
-    fn free_slot_number(&self) -> Option<u16> {
+    fn free_slot_number(&self) -> Option<Slot> {
         let busy = self
             .volumes
             .iter()
             .filter_map(|v| v.state.request)
             .fold(0u32, |bits, f| bits | slot_bit(f.slot));
         let free = |clearing_ok: bool| {
-            (1..=SLOTS_PER_AREA).find(|&s| {
+            (1..=SLOTS_PER_AREA).map(Slot::new).find(|&s| {
                 busy & slot_bit(s) == 0 && (clearing_ok || self.clearing & slot_bit(s) == 0)
             })
         };
@@ -1485,7 +1485,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     /// Writes a new request for volume `i` in `slot`, for the volume's
     /// current watermark target.
-    fn send(&mut self, now: Instant, i: usize, slot: u16) {
+    fn send(&mut self, now: Instant, i: usize, slot: Slot) {
         let chunk = self.config.chunk_size;
         let Some(target) = self.volumes.get(i).and_then(|v| v.state.target(chunk)) else {
             return;
@@ -1494,7 +1494,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     }
 
     /// Writes a new request for volume `i` in `slot` for `target`.
-    fn send_in(&mut self, now: Instant, i: usize, slot: u16, target: u64) {
+    fn send_in(&mut self, now: Instant, i: usize, slot: Slot, target: u64) {
         let Some(sequence) = Some(self.next_sequence).filter(|&s| s != u64::MAX) else {
             warn!("host: sequence numbers exhausted");
             return;
@@ -1554,7 +1554,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     /// The request in `slot` is finished with: write the slot empty, and
     /// give it to a pending volume if one waits.
-    fn free_slot(&mut self, now: Instant, slot: u16) {
+    fn free_slot(&mut self, now: Instant, slot: Slot) {
         self.clearing |= slot_bit(slot);
         self.push_write(Intent::Slot(slot));
         // Paused guests first, then first come, first served.

@@ -60,7 +60,7 @@ impl<const V: usize> Rig<V> {
 
     fn exact(config: HostConfig) -> Self {
         Rig {
-            host: Host::new(DOMAIN, HOST, geometry(), config).unwrap(),
+            host: Host::new(DOMAIN, HostId::new(HOST), geometry(), config).unwrap(),
             inbox: [0; AREA_SIZE],
             outbox: [0; AREA_SIZE],
             doorbell: [0; RECORD_LEN],
@@ -92,7 +92,7 @@ impl<const V: usize> Rig<V> {
 
     /// Applies every write and collects every event; returns the writes.
     fn flush(&mut self) -> Vec<HostWrite> {
-        let inbox_at = geometry().inbox_area(HOST).unwrap();
+        let inbox_at = geometry().inbox_area(HostId::new(HOST)).unwrap();
         let mut done = Vec::new();
         while let Some(w) = self.host.poll_write() {
             if w.offset == DOORBELL_OFFSET {
@@ -121,9 +121,9 @@ impl<const V: usize> Rig<V> {
     }
 
     fn request(&self, slot: u16) -> Option<Request> {
-        match InboxArea::new(&self.inbox, DOMAIN, HOST)
+        match InboxArea::new(&self.inbox, DOMAIN, HostId::new(HOST))
             .unwrap()
-            .slot(slot)
+            .slot(Slot::new(slot))
         {
             Some(SlotState::Valid(r)) => Some(r),
             _ => None,
@@ -143,9 +143,9 @@ impl<const V: usize> Rig<V> {
     fn outbox_header(&mut self, epoch: u64, generation: u64) {
         let header = OutboxHeader {
             domain: DOMAIN,
-            host_id: HOST,
-            epoch,
-            generation,
+            host_id: HostId::new(HOST),
+            epoch: Epoch::new(epoch),
+            generation: Generation::new(generation),
         };
         self.put_outbox(0, header.to_bytes().unwrap());
     }
@@ -154,8 +154,8 @@ impl<const V: usize> Rig<V> {
     /// the outbox header for the host's generation.
     fn answer(&mut self, slot: u16, epoch: u64, status: ReplyStatus, size: u64) -> Reply {
         let r = self.request(slot).expect("a request to answer");
-        let reply = Reply::answering(&r, status, size, epoch);
-        self.outbox_header(epoch, r.generation);
+        let reply = Reply::answering(&r, status, size, Epoch::new(epoch));
+        self.outbox_header(epoch, r.generation.get());
         self.put_outbox(slot, reply.to_bytes().unwrap());
         reply
     }
@@ -169,7 +169,7 @@ impl<const V: usize> Rig<V> {
     fn doorbell(&self) -> Option<Doorbell> {
         let here = Location {
             domain: DOMAIN,
-            host_id: 0,
+            host_id: HostId::NONE,
             index: 0,
         };
         Doorbell::parse(&self.doorbell, &here).unwrap()
@@ -177,15 +177,15 @@ impl<const V: usize> Rig<V> {
 }
 
 fn inbox_slot_offset(slot: u16) -> u64 {
-    geometry().inbox_area(HOST).unwrap() + u64::from(slot) * RECORD_LEN as u64
+    geometry().inbox_area(HostId::new(HOST)).unwrap() + u64::from(slot) * RECORD_LEN as u64
 }
 
 fn request_record(slot: u16, generation: u64, sequence: u64, volume: Uuid, target: u64) -> Request {
     Request {
         domain: DOMAIN,
-        host_id: HOST,
-        slot,
-        generation,
+        host_id: HostId::new(HOST),
+        slot: Slot::new(slot),
+        generation: Generation::new(generation),
         sequence,
         volume,
         target_size: target,
@@ -202,8 +202,8 @@ fn put(area: &mut [u8; AREA_SIZE], index: u16, record: [u8; RECORD_LEN]) {
 fn inbox_header(generation: u64) -> [u8; RECORD_LEN] {
     InboxHeader {
         domain: DOMAIN,
-        host_id: HOST,
-        generation,
+        host_id: HostId::new(HOST),
+        generation: Generation::new(generation),
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
@@ -219,18 +219,18 @@ fn new_refuses_a_nil_domain_and_host_ids_outside_the_geometry() {
     let c = HostConfig::default();
     let g = geometry();
     assert_eq!(
-        Host::<4>::new(Uuid::NIL, 1, g, c).err(),
+        Host::<4>::new(Uuid::NIL, HostId::new(1), g, c).err(),
         Some(HostError::NilDomain)
     );
     assert_eq!(
-        Host::<4>::new(DOMAIN, 0, g, c).err(),
+        Host::<4>::new(DOMAIN, HostId::NONE, g, c).err(),
         Some(HostError::HostId)
     );
     assert_eq!(
-        Host::<4>::new(DOMAIN, 9, g, c).err(),
+        Host::<4>::new(DOMAIN, HostId::new(9), g, c).err(),
         Some(HostError::HostId)
     );
-    assert!(Host::<4>::new(DOMAIN, 8, g, c).is_ok());
+    assert!(Host::<4>::new(DOMAIN, HostId::new(8), g, c).is_ok());
 }
 
 #[test]
@@ -282,7 +282,7 @@ fn new_refuses_a_config_that_makes_no_sense() {
     ];
     for (config, error) in cases {
         assert_eq!(
-            Host::<4>::new(DOMAIN, HOST, geometry(), config).err(),
+            Host::<4>::new(DOMAIN, HostId::new(HOST), geometry(), config).err(),
             Some(error)
         );
     }
@@ -305,7 +305,8 @@ fn default_config_is_256_mib_chunks_at_50_percent() {
 
 #[test]
 fn add_volume_refuses_nil_duplicates_and_one_too_many() {
-    let mut host = Host::<2>::new(DOMAIN, HOST, geometry(), HostConfig::default()).unwrap();
+    let mut host =
+        Host::<2>::new(DOMAIN, HostId::new(HOST), geometry(), HostConfig::default()).unwrap();
     assert_eq!(
         host.add_volume(Uuid::NIL, VIRTUAL, LIMIT, GIB, 0),
         Err(HostError::NilVolume)
@@ -324,7 +325,8 @@ fn add_volume_refuses_nil_duplicates_and_one_too_many() {
 
 #[test]
 fn add_volume_refuses_inconsistent_sizes() {
-    let mut host = Host::<4>::new(DOMAIN, HOST, geometry(), HostConfig::default()).unwrap();
+    let mut host =
+        Host::<4>::new(DOMAIN, HostId::new(HOST), geometry(), HostConfig::default()).unwrap();
     for (virtual_size, limit) in [(0, LIMIT), (VIRTUAL, VIRTUAL - 512), (VIRTUAL, LIMIT + 1)] {
         assert_eq!(
             host.add_volume(vol(1), virtual_size, limit, GIB, 0),
@@ -338,12 +340,13 @@ fn add_volume_refuses_inconsistent_sizes() {
 
 #[test]
 fn nothing_is_written_before_start() {
-    let mut host = Host::<4>::new(DOMAIN, HOST, geometry(), HostConfig::default()).unwrap();
+    let mut host =
+        Host::<4>::new(DOMAIN, HostId::new(HOST), geometry(), HostConfig::default()).unwrap();
     host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, GIB - MIB)
         .unwrap();
     host.handle_allocation(at(1), vol(1), GIB - 1);
     host.handle_timeout(at(2));
-    assert_eq!(host.generation(), 0);
+    assert_eq!(host.generation(), Generation::new(0));
     assert_eq!(host.poll_write(), None);
     assert_eq!(host.poll_read(at(3)), None);
 }
@@ -351,9 +354,12 @@ fn nothing_is_written_before_start() {
 #[test]
 fn start_on_an_empty_area_writes_the_generation_1_header_alone() {
     let rig = Rig::<4>::one(0);
-    assert_eq!(rig.host.generation(), 1);
+    assert_eq!(rig.host.generation(), Generation::new(1));
     assert_eq!(rig.writes.len(), 1);
-    assert_eq!(rig.writes[0].offset, geometry().inbox_area(HOST).unwrap());
+    assert_eq!(
+        rig.writes[0].offset,
+        geometry().inbox_area(HostId::new(HOST)).unwrap()
+    );
     assert_eq!(rig.writes[0].record, inbox_header(1));
 }
 
@@ -375,7 +381,8 @@ fn start_is_refused_twice_and_for_areas_that_are_not_4096_bytes() {
         rig.host.start(at(1), &area, &area, 1),
         Err(HostError::AlreadyStarted)
     );
-    let mut fresh = Host::<4>::new(DOMAIN, HOST, geometry(), HostConfig::default()).unwrap();
+    let mut fresh =
+        Host::<4>::new(DOMAIN, HostId::new(HOST), geometry(), HostConfig::default()).unwrap();
     assert_eq!(
         fresh.start(at(0), &area[..4095], &area, 1),
         Err(HostError::AreaLength)
@@ -384,7 +391,7 @@ fn start_is_refused_twice_and_for_areas_that_are_not_4096_bytes() {
         fresh.start(at(0), &area, &[0; 4097], 1),
         Err(HostError::AreaLength)
     );
-    assert_eq!(fresh.generation(), 0);
+    assert_eq!(fresh.generation(), Generation::new(0));
     assert_eq!(fresh.poll_write(), None);
 }
 
@@ -396,14 +403,14 @@ fn start_takes_a_generation_above_every_generation_in_either_area() {
     let r = request_record(2, 7, 1, vol(9), 2 * GIB);
     put(&mut rig.inbox, 2, r.to_bytes().unwrap());
     rig.start(at(0));
-    assert_eq!(rig.host.generation(), 8);
+    assert_eq!(rig.host.generation(), Generation::new(8));
 
     // The outbox counts too: a reply to generation 11 rules out 8..=11.
     let mut rig = Rig::<4>::new();
     put(&mut rig.inbox, 0, inbox_header(5));
     rig.outbox_header(3, 11);
     rig.start(at(0));
-    assert_eq!(rig.host.generation(), 12);
+    assert_eq!(rig.host.generation(), Generation::new(12));
 }
 
 #[test]
@@ -418,7 +425,7 @@ fn start_with_a_torn_header_takes_the_generation_from_the_slots() {
         request_record(4, 9, 3, vol(9), 2 * GIB).to_bytes().unwrap(),
     );
     rig.start(at(0));
-    assert_eq!(rig.host.generation(), 10);
+    assert_eq!(rig.host.generation(), Generation::new(10));
     assert_eq!(rig.writes[0].record, inbox_header(10));
 }
 
@@ -444,12 +451,12 @@ fn start_rewrites_unanswered_requests_in_their_slots_with_fresh_sequences() {
     put(&mut rig.inbox, 5, a.to_bytes().unwrap());
     put(&mut rig.inbox, 9, b.to_bytes().unwrap());
     rig.start(at(0));
-    assert_eq!(rig.host.generation(), 5);
+    assert_eq!(rig.host.generation(), Generation::new(5));
     let offsets: Vec<u64> = rig.writes.iter().map(|w| w.offset).collect();
     assert_eq!(
         offsets,
         [
-            geometry().inbox_area(HOST).unwrap(),
+            geometry().inbox_area(HostId::new(HOST)).unwrap(),
             inbox_slot_offset(5),
             inbox_slot_offset(9),
             DOORBELL_OFFSET
@@ -458,10 +465,13 @@ fn start_rewrites_unanswered_requests_in_their_slots_with_fresh_sequences() {
     let a2 = rig.request(5).unwrap();
     assert_eq!(
         (a2.generation, a2.sequence, a2.volume, a2.target_size),
-        (5, 1, vol(1), a.target_size)
+        (Generation::new(5), 1, vol(1), a.target_size)
     );
     let b2 = rig.request(9).unwrap();
-    assert_eq!((b2.generation, b2.sequence, b2.volume), (5, 2, vol(2)));
+    assert_eq!(
+        (b2.generation, b2.sequence, b2.volume),
+        (Generation::new(5), 2, vol(2))
+    );
     assert_eq!(rig.doorbell().unwrap().sequence, 2);
     assert_eq!(rig.host.in_flight(), 2);
 }
@@ -492,14 +502,14 @@ fn start_clears_requests_that_have_a_final_reply() {
     rig.outbox_header(1, 4);
     let reply = Reply {
         domain: DOMAIN,
-        host_id: HOST,
-        slot: 2,
-        generation: 4,
+        host_id: HostId::new(HOST),
+        slot: Slot::new(2),
+        generation: Generation::new(4),
         sequence: 5,
         volume: vol(1),
         target_size: 2 * GIB,
         size: 0,
-        epoch: 1,
+        epoch: Epoch::new(1),
         status: ReplyStatus::Failed { code: 5 },
     };
     rig.put_outbox(2, reply.to_bytes().unwrap());
@@ -518,21 +528,21 @@ fn start_keeps_a_request_whose_reply_is_only_waiting_for_space() {
     rig.outbox_header(1, 4);
     let reply = Reply {
         domain: DOMAIN,
-        host_id: HOST,
-        slot: 2,
-        generation: 4,
+        host_id: HostId::new(HOST),
+        slot: Slot::new(2),
+        generation: Generation::new(4),
         sequence: 5,
         volume: vol(1),
         target_size: 2 * GIB,
         size: GIB,
-        epoch: 1,
+        epoch: Epoch::new(1),
         status: ReplyStatus::WaitingForSpace,
     };
     rig.put_outbox(2, reply.to_bytes().unwrap());
     rig.start(at(0));
     assert_eq!(
         rig.request(2).map(|r| (r.generation, r.sequence)),
-        Some((5, 1))
+        Some((Generation::new(5), 1))
     );
 }
 
@@ -644,9 +654,9 @@ fn crossing_the_watermark_writes_one_request_then_rings() {
         r,
         Request {
             domain: DOMAIN,
-            host_id: HOST,
-            slot: 1,
-            generation: 1,
+            host_id: HostId::new(HOST),
+            slot: Slot::new(1),
+            generation: Generation::new(1),
             sequence: 1,
             volume: vol(1),
             target_size: GIB + 256 * MIB,
@@ -658,8 +668,8 @@ fn crossing_the_watermark_writes_one_request_then_rings() {
         rig.doorbell(),
         Some(Doorbell {
             domain: DOMAIN,
-            ringer: HOST,
-            generation: 1,
+            ringer: HostId::new(HOST),
+            generation: Generation::new(1),
             sequence: 1
         })
     );
@@ -991,7 +1001,7 @@ fn replies_that_do_not_answer_the_exact_request_are_ignored() {
     type Change = fn(&mut Reply);
     let changes: [Change; 4] = [
         |r| r.sequence += 1,
-        |r| r.generation += 1,
+        |r| r.generation = r.generation.next().unwrap(),
         |r| r.volume = vol(9),
         |r| r.target_size += 512,
     ];
@@ -1000,7 +1010,7 @@ fn replies_that_do_not_answer_the_exact_request_are_ignored() {
         rig.take_events();
         let mut reply = rig.answer(1, 1, ReplyStatus::Extended, 2 * GIB);
         change(&mut reply);
-        rig.outbox_header(1, reply.generation);
+        rig.outbox_header(1, reply.generation.get());
         rig.put_outbox(1, reply.to_bytes().unwrap());
         rig.deliver(at(1));
         assert!(rig.take_events().is_empty(), "change {n}");
@@ -1028,8 +1038,8 @@ fn a_reply_stale_under_its_outbox_header_is_ignored() {
 fn active_spm_header(domain: Uuid, epoch: u64) -> [u8; RECORD_LEN] {
     SpmHeader {
         domain,
-        epoch,
-        spm_id: 0,
+        epoch: Epoch::new(epoch),
+        spm_id: HostId::NONE,
         state: SpmState::Active,
         heartbeat_interval_ms: 1000,
         heartbeat: 1,
@@ -1059,7 +1069,7 @@ fn an_spm_header_of_another_domain_teaches_nothing() {
     let mut rig = Rig::<4>::one(0);
     rig.host
         .handle_spm_header(Instant::ZERO, &active_spm_header(Uuid([1; 16]), 5));
-    assert_eq!(rig.host.newest_epoch(), 0);
+    assert_eq!(rig.host.newest_epoch(), Epoch::ZERO);
 }
 
 #[test]
@@ -1076,7 +1086,7 @@ fn the_newest_epoch_in_one_read_wins_whatever_the_slot_order() {
     rig.answer(2, 4, ReplyStatus::Extended, 2 * GIB);
     rig.outbox_header(4, 1);
     rig.deliver(at(1));
-    assert_eq!(rig.host.newest_epoch(), 4);
+    assert_eq!(rig.host.newest_epoch(), Epoch::new(4));
     assert_eq!(
         rig.take_events(),
         [HostEvent::Refresh {
@@ -1145,7 +1155,7 @@ fn the_outbox_is_read_only_while_requests_await_a_reply() {
     rig.host.handle_allocation(at(100), vol(1), GIB - MIB);
     rig.flush();
     let read = HostRead::OutboxArea {
-        offset: geometry().outbox_area(HOST).unwrap(),
+        offset: geometry().outbox_area(HostId::new(HOST)).unwrap(),
     };
     let t = at(100);
     assert_eq!(
@@ -1247,9 +1257,9 @@ fn arbitrary_outbox_bytes_never_panic_or_get_accepted() {
             area[..RECORD_LEN].copy_from_slice(
                 &OutboxHeader {
                     domain: DOMAIN,
-                    host_id: HOST,
-                    epoch: 1,
-                    generation: 1,
+                    host_id: HostId::new(HOST),
+                    epoch: Epoch::new(1),
+                    generation: Generation::new(1),
                 }
                 .to_bytes()
                 .unwrap(),
@@ -1352,8 +1362,13 @@ fn hosts_that_rang_together_ring_again_apart() {
     // first rings again are spread over 10 to 19 ms, not in step.
     let mut firsts = Vec::new();
     for host_id in 1..=8u16 {
-        let mut host: Host<4> =
-            Host::new(DOMAIN, host_id, geometry(), HostConfig::default()).unwrap();
+        let mut host: Host<4> = Host::new(
+            DOMAIN,
+            HostId::new(host_id),
+            geometry(),
+            HostConfig::default(),
+        )
+        .unwrap();
         host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, GIB - MIB)
             .unwrap();
         host.start(at(0), &[0; AREA_SIZE], &[0; AREA_SIZE], 1)
@@ -1405,7 +1420,7 @@ fn a_zero_ring_retry_rings_once_per_write() {
 fn header_of(record: &[u8]) -> InboxHeader {
     let at = Location {
         domain: DOMAIN,
-        host_id: HOST,
+        host_id: HostId::new(HOST),
         index: 0,
     };
     InboxHeader::parse(record, &at).unwrap().unwrap()
@@ -1419,7 +1434,7 @@ fn a_leased_host_writes_its_owner_and_heartbeat_interval_in_the_inbox_header() {
     assert_eq!(h.owner, OWNER);
     assert_eq!(h.heartbeat_interval_ms, 1000);
     assert_eq!(h.heartbeat, 0);
-    assert_eq!(h.generation, 1);
+    assert_eq!(h.generation, Generation::new(1));
 }
 
 #[test]
@@ -1431,7 +1446,7 @@ fn a_leased_host_reads_its_header_back_every_interval_and_raises_the_heartbeat()
     assert_eq!(
         rig.host.poll_read(at(1000)),
         Some(HostRead::InboxHeader {
-            offset: geometry().inbox_area(HOST).unwrap()
+            offset: geometry().inbox_area(HostId::new(HOST)).unwrap()
         })
     );
     let inbox = rig.inbox;
@@ -1476,7 +1491,7 @@ fn a_damaged_header_read_back_is_written_again_not_taken_as_another_owner() {
     rig.host.handle_inbox_header(at(1000), &record);
     assert!(!rig.host.is_evicted());
     let w = rig.host.poll_write().unwrap();
-    assert_eq!(w.offset, geometry().inbox_area(HOST).unwrap());
+    assert_eq!(w.offset, geometry().inbox_area(HostId::new(HOST)).unwrap());
     assert_eq!(header_of(&w.record).owner, OWNER);
 }
 
@@ -1488,7 +1503,7 @@ fn release_writes_a_header_with_no_heartbeat_interval() {
     let h = header_of(&w.record);
     assert_eq!(h.heartbeat_interval_ms, 0);
     assert_eq!(h.owner, OWNER);
-    assert_eq!(h.generation, 1);
+    assert_eq!(h.generation, Generation::new(1));
 }
 
 #[test]

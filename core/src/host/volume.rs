@@ -3,7 +3,7 @@
 use core::time::Duration;
 
 use crate::time::Instant;
-use crate::wire::Uuid;
+use crate::wire::{Slot, Uuid};
 
 /// Sizes on the wire are multiples of this many bytes.
 pub const SIZE_ALIGN: u64 = 512;
@@ -34,7 +34,7 @@ pub enum Phase {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InFlight {
     /// The inbox slot, 1..=31.
-    pub slot: u16,
+    pub slot: Slot,
     /// The request's sequence number in the host's current generation.
     pub sequence: u64,
     /// The absolute size asked for.

@@ -87,9 +87,9 @@ use core::time::Duration;
 
 use crate::time::Instant;
 use crate::wire::{
-    Defect, Doorbell, Geometry, InboxArea, Location, OutboxArea, OutboxHeader, RECORD_LEN,
-    RejectReason, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, SlotState, SpmHeader, SpmState,
-    Uuid,
+    Defect, Doorbell, Epoch, Geometry, HostId, InboxArea, Location, OutboxArea, OutboxHeader,
+    RECORD_LEN, RejectReason, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, Slot, SlotState,
+    SpmHeader, SpmState, Uuid,
 };
 use queue::{EntryState, RequestQueue};
 
@@ -180,7 +180,7 @@ pub enum SpmIo {
     /// first_host + count` and pass them to [`Spm::handle_hosts`].
     ReadHosts {
         /// The first host.
-        first_host: u16,
+        first_host: HostId,
         /// How many hosts.
         count: u16,
     },
@@ -308,7 +308,7 @@ pub enum SpmEvent {
     /// A record in a host area is defective (rate-limited).
     Defective {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
         /// Inbox (true) or outbox.
         inbox: bool,
         /// Record index (0 header, 1..=31 slot).
@@ -319,18 +319,18 @@ pub enum SpmEvent {
     /// The queue could not take a request (rate-limited); it stays on disk.
     Refused {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
         /// The slot.
-        slot: u16,
+        slot: Slot,
         /// Why.
         why: Refused,
     },
     /// A reply was handed out for writing.
     Answered {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
         /// The slot.
-        slot: u16,
+        slot: Slot,
         /// The volume.
         volume: Uuid,
         /// The status.
@@ -341,9 +341,9 @@ pub enum SpmEvent {
     /// Another SPM holds a higher epoch; this one has stopped.
     Deposed {
         /// The other SPM's epoch.
-        epoch: u64,
+        epoch: Epoch,
         /// The other SPM's id.
-        spm_id: u16,
+        spm_id: HostId,
     },
 }
 
@@ -412,9 +412,9 @@ pub struct Spm<const QUEUE: usize> {
     domain: Uuid,
     geometry: Geometry,
     config: SpmConfig,
-    spm_id: u16,
+    spm_id: HostId,
     owner: u64,
-    epoch: u64,
+    epoch: Epoch,
     heartbeat: u64,
     pool_commit: u64,
     header_write: bool,
@@ -439,7 +439,7 @@ pub struct Spm<const QUEUE: usize> {
     next_doorbell: Instant,
     next_scan: Instant,
     next_heartbeat: Instant,
-    targeted: heapless::Deque<u16, TARGETED_READS>,
+    targeted: heapless::Deque<HostId, TARGETED_READS>,
     last_doorbell: Option<Doorbell>,
     /// When the last full scan was handed out.
     last_full_scan: Instant,
@@ -471,20 +471,20 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         now: Instant,
         domain: Uuid,
         geometry: Geometry,
-        spm_id: u16,
+        spm_id: HostId,
         owner: u64,
         found: Option<&SpmHeader>,
         config: SpmConfig,
     ) -> Result<Self, SpmError> {
-        if spm_id > geometry.max_hosts() {
+        if spm_id.get() > geometry.max_hosts() {
             return Err(SpmError::SpmId);
         }
         if owner == 0 {
             return Err(SpmError::Owner);
         }
         let epoch = found
-            .map_or(0, |h| h.epoch)
-            .checked_add(1)
+            .map_or(Epoch::ZERO, |h| h.epoch)
+            .next()
             .ok_or(SpmError::EpochExhausted)?;
         info!("spm: starting with epoch {}", epoch);
         Ok(Self {
@@ -530,7 +530,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     }
 
     /// This SPM's epoch.
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         self.epoch
     }
 
@@ -651,7 +651,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.stats.full_scans += 1;
             self.event(SpmEvent::FullScan);
             return Some(SpmIo::ReadHosts {
-                first_host: 1,
+                first_host: HostId::new(1),
                 count: self.geometry.max_hosts(),
             });
         }
@@ -736,7 +736,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     pub fn handle_doorbell(&mut self, now: Instant, bytes: &[u8]) {
         let at = Location {
             domain: self.domain,
-            host_id: 0,
+            host_id: HostId::NONE,
             index: 0,
         };
         let Ok(Some(bell)) = Doorbell::parse(bytes, &at) else {
@@ -782,7 +782,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// The inbox and outbox areas of hosts `first_host ..` as read: equal
     /// runs of whole 4 KiB areas (extra bytes and hosts past the mailbox's
     /// last are ignored).
-    pub fn handle_hosts(&mut self, now: Instant, first_host: u16, inbox: &[u8], outbox: &[u8]) {
+    pub fn handle_hosts(&mut self, now: Instant, first_host: HostId, inbox: &[u8], outbox: &[u8]) {
         let _ = now;
         if self.deposed {
             return;
@@ -798,7 +798,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         let start = self.scan_cursor % count;
         for k in 0..count {
             let i = (start + k) % count;
-            let Some(host_id) = first_host.checked_add(i) else {
+            let Some(host_id) = first_host.get().checked_add(i) else {
                 continue;
             };
             if host_id == 0 || host_id > self.geometry.max_hosts() {
@@ -809,7 +809,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             let (Some(ib), Some(ob)) = (inbox.get(from..to), outbox.get(from..to)) else {
                 continue;
             };
-            self.handle_host(host_id, ib, ob);
+            self.handle_host(HostId::new(host_id), ib, ob);
         }
         if count > 1 && self.found >= QUEUE / 4 {
             // A busy full scan: more requests are likely on their way.
@@ -817,7 +817,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         }
     }
 
-    fn handle_host(&mut self, host_id: u16, inbox_bytes: &[u8], outbox_bytes: &[u8]) {
+    fn handle_host(&mut self, host_id: HostId, inbox_bytes: &[u8], outbox_bytes: &[u8]) {
         let (Some(inbox), Some(outbox)) = (
             InboxArea::new(inbox_bytes, self.domain, host_id),
             OutboxArea::new(outbox_bytes, self.domain, host_id),
@@ -838,7 +838,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             match state {
                 SlotState::Empty => {}
                 SlotState::Stale(_) => self.stats.stale += 1,
-                SlotState::Defective(defect) => self.report_defect(host_id, true, slot, defect),
+                SlotState::Defective(defect) => {
+                    self.report_defect(host_id, true, slot.get(), defect)
+                }
                 SlotState::Valid(request) => {
                     let reply = match outbox.slot(slot) {
                         Some(SlotState::Valid(r)) | Some(SlotState::Stale(r)) => Some(r),
@@ -891,7 +893,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         }
     }
 
-    fn report_defect(&mut self, host_id: u16, inbox: bool, index: u16, defect: Defect) {
+    fn report_defect(&mut self, host_id: HostId, inbox: bool, index: u16, defect: Defect) {
         self.stats.defective += 1;
         if self.defect_reports < DEFECT_REPORTS_PER_SCAN {
             self.defect_reports += 1;
@@ -913,7 +915,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         }
         let at = Location {
             domain: self.domain,
-            host_id: 0,
+            host_id: HostId::NONE,
             index: 0,
         };
         let found = SpmHeader::parse(bytes, &at).ok().flatten();
@@ -1233,7 +1235,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             size,
         });
         Some(SpmWrite {
-            offset: outbox + u64::from(r.slot) * RECORD_LEN as u64,
+            offset: outbox + u64::from(r.slot.get()) * RECORD_LEN as u64,
             record,
         })
     }

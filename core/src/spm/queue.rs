@@ -18,7 +18,7 @@
 //!   requests go in arrival order.
 
 use crate::fmt::{debug_assert, debug_assert_eq};
-use crate::wire::{MAX_HOSTS, ReplyStatus, Request, SLOTS_PER_AREA, Uuid};
+use crate::wire::{HostId, MAX_HOSTS, ReplyStatus, Request, SLOTS_PER_AREA, Slot, Uuid};
 
 /// Debug builds check every invariant ([`RequestQueue::check_invariants`])
 /// after each change of the queue while it holds at most this many
@@ -84,26 +84,26 @@ pub enum QueueInvariant {
     /// An entry's host id or slot is out of range.
     OutOfRange {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
         /// The slot.
-        slot: u16,
+        slot: Slot,
     },
     /// A host's entry count differs from its entries in the queue.
     HostCount {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
     },
     /// A host has more than `per_host_cap` entries.
     HostCap {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
     },
     /// Two entries are for the same host and slot.
     Duplicate {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
         /// The slot.
-        slot: u16,
+        slot: Slot,
     },
 }
 
@@ -192,7 +192,7 @@ impl<const N: usize> RequestQueue<N> {
     }
 
     /// The entry for a host's slot, if any.
-    pub fn find(&self, host_id: u16, slot: u16) -> Option<&Entry> {
+    pub fn find(&self, host_id: HostId, slot: Slot) -> Option<&Entry> {
         self.entries
             .iter()
             .find(|e| e.request.host_id == host_id && e.request.slot == slot)
@@ -228,10 +228,10 @@ impl<const N: usize> RequestQueue<N> {
     }
 
     /// Entries of `host_id`.
-    pub fn host_entries(&self, host_id: u16) -> usize {
+    pub fn host_entries(&self, host_id: HostId) -> usize {
         usize::from(
             self.per_host
-                .get(usize::from(host_id))
+                .get(usize::from(host_id.get()))
                 .copied()
                 .unwrap_or(0),
         )
@@ -241,8 +241,8 @@ impl<const N: usize> RequestQueue<N> {
     /// queued for hosts in range, and a host's count never exceeds its
     /// slots: anything else is a bug, asserted in debug builds and left
     /// uncounted in release.
-    fn count(&mut self, host_id: u16, up: bool) {
-        let Some(c) = self.per_host.get_mut(usize::from(host_id)) else {
+    fn count(&mut self, host_id: HostId, up: bool) {
+        let Some(c) = self.per_host.get_mut(usize::from(host_id.get())) else {
             debug_assert!(false, "host {} has no entry count", host_id);
             return;
         };
@@ -300,7 +300,7 @@ impl<const N: usize> RequestQueue<N> {
             if !in_range(host_id, slot) {
                 return Err(QueueInvariant::OutOfRange { host_id, slot });
             }
-            let Some(c) = left.get_mut(usize::from(host_id)) else {
+            let Some(c) = left.get_mut(usize::from(host_id.get())) else {
                 return Err(QueueInvariant::OutOfRange { host_id, slot });
             };
             *c = c
@@ -308,7 +308,7 @@ impl<const N: usize> RequestQueue<N> {
                 .ok_or(QueueInvariant::HostCount { host_id })?;
         }
         if let Some(host) = left.iter().position(|&c| c != 0) {
-            let host_id = u16::try_from(host).unwrap_or(u16::MAX);
+            let host_id = HostId::new(u16::try_from(host).unwrap_or(u16::MAX));
             return Err(QueueInvariant::HostCount { host_id });
         }
         if let Some(host) = self
@@ -316,7 +316,7 @@ impl<const N: usize> RequestQueue<N> {
             .iter()
             .position(|&c| usize::from(c) > self.per_host_cap)
         {
-            let host_id = u16::try_from(host).unwrap_or(u16::MAX);
+            let host_id = HostId::new(u16::try_from(host).unwrap_or(u16::MAX));
             return Err(QueueInvariant::HostCap { host_id });
         }
         Ok(())
@@ -423,7 +423,7 @@ impl<const N: usize> RequestQueue<N> {
 
     /// Removes a host's slot entry (its final reply was written, or the
     /// request disappeared from disk).
-    pub fn remove(&mut self, host_id: u16, slot: u16) -> Option<Entry> {
+    pub fn remove(&mut self, host_id: HostId, slot: Slot) -> Option<Entry> {
         let i = self
             .entries
             .iter()
@@ -435,7 +435,7 @@ impl<const N: usize> RequestQueue<N> {
 
     /// Removes every entry of a host whose request is no longer on disk, as
     /// told by `still_there`; entries with a reply still to write stay.
-    pub fn retain_host(&mut self, host_id: u16, mut still_there: impl FnMut(&Request) -> bool) {
+    pub fn retain_host(&mut self, host_id: HostId, mut still_there: impl FnMut(&Request) -> bool) {
         if self.host_entries(host_id) == 0 {
             return;
         }
@@ -460,7 +460,7 @@ impl<const N: usize> RequestQueue<N> {
             "host {} kept more entries than it had",
             host_id
         );
-        if let (Some(c), Ok(left)) = (self.per_host.get_mut(usize::from(host_id)), left) {
+        if let (Some(c), Ok(left)) = (self.per_host.get_mut(usize::from(host_id.get())), left) {
             debug_assert!(left <= *c, "host {} gained entries", host_id);
             debug_assert_eq!(before - self.entries.len(), usize::from(*c - left));
             *c = left;
@@ -501,7 +501,7 @@ impl<const N: usize> RequestQueue<N> {
             .filter(|e| e.state == EntryState::Queued)
         {
             // Distance from the host after the last one served, circularly.
-            let turn = e.request.host_id.wrapping_sub(last).wrapping_sub(1);
+            let turn = e.request.host_id.get().wrapping_sub(last).wrapping_sub(1);
             let key = (!e.request.paused, turn, e.arrival, e.request.volume);
             let better = match best {
                 None => true,
@@ -542,8 +542,8 @@ impl<const N: usize> RequestQueue<N> {
 }
 
 /// Whether a host can have written a request at `host_id` and `slot`.
-fn in_range(host_id: u16, slot: u16) -> bool {
-    (1..=MAX_HOSTS).contains(&host_id) && (1..=SLOTS_PER_AREA).contains(&slot)
+fn in_range(host_id: HostId, slot: Slot) -> bool {
+    (1..=MAX_HOSTS).contains(&host_id.get()) && (1..=SLOTS_PER_AREA).contains(&slot.get())
 }
 
 /// Words of the running-volume filter of [`RequestQueue::next_job`]
@@ -574,13 +574,14 @@ pub struct Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Generation;
 
     fn req(host_id: u16, slot: u16, volume: u8, target_gib: u64, paused: bool) -> Request {
         Request {
             domain: Uuid([1; 16]),
-            host_id,
-            slot,
-            generation: 1,
+            host_id: HostId::new(host_id),
+            slot: Slot::new(slot),
+            generation: Generation::new(1),
             sequence: u64::from(slot),
             volume: Uuid([volume; 16]),
             target_size: target_gib << 30,
@@ -612,9 +613,9 @@ mod tests {
             }
         }
         assert!(q.is_empty());
-        assert_eq!(q.host_entries(MAX_HOSTS + 1), 0);
+        assert_eq!(q.host_entries(HostId::new(MAX_HOSTS + 1)), 0);
         assert_eq!(q.offer(req(MAX_HOSTS, 31, 1, 1, false)), Ok(Offered::New));
-        assert_eq!(q.host_entries(MAX_HOSTS), 1);
+        assert_eq!(q.host_entries(HostId::new(MAX_HOSTS)), 1);
         q.check_invariants().unwrap();
     }
 
@@ -631,13 +632,17 @@ mod tests {
         counted.per_host[1] = 1;
         assert_eq!(
             counted.check_invariants(),
-            Err(QueueInvariant::HostCount { host_id: 1 })
+            Err(QueueInvariant::HostCount {
+                host_id: HostId::new(1)
+            })
         );
         counted.per_host[1] = 2;
         counted.per_host[7] = 1;
         assert_eq!(
             counted.check_invariants(),
-            Err(QueueInvariant::HostCount { host_id: 7 })
+            Err(QueueInvariant::HostCount {
+                host_id: HostId::new(7)
+            })
         );
 
         let mut capped = RequestQueue::<8>::new(1);
@@ -645,26 +650,28 @@ mod tests {
         capped.per_host = q.per_host;
         assert_eq!(
             capped.check_invariants(),
-            Err(QueueInvariant::HostCap { host_id: 1 })
+            Err(QueueInvariant::HostCap {
+                host_id: HostId::new(1)
+            })
         );
 
         let mut twice = RequestQueue::<8>::new(2);
         twice.entries = q.entries.clone();
         twice.per_host = q.per_host;
-        twice.entries[1].request.slot = 1;
+        twice.entries[1].request.slot = Slot::new(1);
         assert_eq!(
             twice.check_invariants(),
             Err(QueueInvariant::Duplicate {
-                host_id: 1,
-                slot: 1
+                host_id: HostId::new(1),
+                slot: Slot::new(1)
             })
         );
-        twice.entries[1].request.host_id = MAX_HOSTS + 1;
+        twice.entries[1].request.host_id = HostId::new(MAX_HOSTS + 1);
         assert_eq!(
             twice.check_invariants(),
             Err(QueueInvariant::OutOfRange {
-                host_id: MAX_HOSTS + 1,
-                slot: 1
+                host_id: HostId::new(MAX_HOSTS + 1),
+                slot: Slot::new(1)
             })
         );
     }
@@ -679,7 +686,7 @@ mod tests {
         // A count gone wrong behind the queue's back...
         q.per_host[2] = 3;
         // ...is caught by the next change.
-        q.remove(1, 1);
+        q.remove(HostId::new(1), Slot::new(1));
     }
 
     #[test]
@@ -762,7 +769,11 @@ mod tests {
             .min_by_key(|c| {
                 (
                     !c.request.paused,
-                    c.request.host_id.wrapping_sub(q.last_host).wrapping_sub(1),
+                    c.request
+                        .host_id
+                        .get()
+                        .wrapping_sub(q.last_host)
+                        .wrapping_sub(1),
                     c.arrival,
                 )
             })
@@ -799,9 +810,9 @@ mod tests {
                     let n = q
                         .entries()
                         .iter()
-                        .filter(|e| e.request.host_id == h)
+                        .filter(|e| e.request.host_id == HostId::new(h))
                         .count();
-                    assert_eq!(q.host_entries(h), n, "host {h}'s count");
+                    assert_eq!(q.host_entries(HostId::new(h)), n, "host {h}'s count");
                 }
                 let expected = reference_pick(&q);
                 let job = q.next_job();

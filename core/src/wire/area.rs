@@ -12,6 +12,7 @@ use super::{
     AREA_SIZE, Defect, InboxHeader, Location, OutboxHeader, RECORD_LEN, Reply, Request,
     SLOTS_PER_AREA, Uuid,
 };
+use super::{Generation, HostId, Slot};
 
 /// What a slot holds.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -39,9 +40,9 @@ pub trait SlotRecord: Sized + Copy {
     /// Parses the area header read from `at`.
     fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<Self::Header>, Defect>;
     /// The generation the slot record carries.
-    fn generation(&self) -> u64;
+    fn generation(&self) -> Generation;
     /// The generation the header names.
-    fn header_generation(header: &Self::Header) -> u64;
+    fn header_generation(header: &Self::Header) -> Generation;
 }
 
 impl SlotRecord for Request {
@@ -52,10 +53,10 @@ impl SlotRecord for Request {
     fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<InboxHeader>, Defect> {
         InboxHeader::parse(bytes, at)
     }
-    fn generation(&self) -> u64 {
+    fn generation(&self) -> Generation {
         self.generation
     }
-    fn header_generation(header: &InboxHeader) -> u64 {
+    fn header_generation(header: &InboxHeader) -> Generation {
         header.generation
     }
 }
@@ -68,10 +69,10 @@ impl SlotRecord for Reply {
     fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<OutboxHeader>, Defect> {
         OutboxHeader::parse(bytes, at)
     }
-    fn generation(&self) -> u64 {
+    fn generation(&self) -> Generation {
         self.generation
     }
-    fn header_generation(header: &OutboxHeader) -> u64 {
+    fn header_generation(header: &OutboxHeader) -> Generation {
         header.generation
     }
 }
@@ -81,7 +82,7 @@ impl SlotRecord for Reply {
 pub struct Area<'a, S: SlotRecord> {
     bytes: &'a [u8; AREA_SIZE],
     domain: Uuid,
-    host_id: u16,
+    host_id: HostId,
     _slots: PhantomData<S>,
 }
 
@@ -93,7 +94,7 @@ pub type OutboxArea<'a> = Area<'a, Reply>;
 impl<'a, S: SlotRecord> Area<'a, S> {
     /// Views `bytes` as host `host_id`'s area in `domain`. `None` if
     /// `bytes` is not exactly [`AREA_SIZE`] long.
-    pub fn new(bytes: &'a [u8], domain: Uuid, host_id: u16) -> Option<Self> {
+    pub fn new(bytes: &'a [u8], domain: Uuid, host_id: HostId) -> Option<Self> {
         Some(Self {
             bytes: bytes.try_into().ok()?,
             domain,
@@ -103,7 +104,7 @@ impl<'a, S: SlotRecord> Area<'a, S> {
     }
 
     /// The host this area belongs to.
-    pub fn host_id(&self) -> u16 {
+    pub fn host_id(&self) -> HostId {
         self.host_id
     }
 
@@ -129,7 +130,7 @@ impl<'a, S: SlotRecord> Area<'a, S> {
 
     /// The generation of a valid header; `None` if the header is empty or
     /// defective (then every slot record is stale).
-    pub fn header_generation(&self) -> Option<u64> {
+    pub fn header_generation(&self) -> Option<Generation> {
         self.header()
             .ok()
             .flatten()
@@ -138,23 +139,27 @@ impl<'a, S: SlotRecord> Area<'a, S> {
 
     /// What slot `slot` (1..=31) holds; `None` for a slot number out of
     /// range.
-    pub fn slot(&self, slot: u16) -> Option<SlotState<S>> {
+    pub fn slot(&self, slot: Slot) -> Option<SlotState<S>> {
         self.slot_under(slot, self.header_generation())
     }
 
     /// [`Area::slot`] with the header's generation already known (from
     /// [`Area::header_generation`] on this same area), for a reader that
     /// looks at several slots and parses the header once.
-    pub fn slot_under(&self, slot: u16, header_generation: Option<u64>) -> Option<SlotState<S>> {
-        if !(1..=SLOTS_PER_AREA).contains(&slot) {
+    pub fn slot_under(
+        &self,
+        slot: Slot,
+        header_generation: Option<Generation>,
+    ) -> Option<SlotState<S>> {
+        if !(1..=SLOTS_PER_AREA).contains(&slot.get()) {
             return None;
         }
         Some(self.slot_with(slot, header_generation))
     }
 
-    fn slot_with(&self, slot: u16, header_generation: Option<u64>) -> SlotState<S> {
-        let bytes = self.record_bytes(slot).map_or(&[][..], |b| &b[..]);
-        match S::parse_slot(bytes, &self.location(slot)) {
+    fn slot_with(&self, slot: Slot, header_generation: Option<Generation>) -> SlotState<S> {
+        let bytes = self.record_bytes(slot.get()).map_or(&[][..], |b| &b[..]);
+        match S::parse_slot(bytes, &self.location(slot.get())) {
             Ok(None) => SlotState::Empty,
             Ok(Some(record)) if Some(record.generation()) == header_generation => {
                 SlotState::Valid(record)
@@ -165,9 +170,11 @@ impl<'a, S: SlotRecord> Area<'a, S> {
     }
 
     /// Every slot, 1..=31, with what it holds. The header is parsed once.
-    pub fn slots(&self) -> impl Iterator<Item = (u16, SlotState<S>)> + '_ {
+    pub fn slots(&self) -> impl Iterator<Item = (Slot, SlotState<S>)> + '_ {
         let header = self.header_generation();
-        (1..=SLOTS_PER_AREA).map(move |slot| (slot, self.slot_with(slot, header)))
+        (1..=SLOTS_PER_AREA)
+            .map(Slot::new)
+            .map(move |slot| (slot, self.slot_with(slot, header)))
     }
 }
 
@@ -177,12 +184,12 @@ impl<'a, S: SlotRecord> Area<'a, S> {
 pub fn areas<S: SlotRecord>(
     region: &[u8],
     domain: Uuid,
-    first_host: u16,
+    first_host: HostId,
 ) -> impl Iterator<Item = Area<'_, S>> {
     region
         .chunks_exact(AREA_SIZE)
-        .zip(first_host..=u16::MAX)
-        .filter_map(move |(bytes, host)| Area::new(bytes, domain, host))
+        .zip(first_host.get()..=u16::MAX)
+        .filter_map(move |(bytes, host)| Area::new(bytes, domain, HostId::new(host)))
 }
 
 #[cfg(test)]
@@ -195,9 +202,9 @@ mod tests {
     fn request(slot: u16, generation: u64) -> Request {
         Request {
             domain: DOMAIN,
-            host_id: 7,
-            slot,
-            generation,
+            host_id: HostId::new(7),
+            slot: Slot::new(slot),
+            generation: Generation::new(generation),
             sequence: u64::from(slot),
             volume: Uuid([0x22; 16]),
             target_size: 1 << 30,
@@ -214,8 +221,8 @@ mod tests {
         let mut area = [0u8; AREA_SIZE];
         let header = InboxHeader {
             domain: DOMAIN,
-            host_id: 7,
-            generation,
+            host_id: HostId::new(7),
+            generation: Generation::new(generation),
             owner: 0,
             heartbeat: 0,
             heartbeat_interval_ms: 0,
@@ -230,37 +237,52 @@ mod tests {
         put(&mut area, 1, request(1, 5).to_bytes().unwrap());
         put(&mut area, 2, request(2, 4).to_bytes().unwrap());
         put(&mut area, 3, request(3, 6).to_bytes().unwrap());
-        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
-        assert_eq!(inbox.slot(1), Some(SlotState::Valid(request(1, 5))));
-        assert_eq!(inbox.slot(2), Some(SlotState::Stale(request(2, 4))));
-        assert_eq!(inbox.slot(3), Some(SlotState::Stale(request(3, 6))));
-        assert_eq!(inbox.slot(4), Some(SlotState::Empty));
+        let inbox = InboxArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
+        assert_eq!(
+            inbox.slot(Slot::new(1)),
+            Some(SlotState::Valid(request(1, 5)))
+        );
+        assert_eq!(
+            inbox.slot(Slot::new(2)),
+            Some(SlotState::Stale(request(2, 4)))
+        );
+        assert_eq!(
+            inbox.slot(Slot::new(3)),
+            Some(SlotState::Stale(request(3, 6)))
+        );
+        assert_eq!(inbox.slot(Slot::new(4)), Some(SlotState::Empty));
     }
 
     #[test]
     fn without_a_valid_header_every_request_is_stale() {
         let mut area = [0u8; AREA_SIZE];
         put(&mut area, 1, request(1, 5).to_bytes().unwrap());
-        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        let inbox = InboxArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
         assert_eq!(inbox.header(), Ok(None));
-        assert_eq!(inbox.slot(1), Some(SlotState::Stale(request(1, 5))));
+        assert_eq!(
+            inbox.slot(Slot::new(1)),
+            Some(SlotState::Stale(request(1, 5)))
+        );
         area[5] ^= 0xff; // damage the (empty) header
-        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        let inbox = InboxArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
         assert_eq!(inbox.header(), Err(Defect::BadMagic));
-        assert_eq!(inbox.slot(1), Some(SlotState::Stale(request(1, 5))));
+        assert_eq!(
+            inbox.slot(Slot::new(1)),
+            Some(SlotState::Stale(request(1, 5)))
+        );
     }
 
     #[test]
     fn a_request_in_another_hosts_area_is_misdirected() {
         let mut area = area_with_header(5);
         let mut r = request(1, 5);
-        r.host_id = 8;
+        r.host_id = HostId::new(8);
         put(&mut area, 1, r.to_bytes().unwrap());
-        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
+        let inbox = InboxArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
         assert_eq!(
-            inbox.slot(1),
+            inbox.slot(Slot::new(1)),
             Some(SlotState::Defective(Defect::Misdirected {
-                host_id: 8,
+                host_id: HostId::new(8),
                 index: 1
             }))
         );
@@ -269,23 +291,24 @@ mod tests {
     #[test]
     fn slots_yields_31_numbered_slots_and_rejects_others() {
         let area = area_with_header(1);
-        let inbox = InboxArea::new(&area, DOMAIN, 7).unwrap();
-        let numbers: heapless::Vec<u16, 31> = inbox.slots().map(|(n, _)| n).collect();
+        let inbox = InboxArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
+        let numbers: heapless::Vec<u16, 31> = inbox.slots().map(|(n, _)| n.get()).collect();
         assert_eq!(numbers.first(), Some(&1));
         assert_eq!(numbers.last(), Some(&31));
         assert_eq!(numbers.len(), 31);
-        assert_eq!(inbox.slot(0), None);
-        assert_eq!(inbox.slot(32), None);
-        assert!(InboxArea::new(&area[..4095], DOMAIN, 7).is_none());
+        assert_eq!(inbox.slot(Slot::new(0)), None);
+        assert_eq!(inbox.slot(Slot::new(32)), None);
+        assert!(InboxArea::new(&area[..4095], DOMAIN, HostId::new(7)).is_none());
     }
 
     #[test]
     fn areas_walks_consecutive_hosts() {
         let mut region = [0u8; 3 * AREA_SIZE];
         region[AREA_SIZE..2 * AREA_SIZE].copy_from_slice(&area_with_header(9));
-        let hosts: heapless::Vec<(u16, bool), 3> = areas::<Request>(&region, DOMAIN, 6)
-            .map(|a| (a.host_id(), a.header().ok().flatten().is_some()))
-            .collect();
+        let hosts: heapless::Vec<(u16, bool), 3> =
+            areas::<Request>(&region, DOMAIN, HostId::new(6))
+                .map(|a| (a.host_id().get(), a.header().ok().flatten().is_some()))
+                .collect();
         assert_eq!(hosts.as_slice(), &[(6, false), (7, true), (8, false)]);
     }
 }

@@ -1,12 +1,10 @@
 //! Mailbox geometry: where every block, area and record lives.
 
-use core::fmt;
-use core::ops::RangeInclusive;
-
 use super::{
-    AREA_SIZE, DOORBELL_OFFSET, Field, INBOX_OFFSET, MAX_HOSTS, RECORD_LEN, RESERVED_OFFSET,
-    SECTOR_SIZES, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET,
+    AREA_SIZE, DOORBELL_OFFSET, Field, HostId, INBOX_OFFSET, MAX_HOSTS, RECORD_LEN,
+    RESERVED_OFFSET, SECTOR_SIZES, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET,
 };
+use core::fmt;
 
 const AREA: u64 = AREA_SIZE as u64;
 
@@ -93,9 +91,9 @@ impl Geometry {
         self.sector_size
     }
 
-    /// The valid host ids.
-    pub const fn hosts(&self) -> RangeInclusive<u16> {
-        1..=self.max_hosts
+    /// The valid host ids, 1..=`max_hosts`, in order.
+    pub fn hosts(&self) -> impl DoubleEndedIterator<Item = HostId> + Clone + use<> {
+        (1..=self.max_hosts).map(HostId::new)
     }
 
     /// Where the inbox starts.
@@ -119,7 +117,8 @@ impl Geometry {
     }
 
     /// Where host `host_id`'s inbox area starts, if the host id is valid.
-    pub const fn inbox_area(&self, host_id: u16) -> Option<u64> {
+    pub const fn inbox_area(&self, host_id: HostId) -> Option<u64> {
+        let host_id = host_id.get();
         if host_id == 0 || host_id > self.max_hosts {
             return None;
         }
@@ -127,7 +126,8 @@ impl Geometry {
     }
 
     /// Where host `host_id`'s outbox area starts, if the host id is valid.
-    pub const fn outbox_area(&self, host_id: u16) -> Option<u64> {
+    pub const fn outbox_area(&self, host_id: HostId) -> Option<u64> {
+        let host_id = host_id.get();
         if host_id == 0 || host_id > self.max_hosts {
             return None;
         }
@@ -153,11 +153,11 @@ impl Geometry {
             Region::SuperblockBackup
         } else if offset < self.outbox_offset() {
             Region::Inbox {
-                host_id: (block - INBOX_OFFSET / AREA + 1) as u16,
+                host_id: HostId::new((block - INBOX_OFFSET / AREA + 1) as u16),
             }
         } else {
             Region::Outbox {
-                host_id: (block - self.outbox_offset() / AREA + 1) as u16,
+                host_id: HostId::new((block - self.outbox_offset() / AREA + 1) as u16),
             }
         };
         Some(Place {
@@ -187,12 +187,12 @@ pub enum Region {
     /// A host's inbox area.
     Inbox {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
     },
     /// A host's outbox area.
     Outbox {
         /// The host.
-        host_id: u16,
+        host_id: HostId,
     },
 }
 
@@ -282,18 +282,23 @@ mod tests {
         assert_eq!(g.inbox_offset(), 0x10000);
         assert_eq!(g.outbox_offset(), 0x10000 + 2000 * 4096);
         assert_eq!(g.mailbox_size(), 16_449_536);
-        assert_eq!(g.inbox_area(1), Some(0x10000));
-        assert_eq!(g.inbox_area(2000), Some(0x10000 + 1999 * 4096));
-        assert_eq!(g.outbox_area(1), Some(g.outbox_offset()));
-        assert_eq!(g.inbox_area(0), None);
-        assert_eq!(g.outbox_area(2001), None);
+        assert_eq!(g.inbox_area(HostId::new(1)), Some(0x10000));
+        assert_eq!(g.inbox_area(HostId::new(2000)), Some(0x10000 + 1999 * 4096));
+        assert_eq!(g.outbox_area(HostId::new(1)), Some(g.outbox_offset()));
+        assert_eq!(g.inbox_area(HostId::NONE), None);
+        assert_eq!(g.outbox_area(HostId::new(2001)), None);
     }
 
     #[test]
     fn locate_names_region_record_and_byte() {
         let g = Geometry::new(4, 512).unwrap();
         let p = g.locate(0x10000 + 4096 + 3 * 128 + 17).unwrap();
-        assert_eq!(p.region, Region::Inbox { host_id: 2 });
+        assert_eq!(
+            p.region,
+            Region::Inbox {
+                host_id: HostId::new(2)
+            }
+        );
         assert_eq!((p.index, p.byte), (3, 17));
         assert_eq!(
             p.to_string(),
@@ -303,14 +308,21 @@ mod tests {
             )
         );
         let p = g.locate(g.outbox_offset() + 3 * 4096).unwrap();
-        assert_eq!(p.region, Region::Outbox { host_id: 4 });
+        assert_eq!(
+            p.region,
+            Region::Outbox {
+                host_id: HostId::new(4)
+            }
+        );
         assert_eq!(g.locate(5).unwrap().region, Region::Superblock);
         assert_eq!(g.locate(4096 + 200).unwrap().region, Region::SpmHeader);
         assert_eq!(g.locate(8192).unwrap().region, Region::Doorbell);
         assert_eq!(g.locate(12288).unwrap().region, Region::Reserved);
         assert_eq!(
             g.locate(g.mailbox_size() - 1).unwrap().region,
-            Region::Outbox { host_id: 4 }
+            Region::Outbox {
+                host_id: HostId::new(4)
+            }
         );
         assert_eq!(g.locate(g.mailbox_size()), None);
     }

@@ -43,11 +43,13 @@
 
 mod area;
 mod geometry;
+mod ids;
 mod raw;
 mod records;
 
 pub use area::{Area, InboxArea, OutboxArea, SlotRecord, SlotState, areas};
 pub use geometry::{Geometry, GeometryError, Place, Region};
+pub use ids::{Epoch, Generation, HostId, Slot};
 pub use records::{
     Doorbell, InboxHeader, OutboxHeader, Record, RejectReason, Reply, ReplyStatus, Request,
     SpmHeader, SpmState, Superblock,
@@ -308,7 +310,7 @@ pub struct Location {
     pub domain: Uuid,
     /// The host whose area this is; 0 for the superblock, SPM header and
     /// doorbell.
-    pub host_id: u16,
+    pub host_id: HostId,
     /// The record index in the block: 0 for headers, 1..=31 for slots.
     pub index: u16,
 }
@@ -357,7 +359,7 @@ pub enum Defect {
     /// A valid record of this domain that names another place.
     Misdirected {
         /// The host the record names.
-        host_id: u16,
+        host_id: HostId,
         /// The record index the record names.
         index: u16,
     },

@@ -14,8 +14,8 @@ use zerocopy::little_endian::{U16, U32, U64};
 
 use super::raw::{self, Prefix};
 use super::{
-    CRC32C, Defect, FLAG_PAUSED, FORMAT_VERSION, Field, Geometry, Kind, Location, MAGIC, MAX_HOSTS,
-    RECORD_LEN, SLOTS_PER_AREA, Uuid,
+    CRC32C, Defect, Epoch, FLAG_PAUSED, FORMAT_VERSION, Field, Generation, Geometry, HostId, Kind,
+    Location, MAGIC, MAX_HOSTS, RECORD_LEN, SLOTS_PER_AREA, Slot, Uuid,
 };
 
 /// Checks shared by all kinds: length, empty, magic, checksum, version,
@@ -71,7 +71,7 @@ fn open_kind<'a>(
         if domain != at.domain {
             return Err(Defect::Foreign { domain });
         }
-        let (host_id, index) = (prefix.host_id.get(), prefix.index.get());
+        let (host_id, index) = (HostId::new(prefix.host_id.get()), prefix.index.get());
         if (host_id, index) != (at.host_id, at.index) {
             return Err(Defect::Misdirected { host_id, index });
         }
@@ -289,10 +289,10 @@ pub struct SpmHeader {
     /// Raised by every SPM that takes over; replies carry it, and hosts
     /// ignore replies from an epoch older than the newest they have seen.
     /// 0 only before any SPM ever ran.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// The host id of the SPM, or 0 when the SPM is not one of the hosts
     /// (a storage array).
-    pub spm_id: u16,
+    pub spm_id: HostId,
     /// Whether an SPM holds the mailbox.
     pub state: SpmState,
     /// How often an active SPM bumps `heartbeat`, in milliseconds.
@@ -324,8 +324,8 @@ impl SpmHeader {
         };
         Ok(Self {
             domain: Uuid(raw.prefix.domain),
-            epoch: raw.epoch.get(),
-            spm_id: raw.spm_id.get(),
+            epoch: Epoch::new(raw.epoch.get()),
+            spm_id: HostId::new(raw.spm_id.get()),
             state,
             heartbeat_interval_ms: raw.heartbeat_interval_ms.get(),
             heartbeat: raw.heartbeat.get(),
@@ -337,8 +337,8 @@ impl SpmHeader {
     fn raw(&self) -> raw::RawSpmHeader {
         raw::RawSpmHeader {
             prefix: prefix(Kind::SpmHeader, 0, 0, self.domain),
-            epoch: U64::new(self.epoch),
-            spm_id: U16::new(self.spm_id),
+            epoch: U64::new(self.epoch.get()),
+            spm_id: U16::new(self.spm_id.get()),
             state: self.state as u8,
             reserved0: 0,
             heartbeat_interval_ms: U32::new(self.heartbeat_interval_ms),
@@ -351,9 +351,9 @@ impl SpmHeader {
 
     fn check(&self) -> Result<(), Field> {
         check_domain_wide(self.domain, 0, 0)?;
-        require(self.spm_id <= MAX_HOSTS, Field::SpmId)?;
+        require(self.spm_id.get() <= MAX_HOSTS, Field::SpmId)?;
         if self.state == SpmState::Active {
-            require(self.epoch >= 1, Field::Epoch)?;
+            require(self.epoch.get() >= 1, Field::Epoch)?;
             require(self.heartbeat_interval_ms >= 1, Field::HeartbeatIntervalMs)?;
             require(self.owner != 0, Field::Owner)?;
         }
@@ -378,9 +378,9 @@ pub struct Doorbell {
     /// The storage domain.
     pub domain: Uuid,
     /// The host that rang, 1..=2000.
-    pub ringer: u16,
+    pub ringer: HostId,
     /// The ringer's generation.
-    pub generation: u64,
+    pub generation: Generation,
     /// The sequence number of the request the ringer just wrote.
     pub sequence: u64,
 }
@@ -394,8 +394,8 @@ impl Doorbell {
         )?;
         Ok(Self {
             domain: Uuid(raw.prefix.domain),
-            ringer: raw.ringer.get(),
-            generation: raw.generation.get(),
+            ringer: HostId::new(raw.ringer.get()),
+            generation: Generation::new(raw.generation.get()),
             sequence: raw.sequence.get(),
         })
     }
@@ -403,9 +403,9 @@ impl Doorbell {
     fn raw(&self) -> raw::RawDoorbell {
         raw::RawDoorbell {
             prefix: prefix(Kind::Doorbell, 0, 0, self.domain),
-            ringer: U16::new(self.ringer),
+            ringer: U16::new(self.ringer.get()),
             reserved0: [0; 6],
-            generation: U64::new(self.generation),
+            generation: U64::new(self.generation.get()),
             sequence: U64::new(self.sequence),
             reserved: [0; 72],
         }
@@ -413,8 +413,8 @@ impl Doorbell {
 
     fn check(&self) -> Result<(), Field> {
         check_domain_wide(self.domain, 0, 0)?;
-        require((1..=MAX_HOSTS).contains(&self.ringer), Field::Ringer)?;
-        require(self.generation >= 1, Field::Generation)?;
+        require((1..=MAX_HOSTS).contains(&self.ringer.get()), Field::Ringer)?;
+        require(self.generation.get() >= 1, Field::Generation)?;
         require(self.sequence >= 1, Field::Sequence)
     }
 }
@@ -438,9 +438,9 @@ pub struct InboxHeader {
     /// The storage domain.
     pub domain: Uuid,
     /// The host, 1..=2000.
-    pub host_id: u16,
+    pub host_id: HostId,
     /// The host's incarnation, raised on every start; at least 1.
-    pub generation: u64,
+    pub generation: Generation,
     /// A random number the process holding the host id chose when it
     /// started. Nonzero while `heartbeat_interval_ms` is.
     pub owner: u64,
@@ -456,8 +456,8 @@ impl InboxHeader {
         require(raw.prefix.index.get() == 0, Field::Index)?;
         Ok(Self {
             domain: Uuid(raw.prefix.domain),
-            host_id: raw.prefix.host_id.get(),
-            generation: raw.generation.get(),
+            host_id: HostId::new(raw.prefix.host_id.get()),
+            generation: Generation::new(raw.generation.get()),
             owner: raw.owner.get(),
             heartbeat: raw.heartbeat.get(),
             heartbeat_interval_ms: raw.heartbeat_interval_ms.get(),
@@ -466,8 +466,8 @@ impl InboxHeader {
 
     fn raw(&self) -> raw::RawInboxHeader {
         raw::RawInboxHeader {
-            prefix: prefix(Kind::InboxHeader, self.host_id, 0, self.domain),
-            generation: U64::new(self.generation),
+            prefix: prefix(Kind::InboxHeader, self.host_id.get(), 0, self.domain),
+            generation: U64::new(self.generation.get()),
             owner: U64::new(self.owner),
             heartbeat: U64::new(self.heartbeat),
             heartbeat_interval_ms: U32::new(self.heartbeat_interval_ms),
@@ -476,8 +476,8 @@ impl InboxHeader {
     }
 
     fn check(&self) -> Result<(), Field> {
-        check_host_record(self.domain, self.host_id, 0, false)?;
-        require(self.generation >= 1, Field::Generation)?;
+        check_host_record(self.domain, self.host_id.get(), 0, false)?;
+        require(self.generation.get() >= 1, Field::Generation)?;
         if self.heartbeat_interval_ms != 0 {
             require(self.owner != 0, Field::Owner)?;
         }
@@ -502,11 +502,11 @@ pub struct Request {
     /// The storage domain.
     pub domain: Uuid,
     /// The requesting host, 1..=2000.
-    pub host_id: u16,
+    pub host_id: HostId,
     /// The slot, 1..=31.
-    pub slot: u16,
+    pub slot: Slot,
     /// The host's generation when it wrote the request.
-    pub generation: u64,
+    pub generation: Generation,
     /// The host's request sequence number, at least 1; a new request gets
     /// a new number, a resend keeps it.
     pub sequence: u64,
@@ -526,9 +526,9 @@ impl Request {
         require(flags & !FLAG_PAUSED == 0, Field::Flags)?;
         let request = Self {
             domain: Uuid(raw.prefix.domain),
-            host_id: raw.prefix.host_id.get(),
-            slot: raw.prefix.index.get(),
-            generation: raw.generation.get(),
+            host_id: HostId::new(raw.prefix.host_id.get()),
+            slot: Slot::new(raw.prefix.index.get()),
+            generation: Generation::new(raw.generation.get()),
             sequence: raw.sequence.get(),
             volume: Uuid(raw.volume),
             target_size: raw.target_size.get(),
@@ -540,8 +540,13 @@ impl Request {
 
     fn raw(&self) -> raw::RawRequest {
         raw::RawRequest {
-            prefix: prefix(Kind::Request, self.host_id, self.slot, self.domain),
-            generation: U64::new(self.generation),
+            prefix: prefix(
+                Kind::Request,
+                self.host_id.get(),
+                self.slot.get(),
+                self.domain,
+            ),
+            generation: U64::new(self.generation.get()),
             sequence: U64::new(self.sequence),
             volume: self.volume.0,
             target_size: U64::new(self.target_size),
@@ -552,8 +557,8 @@ impl Request {
     }
 
     fn check(&self) -> Result<(), Field> {
-        check_host_record(self.domain, self.host_id, self.slot, true)?;
-        require(self.generation >= 1, Field::Generation)?;
+        check_host_record(self.domain, self.host_id.get(), self.slot.get(), true)?;
+        require(self.generation.get() >= 1, Field::Generation)?;
         require(self.sequence >= 1, Field::Sequence)?;
         require(!self.volume.is_nil(), Field::Volume)?;
         check_size(self.target_size, Field::TargetSize)
@@ -571,11 +576,11 @@ pub struct OutboxHeader {
     /// The storage domain.
     pub domain: Uuid,
     /// The host, 1..=2000.
-    pub host_id: u16,
+    pub host_id: HostId,
     /// The epoch of the SPM that wrote the area last; at least 1.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// The host generation the replies in this area answer; at least 1.
-    pub generation: u64,
+    pub generation: Generation,
 }
 
 impl OutboxHeader {
@@ -583,25 +588,25 @@ impl OutboxHeader {
         require(raw.prefix.index.get() == 0, Field::Index)?;
         Ok(Self {
             domain: Uuid(raw.prefix.domain),
-            host_id: raw.prefix.host_id.get(),
-            epoch: raw.epoch.get(),
-            generation: raw.generation.get(),
+            host_id: HostId::new(raw.prefix.host_id.get()),
+            epoch: Epoch::new(raw.epoch.get()),
+            generation: Generation::new(raw.generation.get()),
         })
     }
 
     fn raw(&self) -> raw::RawOutboxHeader {
         raw::RawOutboxHeader {
-            prefix: prefix(Kind::OutboxHeader, self.host_id, 0, self.domain),
-            epoch: U64::new(self.epoch),
-            generation: U64::new(self.generation),
+            prefix: prefix(Kind::OutboxHeader, self.host_id.get(), 0, self.domain),
+            epoch: U64::new(self.epoch.get()),
+            generation: U64::new(self.generation.get()),
             reserved: [0; 80],
         }
     }
 
     fn check(&self) -> Result<(), Field> {
-        check_host_record(self.domain, self.host_id, 0, false)?;
-        require(self.epoch >= 1, Field::Epoch)?;
-        require(self.generation >= 1, Field::Generation)
+        check_host_record(self.domain, self.host_id.get(), 0, false)?;
+        require(self.epoch.get() >= 1, Field::Epoch)?;
+        require(self.generation.get() >= 1, Field::Generation)
     }
 }
 codec!(
@@ -703,11 +708,11 @@ pub struct Reply {
     /// The storage domain.
     pub domain: Uuid,
     /// The host the reply is for, 1..=2000.
-    pub host_id: u16,
+    pub host_id: HostId,
     /// The slot, 1..=31, the same as the request's.
-    pub slot: u16,
+    pub slot: Slot,
     /// The request's generation.
-    pub generation: u64,
+    pub generation: Generation,
     /// The request's sequence number.
     pub sequence: u64,
     /// The request's volume.
@@ -718,7 +723,7 @@ pub struct Reply {
     /// extended), in bytes; 0 if unknown.
     pub size: u64,
     /// The epoch of the SPM that wrote the reply; at least 1.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// What the SPM did.
     pub status: ReplyStatus,
 }
@@ -742,14 +747,14 @@ impl Reply {
         }
         Ok(Self {
             domain: Uuid(raw.prefix.domain),
-            host_id: raw.prefix.host_id.get(),
-            slot: raw.prefix.index.get(),
-            generation: raw.generation.get(),
+            host_id: HostId::new(raw.prefix.host_id.get()),
+            slot: Slot::new(raw.prefix.index.get()),
+            generation: Generation::new(raw.generation.get()),
             sequence: raw.sequence.get(),
             volume: Uuid(raw.volume),
             target_size: raw.target_size.get(),
             size: raw.size.get(),
-            epoch: raw.epoch.get(),
+            epoch: Epoch::new(raw.epoch.get()),
             status,
         })
     }
@@ -761,13 +766,18 @@ impl Reply {
             ReplyStatus::Extended | ReplyStatus::WaitingForSpace => (0, 0),
         };
         raw::RawReply {
-            prefix: prefix(Kind::Reply, self.host_id, self.slot, self.domain),
-            generation: U64::new(self.generation),
+            prefix: prefix(
+                Kind::Reply,
+                self.host_id.get(),
+                self.slot.get(),
+                self.domain,
+            ),
+            generation: U64::new(self.generation.get()),
             sequence: U64::new(self.sequence),
             volume: self.volume.0,
             target_size: U64::new(self.target_size),
             size: U64::new(self.size),
-            epoch: U64::new(self.epoch),
+            epoch: U64::new(self.epoch.get()),
             status: self.status.code(),
             reason,
             reserved0: [0; 2],
@@ -777,12 +787,12 @@ impl Reply {
     }
 
     fn check(&self) -> Result<(), Field> {
-        check_host_record(self.domain, self.host_id, self.slot, true)?;
-        require(self.generation >= 1, Field::Generation)?;
+        check_host_record(self.domain, self.host_id.get(), self.slot.get(), true)?;
+        require(self.generation.get() >= 1, Field::Generation)?;
         require(self.sequence >= 1, Field::Sequence)?;
         require(!self.volume.is_nil(), Field::Volume)?;
         check_size(self.target_size, Field::TargetSize)?;
-        require(self.epoch >= 1, Field::Epoch)?;
+        require(self.epoch.get() >= 1, Field::Epoch)?;
         if self.status == ReplyStatus::Extended {
             require(self.size >= self.target_size, Field::Size)?;
         }
@@ -791,7 +801,7 @@ impl Reply {
 
     /// The reply to `request` with `status`, the volume's `size` and the
     /// SPM's `epoch`: it echoes everything [`Reply::answers`] compares.
-    pub fn answering(request: &Request, status: ReplyStatus, size: u64, epoch: u64) -> Reply {
+    pub fn answering(request: &Request, status: ReplyStatus, size: u64, epoch: Epoch) -> Reply {
         Reply {
             domain: request.domain,
             host_id: request.host_id,
@@ -923,9 +933,9 @@ mod tests {
     fn request() -> Request {
         Request {
             domain: DOMAIN,
-            host_id: 7,
-            slot: 3,
-            generation: 2,
+            host_id: HostId::new(7),
+            slot: Slot::new(3),
+            generation: Generation::new(2),
             sequence: 9,
             volume: VOLUME,
             target_size: 2 << 30,
@@ -937,7 +947,7 @@ mod tests {
     fn at(host_id: u16, index: u16) -> Location {
         Location {
             domain: DOMAIN,
-            host_id,
+            host_id: HostId::new(host_id),
             index,
         }
     }
@@ -1047,7 +1057,7 @@ mod tests {
         let other = Uuid([9; 16]);
         let at_other = Location {
             domain: other,
-            host_id: 7,
+            host_id: HostId::new(7),
             index: 3,
         };
         assert_eq!(
@@ -1059,7 +1069,7 @@ mod tests {
     #[test]
     fn a_record_read_from_another_place_is_misdirected() {
         let expected = Err(Defect::Misdirected {
-            host_id: 7,
+            host_id: HostId::new(7),
             index: 3,
         });
         assert_eq!(Request::parse(&REQUEST_BYTES, &at(8, 3)), expected);
@@ -1088,10 +1098,10 @@ mod tests {
         let cases: [(Change, Field); 6] = [
             (|r| r.target_size = 0, Field::TargetSize),
             (|r| r.target_size = 1000, Field::TargetSize),
-            (|r| r.generation = 0, Field::Generation),
+            (|r| r.generation = Generation::new(0), Field::Generation),
             (|r| r.sequence = 0, Field::Sequence),
             (|r| r.volume = Uuid::NIL, Field::Volume),
-            (|r| r.slot = 32, Field::Index),
+            (|r| r.slot = Slot::new(32), Field::Index),
         ];
         for (change, field) in cases {
             let mut r = request();
@@ -1122,7 +1132,7 @@ mod tests {
     }
 
     fn reply(status: ReplyStatus, size: u64) -> Reply {
-        Reply::answering(&request(), status, size, 4)
+        Reply::answering(&request(), status, size, Epoch::new(4))
     }
 
     #[test]
@@ -1235,8 +1245,8 @@ mod tests {
     fn spm_header_rules() {
         let mut h = SpmHeader {
             domain: DOMAIN,
-            epoch: 0,
-            spm_id: 0,
+            epoch: Epoch::ZERO,
+            spm_id: HostId::NONE,
             state: SpmState::Vacant,
             heartbeat_interval_ms: 0,
             heartbeat: 0,
@@ -1246,11 +1256,11 @@ mod tests {
         assert_eq!(SpmHeader::decode(&h.to_bytes().unwrap()), Ok(Some(h)));
         h.state = SpmState::Active;
         assert_eq!(h.to_bytes(), Err(Field::Epoch));
-        h.epoch = 3;
+        h.epoch = Epoch::new(3);
         assert_eq!(h.to_bytes(), Err(Field::HeartbeatIntervalMs));
         h.heartbeat_interval_ms = 100;
         assert_eq!(SpmHeader::decode(&h.to_bytes().unwrap()), Ok(Some(h)));
-        h.spm_id = 2001;
+        h.spm_id = HostId::new(2001);
         assert_eq!(h.to_bytes(), Err(Field::SpmId));
     }
 
@@ -1258,8 +1268,8 @@ mod tests {
     fn doorbell_and_headers_round_trip() {
         let d = Doorbell {
             domain: DOMAIN,
-            ringer: 2000,
-            generation: 1,
+            ringer: HostId::new(2000),
+            generation: Generation::new(1),
             sequence: 1,
         };
         assert_eq!(
@@ -1268,8 +1278,8 @@ mod tests {
         );
         let i = InboxHeader {
             domain: DOMAIN,
-            host_id: 5,
-            generation: 3,
+            host_id: HostId::new(5),
+            generation: Generation::new(3),
             owner: 0,
             heartbeat: 0,
             heartbeat_interval_ms: 0,
@@ -1280,17 +1290,28 @@ mod tests {
         );
         let o = OutboxHeader {
             domain: DOMAIN,
-            host_id: 5,
-            epoch: 2,
-            generation: 3,
+            host_id: HostId::new(5),
+            epoch: Epoch::new(2),
+            generation: Generation::new(3),
         };
         assert_eq!(
             OutboxHeader::parse(&o.to_bytes().unwrap(), &at(5, 0)),
             Ok(Some(o))
         );
-        assert_eq!(Doorbell { ringer: 0, ..d }.to_bytes(), Err(Field::Ringer));
         assert_eq!(
-            InboxHeader { host_id: 0, ..i }.to_bytes(),
+            Doorbell {
+                ringer: HostId::NONE,
+                ..d
+            }
+            .to_bytes(),
+            Err(Field::Ringer)
+        );
+        assert_eq!(
+            InboxHeader {
+                host_id: HostId::NONE,
+                ..i
+            }
+            .to_bytes(),
             Err(Field::HostId)
         );
     }

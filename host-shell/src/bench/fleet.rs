@@ -12,7 +12,7 @@ use std::time::{Duration, Instant as StdInstant};
 use spmbox_core::driver::{BlockDevice, HostDriver};
 use spmbox_core::host::{Host, HostConfig, HostEvent};
 use spmbox_core::pool::max_size;
-use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, RECORD_LEN, Uuid};
+use spmbox_core::wire::{AREA_SIZE, DOORBELL_OFFSET, HostId, RECORD_LEN, Uuid};
 
 use super::err;
 use crate::backend::BackendError;
@@ -233,10 +233,10 @@ impl Fleet {
         let align = io.device.dio_mem_align();
         let mut fleet = Vec::new();
         for (id, specs) in hosts {
-            let Some(inbox) = geometry.inbox_area(id) else {
+            let Some(inbox) = geometry.inbox_area(HostId::new(id)) else {
                 continue;
             };
-            let mut engine = Host::new(domain, id, geometry, config)?;
+            let mut engine = Host::new(domain, HostId::new(id), geometry, config)?;
             let mut volumes = Vec::new();
             for (v, virtual_size, size) in specs.into_iter().take(FLEET_VOLUMES) {
                 let limit = max_size(virtual_size, 1 << 20).unwrap_or(u64::MAX);

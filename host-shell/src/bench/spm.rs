@@ -11,7 +11,7 @@ use spmbox_core::driver::HostDriver;
 use spmbox_core::host::{Host, HostConfig};
 use spmbox_core::spm::{JobResult, Spm, SpmConfig};
 use spmbox_core::testing::{MemDisk, NoFaults};
-use spmbox_core::wire::{AREA_SIZE, Geometry, Uuid};
+use spmbox_core::wire::{AREA_SIZE, Geometry, HostId, Uuid};
 
 /// The scan image's writer: a one-volume host's driver on an in-memory disk.
 type ScanDriver<'a> = HostDriver<&'a mut MemDisk<Vec<u8>, NoFaults>, Vec<u8>, 1>;
@@ -199,7 +199,7 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
     };
     for k in 0..busy {
         let id = (k * usize::from(hosts) / busy.max(1)) as u16 + 1;
-        let mut engine = Host::<1>::new(domain, id, geometry, config)?;
+        let mut engine = Host::<1>::new(domain, HostId::new(id), geometry, config)?;
         let volume = Uuid([
             (k % 251) as u8 + 1,
             (k / 251) as u8 + 1,
@@ -237,13 +237,13 @@ pub(super) fn scan(fraction_busy: f64, label: &str, repeats: usize) -> Result<Va
             clock.now(),
             domain,
             geometry,
-            0,
+            HostId::NONE,
             1,
             None,
             SpmConfig::default(),
         )?);
         let t = StdInstant::now();
-        spm.handle_hosts(clock.now(), 1, inbox, &outbox);
+        spm.handle_hosts(clock.now(), HostId::new(1), inbox, &outbox);
         times.push(t.elapsed().as_secs_f64() * 1e3);
         let queued = spm.queue_len();
         if queued < busy.min(1024) {

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use serde_json::{Value, json};
-use spmbox_core::wire::{AREA_SIZE, InboxArea, OutboxArea, ReplyStatus, SlotState, SpmState, Uuid};
+use spmbox_core::wire::{
+    AREA_SIZE, HostId, InboxArea, OutboxArea, ReplyStatus, Slot, SlotState, SpmState, Uuid,
+};
 
 use crate::backend::builtin::{self, BuiltinSpm};
 use crate::backend::{BackendError, PoolReport, SpmBackend};
@@ -95,9 +97,9 @@ pub fn change_pool(
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SlotStatus {
     /// The host.
-    pub host: u16,
+    pub host: HostId,
     /// The slot.
-    pub slot: u16,
+    pub slot: Slot,
     /// The volume.
     pub volume: String,
     /// The size asked for.
@@ -154,13 +156,16 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
     let mut hosts = Vec::new();
     let mut requests = Vec::new();
     for host in 1..=g.max_hosts() {
-        let (Some(ib), Some(ob)) = (g.inbox_area(host), g.outbox_area(host)) else {
+        let (Some(ib), Some(ob)) = (
+            g.inbox_area(HostId::new(host)),
+            g.outbox_area(HostId::new(host)),
+        ) else {
             continue;
         };
         let area = |at: u64| &image[at as usize..at as usize + AREA_SIZE];
         let (Some(inbox), Some(outbox)) = (
-            InboxArea::new(area(ib), domain, host),
-            OutboxArea::new(area(ob), domain, host),
+            InboxArea::new(area(ib), domain, HostId::new(host)),
+            OutboxArea::new(area(ob), domain, HostId::new(host)),
         ) else {
             continue;
         };
@@ -184,7 +189,7 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
                 Some(other) => format!("{other:?}").to_lowercase(),
             };
             requests.push(SlotStatus {
-                host,
+                host: HostId::new(host),
                 slot,
                 volume: r.volume.to_string(),
                 target: r.target_size,

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
+use spmbox_core::wire::{HostId, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
 use crate::cli::args::{
     AddLunArgs, FormatArgs, HostArgs, InspectArgs, PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs,
@@ -158,7 +158,7 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitCode, CommandError> {
     let mailbox = Mailbox::open(path, Access::ReadOnly)?;
     let geometry = mailbox.geometry();
     if let Some(h) = host {
-        if geometry.inbox_area(h).is_none() {
+        if geometry.inbox_area(HostId::new(h)).is_none() {
             return Err(CommandError::Usage(format!(
                 "--host {h} is out of range: the mailbox on {} has host ids 1..={}",
                 path.display(),
@@ -167,7 +167,7 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitCode, CommandError> {
         }
     }
     let image = mailbox.read_all()?;
-    let report = inspect::audit(&image, mailbox.superblock(), host);
+    let report = inspect::audit(&image, mailbox.superblock(), host.map(HostId::new));
     let pool = pool_metadata_report(path, &mailbox, &image)?;
     let device = path.display().to_string();
     let mut out = std::io::stdout().lock();
@@ -634,7 +634,11 @@ pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
     }
     let mailbox = Mailbox::open(&args.device, Access::ReadOnly)?;
     let domain = mailbox.superblock().domain;
-    if mailbox.geometry().inbox_area(args.host_id).is_none() {
+    if mailbox
+        .geometry()
+        .inbox_area(HostId::new(args.host_id))
+        .is_none()
+    {
         return Err(CommandError::Usage(format!(
             "--host-id {} is out of range: the domain on {} has host ids 1..={}",
             args.host_id,

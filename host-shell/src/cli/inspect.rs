@@ -9,10 +9,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, InboxArea, Location, OutboxArea, Place,
-    RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request, SPM_HEADER_OFFSET,
-    SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, SlotRecord, SlotState, SpmHeader, Superblock,
-    first_nonzero,
+    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, HostId, InboxArea, Location,
+    OutboxArea, Place, RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request, SPM_HEADER_OFFSET,
+    SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, Slot, SlotRecord, SlotState, SpmHeader,
+    Superblock, first_nonzero,
 };
 
 use crate::cli::json;
@@ -42,15 +42,15 @@ impl<T> From<Result<Option<T>, Defect>> for Found<T> {
 #[derive(Debug, Clone)]
 pub struct HostReport {
     /// The host.
-    pub host_id: u16,
+    pub host_id: HostId,
     /// Its inbox header.
     pub inbox_header: Found<spmbox_core::wire::InboxHeader>,
     /// Its outbox header.
     pub outbox_header: Found<spmbox_core::wire::OutboxHeader>,
     /// Non-empty inbox slots.
-    pub requests: Vec<(u16, SlotState<Request>)>,
+    pub requests: Vec<(Slot, SlotState<Request>)>,
     /// Non-empty outbox slots.
-    pub replies: Vec<(u16, SlotState<Reply>)>,
+    pub replies: Vec<(Slot, SlotState<Reply>)>,
 }
 
 /// Something that must not be there: a defective record or a nonzero byte
@@ -127,7 +127,7 @@ impl Report {
 /// Audits `image`, the mailbox's bytes from offset 0 (at least
 /// `mailbox_size` of them), whose superblock is `superblock`. With `host`,
 /// only that host's areas are audited (the domain-wide blocks always are).
-pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report {
+pub fn audit(image: &[u8], superblock: &Superblock, host: Option<HostId>) -> Report {
     let geometry = superblock.geometry;
     let domain = superblock.domain;
     let mut problems = Vec::new();
@@ -137,7 +137,7 @@ pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report
     };
     let at0 = Location {
         domain,
-        host_id: 0,
+        host_id: HostId::NONE,
         index: 0,
     };
 
@@ -178,9 +178,9 @@ pub fn audit(image: &[u8], superblock: &Superblock, host: Option<u16>) -> Report
     }
 
     let mut hosts = Vec::new();
-    let ids = match host {
-        Some(h) => h..=h,
-        None => geometry.hosts(),
+    let ids: Box<dyn Iterator<Item = HostId>> = match host {
+        Some(h) => Box::new(std::iter::once(h)),
+        None => Box::new(geometry.hosts()),
     };
     for host_id in ids {
         let (Some(inbox_at), Some(outbox_at)) =
@@ -247,13 +247,13 @@ fn slots<S: SlotRecord>(
     area_offset: u64,
     geometry: &Geometry,
     problems: &mut Vec<Problem>,
-) -> Vec<(u16, SlotState<S>)> {
+) -> Vec<(Slot, SlotState<S>)> {
     let mut found = Vec::new();
     for (slot, state) in area.slots() {
         match state {
             SlotState::Empty => continue,
             SlotState::Defective(defect) => {
-                let offset = area_offset + u64::from(slot) * RECORD_LEN as u64;
+                let offset = area_offset + u64::from(slot.get()) * RECORD_LEN as u64;
                 record_problem(problems, geometry, offset, defect);
             }
             SlotState::Valid(_) | SlotState::Stale(_) => {}
@@ -498,11 +498,11 @@ pub fn to_json(report: &Report, device: &str) -> Value {
                 "host_id": h.host_id,
                 "inbox": {
                     "header": found_json(&h.inbox_header, |r| json::record(&Record::InboxHeader(*r))),
-                    "slots": h.requests.iter().map(|(s, st)| slot_json(*s, st, json::request)).collect::<Vec<_>>(),
+                    "slots": h.requests.iter().map(|(s, st)| slot_json(s.get(), st, json::request)).collect::<Vec<_>>(),
                 },
                 "outbox": {
                     "header": found_json(&h.outbox_header, |r| json::record(&Record::OutboxHeader(*r))),
-                    "slots": h.replies.iter().map(|(s, st)| slot_json(*s, st, json::reply)).collect::<Vec<_>>(),
+                    "slots": h.replies.iter().map(|(s, st)| slot_json(s.get(), st, json::reply)).collect::<Vec<_>>(),
                 },
             })
         })

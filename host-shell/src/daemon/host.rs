@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spmbox_core::driver::HostDriver;
 use spmbox_core::host::{Host, HostConfig, HostEvent};
-use spmbox_core::wire::{InboxHeader, RECORD_LEN, Uuid};
+use spmbox_core::wire::{HostId, InboxHeader, RECORD_LEN, Uuid};
 
 use crate::backend::{BackendError, VolumeMaps};
 use crate::daemon::guest::{self, Devices, Guest, GuestError, Pacer, Step};
@@ -162,9 +162,10 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let host_id = options.host_id;
-    let (Some(inbox_offset), Some(_)) =
-        (geometry.inbox_area(host_id), geometry.outbox_area(host_id))
-    else {
+    let (Some(inbox_offset), Some(_)) = (
+        geometry.inbox_area(HostId::new(host_id)),
+        geometry.outbox_area(HostId::new(host_id)),
+    ) else {
         return Err(BackendError::new(format!(
             "host id {host_id} is not a host of this domain (it serves hosts 1..={})",
             geometry.max_hosts()
@@ -176,7 +177,8 @@ pub fn run(
         )));
     }
     let clock = Clock::start();
-    let mut engine = Host::<HOST_VOLUMES>::new(domain, host_id, geometry, options.config)?;
+    let mut engine =
+        Host::<HOST_VOLUMES>::new(domain, HostId::new(host_id), geometry, options.config)?;
     let mut devices = Devices::new();
     let mut starts = Vec::new();
     for &volume in &options.volumes {
@@ -291,7 +293,7 @@ pub fn run(
                 let mut vm = crate::vm::Vm::start(
                     setup,
                     volume,
-                    generation,
+                    generation.get(),
                     map,
                     sizes.virtual_size,
                     sizes.limit,
@@ -330,7 +332,15 @@ pub fn run(
         let (rate, write_size) = (options.rate, options.write_size);
         threads.push(std::thread::spawn(move || {
             run_guest(
-                volume, generation, allocation, total, rate, write_size, &slot, &tx, &stop,
+                volume,
+                generation.get(),
+                allocation,
+                total,
+                rate,
+                write_size,
+                &slot,
+                &tx,
+                &stop,
             )
         }));
     }
@@ -696,7 +706,7 @@ fn check_host_id_free(
     let sector = mailbox.geometry().sector_size() as usize;
     let at = spmbox_core::wire::Location {
         domain,
-        host_id,
+        host_id: HostId::new(host_id),
         index: 0,
     };
     let read = || -> Result<Option<InboxHeader>, BackendError> {

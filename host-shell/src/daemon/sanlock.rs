@@ -502,7 +502,8 @@ impl Drop for SpmLease {
 /// the lease version: epochs then grow across every SPM that ever held the
 /// lease, even one that died before it wrote the header.
 pub fn raise_epoch(found: Option<SpmHeader>, lver: u64, domain: Uuid) -> Option<SpmHeader> {
-    crate::daemon::spm::with_epoch_at_least(found, lver.saturating_sub(1), domain)
+    let floor = spmbox_core::wire::Epoch::new(lver.saturating_sub(1));
+    crate::daemon::spm::with_epoch_at_least(found, floor, domain)
 }
 
 /// Who holds the domain's leases, read from disk (`sanlock direct dump`):

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spmbox_core::driver::SpmDriver;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
-use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
+use spmbox_core::wire::{Epoch, HostId, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
 
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control::{ControlMsg, ControlServer, control_request, private_dir};
@@ -193,11 +193,12 @@ fn with_highest_epoch(
         g.outbox_offset(),
         usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
     )?;
-    let highest = spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, 1)
-        .filter_map(|area| area.header().ok().flatten())
-        .map(|h| h.epoch)
-        .max()
-        .unwrap_or(0);
+    let highest =
+        spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, HostId::new(1))
+            .filter_map(|area| area.header().ok().flatten())
+            .map(|h| h.epoch)
+            .max()
+            .unwrap_or(Epoch::ZERO);
     Ok(with_epoch_at_least(found, highest, domain))
 }
 
@@ -206,7 +207,7 @@ fn with_highest_epoch(
 /// at `floor` when none was found and `floor` is above 0.
 pub fn with_epoch_at_least(
     found: Option<SpmHeader>,
-    floor: u64,
+    floor: Epoch,
     domain: Uuid,
 ) -> Option<SpmHeader> {
     match found {
@@ -214,10 +215,10 @@ pub fn with_epoch_at_least(
             h.epoch = h.epoch.max(floor);
             Some(h)
         }
-        None if floor > 0 => Some(SpmHeader {
+        None if floor > Epoch::ZERO => Some(SpmHeader {
             domain,
             epoch: floor,
-            spm_id: 0,
+            spm_id: HostId::NONE,
             state: SpmState::Vacant,
             heartbeat_interval_ms: 1000,
             heartbeat: 0,
@@ -266,7 +267,9 @@ pub fn check_no_rollback(
     )?;
     let domain = mailbox.superblock().domain;
     let mut more = 0usize;
-    for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, 1) {
+    for area in
+        spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, HostId::new(1))
+    {
         for (slot, state) in area.slots() {
             let (spmbox_core::wire::SlotState::Valid(r) | spmbox_core::wire::SlotState::Stale(r)) =
                 state
@@ -467,7 +470,7 @@ pub fn run(
         clock.now(),
         domain,
         geometry,
-        options.spm_id,
+        HostId::new(options.spm_id),
         owner,
         found.as_ref(),
         config,
@@ -797,7 +800,7 @@ fn spm_metrics(
     t.gauges(
         "spmbox_spm_epoch",
         "The SPM's epoch.",
-        &[(String::new(), engine.epoch() as f64)],
+        &[(String::new(), engine.epoch().get() as f64)],
     );
     t.counter(
         "spmbox_spm_jobs_total",

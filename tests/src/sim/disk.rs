@@ -22,7 +22,7 @@ use std::rc::Rc;
 
 use spmbox_core::driver::BlockDevice;
 use spmbox_core::testing::{self, MemDisk, WriteFault};
-use spmbox_core::wire::{AREA_SIZE, Geometry, InboxArea, RECORD_LEN, SlotState, Uuid};
+use spmbox_core::wire::{AREA_SIZE, Geometry, HostId, InboxArea, RECORD_LEN, SlotState, Uuid};
 
 use super::rng::Rng;
 
@@ -260,7 +260,7 @@ pub struct Observed {
 
 /// The valid requests of an inbox area.
 fn requests(area: &[u8], domain: Uuid, host_id: u16) -> Vec<(Uuid, u64)> {
-    InboxArea::new(area, domain, host_id).map_or_else(Vec::new, |area| {
+    InboxArea::new(area, domain, HostId::new(host_id)).map_or_else(Vec::new, |area| {
         area.slots()
             .filter_map(|(_, s)| match s {
                 SlotState::Valid(r) => Some((r.volume, r.target_size)),
@@ -339,7 +339,7 @@ impl SimDev {
             return;
         };
         let g = self.disk.borrow().geometry;
-        if g.inbox_area(host_id) != Some(offset) || data.len() < AREA_SIZE {
+        if g.inbox_area(HostId::new(host_id)) != Some(offset) || data.len() < AREA_SIZE {
             return;
         }
         let mut observed = self.observed.borrow_mut();
@@ -434,7 +434,7 @@ mod tests {
     fn without_faults_a_record_lands_exactly() {
         let g = Geometry::new(4, 512).unwrap();
         let mut disk = SimDisk::new(g, 0, Rng::new(1));
-        let offset = g.inbox_area(2).unwrap() + 3 * 128;
+        let offset = g.inbox_area(HostId::new(2)).unwrap() + 3 * 128;
         let mut sector = disk.read(offset - 3 * 128, 512).to_vec();
         sector[3 * 128..4 * 128].copy_from_slice(&[7; RECORD_LEN]);
         disk.write(offset - 3 * 128, &sector);
@@ -450,11 +450,11 @@ mod tests {
             misdirected_ppm: 1_000_000,
             ..Faults::NONE
         });
-        let offset = g.inbox_area(2).unwrap();
+        let offset = g.inbox_area(HostId::new(2)).unwrap();
         disk.write(offset, &[9; 512]);
         assert!(disk.record(offset).iter().all(|&b| b == 0));
         let hits = (1..=4)
-            .filter(|&h| disk.record(g.inbox_area(h).unwrap()) == [9; RECORD_LEN])
+            .filter(|&h| disk.record(g.inbox_area(HostId::new(h)).unwrap()) == [9; RECORD_LEN])
             .count();
         assert_eq!(hits, 1);
     }
@@ -467,7 +467,7 @@ mod tests {
             torn_ppm: 1_000_000,
             ..Faults::NONE
         });
-        let offset = g.inbox_area(1).unwrap();
+        let offset = g.inbox_area(HostId::new(1)).unwrap();
         disk.write(offset, &[5; AREA_SIZE]);
         let landed = disk
             .read(offset, AREA_SIZE)
@@ -487,7 +487,7 @@ mod tests {
         let g = Geometry::new(4, 512).unwrap();
         let mut disk = SimDisk::new(g, 0, Rng::new(4));
         disk.set_faults(Faults::all(1_000_000));
-        let offset = g.inbox_area(1).unwrap();
+        let offset = g.inbox_area(HostId::new(1)).unwrap();
         for _ in 0..10 {
             disk.write(offset, &[5; AREA_SIZE]);
         }
@@ -511,7 +511,7 @@ mod tests {
         disk.borrow_mut().crash_ppm = 1_000_000;
         let observed = Rc::new(RefCell::new(Observed::default()));
         let mut dev = SimDev::new(disk.clone(), observed, Uuid([1; 16]), Node::Host(1), true);
-        let offset = g.inbox_area(1).unwrap();
+        let offset = g.inbox_area(HostId::new(1)).unwrap();
         let version = disk.borrow().version();
         assert_eq!(dev.write_at(offset, &[5; AREA_SIZE]), Err(Crashed));
         assert_ne!(disk.borrow().version(), version);

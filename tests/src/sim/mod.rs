@@ -80,7 +80,7 @@ use spmbox_core::pool::{self, Pool};
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, run_pool_job};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, Geometry, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET,
+    AREA_SIZE, Epoch, Geometry, HostId, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET,
     SUPERBLOCK_OFFSET, SpmHeader, Superblock, Uuid,
 };
 
@@ -681,8 +681,11 @@ impl Sim {
         }
         let g = self.geometry();
         let outboxes = self.read(g.outbox_offset(), usize::from(g.max_hosts()) * AREA_SIZE);
-        for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, self.domain, 1)
-        {
+        for area in spmbox_core::wire::areas::<spmbox_core::wire::Reply>(
+            &outboxes,
+            self.domain,
+            HostId::new(1),
+        ) {
             for (slot, state) in area.slots() {
                 let (spmbox_core::wire::SlotState::Valid(r)
                 | spmbox_core::wire::SlotState::Stale(r)) = state
@@ -842,12 +845,12 @@ impl Sim {
         // write the new SPM took the epoch the old one already had, and the
         // old one, which still ran, deposed it.
         if let Some(h) = found.as_mut() {
-            h.epoch = h.epoch.max(self.lease_epoch);
+            h.epoch = h.epoch.max(Epoch::new(self.lease_epoch));
         } else if self.lease_epoch > 0 {
             found = Some(SpmHeader {
                 domain: self.domain,
-                epoch: self.lease_epoch,
-                spm_id: 0,
+                epoch: Epoch::new(self.lease_epoch),
+                spm_id: HostId::NONE,
                 state: spmbox_core::wire::SpmState::Vacant,
                 heartbeat_interval_ms: 1000,
                 heartbeat: 0,
@@ -870,9 +873,17 @@ impl Sim {
         config: SpmConfig,
     ) -> SpmNode {
         let (pool, seq) = self.committed().expect("pool metadata must always decode");
-        let engine =
-            Spm::new(self.now, sb.domain, sb.geometry, 0, owner, found, config).expect("spm");
-        self.lease_epoch = self.lease_epoch.max(engine.epoch());
+        let engine = Spm::new(
+            self.now,
+            sb.domain,
+            sb.geometry,
+            HostId::NONE,
+            owner,
+            found,
+            config,
+        )
+        .expect("spm");
+        self.lease_epoch = self.lease_epoch.max(engine.epoch().get());
         let withdrawn_seen = engine.withdrawn();
         let mut pool = Rc::unwrap_or_clone(pool);
         if self.scenario.bug == Some(Bug::PoolForgetsExtentsUsed) {
@@ -932,7 +943,7 @@ impl Sim {
             if let Some(node) = self.slot(which).take_if(|n| n.driver.engine().is_deposed()) {
                 self.report.spms_deposed += 1;
                 let engine = node.driver.engine();
-                self.deposed.push((engine.epoch(), engine.owner()));
+                self.deposed.push((engine.epoch().get(), engine.owner()));
             }
         }
         if self.spm.is_none() {
@@ -1249,19 +1260,19 @@ impl Sim {
         }
         let engine = node.driver.engine();
         let (epoch, owner) = (engine.epoch(), engine.owner());
-        if engine.is_deposed() || self.deposed.contains(&(epoch, owner)) {
+        if engine.is_deposed() || self.deposed.contains(&(epoch.get(), owner)) {
             return Err(format!(
                 "the deposed SPM of epoch {epoch} (owner {owner:#x}) committed pool metadata"
             ));
         }
-        if let Some(&other) = self.committers.get(&epoch)
+        if let Some(&other) = self.committers.get(&epoch.get())
             && other != owner
         {
             return Err(format!(
                 "two SPMs committed pool metadata at epoch {epoch}: owners {other:#x} and {owner:#x}"
             ));
         }
-        self.committers.insert(epoch, owner);
+        self.committers.insert(epoch.get(), owner);
         let Some(node) = self.node(which) else {
             return Ok(false);
         };
@@ -1491,7 +1502,7 @@ impl Sim {
             },
             ..config
         };
-        let mut engine = Host::<HOST_VOLUMES>::new(sb.domain, host_id, g, config)
+        let mut engine = Host::<HOST_VOLUMES>::new(sb.domain, HostId::new(host_id), g, config)
             .map_err(|e| format!("host {host_id}: new: {e:?}"))?;
         let truth = self.committed().map(|(p, _)| p);
         for guest in self.guests.iter_mut().filter(|g| g.host_id == host_id) {
@@ -1690,12 +1701,13 @@ impl Sim {
         {
             let g = self.geometry();
             let (ia, oa) = (
-                g.inbox_area(h.host_id).unwrap_or(0),
-                g.outbox_area(h.host_id).unwrap_or(0),
+                g.inbox_area(HostId::new(h.host_id)).unwrap_or(0),
+                g.outbox_area(HostId::new(h.host_id)).unwrap_or(0),
             );
             let (ib, ob) = (self.read(ia, AREA_SIZE), self.read(oa, AREA_SIZE));
-            let inbox = spmbox_core::wire::InboxArea::new(&ib, self.domain, h.host_id);
-            let outbox = spmbox_core::wire::OutboxArea::new(&ob, self.domain, h.host_id);
+            let inbox = spmbox_core::wire::InboxArea::new(&ib, self.domain, HostId::new(h.host_id));
+            let outbox =
+                spmbox_core::wire::OutboxArea::new(&ob, self.domain, HostId::new(h.host_id));
             if let (Some(inbox), Some(outbox)) = (inbox, outbox) {
                 detail += &format!(
                     "\n  inbox header {:?}\n  outbox header {:?}",
@@ -1831,7 +1843,7 @@ impl Sim {
         let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
             return;
         };
-        let Some(inbox_at) = self.geometry().inbox_area(host_id) else {
+        let Some(inbox_at) = self.geometry().inbox_area(HostId::new(host_id)) else {
             return;
         };
         self.report.withdrawals += 1;
