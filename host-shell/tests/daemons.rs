@@ -618,6 +618,54 @@ fn a_second_spm_is_refused_and_a_dead_one_is_taken_over_with_a_higher_epoch() {
     assert!(second.term().success());
 }
 
+/// A new SPM takes an epoch above every epoch a host may have seen: in
+/// the SPM header, in an outbox header, and in a reply. Here a reply of
+/// epoch 9 sits in an outbox whose header (and the SPM header) a lost
+/// write left at a lower epoch; a host that counted it would ignore an
+/// SPM of epoch 2.
+#[test]
+fn a_new_spm_takes_an_epoch_above_every_reply_it_finds() {
+    use spmbox_core::wire::{
+        Epoch, Generation, HostId, RECORD_LEN, Reply, ReplyStatus, Request, Slot, Superblock,
+    };
+    let mut s = Setup::new(&[64], 4);
+    let mut image = fs::read(&s.device).unwrap();
+    let superblock = Superblock::decode(&image[..RECORD_LEN]).unwrap().unwrap();
+    let geometry = superblock.geometry;
+    let request = Request {
+        domain: superblock.domain,
+        host_id: HostId::new(3),
+        slot: Slot::new(5),
+        generation: Generation::new(2),
+        sequence: 4,
+        volume: Uuid([0x77; 16]),
+        target_size: 1 << 30,
+        current_size: 1 << 29,
+        paused: false,
+    };
+    let reply = Reply::answering(
+        &request,
+        ReplyStatus::Failed { code: 5 },
+        1 << 29,
+        Epoch::new(9),
+    );
+    let at = geometry.outbox_area(HostId::new(3)).unwrap() as usize + 5 * RECORD_LEN;
+    image[at..at + RECORD_LEN].copy_from_slice(&reply.to_bytes().unwrap());
+    fs::write(&s.device, &image).unwrap();
+    let mut spm = s.start_spm();
+    let out = s.cli(&[
+        "status",
+        "--device",
+        s.device.to_str().unwrap(),
+        "--control",
+        s.control.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["spm"]["epoch"].as_u64(), Some(10), "{v}");
+    assert!(spm.term().success());
+}
+
 #[test]
 fn sigkill_of_spm_and_hosts_under_load_loses_nothing() {
     let mut s = Setup::new(&[40, 400], 4);

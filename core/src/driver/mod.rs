@@ -41,7 +41,7 @@ mod host;
 mod spm;
 
 pub use host::HostDriver;
-pub use spm::{MERGE_GAP, OUTBOX_GAP, SpmDriver};
+pub use spm::{MERGE_GAP, OUTBOX_GAP, SpmDriver, newest_outbox_epoch};
 
 /// A block device holding the mailbox: reads and writes of whole sectors
 /// at byte offsets.
@@ -157,6 +157,28 @@ impl core::fmt::Display for DriverError {
 }
 
 impl core::error::Error for DriverError {}
+
+/// Why a read before an engine starts failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum StartError<E> {
+    /// The buffer or the device does not fit the mailbox.
+    Driver(DriverError),
+    /// The device failed.
+    Io(E),
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for StartError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartError::Driver(e) => e.fmt(f),
+            StartError::Io(e) => write!(f, "cannot read the mailbox: {e}"),
+        }
+    }
+}
+
+impl<E: core::fmt::Debug + core::fmt::Display> core::error::Error for StartError<E> {}
 
 /// The next `len` bytes of a buffer being divided, from `*at` on.
 fn carve(at: &mut usize, len: usize) -> core::ops::Range<usize> {

@@ -2,11 +2,13 @@
 
 use crate::spm::{Spm, SpmCommit, SpmIo, SpmWrite};
 use crate::time::Instant;
-use crate::wire::{AREA_SIZE, DOORBELL_OFFSET, Geometry, HostId, RECORD_LEN, SPM_HEADER_OFFSET};
+use crate::wire::{
+    AREA_SIZE, DOORBELL_OFFSET, Epoch, Geometry, HostId, RECORD_LEN, SPM_HEADER_OFFSET, Uuid,
+};
 
 use core::ops::Range;
 
-use super::{BlockDevice, Counted, DriverError, IoStats, carve};
+use super::{BlockDevice, Counted, DriverError, IoStats, StartError, carve};
 
 /// Outbox areas with no request between two that have one are read along
 /// with them when there are at most this many.
@@ -90,6 +92,54 @@ fn set_bit(bits: &mut [u8], i: usize, on: bool) {
             *b |= 1 << (i % 8);
         } else {
             *b &= !(1 << (i % 8));
+        }
+    }
+}
+
+/// The newest epoch in any outbox area on `device` (a header or a reply,
+/// valid or stale; see [`crate::wire::OutboxArea::newest_epoch`]), `None`
+/// if none names
+/// one. A new SPM takes an epoch above it and above the SPM header's
+/// ([`crate::spm::start_header`]): a predecessor's header write may have
+/// been lost after it replied, and hosts ignore replies from an epoch
+/// older than one they have seen.
+///
+/// Reads the outbox in runs of as many whole areas as `buffer` holds
+/// (at least one, [`AREA_SIZE`] bytes; its start aligned as the device
+/// needs).
+pub fn newest_outbox_epoch<D: BlockDevice>(
+    device: &mut D,
+    geometry: &Geometry,
+    domain: Uuid,
+    buffer: &mut [u8],
+) -> Result<Option<Epoch>, StartError<D::Error>> {
+    let per_read = buffer.len() / AREA_SIZE;
+    if per_read == 0 {
+        return Err(StartError::Driver(DriverError::BufferTooSmall {
+            needed: AREA_SIZE,
+        }));
+    }
+    if device.sector_size() != geometry.sector_size() {
+        return Err(StartError::Driver(DriverError::SectorSize {
+            device: device.sector_size(),
+            mailbox: geometry.sector_size(),
+        }));
+    }
+    let mut newest = None;
+    let mut hosts = geometry.hosts();
+    loop {
+        let Some(first) = hosts.next() else {
+            return Ok(newest);
+        };
+        let n = 1 + hosts.by_ref().take(per_read - 1).count();
+        let Some(at) = geometry.outbox_area(first) else {
+            return Ok(newest);
+        };
+        let run = &mut buffer[..n * AREA_SIZE];
+        device.read_at(at, run).map_err(StartError::Io)?;
+        let run = &buffer[..n * AREA_SIZE];
+        for area in crate::wire::areas::<crate::wire::Reply>(run, domain, first) {
+            newest = newest.max(area.newest_epoch());
         }
     }
 }

@@ -403,3 +403,82 @@ fn a_stalled_spm_that_stops_reads_the_header_and_leaves_a_newer_spms_alone() {
         "the newer SPM's header stays"
     );
 }
+
+#[test]
+fn a_new_spm_starts_above_every_epoch_in_the_outbox_read_in_any_run_length() {
+    use crate::spm::start_header;
+    use crate::wire::{Epoch, Generation, OutboxHeader, Reply, Request};
+    let (g, d) = disk(9);
+    let request = |host: u16, slot: u16| Request {
+        domain: DOMAIN,
+        host_id: HostId::new(host),
+        slot: Slot::new(slot),
+        generation: Generation::new(3),
+        sequence: 1,
+        volume: Uuid([0x42; 16]),
+        target_size: GIB,
+        current_size: 0,
+        paused: false,
+    };
+    // Host 2: a header of epoch 4. Host 9 (the last): a stale reply of
+    // epoch 7 under no header at all.
+    let header = OutboxHeader {
+        domain: DOMAIN,
+        host_id: HostId::new(2),
+        epoch: Epoch::new(4),
+        generation: Generation::new(3),
+    };
+    let at2 = g.outbox_area(HostId::new(2)).unwrap() as usize;
+    d.borrow_mut().bytes_mut()[at2..at2 + RECORD_LEN].copy_from_slice(&header.to_bytes().unwrap());
+    let reply = Reply::answering(
+        &request(9, 31),
+        ReplyStatus::Failed { code: 5 },
+        0,
+        Epoch::new(7),
+    );
+    let at9 = g.outbox_area(HostId::new(9)).unwrap() as usize + 31 * RECORD_LEN;
+    d.borrow_mut().bytes_mut()[at9..at9 + RECORD_LEN].copy_from_slice(&reply.to_bytes().unwrap());
+    for areas in [1, 2, 4, 9, 16] {
+        let mut buffer = vec![0u8; areas * AREA_SIZE];
+        let newest = newest_outbox_epoch(&mut *d.borrow_mut(), &g, DOMAIN, &mut buffer).unwrap();
+        assert_eq!(newest, Some(Epoch::new(7)), "{areas} areas per read");
+    }
+    // The SPM header found says epoch 5: the new SPM runs at 8.
+    let found = SpmHeader {
+        domain: DOMAIN,
+        epoch: Epoch::new(5),
+        spm_id: HostId::NONE,
+        state: crate::wire::SpmState::Vacant,
+        heartbeat_interval_ms: 0,
+        heartbeat: 0,
+        owner: 0,
+        pool_commit: 11,
+    };
+    let start = start_header(Some(found), Epoch::new(7), DOMAIN);
+    let engine: Spm<64> = Spm::new(
+        Instant::ZERO,
+        DOMAIN,
+        g,
+        HostId::NONE,
+        1,
+        start.as_ref(),
+        SpmConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(engine.epoch(), Epoch::new(8));
+    assert_eq!(engine.pool_commit(), 11);
+    // Nothing found at all: a vacant header at the floor, or none.
+    assert_eq!(
+        start_header(None, Epoch::new(7), DOMAIN).map(|h| h.epoch),
+        Some(Epoch::new(7))
+    );
+    assert_eq!(start_header(None, Epoch::ZERO, DOMAIN), None);
+    // A buffer without room for one area is refused, not read short.
+    let mut small = vec![0u8; AREA_SIZE - 512];
+    assert!(matches!(
+        newest_outbox_epoch(&mut *d.borrow_mut(), &g, DOMAIN, &mut small),
+        Err(StartError::Driver(DriverError::BufferTooSmall {
+            needed: AREA_SIZE
+        }))
+    ));
+}

@@ -406,6 +406,34 @@ impl core::fmt::Display for SpmError {
 
 impl core::error::Error for SpmError {}
 
+/// The SPM header a new SPM hands [`Spm::new`]: `found` (the header on
+/// disk, `None` if empty or damaged) with its epoch raised to `floor`, or,
+/// when nothing was found and `floor` is above 0, a vacant header at
+/// `floor`. [`Spm::new`] then runs one epoch above it. `floor` is the
+/// newest epoch in the outbox areas
+/// ([`crate::driver::newest_outbox_epoch`]) and any epoch a lease manager
+/// requires: the new SPM's epoch must be above every epoch a host may
+/// have seen (docs/format.md, section 8).
+pub fn start_header(found: Option<SpmHeader>, floor: Epoch, domain: Uuid) -> Option<SpmHeader> {
+    match found {
+        Some(mut h) => {
+            h.epoch = h.epoch.max(floor);
+            Some(h)
+        }
+        None if floor > Epoch::ZERO => Some(SpmHeader {
+            domain,
+            epoch: floor,
+            spm_id: HostId::NONE,
+            state: SpmState::Vacant,
+            heartbeat_interval_ms: 0,
+            heartbeat: 0,
+            owner: 0,
+            pool_commit: 0,
+        }),
+        None => None,
+    }
+}
+
 /// The SPM engine with a queue window of `QUEUE` requests.
 #[derive(Debug)]
 pub struct Spm<const QUEUE: usize> {

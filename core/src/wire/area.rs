@@ -12,7 +12,7 @@ use super::{
     AREA_SIZE, Defect, InboxHeader, Location, OutboxHeader, RECORD_LEN, Reply, Request,
     SLOTS_PER_AREA, Uuid,
 };
-use super::{Generation, HostId, Slot};
+use super::{Epoch, Generation, HostId, Slot};
 
 /// What a slot holds.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -175,6 +175,24 @@ impl<'a, S: SlotRecord> Area<'a, S> {
         (1..=SLOTS_PER_AREA)
             .map(Slot::new)
             .map(move |slot| (slot, self.slot_with(slot, header)))
+    }
+}
+
+impl Area<'_, Reply> {
+    /// The newest epoch this outbox area names, in its header or in any
+    /// reply, valid or stale (of any generation); `None` if it names none.
+    /// A new SPM takes an epoch above every one found in any outbox area
+    /// (docs/format.md, section 8), so a host that counts the epoch of
+    /// every reply it finds never ignores the new SPM's replies.
+    pub fn newest_epoch(&self) -> Option<Epoch> {
+        let header = self.header().ok().flatten().map(|h| h.epoch);
+        self.slots()
+            .filter_map(|(_, state)| match state {
+                SlotState::Valid(r) | SlotState::Stale(r) => Some(r.epoch),
+                SlotState::Empty | SlotState::Defective(_) => None,
+            })
+            .chain(header)
+            .max()
     }
 }
 

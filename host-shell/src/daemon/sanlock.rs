@@ -503,7 +503,7 @@ impl Drop for SpmLease {
 /// lease, even one that died before it wrote the header.
 pub fn raise_epoch(found: Option<SpmHeader>, lver: u64, domain: Uuid) -> Option<SpmHeader> {
     let floor = spmbox_core::wire::Epoch::new(lver.saturating_sub(1));
-    crate::daemon::spm::with_epoch_at_least(found, floor, domain)
+    spmbox_core::spm::start_header(found, floor, domain)
 }
 
 /// Who holds the domain's leases, read from disk (`sanlock direct dump`):

@@ -180,53 +180,29 @@ pub fn check_no_live_spm(
     Ok(first)
 }
 
-/// The SPM header to start from, its epoch raised to the highest epoch in
-/// any outbox header: a predecessor's header write may have been lost, and
-/// hosts ignore replies from an epoch older than one they have seen.
+/// The SPM header to start from, its epoch raised to the newest epoch in
+/// any outbox area (a header or a reply): a predecessor's header write may
+/// have been lost, and hosts ignore replies from an epoch older than one
+/// they have seen.
 fn with_highest_epoch(
     mailbox: &Mailbox,
     found: Option<SpmHeader>,
 ) -> Result<Option<SpmHeader>, BackendError> {
-    let g = mailbox.geometry();
+    let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
-    let outboxes = mailbox.read(
-        g.outbox_offset(),
-        usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
-    )?;
-    let highest =
-        spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&outboxes, domain, HostId::new(1))
-            .filter_map(|area| area.header().ok().flatten())
-            .map(|h| h.epoch)
-            .max()
-            .unwrap_or(Epoch::ZERO);
-    Ok(with_epoch_at_least(found, highest, domain))
-}
-
-/// The SPM header to start from, its epoch raised to at least `floor`
-/// (the engine runs with the header's epoch plus one); a vacant header
-/// at `floor` when none was found and `floor` is above 0.
-pub fn with_epoch_at_least(
-    found: Option<SpmHeader>,
-    floor: Epoch,
-    domain: Uuid,
-) -> Option<SpmHeader> {
-    match found {
-        Some(mut h) => {
-            h.epoch = h.epoch.max(floor);
-            Some(h)
-        }
-        None if floor > Epoch::ZERO => Some(SpmHeader {
-            domain,
-            epoch: floor,
-            spm_id: HostId::NONE,
-            state: SpmState::Vacant,
-            heartbeat_interval_ms: 1000,
-            heartbeat: 0,
-            owner: 0,
-            pool_commit: 0,
-        }),
-        None => None,
-    }
+    let device = mailbox.device();
+    // 64 areas per read: 256 KiB.
+    let mut buffer = AlignedBuf::zeroed(64 * spmbox_core::wire::AREA_SIZE, device.dio_mem_align());
+    let newest =
+        spmbox_core::driver::newest_outbox_epoch(&mut &*device, &geometry, domain, buffer.as_mut())
+            .map_err(|e| {
+                BackendError::new(format!("cannot read the outbox areas at start: {e}"))
+            })?;
+    Ok(spmbox_core::spm::start_header(
+        found,
+        newest.unwrap_or(Epoch::ZERO),
+        domain,
+    ))
 }
 
 /// The most rollback findings one error lists; the rest are counted.
