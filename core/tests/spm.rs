@@ -612,6 +612,36 @@ fn a_backlog_on_disk_is_read_again_as_soon_as_the_queue_drains() {
 }
 
 #[test]
+fn a_host_using_all_its_slots_has_every_request_answered_without_waiting_for_a_full_scan() {
+    // One host, 31 requests for 31 volumes: the queue takes 8 of a host
+    // at a time. Each time one of them is answered, the SPM reads that
+    // host again and takes the next, instead of leaving the rest for the
+    // next full scan, 15 s later.
+    let mut disk = Disk::new(4);
+    disk.host_start(2, 1);
+    let sent: Vec<Request> = (1..=31u16)
+        .map(|slot| request(2, slot, slot as u8, 2))
+        .collect();
+    for r in &sent {
+        disk.send(r);
+    }
+    let mut spm = start(&mut disk, ms(0));
+    let answered = |disk: &Disk| {
+        sent.iter()
+            .filter(|r| matches!(disk.reply(2, r.slot.get()), SlotState::Valid(x) if x.answers(r)))
+            .count()
+    };
+    let mut t = 0;
+    while answered(&disk) < sent.len() && t < 1000 {
+        step_extending(&mut spm, &mut disk, ms(t));
+        t += 1;
+    }
+    assert_eq!(answered(&disk), 31, "{:?}", spm.stats());
+    assert!(t < 100, "took {t} ms of simulated time: {:?}", spm.stats());
+    assert_eq!(spm.stats().full_scans, 1, "{:?}", spm.stats());
+}
+
+#[test]
 fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
     // 20 requests (a quarter of the 64-entry queue is 16): busy.
     let mut disk = Disk::new(40);

@@ -87,9 +87,9 @@ use core::time::Duration;
 
 use crate::time::Instant;
 use crate::wire::{
-    Defect, Doorbell, Epoch, Geometry, HostId, InboxArea, Location, OutboxArea, OutboxHeader,
-    RECORD_LEN, RejectReason, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, Slot, SlotState,
-    SpmHeader, SpmState, Uuid,
+    Defect, Doorbell, Epoch, Geometry, HostId, InboxArea, Location, MAX_HOSTS, OutboxArea,
+    OutboxHeader, RECORD_LEN, RejectReason, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, Slot,
+    SlotState, SpmHeader, SpmState, Uuid,
 };
 use queue::{EntryState, RequestQueue};
 
@@ -101,6 +101,9 @@ pub const REFUSAL_REPORTS_PER_SCAN: u32 = 16;
 pub const TARGETED_READS: usize = 64;
 /// Events kept until polled; past that the oldest are dropped (counted).
 pub const EVENTS: usize = 64;
+/// Words of the bit set of hosts with requests the per-host cap left on
+/// disk: one bit per host id, 0..=[`MAX_HOSTS`].
+const CAPPED_WORDS: usize = (MAX_HOSTS as usize + 1).div_ceil(32);
 /// Fencing: once this many heartbeat intervals have passed without a read
 /// of the SPM header that names this SPM, it writes nothing until such a
 /// read (see [`Spm::handle_timeout`]). Another SPM takes over only after
@@ -487,6 +490,11 @@ pub struct Spm<const QUEUE: usize> {
     /// "No space" results for which no request was running any more: the
     /// backend parked something nobody asks for (part of `withdrawn`).
     orphan_parks: u64,
+    /// Hosts with a request the per-host cap left on disk: the host's
+    /// areas are read again as soon as one of its entries leaves the
+    /// queue, so a host that uses more slots than the cap waits for
+    /// answers, not for the next full scan.
+    capped: [u32; CAPPED_WORDS],
 }
 
 impl<const QUEUE: usize> Spm<QUEUE> {
@@ -549,6 +557,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             events: heapless::Deque::new(),
             stats: SpmStats::default(),
             orphan_parks: 0,
+            capped: [0; CAPPED_WORDS],
         })
     }
 
@@ -909,6 +918,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             Err(why) => {
                 self.stats.refused += 1;
                 self.backlog |= why == Refused::Full;
+                if why == Refused::HostCap {
+                    self.set_capped(request.host_id, true);
+                }
                 if self.refusal_reports < REFUSAL_REPORTS_PER_SCAN {
                     self.refusal_reports += 1;
                     self.event(SpmEvent::Refused {
@@ -918,6 +930,40 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                     });
                 }
             }
+        }
+    }
+
+    fn set_capped(&mut self, host_id: HostId, on: bool) {
+        let i = usize::from(host_id.get());
+        if let Some(word) = self.capped.get_mut(i / 32) {
+            let bit = 1u32 << (i % 32);
+            if on {
+                *word |= bit;
+            } else {
+                *word &= !bit;
+            }
+        }
+    }
+
+    /// An entry of `host_id` left the queue: if the cap left requests of
+    /// that host on disk, read its areas again at once.
+    fn read_again_if_capped(&mut self, host_id: HostId) {
+        let i = usize::from(host_id.get());
+        let capped = self
+            .capped
+            .get(i / 32)
+            .is_some_and(|w| w & (1u32 << (i % 32)) != 0);
+        if !capped {
+            return;
+        }
+        self.set_capped(host_id, false);
+        if self.targeted.iter().any(|&h| h == host_id) {
+            return;
+        }
+        if self.targeted.push_back(host_id).is_err() {
+            // Too many waiting: a full scan reads them all.
+            self.targeted.clear();
+            self.next_scan = Instant::ZERO;
         }
     }
 
@@ -1250,6 +1296,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         };
         if status.is_final() {
             self.queue.remove(r.host_id, r.slot);
+            self.read_again_if_capped(r.host_id);
         } else if let Some(entry) = self.queue.entries_mut().get_mut(i) {
             entry.reply = None;
             entry.waiting_sent = true;
