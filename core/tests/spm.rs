@@ -642,6 +642,47 @@ fn a_host_using_all_its_slots_has_every_request_answered_without_waiting_for_a_f
 }
 
 #[test]
+fn a_defective_doorbell_and_one_naming_an_unknown_host_are_reported_once_each() {
+    let mut disk = Disk::new(4);
+    let mut spm = start(&mut disk, ms(0));
+    let drain = |spm: &mut Spm<64>| {
+        let mut found = Vec::new();
+        while let Some(e) = spm.poll_event() {
+            if let SpmEvent::DoorbellDefective { defect } = e {
+                found.push(defect);
+            }
+        }
+        found
+    };
+    step(&mut spm, &mut disk, ms(0));
+    drain(&mut spm);
+    // A ring from host 9 of a 4-host mailbox: valid, but nobody to read.
+    let bell = Doorbell {
+        domain: DOMAIN,
+        ringer: HostId::new(9),
+        generation: Generation::new(1),
+        sequence: 1,
+    };
+    disk.put(DOORBELL_OFFSET, &bell.to_bytes().unwrap());
+    for t in 1..20 {
+        step(&mut spm, &mut disk, ms(t));
+    }
+    let found = drain(&mut spm);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].name(), "invalid_field");
+    // A flipped byte: reported once as well.
+    let mut bytes = bell.to_bytes().unwrap();
+    bytes[100] ^= 1;
+    disk.put(DOORBELL_OFFSET, &bytes);
+    for t in 20..40 {
+        step(&mut spm, &mut disk, ms(t));
+    }
+    let found = drain(&mut spm);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(spm.stats().defective, 2);
+}
+
+#[test]
 fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
     // 20 requests (a quarter of the 64-entry queue is 16): busy.
     let mut disk = Disk::new(40);

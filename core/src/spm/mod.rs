@@ -341,6 +341,14 @@ pub enum SpmEvent {
         /// The volume's size.
         size: u64,
     },
+    /// The doorbell record is defective, or names a host this mailbox
+    /// does not have (`Defect::InvalidField` of `Field::Ringer`). Reported
+    /// once until the doorbell changes; rings are only a hint, so the full
+    /// scans still find every request.
+    DoorbellDefective {
+        /// What is wrong.
+        defect: Defect,
+    },
     /// Another SPM holds a higher epoch; this one has stopped.
     Deposed {
         /// The other SPM's epoch.
@@ -472,6 +480,9 @@ pub struct Spm<const QUEUE: usize> {
     next_heartbeat: Instant,
     targeted: heapless::Deque<HostId, TARGETED_READS>,
     last_doorbell: Option<Doorbell>,
+    /// The defect of the doorbell last reported, so that a doorbell that
+    /// stays defective is reported once.
+    doorbell_defect: Option<Defect>,
     /// When the last full scan was handed out.
     last_full_scan: Instant,
     /// When the doorbell last showed a new ring (or the engine started).
@@ -547,6 +558,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             next_heartbeat: now + settle(&config),
             targeted: heapless::Deque::new(),
             last_doorbell: None,
+            doorbell_defect: None,
             last_full_scan: Instant::ZERO,
             last_ring: now,
             backlog: false,
@@ -776,10 +788,23 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             host_id: HostId::NONE,
             index: 0,
         };
-        let Ok(Some(bell)) = Doorbell::parse(bytes, &at) else {
-            // Empty or damaged: a hint only; the full scan covers it.
-            return;
+        let bell = match Doorbell::parse(bytes, &at) {
+            Ok(Some(bell)) if self.geometry.inbox_area(bell.ringer).is_some() => bell,
+            // Empty: no host rang since the mailbox was made.
+            Ok(None) => return,
+            // A hint only: the full scan covers what a ring would announce.
+            Ok(Some(_)) => {
+                self.doorbell_defective(Defect::InvalidField {
+                    field: crate::wire::Field::Ringer,
+                });
+                return;
+            }
+            Err(defect) => {
+                self.doorbell_defective(defect);
+                return;
+            }
         };
+        self.doorbell_defect = None;
         if self.last_doorbell == Some(bell) {
             return;
         }
@@ -802,9 +827,6 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 self.next_scan = at;
                 self.stats.busy_scans += 1;
             }
-        }
-        if self.geometry.inbox_area(bell.ringer).is_none() {
-            return;
         }
         if self.targeted.iter().any(|&h| h == bell.ringer) {
             return;
@@ -931,6 +953,16 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 }
             }
         }
+    }
+
+    fn doorbell_defective(&mut self, defect: Defect) {
+        if self.doorbell_defect == Some(defect) {
+            return;
+        }
+        self.doorbell_defect = Some(defect);
+        self.stats.defective += 1;
+        warn!("spm: the doorbell is defective: {}", defect);
+        self.event(SpmEvent::DoorbellDefective { defect });
     }
 
     fn set_capped(&mut self, host_id: HostId, on: bool) {
