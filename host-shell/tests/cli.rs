@@ -337,6 +337,35 @@ fn inspect_reports_a_flipped_byte_at_its_place_with_exit_status_3() {
 }
 
 #[test]
+fn inspect_reports_each_zero_only_region_once_with_its_count_of_nonzero_bytes() {
+    let dir = tempdir();
+    let path = dir.path().join("mailbox");
+    assert!(format(&path, "4").status.success());
+    let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // Three bytes in the first reserved block, one in the second, and two
+    // in the unused records of the doorbell block.
+    for offset in [0x3010u64, 0x3011, 0x3ff0, 0x4800, 0x2080, 0x2fff] {
+        file.write_all_at(&[0xa5], offset).unwrap();
+    }
+    file.sync_all().unwrap();
+    let (code, v) = inspect_json(&path);
+    assert_eq!(code, Some(3));
+    let found: Vec<(u64, u64)> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["verdict"] == "nonzero_unused")
+        .map(|p| {
+            (
+                p["offset"].as_u64().unwrap(),
+                p["nonzero_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(found, vec![(0x2080, 2), (0x3010, 3), (0x4800, 1)], "{v}");
+}
+
+#[test]
 fn inspect_host_filter_and_out_of_range_host() {
     let dir = tempdir();
     let path = dir.path().join("mailbox");

@@ -67,6 +67,9 @@ pub struct Problem {
     pub message: String,
     /// The defect, for records.
     pub defect: Option<Defect>,
+    /// For `nonzero_unused`: how many bytes of the zero-only region the
+    /// byte at `place` opens are nonzero (it is the first of them).
+    pub nonzero_bytes: usize,
 }
 
 /// The whole audit.
@@ -271,6 +274,7 @@ fn record_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64,
             verdict: defect.name(),
             message: defect.to_string(),
             defect: Some(defect),
+            nonzero_bytes: 0,
         });
     }
 }
@@ -286,23 +290,43 @@ fn empty_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64) 
             message: "all zero where a superblock must be; repair it with `spmbox repair`"
                 .to_string(),
             defect: None,
+            nonzero_bytes: 0,
         });
     }
 }
 
+/// One problem per zero-only region (the records after record 0 of a
+/// block, or a 4 KiB block of reserved space) that holds a nonzero byte:
+/// the first such byte, with how many there are and where the last is
+/// (docs/format.md 6.2).
 fn unused_problem(problems: &mut Vec<Problem>, geometry: &Geometry, offset: u64, bytes: &[u8]) {
-    if let Some(pos) = first_nonzero(bytes) {
-        let at = offset + pos as u64;
-        if let Some(place) = geometry.locate(at) {
-            problems.push(Problem {
-                place,
-                record: false,
-                verdict: "nonzero_unused",
-                message: format!("byte {:#04x} in space that must be zero", bytes[pos]),
-                defect: None,
-            });
-        }
-    }
+    let Some(pos) = first_nonzero(bytes) else {
+        return;
+    };
+    let nonzero = bytes.iter().filter(|&&b| b != 0).count();
+    let last = bytes.iter().rposition(|&b| b != 0).unwrap_or(pos);
+    let at = offset + pos as u64;
+    let Some(place) = geometry.locate(at) else {
+        return;
+    };
+    let message = if nonzero == 1 {
+        format!("byte {:#04x} in space that must be zero", bytes[pos])
+    } else {
+        format!(
+            "byte {:#04x} in space that must be zero, the first of {nonzero} nonzero bytes \
+             up to offset {:#x}",
+            bytes[pos],
+            offset + last as u64
+        )
+    };
+    problems.push(Problem {
+        place,
+        record: false,
+        verdict: "nonzero_unused",
+        message,
+        defect: None,
+        nonzero_bytes: nonzero,
+    });
 }
 
 /// Where a problem is, in words: a record's place, or a byte's.
@@ -516,6 +540,7 @@ pub fn to_json(report: &Report, device: &str) -> Value {
                 "place": describe(p),
                 "verdict": p.verdict,
                 "message": p.message,
+                "nonzero_bytes": (p.verdict == "nonzero_unused").then_some(p.nonzero_bytes),
             })
         })
         .collect();
