@@ -512,7 +512,7 @@ fn slot_json<T>(slot: u16, state: &SlotState<T>, valid: impl Fn(&T) -> Value) ->
     }
 }
 
-/// The report as one JSON object (documented in docs/operations.md).
+/// The report as one JSON object (its schema: docs/format.md, section 11).
 pub fn to_json(report: &Report, device: &str) -> Value {
     let hosts: Vec<Value> = report
         .hosts
