@@ -800,7 +800,7 @@ impl Sim {
         self.check_no_rollback(found.as_ref())?;
         let owner = self.rng.next_u64() | 1;
         self.spm = Some(self.spm_node(sb, found.as_ref(), owner, SpmConfig::default()));
-        Ok(())
+        self.check_new_epoch(found.as_ref())
     }
 
     /// Starts two SPMs at once from the same SPM header, as two paths to one
@@ -830,12 +830,15 @@ impl Sim {
             ..SpmConfig::default()
         };
         self.twin = Some(self.spm_node(sb, found.as_ref(), twin_owner, config));
-        Ok(())
+        self.check_new_epoch(found.as_ref())
     }
 
-    /// The SPM header a starting SPM takes over from.
+    /// The SPM header a starting SPM takes over from, as every runner
+    /// finds it: the header on disk raised to the newest epoch in any
+    /// outbox area (`newest_outbox_epoch`, `start_header`), and to the
+    /// lease's.
     fn found_spm_header(&self) -> Option<SpmHeader> {
-        let mut found = SpmHeader::decode(&self.record(SPM_HEADER_OFFSET))
+        let found = SpmHeader::decode(&self.record(SPM_HEADER_OFFSET))
             .ok()
             .flatten();
         // The lease that makes an SPM (sanlock's, in oVirt) carries a
@@ -844,21 +847,39 @@ impl Sim {
         // damaged header write). Without it, seed 9834: after a lost header
         // write the new SPM took the epoch the old one already had, and the
         // old one, which still ran, deposed it.
-        if let Some(h) = found.as_mut() {
-            h.epoch = h.epoch.max(Epoch::new(self.lease_epoch));
-        } else if self.lease_epoch > 0 {
-            found = Some(SpmHeader {
-                domain: self.domain,
-                epoch: Epoch::new(self.lease_epoch),
-                spm_id: HostId::NONE,
-                state: spmbox_core::wire::SpmState::Vacant,
-                heartbeat_interval_ms: 1000,
-                heartbeat: 0,
-                owner: 7,
-                pool_commit: 0,
-            });
+        let floor = self
+            .newest_epoch_on_disk()
+            .max(Epoch::new(self.lease_epoch));
+        spmbox_core::spm::start_header(found, floor, self.domain)
+    }
+
+    /// The newest epoch in any outbox header or reply on disk, read as the
+    /// runners read it.
+    fn newest_epoch_on_disk(&self) -> Epoch {
+        let geometry = self.geometry();
+        let mut device = self.device(Node::Spm { notes_reads: false }, false);
+        let mut buffer = vec![0u8; 16 * spmbox_core::wire::AREA_SIZE];
+        spmbox_core::driver::newest_outbox_epoch(&mut device, &geometry, self.domain, &mut buffer)
+            .expect("a device that cannot crash reads the outbox")
+            .unwrap_or(Epoch::ZERO)
+    }
+
+    /// A new SPM's epoch is above every epoch a host may have seen: in
+    /// the SPM header it took over from and in every outbox header and
+    /// reply, valid or stale (docs/protocol.md 8, S1).
+    fn check_new_epoch(&self, found: Option<&SpmHeader>) -> Result<(), String> {
+        let Some(epoch) = self.spm.as_ref().map(|s| s.driver.engine().epoch()) else {
+            return Ok(());
+        };
+        let on_disk = self.newest_epoch_on_disk();
+        let header = found.map_or(Epoch::ZERO, |h| h.epoch);
+        if epoch <= on_disk || epoch <= header {
+            return Err(format!(
+                "a new SPM took epoch {epoch}, not above the newest on disk \
+                 (outbox {on_disk}, SPM header {header})"
+            ));
         }
-        found
+        Ok(())
     }
 
     /// An SPM: its engine in a driver on the shared disk, and its pool
