@@ -70,7 +70,7 @@ static COPY_A: ConstStaticCell<[u8; METADATA_COPY_SIZE]> =
 static COPY_B: ConstStaticCell<[u8; METADATA_COPY_SIZE]> =
     ConstStaticCell::new([0; METADATA_COPY_SIZE]);
 static DRIVER_BUF: ConstStaticCell<[u8; DRIVER_BUFFER]> = ConstStaticCell::new([0; DRIVER_BUFFER]);
-static DRIVER: StaticCell<Driver> = StaticCell::new();
+static DRIVER: StaticCell<Option<Driver>> = StaticCell::new();
 
 #[entry]
 fn main() -> ! {
@@ -80,7 +80,7 @@ fn main() -> ! {
     };
     let (used, size) = stack::peak();
     info!(
-        "firmware: peak stack {=usize} of {=usize} bytes",
+        "firmware: peak stack {=usize} of {=usize} bytes in the loop (since start-up)",
         used, size
     );
     exit(code)
@@ -171,7 +171,7 @@ fn run() -> Result<(), ()> {
     }
     info!(
         "firmware: domain {}: {=u16} hosts, {=u32}-byte sectors",
-        domain,
+        Id(domain),
         geometry.max_hosts(),
         geometry.sector_size()
     );
@@ -222,23 +222,17 @@ fn run() -> Result<(), ()> {
 
     // The engine in its driver.
     let owner = random_owner(&mut clock);
-    let engine = Spm::<QUEUE>::new(
-        clock.now(),
+    let start = Start {
+        now: clock.now(),
         domain,
         geometry,
         spm_id,
         owner,
-        found.as_ref(),
+        found,
         config,
-    )
-    .map_err(|e| error!("firmware: cannot start the SPM engine: {}", e))?;
-    let buffer: &'static mut [u8] = DRIVER_BUF.take();
-    let driver = match SpmDriver::new(disk, engine, buffer, CHUNK_HOSTS, false) {
-        Ok(d) => DRIVER.init(d),
-        Err(e) => {
-            error!("firmware: cannot start the driver: {}", e);
-            return Err(());
-        }
+    };
+    let Some(driver) = start_driver(start, disk) else {
+        return Err(());
     };
     driver.engine_mut().set_pool_commit(seq);
     info!(
@@ -262,6 +256,12 @@ fn run() -> Result<(), ()> {
     let mut retry_at = Instant::ZERO;
     let mut next_command = Instant::ZERO;
     let mut stop = false;
+    let (used, size) = stack::peak();
+    info!(
+        "firmware: peak stack {=usize} of {=usize} bytes at start-up",
+        used, size
+    );
+    stack::repaint();
     loop {
         let now = clock.now();
         let retrying = now < retry_at;
@@ -339,7 +339,8 @@ fn run() -> Result<(), ()> {
             while let Some(c) = pool.poll_completed() {
                 info!(
                     "firmware: parked request of {} completed at {=u64}",
-                    c.volume, c.size
+                    Id(c.volume),
+                    c.size
                 );
                 driver
                     .engine_mut()
@@ -428,6 +429,57 @@ fn run() -> Result<(), ()> {
                 e
             );
             Err(())
+        }
+    }
+}
+
+/// What the engine starts from.
+struct Start {
+    now: Instant,
+    domain: spmbox_core::wire::Uuid,
+    geometry: Geometry,
+    spm_id: u16,
+    owner: u64,
+    found: Option<SpmHeader>,
+    config: SpmConfig,
+}
+
+/// Builds the engine and its driver straight into their static (the
+/// engine is 31 KB, the driver 41 KB: built in `run`'s frame and moved,
+/// they would stay on the stack for as long as the SPM runs).
+#[inline(never)]
+fn start_driver(s: Start, disk: Disk) -> Option<&'static mut Driver> {
+    let buffer: &'static mut [u8] = DRIVER_BUF.take();
+    DRIVER
+        .init_with(|| {
+            let engine = Spm::<QUEUE>::new(
+                s.now,
+                s.domain,
+                s.geometry,
+                s.spm_id,
+                s.owner,
+                s.found.as_ref(),
+                s.config,
+            )
+            .map_err(|e| error!("firmware: cannot start the SPM engine: {}", e))
+            .ok()?;
+            SpmDriver::new(disk, engine, buffer, CHUNK_HOSTS, false)
+                .map_err(|e| error!("firmware: cannot start the driver: {}", e))
+                .ok()
+        })
+        .as_mut()
+}
+
+/// A UUID in its usual text form in the log.
+struct Id(spmbox_core::wire::Uuid);
+
+impl defmt::Format for Id {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        for (i, b) in self.0.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                defmt::write!(f, "-");
+            }
+            defmt::write!(f, "{=u8:02x}", *b);
         }
     }
 }
@@ -614,7 +666,9 @@ fn add_lun(
             driver.engine_mut().set_pool_commit(next);
             info!(
                 "firmware: LUN {} of {=u32} extents added (commit {=u64})",
-                lun, extents, next
+                Id(lun),
+                extents,
+                next
             );
             command::Reply::ok(format_args!(
                 "LUN {} ({} extents) added by the firmware SPM",
