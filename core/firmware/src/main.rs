@@ -636,7 +636,9 @@ fn commit(
         }
     };
     let (offset, len) = pool::commit_place(geometry, seq, used);
-    disk.write_at(offset, &buf[..len])?;
+    // `commit_place` never names more than METADATA_COPY_SIZE bytes.
+    let bytes = buf.get(..len).ok_or(DiskError::Offset)?;
+    disk.write_at(offset, bytes)?;
     disk.flush()
 }
 
