@@ -15,9 +15,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 
-HOSTS=2 VOLUMES_PER_HOST=2
-EXTENT=4M VIRTUAL=24M INITIAL=4M CHUNK=4M RATE=16M
-LUN1_EXTENTS=10          # 4 volumes of 24M need ~28 extents: they pause
+HOSTS=3 VOLUMES_PER_HOST=2
+EXTENT=4M VIRTUAL=32M INITIAL=4M CHUNK=4M RATE=16M
+LUN1_EXTENTS=14          # 6 volumes of 32M need ~54 extents: they pause
 PAUSE_WAIT=40 FINISH_WAIT=90
 
 fail() { echo "run.sh: $*" >&2; echo "firmware e2e: FAILED: $*"; exit 1; }
@@ -100,6 +100,10 @@ deadline=$((SECONDS + FINISH_WAIT))
 failed=0
 for p in "${hosts[@]}"; do
   while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+  if kill -0 "$p" 2>/dev/null; then
+    echo "a host did not finish within ${FINISH_WAIT}s of the LUN being added" >&2
+    kill "$p" 2>/dev/null || true
+  fi
   wait "$p" || failed=$((failed + 1))
 done
 
