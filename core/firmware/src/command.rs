@@ -46,6 +46,9 @@ pub enum Command {
     },
     /// Stop gracefully: the replies due, the vacant SPM header, exit.
     Stop,
+    /// A `stop` an earlier run of the firmware took and did not answer:
+    /// not for this run.
+    StaleStop,
     /// Anything else.
     Unknown,
 }
@@ -71,8 +74,24 @@ pub fn parse(text: &[u8]) -> Command {
 /// Takes the pending command, if there is one.
 pub fn take(paths: &Paths) -> Option<Command> {
     disk::rename(disk::c(&paths.command), disk::c(&paths.taken)).ok()?;
+    // Taken but unreadable: answered as unknown rather than left hanging.
+    read_taken(paths).or(Some(Command::Unknown))
+}
+
+/// A command an earlier run of the firmware took and did not answer (it
+/// stopped or crashed in between), if there is one. An `add-lun` is done
+/// again (a LUN in the pool already is answered as such); a `stop` is
+/// not for this run.
+pub fn leftover(paths: &Paths) -> Option<Command> {
+    match read_taken(paths)? {
+        Command::Stop => Some(Command::StaleStop),
+        other => Some(other),
+    }
+}
+
+fn read_taken(paths: &Paths) -> Option<Command> {
     let mut buf = [0u8; COMMAND_MAX];
-    let n = disk::read_small(disk::c(&paths.taken), &mut buf).unwrap_or(0);
+    let n = disk::read_small(disk::c(&paths.taken), &mut buf)?;
     let cmd = parse(&buf[..n]);
     info!("firmware: command {=[u8]:a}", buf[..n].trim_ascii());
     Some(cmd)

@@ -256,6 +256,7 @@ fn run() -> Result<(), ()> {
     let mut retry_at = Instant::ZERO;
     let mut next_command = Instant::ZERO;
     let mut stop = false;
+    let mut first_look = true;
     let (used, size) = stack::peak();
     info!(
         "firmware: peak stack {=usize} of {=usize} bytes at start-up",
@@ -367,7 +368,12 @@ fn run() -> Result<(), ()> {
         let now = clock.now();
         if now >= next_command && !driver.engine().commit_pending() {
             next_command = now + COMMAND_INTERVAL;
-            if let Some(cmd) = command::take(&paths) {
+            let cmd = if core::mem::take(&mut first_look) {
+                command::leftover(&paths).or_else(|| command::take(&paths))
+            } else {
+                command::take(&paths)
+            };
+            if let Some(cmd) = cmd {
                 let reply = match cmd {
                     Command::Stop => {
                         stop = true;
@@ -389,6 +395,9 @@ fn run() -> Result<(), ()> {
                         }
                         r
                     }
+                    Command::StaleStop => command::Reply::error(format_args!(
+                        "a `stop` taken by an earlier run of the firmware was dropped"
+                    )),
                     Command::Unknown => command::Reply::error(format_args!(
                         "unknown command: the firmware takes `add-lun <lun-uuid> <extents>` or `stop`"
                     )),
