@@ -203,6 +203,83 @@ mod tests {
         );
     }
 
+    /// A domain with one LUN of 8 extents of 1 MiB, and a second LUN
+    /// file not labelled yet.
+    fn domain() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (device, lun1, lun2) = (
+            dir.path().join("domain"),
+            dir.path().join("lun1"),
+            dir.path().join("lun2"),
+        );
+        for lun in [&lun1, &lun2] {
+            std::fs::File::create(lun)
+                .unwrap()
+                .set_len(builtin::LUN_DATA_OFFSET + (8 << 20))
+                .unwrap();
+        }
+        builtin::create(
+            &device,
+            std::slice::from_ref(&lun1),
+            &builtin::CreateOptions {
+                hosts: 4,
+                sector_size: None,
+                domain: None,
+                extent_size: 1 << 20,
+                force: false,
+            },
+        )
+        .unwrap();
+        (dir, device, lun2)
+    }
+
+    #[test]
+    fn the_firmware_takes_the_command_and_its_answer_is_printed() {
+        let (_dir, device, lun) = domain();
+        let firmware = {
+            let device = device.clone();
+            std::thread::spawn(move || {
+                let (cmd, taken) = (beside(&device, ".cmd"), beside(&device, ".cmd.taken"));
+                while std::fs::rename(&cmd, &taken).is_err() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let line = std::fs::read_to_string(&taken).unwrap();
+                std::fs::write(beside(&device, ".reply"), "ok added\n").unwrap();
+                std::fs::remove_file(&taken).unwrap();
+                line
+            })
+        };
+        let message = add_lun(&device, &lun, Duration::from_secs(10)).unwrap();
+        assert_eq!(message, "added");
+        let line = firmware.join().unwrap();
+        let label = builtin::read_label(&lun).unwrap().unwrap();
+        assert_eq!(line, format!("add-lun {} 8\n", label.lun));
+        assert!(!beside(&device, ".reply").exists());
+    }
+
+    #[test]
+    fn a_command_nobody_takes_is_withdrawn_and_the_label_kept() {
+        let (_dir, device, lun) = domain();
+        let err = add_lun(&device, &lun, Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not take the command"), "{err}");
+        assert!(err.contains("the pool is unchanged"), "{err}");
+        assert!(!beside(&device, ".cmd").exists(), "withdrawn");
+        let label = builtin::read_label(&lun).unwrap().unwrap();
+        // Again: the same label, and the command is written again.
+        let err = add_lun(&device, &lun, Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&label.lun.to_string()), "{err}");
+        // A command pending already is not overwritten.
+        std::fs::write(beside(&device, ".cmd.taken"), "stop\n").unwrap();
+        let err = add_lun(&device, &lun, Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is pending"), "{err}");
+    }
+
     #[test]
     fn the_answer_file_is_waited_for_and_taken() {
         let dir = tempfile::tempdir().unwrap();
