@@ -28,8 +28,8 @@ use defmt::{error, info, warn};
 use defmt_semihosting as _;
 use semihosting::process::exit;
 use spmbox_core::driver::SpmDriver;
-use spmbox_core::pool::{self, DefaultPool, METADATA_COPY_SIZE};
-use spmbox_core::spm::{Spm, SpmConfig, SpmEvent, run_pool_job};
+use spmbox_core::pool::{self, DefaultPool, Extend, METADATA_COPY_SIZE, PoolError};
+use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
     AREA_SIZE, Geometry, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_OFFSET, SpmHeader, SpmState,
@@ -273,9 +273,20 @@ fn run() -> Result<(), ()> {
         }
         // Jobs on the pool.
         while let Some(job) = driver.engine_mut().poll_job() {
-            let result = run_pool_job(pool, &job);
+            // As `spmbox spm`'s builtin backend: only an extension that
+            // allocated changes what the next commit must write.
+            let extended = pool.extend(job.volume, job.target_size, job.urgent);
+            match extended {
+                Ok(Extend::Extended { .. }) => dirty = true,
+                Err(PoolError::SegmentsFull) => warn!(
+                    "firmware: volume {} cannot grow: its map holds the most segments the pool keeps; the host is answered EIO",
+                    Id(job.volume)
+                ),
+                _ => {}
+            }
+            let size = pool.volume(job.volume).map_or(0, |v| v.size);
+            let result = JobResult::from_pool(extended, size);
             summary.jobs += 1;
-            dirty = true;
             driver
                 .engine_mut()
                 .handle_job_result(clock.now(), job.volume, result);
