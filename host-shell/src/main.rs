@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Pool(PoolCommand::Create(args)) => commands::pool_create(args),
         Command::Pool(PoolCommand::AddLun(args)) => commands::add_lun(args),
         Command::Volume(VolumeCommand::Create(args)) => commands::volume_create(args),
+        Command::Volume(VolumeCommand::Verify(args)) => spmbox::cli::firmware::verify(args),
         Command::Status(args) => commands::status(args),
         Command::Spm(args) => commands::spm(args),
         Command::Host(args) => commands::host(args),

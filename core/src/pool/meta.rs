@@ -10,7 +10,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{DefaultPool, Lun, Pool, PoolError, Volume, valid_extent_size};
-use crate::wire::CRC32C;
+use crate::wire::{CRC32C, Geometry};
 
 /// Bytes 4..8 of a metadata copy: ASCII `SPMP`.
 pub const METADATA_MAGIC: [u8; 4] = *b"SPMP";
@@ -72,6 +72,30 @@ pub const fn max_copy_len(luns: usize, lvs: usize, segs: usize) -> usize {
 /// with the older state.
 pub fn next_copy(seq: u64) -> usize {
     usize::from(seq % 2 == 1)
+}
+
+/// Where the metadata copies start on a domain's device: the first
+/// [`METADATA_ALIGN`] boundary after the mailbox of `geometry`. Copy A
+/// follows at that offset, copy B [`METADATA_COPY_SIZE`] bytes later.
+pub const fn metadata_offset(geometry: &Geometry) -> u64 {
+    geometry.mailbox_size().next_multiple_of(METADATA_ALIGN)
+}
+
+/// Metadata copies start on a boundary of this many bytes (1 MiB) on the
+/// domain's device.
+pub const METADATA_ALIGN: u64 = 1 << 20;
+
+/// Where a commit of sequence number `seq` goes on a domain's device of
+/// `geometry`, and how many bytes of a copy that [`Pool::encode`] made
+/// `used` bytes long to write there: the copy rounded up to whole 4 KiB
+/// blocks (so that it can be written with aligned direct I/O), never more
+/// than [`METADATA_COPY_SIZE`]. The bytes past `used` are the zeroes
+/// `encode` left in its buffer.
+pub fn commit_place(geometry: &Geometry, seq: u64, used: usize) -> (u64, usize) {
+    let offset = metadata_offset(geometry)
+        .saturating_add((next_copy(seq) as u64).saturating_mul(METADATA_COPY_SIZE as u64));
+    let len = used.min(METADATA_COPY_SIZE).next_multiple_of(BLOCK);
+    (offset, len)
 }
 
 /// The header of a metadata copy.

@@ -129,6 +129,9 @@
 //!
 //! ## Writer protocol
 //!
+//! - The copies lie on the domain's device right after the mailbox, from
+//!   [`metadata_offset`] on (A, then B); [`commit_place`] says where a
+//!   commit goes and how many bytes of it to write.
 //! - A commit of sequence number `seq` goes to copy [`next_copy`]`(seq)`,
 //!   that is `seq % 2`: every commit overwrites the copy holding the *older*
 //!   state, so a commit torn by a crash leaves the previous state intact in
@@ -165,8 +168,8 @@ mod meta;
 mod tests;
 
 pub use meta::{
-    CopyDefect, METADATA_COPY_SIZE, METADATA_HEADER_LEN, METADATA_MAGIC, METADATA_VERSION,
-    max_copy_len, next_copy,
+    CopyDefect, METADATA_ALIGN, METADATA_COPY_SIZE, METADATA_HEADER_LEN, METADATA_MAGIC,
+    METADATA_VERSION, commit_place, max_copy_len, metadata_offset, next_copy,
 };
 
 use core::fmt;

@@ -969,6 +969,23 @@ fn next_copy_alternates_between_a_and_b() {
 }
 
 #[test]
+fn copies_follow_the_mailbox_at_the_next_mib_in_whole_blocks() {
+    let g = crate::wire::Geometry::new(250, 512).unwrap();
+    let at = metadata_offset(&g);
+    assert_eq!(at % METADATA_ALIGN, 0);
+    assert!(at >= g.mailbox_size() && at - g.mailbox_size() < METADATA_ALIGN);
+    assert_eq!(commit_place(&g, 4, 1), (at, 4096));
+    assert_eq!(
+        commit_place(&g, 5, 4096),
+        (at + METADATA_COPY_SIZE as u64, 4096)
+    );
+    assert_eq!(commit_place(&g, 7, 4097).1, 8192);
+    assert_eq!(commit_place(&g, 8, usize::MAX).1, METADATA_COPY_SIZE);
+    let largest = crate::wire::Geometry::new(crate::wire::MAX_HOSTS, 4096).unwrap();
+    assert_eq!(metadata_offset(&largest) % METADATA_ALIGN, 0);
+}
+
+#[test]
 fn encode_then_decode_round_trips_the_state() {
     let mut p = two_volumes();
     p.add_lun(id(101), 7).unwrap();

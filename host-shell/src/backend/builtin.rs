@@ -33,7 +33,7 @@ use crate::units::Bytes;
 pub type DomainPool = DefaultPool;
 
 /// Metadata copies and LUN data start on MiB boundaries.
-pub const ALIGN: u64 = 1 << 20;
+pub const ALIGN: u64 = pool::METADATA_ALIGN;
 /// Where a data LUN's first extent starts.
 pub const LUN_DATA_OFFSET: u64 = ALIGN;
 /// The label block at the start of every data LUN.
@@ -43,7 +43,7 @@ pub const LABEL_MAGIC: [u8; 8] = *b"SPMBLUN1";
 
 /// Where the pool metadata copies start on the domain device.
 pub fn metadata_offset(geometry: Geometry) -> u64 {
-    geometry.mailbox_size().next_multiple_of(ALIGN)
+    pool::metadata_offset(&geometry)
 }
 
 /// The size a domain device must have at least.
@@ -394,6 +394,7 @@ pub type CopyCheck = (u64, Result<u64, CopyDefect>);
 pub struct Domain {
     mailbox: Mailbox,
     meta: u64,
+    geometry: Geometry,
 }
 
 impl Domain {
@@ -415,6 +416,7 @@ impl Domain {
         }
         Ok(Domain {
             meta: metadata_offset(g),
+            geometry: g,
             mailbox,
         })
     }
@@ -478,8 +480,7 @@ impl Domain {
         let used = pool
             .encode(seq, &mut buf)
             .map_err(|e| BackendError::new(format!("cannot encode the pool metadata: {e}")))?;
-        let len = used.next_multiple_of(4096).min(METADATA_COPY_SIZE);
-        let offset = self.meta + (pool::next_copy(seq) * METADATA_COPY_SIZE) as u64;
+        let (offset, len) = pool::commit_place(&self.geometry, seq, used);
         let out = if len == METADATA_COPY_SIZE {
             buf
         } else {

@@ -93,6 +93,9 @@ pub enum PoolCommand {
 pub enum VolumeCommand {
     /// Create a thin volume; prints its UUID.
     Create(VolumeCreateArgs),
+    /// Read back every byte `spmbox host`'s guests wrote to volumes and
+    /// check it (once their hosts have stopped); exits 1 on a data error.
+    Verify(VolumeVerifyArgs),
 }
 
 /// The value of `--sector-size` as a number (clap has checked that it is
@@ -398,9 +401,39 @@ pub struct AddLunArgs {
     /// The running SPM's control socket. Default: the domain's.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// The domain's SPM is firmware (core/firmware, docs/firmware.md):
+    /// label the LUN here and hand `add-lun` to the firmware through the
+    /// command file beside the domain device (`<device>.cmd`).
+    #[arg(long, conflicts_with = "control")]
+    pub firmware: bool,
+    /// With --firmware: how long to wait for the firmware's answer.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        requires = "firmware"
+    )]
+    pub wait: u64,
     // The backend.
     #[command(flatten)]
     pub lvm: LvmArgs,
+}
+
+/// `spmbox volume verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VolumeVerifyArgs {
+    /// The domain device.
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// A volume whose guest wrote it whole (`spmbox host`'s guests).
+    #[arg(long = "volume", value_name = "UUID", required = true)]
+    pub volumes: Vec<String>,
+    /// Where the LUNs are. Default: the domain device's directory.
+    #[arg(long = "lun-search", value_name = "PATH")]
+    pub lun_search: Vec<PathBuf>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `spmbox volume create`.

@@ -479,6 +479,12 @@ pub fn add_lun(args: &AddLunArgs) -> Result<ExitCode, CommandError> {
     let backend = &args.lvm.to_backend();
     let lun = std::fs::canonicalize(lun)
         .map_err(|e| CommandError::Usage(format!("--lun {}: {e}", lun.display())))?;
+    if args.firmware {
+        let message =
+            crate::cli::firmware::add_lun(device, &lun, std::time::Duration::from_secs(args.wait))?;
+        writeln!(std::io::stdout().lock(), "{message}")?;
+        return Ok(ExitCode::from(EXIT_OK));
+    }
     let request = serde_json::json!({"op": "add_lun", "path": lun});
     let answer = crate::cli::admin::change_pool(device, control, &request, &|| {
         open_spm_backend(device, backend)

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod args;
 pub mod commands;
 pub mod demo;
+pub mod firmware;
 pub mod inspect;
 pub mod json;
 pub mod logging;
