@@ -32,8 +32,8 @@ use spmbox_core::pool::{self, DefaultPool, Extend, METADATA_COPY_SIZE, PoolError
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, Geometry, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_OFFSET, SpmHeader, SpmState,
-    Superblock,
+    AREA_SIZE, Epoch, Geometry, HostId, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_OFFSET,
+    SpmHeader, SpmState, Superblock,
 };
 use static_cell::{ConstStaticCell, StaticCell};
 
@@ -123,7 +123,7 @@ fn run() -> Result<(), ()> {
         .next()
         .and_then(|w| core::str::from_utf8(w).ok())
         .and_then(|w| w.parse::<u16>().ok())
-        .unwrap_or(0);
+        .map_or(HostId::NONE, HostId::new);
     let paths = Paths::of(domain_path).ok_or_else(|| {
         error!(
             "firmware: the domain path is longer than {=usize} bytes",
@@ -237,8 +237,8 @@ fn run() -> Result<(), ()> {
     driver.engine_mut().set_pool_commit(seq);
     info!(
         "firmware: SPM started: epoch {=u64}, SPM id {=u16}; state: Spm<{=usize}> {=usize} bytes, pool {=usize} bytes, driver {=usize} bytes with a {=usize}-byte buffer, two metadata copies of {=usize} bytes",
-        driver.engine().epoch(),
-        spm_id,
+        driver.engine().epoch().get(),
+        spm_id.get(),
         QUEUE,
         core::mem::size_of::<Spm<QUEUE>>(),
         core::mem::size_of::<DefaultPool>(),
@@ -458,7 +458,7 @@ struct Start {
     now: Instant,
     domain: spmbox_core::wire::Uuid,
     geometry: Geometry,
-    spm_id: u16,
+    spm_id: HostId,
     owner: u64,
     found: Option<SpmHeader>,
     config: SpmConfig,
@@ -580,7 +580,9 @@ fn live_check(
     let wait_ms = (u64::from(h.heartbeat_interval_ms.max(1)) * 5 / 2).min(10_000);
     warn!(
         "firmware: the SPM header says SPM {=u16} (epoch {=u64}) is active; watching its heartbeat for {=u64} ms",
-        h.spm_id, h.epoch, wait_ms
+        h.spm_id.get(),
+        h.epoch.get(),
+        wait_ms
     );
     let deadline = clock.now().as_micros() + wait_ms * 1000;
     while clock.now().as_micros() < deadline {
@@ -597,8 +599,10 @@ fn live_check(
     Ok(first)
 }
 
-/// The header to start from, its epoch raised to the highest epoch in any
-/// outbox header (a predecessor's header write may have been lost).
+/// The header to start from, its epoch raised to the newest epoch in any
+/// outbox header or reply (a predecessor's header write may have been
+/// lost after it replied), as every runner does it (the core's
+/// `newest_outbox_epoch` and `start_header`).
 fn with_highest_epoch(
     disk: &mut Disk,
     geometry: &Geometry,
@@ -606,37 +610,13 @@ fn with_highest_epoch(
     domain: spmbox_core::wire::Uuid,
 ) -> Result<Option<SpmHeader>, ()> {
     let mut area = [0u8; AREA_SIZE];
-    let mut highest = 0;
-    for host in geometry.hosts() {
-        let Some(at) = geometry.outbox_area(host) else {
-            continue;
-        };
-        disk.read_at(at, &mut area)
-            .map_err(|e| error!("firmware: cannot read the outbox areas: {}", e))?;
-        if let Some(a) =
-            spmbox_core::wire::areas::<spmbox_core::wire::Reply>(&area, domain, host).next()
-            && let Ok(Some(h)) = a.header()
-        {
-            highest = highest.max(h.epoch);
-        }
-    }
-    Ok(match found {
-        Some(mut h) => {
-            h.epoch = h.epoch.max(highest);
-            Some(h)
-        }
-        None if highest > 0 => Some(SpmHeader {
-            domain,
-            epoch: highest,
-            spm_id: 0,
-            state: SpmState::Vacant,
-            heartbeat_interval_ms: 1000,
-            heartbeat: 0,
-            owner: 0,
-            pool_commit: 0,
-        }),
-        None => None,
-    })
+    let newest = spmbox_core::driver::newest_outbox_epoch(disk, geometry, domain, &mut area)
+        .map_err(|e| error!("firmware: cannot read the outbox areas: {}", e))?;
+    Ok(spmbox_core::spm::start_header(
+        found,
+        newest.unwrap_or(Epoch::ZERO),
+        domain,
+    ))
 }
 
 /// Writes the pool as commit `seq` to its copy and makes it durable.
