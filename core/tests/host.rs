@@ -204,9 +204,12 @@ impl Sim {
 
     /// A host (re)started on an existing mailbox, at time 0.
     fn on(mb: Mailbox, volumes: &[(Uuid, u64, u64)]) -> Self {
+        // These stories count reads at the steady poll interval; the fast
+        // first reads after a send are the engine's unit tests' subject.
         let config = HostConfig {
             chunk_size: CHUNK,
             lease_interval: Duration::ZERO,
+            fast_poll_interval: HostConfig::default().poll_interval,
             ..HostConfig::default()
         };
         let mut host = Host::new(DOMAIN, HostId::new(HOST), geometry(), config).unwrap();

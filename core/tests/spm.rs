@@ -561,9 +561,15 @@ fn an_idle_spm_reads_the_doorbell_less_often_until_a_ring_comes() {
     let r = request(2, 1, 2, 2);
     disk.send(&r);
     disk.ring(&r);
-    // Rung at 6050: read at the next idle read (6080), fast from then on.
-    let after = doorbell_reads(&mut spm, &disk, 6050, 6110);
-    assert_eq!(after, [6080, 6085, 6090, 6095, 6100, 6105]);
+    // Rung at 6050: read at the next idle read (6080), then fast (another
+    // ring would come soon), backing off to every 5 ms as the quiet lasts.
+    let after = doorbell_reads(&mut spm, &disk, 6050, 6130);
+    assert_eq!(after[0], 6080, "{after:?}");
+    let gaps: Vec<u64> = after.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps[0], 1, "the next read within a millisecond: {after:?}");
+    assert!(gaps.windows(2).all(|g| g[0] <= g[1]), "{after:?}");
+    assert_eq!(gaps[gaps.len() - 3..], [5, 5, 5], "{after:?}");
+    assert!(after.len() <= 15, "about ten reads more per quiet spell: {after:?}");
 }
 
 #[test]

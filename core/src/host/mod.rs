@@ -114,6 +114,13 @@ pub struct HostConfig {
     /// How often the outbox is read while requests await a reply; nonzero.
     /// Default 2 ms.
     pub poll_interval: Duration,
+    /// How soon the outbox is first read after a request is sent while
+    /// none awaited a reply: an SPM that reads the doorbell often answers
+    /// within a millisecond, so the host reads at this interval at first
+    /// and backs off as the wait lasts (half the time waited so far,
+    /// between this and `poll_interval`): about five more reads per wait.
+    /// At least `poll_interval` turns it off. Default 250 µs.
+    pub fast_poll_interval: Duration,
     /// How long a request waits for a reply before it is rewritten (and
     /// the doorbell rung again); doubles per resend. Nonzero. Default 2 s.
     pub resend_timeout: Duration,
@@ -156,6 +163,7 @@ impl Default for HostConfig {
             chunk_size: 256 << 20,
             utilization_percent: 50,
             poll_interval: Duration::from_millis(2),
+            fast_poll_interval: Duration::from_micros(250),
             resend_timeout: Duration::from_secs(2),
             max_resend_timeout: Duration::from_secs(30),
             remind_interval: Duration::from_secs(10),
@@ -432,6 +440,9 @@ pub struct Host<const VOLUMES: usize> {
     /// awaits its reply ([`HostConfig::ring_retry`]).
     ring_again: Option<(Instant, Duration)>,
     next_read: Instant,
+    /// When the current wait for replies began (a request was sent while
+    /// none awaited one): the outbox is read fast at first.
+    wait_started: Instant,
     /// When the SPM header is next read while replies are awaited.
     next_spm_header: Instant,
     last_now: Instant,
@@ -496,6 +507,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             ring: None,
             ring_again: None,
             next_read: Instant::ZERO,
+            wait_started: Instant::ZERO,
             next_spm_header: Instant::ZERO,
             last_now: Instant::ZERO,
             pending_counter: 0,
@@ -1071,7 +1083,11 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         if now < self.next_read {
             return None;
         }
-        self.next_read = now + self.config.poll_interval;
+        let waited = now.saturating_since(self.wait_started);
+        self.next_read = now
+            + (waited / 2)
+                .max(self.config.fast_poll_interval)
+                .min(self.config.poll_interval);
         self.stats.outbox_reads = self.stats.outbox_reads.saturating_add(1);
         Some(HostRead::OutboxArea {
             offset: self.outbox_offset,
@@ -1528,7 +1544,12 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         self.ring_scheduled(now);
         self.stats.requests_sent = self.stats.requests_sent.saturating_add(1);
         if was_idle {
-            self.next_read = now + self.config.poll_interval;
+            self.wait_started = now;
+            self.next_read = now
+                + self
+                    .config
+                    .fast_poll_interval
+                    .min(self.config.poll_interval);
         }
     }
 
