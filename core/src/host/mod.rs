@@ -40,10 +40,10 @@
 //!    volume is *pending* and is served first-come (paused guests first)
 //!    when a slot frees.
 //! 2. While requests await a reply, the engine asks to read its outbox area
-//!    every `poll_interval`, and never otherwise. A reply is accepted only
-//!    if it is valid, of the outbox header's generation, answers the exact
-//!    request (slot, generation, sequence, volume, target) and is not from
-//!    an epoch older than the newest seen. Without a reply the request is
+//!    (fast at first, backing off to `poll_interval`), and never otherwise.
+//!    A reply is accepted only if it is valid, of the outbox header's
+//!    generation, answers the exact request (slot, generation, sequence,
+//!    volume, target) and is not from an epoch older than the newest seen. Without a reply the request is
 //!    rewritten (same record) after `resend_timeout`, doubling up to
 //!    `max_resend_timeout`.
 //! 3. `waiting_for_space` parks the request: polling goes on (that is how
