@@ -340,7 +340,11 @@ fn every_metadata_copy_reads_at_its_place_as_the_manifest_says() {
     let failures: Vec<String> = manifest
         .copies
         .iter()
-        .filter_map(|e| check_copy(e).err().map(|m| format!("{}: {m}", e.file)))
+        .filter_map(|e| {
+            check_copy(e)
+                .err()
+                .map(|m| format!("{} ({}): {m}", e.file, e.description))
+        })
         .collect();
     assert_no_failures("metadata copies", manifest.copies.len(), &failures);
 }
@@ -441,7 +445,11 @@ fn every_lun_label_reads_as_the_manifest_says() {
     let failures: Vec<String> = manifest
         .labels
         .iter()
-        .filter_map(|e| check_label(e).err().map(|m| format!("{}: {m}", e.file)))
+        .filter_map(|e| {
+            check_label(e)
+                .err()
+                .map(|m| format!("{} ({}): {m}", e.file, e.description))
+        })
         .collect();
     assert_no_failures("labels", manifest.labels.len(), &failures);
 }
