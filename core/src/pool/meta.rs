@@ -187,8 +187,8 @@ pub enum CopyDefect {
         /// The sequence number found.
         seq: u64,
     },
-    /// The payload does not parse, has bytes left over, or exceeds this
-    /// pool type's limits.
+    /// The payload does not parse, has bytes left over, has a varint
+    /// longer than its shortest form, or exceeds this pool type's limits.
     Payload,
     /// The state parses but breaks an invariant.
     Inconsistent(super::Invariant),
@@ -495,8 +495,19 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
         let mut deserializer = postcard::Deserializer::from_bytes(header.payload);
         let parsed = seed.deserialize(&mut deserializer);
         let left_over = deserializer.finalize().map(|rest| !rest.is_empty());
-        let result = match (parsed, left_over) {
-            (Ok(()), Ok(false)) => self.check_invariants().map_err(CopyDefect::Inconsistent),
+        // Every varint in its shortest form: postcard also reads longer
+        // ones (up to the type's most bytes, and for lengths up to the
+        // platform's `usize`), so a copy would read on a 64-bit host and
+        // not on a 32-bit SPM. Each form is at least as long as the
+        // shortest, so the payload is in shortest form exactly when the
+        // state it gave encodes to as many bytes.
+        let state = (self.luns.as_slice(), self.volumes.as_slice());
+        let shortest =
+            postcard::serialize_with_flavor(&state, postcard::ser_flavors::Size::default());
+        let result = match (parsed, left_over, shortest) {
+            (Ok(()), Ok(false), Ok(len)) if len == header.payload.len() => {
+                self.check_invariants().map_err(CopyDefect::Inconsistent)
+            }
             _ => Err(CopyDefect::Payload),
         };
         if result.is_err() {

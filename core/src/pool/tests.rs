@@ -1207,6 +1207,29 @@ fn trailing_payload_bytes_are_refused() {
 }
 
 #[test]
+fn a_varint_longer_than_its_shortest_form_is_refused() {
+    // An empty pool: payload [0, 0]. Its LUN count written as 0x80 0x00
+    // (two bytes for 0), and as six bytes (more than a 32-bit usize takes).
+    let p = Small::new(EXT).unwrap();
+    for count in [&[0x80, 0x00][..], &[0x80, 0x80, 0x80, 0x80, 0x80, 0x00]] {
+        let mut a = buffer();
+        p.encode(0, &mut a).unwrap();
+        let payload: std::vec::Vec<u8> = count.iter().copied().chain([0]).collect();
+        a[64..64 + payload.len()].copy_from_slice(&payload);
+        a[24..28].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        reseal(&mut a);
+        assert_eq!(
+            Small::decode(&a, &[]).unwrap_err(),
+            PoolError::NoValidCopy {
+                a: CopyDefect::Payload,
+                b: CopyDefect::TooShort { len: 0 }
+            },
+            "LUN count {count:02x?}"
+        );
+    }
+}
+
+#[test]
 fn a_checksummed_copy_that_breaks_an_invariant_loses_to_the_older_copy() {
     let p = two_volumes();
     let (mut a, mut b) = (buffer(), buffer());
