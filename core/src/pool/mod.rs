@@ -116,7 +116,10 @@
 //! | 40 | 24 | reserved | zero |
 //!
 //! All integers are little-endian. The payload is [postcard]: varints for
-//! integers, a varint length before each list, UUIDs as 16 raw bytes:
+//! integers (each in its shortest form: a payload with a longer one is
+//! refused, so that every reader, whatever its word size, reads a copy the
+//! same way), a varint length before each list, UUIDs as 16 raw bytes
+//! (docs/pool-format.md gives it byte for byte):
 //!
 //! ```text
 //!  payload = varint(#luns)    { uuid[16] varint(extents) varint(used) }      LUN order
