@@ -569,7 +569,10 @@ fn an_idle_spm_reads_the_doorbell_less_often_until_a_ring_comes() {
     assert_eq!(gaps[0], 1, "the next read within a millisecond: {after:?}");
     assert!(gaps.windows(2).all(|g| g[0] <= g[1]), "{after:?}");
     assert_eq!(gaps[gaps.len() - 3..], [5, 5, 5], "{after:?}");
-    assert!(after.len() <= 15, "about ten reads more per quiet spell: {after:?}");
+    assert!(
+        after.len() <= 15,
+        "about ten reads more per quiet spell: {after:?}"
+    );
 }
 
 #[test]
