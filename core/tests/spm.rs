@@ -692,6 +692,66 @@ fn a_defective_doorbell_and_one_naming_an_unknown_host_are_reported_once_each() 
 }
 
 #[test]
+fn a_full_scan_goes_in_steps_and_a_ring_during_it_is_served_before_it_ends() {
+    use spmbox_core::spm::SCAN_STEP_HOSTS;
+    let mut disk = Disk::new(2000);
+    let mut spm = start(&mut disk, ms(0));
+    // The first full scan: steps of SCAN_STEP_HOSTS hosts, every host once.
+    let mut steps = Vec::new();
+    let mut ring_served_at = None;
+    let mut t = ms(0);
+    disk.host_start(1999, 1);
+    let r = request(1999, 1, 9, 2);
+    loop {
+        let Some(io) = spm.poll_io(t) else { break };
+        match io {
+            SpmIo::ReadDoorbell => spm.handle_doorbell(t, disk.record(DOORBELL_OFFSET)),
+            SpmIo::ReadSpmHeader => spm.handle_spm_header(t, disk.record(SPM_HEADER_OFFSET)),
+            SpmIo::ReadHosts { first_host, count } => {
+                let g = disk.geometry;
+                let inbox = disk
+                    .region(g.inbox_offset(), first_host.get(), count)
+                    .to_vec();
+                let outbox = disk
+                    .region(g.outbox_offset(), first_host.get(), count)
+                    .to_vec();
+                spm.handle_hosts(t, first_host, &inbox, &outbox);
+                if count == 1 {
+                    ring_served_at = Some(steps.len());
+                } else {
+                    steps.push((first_host.get(), count));
+                }
+                if steps.len() == 3 && ring_served_at.is_none() && !disk_has_ring(&disk) {
+                    // Host 1999 sends and rings while the scan is at host 193.
+                    disk.send(&r);
+                    disk.ring(&r);
+                }
+            }
+        }
+        t = t + Duration::from_micros(300);
+    }
+    assert!(
+        steps.iter().all(|&(_, n)| n <= SCAN_STEP_HOSTS),
+        "{steps:?}"
+    );
+    let mut covered: Vec<u16> = steps.iter().flat_map(|&(f, n)| f..f + n).collect();
+    covered.sort_unstable();
+    assert_eq!(covered, (1..=2000).collect::<Vec<u16>>(), "every host once");
+    let served = ring_served_at.expect("the ringer read on its own");
+    assert!(
+        served < steps.len(),
+        "served at step {served} of {}",
+        steps.len()
+    );
+    assert_eq!(spm.queue_len(), 1);
+    assert_eq!(spm.stats().full_scans, 1);
+}
+
+fn disk_has_ring(disk: &Disk) -> bool {
+    disk.record(DOORBELL_OFFSET).iter().any(|&b| b != 0)
+}
+
+#[test]
 fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
     // 20 requests (a quarter of the 64-entry queue is 16): busy.
     let mut disk = Disk::new(40);

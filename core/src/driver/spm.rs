@@ -257,13 +257,20 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver
         self.any_dirty || !self.others.is_empty() || !self.staged.is_empty() || self.held.is_some()
     }
 
-    /// Does every read the engine asks for at `now` and hands it what was
-    /// read. On an error the read is done again first at the next call.
+    /// Does the reads the engine asks for at `now` and hands it what was
+    /// read: all of them, except that it returns after a step of a full
+    /// scan (a read of more than one host), so that the caller runs jobs
+    /// and writes replies between steps and reads again at once (the
+    /// engine's `poll_timeout` says now). On an error the read is done
+    /// again first at the next call.
     pub fn read(&mut self, now: Instant) -> Result<(), D::Error> {
         while let Some(io) = self.failed_read.take().or_else(|| self.engine.poll_io(now)) {
             if let Err(e) = self.read_one(now, io) {
                 self.failed_read = Some(io);
                 return Err(e);
+            }
+            if matches!(io, SpmIo::ReadHosts { count, .. } if count > 1) {
+                break;
             }
         }
         Ok(())

@@ -99,6 +99,12 @@ pub const DEFECT_REPORTS_PER_SCAN: u32 = 16;
 pub const REFUSAL_REPORTS_PER_SCAN: u32 = 16;
 /// Targeted reads that can wait at once; past that, a full scan is due.
 pub const TARGETED_READS: usize = 64;
+/// Hosts a full scan reads per step: a scan of a large mailbox is handed
+/// out in steps of this many hosts (at most 512 KiB of areas each), with
+/// the doorbell, targeted reads, jobs and replies in between, so that a
+/// request that arrives during a scan of 2000 hosts waits for one step,
+/// not for the whole scan.
+pub const SCAN_STEP_HOSTS: u16 = 64;
 /// Events kept until polled; past that the oldest are dropped (counted).
 pub const EVENTS: usize = 64;
 /// Words of the bit set of hosts with requests the per-host cap left on
@@ -505,6 +511,17 @@ pub struct Spm<const QUEUE: usize> {
     /// Requests the running read queued anew.
     found: usize,
     scan_cursor: u16,
+    /// The full scan in progress: the next host to read (0-based) and how
+    /// many are left to read.
+    scan_next: u16,
+    scan_left: u16,
+    /// Where the next full scan starts (0-based): it moves by a step each
+    /// scan, so that a nearly full queue is not always filled by the
+    /// lowest host ids.
+    scan_origin: u16,
+    /// The last step of a full scan was handed out: once it is read, the
+    /// scan's finds tell whether a backlog is likely.
+    scan_closing: bool,
     defect_reports: u32,
     refusal_reports: u32,
     events: heapless::Deque<SpmEvent, EVENTS>,
@@ -575,6 +592,10 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             backlog: false,
             found: 0,
             scan_cursor: 0,
+            scan_next: 0,
+            scan_left: 0,
+            scan_origin: 0,
+            scan_closing: false,
             defect_reports: 0,
             refusal_reports: 0,
             events: heapless::Deque::new(),
@@ -693,6 +714,13 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if !self.confirmed {
             return None;
         }
+        if self.scan_closing {
+            self.scan_closing = false;
+            if self.found >= QUEUE / 4 {
+                // A busy full scan: more requests are likely on their way.
+                self.backlog = true;
+            }
+        }
         if self.backlog_due() {
             // Requests wait on disk and the queue has room for them.
             self.backlog = false;
@@ -702,18 +730,21 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 self.stats.backlog_scans += 1;
             }
         }
-        if now >= self.next_scan {
+        if now >= self.next_scan && self.scan_left == 0 {
             self.next_scan = now + self.config.full_scan_interval;
             self.last_full_scan = now;
+            // The scan reads every host: the rings waiting for a read of
+            // their own are covered.
             self.targeted.clear();
             self.defect_reports = 0;
             self.refusal_reports = 0;
+            self.found = 0;
+            let hosts = self.geometry.max_hosts();
+            self.scan_left = hosts;
+            self.scan_next = self.scan_origin % hosts.max(1);
+            self.scan_origin = (self.scan_next + SCAN_STEP_HOSTS) % hosts.max(1);
             self.stats.full_scans += 1;
             self.event(SpmEvent::FullScan);
-            return Some(SpmIo::ReadHosts {
-                first_host: HostId::new(1),
-                count: self.geometry.max_hosts(),
-            });
         }
         if let Some(host) = self.targeted.pop_front() {
             self.stats.targeted_reads += 1;
@@ -735,6 +766,17 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             };
             self.next_doorbell = now + interval;
             return Some(SpmIo::ReadDoorbell);
+        }
+        if self.scan_left > 0 {
+            let hosts = self.geometry.max_hosts();
+            let count = SCAN_STEP_HOSTS
+                .min(self.scan_left)
+                .min(hosts - self.scan_next);
+            let first_host = HostId::new(self.scan_next + 1);
+            self.scan_left -= count;
+            self.scan_next = (self.scan_next + count) % hosts;
+            self.scan_closing = self.scan_left == 0;
+            return Some(SpmIo::ReadHosts { first_host, count });
         }
         None
     }
@@ -786,7 +828,13 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         };
         let fence_due = self.fenced && !self.header_asked;
         Some(
-            if self.targeted.is_empty() && !self.backlog_due() && !commit_due && !fence_due {
+            if self.targeted.is_empty()
+                && self.scan_left == 0
+                && !self.scan_closing
+                && !self.backlog_due()
+                && !commit_due
+                && !fence_due
+            {
                 soonest
             } else {
                 Instant::ZERO
@@ -868,7 +916,6 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if count == 0 {
             return;
         }
-        self.found = 0;
         // Start at a rotating host so that a nearly full queue is not always
         // filled by the lowest host ids.
         self.scan_cursor = self.scan_cursor.wrapping_add(1);
@@ -887,10 +934,6 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 continue;
             };
             self.handle_host(HostId::new(host_id), ib, ob);
-        }
-        if count > 1 && self.found >= QUEUE / 4 {
-            // A busy full scan: more requests are likely on their way.
-            self.backlog = true;
         }
     }
 
