@@ -702,8 +702,7 @@ fn a_full_scan_goes_in_steps_and_a_ring_during_it_is_served_before_it_ends() {
     let mut t = ms(0);
     disk.host_start(1999, 1);
     let r = request(1999, 1, 9, 2);
-    loop {
-        let Some(io) = spm.poll_io(t) else { break };
+    while let Some(io) = spm.poll_io(t) {
         match io {
             SpmIo::ReadDoorbell => spm.handle_doorbell(t, disk.record(DOORBELL_OFFSET)),
             SpmIo::ReadSpmHeader => spm.handle_spm_header(t, disk.record(SPM_HEADER_OFFSET)),
