@@ -9,7 +9,10 @@ use spmbox::cli::args::{Cli, Command, PoolCommand, VolumeCommand};
 use spmbox::cli::commands;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return spmbox::cli::args::exit_on_parse_error(&err),
+    };
     spmbox::cli::logging::init(cli.verbose);
     let result = match &cli.command {
         Command::Format(args) => commands::format(args),
