@@ -13,7 +13,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return spmbox::cli::args::exit_on_parse_error(&err),
     };
-    spmbox::cli::logging::init(cli.verbose);
+    spmbox::cli::logging::init(
+        spmbox::cli::logging::level_of(cli.verbose),
+        cli.log_format.unwrap_or_default(),
+    );
     let result = match &cli.command {
         Command::Format(args) => commands::format(args),
         Command::Repair(args) => commands::repair(args),

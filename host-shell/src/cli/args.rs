@@ -109,6 +109,11 @@ pub struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 
+    /// How log lines on stderr are written: text (coloured only on a
+    /// terminal) or json (one object per line).
+    #[arg(long, value_enum, value_name = "FORMAT", global = true)]
+    pub log_format: Option<crate::cli::logging::LogFormat>,
+
     // The command.
     #[command(subcommand)]
     pub command: Command,

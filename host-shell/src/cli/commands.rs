@@ -718,13 +718,14 @@ pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
         joined.leave();
     }
     let summary = result?;
-    tracing::info!(
-        "host {} stopped: {} extensions, {} pauses, {} resumes, {} written",
-        args.host_id,
-        summary.extensions,
-        summary.pauses,
-        summary.resumes,
-        Bytes(summary.bytes_written)
-    );
+    tracing::info_span!("host", %domain, host = args.host_id).in_scope(|| {
+        tracing::info!(
+            "stopped: {} extensions, {} pauses, {} resumes, {} written",
+            summary.extensions,
+            summary.pauses,
+            summary.resumes,
+            Bytes(summary.bytes_written)
+        )
+    });
     Ok(ExitCode::from(EXIT_OK))
 }

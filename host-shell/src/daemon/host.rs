@@ -40,7 +40,7 @@ use crate::daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
 use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
 use crate::io::mailbox::Mailbox;
 use crate::io::mapping::Mapping;
-use crate::units::Bytes;
+use crate::units::{Bytes, Elapsed};
 
 /// Volumes one host runs at most.
 pub const HOST_VOLUMES: usize = 64;
@@ -162,6 +162,10 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let host_id = options.host_id;
+    // Every line this daemon logs (the core's too) names the domain and
+    // host id.
+    let span = tracing::info_span!("host", %domain, host = host_id);
+    let _entered = span.enter();
     let (Some(inbox_offset), Some(_)) =
         (geometry.inbox_area(host_id), geometry.outbox_area(host_id))
     else {
@@ -198,7 +202,8 @@ pub fn run(
             )
             .map_err(|e| BackendError::new(format!("volume {volume}: {e}")))?;
         tracing::info!(
-            "volume {volume}: virtual {}, physical {}, guest has written {}",
+            %volume,
+            "volume: virtual {}, physical {}, guest has written {}",
             Bytes(sizes.virtual_size),
             Bytes(map.size),
             Bytes(allocation)
@@ -328,7 +333,9 @@ pub fn run(
         let tx = tx.clone();
         let stop = stop.clone();
         let (rate, write_size) = (options.rate, options.write_size);
+        let span = span.clone();
         threads.push(std::thread::spawn(move || {
+            let _entered = span.enter();
             run_guest(
                 volume, generation, allocation, total, rate, write_size, &slot, &tx, &stop,
             )
@@ -391,7 +398,7 @@ pub fn run(
                             r.done = true;
                             r.allocation = allocation;
                         }
-                        tracing::info!("guest of {volume} is done: wrote {}", Bytes(allocation));
+                        tracing::info!(%volume, "guest is done: wrote {}", Bytes(allocation));
                         emit(
                             options.json_events,
                             json!({"event": "done", "host": host_id, "volume": volume.to_string(), "allocation": allocation}),
@@ -709,9 +716,10 @@ fn check_host_id_free(
     let interval = Duration::from_millis(u64::from(first.heartbeat_interval_ms));
     let watch = (interval * 5 / 2).min(HOST_LEASE_WATCH_MAX);
     tracing::info!(
-        "host id {host_id} was held (owner {:#x}, generation {}); watching its heartbeat for {watch:?}",
+        "host id {host_id} was held (owner {:#x}, generation {}); watching its heartbeat for {}",
         first.owner,
-        first.generation
+        first.generation,
+        Elapsed(watch)
     );
     let until = std::time::Instant::now() + watch;
     while std::time::Instant::now() < until {
@@ -823,7 +831,8 @@ fn run_guest(
         }
         if let Some((since, retries, _)) = stall.take() {
             tracing::warn!(
-                "the guest of volume {volume} writes again after {:.3} s of errors and {retries} retries",
+                %volume,
+                "the guest writes again after {:.3} s of errors and {retries} retries",
                 since.elapsed().as_secs_f64()
             );
             let _ = tx.send(Msg::Stalled(volume, None));
@@ -880,13 +889,14 @@ fn handle_event(
             let map = match maps.refresh(volume) {
                 Ok(map) => map,
                 Err(e) => {
-                    tracing::warn!("refreshing volume {volume} failed (retried): {e}");
+                    tracing::warn!(%volume, "refreshing the volume failed (retried): {e}");
                     return Ok(());
                 }
             };
             if map.size < size {
                 tracing::warn!(
-                    "volume {volume}: the reply says {} but the map shows {}; refreshing again",
+                    %volume,
+                    "the reply says {} but the map shows {}; refreshing again",
                     Bytes(size),
                     Bytes(map.size)
                 );
@@ -949,8 +959,10 @@ fn handle_event(
             if options.keep_latencies {
                 summary.latencies_ms.push(ms(latency));
             }
-            tracing::info!(
-                "extended volume {volume} to {}: total {:.3} ms, wait {:.3} ms, extend {:.3} ms, \
+            // The core logs the extension; its breakdown is for debugging.
+            tracing::debug!(
+                %volume,
+                "extension timings: to {}: total {:.3} ms, wait {:.3} ms, extend {:.3} ms, \
                  refresh {:.3} ms",
                 Bytes(size),
                 ms(latency),
@@ -970,7 +982,7 @@ fn handle_event(
             if let Some(r) = runs.get_mut(&volume) {
                 r.paused = true;
             }
-            tracing::warn!("guest of volume {volume} paused: out of space");
+            // The core logs the pause.
             emit(
                 json_events,
                 json!({"event": "paused", "host": host, "volume": volume.to_string()}),
@@ -981,48 +993,41 @@ fn handle_event(
             if let Some(r) = runs.get_mut(&volume) {
                 r.paused = false;
             }
-            tracing::warn!("guest of volume {volume} resumed");
+            // The core logs the resume.
             emit(
                 json_events,
                 json!({"event": "resumed", "host": host, "volume": volume.to_string()}),
             );
         }
         HostEvent::WaitingForSpace { volume } => {
-            tracing::warn!(
-                "volume {volume} waits for space: the pool is full until a LUN is added"
-            );
+            // The core logs the wait.
             emit(
                 json_events,
                 json!({"event": "waiting_for_space", "host": host, "volume": volume.to_string()}),
             );
         }
         HostEvent::Rejected { volume, reason } => {
-            tracing::error!(
-                "the SPM rejected the request for volume {volume}: {}",
-                reason.name()
-            );
+            // The core logs the rejection.
             emit(
                 json_events,
                 json!({"event": "rejected", "host": host, "volume": volume.to_string(), "reason": reason.name()}),
             );
         }
         HostEvent::Failed { volume, code } => {
-            tracing::warn!(
-                "the SPM failed to extend volume {volume} (error {code}); asking again later"
-            );
+            // The core logs the failure.
             emit(
                 json_events,
                 json!({"event": "failed", "host": host, "volume": volume.to_string(), "code": code}),
             );
         }
         HostEvent::Resent { volume, sequence } => {
-            tracing::info!("no reply yet for volume {volume}: request {sequence} written again");
+            tracing::info!(%volume, "no reply yet: request {sequence} written again");
         }
         HostEvent::SlotsExhausted => {
             tracing::warn!("all 31 inbox slots are in use; more requests wait in memory");
         }
         // An event of a newer core that this shell does not act on yet.
-        other => tracing::info!("host engine: {other:?}"),
+        _ => tracing::debug!("a host engine event this version does not act on"),
     }
     Ok(())
 }

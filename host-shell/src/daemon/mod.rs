@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod sanlock;
 pub mod spm;
 
+use crate::units::Elapsed;
 use std::time::Duration;
 
 use spmbox_core::time::Instant;
@@ -94,10 +95,10 @@ impl Retry {
             }
             None => {
                 tracing::error!(
-                    "{} failed: {error}; retrying every {:?} to {:?} until it succeeds",
+                    "{} failed: {error}; retrying every {} to {} until it succeeds",
                     self.what,
-                    IO_RETRY_FIRST,
-                    IO_RETRY_MAX
+                    Elapsed(IO_RETRY_FIRST),
+                    Elapsed(IO_RETRY_MAX)
                 );
                 self.streak = Some(Streak {
                     since: now,

@@ -33,7 +33,7 @@ use crate::daemon::control::{ControlMsg, ControlServer, control_request, private
 use crate::daemon::{Clock, Retry};
 use crate::io::device::{Access, AlignedBuf, Device};
 use crate::io::mailbox::Mailbox;
-use crate::units::Bytes;
+use crate::units::{Bytes, Elapsed};
 
 /// The SPM's queue window: requests beyond it wait on disk.
 pub const QUEUE: usize = 1024;
@@ -116,10 +116,10 @@ pub fn lock_domain(
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 return Err(BackendError::new(format!(
-                    "another SPM (or an admin command) on this machine has held {} for {:?}; \
+                    "another SPM (or an admin command) on this machine has held {} for {}; \
                      stop it first (`spmbox status` shows the running SPM)",
                     path.display(),
-                    LOCK_PATIENCE
+                    Elapsed(LOCK_PATIENCE)
                 )));
             }
             Err(e) => {
@@ -152,10 +152,10 @@ pub fn check_no_live_spm(
     let interval = Duration::from_millis(u64::from(h.heartbeat_interval_ms.max(1)));
     let wait = (interval * 5 / 2).min(Duration::from_secs(10));
     tracing::warn!(
-        "the SPM header says SPM {} (epoch {}) is active; watching its heartbeat for {:?} before taking over",
+        "the SPM header says SPM {} (epoch {}) is active; watching its heartbeat for {} before taking over",
         h.spm_id,
         h.epoch,
-        wait
+        Elapsed(wait)
     );
     let deadline = std::time::Instant::now() + wait;
     while std::time::Instant::now() < deadline {
@@ -393,6 +393,14 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<SpmSummary, BackendError> {
     let mailbox = Mailbox::open(&options.device, Access::ReadWrite)?;
+    // Every line this daemon logs (the core's too) names the domain, and
+    // the epoch once it is chosen.
+    let span = tracing::info_span!(
+        "spm",
+        domain = %mailbox.superblock().domain,
+        epoch = tracing::field::Empty
+    );
+    let _entered = span.enter();
     // Checked first, so that a bad address or run directory changes
     // nothing.
     if let Some(dir) = options
@@ -418,9 +426,9 @@ pub fn run(
         if !told {
             told = true;
             tracing::info!(
-                "another process on this machine holds the domain lock on {}; waiting up to {:?}",
+                "another process on this machine holds the domain lock on {}; waiting up to {}",
                 options.device.display(),
-                LOCK_PATIENCE
+                Elapsed(LOCK_PATIENCE)
             );
         }
         match control_request(&options.control, &serde_json::json!({"op": "status"})) {
@@ -497,13 +505,12 @@ pub fn run(
     let _remove_socket = RemoveOnDrop(options.control.clone());
     let (control_tx, control_rx) = std::sync::mpsc::channel::<ControlMsg>();
     let _control = ControlServer::start(listener, control_tx)?;
+    span.record("epoch", driver.engine().epoch());
     tracing::info!(
-        "SPM of domain {} started: epoch {}, {} hosts, doorbell every {:?}, full scan every {:?}, control socket {}",
-        domain,
-        driver.engine().epoch(),
+        "SPM started: {} hosts, doorbell every {}, full scan every {}, control socket {}",
         geometry.max_hosts(),
-        options.config.doorbell_interval,
-        options.config.full_scan_interval,
+        Elapsed(options.config.doorbell_interval),
+        Elapsed(options.config.full_scan_interval),
         options.control.display()
     );
     let mut summary = SpmSummary::default();
@@ -609,8 +616,10 @@ pub fn run(
                                 for (volume, target, result) in batch.results {
                                     summary.jobs += 1;
                                     tracing::info!(
-                                        "job: volume {volume} to {}: {result:?} (extend {:.3} ms, with commit {:.3} ms, batch of {})",
+                                        %volume,
+                                        "job to {}: {} (extend {:.3} ms, with commit {:.3} ms, batch of {})",
                                         Bytes(target),
+                                        JobText(result),
                                         batch.extended.as_secs_f64() * 1e3,
                                         committed.as_secs_f64() * 1e3,
                                         size
@@ -637,7 +646,8 @@ pub fn run(
         if !driver.engine().commit_pending() && !commit_owed {
             for (volume, size) in backend.take_completed() {
                 tracing::info!(
-                    "capacity: parked request of volume {volume} completed at {}",
+                    %volume,
+                    "capacity: parked request completed at {}",
                     Bytes(size)
                 );
                 driver
@@ -863,18 +873,16 @@ fn spm_metrics(
 fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {
     match event {
         SpmEvent::FullScan => tracing::debug!("full scan"),
-        SpmEvent::Defective {
-            host_id,
-            inbox,
-            index,
-            defect,
-        } => tracing::warn!(
-            "host {host_id} {} record {index} is defective ({defect:?}); skipped",
-            if *inbox { "inbox" } else { "outbox" }
+        // The core logs defective records and being deposed.
+        SpmEvent::Defective { .. } | SpmEvent::Deposed { .. } => {}
+        SpmEvent::Refused { host_id, slot, why } => tracing::info!(
+            "host {host_id} slot {slot} waits on disk: {}",
+            match why {
+                spmbox_core::spm::Refused::Full => "the request queue is full",
+                spmbox_core::spm::Refused::HostCap => "the host has its share of the queue",
+                _ => "host id or slot out of range",
+            }
         ),
-        SpmEvent::Refused { host_id, slot, why } => {
-            tracing::info!("host {host_id} slot {slot} waits on disk: {why:?}")
-        }
         SpmEvent::Answered {
             host_id,
             slot,
@@ -884,15 +892,14 @@ fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {
         } => {
             summary.replies += 1;
             tracing::info!(
-                "reply: host {host_id} slot {slot} volume {volume}: {status:?} at {}",
+                %volume,
+                "reply to host {host_id} slot {slot}: {} at {}",
+                status.name(),
                 Bytes(*size)
             );
         }
-        SpmEvent::Deposed { epoch, spm_id } => {
-            tracing::error!("deposed by SPM {spm_id} at epoch {epoch}")
-        }
         // An event of a newer core that this shell does not act on yet.
-        other => tracing::info!("SPM engine: {other:?}"),
+        _ => tracing::debug!("an SPM engine event this version does not act on"),
     }
 }
 
@@ -901,5 +908,24 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What the backend did with a job, in words.
+struct JobText(spmbox_core::spm::JobResult);
+
+impl std::fmt::Display for JobText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use spmbox_core::spm::JobResult;
+        match self.0 {
+            JobResult::Extended { size } => write!(f, "extended to {}", Bytes(size)),
+            JobResult::NoSpace { size } => write!(f, "no space, parked at {}", Bytes(size)),
+            JobResult::UnknownVolume => f.write_str("unknown volume"),
+            JobResult::OverLimit { size } => {
+                write!(f, "over the volume's limit, stays at {}", Bytes(size))
+            }
+            JobResult::Malformed => f.write_str("malformed request"),
+            JobResult::Failed { code } => write!(f, "failed with error {code}"),
+        }
     }
 }
