@@ -603,3 +603,74 @@ fn pool_create_on_a_domain_says_so_before_judging_the_luns() {
         assert!(!err.contains("too small"), "{err}");
     }
 }
+
+#[test]
+fn config_files_give_the_daemons_flags_and_the_command_line_wins() {
+    let dir = tempdir();
+    let global = dir.path().join("spmbox.toml");
+    let domain = dir.path().join("domain1.toml");
+    fs::write(
+        &global,
+        "# defaults\n[log]\nlevel = \"info\"\n\n[host]\nchunk-size = \"64M\"\n",
+    )
+    .unwrap();
+    fs::write(
+        &domain,
+        "[host]\ndevice = \"/nonexistent/dom\"\nhost-id = 2\nvolume = [\"5b0c1d2e-3f40-4152-8364-758697a8b9cb\"]\nchunk-size = \"0\"\n",
+    )
+    .unwrap();
+    let (g, d) = (global.to_str().unwrap(), domain.to_str().unwrap());
+    // The domain file's bad value is refused with its file and line, by
+    // `config check` and by the daemon alike.
+    let out = spmbox(&["config", "check", g, d]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{d}, line 5: ")),
+        "{}",
+        stderr(&out)
+    );
+    let out = spmbox(&["host", "--config", g, "--config", d]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{d}, line 5: ")),
+        "{}",
+        stderr(&out)
+    );
+    // A flag wins over the file: the host gets as far as the device.
+    let out = spmbox(&["host", "--config", g, "--config", d, "--chunk-size", "1M"]);
+    assert!(
+        stderr(&out).contains("/nonexistent/dom"),
+        "{}",
+        stderr(&out)
+    );
+    // The global file alone is fine, and shows what each daemon gets.
+    let out = spmbox(&["config", "check", g]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("spmbox host gets: --chunk-size 64M"),
+        "{}",
+        stdout(&out)
+    );
+    // An unknown key, with its line.
+    fs::write(
+        &domain,
+        "[spm]\ndevice = \"/dev/x\"\nscan-interval = \"1s\"\n",
+    )
+    .unwrap();
+    let out = spmbox(&["config", "check", d]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "spmbox: error: {d}, line 3: unknown key `scan-interval` in [spm]"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let out = spmbox(&["spm", "--config", d]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("line 3: unknown key"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -17,16 +17,21 @@ use crate::units::{Bytes, parse_duration, parse_size};
 pub const ERROR_PREFIX: &str = "spmbox: error: ";
 
 /// Prints what the command-line parser found (an error with
-/// [`ERROR_PREFIX`], or the help or version text asked for) and returns the
-/// exit status: 2 for an error, 0 for help and version.
-pub fn exit_on_parse_error(err: &clap::Error) -> ExitCode {
+/// [`ERROR_PREFIX`] and, for a value from a configuration file, its file
+/// and line; or the help or version text asked for) and returns the exit
+/// status: 2 for an error, 0 for help and version.
+pub fn exit_on_parse_error(err: &clap::Error, config: &crate::cli::config::Config) -> ExitCode {
     if !err.use_stderr() {
         let _ = err.print();
         return ExitCode::SUCCESS;
     }
     let text = err.render().to_string();
     let body = text.strip_prefix("error: ").unwrap_or(&text);
-    eprint!("{ERROR_PREFIX}{body}");
+    // A value from a configuration file: say where it is.
+    let place = crate::cli::config::place_of(err, config)
+        .map(|p| format!("{p}: "))
+        .unwrap_or_default();
+    eprint!("{ERROR_PREFIX}{place}{body}");
     ExitCode::from(commands::EXIT_USAGE)
 }
 
@@ -164,6 +169,9 @@ pub enum Command {
     /// guests writing until the pool runs out, a LUN added, every byte
     /// verified.
     Demo(DemoArgs),
+    /// Check configuration files as the daemons read them.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Inside a VM: write verifiable blocks to its disk, read them back,
     /// print the result line on the console (see vm/guest.rs).
     #[command(hide = true)]
@@ -179,6 +187,23 @@ pub enum PoolCommand {
     /// Add a LUN to the pool while everything runs: parked requests are
     /// served at once and paused guests resume.
     AddLun(AddLunArgs),
+}
+
+/// `spmbox config`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Read configuration files in order, as `--config` does, refuse
+    /// unknown sections and keys (with the file and line) and values the
+    /// flag would refuse, and show the flags each daemon gets from them.
+    Check(ConfigCheckArgs),
+}
+
+/// `spmbox config check`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigCheckArgs {
+    /// The files, in the order the daemon reads them (later ones win).
+    #[arg(value_name = "FILE", default_value = crate::cli::config::DEFAULT_CONFIG)]
+    pub files: Vec<PathBuf>,
 }
 
 /// `spmbox volume`.
@@ -283,6 +308,11 @@ pub struct StatusArgs {
 /// `spmbox spm`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SpmArgs {
+    /// A configuration file (TOML; its [spm] and [host] keys are these
+    /// flags). Repeat for more: later files win, and flags given here win
+    /// over every file. See `spmbox config check`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
     /// The domain device.
     #[arg(long, value_name = "PATH")]
     pub device: PathBuf,
@@ -321,6 +351,11 @@ pub struct SpmArgs {
 /// `spmbox host`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostArgs {
+    /// A configuration file (TOML; its [spm] and [host] keys are these
+    /// flags). Repeat for more: later files win, and flags given here win
+    /// over every file. See `spmbox config check`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
     /// The domain device.
     #[arg(long, value_name = "PATH")]
     pub device: PathBuf,

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
 use crate::cli::args::{
-    AddLunArgs, FormatArgs, HostArgs, InspectArgs, PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs,
-    VolumeCreateArgs,
+    AddLunArgs, ConfigCheckArgs, FormatArgs, HostArgs, InspectArgs, PoolCreateArgs, RepairArgs,
+    SpmArgs, StatusArgs, VolumeCreateArgs,
 };
 use crate::cli::inspect;
 use crate::io::device::Access;
@@ -727,5 +727,51 @@ pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
             Bytes(summary.bytes_written)
         )
     });
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox config check`.
+pub fn config_check(args: &ConfigCheckArgs) -> Result<ExitCode, CommandError> {
+    use crate::cli::config;
+    let config = config::read_files(&args.files).map_err(|e| CommandError::Usage(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    for file in &args.files {
+        writeln!(out, "{}: ok", file.display())?;
+    }
+    for section in config::DAEMON_SECTIONS {
+        let settings = config.section(section);
+        if settings.is_empty() {
+            continue;
+        }
+        // Each value as its flag would take it; what only a later file or
+        // the command line gives (say a domain's --device) may be missing.
+        let argv: Vec<std::ffi::OsString> = vec!["spmbox".into(), section.into()];
+        let argv = config::apply(argv, &config);
+        if let Err(e) = <crate::cli::args::Cli as clap::Parser>::try_parse_from(argv) {
+            if e.kind() != clap::error::ErrorKind::MissingRequiredArgument {
+                let text = e.render().to_string();
+                let text = text.strip_prefix("error: ").unwrap_or(&text);
+                let first = text.lines().next().unwrap_or_default();
+                let place = config::place_of(&e, &config).unwrap_or_else(|| format!("[{section}]"));
+                return Err(CommandError::Usage(format!("{place}: {first}")));
+            }
+        }
+        writeln!(
+            out,
+            "spmbox {section} gets: {}",
+            config::render_flags(settings)
+        )?;
+    }
+    if config.log_level.is_some() || config.log_format.is_some() {
+        writeln!(
+            out,
+            "log: level {}, format {}",
+            config.log_level.as_deref().unwrap_or("warn"),
+            match config.log_format.unwrap_or_default() {
+                crate::cli::logging::LogFormat::Text => "text",
+                crate::cli::logging::LogFormat::Json => "json",
+            }
+        )?;
+    }
     Ok(ExitCode::from(EXIT_OK))
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod args;
 pub mod commands;
+pub mod config;
 pub mod demo;
 pub mod inspect;
 pub mod json;
