@@ -348,6 +348,11 @@ pub fn run(
         .as_deref()
         .map(crate::daemon::metrics::Exporter::serve)
         .transpose()?;
+    let mut notifier = crate::daemon::notify::Notifier::new();
+    notifier.ready(&format!(
+        "host {host_id} of domain {domain}, generation {generation}, {} volumes",
+        options.volumes.len()
+    ));
     let mut summary = HostSummary::default();
     let mut next_status = std::time::Instant::now();
     // Mailbox I/O that fails is retried with backoff; the driver keeps
@@ -355,6 +360,7 @@ pub fn run(
     let mut io = Retry::new("the host's mailbox I/O");
     let result = (|| -> Result<(), BackendError> {
         loop {
+            notifier.tick();
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -514,6 +520,7 @@ pub fn run(
             }
         }
     })();
+    notifier.stopping();
     stop.store(true, Ordering::Relaxed);
     for r in runs.values() {
         r.slot.grown.notify_all();

@@ -8,6 +8,7 @@ pub mod control;
 pub mod guest;
 pub mod host;
 pub mod metrics;
+pub mod notify;
 pub mod sanlock;
 pub mod spm;
 

@@ -513,6 +513,11 @@ pub fn run(
         Elapsed(options.config.full_scan_interval),
         options.control.display()
     );
+    let mut notifier = crate::daemon::notify::Notifier::new();
+    notifier.ready(&format!(
+        "SPM of domain {domain}, epoch {}",
+        driver.engine().epoch()
+    ));
     let mut summary = SpmSummary::default();
     let mut next_metrics = std::time::Instant::now();
     let mut batch_seconds = crate::daemon::metrics::Histogram::new();
@@ -530,6 +535,7 @@ pub fn run(
     let mut commit_owed = false;
     let mut withdrawn = driver.engine().withdrawn();
     loop {
+        notifier.tick();
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
         {
@@ -709,9 +715,10 @@ pub fn run(
                 .set_pool_commit(backend.committed_sequence());
         }
     }
+    notifier.stopping();
     summary.engine = driver.engine().stats();
+    // The core logs being deposed; the error says what it means.
     if driver.engine().is_deposed() {
-        tracing::error!("another SPM took over the domain; this one stands down without writing");
         return Err(BackendError::new(
             "another SPM took over the domain (the SPM header names a higher epoch, or this \
              epoch under another owner); this SPM stood down without committing",
