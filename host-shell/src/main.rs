@@ -44,6 +44,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => spmbox::bench::run(args),
         Command::Demo(args) => spmbox::cli::demo::run(args),
         Command::Config(ConfigCommand::Check(args)) => commands::config_check(args),
+        Command::GenerateAssets(args) => commands::generate_assets(args),
         Command::VmGuest(args) => Ok(spmbox::vm::guest::run(args)),
     };
     match result {

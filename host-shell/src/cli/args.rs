@@ -104,10 +104,27 @@ pub fn parse_nonzero_size(text: &str) -> Result<u64, String> {
     }
 }
 
+/// The end of `spmbox --help` and of the spmbox(1) man page.
+const AFTER_HELP: &str = "\
+Exit status: 0 success; 1 an error (I/O, permissions, a refused operation); \
+2 the arguments or a configuration file make no sense; 3 `inspect` found \
+defects; 4 no usable mailbox on the device, or a program that --vm needs is \
+not installed.
+
+Files: /etc/spmbox/spmbox.toml (every daemon's settings), \
+/etc/spmbox/domains/NAME.toml (one domain's), read by the units \
+spmbox-spm@NAME.service and spmbox-host@NAME.service; /run/spmbox (control \
+sockets, host status files). `spmbox config check` checks the files.
+
+Environment: SPMBOX_LOG (a log filter such as `info` or `spmbox=debug`), \
+SPMBOX_RUN_DIR (instead of /run/spmbox), NO_COLOR.
+
+Documentation: /usr/share/doc/spmbox/operations.md";
+
 /// spmbox: the storage mailbox through which hosts ask the Storage Pool
 /// Manager to extend thin-provisioned volumes on shared block storage.
 #[derive(Debug, Parser)]
-#[command(name = "spmbox", version, about, long_about = None)]
+#[command(name = "spmbox", version, about, long_about = None, after_long_help = AFTER_HELP)]
 pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace).
     /// SPMBOX_LOG (a tracing filter such as `spmbox=debug`) overrides it.
@@ -176,6 +193,18 @@ pub enum Command {
     /// print the result line on the console (see vm/guest.rs).
     #[command(hide = true)]
     VmGuest(VmGuestArgs),
+    /// Write the man pages and shell completions (the package build runs
+    /// this; see cli/assets.rs).
+    #[command(hide = true)]
+    GenerateAssets(GenerateAssetsArgs),
+}
+
+/// `spmbox generate-assets`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateAssetsArgs {
+    /// Where to write `man/` and `completions/`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 /// `spmbox pool`.

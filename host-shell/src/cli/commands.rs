@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
 use crate::cli::args::{
-    AddLunArgs, ConfigCheckArgs, FormatArgs, HostArgs, InspectArgs, PoolCreateArgs, RepairArgs,
-    SpmArgs, StatusArgs, VolumeCreateArgs,
+    AddLunArgs, ConfigCheckArgs, FormatArgs, GenerateAssetsArgs, HostArgs, InspectArgs,
+    PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs, VolumeCreateArgs,
 };
 use crate::cli::inspect;
 use crate::io::device::Access;
@@ -772,6 +772,16 @@ pub fn config_check(args: &ConfigCheckArgs) -> Result<ExitCode, CommandError> {
                 crate::cli::logging::LogFormat::Json => "json",
             }
         )?;
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox generate-assets`.
+pub fn generate_assets(args: &GenerateAssetsArgs) -> Result<ExitCode, CommandError> {
+    let files = crate::cli::assets::generate(&args.out)?;
+    let mut out = std::io::stdout().lock();
+    for f in files {
+        writeln!(out, "{}", f.display())?;
     }
     Ok(ExitCode::from(EXIT_OK))
 }

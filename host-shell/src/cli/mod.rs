@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod assets;
 pub mod commands;
 pub mod config;
 pub mod demo;
