@@ -329,6 +329,11 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// How long to watch the heartbeats that tell live SPMs and hosts
+    /// from dead ones (0: read once, liveness unknown). Default: 1.5
+    /// heartbeat intervals, at most 10s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub watch: Option<Duration>,
     // The leases.
     #[command(flatten)]
     pub lease: LeaseArgs,
@@ -414,6 +419,10 @@ pub struct HostArgs {
     /// directories; repeat). Default: the domain device's directory.
     #[arg(long = "lun-search", value_name = "PATH")]
     pub lun_search: Vec<PathBuf>,
+    /// Warn when requests have waited this long without any answer: no
+    /// SPM seems to serve the domain.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub no_spm_warning: Duration,
     /// Exit once every guest has written all it should.
     #[arg(long)]
     pub exit_when_done: bool,

@@ -523,7 +523,7 @@ pub fn volume_create(args: &VolumeCreateArgs) -> Result<ExitCode, CommandError> 
 /// `spmbox status`.
 pub fn status(args: &StatusArgs) -> Result<ExitCode, CommandError> {
     let device = args.device.as_path();
-    let mut s = crate::cli::admin::status(device, args.control.as_deref())?;
+    let mut s = crate::cli::admin::status(device, args.control.as_deref(), args.watch)?;
     if let LeaseArgs::Sanlock { .. } = args.lease.to_lease() {
         let (area, id) = lease_area(device)?;
         s.leases = Some(crate::daemon::sanlock::holders(&area, id)?);
@@ -696,6 +696,7 @@ pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
         metrics: args.metrics.clone(),
         vm,
         keep_latencies: false,
+        no_spm_warning: args.no_spm_warning,
     };
     let stop = stop_flag()?;
     // The host id is joined before the host writes anything, and left

@@ -76,6 +76,9 @@ pub struct HostOptions {
     /// (for `spmbox bench`, whose runs are bounded); the daemon keeps only
     /// the fixed-size histogram.
     pub keep_latencies: bool,
+    /// After how long without any answer to a request the host warns that
+    /// no SPM seems to serve the domain (`--no-spm-warning`).
+    pub no_spm_warning: Duration,
 }
 
 /// What the host did, when it stops.
@@ -141,6 +144,55 @@ struct VolumeRun {
     vm: Option<Box<crate::vm::Vm>>,
     /// When qemu reported the write threshold crossed, until the refresh.
     threshold_at: Option<std::time::Instant>,
+}
+
+/// After how long without any answer to a request a host warns that no
+/// SPM seems to serve the domain, by default.
+pub const NO_SPM_WARNING: Duration = Duration::from_secs(30);
+
+/// Requests sent and not answered at all (not even "waiting for space"),
+/// by volume and sequence, since when: a host warns once when the oldest
+/// passes [`HostOptions::no_spm_warning`], and says so when answers come again.
+struct Unanswered {
+    since: HashMap<(Uuid, u64), std::time::Instant>,
+    warned: bool,
+    after: Duration,
+}
+
+impl Unanswered {
+    fn check(&mut self, engine: &Host<HOST_VOLUMES>, domain: Uuid) {
+        let now = std::time::Instant::now();
+        let sent: Vec<(Uuid, u64)> = engine
+            .volumes()
+            .filter_map(|v| {
+                v.request
+                    .filter(|f| f.phase == spmbox_core::host::Phase::Sent)
+                    .map(|f| (v.id, f.sequence))
+            })
+            .collect();
+        self.since.retain(|k, _| sent.contains(k));
+        for k in sent {
+            self.since.entry(k).or_insert(now);
+        }
+        let oldest = self.since.values().min().map(|t| now - *t);
+        match oldest {
+            Some(age) if age >= self.after && !self.warned => {
+                self.warned = true;
+                tracing::warn!(
+                    "no SPM has answered for {}: {} request(s) wait without any answer; is an \
+                     SPM running for domain {domain}? (`spmbox status --device ...` tells; \
+                     systemctl status spmbox-spm@NAME on its machine)",
+                    Elapsed(age),
+                    self.since.len()
+                );
+            }
+            None if self.warned => {
+                self.warned = false;
+                tracing::info!("an SPM answers again");
+            }
+            _ => {}
+        }
+    }
 }
 
 fn emit(json_events: bool, value: Value) {
@@ -355,6 +407,11 @@ pub fn run(
     ));
     let mut summary = HostSummary::default();
     let mut next_status = std::time::Instant::now();
+    let mut unanswered = Unanswered {
+        since: HashMap::new(),
+        warned: false,
+        after: options.no_spm_warning,
+    };
     // Mailbox I/O that fails is retried with backoff; the driver keeps
     // what failed (the inbox area, the ring, a read) and does it first.
     let mut io = Retry::new("the host's mailbox I/O");
@@ -512,6 +569,7 @@ pub fn run(
                     exporter.publish(host_metrics(driver.engine(), &runs, &summary));
                 }
             }
+            unanswered.check(driver.engine(), domain);
             if options.exit_when_done
                 && runs.values().all(|r| r.done)
                 && driver.engine().in_flight() == 0
@@ -1125,7 +1183,7 @@ fn write_status(
                 "paused": run.is_some_and(|r| r.paused || r.stalled.is_some()),
                 "io_error": run.and_then(|r| r.stalled.clone()),
                 "guest_done": run.is_some_and(|r| r.done),
-                "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": format!("{:?}", f.phase)})),
+                "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": phase_name(f.phase)})),
                 "vm": run.and_then(|r| r.vm.as_ref()).map(|vm| vm.status_json()),
             })
         })
@@ -1139,5 +1197,14 @@ fn write_status(
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, status.to_string()).is_ok() {
         let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// A request's phase as the host's status file names it.
+fn phase_name(phase: spmbox_core::host::Phase) -> &'static str {
+    match phase {
+        spmbox_core::host::Phase::Sent => "sent",
+        spmbox_core::host::Phase::WaitingForSpace => "waiting_for_space",
+        spmbox_core::host::Phase::Extended { .. } => "extended",
     }
 }
