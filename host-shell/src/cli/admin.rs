@@ -381,9 +381,8 @@ pub fn status(
                 ("alive", Some(true))
             } else if beat.interval_ms == 0 {
                 ("released", None)
-            } else if !watched {
-                ("unknown", None)
-            } else if watch < Duration::from_millis(u64::from(beat.interval_ms)) {
+            } else if !watched || watch < Duration::from_millis(u64::from(beat.interval_ms)) {
+                // Not watched for a whole heartbeat interval.
                 ("unknown", None)
             } else {
                 ("silent", Some(false))
