@@ -36,11 +36,15 @@ struct Domain {
 
 impl Domain {
     fn new() -> Domain {
+        Domain::with_lun(64 << 20)
+    }
+
+    fn with_lun(size: u64) -> Domain {
         let dir = tempdir();
         fs::create_dir(dir.path().join("run")).unwrap();
         fs::File::create(dir.path().join("lun1"))
             .unwrap()
-            .set_len(64 << 20)
+            .set_len(size)
             .unwrap();
         let d = Domain { dir };
         let out = d.run(&[
@@ -269,5 +273,50 @@ fn requests_show_their_age_and_a_host_warns_when_no_spm_answers() {
         1,
         "warned more than once:\n{}",
         d.log("host.log")
+    );
+}
+
+#[test]
+fn parked_requests_show_how_long_they_have_waited_for_space() {
+    // 1 MiB of label space and 4 extents of 1 MiB: the volume outgrows it.
+    let d = Domain::with_lun(5 << 20);
+    let _spm = d.spawn(&["spm"], "spm.log");
+    d.wait_for("the SPM serving", |s| s["serving"] == true);
+    let out = d.run(&[
+        "volume",
+        "create",
+        "--virtual-size",
+        "64M",
+        "--initial-size",
+        "1M",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let volume = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let _host = d.spawn(
+        &[
+            "host",
+            "--host-id",
+            "1",
+            "--volume",
+            &volume,
+            "--rate",
+            "0",
+            "--chunk-size",
+            "1M",
+        ],
+        "host.log",
+    );
+    let s = d.wait_for("a parked request a second old", |s| {
+        s["parked_age_ms"][volume.as_str()].as_u64().unwrap_or(0) >= 1000
+    });
+    assert_eq!(s["pool"]["parked"][0][0], volume.as_str(), "{s:#}");
+    let text = d.status_text();
+    assert!(
+        text.contains(&format!("parked: volume {volume} to ")) && text.contains(", for "),
+        "{text}"
     );
 }

@@ -171,6 +171,9 @@ pub struct Status {
     /// of hosts the mailbox does not show silent or released, whose
     /// process still runs.
     pub host_reports: Vec<Value>,
+    /// How long each parked request (by volume) has waited, as the running
+    /// SPM counts it: from its first *waiting for space* reply.
+    pub parked_age_ms: std::collections::BTreeMap<String, u64>,
     /// Why the pool is missing, if it is.
     pub pool_error: Option<String>,
     /// Where the pool came from: `spm` (the running SPM's control
@@ -450,9 +453,18 @@ pub fn status(
         }
     }
     let socket = control_path(device, control)?;
+    let mut parked_age_ms = std::collections::BTreeMap::new();
     let (pool, pool_error, pool_source) =
         match control::control_request(&socket, &json!({"op": "status"})) {
             Ok(Some(answer)) => match pool_from_json(&answer["pool"]) {
+                Some(p) if answer["parked_age_ms"].is_object() => {
+                    for (v, ms) in answer["parked_age_ms"].as_object().into_iter().flatten() {
+                        if let Some(ms) = ms.as_u64() {
+                            parked_age_ms.insert(v.clone(), ms);
+                        }
+                    }
+                    (Some(p), None, "spm")
+                }
                 Some(p) => (Some(p), None, "spm"),
                 None => (None, Some(format!("the SPM answered {answer}")), "none"),
             },
@@ -530,6 +542,7 @@ pub fn status(
         pool,
         host_reports,
         pool_error,
+        parked_age_ms,
         pool_source,
         leases: None,
         warnings,
@@ -686,7 +699,13 @@ pub fn render(s: &Status) -> String {
                 );
             }
             for (v, t) in &p.parked {
-                let _ = writeln!(o, "  parked: volume {v} to {}", Bytes(*t));
+                let age = s.parked_age_ms.get(v).map_or(String::new(), |ms| {
+                    format!(
+                        ", for {}",
+                        crate::units::Elapsed(Duration::from_millis(*ms))
+                    )
+                });
+                let _ = writeln!(o, "  parked: volume {v} to {}{age}", Bytes(*t));
             }
         }
         None => {

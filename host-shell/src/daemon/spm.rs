@@ -17,6 +17,7 @@
 //! metadata commit the SPM header is read back, so an SPM that was stalled
 //! while another took over stands down without committing.
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spmbox_core::driver::SpmDriver;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
-use spmbox_core::wire::{RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
+use spmbox_core::wire::{RECORD_LEN, ReplyStatus, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
 
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control::{ControlMsg, ControlServer, control_request, private_dir};
@@ -518,6 +519,7 @@ pub fn run(
         "SPM of domain {domain}, epoch {}",
         driver.engine().epoch()
     ));
+    let mut parked = ParkedAges::default();
     let mut summary = SpmSummary::default();
     let mut next_metrics = std::time::Instant::now();
     let mut batch_seconds = crate::daemon::metrics::Histogram::new();
@@ -651,6 +653,7 @@ pub fn run(
         // Completions only of a pool that is on disk.
         if !driver.engine().commit_pending() && !commit_owed {
             for (volume, size) in backend.take_completed() {
+                parked.since.remove(&volume);
                 tracing::info!(
                     %volume,
                     "capacity: parked request completed at {}",
@@ -672,6 +675,7 @@ pub fn run(
         // Events.
         while let Some(event) = driver.engine_mut().poll_event() {
             log_event(&event, &mut summary);
+            parked.note(&event);
             if matches!(event, SpmEvent::FullScan)
                 && let Err(e) = backend.poll_capacity()
             {
@@ -688,7 +692,8 @@ pub fn run(
         // turn at once.
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
-            let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
+            let answer = serve_admin(backend, &request, failing, &mut commit_owed);
+            let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
@@ -709,7 +714,8 @@ pub fn run(
                 control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
         {
             tracing::info!("control: {request}");
-            let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
+            let answer = serve_admin(backend, &request, failing, &mut commit_owed);
+            let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
@@ -778,6 +784,41 @@ fn fatal_io(e: crate::io::device::DeviceError) -> BackendError {
 /// failing, requests that change the pool are refused at once (their
 /// commit could not be made), and after a change that failed part way
 /// the pool is committed again before anything more is answered.
+/// Since when each volume's request has been parked (answered *waiting
+/// for space*), for `status`: a request is parked from its first such
+/// reply until a final reply or the capacity that completes it.
+#[derive(Default)]
+struct ParkedAges {
+    since: HashMap<Uuid, std::time::Instant>,
+}
+
+impl ParkedAges {
+    fn note(&mut self, event: &SpmEvent) {
+        if let SpmEvent::Answered { volume, status, .. } = event {
+            if *status == ReplyStatus::WaitingForSpace {
+                self.since
+                    .entry(*volume)
+                    .or_insert_with(std::time::Instant::now);
+            } else {
+                self.since.remove(volume);
+            }
+        }
+    }
+
+    /// A status answer with `parked_age_ms`: each parked volume's age.
+    fn add_ages(&self, request: &Value, mut answer: Value) -> Value {
+        if request["op"] == "status" && answer["ok"] == json!(true) {
+            let ages: serde_json::Map<String, Value> = self
+                .since
+                .iter()
+                .map(|(v, t)| (v.to_string(), json!(t.elapsed().as_millis() as u64)))
+                .collect();
+            answer["parked_age_ms"] = Value::Object(ages);
+        }
+        answer
+    }
+}
+
 fn serve_admin(
     backend: &mut dyn SpmBackend,
     request: &Value,
