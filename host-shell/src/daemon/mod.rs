@@ -123,3 +123,11 @@ impl Retry {
         }
     }
 }
+
+/// `body` to run on a new thread inside the span current here (a daemon's
+/// `domain` and `host` or `epoch`), so that what the thread logs carries
+/// them too.
+pub fn in_current_span<T>(body: impl FnOnce() -> T) -> impl FnOnce() -> T {
+    let span = tracing::Span::current();
+    move || span.in_scope(body)
+}
