@@ -323,10 +323,22 @@ pub fn config_files(args: &[OsString]) -> Vec<PathBuf> {
 /// the command's name, leaving out every key whose flag the command line
 /// gives itself (the command line wins). Only `spm` and `host` read files.
 pub fn apply(args: Vec<OsString>, config: &Config) -> Vec<OsString> {
-    let Some(at) = args
-        .iter()
-        .position(|a| DAEMON_SECTIONS.iter().any(|s| a == s))
-    else {
+    // The command is the first word that is not a global flag or its
+    // value.
+    let mut at = None;
+    let mut i = 1;
+    while let Some(arg) = args.get(i) {
+        if arg == "--log-format" {
+            i += 2;
+            continue;
+        }
+        if !arg.to_string_lossy().starts_with('-') {
+            at = Some(i);
+            break;
+        }
+        i += 1;
+    }
+    let Some(at) = at.filter(|&i| DAEMON_SECTIONS.iter().any(|s| args[i] == *s)) else {
         return args;
     };
     let section = args[at].to_string_lossy().into_owned();
@@ -481,9 +493,28 @@ mod tests {
                 "--host-id=4"
             ]
         );
-        // Other commands read no file.
-        let args: Vec<OsString> = ["spmbox", "status"].iter().map(OsString::from).collect();
-        assert_eq!(apply(args.clone(), &c), args);
+        // Other commands read no file, even with a value that is a
+        // command's name.
+        for argv in [
+            &["spmbox", "status"][..],
+            &["spmbox", "pool", "create", "--device", "host"][..],
+            &[
+                "spmbox",
+                "--log-format",
+                "json",
+                "status",
+                "--device",
+                "host",
+            ][..],
+        ] {
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            assert_eq!(apply(args.clone(), &c), args);
+        }
+        let args: Vec<OsString> = ["spmbox", "--log-format", "json", "host"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(apply(args, &c).len(), 7);
     }
 
     #[test]
