@@ -24,6 +24,27 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// A duration shown in the largest unit that keeps it readable: `250 us`,
+/// `5 ms`, `1.5 s`, `15 s`.
+#[derive(Debug, Clone, Copy)]
+pub struct Elapsed(pub std::time::Duration);
+
+impl fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        let (value, unit) = if d < std::time::Duration::from_millis(1) {
+            return write!(f, "{} us", d.as_micros());
+        } else if d < std::time::Duration::from_secs(1) {
+            (d.as_secs_f64() * 1e3, "ms")
+        } else {
+            (d.as_secs_f64(), "s")
+        };
+        let text = format!("{value:.3}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        write!(f, "{text} {unit}")
+    }
+}
+
 /// Parses a size: a number of bytes, or a number with a binary suffix
 /// `K`, `M`, `G`, `T` (optionally `KiB`, `MiB`, ...): `128M`, `1GiB`, `4096`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -104,5 +125,17 @@ mod tests {
     fn larger_counts_add_binary_units() {
         assert_eq!(Bytes(16449536).to_string(), "16449536 bytes (15.7 MiB)");
         assert_eq!(Bytes(1 << 30).to_string(), "1073741824 bytes (1.0 GiB)");
+    }
+
+    #[test]
+    fn durations_show_in_a_readable_unit() {
+        use std::time::Duration;
+
+        use super::Elapsed;
+        assert_eq!(Elapsed(Duration::from_micros(250)).to_string(), "250 us");
+        assert_eq!(Elapsed(Duration::from_millis(5)).to_string(), "5 ms");
+        assert_eq!(Elapsed(Duration::from_micros(1500)).to_string(), "1.5 ms");
+        assert_eq!(Elapsed(Duration::from_millis(1500)).to_string(), "1.5 s");
+        assert_eq!(Elapsed(Duration::from_secs(15)).to_string(), "15 s");
     }
 }

@@ -469,3 +469,238 @@ fn on_loop_devices_the_sector_size_must_match() {
         stderr(&out)
     );
 }
+
+#[test]
+fn every_error_starts_with_one_prefix() {
+    let dir = tempdir();
+    let junk = dir.path().join("junk");
+    fs::write(&junk, vec![0x5a; 1 << 20]).unwrap();
+    // The parser's own refusal (a required flag missing), a refusal of
+    // the command, and an unknown flag.
+    for args in [
+        vec!["status"],
+        vec!["status", "--device", junk.to_str().unwrap()],
+        vec!["status", "--device", "x", "--no-such-flag"],
+    ] {
+        let out = spmbox(&args);
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("spmbox: error: "),
+            "{args:?}: stderr does not start with the prefix: {err:?}"
+        );
+        assert_eq!(err.matches("error:").count(), 1, "{args:?}: {err:?}");
+    }
+    // Help and version are not errors.
+    let out = spmbox(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).starts_with("spmbox "), "{}", stdout(&out));
+}
+
+#[test]
+fn status_on_a_device_that_is_not_a_mailbox_exits_4() {
+    let dir = tempdir();
+    let junk = dir.path().join("junk");
+    fs::write(&junk, vec![0x5a; 1 << 20]).unwrap();
+    let zero = dir.path().join("zero");
+    fs::write(&zero, vec![0; 1 << 20]).unwrap();
+    for path in [&junk, &zero] {
+        for json in [false, true] {
+            let mut args = vec!["status", "--device", path.to_str().unwrap()];
+            if json {
+                args.push("--json");
+            }
+            let out = spmbox(&args);
+            assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("not an spmbox mailbox"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
+}
+
+#[test]
+fn size_flags_are_checked_before_anything_is_opened() {
+    // The device does not exist: a size refusal must come first, with
+    // exit status 2, and name the flag's value.
+    let volume = "5b0c1d2e-3f40-4152-8364-758697a8b9cb";
+    let host = |flag: &'static str, value: &'static str| {
+        vec![
+            "host",
+            "--device",
+            "/nonexistent/dom",
+            "--host-id",
+            "1",
+            "--volume",
+            volume,
+            flag,
+            value,
+        ]
+    };
+    for args in [
+        host("--chunk-size", "0"),
+        host("--chunk-size", "1"),
+        host("--chunk-size", "1000K"),
+        host("--write-size", "0"),
+        host("--write-size", "6K"),
+        host("--write-size", "128M"),
+        host("--guest-bytes", "0"),
+        host("--utilization", "101"),
+        vec![
+            "pool",
+            "create",
+            "--device",
+            "/nonexistent/dom",
+            "--lun",
+            "/nonexistent/lun",
+            "--hosts",
+            "4",
+            "--extent-size",
+            "0",
+        ],
+        vec![
+            "pool",
+            "create",
+            "--device",
+            "/nonexistent/dom",
+            "--lun",
+            "/nonexistent/lun",
+            "--hosts",
+            "4",
+            "--extent-size",
+            "3M",
+        ],
+        vec![
+            "volume",
+            "create",
+            "--device",
+            "/nonexistent/dom",
+            "--virtual-size",
+            "1000",
+        ],
+        vec![
+            "volume",
+            "create",
+            "--device",
+            "/nonexistent/dom",
+            "--virtual-size",
+            "0",
+        ],
+    ] {
+        let out = spmbox(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("spmbox: error: invalid value"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("/nonexistent"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn pool_create_on_a_domain_says_so_before_judging_the_luns() {
+    let dir = tempdir();
+    let dom = dir.path().join("dom");
+    let lun = dir.path().join("lun");
+    let small = dir.path().join("small");
+    fs::File::create(&lun).unwrap().set_len(64 << 20).unwrap();
+    fs::File::create(&small).unwrap().set_len(1 << 20).unwrap();
+    let create = |lun: &Path| {
+        spmbox(&[
+            "pool",
+            "create",
+            "--device",
+            dom.to_str().unwrap(),
+            "--lun",
+            lun.to_str().unwrap(),
+            "--hosts",
+            "4",
+            "--extent-size",
+            "1M",
+        ])
+    };
+    let out = create(&lun);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A LUN that is too small, and the domain's own LUN (labelled): the
+    // device's mailbox is the cause named.
+    for lun in [&small, &lun] {
+        let out = create(lun);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("already holds an spmbox mailbox"), "{err}");
+        assert!(!err.contains("too small"), "{err}");
+    }
+}
+
+#[test]
+fn config_files_give_the_daemons_flags_and_the_command_line_wins() {
+    let dir = tempdir();
+    let global = dir.path().join("spmbox.toml");
+    let domain = dir.path().join("domain1.toml");
+    fs::write(
+        &global,
+        "# defaults\n[log]\nlevel = \"info\"\n\n[host]\nchunk-size = \"64M\"\n",
+    )
+    .unwrap();
+    fs::write(
+        &domain,
+        "[host]\ndevice = \"/nonexistent/dom\"\nhost-id = 2\nvolume = [\"5b0c1d2e-3f40-4152-8364-758697a8b9cb\"]\nchunk-size = \"0\"\n",
+    )
+    .unwrap();
+    let (g, d) = (global.to_str().unwrap(), domain.to_str().unwrap());
+    // The domain file's bad value is refused with its file and line, by
+    // `config check` and by the daemon alike.
+    let out = spmbox(&["config", "check", g, d]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{d}, line 5: ")),
+        "{}",
+        stderr(&out)
+    );
+    let out = spmbox(&["host", "--config", g, "--config", d]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{d}, line 5: ")),
+        "{}",
+        stderr(&out)
+    );
+    // A flag wins over the file: the host gets as far as the device.
+    let out = spmbox(&["host", "--config", g, "--config", d, "--chunk-size", "1M"]);
+    assert!(
+        stderr(&out).contains("/nonexistent/dom"),
+        "{}",
+        stderr(&out)
+    );
+    // The global file alone is fine, and shows what each daemon gets.
+    let out = spmbox(&["config", "check", g]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("spmbox host gets: --chunk-size 64M"),
+        "{}",
+        stdout(&out)
+    );
+    // An unknown key, with its line.
+    fs::write(
+        &domain,
+        "[spm]\ndevice = \"/dev/x\"\nscan-interval = \"1s\"\n",
+    )
+    .unwrap();
+    let out = spmbox(&["config", "check", d]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "spmbox: error: {d}, line 3: unknown key `scan-interval` in [spm]"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let out = spmbox(&["spm", "--config", d]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("line 3: unknown key"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -336,34 +336,29 @@ fn loop_domain() -> (Domain, Loop, Loop) {
 }
 
 /// Every extension the SPM answered was logged as committed before its
-/// reply: a `reply: ... volume V: Extended at N` line comes after a
-/// `job: volume V to ...: Extended { size: N }` line.
+/// reply: a `reply to host H slot S: extended at N ... volume=V` line comes
+/// after a `job to ...: extended to N ... volume=V` line.
 fn assert_no_reply_before_its_commit(log: &str) {
     let mut committed: Vec<(String, u64)> = Vec::new();
     let mut replies = 0;
+    let volume_of = |line: &str| -> String {
+        let rest = line.split("volume=").nth(1).expect("a volume field");
+        rest.split_whitespace().next().unwrap().to_string()
+    };
+    let first_number = |text: &str| -> u64 { text.split(' ').next().unwrap().parse().unwrap() };
     for line in log.lines() {
-        if let Some(rest) = line.split("job: volume ").nth(1)
-            && let Some(size) = rest.split("Extended { size: ").nth(1)
+        if line.contains(": job to ")
+            && let Some(size) = line.split(": extended to ").nth(1)
         {
-            let volume = rest.split(' ').next().unwrap().to_string();
-            let size: u64 = size.split(' ').next().unwrap().parse().unwrap();
-            committed.push((volume, size));
+            committed.push((volume_of(line), first_number(size)));
         }
-        if let Some(rest) = line.split("reply: host ").nth(1)
-            && rest.contains(": Extended at ")
+        if line.contains(": reply to host ")
+            && let Some(at) = line.split(": extended at ").nth(1)
         {
             replies += 1;
-            let volume = rest
-                .split("volume ")
-                .nth(1)
-                .unwrap()
-                .split(':')
-                .next()
-                .unwrap();
-            let at = rest.split(": Extended at ").nth(1).unwrap();
-            let size: u64 = at.split(' ').next().unwrap().parse().unwrap();
+            let (volume, size) = (volume_of(line), first_number(at));
             assert!(
-                committed.iter().any(|(v, s)| v == volume && *s >= size),
+                committed.iter().any(|(v, s)| *v == volume && *s >= size),
                 "reply before its commit: {line}"
             );
         }

@@ -113,7 +113,10 @@ impl Proc {
 
     /// Extension jobs this process committed (an SPM logs each at -v).
     fn jobs(&self) -> usize {
-        self.log().lines().filter(|l| l.contains(" job: ")).count()
+        self.log()
+            .lines()
+            .filter(|l| l.contains(": job to "))
+            .count()
     }
 }
 

@@ -542,6 +542,12 @@ pub fn create(
     if luns.len() > 16 {
         return Err(BackendError::new("a domain holds at most 16 LUNs"));
     }
+    // A mailbox already on the device is the real cause when its LUNs
+    // are refused too (they carry its labels): say it first.
+    if !options.force && device.exists() {
+        let d = Device::open(device, Access::ReadOnly)?;
+        mailbox::refuse_existing(&d)?;
+    }
     // Check the LUNs before anything is written.
     let mut ids: Vec<(StorageId, &PathBuf)> = Vec::new();
     let mut kept: Vec<(Uuid, &PathBuf)> = Vec::new();

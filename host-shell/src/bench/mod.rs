@@ -393,6 +393,7 @@ fn guest_host_options(
         vm: None,
         metrics: None,
         keep_latencies: true,
+        no_spm_warning: crate::daemon::host::NO_SPM_WARNING,
     }
 }
 

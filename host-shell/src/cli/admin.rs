@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use spmbox_core::wire::{
@@ -93,6 +94,10 @@ pub fn change_pool(
     }
 }
 
+/// The longest `status` watches heartbeats by default (1.5 of the longest
+/// heartbeat interval in the mailbox, at most this).
+pub const STATUS_WATCH_MAX: Duration = Duration::from_secs(10);
+
 /// A request slot as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SlotStatus {
@@ -100,14 +105,45 @@ pub struct SlotStatus {
     pub host: HostId,
     /// The slot.
     pub slot: Slot,
+    /// The request's sequence number.
+    pub sequence: u64,
     /// The volume.
     pub volume: String,
     /// The size asked for.
     pub target: u64,
     /// Whether the guest is paused.
     pub paused: bool,
-    /// `in flight`, `waiting for space`, or the final answer.
+    /// `in flight`, `waiting for space` (parked by the SPM), or the final
+    /// answer.
     pub state: String,
+    /// How long the request has been there at least: the watch, when
+    /// both reads saw it unanswered; 0 when it is new.
+    pub age_ms_at_least: u64,
+}
+
+/// A host as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostStatus {
+    /// The host id.
+    pub host: u16,
+    /// The generation of the process that holds (or held) it.
+    pub generation: u64,
+    /// Its heartbeat counter at the second read.
+    pub heartbeat: u64,
+    /// Its heartbeat interval (0: it keeps no builtin lease: stopped and
+    /// released, or held by a sanlock lease).
+    pub heartbeat_interval_ms: u32,
+    /// `alive` (the heartbeat moved while status watched), `silent` (it
+    /// did not: the process is dead or hung), `released` (no heartbeat
+    /// kept: stopped, or see `--lease sanlock`), `unknown` (not watched).
+    pub state: &'static str,
+    /// Whether it is alive; null when the mailbox cannot tell.
+    pub alive: Option<bool>,
+    /// When its heartbeat was last seen moving (RFC 3339, UTC); null when
+    /// it was not seen moving.
+    pub last_seen: Option<String>,
+    /// For a silent host: its heartbeat stood still for at least this.
+    pub silent_for_ms_at_least: Option<u64>,
 }
 
 /// What `status` found.
@@ -117,16 +153,29 @@ pub struct Status {
     pub domain: String,
     /// Host ids the mailbox serves.
     pub max_hosts: u16,
-    /// The SPM header: epoch, id, state, heartbeat.
+    /// The SPM header: epoch, id, state, heartbeat, and whether its
+    /// heartbeat moved.
     pub spm: Value,
-    /// Hosts that have written an inbox header, with their generation.
-    pub hosts: Vec<Value>,
+    /// Whether an SPM serves the domain: the header is active and its
+    /// heartbeat moved while status watched (null: not watched).
+    pub serving: Option<bool>,
+    /// When no SPM serves it, why, in words.
+    pub no_spm: Option<String>,
+    /// How long status watched the heartbeats, milliseconds.
+    pub watched_ms: u64,
+    /// Hosts that have written an inbox header.
+    pub hosts: Vec<HostStatus>,
     /// Requests without a final answer.
     pub requests: Vec<SlotStatus>,
     /// The pool.
     pub pool: Option<PoolReport>,
-    /// What the running hosts on this machine report (allocation).
+    /// What the running hosts on this machine report (allocation): only
+    /// of hosts the mailbox does not show silent or released, whose
+    /// process still runs.
     pub host_reports: Vec<Value>,
+    /// How long each parked request (by volume) has waited, as the running
+    /// SPM counts it: from its first *waiting for space* reply.
+    pub parked_age_ms: std::collections::BTreeMap<String, u64>,
     /// Why the pool is missing, if it is.
     pub pool_error: Option<String>,
     /// Where the pool came from: `spm` (the running SPM's control
@@ -142,19 +191,50 @@ pub struct Status {
     pub warnings: Vec<String>,
 }
 
-/// Gathers the status of the domain on `device`.
-pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendError> {
-    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
+/// The fields of the records `status` reads, as plain numbers: the one
+/// place that reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Beat {
+    generation: u64,
+    owner: u64,
+    heartbeat: u64,
+    interval_ms: u32,
+}
+
+fn spm_beat(h: &spmbox_core::wire::SpmHeader) -> Beat {
+    Beat {
+        generation: h.epoch.get(),
+        owner: h.owner,
+        heartbeat: h.heartbeat,
+        interval_ms: h.heartbeat_interval_ms,
+    }
+}
+
+fn host_beat(h: &spmbox_core::wire::InboxHeader) -> Beat {
+    Beat {
+        generation: h.generation.get(),
+        owner: h.owner,
+        heartbeat: h.heartbeat,
+        interval_ms: h.heartbeat_interval_ms,
+    }
+}
+
+/// One read of the mailbox.
+struct Sample {
+    image: crate::io::device::AlignedBuf,
+    spm: Option<spmbox_core::wire::SpmHeader>,
+    hosts: Vec<(u16, Beat)>,
+    /// Unanswered requests: (host, slot, sequence).
+    pending: Vec<(u16, u16, u64)>,
+}
+
+fn sample(mailbox: &Mailbox) -> Result<Sample, BackendError> {
     let g = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let image = mailbox.read_all()?;
-    let header = spm::read_spm_header(&mailbox)?;
-    let spm = header.map_or(json!(null), |h| {
-        json!({"epoch": h.epoch, "spm_id": h.spm_id, "state": format!("{:?}", h.state).to_lowercase(),
-               "heartbeat": h.heartbeat, "heartbeat_interval_ms": h.heartbeat_interval_ms})
-    });
+    let spm = spm::read_spm_header(mailbox)?;
     let mut hosts = Vec::new();
-    let mut requests = Vec::new();
+    let mut pending = Vec::new();
     for host in 1..=g.max_hosts() {
         let (Some(ib), Some(ob)) = (
             g.inbox_area(HostId::new(host)),
@@ -172,7 +252,180 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
         let Ok(Some(h)) = inbox.header() else {
             continue;
         };
-        hosts.push(json!({"host": host, "generation": h.generation}));
+        hosts.push((host, host_beat(&h)));
+        let out_gen = outbox.header_generation();
+        for (slot, state) in inbox.slots() {
+            let SlotState::Valid(r) = state else {
+                continue;
+            };
+            let final_answer = matches!(outbox.slot_under(slot, out_gen),
+                Some(SlotState::Valid(reply)) if reply.answers(&r) && reply.status != ReplyStatus::WaitingForSpace);
+            if !final_answer {
+                pending.push((host, slot.get(), r.sequence));
+            }
+        }
+    }
+    Ok(Sample {
+        image,
+        spm,
+        hosts,
+        pending,
+    })
+}
+
+/// Now as RFC 3339 (UTC, seconds).
+fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Gathers the status of the domain on `device`. The mailbox is read
+/// twice, `watch` apart (default: 1.5 of the longest heartbeat interval
+/// it names, at most [`STATUS_WATCH_MAX`]), so that a heartbeat that moved
+/// tells a live SPM or host from a dead one.
+pub fn status(
+    device: &Path,
+    control: Option<&Path>,
+    watch: Option<Duration>,
+) -> Result<Status, BackendError> {
+    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
+    let g = mailbox.geometry();
+    let domain = mailbox.superblock().domain;
+    let first = sample(&mailbox)?;
+    let longest = first
+        .hosts
+        .iter()
+        .map(|(_, b)| b.interval_ms)
+        .chain(first.spm.iter().map(|h| spm_beat(h).interval_ms))
+        .max()
+        .unwrap_or(0);
+    let watch = watch.unwrap_or_else(|| {
+        (Duration::from_millis(u64::from(longest)) * 3 / 2).min(STATUS_WATCH_MAX)
+    });
+    let watched = !watch.is_zero();
+    if watched {
+        std::thread::sleep(watch);
+    }
+    let second = sample(&mailbox)?;
+    let watched_ms = watch.as_millis() as u64;
+    let now = rfc3339_now();
+
+    // The SPM.
+    let (spm, serving, no_spm) = match second.spm {
+        None => (
+            json!(null),
+            Some(false),
+            Some("the SPM header is empty or damaged: no SPM is serving this domain".to_string()),
+        ),
+        Some(h) => {
+            let beat = spm_beat(&h);
+            let before = first.spm.as_ref().map(spm_beat);
+            let moved = before.is_some_and(|b| b != beat);
+            let active = h.state == SpmState::Active;
+            let serving = if !active {
+                Some(false)
+            } else if watched {
+                Some(moved)
+            } else {
+                None
+            };
+            let why = match (active, serving) {
+                (false, _) => Some(
+                    "the SPM header is vacant: no SPM is serving this domain (start one: \
+                     systemctl start spmbox-spm@NAME)"
+                        .to_string(),
+                ),
+                (true, Some(false)) => Some(format!(
+                    "no SPM is serving this domain: the header names SPM {} at epoch {} as \
+                     active, but its heartbeat did not move in {}: it is dead or hung",
+                    h.spm_id,
+                    beat.generation,
+                    crate::units::Elapsed(watch)
+                )),
+                _ => None,
+            };
+            (
+                json!({"epoch": beat.generation, "spm_id": h.spm_id,
+                       "state": if active { "active" } else { "vacant" },
+                       "heartbeat": beat.heartbeat, "heartbeat_interval_ms": beat.interval_ms,
+                       "heartbeat_moved": if watched { json!(moved) } else { json!(null) },
+                       "last_seen": if moved { json!(now) } else { json!(null) }}),
+                serving,
+                why,
+            )
+        }
+    };
+
+    // The hosts.
+    let hosts: Vec<HostStatus> = second
+        .hosts
+        .iter()
+        .map(|&(host, beat)| {
+            let before = first
+                .hosts
+                .iter()
+                .find(|(h, _)| *h == host)
+                .map(|(_, b)| *b);
+            let moved = before.is_some_and(|b| b != beat);
+            let (state, alive) = if moved {
+                ("alive", Some(true))
+            } else if beat.interval_ms == 0 {
+                ("released", None)
+            } else if !watched || watch < Duration::from_millis(u64::from(beat.interval_ms)) {
+                // Not watched for a whole heartbeat interval.
+                ("unknown", None)
+            } else {
+                ("silent", Some(false))
+            };
+            HostStatus {
+                host,
+                generation: beat.generation,
+                heartbeat: beat.heartbeat,
+                heartbeat_interval_ms: beat.interval_ms,
+                state,
+                alive,
+                last_seen: moved.then(|| now.clone()),
+                silent_for_ms_at_least: (state == "silent").then_some(watched_ms),
+            }
+        })
+        .collect();
+
+    // The requests, from the second read.
+    let mut requests = Vec::new();
+    for host in 1..=g.max_hosts() {
+        let id = HostId::new(host);
+        let (Some(ib), Some(ob)) = (g.inbox_area(id), g.outbox_area(id)) else {
+            continue;
+        };
+        let image = &second.image;
+        let area = |at: u64| &image[at as usize..at as usize + AREA_SIZE];
+        let (Some(inbox), Some(outbox)) = (
+            InboxArea::new(area(ib), domain, id),
+            OutboxArea::new(area(ob), domain, id),
+        ) else {
+            continue;
+        };
+        if !matches!(inbox.header(), Ok(Some(_))) {
+            continue;
+        }
         let out_gen = outbox.header_generation();
         for (slot, state) in inbox.slots() {
             let SlotState::Valid(r) = state else {
@@ -186,22 +439,38 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
                 None => "in flight".to_string(),
                 Some(ReplyStatus::WaitingForSpace) => "waiting for space".to_string(),
                 Some(ReplyStatus::Extended) => "extended (host refreshing)".to_string(),
-                Some(other) => format!("{other:?}").to_lowercase(),
+                Some(other) => other.name().replace('_', " "),
             };
+            let seen_before = first.pending.contains(&(host, slot.get(), r.sequence));
             requests.push(SlotStatus {
                 host: HostId::new(host),
                 slot,
+                sequence: r.sequence,
                 volume: r.volume.to_string(),
                 target: r.target_size,
                 paused: r.paused,
                 state,
+                age_ms_at_least: if seen_before && watched {
+                    watched_ms
+                } else {
+                    0
+                },
             });
         }
     }
     let socket = control_path(device, control)?;
+    let mut parked_age_ms = std::collections::BTreeMap::new();
     let (pool, pool_error, pool_source) =
         match control::control_request(&socket, &json!({"op": "status"})) {
             Ok(Some(answer)) => match pool_from_json(&answer["pool"]) {
+                Some(p) if answer["parked_age_ms"].is_object() => {
+                    for (v, ms) in answer["parked_age_ms"].as_object().into_iter().flatten() {
+                        if let Some(ms) = ms.as_u64() {
+                            parked_age_ms.insert(v.clone(), ms);
+                        }
+                    }
+                    (Some(p), None, "spm")
+                }
                 Some(p) => (Some(p), None, "spm"),
                 None => (None, Some(format!("the SPM answered {answer}")), "none"),
             },
@@ -225,7 +494,19 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
                 && let Ok(text) = std::fs::read_to_string(&p)
                 && let Ok(v) = serde_json::from_str::<Value>(&text)
             {
-                host_reports.push(v);
+                // A report counts only while its process runs and the
+                // mailbox does not show its host id silent or released:
+                // a dead host's file stays behind.
+                let pid_runs = v["pid"]
+                    .as_u64()
+                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                let host_state = hosts
+                    .iter()
+                    .find(|h| v["host"].as_u64() == Some(u64::from(h.host)))
+                    .map(|h| h.state);
+                if pid_runs && matches!(host_state, Some("alive" | "unknown")) {
+                    host_reports.push(v);
+                }
             }
         }
     }
@@ -259,11 +540,15 @@ pub fn status(device: &Path, control: Option<&Path>) -> Result<Status, BackendEr
         domain: domain.to_string(),
         max_hosts: g.max_hosts(),
         spm,
+        serving,
+        no_spm,
+        watched_ms,
         hosts,
         requests,
         pool,
         host_reports,
         pool_error,
+        parked_age_ms,
         pool_source,
         leases: None,
         warnings,
@@ -315,30 +600,62 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
     let _ = writeln!(o, "domain {} ({} host ids)", s.domain, s.max_hosts);
+    let watched = crate::units::Elapsed(Duration::from_millis(s.watched_ms));
     match s.spm.as_object() {
-        Some(h) => {
+        Some(h) if s.serving == Some(true) => {
             let _ = writeln!(
                 o,
-                "SPM: {} (id {}, epoch {}, heartbeat {})",
-                h["state"].as_str().unwrap_or("?"),
+                "SPM: id {}, epoch {}: serving (heartbeat {} every {} ms, moved in the last {watched})",
+                h["spm_id"], h["epoch"], h["heartbeat"], h["heartbeat_interval_ms"]
+            );
+        }
+        Some(h) if s.serving.is_none() => {
+            let _ = writeln!(
+                o,
+                "SPM: id {}, epoch {}, {} (heartbeat {}; not watched: liveness unknown)",
                 h["spm_id"],
                 h["epoch"],
+                h["state"].as_str().unwrap_or("?"),
                 h["heartbeat"]
             );
         }
-        None => {
-            let _ = writeln!(o, "SPM: the SPM header is empty or damaged");
-        }
+        _ => {}
     }
-    let _ = writeln!(o, "hosts: {}", s.hosts.len());
+    if let Some(why) = &s.no_spm {
+        let _ = writeln!(o, "SPM: {why}");
+    }
+    let alive = s.hosts.iter().filter(|h| h.alive == Some(true)).count();
+    let _ = writeln!(o, "hosts: {} ({alive} alive)", s.hosts.len());
     for h in &s.hosts {
-        let _ = writeln!(o, "  host {} generation {}", h["host"], h["generation"]);
+        let what = match h.state {
+            "alive" => format!(
+                "alive, last seen {}",
+                h.last_seen.as_deref().unwrap_or("now")
+            ),
+            "silent" => format!(
+                "NOT ALIVE: heartbeat {} has not moved for at least {watched} (dead or hung)",
+                h.heartbeat
+            ),
+            "released" => "no heartbeat: stopped and released, or held by a sanlock lease \
+                           (--lease sanlock shows it)"
+                .to_string(),
+            _ => "liveness unknown (not watched long enough)".to_string(),
+        };
+        let _ = writeln!(o, "  host {} generation {}: {what}", h.host, h.generation);
     }
     let _ = writeln!(o, "requests: {}", s.requests.len());
     for r in &s.requests {
+        let age = if r.age_ms_at_least > 0 {
+            format!(
+                " for at least {}",
+                crate::units::Elapsed(Duration::from_millis(r.age_ms_at_least))
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             o,
-            "  host {} slot {} volume {} to {}{}: {}",
+            "  host {} slot {} volume {} to {}{}: {}{age}",
             r.host,
             r.slot,
             r.volume,
@@ -388,7 +705,13 @@ pub fn render(s: &Status) -> String {
                 );
             }
             for (v, t) in &p.parked {
-                let _ = writeln!(o, "  parked: volume {v} to {}", Bytes(*t));
+                let age = s.parked_age_ms.get(v).map_or(String::new(), |ms| {
+                    format!(
+                        ", for {}",
+                        crate::units::Elapsed(Duration::from_millis(*ms))
+                    )
+                });
+                let _ = writeln!(o, "  parked: volume {v} to {}{age}", Bytes(*t));
             }
         }
         None => {

@@ -4,22 +4,137 @@
 //! same definitions can generate man pages and shell completions.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::cli::commands;
-use crate::units::{parse_duration, parse_size};
+use crate::units::{Bytes, parse_duration, parse_size};
+
+/// How every error message of `spmbox` starts, those of the command-line
+/// parser included.
+pub const ERROR_PREFIX: &str = "spmbox: error: ";
+
+/// Prints what the command-line parser found (an error with
+/// [`ERROR_PREFIX`] and, for a value from a configuration file, its file
+/// and line; or the help or version text asked for) and returns the exit
+/// status: 2 for an error, 0 for help and version.
+pub fn exit_on_parse_error(err: &clap::Error, config: &crate::cli::config::Config) -> ExitCode {
+    if !err.use_stderr() {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = err.render().to_string();
+    let body = text.strip_prefix("error: ").unwrap_or(&text);
+    // A value from a configuration file: say where it is.
+    let place = crate::cli::config::place_of(err, config)
+        .map(|p| format!("{p}: "))
+        .unwrap_or_default();
+    eprint!("{ERROR_PREFIX}{place}{body}");
+    ExitCode::from(commands::EXIT_USAGE)
+}
+
+/// The smallest `--chunk-size`: one extent of the smallest size the pool
+/// takes (a smaller growth step is a typo for a larger unit).
+pub const MIN_CHUNK_SIZE: u64 = spmbox_core::pool::MIN_EXTENT_SIZE;
+
+/// The block of the guests' writes: `--write-size` is a multiple of it.
+pub const WRITE_BLOCK: u64 = crate::daemon::guest::BLOCK;
+
+/// The unit of volume sizes: `--virtual-size` is a multiple of it.
+pub const VOLUME_SIZE_UNIT: u64 = 512;
+
+/// `--chunk-size`: at least [`MIN_CHUNK_SIZE`], a multiple of 512.
+pub fn parse_chunk_size(text: &str) -> Result<u64, String> {
+    let n = parse_size(text)?;
+    if n < MIN_CHUNK_SIZE || n % VOLUME_SIZE_UNIT != 0 {
+        return Err(format!(
+            "{text:?} is not a chunk size: a volume grows by at least {} per request, in \
+             multiples of 512 bytes (say 256M)",
+            Bytes(MIN_CHUNK_SIZE)
+        ));
+    }
+    Ok(n)
+}
+
+/// `--extent-size`: a power of two the pool takes.
+pub fn parse_extent_size(text: &str) -> Result<u64, String> {
+    let n = parse_size(text)?;
+    if !spmbox_core::pool::valid_extent_size(n) {
+        return Err(format!(
+            "{text:?} is not an extent size: use a power of two from {} to {}",
+            Bytes(spmbox_core::pool::MIN_EXTENT_SIZE),
+            Bytes(spmbox_core::pool::MAX_EXTENT_SIZE)
+        ));
+    }
+    Ok(n)
+}
+
+/// `--write-size`: a nonzero multiple of [`WRITE_BLOCK`] up to
+/// [`commands::WRITE_SIZE_MAX`].
+pub fn parse_write_size(text: &str) -> Result<u64, String> {
+    let n = parse_size(text)?;
+    if n == 0 || n % WRITE_BLOCK != 0 || n > commands::WRITE_SIZE_MAX {
+        return Err(format!(
+            "{text:?} is not a write size: a nonzero multiple of 4K of at most {} (each guest \
+             holds a buffer of this size)",
+            Bytes(commands::WRITE_SIZE_MAX)
+        ));
+    }
+    Ok(n)
+}
+
+/// `--virtual-size`: a nonzero multiple of [`VOLUME_SIZE_UNIT`].
+pub fn parse_virtual_size(text: &str) -> Result<u64, String> {
+    let n = parse_size(text)?;
+    if n == 0 || n % VOLUME_SIZE_UNIT != 0 {
+        return Err(format!(
+            "{text:?} is not a virtual size: a nonzero multiple of 512 bytes"
+        ));
+    }
+    Ok(n)
+}
+
+/// A size that must not be zero (`--guest-bytes`, `vm-guest --bytes`).
+pub fn parse_nonzero_size(text: &str) -> Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err(format!("{text:?} is zero: give a nonzero size")),
+        n => Ok(n),
+    }
+}
+
+/// The end of `spmbox --help` and of the spmbox(1) man page.
+const AFTER_HELP: &str = "\
+Exit status: 0 success; 1 an error (I/O, permissions, a refused operation); \
+2 the arguments or a configuration file make no sense; 3 `inspect` found \
+defects; 4 no usable mailbox on the device, or a program that --vm needs is \
+not installed.
+
+Files: /etc/spmbox/spmbox.toml (every daemon's settings), \
+/etc/spmbox/domains/NAME.toml (one domain's), read by the units \
+spmbox-spm@NAME.service and spmbox-host@NAME.service; /run/spmbox (control \
+sockets, host status files). `spmbox config check` checks the files.
+
+Environment: SPMBOX_LOG (a log filter such as `info` or `spmbox=debug`), \
+SPMBOX_RUN_DIR (instead of /run/spmbox), NO_COLOR.
+
+Documentation: /usr/share/doc/spmbox/operations.md";
 
 /// spmbox: the storage mailbox through which hosts ask the Storage Pool
 /// Manager to extend thin-provisioned volumes on shared block storage.
 #[derive(Debug, Parser)]
-#[command(name = "spmbox", version, about, long_about = None)]
+#[command(name = "spmbox", version, about, long_about = None, after_long_help = AFTER_HELP)]
 pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: trace).
     /// SPMBOX_LOG (a tracing filter such as `spmbox=debug`) overrides it.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+
+    /// How log lines on stderr are written: text (coloured only on a
+    /// terminal) or json (one object per line).
+    #[arg(long, value_enum, value_name = "FORMAT", global = true)]
+    pub log_format: Option<crate::cli::logging::LogFormat>,
 
     // The command.
     #[command(subcommand)]
@@ -71,10 +186,25 @@ pub enum Command {
     /// guests writing until the pool runs out, a LUN added, every byte
     /// verified.
     Demo(DemoArgs),
+    /// Check configuration files as the daemons read them.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Inside a VM: write verifiable blocks to its disk, read them back,
     /// print the result line on the console (see vm/guest.rs).
     #[command(hide = true)]
     VmGuest(VmGuestArgs),
+    /// Write the man pages and shell completions (the package build runs
+    /// this; see cli/assets.rs).
+    #[command(hide = true)]
+    GenerateAssets(GenerateAssetsArgs),
+}
+
+/// `spmbox generate-assets`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateAssetsArgs {
+    /// Where to write `man/` and `completions/`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 /// `spmbox pool`.
@@ -86,6 +216,23 @@ pub enum PoolCommand {
     /// Add a LUN to the pool while everything runs: parked requests are
     /// served at once and paused guests resume.
     AddLun(AddLunArgs),
+}
+
+/// `spmbox config`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Read configuration files in order, as `--config` does, refuse
+    /// unknown sections and keys (with the file and line) and values the
+    /// flag would refuse, and show the flags each daemon gets from them.
+    Check(ConfigCheckArgs),
+}
+
+/// `spmbox config check`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigCheckArgs {
+    /// The files, in the order the daemon reads them (later ones win).
+    #[arg(value_name = "FILE", default_value = crate::cli::config::DEFAULT_CONFIG)]
+    pub files: Vec<PathBuf>,
 }
 
 /// `spmbox volume`.
@@ -185,6 +332,11 @@ pub struct StatusArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// How long to watch the heartbeats that tell live SPMs and hosts
+    /// from dead ones (0: read once, liveness unknown). Default: 1.5
+    /// heartbeat intervals, at most 10s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub watch: Option<Duration>,
     // The leases.
     #[command(flatten)]
     pub lease: LeaseArgs,
@@ -193,6 +345,11 @@ pub struct StatusArgs {
 /// `spmbox spm`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SpmArgs {
+    /// A configuration file (TOML; its [spm] and [host] keys are these
+    /// flags). Repeat for more: later files win, and flags given here win
+    /// over every file. See `spmbox config check`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
     /// The domain device.
     #[arg(long, value_name = "PATH")]
     pub device: PathBuf,
@@ -231,6 +388,11 @@ pub struct SpmArgs {
 /// `spmbox host`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HostArgs {
+    /// A configuration file (TOML; its [spm] and [host] keys are these
+    /// flags). Repeat for more: later files win, and flags given here win
+    /// over every file. See `spmbox config check`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Vec<PathBuf>,
     /// The domain device.
     #[arg(long, value_name = "PATH")]
     pub device: PathBuf,
@@ -244,21 +406,26 @@ pub struct HostArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub rate: u64,
     /// Bytes per guest write (a multiple of 4K, at most 64M).
-    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_write_size)]
     pub write_size: u64,
     /// How much each guest writes in all. Default: its virtual size.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
     pub guest_bytes: Option<u64>,
-    /// How much a volume grows per request (nonzero).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    /// How much a volume grows per request (at least 1M).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_chunk_size)]
     pub chunk_size: u64,
     /// Ask for more when free space falls below chunk x (100 - this) / 100.
-    #[arg(long, value_name = "PERCENT", default_value_t = 50)]
+    #[arg(long, value_name = "PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
     pub utilization: u8,
     /// Where to look for the domain's LUNs (files, block devices or
     /// directories; repeat). Default: the domain device's directory.
     #[arg(long = "lun-search", value_name = "PATH")]
     pub lun_search: Vec<PathBuf>,
+    /// Warn when requests have waited this long without any answer: no
+    /// SPM seems to serve the domain.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub no_spm_warning: Duration,
     /// Exit once every guest has written all it should.
     #[arg(long)]
     pub exit_when_done: bool,
@@ -340,13 +507,13 @@ pub struct VmGuestArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub generation: u64,
     /// Bytes to have written from offset 0.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
     pub bytes: u64,
     /// Bytes per second (0: unlimited).
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]
     pub rate: u64,
     /// Bytes per write (a multiple of 4K, at most 64M).
-    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_write_size)]
     pub write_size: u64,
 }
 
@@ -362,8 +529,8 @@ pub struct PoolCreateArgs {
     /// Host ids 1..=N (at most 2000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=2000))]
     pub hosts: u16,
-    /// Bytes per extent: a power of two, at least 1M.
-    #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_size)]
+    /// Bytes per extent: a power of two, 1M to 16G.
+    #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_extent_size)]
     pub extent_size: u64,
     /// Logical sector size (512 or 4096). Default: the device's.
     #[arg(long, value_name = "BYTES", value_parser = ["512", "4096"])]
@@ -445,8 +612,8 @@ pub struct VolumeCreateArgs {
     /// The volume UUID. Default: a new random one.
     #[arg(long, value_name = "UUID")]
     pub id: Option<String>,
-    /// The size the guest sees.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    /// The size the guest sees (a multiple of 512).
+    #[arg(long, value_name = "SIZE", value_parser = parse_virtual_size)]
     pub virtual_size: u64,
     /// Bytes allocated now (rounded up to whole extents; at least one).
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size)]

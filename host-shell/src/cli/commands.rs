@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use spmbox_core::wire::{HostId, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
 use crate::cli::args::{
-    AddLunArgs, FormatArgs, HostArgs, InspectArgs, PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs,
-    VolumeCreateArgs,
+    AddLunArgs, ConfigCheckArgs, FormatArgs, GenerateAssetsArgs, HostArgs, InspectArgs,
+    PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs, VolumeCreateArgs,
 };
 use crate::cli::inspect;
 use crate::io::device::Access;
@@ -529,7 +529,7 @@ pub fn volume_create(args: &VolumeCreateArgs) -> Result<ExitCode, CommandError> 
 /// `spmbox status`.
 pub fn status(args: &StatusArgs) -> Result<ExitCode, CommandError> {
     let device = args.device.as_path();
-    let mut s = crate::cli::admin::status(device, args.control.as_deref())?;
+    let mut s = crate::cli::admin::status(device, args.control.as_deref(), args.watch)?;
     if let LeaseArgs::Sanlock { .. } = args.lease.to_lease() {
         let (area, id) = lease_area(device)?;
         s.leases = Some(crate::daemon::sanlock::holders(&area, id)?);
@@ -706,6 +706,7 @@ pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
         metrics: args.metrics.clone(),
         vm,
         keep_latencies: false,
+        no_spm_warning: args.no_spm_warning,
     };
     let stop = stop_flag()?;
     // The host id is joined before the host writes anything, and left
@@ -728,13 +729,70 @@ pub fn host(args: &HostArgs) -> Result<ExitCode, CommandError> {
         joined.leave();
     }
     let summary = result?;
-    tracing::info!(
-        "host {} stopped: {} extensions, {} pauses, {} resumes, {} written",
-        args.host_id,
-        summary.extensions,
-        summary.pauses,
-        summary.resumes,
-        Bytes(summary.bytes_written)
-    );
+    tracing::info_span!("host", %domain, host = args.host_id).in_scope(|| {
+        tracing::info!(
+            "stopped: {} extensions, {} pauses, {} resumes, {} written",
+            summary.extensions,
+            summary.pauses,
+            summary.resumes,
+            Bytes(summary.bytes_written)
+        )
+    });
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox config check`.
+pub fn config_check(args: &ConfigCheckArgs) -> Result<ExitCode, CommandError> {
+    use crate::cli::config;
+    let config = config::read_files(&args.files).map_err(|e| CommandError::Usage(e.to_string()))?;
+    let mut out = std::io::stdout().lock();
+    for file in &args.files {
+        writeln!(out, "{}: ok", file.display())?;
+    }
+    for section in config::DAEMON_SECTIONS {
+        let settings = config.section(section);
+        if settings.is_empty() {
+            continue;
+        }
+        // Each value as its flag would take it; what only a later file or
+        // the command line gives (say a domain's --device) may be missing.
+        let argv: Vec<std::ffi::OsString> = vec!["spmbox".into(), section.into()];
+        let argv = config::apply(argv, &config);
+        if let Err(e) = <crate::cli::args::Cli as clap::Parser>::try_parse_from(argv) {
+            if e.kind() != clap::error::ErrorKind::MissingRequiredArgument {
+                let text = e.render().to_string();
+                let text = text.strip_prefix("error: ").unwrap_or(&text);
+                let first = text.lines().next().unwrap_or_default();
+                let place = config::place_of(&e, &config).unwrap_or_else(|| format!("[{section}]"));
+                return Err(CommandError::Usage(format!("{place}: {first}")));
+            }
+        }
+        writeln!(
+            out,
+            "spmbox {section} gets: {}",
+            config::render_flags(settings)
+        )?;
+    }
+    if config.log_level.is_some() || config.log_format.is_some() {
+        writeln!(
+            out,
+            "log: level {}, format {}",
+            config.log_level.as_deref().unwrap_or("warn"),
+            match config.log_format.unwrap_or_default() {
+                crate::cli::logging::LogFormat::Text => "text",
+                crate::cli::logging::LogFormat::Json => "json",
+            }
+        )?;
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox generate-assets`.
+pub fn generate_assets(args: &GenerateAssetsArgs) -> Result<ExitCode, CommandError> {
+    let files = crate::cli::assets::generate(&args.out)?;
+    let mut out = std::io::stdout().lock();
+    for f in files {
+        writeln!(out, "{}", f.display())?;
+    }
     Ok(ExitCode::from(EXIT_OK))
 }

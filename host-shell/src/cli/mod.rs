@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod args;
+pub mod assets;
 pub mod commands;
+pub mod config;
 pub mod demo;
 pub mod firmware;
 pub mod inspect;

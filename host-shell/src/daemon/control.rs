@@ -198,7 +198,9 @@ impl ControlServer {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_control(&listener, &tx, &flag))
+            .spawn(crate::daemon::in_current_span(move || {
+                accept_control(&listener, &tx, &flag)
+            }))
             .map_err(|e| BackendError::io("cannot start the control thread", e))?;
         Ok(ControlServer {
             stop,
@@ -258,10 +260,10 @@ fn accept_control(
         let (tx, served) = (tx.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
-            .spawn(move || {
+            .spawn(crate::daemon::in_current_span(move || {
                 serve_control(stream, &tx);
                 served.fetch_sub(1, Ordering::AcqRel);
-            });
+            }));
         if let Err(e) = spawned {
             tracing::warn!("control socket: cannot start a thread for a client: {e}");
             active.fetch_sub(1, Ordering::AcqRel);

@@ -40,7 +40,7 @@ use crate::daemon::{Clock, IO_RETRY_FIRST, IO_RETRY_MAX, Retry};
 use crate::io::device::{Access, AlignedBuf, Device, DeviceError};
 use crate::io::mailbox::Mailbox;
 use crate::io::mapping::Mapping;
-use crate::units::Bytes;
+use crate::units::{Bytes, Elapsed};
 
 /// Volumes one host runs at most.
 pub const HOST_VOLUMES: usize = 64;
@@ -76,6 +76,9 @@ pub struct HostOptions {
     /// (for `spmbox bench`, whose runs are bounded); the daemon keeps only
     /// the fixed-size histogram.
     pub keep_latencies: bool,
+    /// After how long without any answer to a request the host warns that
+    /// no SPM seems to serve the domain (`--no-spm-warning`).
+    pub no_spm_warning: Duration,
 }
 
 /// What the host did, when it stops.
@@ -143,6 +146,55 @@ struct VolumeRun {
     threshold_at: Option<std::time::Instant>,
 }
 
+/// After how long without any answer to a request a host warns that no
+/// SPM seems to serve the domain, by default.
+pub const NO_SPM_WARNING: Duration = Duration::from_secs(30);
+
+/// Requests sent and not answered at all (not even "waiting for space"),
+/// by volume and sequence, since when: a host warns once when the oldest
+/// passes [`HostOptions::no_spm_warning`], and says so when answers come again.
+struct Unanswered {
+    since: HashMap<(Uuid, u64), std::time::Instant>,
+    warned: bool,
+    after: Duration,
+}
+
+impl Unanswered {
+    fn check(&mut self, engine: &Host<HOST_VOLUMES>, domain: Uuid) {
+        let now = std::time::Instant::now();
+        let sent: Vec<(Uuid, u64)> = engine
+            .volumes()
+            .filter_map(|v| {
+                v.request
+                    .filter(|f| f.phase == spmbox_core::host::Phase::Sent)
+                    .map(|f| (v.id, f.sequence))
+            })
+            .collect();
+        self.since.retain(|k, _| sent.contains(k));
+        for k in sent {
+            self.since.entry(k).or_insert(now);
+        }
+        let oldest = self.since.values().min().map(|t| now - *t);
+        match oldest {
+            Some(age) if age >= self.after && !self.warned => {
+                self.warned = true;
+                tracing::warn!(
+                    "no SPM has answered for {}: {} request(s) wait without any answer; is an \
+                     SPM running for domain {domain}? (`spmbox status --device ...` tells; \
+                     systemctl status spmbox-spm@NAME on its machine)",
+                    Elapsed(age),
+                    self.since.len()
+                );
+            }
+            None if self.warned => {
+                self.warned = false;
+                tracing::info!("an SPM answers again");
+            }
+            _ => {}
+        }
+    }
+}
+
 fn emit(json_events: bool, value: Value) {
     if json_events {
         let mut out = std::io::stdout().lock();
@@ -162,6 +214,10 @@ pub fn run(
     let geometry = mailbox.geometry();
     let domain = mailbox.superblock().domain;
     let host_id = options.host_id;
+    // Every line this daemon logs (the core's too) names the domain and
+    // host id.
+    let span = tracing::info_span!("host", %domain, host = host_id);
+    let _entered = span.enter();
     let (Some(inbox_offset), Some(_)) = (
         geometry.inbox_area(HostId::new(host_id)),
         geometry.outbox_area(HostId::new(host_id)),
@@ -200,7 +256,8 @@ pub fn run(
             )
             .map_err(|e| BackendError::new(format!("volume {volume}: {e}")))?;
         tracing::info!(
-            "volume {volume}: virtual {}, physical {}, guest has written {}",
+            %volume,
+            "volume: virtual {}, physical {}, guest has written {}",
             Bytes(sizes.virtual_size),
             Bytes(map.size),
             Bytes(allocation)
@@ -330,7 +387,9 @@ pub fn run(
         let tx = tx.clone();
         let stop = stop.clone();
         let (rate, write_size) = (options.rate, options.write_size);
+        let span = span.clone();
         threads.push(std::thread::spawn(move || {
+            let _entered = span.enter();
             run_guest(
                 volume,
                 generation.get(),
@@ -351,13 +410,24 @@ pub fn run(
         .as_deref()
         .map(crate::daemon::metrics::Exporter::serve)
         .transpose()?;
+    let mut notifier = crate::daemon::notify::Notifier::new();
+    notifier.ready(&format!(
+        "host {host_id} of domain {domain}, generation {generation}, {} volumes",
+        options.volumes.len()
+    ));
     let mut summary = HostSummary::default();
     let mut next_status = std::time::Instant::now();
+    let mut unanswered = Unanswered {
+        since: HashMap::new(),
+        warned: false,
+        after: options.no_spm_warning,
+    };
     // Mailbox I/O that fails is retried with backoff; the driver keeps
     // what failed (the inbox area, the ring, a read) and does it first.
     let mut io = Retry::new("the host's mailbox I/O");
     let result = (|| -> Result<(), BackendError> {
         loop {
+            notifier.tick();
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -401,7 +471,7 @@ pub fn run(
                             r.done = true;
                             r.allocation = allocation;
                         }
-                        tracing::info!("guest of {volume} is done: wrote {}", Bytes(allocation));
+                        tracing::info!(%volume, "guest is done: wrote {}", Bytes(allocation));
                         emit(
                             options.json_events,
                             json!({"event": "done", "host": host_id, "volume": volume.to_string(), "allocation": allocation}),
@@ -509,6 +579,7 @@ pub fn run(
                     exporter.publish(host_metrics(driver.engine(), &runs, &summary));
                 }
             }
+            unanswered.check(driver.engine(), domain);
             if options.exit_when_done
                 && runs.values().all(|r| r.done)
                 && driver.engine().in_flight() == 0
@@ -517,6 +588,7 @@ pub fn run(
             }
         }
     })();
+    notifier.stopping();
     stop.store(true, Ordering::Relaxed);
     for r in runs.values() {
         r.slot.grown.notify_all();
@@ -719,9 +791,10 @@ fn check_host_id_free(
     let interval = Duration::from_millis(u64::from(first.heartbeat_interval_ms));
     let watch = (interval * 5 / 2).min(HOST_LEASE_WATCH_MAX);
     tracing::info!(
-        "host id {host_id} was held (owner {:#x}, generation {}); watching its heartbeat for {watch:?}",
+        "host id {host_id} was held (owner {:#x}, generation {}); watching its heartbeat for {}",
         first.owner,
-        first.generation
+        first.generation,
+        Elapsed(watch)
     );
     let until = std::time::Instant::now() + watch;
     while std::time::Instant::now() < until {
@@ -833,7 +906,8 @@ fn run_guest(
         }
         if let Some((since, retries, _)) = stall.take() {
             tracing::warn!(
-                "the guest of volume {volume} writes again after {:.3} s of errors and {retries} retries",
+                %volume,
+                "the guest writes again after {:.3} s of errors and {retries} retries",
                 since.elapsed().as_secs_f64()
             );
             let _ = tx.send(Msg::Stalled(volume, None));
@@ -890,13 +964,14 @@ fn handle_event(
             let map = match maps.refresh(volume) {
                 Ok(map) => map,
                 Err(e) => {
-                    tracing::warn!("refreshing volume {volume} failed (retried): {e}");
+                    tracing::warn!(%volume, "refreshing the volume failed (retried): {e}");
                     return Ok(());
                 }
             };
             if map.size < size {
                 tracing::warn!(
-                    "volume {volume}: the reply says {} but the map shows {}; refreshing again",
+                    %volume,
+                    "the reply says {} but the map shows {}; refreshing again",
                     Bytes(size),
                     Bytes(map.size)
                 );
@@ -959,8 +1034,10 @@ fn handle_event(
             if options.keep_latencies {
                 summary.latencies_ms.push(ms(latency));
             }
-            tracing::info!(
-                "extended volume {volume} to {}: total {:.3} ms, wait {:.3} ms, extend {:.3} ms, \
+            // The core logs the extension; its breakdown is for debugging.
+            tracing::debug!(
+                %volume,
+                "extension timings: to {}: total {:.3} ms, wait {:.3} ms, extend {:.3} ms, \
                  refresh {:.3} ms",
                 Bytes(size),
                 ms(latency),
@@ -980,7 +1057,7 @@ fn handle_event(
             if let Some(r) = runs.get_mut(&volume) {
                 r.paused = true;
             }
-            tracing::warn!("guest of volume {volume} paused: out of space");
+            // The core logs the pause.
             emit(
                 json_events,
                 json!({"event": "paused", "host": host, "volume": volume.to_string()}),
@@ -991,48 +1068,41 @@ fn handle_event(
             if let Some(r) = runs.get_mut(&volume) {
                 r.paused = false;
             }
-            tracing::warn!("guest of volume {volume} resumed");
+            // The core logs the resume.
             emit(
                 json_events,
                 json!({"event": "resumed", "host": host, "volume": volume.to_string()}),
             );
         }
         HostEvent::WaitingForSpace { volume } => {
-            tracing::warn!(
-                "volume {volume} waits for space: the pool is full until a LUN is added"
-            );
+            // The core logs the wait.
             emit(
                 json_events,
                 json!({"event": "waiting_for_space", "host": host, "volume": volume.to_string()}),
             );
         }
         HostEvent::Rejected { volume, reason } => {
-            tracing::error!(
-                "the SPM rejected the request for volume {volume}: {}",
-                reason.name()
-            );
+            // The core logs the rejection.
             emit(
                 json_events,
                 json!({"event": "rejected", "host": host, "volume": volume.to_string(), "reason": reason.name()}),
             );
         }
         HostEvent::Failed { volume, code } => {
-            tracing::warn!(
-                "the SPM failed to extend volume {volume} (error {code}); asking again later"
-            );
+            // The core logs the failure.
             emit(
                 json_events,
                 json!({"event": "failed", "host": host, "volume": volume.to_string(), "code": code}),
             );
         }
         HostEvent::Resent { volume, sequence } => {
-            tracing::info!("no reply yet for volume {volume}: request {sequence} written again");
+            tracing::info!(%volume, "no reply yet: request {sequence} written again");
         }
         HostEvent::SlotsExhausted => {
             tracing::warn!("all 31 inbox slots are in use; more requests wait in memory");
         }
         // An event of a newer core that this shell does not act on yet.
-        other => tracing::info!("host engine: {other:?}"),
+        _ => tracing::debug!("a host engine event this version does not act on"),
     }
     Ok(())
 }
@@ -1123,7 +1193,7 @@ fn write_status(
                 "paused": run.is_some_and(|r| r.paused || r.stalled.is_some()),
                 "io_error": run.and_then(|r| r.stalled.clone()),
                 "guest_done": run.is_some_and(|r| r.done),
-                "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": format!("{:?}", f.phase)})),
+                "in_flight": v.request.map(|f| json!({"target": f.target, "sequence": f.sequence, "phase": phase_name(f.phase)})),
                 "vm": run.and_then(|r| r.vm.as_ref()).map(|vm| vm.status_json()),
             })
         })
@@ -1137,5 +1207,14 @@ fn write_status(
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, status.to_string()).is_ok() {
         let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// A request's phase as the host's status file names it.
+fn phase_name(phase: spmbox_core::host::Phase) -> &'static str {
+    match phase {
+        spmbox_core::host::Phase::Sent => "sent",
+        spmbox_core::host::Phase::WaitingForSpace => "waiting_for_space",
+        spmbox_core::host::Phase::Extended { .. } => "extended",
     }
 }

@@ -8,9 +8,11 @@ pub mod control;
 pub mod guest;
 pub mod host;
 pub mod metrics;
+pub mod notify;
 pub mod sanlock;
 pub mod spm;
 
+use crate::units::Elapsed;
 use std::time::Duration;
 
 use spmbox_core::time::Instant;
@@ -94,10 +96,10 @@ impl Retry {
             }
             None => {
                 tracing::error!(
-                    "{} failed: {error}; retrying every {:?} to {:?} until it succeeds",
+                    "{} failed: {error}; retrying every {} to {} until it succeeds",
                     self.what,
-                    IO_RETRY_FIRST,
-                    IO_RETRY_MAX
+                    Elapsed(IO_RETRY_FIRST),
+                    Elapsed(IO_RETRY_MAX)
                 );
                 self.streak = Some(Streak {
                     since: now,
@@ -120,4 +122,12 @@ impl Retry {
             );
         }
     }
+}
+
+/// `body` to run on a new thread inside the span current here (a daemon's
+/// `domain` and `host` or `epoch`), so that what the thread logs carries
+/// them too.
+pub fn in_current_span<T>(body: impl FnOnce() -> T) -> impl FnOnce() -> T {
+    let span = tracing::Span::current();
+    move || span.in_scope(body)
 }

@@ -17,6 +17,7 @@
 //! metadata commit the SPM header is read back, so an SPM that was stalled
 //! while another took over stands down without committing.
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,14 +27,16 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spmbox_core::driver::SpmDriver;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent};
-use spmbox_core::wire::{Epoch, HostId, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid};
+use spmbox_core::wire::{
+    Epoch, HostId, RECORD_LEN, ReplyStatus, SPM_HEADER_OFFSET, SpmHeader, SpmState, Uuid,
+};
 
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control::{ControlMsg, ControlServer, control_request, private_dir};
 use crate::daemon::{Clock, Retry};
 use crate::io::device::{Access, AlignedBuf, Device};
 use crate::io::mailbox::Mailbox;
-use crate::units::Bytes;
+use crate::units::{Bytes, Elapsed};
 
 /// The SPM's queue window: requests beyond it wait on disk.
 pub const QUEUE: usize = 1024;
@@ -116,10 +119,10 @@ pub fn lock_domain(
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 return Err(BackendError::new(format!(
-                    "another SPM (or an admin command) on this machine has held {} for {:?}; \
+                    "another SPM (or an admin command) on this machine has held {} for {}; \
                      stop it first (`spmbox status` shows the running SPM)",
                     path.display(),
-                    LOCK_PATIENCE
+                    Elapsed(LOCK_PATIENCE)
                 )));
             }
             Err(e) => {
@@ -152,10 +155,10 @@ pub fn check_no_live_spm(
     let interval = Duration::from_millis(u64::from(h.heartbeat_interval_ms.max(1)));
     let wait = (interval * 5 / 2).min(Duration::from_secs(10));
     tracing::warn!(
-        "the SPM header says SPM {} (epoch {}) is active; watching its heartbeat for {:?} before taking over",
+        "the SPM header says SPM {} (epoch {}) is active; watching its heartbeat for {} before taking over",
         h.spm_id,
         h.epoch,
-        wait
+        Elapsed(wait)
     );
     let deadline = std::time::Instant::now() + wait;
     while std::time::Instant::now() < deadline {
@@ -372,6 +375,14 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<SpmSummary, BackendError> {
     let mailbox = Mailbox::open(&options.device, Access::ReadWrite)?;
+    // Every line this daemon logs (the core's too) names the domain, and
+    // the epoch once it is chosen.
+    let span = tracing::info_span!(
+        "spm",
+        domain = %mailbox.superblock().domain,
+        epoch = tracing::field::Empty
+    );
+    let _entered = span.enter();
     // Checked first, so that a bad address or run directory changes
     // nothing.
     if let Some(dir) = options
@@ -397,9 +408,9 @@ pub fn run(
         if !told {
             told = true;
             tracing::info!(
-                "another process on this machine holds the domain lock on {}; waiting up to {:?}",
+                "another process on this machine holds the domain lock on {}; waiting up to {}",
                 options.device.display(),
-                LOCK_PATIENCE
+                Elapsed(LOCK_PATIENCE)
             );
         }
         match control_request(&options.control, &serde_json::json!({"op": "status"})) {
@@ -476,15 +487,20 @@ pub fn run(
     let _remove_socket = RemoveOnDrop(options.control.clone());
     let (control_tx, control_rx) = std::sync::mpsc::channel::<ControlMsg>();
     let _control = ControlServer::start(listener, control_tx)?;
+    span.record("epoch", driver.engine().epoch().get());
     tracing::info!(
-        "SPM of domain {} started: epoch {}, {} hosts, doorbell every {:?}, full scan every {:?}, control socket {}",
-        domain,
-        driver.engine().epoch(),
+        "SPM started: {} hosts, doorbell every {}, full scan every {}, control socket {}",
         geometry.max_hosts(),
-        options.config.doorbell_interval,
-        options.config.full_scan_interval,
+        Elapsed(options.config.doorbell_interval),
+        Elapsed(options.config.full_scan_interval),
         options.control.display()
     );
+    let mut notifier = crate::daemon::notify::Notifier::new();
+    notifier.ready(&format!(
+        "SPM of domain {domain}, epoch {}",
+        driver.engine().epoch()
+    ));
+    let mut parked = ParkedAges::default();
     let mut summary = SpmSummary::default();
     let mut next_metrics = std::time::Instant::now();
     let mut batch_seconds = crate::daemon::metrics::Histogram::new();
@@ -502,6 +518,7 @@ pub fn run(
     let mut commit_owed = false;
     let mut withdrawn = driver.engine().withdrawn();
     loop {
+        notifier.tick();
         if let Some(exporter) = &exporter
             && std::time::Instant::now() >= next_metrics
         {
@@ -588,8 +605,10 @@ pub fn run(
                                 for (volume, target, result) in batch.results {
                                     summary.jobs += 1;
                                     tracing::info!(
-                                        "job: volume {volume} to {}: {result:?} (extend {:.3} ms, with commit {:.3} ms, batch of {})",
+                                        %volume,
+                                        "job to {}: {} (extend {:.3} ms, with commit {:.3} ms, batch of {})",
                                         Bytes(target),
+                                        JobText(result),
                                         batch.extended.as_secs_f64() * 1e3,
                                         committed.as_secs_f64() * 1e3,
                                         size
@@ -615,8 +634,10 @@ pub fn run(
         // Completions only of a pool that is on disk.
         if !driver.engine().commit_pending() && !commit_owed {
             for (volume, size) in backend.take_completed() {
+                parked.since.remove(&volume);
                 tracing::info!(
-                    "capacity: parked request of volume {volume} completed at {}",
+                    %volume,
+                    "capacity: parked request completed at {}",
                     Bytes(size)
                 );
                 driver
@@ -635,6 +656,7 @@ pub fn run(
         // Events.
         while let Some(event) = driver.engine_mut().poll_event() {
             log_event(&event, &mut summary);
+            parked.note(&event);
             if matches!(event, SpmEvent::FullScan)
                 && let Err(e) = backend.poll_capacity()
             {
@@ -651,7 +673,8 @@ pub fn run(
         // turn at once.
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
-            let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
+            let answer = serve_admin(backend, &request, failing, &mut commit_owed);
+            let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
@@ -672,15 +695,17 @@ pub fn run(
                 control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
         {
             tracing::info!("control: {request}");
-            let _ = reply.send(serve_admin(backend, &request, failing, &mut commit_owed));
+            let answer = serve_admin(backend, &request, failing, &mut commit_owed);
+            let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
         }
     }
+    notifier.stopping();
     summary.engine = driver.engine().stats();
+    // The core logs being deposed; the error says what it means.
     if driver.engine().is_deposed() {
-        tracing::error!("another SPM took over the domain; this one stands down without writing");
         return Err(BackendError::new(
             "another SPM took over the domain (the SPM header names a higher epoch, or this \
              epoch under another owner); this SPM stood down without committing",
@@ -740,6 +765,41 @@ fn fatal_io(e: crate::io::device::DeviceError) -> BackendError {
 /// failing, requests that change the pool are refused at once (their
 /// commit could not be made), and after a change that failed part way
 /// the pool is committed again before anything more is answered.
+/// Since when each volume's request has been parked (answered *waiting
+/// for space*), for `status`: a request is parked from its first such
+/// reply until a final reply or the capacity that completes it.
+#[derive(Default)]
+struct ParkedAges {
+    since: HashMap<Uuid, std::time::Instant>,
+}
+
+impl ParkedAges {
+    fn note(&mut self, event: &SpmEvent) {
+        if let SpmEvent::Answered { volume, status, .. } = event {
+            if *status == ReplyStatus::WaitingForSpace {
+                self.since
+                    .entry(*volume)
+                    .or_insert_with(std::time::Instant::now);
+            } else {
+                self.since.remove(volume);
+            }
+        }
+    }
+
+    /// A status answer with `parked_age_ms`: each parked volume's age.
+    fn add_ages(&self, request: &Value, mut answer: Value) -> Value {
+        if request["op"] == "status" && answer["ok"] == json!(true) {
+            let ages: serde_json::Map<String, Value> = self
+                .since
+                .iter()
+                .map(|(v, t)| (v.to_string(), json!(t.elapsed().as_millis() as u64)))
+                .collect();
+            answer["parked_age_ms"] = Value::Object(ages);
+        }
+        answer
+    }
+}
+
 fn serve_admin(
     backend: &mut dyn SpmBackend,
     request: &Value,
@@ -842,18 +902,19 @@ fn spm_metrics(
 fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {
     match event {
         SpmEvent::FullScan => tracing::debug!("full scan"),
-        SpmEvent::Defective {
-            host_id,
-            inbox,
-            index,
-            defect,
-        } => tracing::warn!(
-            "host {host_id} {} record {index} is defective ({defect:?}); skipped",
-            if *inbox { "inbox" } else { "outbox" }
+        // The core logs defective records, a defective doorbell and being
+        // deposed.
+        SpmEvent::Defective { .. }
+        | SpmEvent::DoorbellDefective { .. }
+        | SpmEvent::Deposed { .. } => {}
+        SpmEvent::Refused { host_id, slot, why } => tracing::info!(
+            "host {host_id} slot {slot} waits on disk: {}",
+            match why {
+                spmbox_core::spm::Refused::Full => "the request queue is full",
+                spmbox_core::spm::Refused::HostCap => "the host has its share of the queue",
+                _ => "host id or slot out of range",
+            }
         ),
-        SpmEvent::Refused { host_id, slot, why } => {
-            tracing::info!("host {host_id} slot {slot} waits on disk: {why:?}")
-        }
         SpmEvent::Answered {
             host_id,
             slot,
@@ -863,15 +924,14 @@ fn log_event(event: &SpmEvent, summary: &mut SpmSummary) {
         } => {
             summary.replies += 1;
             tracing::info!(
-                "reply: host {host_id} slot {slot} volume {volume}: {status:?} at {}",
+                %volume,
+                "reply to host {host_id} slot {slot}: {} at {}",
+                status.name(),
                 Bytes(*size)
             );
         }
-        SpmEvent::Deposed { epoch, spm_id } => {
-            tracing::error!("deposed by SPM {spm_id} at epoch {epoch}")
-        }
         // An event of a newer core that this shell does not act on yet.
-        other => tracing::info!("SPM engine: {other:?}"),
+        _ => tracing::debug!("an SPM engine event this version does not act on"),
     }
 }
 
@@ -880,5 +940,24 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What the backend did with a job, in words.
+struct JobText(spmbox_core::spm::JobResult);
+
+impl std::fmt::Display for JobText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use spmbox_core::spm::JobResult;
+        match self.0 {
+            JobResult::Extended { size } => write!(f, "extended to {}", Bytes(size)),
+            JobResult::NoSpace { size } => write!(f, "no space, parked at {}", Bytes(size)),
+            JobResult::UnknownVolume => f.write_str("unknown volume"),
+            JobResult::OverLimit { size } => {
+                write!(f, "over the volume's limit, stays at {}", Bytes(size))
+            }
+            JobResult::Malformed => f.write_str("malformed request"),
+            JobResult::Failed { code } => write!(f, "failed with error {code}"),
+        }
     }
 }

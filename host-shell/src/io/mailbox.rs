@@ -698,7 +698,9 @@ fn write_block_record(
 
 /// Refuses to format over anything that looks like a mailbox: a valid
 /// superblock, or a damaged one (the magic is there).
-fn refuse_existing(device: &Device) -> Result<(), MailboxError> {
+/// Refuses a device that already holds a mailbox (valid or with a damaged
+/// superblock): `format` and `pool create` without `--force`.
+pub fn refuse_existing(device: &Device) -> Result<(), MailboxError> {
     let path = device.path().to_owned();
     match read_superblock(device) {
         Ok(existing) => Err(MailboxError::WouldOverwrite {

@@ -779,9 +779,9 @@ impl Vm {
             self.paths.dir.join("check.raw"),
         );
         let (volume, bytes) = (self.volume, self.params.bytes);
-        self.checking = Some(std::thread::spawn(move || {
-            check_image(&qemu_img, &uri, &raw, volume, bytes)
-        }));
+        self.checking = Some(std::thread::spawn(crate::daemon::in_current_span(
+            move || check_image(&qemu_img, &uri, &raw, volume, bytes),
+        )));
         Ok(false)
     }
 

@@ -416,9 +416,9 @@ impl Server {
         let accept = {
             let shared = Arc::clone(&shared);
             let listener = Arc::clone(&listener);
-            std::thread::Builder::new()
-                .name("nbd-accept".into())
-                .spawn(move || accept_loop(&listener, &shared))
+            std::thread::Builder::new().name("nbd-accept".into()).spawn(
+                crate::daemon::in_current_span(move || accept_loop(&listener, &shared)),
+            )
         };
         let accept = match accept {
             Ok(h) => h,
@@ -512,13 +512,13 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         lock(&shared.streams).insert(id, clone);
         shared.connections.fetch_add(1, Ordering::SeqCst);
         let conn_shared = Arc::clone(shared);
-        let spawned = std::thread::Builder::new()
-            .name("nbd-conn".into())
-            .spawn(move || {
+        let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(
+            crate::daemon::in_current_span(move || {
                 serve_connection(stream, &conn_shared);
                 lock(&conn_shared.streams).remove(&id);
                 conn_shared.connections.fetch_sub(1, Ordering::SeqCst);
-            });
+            }),
+        );
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -965,9 +965,8 @@ fn transmission(stream: UnixStream, shared: &Shared) {
     for _ in 0..WORKERS {
         let conn = Arc::clone(&conn);
         let rx = Arc::clone(&rx);
-        let spawned = std::thread::Builder::new()
-            .name("nbd-worker".into())
-            .spawn(move || {
+        let spawned = std::thread::Builder::new().name("nbd-worker".into()).spawn(
+            crate::daemon::in_current_span(move || {
                 loop {
                     // The lock is held only while taking a job.
                     let job = lock(&rx).recv();
@@ -976,7 +975,8 @@ fn transmission(stream: UnixStream, shared: &Shared) {
                         Err(_) => break,
                     }
                 }
-            });
+            }),
+        );
         match spawned {
             Ok(h) => workers.push(h),
             Err(e) => tracing::warn!(error = %e, "cannot start an NBD worker thread"),

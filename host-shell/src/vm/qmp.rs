@@ -123,7 +123,7 @@ impl Qmp {
         let (answer_tx, answers) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("qmp-reader".into())
-            .spawn(move || {
+            .spawn(crate::daemon::in_current_span(move || {
                 while let Ok(line) = read_line(&mut reader) {
                     let Ok(message) = serde_json::from_str::<Value>(&line) else {
                         tracing::warn!("QMP: ignoring a line that is not JSON: {line:.200}");
@@ -139,7 +139,7 @@ impl Qmp {
                     }
                 }
                 on_message(QmpMessage::Closed);
-            })
+            }))
             .map_err(io)?;
         let mut qmp = Qmp {
             path: name,
