@@ -105,6 +105,11 @@ pub const TARGETED_READS: usize = 64;
 /// request that arrives during a scan of 2000 hosts waits for one step,
 /// not for the whole scan.
 pub const SCAN_STEP_HOSTS: u16 = 64;
+/// How long a batch that opened during a full scan may wait for the scan's
+/// later steps before it is committed: a scan of 2000 hosts takes tens of
+/// steps, and committing after each would pay a durable write per step;
+/// waiting for the whole scan would hold a reply for all of it.
+pub const SCAN_BATCH_WAIT: Duration = Duration::from_millis(4);
 /// Events kept until polled; past that the oldest are dropped (counted).
 pub const EVENTS: usize = 64;
 /// Words of the bit set of hosts with requests the per-host cap left on
@@ -483,6 +488,10 @@ pub struct Spm<const QUEUE: usize> {
     /// Jobs handed out in the current batch.
     batch_jobs: usize,
     batch: Batch,
+    /// When the open batch got its first result, and the latest time the
+    /// engine was told of.
+    batch_opened: Instant,
+    now_seen: Instant,
     /// The fencing read of the SPM header was handed out and not yet
     /// handled.
     header_asked: bool,
@@ -578,6 +587,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             jobs_running: 0,
             batch_jobs: 0,
             batch: Batch::Idle,
+            batch_opened: now,
+            now_seen: now,
             header_asked: false,
             fenced: false,
             last_own_header: now,
@@ -700,6 +711,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if self.deposed {
             return None;
         }
+        self.now_seen = self.now_seen.max(now);
         self.handle_timeout(now);
         if (self.fenced || (self.batch == Batch::Fence && self.confirmed)) && !self.header_asked {
             // Fencing: the header is read before the next write, and
@@ -804,6 +816,13 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     }
 
     /// Requests are likely waiting on disk and the queue has room.
+    /// An open batch waits for the later steps of a full scan in progress
+    /// (they may add jobs to it), for at most [`SCAN_BATCH_WAIT`].
+    fn batch_waits_for_scan(&self) -> bool {
+        (self.scan_left > 0 || self.scan_closing)
+            && self.now_seen.saturating_since(self.batch_opened) < SCAN_BATCH_WAIT
+    }
+
     fn backlog_due(&self) -> bool {
         self.backlog && self.queue.len() <= QUEUE / 2
     }
@@ -821,7 +840,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             .min(self.next_scan)
             .min(self.next_heartbeat);
         let commit_due = match self.batch {
-            Batch::Open => self.jobs_running == 0,
+            Batch::Open => self.jobs_running == 0 && !self.batch_waits_for_scan(),
             Batch::Closed | Batch::Ready => true,
             Batch::Fence => !self.header_asked,
             Batch::Idle | Batch::Committing => false,
@@ -1152,6 +1171,10 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             return;
         }
         self.jobs_running -= 1;
+        self.now_seen = self.now_seen.max(now);
+        if self.batch == Batch::Idle {
+            self.batch_opened = now;
+        }
         self.batch = Batch::Open;
         let mut answered = false;
         for e in self.queue.entries_mut().iter_mut() {
@@ -1209,7 +1232,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             return None;
         }
         match self.batch {
-            Batch::Open if self.jobs_running == 0 => {
+            Batch::Open if self.jobs_running == 0 && !self.batch_waits_for_scan() => {
                 self.batch = Batch::Fence;
                 self.header_asked = false;
                 None
