@@ -746,6 +746,61 @@ fn a_full_scan_goes_in_steps_and_a_ring_during_it_is_served_before_it_ends() {
     assert_eq!(spm.stats().full_scans, 1);
 }
 
+#[test]
+fn a_batch_that_opens_during_a_scan_waits_for_its_later_steps_but_not_long() {
+    use spmbox_core::spm::SCAN_BATCH_WAIT;
+    // Requests of host 10 (the scan's first step) and host 1990 (its last).
+    let run = |step_time: Duration| -> Vec<usize> {
+        let mut disk = Disk::new(2000);
+        for (h, v) in [(10u16, 1u8), (1990, 2)] {
+            disk.host_start(h, 1);
+            disk.send(&request(h, 1, v, 2));
+        }
+        let mut spm = start(&mut disk, ms(0));
+        let mut t = ms(0);
+        let mut commits = Vec::new();
+        for _ in 0..200 {
+            if let Some(io) = spm.poll_io(t) {
+                match io {
+                    SpmIo::ReadDoorbell => spm.handle_doorbell(t, disk.record(DOORBELL_OFFSET)),
+                    SpmIo::ReadSpmHeader => {
+                        spm.handle_spm_header(t, disk.record(SPM_HEADER_OFFSET))
+                    }
+                    SpmIo::ReadHosts { first_host, count } => {
+                        let g = disk.geometry;
+                        let inbox = disk
+                            .region(g.inbox_offset(), first_host.get(), count)
+                            .to_vec();
+                        let outbox = disk
+                            .region(g.outbox_offset(), first_host.get(), count)
+                            .to_vec();
+                        spm.handle_hosts(t, first_host, &inbox, &outbox);
+                    }
+                }
+            }
+            while let Some(job) = spm.poll_job() {
+                let size = job.target_size;
+                spm.handle_job_result(t, job.volume, JobResult::Extended { size });
+            }
+            if let Some(c) = spm.poll_commit() {
+                commits.push(c.jobs);
+                spm.handle_committed(t, 0);
+            }
+            while let Some(w) = spm.poll_write() {
+                disk.put(w.offset, &w.record);
+            }
+            t = t + step_time;
+        }
+        commits
+    };
+    // Steps 50 µs apart: the whole scan fits in the wait, one commit.
+    assert_eq!(run(Duration::from_micros(50)), vec![2]);
+    // Steps 1 ms apart: the first request does not wait for the last step.
+    let slow = run(Duration::from_millis(1));
+    assert_eq!(slow, vec![1, 1], "{slow:?}");
+    assert!(SCAN_BATCH_WAIT < Duration::from_millis(31));
+}
+
 fn disk_has_ring(disk: &Disk) -> bool {
     disk.record(DOORBELL_OFFSET).iter().any(|&b| b != 0)
 }
