@@ -102,25 +102,30 @@ fn request(host_id: u16, slot: u16, volume: u8, target_gib: u64) -> Request {
     }
 }
 
+/// Does one read the engine asked for at `now`.
+fn read_one(spm: &mut Spm<64>, disk: &Disk, io: SpmIo, now: Instant) {
+    match io {
+        SpmIo::ReadDoorbell => spm.handle_doorbell(now, disk.record(DOORBELL_OFFSET)),
+        SpmIo::ReadSpmHeader => spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET)),
+        SpmIo::ReadHosts { first_host, count } => {
+            let g = disk.geometry;
+            let inbox = disk
+                .region(g.inbox_offset(), first_host.get(), count)
+                .to_vec();
+            let outbox = disk
+                .region(g.outbox_offset(), first_host.get(), count)
+                .to_vec();
+            spm.handle_hosts(now, first_host, &inbox, &outbox);
+        }
+    }
+}
+
 /// Does every read the engine asks for at `now`; whether there was one.
 fn read_all(spm: &mut Spm<64>, disk: &Disk, now: Instant) -> bool {
     let mut any = false;
     while let Some(io) = spm.poll_io(now) {
         any = true;
-        match io {
-            SpmIo::ReadDoorbell => spm.handle_doorbell(now, disk.record(DOORBELL_OFFSET)),
-            SpmIo::ReadSpmHeader => spm.handle_spm_header(now, disk.record(SPM_HEADER_OFFSET)),
-            SpmIo::ReadHosts { first_host, count } => {
-                let g = disk.geometry;
-                let inbox = disk
-                    .region(g.inbox_offset(), first_host.get(), count)
-                    .to_vec();
-                let outbox = disk
-                    .region(g.outbox_offset(), first_host.get(), count)
-                    .to_vec();
-                spm.handle_hosts(now, first_host, &inbox, &outbox);
-            }
-        }
+        read_one(spm, disk, io, now);
     }
     any
 }
@@ -703,28 +708,17 @@ fn a_full_scan_goes_in_steps_and_a_ring_during_it_is_served_before_it_ends() {
     disk.host_start(1999, 1);
     let r = request(1999, 1, 9, 2);
     while let Some(io) = spm.poll_io(t) {
-        match io {
-            SpmIo::ReadDoorbell => spm.handle_doorbell(t, disk.record(DOORBELL_OFFSET)),
-            SpmIo::ReadSpmHeader => spm.handle_spm_header(t, disk.record(SPM_HEADER_OFFSET)),
-            SpmIo::ReadHosts { first_host, count } => {
-                let g = disk.geometry;
-                let inbox = disk
-                    .region(g.inbox_offset(), first_host.get(), count)
-                    .to_vec();
-                let outbox = disk
-                    .region(g.outbox_offset(), first_host.get(), count)
-                    .to_vec();
-                spm.handle_hosts(t, first_host, &inbox, &outbox);
-                if count == 1 {
-                    ring_served_at = Some(steps.len());
-                } else {
-                    steps.push((first_host.get(), count));
-                }
-                if steps.len() == 3 && ring_served_at.is_none() && !disk_has_ring(&disk) {
-                    // Host 1999 sends and rings while the scan is at host 193.
-                    disk.send(&r);
-                    disk.ring(&r);
-                }
+        read_one(&mut spm, &disk, io, t);
+        if let SpmIo::ReadHosts { first_host, count } = io {
+            if count == 1 {
+                ring_served_at = Some(steps.len());
+            } else {
+                steps.push((first_host.get(), count));
+            }
+            if steps.len() == 3 && ring_served_at.is_none() && !disk_has_ring(&disk) {
+                // Host 1999 sends and rings while the scan is at host 193.
+                disk.send(&r);
+                disk.ring(&r);
             }
         }
         t = t + Duration::from_micros(300);
@@ -761,22 +755,7 @@ fn a_batch_that_opens_during_a_scan_waits_for_its_later_steps_but_not_long() {
         let mut commits = Vec::new();
         for _ in 0..200 {
             if let Some(io) = spm.poll_io(t) {
-                match io {
-                    SpmIo::ReadDoorbell => spm.handle_doorbell(t, disk.record(DOORBELL_OFFSET)),
-                    SpmIo::ReadSpmHeader => {
-                        spm.handle_spm_header(t, disk.record(SPM_HEADER_OFFSET))
-                    }
-                    SpmIo::ReadHosts { first_host, count } => {
-                        let g = disk.geometry;
-                        let inbox = disk
-                            .region(g.inbox_offset(), first_host.get(), count)
-                            .to_vec();
-                        let outbox = disk
-                            .region(g.outbox_offset(), first_host.get(), count)
-                            .to_vec();
-                        spm.handle_hosts(t, first_host, &inbox, &outbox);
-                    }
-                }
+                read_one(&mut spm, &disk, io, t);
             }
             while let Some(job) = spm.poll_job() {
                 let size = job.target_size;

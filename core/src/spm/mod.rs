@@ -453,16 +453,7 @@ pub fn start_header(found: Option<SpmHeader>, floor: Epoch, domain: Uuid) -> Opt
             h.epoch = h.epoch.max(floor);
             Some(h)
         }
-        None if floor > Epoch::ZERO => Some(SpmHeader {
-            domain,
-            epoch: floor,
-            spm_id: HostId::NONE,
-            state: SpmState::Vacant,
-            heartbeat_interval_ms: 0,
-            heartbeat: 0,
-            owner: 0,
-            pool_commit: 0,
-        }),
+        None if floor > Epoch::ZERO => Some(SpmHeader::vacant(domain, floor)),
         None => None,
     }
 }

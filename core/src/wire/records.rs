@@ -311,6 +311,22 @@ pub struct SpmHeader {
 }
 
 impl SpmHeader {
+    /// A vacant header at `epoch`: what `spmbox format` writes (epoch 0),
+    /// and what a new SPM starts from when it found no header but knows
+    /// an epoch it must be above.
+    pub const fn vacant(domain: Uuid, epoch: Epoch) -> SpmHeader {
+        SpmHeader {
+            domain,
+            epoch,
+            spm_id: HostId::NONE,
+            state: SpmState::Vacant,
+            heartbeat_interval_ms: 0,
+            heartbeat: 0,
+            owner: 0,
+            pool_commit: 0,
+        }
+    }
+
     fn from_raw(raw: &raw::RawSpmHeader) -> Result<Self, Field> {
         check_domain_wide(
             Uuid(raw.prefix.domain),

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use spmbox_core::wire::{
-    AREA_SIZE, Defect, Epoch, Geometry, HostId, INBOX_OFFSET, MAGIC, RECORD_LEN,
-    SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, SpmHeader, SpmState, Superblock, Uuid,
+    AREA_SIZE, Defect, Epoch, Geometry, INBOX_OFFSET, MAGIC, RECORD_LEN, SUPERBLOCK_BACKUP_OFFSET,
+    SUPERBLOCK_OFFSET, SpmHeader, Superblock, Uuid,
 };
 
 use crate::io::device::{Access, AlignedBuf, Device, DeviceError, DeviceKind};
@@ -529,16 +529,7 @@ fn format_device(
         }
     }
     // 3. A vacant SPM header at epoch 0.
-    let spm = SpmHeader {
-        domain,
-        epoch: Epoch::ZERO,
-        spm_id: HostId::NONE,
-        state: SpmState::Vacant,
-        heartbeat_interval_ms: 0,
-        heartbeat: 0,
-        owner: 0,
-        pool_commit: 0,
-    };
+    let spm = SpmHeader::vacant(domain, Epoch::ZERO);
     write_block_record(
         device,
         spmbox_core::wire::SPM_HEADER_OFFSET,
