@@ -316,3 +316,73 @@ pub fn assert_no_failures(what: &str, total: usize, failures: &[String]) {
         failures.join("\n  ")
     );
 }
+
+/// The `*.bin` files in `dir`, by name.
+pub fn bin_files(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").file_name())
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| name.ends_with(".bin"))
+        .collect()
+}
+
+/// Where two byte strings first differ (the shorter one's length if one is
+/// a prefix of the other).
+pub fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
+}
+
+/// Runs the vector generator `script` with `--out out` (a directory it
+/// replaces, and removes afterwards) and compares what it writes, every
+/// `*.bin` and `manifest.json`, with the files committed in `committed`:
+/// the files compared and what differs. `None` when `python3` is not
+/// installed.
+pub fn regenerate(script: &Path, committed: &Path, out: &Path) -> Option<(usize, Vec<String>)> {
+    let _ = std::fs::remove_dir_all(out);
+    let output = match std::process::Command::new("python3")
+        .arg(script)
+        .arg("--out")
+        .arg(out)
+        .output()
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("cannot run python3 {}: {e}", script.display()),
+        Ok(output) => output,
+    };
+    assert!(
+        output.status.success(),
+        "{} --out {} failed ({}):\n{}",
+        script.display(),
+        out.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut names = bin_files(committed);
+    names.extend(bin_files(out));
+    names.insert("manifest.json".into());
+    let mut failures = Vec::new();
+    for name in &names {
+        match (
+            std::fs::read(committed.join(name)),
+            std::fs::read(out.join(name)),
+        ) {
+            (Ok(committed), Ok(generated)) if committed == generated => {}
+            (Ok(committed), Ok(generated)) => failures.push(format!(
+                "{name}: the generator writes other bytes ({} bytes, committed {}; first \
+                 difference at byte {})",
+                generated.len(),
+                committed.len(),
+                first_difference(&generated, &committed)
+            )),
+            (Err(_), Ok(_)) => failures.push(format!("{name}: generated but not committed")),
+            (Ok(_), Err(_)) => failures.push(format!("{name}: committed but not generated")),
+            (Err(e), Err(_)) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(out);
+    Some((names.len(), failures))
+}

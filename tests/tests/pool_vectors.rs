@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -17,7 +16,7 @@ use spmbox_core::pool::{
     CopyDefect, DEFAULT_EXTENT_SIZE, DefaultPool, Invariant, METADATA_COPY_SIZE, PoolError,
 };
 use spmbox_core::wire::{Geometry, Uuid};
-use spmbox_tests::vectors::{assert_no_failures, show, uuid};
+use spmbox_tests::vectors::{assert_no_failures, bin_files, regenerate, show, uuid};
 
 fn pool_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -490,18 +489,6 @@ fn the_layouts_and_limits_are_the_reference_ones() {
     }
 }
 
-fn bin_files(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".bin"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn every_pool_vector_file_is_in_the_manifest() {
     let manifest = load();
@@ -526,52 +513,18 @@ fn the_pool_generator_reproduces_the_committed_files() {
         .parent()
         .expect("tests/vectors")
         .join("generate_pool.py");
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("spmbox-pool-vectors-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&out);
-    let run = Command::new("python3")
-        .arg(&script)
-        .arg("--out")
-        .arg(&out)
-        .output();
-    let output = match run {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("skipped: generator reproducibility: python3 not found");
-            return;
-        }
-        Err(e) => panic!("cannot run python3 {}: {e}", script.display()),
-        Ok(output) => output,
+    let Some((files, failures)) = regenerate(
+        &script,
+        &pool_dir(),
+        &Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("spmbox-pool-vectors-{}", std::process::id())),
+    ) else {
+        println!("skipped: generator reproducibility: python3 not found");
+        return;
     };
-    assert!(
-        output.status.success(),
-        "{} --out {} failed ({}):\n{}",
-        script.display(),
-        out.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let committed = pool_dir();
-    let mut names = bin_files(&committed);
-    names.extend(bin_files(&out));
-    names.insert("manifest.json".into());
-    let mut failures = Vec::new();
-    for name in &names {
-        match (fs::read(committed.join(name)), fs::read(out.join(name))) {
-            (Ok(c), Ok(g)) if c == g => {}
-            (Ok(c), Ok(g)) => failures.push(format!(
-                "{name}: the generator writes other bytes ({} bytes, committed {})",
-                g.len(),
-                c.len()
-            )),
-            (Err(_), Ok(_)) => failures.push(format!("{name}: generated but not committed")),
-            (Ok(_), Err(_)) => failures.push(format!("{name}: committed but not generated")),
-            (Err(e), Err(_)) => failures.push(format!("{name}: {e}")),
-        }
-    }
-    let _ = fs::remove_dir_all(&out);
     assert_no_failures(
         "files (rerun python3 tests/vectors/generate_pool.py and review the diff)",
-        names.len(),
+        files,
         &failures,
     );
 }

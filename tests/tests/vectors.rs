@@ -4,17 +4,16 @@
 //! orphan files, and the generator reproducing the committed bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use spmbox_core::wire::{
     AREA_SIZE, Area, CRC32C, Defect, FORMAT_VERSION, HostId, InboxArea, OutboxArea, RECORD_LEN,
     Record, SLOTS_PER_AREA, Slot, SlotRecord, SlotState,
 };
 use spmbox_tests::vectors::{
-    AreaEntry, Parsed, SlotEntry, assert_no_failures, check_defect, check_outcome, decode_as,
-    describe, emit, load_manifest, parse_at, place, read_vector, show, uuid, vectors_dir,
+    AreaEntry, Parsed, SlotEntry, assert_no_failures, bin_files, check_defect, check_outcome,
+    decode_as, describe, emit, first_difference, load_manifest, parse_at, place, read_vector,
+    regenerate, show, uuid, vectors_dir,
 };
 
 /// Checks one record vector; `Err` says what is wrong.
@@ -67,13 +66,6 @@ fn show_at(entry: &spmbox_tests::vectors::RecordEntry) -> String {
         "{} of host {} index {} in {}",
         at.kind, at.host_id, at.index, at.domain
     )
-}
-
-fn first_difference(a: &[u8], b: &[u8]) -> usize {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()))
 }
 
 #[test]
@@ -239,15 +231,6 @@ fn every_area_vector_reads_as_the_manifest_says() {
     assert_no_failures("area vectors", manifest.areas.len(), &failures);
 }
 
-fn bin_files(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| e.expect("directory entry").file_name())
-        .filter_map(|name| name.into_string().ok())
-        .filter(|name| name.ends_with(".bin"))
-        .collect()
-}
-
 #[test]
 fn every_vector_file_is_in_the_manifest_and_every_entry_has_its_file() {
     let manifest = load_manifest();
@@ -358,55 +341,18 @@ fn the_vectors_cover_every_kind_verdict_and_reply_status() {
 
 #[test]
 fn the_generator_reproduces_the_committed_vectors() {
-    let script = vectors_dir().join("generate.py");
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("spmbox-vectors-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&out);
-    let run = Command::new("python3")
-        .arg(&script)
-        .arg("--out")
-        .arg(&out)
-        .output();
-    let output = match run {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("skipped: generator reproducibility: python3 not found");
-            return;
-        }
-        Err(e) => panic!("cannot run python3 {}: {e}", script.display()),
-        Ok(output) => output,
+    let Some((files, failures)) = regenerate(
+        &vectors_dir().join("generate.py"),
+        &vectors_dir(),
+        &Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("spmbox-vectors-{}", std::process::id())),
+    ) else {
+        println!("skipped: generator reproducibility: python3 not found");
+        return;
     };
-    assert!(
-        output.status.success(),
-        "{} --out {} failed ({}):\n{}",
-        script.display(),
-        out.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let committed_dir = vectors_dir();
-    let mut names = bin_files(&committed_dir);
-    names.extend(bin_files(&out));
-    names.insert("manifest.json".into());
-    let mut failures = Vec::new();
-    for name in &names {
-        match (fs::read(committed_dir.join(name)), fs::read(out.join(name))) {
-            (Ok(committed), Ok(generated)) if committed == generated => {}
-            (Ok(committed), Ok(generated)) => failures.push(format!(
-                "{name}: the generator writes other bytes ({} bytes, committed {}; first \
-                 difference at byte {})",
-                generated.len(),
-                committed.len(),
-                first_difference(&generated, &committed)
-            )),
-            (Err(_), Ok(_)) => failures.push(format!("{name}: generated but not committed")),
-            (Ok(_), Err(_)) => failures.push(format!("{name}: committed but not generated")),
-            (Err(e), Err(_)) => failures.push(format!("{name}: {e}")),
-        }
-    }
-    let _ = fs::remove_dir_all(&out);
     assert_no_failures(
         "files (rerun python3 tests/vectors/generate.py and review the diff)",
-        names.len(),
+        files,
         &failures,
     );
 }
