@@ -517,20 +517,18 @@ fn rings_that_collide_bring_a_full_scan_forward() {
         "one new ring is no sign of collisions"
     );
     // Host 5 rings before the next doorbell read: two reads in a row with
-    // a new ring, so the full scan comes 50 ms after the last one instead
-    // of 15 s.
+    // a new ring, so the full scan comes at once instead of in 15 s.
     disk.host_start(5, 1);
     let r = request(5, 1, 5, 2);
     disk.send(&r);
     disk.ring(&r);
     let jobs = step(&mut spm, &mut disk, ms(10));
-    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs.len(),
+        3,
+        "host 5's, and hosts 2 and 3 found by the scan"
+    );
     assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
-    let mut t = 15;
-    while t <= 50 {
-        step(&mut spm, &mut disk, ms(t));
-        t += 5;
-    }
     assert_eq!(spm.stats().full_scans, 2, "the scan brought forward ran");
     assert_eq!(
         spm.queue_len(),
@@ -738,6 +736,85 @@ fn a_full_scan_goes_in_steps_and_a_ring_during_it_is_served_before_it_ends() {
     );
     assert_eq!(spm.queue_len(), 1);
     assert_eq!(spm.stats().full_scans, 1);
+}
+
+#[test]
+fn a_full_scan_keeps_going_while_rings_come_faster_than_the_doorbell_is_read() {
+    use spmbox_core::spm::SCAN_STEP_HOSTS;
+    let mut disk = Disk::new(2000);
+    let mut spm = start(&mut disk, ms(0));
+    // A new ring before every read, each read 300 µs after the last: the
+    // doorbell is always due at its fast interval. The scan's steps must
+    // still come, one between every two other reads.
+    let steps_needed = 2000u16.div_ceil(SCAN_STEP_HOSTS) as usize;
+    let (mut steps, mut others) = (0usize, 0usize);
+    let mut t = ms(0);
+    let mut n = 0u16;
+    while steps < steps_needed && others < 4 * steps_needed {
+        n += 1;
+        let host = 1 + (n % 2000);
+        let mut r = request(host, 1, (host % 250) as u8, 2);
+        r.sequence = u64::from(n);
+        disk.ring(&r);
+        let Some(io) = spm.poll_io(t) else {
+            t = t + Duration::from_micros(300);
+            continue;
+        };
+        read_one(&mut spm, &disk, io, t);
+        match io {
+            SpmIo::ReadHosts { count, .. } if count > 1 || steps_needed == 1 => steps += 1,
+            SpmIo::ReadHosts { .. } | SpmIo::ReadDoorbell | SpmIo::ReadSpmHeader => others += 1,
+        }
+        t = t + Duration::from_micros(300);
+    }
+    assert_eq!(
+        steps, steps_needed,
+        "the scan finished: {steps} steps among {others} other reads"
+    );
+    assert!(others <= 2 * steps_needed + 2, "{others} other reads");
+}
+
+#[test]
+fn colliding_rings_after_a_quiet_spell_are_scanned_for_at_once_and_then_at_the_average_pace() {
+    let config = SpmConfig::default();
+    let busy = config.busy_scan_interval;
+    let mut disk = Disk::new(8);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    assert_eq!(spm.stats().full_scans, 1);
+    // Two rings in a row, 10 ms after the first full scan: a burst after
+    // a quiet spell is scanned for at once, not `busy` after the last
+    // scan.
+    let mut t = ms(10);
+    let mut seq = 0;
+    let mut ring_twice = |spm: &mut Spm<64>, disk: &mut Disk, t: &mut Instant| {
+        for h in [2u16, 3] {
+            seq += 1;
+            let mut r = request(h, 1, h as u8, 2);
+            r.sequence = seq;
+            disk.ring(&r);
+            step(spm, disk, *t);
+            *t = *t + Duration::from_micros(250);
+        }
+    };
+    ring_twice(&mut spm, &mut disk, &mut t);
+    assert_eq!(spm.stats().busy_scans, 1);
+    assert_eq!(
+        spm.stats().full_scans,
+        2,
+        "scanned at once: {:?}",
+        spm.stats()
+    );
+    // A second burst right after it is still within the allowance.
+    ring_twice(&mut spm, &mut disk, &mut t);
+    assert_eq!(spm.stats().full_scans, 3, "{:?}", spm.stats());
+    // A third has to wait for the allowance to refill: one scan per
+    // `busy` on average.
+    ring_twice(&mut spm, &mut disk, &mut t);
+    assert_eq!(spm.stats().full_scans, 3, "{:?}", spm.stats());
+    let refilled = ms(10) + busy + busy;
+    step(&mut spm, &mut disk, refilled);
+    assert_eq!(spm.stats().full_scans, 4, "{:?}", spm.stats());
 }
 
 #[test]

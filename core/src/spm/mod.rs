@@ -137,6 +137,13 @@ pub mod errno {
 /// taken as a sign that rings collide ([`SpmConfig::busy_scan_interval`]).
 pub const RING_WINDOW_READS: u32 = 4;
 
+/// How many full scans brought forward by colliding rings may run back to
+/// back after a quiet spell; after that they come at most one per
+/// [`SpmConfig::busy_scan_interval`] on average. A burst of rings after a
+/// quiet spell is so scanned for at once, while a steady stream of
+/// collisions reads no more than the interval allows.
+pub const BUSY_SCAN_BURST: u32 = 2;
+
 /// How the SPM engine paces itself.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -151,13 +158,14 @@ pub struct SpmConfig {
     pub per_host_cap: usize,
     /// The most jobs running at once.
     pub max_jobs: usize,
-    /// The shortest time between full scans while rings collide. The
+    /// The average time between full scans while rings collide. The
     /// doorbell holds one ring, so when two new rings are read within
     /// [`RING_WINDOW_READS`] doorbell intervals of each other, rings are
     /// arriving about as fast as they are read and some were likely
     /// overwritten (hosts that rang at the same moment ring again within
-    /// a few intervals); the next full scan is then brought forward to at
-    /// most this long after the previous one. Zero turns it off. Default
+    /// a few intervals); the next full scan is then brought forward: at
+    /// once while the allowance of [`BUSY_SCAN_BURST`] scans lasts, which
+    /// refills by one scan per this interval. Zero turns it off. Default
     /// 50 ms.
     pub busy_scan_interval: Duration,
     /// How often the doorbell is read once no new ring has been seen for
@@ -502,6 +510,15 @@ pub struct Spm<const QUEUE: usize> {
     doorbell_defect: Option<Defect>,
     /// When the last full scan was handed out.
     last_full_scan: Instant,
+    /// The allowance of full scans brought forward by colliding rings:
+    /// one more may start at `busy_allowance - (BUSY_SCAN_BURST - 1) *
+    /// busy_scan_interval` (a scan takes one interval off it).
+    busy_allowance: Instant,
+    /// A read other than a scan step was handed out while a full scan
+    /// runs: the next read is the scan's next step, so that a doorbell
+    /// read often during a burst of rings, and the targeted reads the
+    /// rings ask for, do not hold the scan back.
+    step_owed: bool,
     /// When the doorbell last showed a new ring (or the engine started).
     last_ring: Instant,
     /// A scan since the last full scan found the queue full (requests
@@ -590,6 +607,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             last_doorbell: None,
             doorbell_defect: None,
             last_full_scan: Instant::ZERO,
+            busy_allowance: Instant::ZERO,
+            step_owed: false,
             last_ring: now,
             backlog: false,
             found: 0,
@@ -749,8 +768,12 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.stats.full_scans += 1;
             self.event(SpmEvent::FullScan);
         }
+        if self.step_owed && self.scan_left > 0 {
+            return Some(self.scan_step());
+        }
         if let Some(host) = self.targeted.pop_front() {
             self.stats.targeted_reads += 1;
+            self.step_owed = self.scan_left > 0;
             return Some(SpmIo::ReadHosts {
                 first_host: host,
                 count: 1,
@@ -768,20 +791,28 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                     .min(self.config.doorbell_interval)
             };
             self.next_doorbell = now + interval;
+            self.step_owed = self.scan_left > 0;
             return Some(SpmIo::ReadDoorbell);
         }
         if self.scan_left > 0 {
-            let hosts = self.geometry.max_hosts();
-            let count = SCAN_STEP_HOSTS
-                .min(self.scan_left)
-                .min(hosts - self.scan_next);
-            let first_host = HostId::new(self.scan_next + 1);
-            self.scan_left -= count;
-            self.scan_next = (self.scan_next + count) % hosts;
-            self.scan_closing = self.scan_left == 0;
-            return Some(SpmIo::ReadHosts { first_host, count });
+            return Some(self.scan_step());
         }
         None
+    }
+
+    /// The next step of the running full scan (`scan_left` is nonzero).
+    fn scan_step(&mut self) -> SpmIo {
+        self.step_owed = false;
+        let hosts = self.geometry.max_hosts();
+        let count = SCAN_STEP_HOSTS
+            .min(self.scan_left)
+            .min(hosts.saturating_sub(self.scan_next))
+            .max(1);
+        let first_host = HostId::new(self.scan_next + 1);
+        self.scan_left = self.scan_left.saturating_sub(count);
+        self.scan_next = (self.scan_next + count) % hosts.max(1);
+        self.scan_closing = self.scan_left == 0;
+        SpmIo::ReadHosts { first_host, count }
     }
 
     /// Time has passed: an SPM that has not read its own header back for
@@ -897,10 +928,15 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         );
         let busy = self.config.busy_scan_interval;
         if close && !busy.is_zero() {
-            // Rings collide: scan soon, but not more often than `busy`.
-            let at = (self.last_full_scan + busy).max(now);
+            // Rings collide: scan at once while the allowance lasts, and
+            // no more often than `busy` on average.
+            let tolerance = busy
+                .checked_mul(BUSY_SCAN_BURST.saturating_sub(1))
+                .unwrap_or(Duration::MAX);
+            let at = (self.busy_allowance - tolerance).max(now);
             if at < self.next_scan {
                 self.next_scan = at;
+                self.busy_allowance = self.busy_allowance.max(at) + busy;
                 self.stats.busy_scans += 1;
             }
         }
