@@ -141,8 +141,10 @@ pub struct HostConfig {
     /// by up to 15/16 by a hash of the host id and the request's sequence,
     /// so that hosts whose rings collided do not ring again in step and
     /// collide again. Costs one sector write per ring. Zero turns it off.
-    /// Default 10 ms (two doorbell reads at the SPM's default 5 ms): a
-    /// lost ring is rung again after 10 to 19 ms.
+    /// Default 5 ms (one doorbell read at the SPM's slowest pace while
+    /// busy, 20 at its fastest): a lost ring is rung again after 5 to
+    /// 9.7 ms, and when many rang at once, the first rings again tell the
+    /// SPM that rings collide (docs/protocol.md 1.2).
     pub ring_retry: Duration,
     /// How often the host raises the heartbeat in its inbox header (the
     /// builtin lease on its host id): each time it first reads the header
@@ -167,7 +169,7 @@ impl Default for HostConfig {
             resend_timeout: Duration::from_secs(2),
             max_resend_timeout: Duration::from_secs(30),
             remind_interval: Duration::from_secs(10),
-            ring_retry: Duration::from_millis(10),
+            ring_retry: Duration::from_millis(5),
             lease_interval: Duration::from_secs(1),
             spm_header_interval: Duration::from_secs(1),
         }
