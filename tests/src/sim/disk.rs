@@ -101,12 +101,9 @@ pub struct SimFaults {
 impl SimFaults {
     /// The same place in another host's area of the same region, if the
     /// offset is in a host area and there is another host.
-    fn misdirect(&mut self, offset: u64) -> Option<u64> {
+    fn misdirect(&mut self, offset: u64, len: usize) -> Option<u64> {
         let g = self.geometry;
         let hosts = u64::from(g.max_hosts());
-        if hosts < 2 {
-            return None;
-        }
         let area = AREA_SIZE as u64;
         let region = if (g.inbox_offset()..g.outbox_offset()).contains(&offset) {
             g.inbox_offset()
@@ -115,9 +112,18 @@ impl SimFaults {
         } else {
             return None;
         };
+        // The whole write lands in the same region, at another host's
+        // place: a write of several areas (merged replies) misdirected
+        // near the region's end must not run past it (into the pool's
+        // metadata after the outbox, or into the outbox from the inbox).
         let host = (offset - region) / area;
-        let other = (host + 1 + self.rng.below(hosts - 1)) % hosts;
-        Some(region + other * area + (offset - region) % area)
+        let within = (offset - region) % area;
+        let places = (hosts * area).checked_sub(within + len as u64)? / area + 1;
+        if places < 2 || host >= places {
+            return None;
+        }
+        let other = (host + 1 + self.rng.below(places - 1)) % places;
+        Some(region + other * area + within)
     }
 }
 
@@ -141,7 +147,7 @@ impl testing::Faults for SimFaults {
             };
         }
         if self.rng.chance(rates.misdirected_ppm)
-            && let Some(other) = self.misdirect(offset)
+            && let Some(other) = self.misdirect(offset, len)
         {
             self.counts.misdirected += 1;
             return WriteFault::Misdirected { offset: other };
@@ -457,6 +463,35 @@ mod tests {
             .filter(|&h| disk.record(g.inbox_area(HostId::new(h)).unwrap()) == [9; RECORD_LEN])
             .count();
         assert_eq!(hits, 1);
+    }
+
+    #[test]
+    fn a_misdirected_write_of_several_areas_stays_in_its_region() {
+        // Replies merged over hosts 2..=4 of 4: misdirected, they land at
+        // hosts 1..=3, never past the outbox's end into what follows the
+        // mailbox (the pool's metadata), which seed 82 of the simulation
+        // once found zeroed by such a write.
+        let g = Geometry::new(4, 512).unwrap();
+        let extra = 3 * AREA_SIZE;
+        for seed in 0..64 {
+            let mut disk = SimDisk::new(g, extra, Rng::new(seed));
+            disk.set_faults(Faults {
+                misdirected_ppm: 1_000_000,
+                ..Faults::NONE
+            });
+            let offset = g.outbox_area(HostId::new(2)).unwrap();
+            disk.write(offset, &[9; 3 * AREA_SIZE]);
+            let end = g.mailbox_size();
+            assert!(
+                disk.read(end, extra).iter().all(|&b| b == 0),
+                "seed {seed}: the write ran past the mailbox"
+            );
+            assert_eq!(
+                disk.record(g.outbox_area(HostId::new(1)).unwrap()),
+                &[9; RECORD_LEN],
+                "seed {seed}: hosts 1..=3 is the one other place it fits"
+            );
+        }
     }
 
     #[test]
