@@ -857,6 +857,49 @@ fn a_batch_that_opens_during_a_scan_waits_for_its_later_steps_but_not_long() {
     assert!(SCAN_BATCH_WAIT < Duration::from_millis(31));
 }
 
+#[test]
+fn a_batch_does_not_wait_for_a_scan_that_has_found_nothing() {
+    // A scan of 2000 empty hosts, one step per millisecond; host 1990
+    // sends and rings during it. The scan has found nothing, so its later
+    // steps are not waited for: the reply goes out at once, not after
+    // SCAN_BATCH_WAIT.
+    let mut disk = Disk::new(2000);
+    let mut spm = start(&mut disk, ms(0));
+    let mut t = ms(0);
+    let (mut job_at, mut commit_at) = (None, None);
+    for n in 0..60 {
+        if n == 3 {
+            disk.host_start(1990, 1);
+            let r = request(1990, 1, 9, 2);
+            disk.send(&r);
+            disk.ring(&r);
+        }
+        if let Some(io) = spm.poll_io(t) {
+            read_one(&mut spm, &disk, io, t);
+        }
+        while let Some(job) = spm.poll_job() {
+            job_at = Some(t);
+            let size = job.target_size;
+            spm.handle_job_result(t, job.volume, JobResult::Extended { size });
+        }
+        if spm.poll_commit().is_some() {
+            commit_at.get_or_insert(t);
+            spm.handle_committed(t, 0);
+        }
+        while let Some(w) = spm.poll_write() {
+            disk.put(w.offset, &w.record);
+        }
+        t = t + Duration::from_millis(1);
+    }
+    let (job_at, commit_at) = (job_at.expect("a job"), commit_at.expect("a commit"));
+    assert!(
+        commit_at.saturating_since(job_at) < Duration::from_millis(3),
+        "the commit waited {:?}",
+        commit_at.saturating_since(job_at)
+    );
+    assert_eq!(spm.stats().full_scans, 1);
+}
+
 fn disk_has_ring(disk: &Disk) -> bool {
     disk.record(DOORBELL_OFFSET).iter().any(|&b| b != 0)
 }

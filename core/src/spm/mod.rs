@@ -527,6 +527,14 @@ pub struct Spm<const QUEUE: usize> {
     backlog: bool,
     /// Requests the running read queued anew.
     found: usize,
+    /// The scan step handed out last, until it is read: its finds count
+    /// in `scan_found`.
+    step_out: Option<(HostId, u16)>,
+    /// Requests the running full scan's steps queued anew. A batch waits
+    /// for the scan's later steps only once its earlier ones found
+    /// something: a scan that finds nothing (most scans, and those set off
+    /// by rings that only seemed to collide) holds no reply back.
+    scan_found: usize,
     scan_cursor: u16,
     /// The full scan in progress: the next host to read (0-based) and how
     /// many are left to read.
@@ -612,6 +620,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             last_ring: now,
             backlog: false,
             found: 0,
+            step_out: None,
+            scan_found: 0,
             scan_cursor: 0,
             scan_next: 0,
             scan_left: 0,
@@ -761,6 +771,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.defect_reports = 0;
             self.refusal_reports = 0;
             self.found = 0;
+            self.scan_found = 0;
             let hosts = self.geometry.max_hosts();
             self.scan_left = hosts;
             self.scan_next = self.scan_origin % hosts.max(1);
@@ -812,6 +823,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         self.scan_left = self.scan_left.saturating_sub(count);
         self.scan_next = (self.scan_next + count) % hosts.max(1);
         self.scan_closing = self.scan_left == 0;
+        self.step_out = Some((first_host, count));
         SpmIo::ReadHosts { first_host, count }
     }
 
@@ -839,9 +851,11 @@ impl<const QUEUE: usize> Spm<QUEUE> {
 
     /// Requests are likely waiting on disk and the queue has room.
     /// An open batch waits for the later steps of a full scan in progress
-    /// (they may add jobs to it), for at most [`SCAN_BATCH_WAIT`].
+    /// whose earlier steps found requests (the later ones may add jobs to
+    /// it), for at most [`SCAN_BATCH_WAIT`].
     fn batch_waits_for_scan(&self) -> bool {
         (self.scan_left > 0 || self.scan_closing)
+            && self.scan_found > 0
             && self.now_seen.saturating_since(self.batch_opened) < SCAN_BATCH_WAIT
     }
 
@@ -962,6 +976,11 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if count == 0 {
             return;
         }
+        let step = self.step_out == Some((first_host, count));
+        if step {
+            self.step_out = None;
+        }
+        let found_before = self.found;
         // Start at a rotating host so that a nearly full queue is not always
         // filled by the lowest host ids.
         self.scan_cursor = self.scan_cursor.wrapping_add(1);
@@ -980,6 +999,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 continue;
             };
             self.handle_host(HostId::new(host_id), ib, ob);
+        }
+        if step {
+            self.scan_found += self.found.saturating_sub(found_before);
         }
     }
 
