@@ -27,8 +27,9 @@ pub(super) const FLEET_CHUNK: u64 = 1 << 20;
 /// unwritten areas between them go to the device in one write.
 const FLEET_WRITE_GAP: usize = 8;
 
-/// The most volumes one fleet host drives.
-const FLEET_VOLUMES: usize = 8;
+/// The most volumes one fleet host drives: enough for one host to fill
+/// all 31 slots of its area.
+pub(super) const FLEET_VOLUMES: usize = 32;
 
 /// A volume of a fleet host.
 pub(super) struct FleetVolume {

@@ -75,13 +75,15 @@ fn fresh_mailbox(device: &Path, hosts: u16) -> Result<(), BackendError> {
 }
 
 /// Round trips with `hosts` configured: `samples` requests one at a time
-/// (cycling over the hosts), then bursts of `burst` hosts at once.
+/// (cycling over the hosts), then `rounds` bursts of `burst` hosts at
+/// once.
 fn round_trip(
     device: &Path,
     run_dir: &Path,
     hosts: u16,
     samples: usize,
     burst: usize,
+    rounds: usize,
 ) -> Result<Vec<(Value, Vec<f64>)>, BackendError> {
     fresh_mailbox(device, hosts)?;
     let spm = SpmThread::start(device, run_dir, Backend::Noop)?;
@@ -120,7 +122,7 @@ fn round_trip(
         // together, their rings at the same moment, so that the doorbell
         // keeps one of each pass's rings (see the fleet's batched mode).
         fleet.batch(true)?;
-        for round in 0..3 {
+        for round in 0..rounds {
             for k in 0..senders {
                 fleet.ask((k * n / senders + round) % n);
             }
@@ -150,6 +152,57 @@ fn round_trip(
     drop(fleet);
     spm.stop()?;
     Ok(out)
+}
+
+/// Round trips of one host that fills all 31 slots of its area at once,
+/// `rounds` times, on a mailbox of `hosts` with a fresh SPM: the SPM takes
+/// at most 8 requests of one host at a time (docs/protocol.md 1.3) and
+/// reads the host's area again as each is answered, so the 31st waits for
+/// three rounds of answers, not for a full scan or a resend.
+fn all_slots(
+    device: &Path,
+    run_dir: &Path,
+    hosts: u16,
+    rounds: usize,
+) -> Result<(Value, Vec<f64>), BackendError> {
+    let slots = usize::from(spmbox_core::wire::SLOTS_PER_AREA);
+    fresh_mailbox(device, hosts)?;
+    let spm = SpmThread::start(device, run_dir, Backend::Noop)?;
+    let mut volumes = Vec::new();
+    for _ in 0..slots {
+        volumes.push((mailbox::random_uuid()?, 1u64 << 40, fleet::FLEET_CHUNK));
+    }
+    let mut fleet = Fleet::with_volumes(device, vec![(hosts, volumes)])?;
+    let deadline = StdInstant::now() + Duration::from_secs(120);
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        for v in 0..slots {
+            fleet.ask_volume(0, v);
+        }
+        fleet.flush()?;
+        while fleet.in_flight() > 0 {
+            fleet.poll()?;
+            fleet.flush()?;
+            if StdInstant::now() > deadline {
+                return Err(BackendError::new(
+                    "the round trips of one host using all its slots did not complete in 120 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        samples.append(&mut fleet.round_trips);
+    }
+    drop(fleet);
+    spm.stop()?;
+    let mut row = json!({"hosts": hosts, "senders": 1, "slots": slots, "backend": "noop"});
+    merge(
+        &mut row,
+        Dist {
+            samples: samples.clone(),
+        }
+        .summary(),
+    );
+    Ok((row, samples))
 }
 
 /// Extensions per second with `hosts` each keeping
@@ -695,7 +748,14 @@ pub fn run(options: &BenchArgs) -> Result<ExitCode, CommandError> {
             (2000, if q { 200 } else { 2000 }, 250),
         ] {
             say(&format!("round trip, {hosts} hosts"));
-            for (row, samples) in round_trip(&device_for(hosts), &run_dir, hosts, samples, burst)? {
+            for (row, samples) in round_trip(
+                &device_for(hosts),
+                &run_dir,
+                hosts,
+                samples,
+                burst,
+                if q { 3 } else { 10 },
+            )? {
                 sets.push((
                     format!("round trip, {hosts} hosts, {} at once", row["senders"]),
                     samples,
@@ -703,6 +763,10 @@ pub fn run(options: &BenchArgs) -> Result<ExitCode, CommandError> {
                 rt.push(row);
             }
         }
+        say("round trip, one host using all its slots");
+        let (row, samples) = all_slots(&device_for(250), &run_dir, 250, if q { 3 } else { 20 })?;
+        sets.push(("round trip, one host, all 31 slots".into(), samples));
+        rt.push(row);
         put("round_trip", Value::Array(rt));
     }
     if want(Section::WholeExtension) {

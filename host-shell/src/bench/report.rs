@@ -136,10 +136,13 @@ pub(super) fn table(r: &Value) -> String {
         let _ = writeln!(o, "round trip (no-op backend)");
     }
     for row in r["round_trip"].as_array().into_iter().flatten() {
-        let label = format!(
-            "  {} hosts, {} sending at once",
-            row["hosts"], row["senders"]
-        );
+        let label = match row["slots"].as_u64() {
+            Some(slots) => format!("  {} hosts, one host with {slots} at once", row["hosts"]),
+            None => format!(
+                "  {} hosts, {} sending at once",
+                row["hosts"], row["senders"]
+            ),
+        };
         latency_line(&mut o, &label, row);
     }
     for row in r["whole_extension"].as_array().into_iter().flatten() {
