@@ -937,43 +937,43 @@ fn a_busy_full_scan_brings_the_next_forward_and_a_quiet_one_does_not() {
 }
 
 #[test]
-fn rings_a_few_reads_apart_are_taken_as_collisions_and_far_apart_are_not() {
+fn rings_in_two_reads_in_a_row_are_taken_as_collisions_and_one_sender_after_another_is_not() {
+    let us = |n: u64| ms(0) + Duration::from_micros(n);
     let mut disk = Disk::new(8);
     let mut spm = start(&mut disk, ms(0));
     step(&mut spm, &mut disk, ms(0));
-    // Hosts 2 and 3 ring at the same moment at 100 ms: host 2's ring is
-    // lost. Host 3's is seen.
-    for h in [2u16, 3] {
+    let ask = |disk: &mut Disk, h: u16, ring: bool| {
         disk.host_start(h, 1);
         let r = request(h, 1, h as u8, 2);
         disk.send(&r);
-        disk.ring(&r);
-    }
-    for t in (100..=110).step_by(5) {
-        step(&mut spm, &mut disk, ms(t));
-    }
-    assert_eq!(spm.stats().busy_scans, 0);
-    // Host 2 rings again 15 ms later (three reads on): a second new ring
-    // so soon says rings collide, and the scan brought forward finds
-    // whatever was lost.
-    disk.ring(&request(2, 1, 2, 2));
-    disk.host_start(4, 1);
-    disk.send(&request(4, 1, 4, 2));
-    for t in (115..=120).step_by(5) {
-        step(&mut spm, &mut disk, ms(t));
-    }
+        if ring {
+            disk.ring(&r);
+        }
+    };
+    // One sender after another: host 2 rings, the read 250 µs later finds
+    // nothing new, then host 3 rings. Each ring was read: no collision,
+    // however close in time.
+    ask(&mut disk, 2, true);
+    step(&mut spm, &mut disk, us(100_000));
+    step(&mut spm, &mut disk, us(100_250));
+    ask(&mut disk, 3, true);
+    step(&mut spm, &mut disk, us(100_750));
+    assert_eq!(spm.stats().busy_scans, 0, "{:?}", spm.stats());
+    assert_eq!(spm.queue_len(), 2);
+    // Hosts 4, 5 and 6 ring at once, and the doorbell keeps host 5's ring;
+    // host 6 rings right after the next read. Two reads in a row found a
+    // new ring: rings were likely lost, and the scan finds host 4's.
+    step(&mut spm, &mut disk, us(101_000));
+    assert_eq!(spm.stats().busy_scans, 0, "{:?}", spm.stats());
+    ask(&mut disk, 4, true);
+    ask(&mut disk, 5, true);
+    step(&mut spm, &mut disk, us(101_250));
+    assert_eq!(spm.stats().busy_scans, 0, "{:?}", spm.stats());
+    ask(&mut disk, 6, true);
+    step(&mut spm, &mut disk, us(101_500));
     assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
     assert_eq!(spm.stats().full_scans, 2);
-    assert_eq!(spm.queue_len(), 3, "hosts 2, 3 and 4");
-    // A ring a second later is no sign of anything.
-    disk.host_start(5, 1);
-    let r = request(5, 1, 5, 2);
-    disk.send(&r);
-    disk.ring(&r);
-    for t in (1120..=1130).step_by(5) {
-        step(&mut spm, &mut disk, ms(t));
-    }
-    assert_eq!(spm.stats().busy_scans, 1);
+    assert_eq!(spm.queue_len(), 5, "hosts 2 to 6, host 4 by the scan");
 }
 
 // ---------------------------------------------------------- owners and settle

@@ -133,10 +133,6 @@ pub mod errno {
     pub const EAGAIN: u32 = 11;
 }
 
-/// Two new rings read at most this many doorbell intervals apart are
-/// taken as a sign that rings collide ([`SpmConfig::busy_scan_interval`]).
-pub const RING_WINDOW_READS: u32 = 4;
-
 /// How many full scans brought forward by colliding rings may run back to
 /// back after a quiet spell; after that they come at most one per
 /// [`SpmConfig::busy_scan_interval`] on average. A burst of rings after a
@@ -159,14 +155,15 @@ pub struct SpmConfig {
     /// The most jobs running at once.
     pub max_jobs: usize,
     /// The average time between full scans while rings collide. The
-    /// doorbell holds one ring, so when two new rings are read within
-    /// [`RING_WINDOW_READS`] doorbell intervals of each other, rings are
-    /// arriving about as fast as they are read and some were likely
-    /// overwritten (hosts that rang at the same moment ring again within
-    /// a few intervals); the next full scan is then brought forward: at
-    /// once while the allowance of [`BUSY_SCAN_BURST`] scans lasts, which
-    /// refills by one scan per this interval. Zero turns it off. Default
-    /// 50 ms.
+    /// doorbell holds one ring, so when two doorbell reads in a row each
+    /// find a new ring, the doorbell changed between two reads (a fraction
+    /// of a millisecond apart, right after a ring): rings are arriving at
+    /// least as fast as they are read and some were likely overwritten.
+    /// The next full scan is then brought forward: at once while the
+    /// allowance of [`BUSY_SCAN_BURST`] scans lasts, which refills by one
+    /// scan per this interval. Rings from hosts that ask one after
+    /// another, each read before the next is written, bring nothing
+    /// forward. Zero turns it off. Default 50 ms.
     pub busy_scan_interval: Duration,
     /// How often the doorbell is read once no new ring has been seen for
     /// `idle_after`: an idle SPM then costs less, and the first ring after
@@ -521,6 +518,8 @@ pub struct Spm<const QUEUE: usize> {
     step_owed: bool,
     /// When the doorbell last showed a new ring (or the engine started).
     last_ring: Instant,
+    /// The last doorbell read found a new ring.
+    last_read_rang: bool,
     /// A scan since the last full scan found the queue full (requests
     /// wait on disk), or the last full scan was busy: scan again once the
     /// queue has room.
@@ -618,6 +617,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             busy_allowance: Instant::ZERO,
             step_owed: false,
             last_ring: now,
+            last_read_rang: false,
             backlog: false,
             found: 0,
             step_out: None,
@@ -899,6 +899,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
 
     /// The doorbell record as read.
     pub fn handle_doorbell(&mut self, now: Instant, bytes: &[u8]) {
+        // Whether the read before this one found a new ring; this one
+        // counts only if it finds one too.
+        let streak = core::mem::take(&mut self.last_read_rang);
         let at = Location {
             domain: self.domain,
             host_id: HostId::NONE,
@@ -924,13 +927,10 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if self.last_doorbell == Some(bell) {
             return;
         }
-        // Close to the previous new ring, if there was one?
-        let window = self
-            .config
-            .doorbell_interval
-            .checked_mul(RING_WINDOW_READS)
-            .unwrap_or(Duration::MAX);
-        let close = self.last_doorbell.is_some() && now.saturating_since(self.last_ring) <= window;
+        // Two reads in a row with a new ring: the doorbell changed between
+        // them, and rings may have been overwritten unread.
+        let close = self.last_doorbell.is_some() && streak;
+        self.last_read_rang = true;
         self.last_doorbell = Some(bell);
         self.last_ring = now;
         // Out of idle at once: the next read comes fast (rings come in bursts).
