@@ -438,6 +438,27 @@ impl Fleet {
         Ok(completed)
     }
 
+    /// Sends what was asked and polls until every request is answered;
+    /// an error naming `what` once `deadline` passes first.
+    pub(super) fn answer_all(
+        &mut self,
+        deadline: StdInstant,
+        what: &str,
+    ) -> Result<(), BackendError> {
+        self.flush()?;
+        while self.in_flight() > 0 {
+            self.poll()?;
+            self.flush()?;
+            if StdInstant::now() > deadline {
+                return Err(BackendError::new(format!(
+                    "{what} did not complete in 120 s"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
     pub(super) fn in_flight(&self) -> usize {
         self.hosts
             .iter()

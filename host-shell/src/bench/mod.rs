@@ -95,15 +95,7 @@ fn round_trip(
         // Spread the senders over the mailbox, last host included.
         let i = (s * 7919 + n - 1) % n;
         fleet.ask(i);
-        fleet.flush()?;
-        while fleet.in_flight() > 0 {
-            fleet.poll()?;
-            fleet.flush()?;
-            if StdInstant::now() > deadline {
-                return Err(BackendError::new("round trips did not complete in 120 s"));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        fleet.answer_all(deadline, "round trips")?;
         one.append(&mut fleet.round_trips);
     }
     let mut first = json!({"hosts": hosts, "senders": 1, "backend": "noop"});
@@ -126,17 +118,7 @@ fn round_trip(
             for k in 0..senders {
                 fleet.ask((k * n / senders + round) % n);
             }
-            fleet.flush()?;
-            while fleet.in_flight() > 0 {
-                fleet.poll()?;
-                fleet.flush()?;
-                if StdInstant::now() > deadline {
-                    return Err(BackendError::new(
-                        "burst round trips did not complete in 120 s",
-                    ));
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
+            fleet.answer_all(deadline, "burst round trips")?;
             many.append(&mut fleet.round_trips);
         }
         let mut v = json!({"hosts": hosts, "senders": senders, "backend": "noop"});
@@ -179,17 +161,7 @@ fn all_slots(
         for v in 0..slots {
             fleet.ask_volume(0, v);
         }
-        fleet.flush()?;
-        while fleet.in_flight() > 0 {
-            fleet.poll()?;
-            fleet.flush()?;
-            if StdInstant::now() > deadline {
-                return Err(BackendError::new(
-                    "the round trips of one host using all its slots did not complete in 120 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        fleet.answer_all(deadline, "the round trips of one host using all its slots")?;
         samples.append(&mut fleet.round_trips);
     }
     drop(fleet);
