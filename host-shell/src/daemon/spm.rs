@@ -444,7 +444,7 @@ pub fn run(
     let clock = Clock::start();
     // Scans brought forward by colliding rings read at most
     // BUSY_SCAN_READ_RATE on average: every 20 ms (the floor) at 250
-    // hosts, every 62 ms at 2000. A scan reads every inbox area, and the
+    // hosts, every 61 ms at 2000. A scan reads every inbox area, and the
     // outbox areas only of hosts with requests.
     let mut config = options.config;
     let scan_bytes = u64::from(geometry.max_hosts()) * spmbox_core::wire::AREA_SIZE as u64;
