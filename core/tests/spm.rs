@@ -61,11 +61,17 @@ impl Disk {
     }
 
     fn ring(&mut self, r: &Request) {
+        self.ring_again(r, 1);
+    }
+
+    /// The `rings`-th ring for request `r` since it was written.
+    fn ring_again(&mut self, r: &Request, rings: u16) {
         let bell = Doorbell {
             domain: DOMAIN,
             ringer: r.host_id,
             generation: r.generation,
             sequence: r.sequence,
+            rings,
         };
         self.put(DOORBELL_OFFSET, &bell.to_bytes().unwrap());
     }
@@ -674,6 +680,7 @@ fn a_defective_doorbell_and_one_naming_an_unknown_host_are_reported_once_each() 
         ringer: HostId::new(9),
         generation: Generation::new(1),
         sequence: 1,
+        rings: 1,
     };
     disk.put(DOORBELL_OFFSET, &bell.to_bytes().unwrap());
     for t in 1..20 {
@@ -974,6 +981,124 @@ fn rings_in_two_reads_in_a_row_are_taken_as_collisions_and_one_sender_after_anot
     assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
     assert_eq!(spm.stats().full_scans, 2);
     assert_eq!(spm.queue_len(), 5, "hosts 2 to 6, host 4 by the scan");
+}
+
+#[test]
+fn a_ring_rung_again_for_a_request_the_spm_does_not_hold_brings_a_scan_forward() {
+    let us = |n: u64| ms(0) + Duration::from_micros(n);
+    let mut disk = Disk::new(8);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    let ask = |disk: &mut Disk, h: u16| {
+        disk.host_start(h, 1);
+        let r = request(h, 1, h as u8, 2);
+        disk.send(&r);
+        r
+    };
+    // Hosts 2 and 3 ring at once; the doorbell keeps host 3's ring, which
+    // is read and answered. Host 2's ring is lost.
+    let two = ask(&mut disk, 2);
+    let three = ask(&mut disk, 3);
+    disk.ring(&three);
+    step(&mut spm, &mut disk, us(100_000));
+    step(&mut spm, &mut disk, us(100_250));
+    assert_eq!(spm.queue_len(), 1, "host 3 only");
+    // 5 ms later host 2 rings again: its second ring for a request the SPM
+    // does not hold. Its earlier ring was lost, so others may have been:
+    // a full scan comes at once (here it finds nothing more, but the
+    // targeted read alone would not have looked at other hosts).
+    ask(&mut disk, 4);
+    step(&mut spm, &mut disk, us(102_000));
+    step(&mut spm, &mut disk, us(104_000));
+    assert_eq!(spm.stats().busy_scans, 0, "{:?}", spm.stats());
+    disk.ring_again(&two, 2);
+    step(&mut spm, &mut disk, us(106_000));
+    assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
+    assert_eq!(spm.stats().full_scans, 2);
+    assert_eq!(spm.queue_len(), 3, "hosts 2 and 3, and host 4 by the scan");
+    // A ring again for a request the SPM holds (its reply is not yet
+    // read, or its job runs) says nothing was lost.
+    for t in 0..40 {
+        step(&mut spm, &mut disk, us(106_000 + t * 250));
+    }
+    disk.ring_again(&three, 3);
+    step(&mut spm, &mut disk, us(116_250));
+    assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
+    // An SPM that has not read the doorbell for 5 ms (it reads slowly
+    // when idle) may have missed the earlier ring only because the ring
+    // again overwrote it: nothing is brought forward, the targeted read
+    // finds the request.
+    let five = ask(&mut disk, 5);
+    disk.ring_again(&five, 2);
+    step(&mut spm, &mut disk, us(130_000));
+    assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
+    assert_eq!(spm.queue_len(), 4, "host 5 by its ring");
+}
+
+#[test]
+fn a_collision_during_a_full_scan_starts_it_over_where_it_is() {
+    let mut disk = Disk::new(256);
+    let mut spm = start(&mut disk, ms(0));
+    step(&mut spm, &mut disk, ms(0));
+    assert_eq!(spm.stats().full_scans, 1);
+    // The regular full scan 15 s later, in steps of 64 hosts; this one
+    // starts at host 65. Host 200 rang just before, so the SPM reads the
+    // doorbell often. Stop after the scan's first step.
+    let t0 = ms(0) + SpmConfig::default().full_scan_interval;
+    disk.host_start(200, 1);
+    let r = request(200, 1, 200, 2);
+    disk.send(&r);
+    disk.ring(&r);
+    assert_eq!(
+        step(&mut spm, &mut disk, t0 - Duration::from_millis(1)).len(),
+        1
+    );
+    let mut steps = 0;
+    while steps < 1 {
+        let io = spm.poll_io(t0).expect("the scan is due");
+        if matches!(io, SpmIo::ReadHosts { count, .. } if count > 1) {
+            assert_eq!(
+                io,
+                SpmIo::ReadHosts {
+                    first_host: HostId::new(65),
+                    count: 64
+                }
+            );
+            steps += 1;
+        }
+        read_one(&mut spm, &disk, io, t0);
+    }
+    // Behind the scan, host 70 writes a request and its ring is lost;
+    // host 100 does the same and rings again.
+    for h in [70u16, 100] {
+        disk.host_start(h, 1);
+        disk.send(&request(h, 1, h as u8, 2));
+    }
+    disk.ring_again(&request(100, 1, 100, 2), 2);
+    // The ring again says rings were lost: the scan starts over where it
+    // is, so host 70 is read within one lap of 4 steps, not after the
+    // rest of this scan and most of the next (7 steps).
+    let t1 = t0 + Duration::from_millis(1);
+    steps = 0;
+    for _ in 0..100 {
+        if spm.queue_len() == 3 {
+            break;
+        }
+        let Some(io) = spm.poll_io(t1) else {
+            panic!(
+                "no read at {steps} steps: {:?} queue {}",
+                spm.stats(),
+                spm.queue_len()
+            );
+        };
+        if matches!(io, SpmIo::ReadHosts { count, .. } if count > 1) {
+            steps += 1;
+        }
+        read_one(&mut spm, &disk, io, t1);
+    }
+    assert_eq!(spm.queue_len(), 3, "{:?}", spm.stats());
+    assert!(steps <= 4, "{steps} steps");
+    assert_eq!(spm.stats().busy_scans, 1, "{:?}", spm.stats());
 }
 
 // ---------------------------------------------------------- owners and settle

@@ -56,6 +56,7 @@ enum Spec {
         ringer: Host,
         generation: u64,
         sequence: u64,
+        rings: u16,
     },
     InboxHeader {
         domain: [u8; 16],
@@ -356,11 +357,13 @@ fn build(spec: &Spec) -> Option<Record> {
             ringer,
             generation,
             sequence,
+            rings,
         } => Record::Doorbell(Doorbell {
             domain: Uuid(domain),
             ringer: HostId::new(ringer.get()),
             generation: Generation::new(generation),
             sequence,
+            rings,
         }),
         Spec::InboxHeader {
             domain,
@@ -480,9 +483,11 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             ringer,
             generation,
             sequence,
+            rings,
         } => {
             put_prefix(&mut r, 3, 0, 0, domain);
             put16(&mut r, 32, ringer.get());
+            put16(&mut r, 34, rings);
             put64(&mut r, 40, generation);
             put64(&mut r, 48, sequence);
         }

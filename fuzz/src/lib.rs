@@ -106,7 +106,7 @@ pub fn put64(b: &mut [u8], off: usize, v: u64) {
 pub fn put_prefix(rec: &mut [u8; LEN], kind: u8, host_id: u16, index: u16, domain: [u8; 16]) {
     rec[4..8].copy_from_slice(b"SPMB");
     rec[8] = kind;
-    rec[9] = 2;
+    rec[9] = 3;
     put16(rec, 10, host_id);
     put16(rec, 12, index);
     rec[16..32].copy_from_slice(&domain);
@@ -165,7 +165,7 @@ pub fn reserved_ranges(kind: Kind) -> &'static [Range<usize>] {
     match kind {
         Kind::Superblock => &[72..128],
         Kind::SpmHeader => &[43..44, 72..128],
-        Kind::Doorbell => &[34..40, 56..128],
+        Kind::Doorbell => &[36..40, 56..128],
         Kind::InboxHeader => &[60..128],
         Kind::Request => &[84..128],
         Kind::OutboxHeader => &[48..128],
@@ -235,6 +235,7 @@ pub fn invalid_fields(rec: &[u8; LEN], kind: Kind) -> Vec<Field> {
             rule((1..=MAX_HOSTS).contains(&le16(rec, 32)), Field::Ringer);
             rule(le64(rec, 40) >= 1, Field::Generation);
             rule(le64(rec, 48) >= 1, Field::Sequence);
+            rule(le16(rec, 34) >= 1, Field::Rings);
         }
         Kind::InboxHeader => {
             rule(le64(rec, 32) >= 1, Field::Generation);
@@ -322,7 +323,7 @@ pub fn verdict(bytes: &[u8], expected: Option<Kind>, at: Option<&Location>) -> V
         return Verdict::Defect(Defect::Checksum { stored, computed });
     }
     // Step 5.
-    if rec[9] != 2 {
+    if rec[9] != 3 {
         return Verdict::Defect(Defect::UnsupportedVersion { version: rec[9] });
     }
     // Step 6.
@@ -418,6 +419,7 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             ringer: HostId::new(le16(rec, 32)),
             generation: Generation::new(le64(rec, 40)),
             sequence: le64(rec, 48),
+            rings: le16(rec, 34),
         }),
         Kind::InboxHeader => Record::InboxHeader(InboxHeader {
             domain,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Builds the spmbox format v1 test vectors from docs/format.md alone.
+"""Builds the spmbox format test vectors (the version in VERSION) from docs/format.md alone.
 
 This is a second implementation of the on-disk format, independent of the
 Rust code in core/src/wire/: it encodes every record from the tables of
@@ -36,7 +36,7 @@ RECORD_LEN = 128
 BLOCK = 4096
 SLOTS = 31  # records 1..31 of a host area
 MAGIC = b"SPMB"
-VERSION = 2
+VERSION = 3
 INBOX_OFFSET = 0x10000
 MAX_HOSTS = 2000
 
@@ -128,6 +128,7 @@ LAYOUT = {
     ],
     "doorbell": [
         (32, 2, "ringer"),
+        (34, 2, "rings"),
         (40, 8, "generation"),
         (48, 8, "sequence"),
     ],
@@ -163,7 +164,7 @@ LAYOUT = {
 SPEC_RESERVED = {
     "superblock": [(72, 128)],
     "spm_header": [(43, 44), (72, 128)],
-    "doorbell": [(34, 40), (56, 128)],
+    "doorbell": [(36, 40), (56, 128)],
     "inbox_header": [(60, 128)],
     "request": [(84, 128)],
     "outbox_header": [(48, 128)],
@@ -296,6 +297,7 @@ def field_rules(kind, f):
         rule(f["ringer"] in hosts, "ringer")
         rule(f["generation"] >= 1, "generation")
         rule(f["sequence"] >= 1, "sequence")
+        rule(f["rings"] >= 1, "rings")
     elif kind == "inbox_header":
         rule(f["generation"] >= 1, "generation")
         if f["heartbeat_interval_ms"] != 0:
@@ -437,8 +439,8 @@ def spm_header(epoch, spm_id, state, interval, heartbeat, owner=0, pool_commit=0
     return data, dict(f, kind="spm_header", domain=domain, state=SPM_STATE.get(state))
 
 
-def doorbell(ringer, generation, sequence, domain=DOMAIN):
-    f = {"ringer": ringer, "generation": generation, "sequence": sequence}
+def doorbell(ringer, generation, sequence, rings=1, domain=DOMAIN):
+    f = {"ringer": ringer, "generation": generation, "sequence": sequence, "rings": rings}
     return encode("doorbell", domain, 0, 0, f), dict(f, kind="doorbell", domain=domain)
 
 
@@ -575,7 +577,13 @@ vector(
 _d, _j = doorbell(HOST, 2, 9)
 vector(
     "doorbell.bin",
-    "Doorbell rung by host 7, generation 2, for its request with sequence 9.",
+    "Doorbell rung by host 7, generation 2, for its request with sequence 9 (its first ring).",
+    at("doorbell"), _d, "valid", _j,
+)
+_d, _j = doorbell(HOST, 2, 9, rings=3)
+vector(
+    "doorbell-rung-again.bin",
+    "Doorbell rung by host 7 for the third time since it wrote its request with sequence 9.",
     at("doorbell"), _d, "valid", _j,
 )
 _d, _j = inbox_header(2)
@@ -671,20 +679,20 @@ vector(
     AT_REQUEST, VALID_REQUEST[:64] + _other[64:], "checksum",
 )
 vector(
-    "request-version-1.bin",
-    "A request with version 1 (the previous format) and a correct CRC.",
-    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 1), "unsupported_version", {"version": 1},
+    "request-version-2.bin",
+    "A request with version 2 (the previous format) and a correct CRC.",
+    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 2), "unsupported_version", {"version": 2},
 )
 vector(
-    "request-version-3.bin",
-    "A request with version 3 and a correct CRC.",
-    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 3), "unsupported_version", {"version": 3},
+    "request-version-4.bin",
+    "A request with version 4 and a correct CRC.",
+    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 4), "unsupported_version", {"version": 4},
 )
 vector(
-    "request-version-3-kind-9.bin",
-    "Version 3 and kind 9 with a correct CRC: the version is checked before the kind.",
-    AT_REQUEST, patched(patched(VALID_REQUEST, 9, 1, 3), 8, 1, 9), "unsupported_version",
-    {"version": 3},
+    "request-version-4-kind-9.bin",
+    "Version 4 and kind 9 with a correct CRC: the version is checked before the kind.",
+    AT_REQUEST, patched(patched(VALID_REQUEST, 9, 1, 4), 8, 1, 9), "unsupported_version",
+    {"version": 4},
 )
 vector(
     "request-kind-9.bin",
@@ -799,6 +807,8 @@ for _file, _desc, _data, _where, _field in [
      spm_header(3, 2001, 0, 0, 0)[0], AT_SPM_HEADER, "spm_id"),
     ("doorbell-ringer-0.bin", "A doorbell rung by host 0.",
      doorbell(0, 2, 9)[0], at("doorbell"), "ringer"),
+    ("doorbell-rings-0.bin", "A doorbell whose rings count is 0 (the first ring counts 1).",
+     doorbell(HOST, 2, 9, rings=0)[0], at("doorbell"), "rings"),
     ("inbox-header-generation-0.bin", "An inbox header of host 7 with generation 0.",
      inbox_header(0)[0], at("inbox_header", HOST, 0), "generation"),
     ("outbox-header-epoch-0.bin", "An outbox header of host 7 with epoch 0.",

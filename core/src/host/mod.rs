@@ -438,6 +438,9 @@ pub struct Host<const VOLUMES: usize> {
     writes: heapless::Deque<Intent, WRITES>,
     /// The sequence to ring the doorbell with, after the queued writes.
     ring: Option<u64>,
+    /// Rings written since a request record was last written, the one in
+    /// `ring` included (the doorbell's `rings`).
+    rings: u16,
     /// When to ring again, and the interval after that, while a request
     /// awaits its reply ([`HostConfig::ring_retry`]).
     ring_again: Option<(Instant, Duration)>,
@@ -507,6 +510,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             clearing: 0,
             writes: heapless::Deque::new(),
             ring: None,
+            rings: 0,
             ring_again: None,
             next_read: Instant::ZERO,
             wait_started: Instant::ZERO,
@@ -1047,6 +1051,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             ringer: self.host_id,
             generation: self.generation,
             sequence,
+            rings: self.rings.max(1),
         };
         match bell.to_bytes() {
             Ok(record) => Some(HostWrite {
@@ -1138,9 +1143,10 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
 
     // ---------------------------------------------------------------- internal
 
-    /// A ring was just queued: ring again after `ring_retry` if no reply
-    /// comes.
+    /// A ring was just queued after a request record was written: its
+    /// `rings` is 1; ring again after `ring_retry` if no reply comes.
     fn ring_scheduled(&mut self, now: Instant) {
+        self.rings = 1;
         let retry = self.config.ring_retry;
         let sequence = self.newest_unanswered().unwrap_or(0);
         self.ring_again = (!retry.is_zero()).then(|| (now + self.jittered(retry, sequence), retry));
@@ -1189,6 +1195,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         }
         if self.ring.is_none() {
             self.ring = Some(sequence);
+            self.rings = self.rings.saturating_add(1);
             self.stats.rings_repeated = self.stats.rings_repeated.saturating_add(1);
         }
         let next = interval

@@ -670,7 +670,8 @@ fn crossing_the_watermark_writes_one_request_then_rings() {
             domain: DOMAIN,
             ringer: HostId::new(HOST),
             generation: Generation::new(1),
-            sequence: 1
+            sequence: 1,
+            rings: 1,
         })
     );
     assert_eq!(rig.host.stats().requests_sent, 1);
@@ -1375,6 +1376,44 @@ fn the_doorbell_is_rung_again_doubling_until_a_reply_comes() {
     rig.host.handle_timeout(at(1_900));
     assert!(rig.flush().is_empty(), "no ring while parked");
     assert_eq!(rig.host.stats().rings_repeated, repeated);
+}
+
+#[test]
+fn each_ring_again_counts_one_more_ring_and_a_rewritten_request_starts_at_one() {
+    let mut rig = Rig::<4>::one(GIB - MIB);
+    assert_eq!(rig.doorbell().map(|d| d.rings), Some(1));
+    rig.writes.clear();
+    // (time, the ring's count, whether the request record was rewritten
+    // in the same flush)
+    let mut rings = Vec::new();
+    let mut now = at(0);
+    while now < at(2_500) {
+        now = rig.host.poll_timeout().unwrap();
+        rig.host.handle_timeout(now);
+        while rig.host.poll_read(now).is_some() {}
+        let writes = rig.flush();
+        let rewrote = writes.iter().any(|w| w.offset == inbox_slot_offset(1));
+        for w in &writes {
+            if w.offset == DOORBELL_OFFSET {
+                let bell = Doorbell::decode(&w.record).unwrap().unwrap();
+                rings.push((now.as_micros(), bell.rings, rewrote));
+            }
+        }
+    }
+    let resend = rings
+        .iter()
+        .position(|&(_, _, rewrote)| rewrote)
+        .expect("the request is resent within 2.5 s");
+    assert!(resend >= 7, "{rings:?}");
+    // Rings again before the resend: 2, 3, 4, ...
+    for (k, &(_, n, _)) in rings[..resend].iter().enumerate() {
+        assert_eq!(usize::from(n), k + 2, "{rings:?}");
+    }
+    // The resend wrote the request again: its ring counts from 1.
+    assert_eq!(rings[resend].1, 1, "{rings:?}");
+    if let Some(&(_, n, _)) = rings.get(resend + 1) {
+        assert_eq!(n, 2, "{rings:?}");
+    }
 }
 
 #[test]

@@ -140,6 +140,15 @@ pub mod errno {
 /// collisions reads no more than the interval allows.
 pub const BUSY_SCAN_BURST: u32 = 2;
 
+/// A ring rung again (the doorbell's `rings` 2 or more) is taken as a sign
+/// that the ringer's earlier ring was overwritten unread only when the
+/// doorbell was read no longer than this before: hosts ring again no sooner
+/// than this after their earlier ring (`HostConfig::ring_retry`'s
+/// default), so a read that recent came after the earlier ring and did
+/// not find it. An SPM reading slowly (idle) may simply not have read
+/// the earlier ring before it was rung again.
+pub const RING_AGAIN_AFTER: Duration = Duration::from_millis(5);
+
 /// How the SPM engine paces itself.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -520,10 +529,15 @@ pub struct Spm<const QUEUE: usize> {
     last_ring: Instant,
     /// The last doorbell read found a new ring.
     last_read_rang: bool,
+    /// When the doorbell was last read.
+    last_doorbell_read: Instant,
     /// A scan since the last full scan found the queue full (requests
     /// wait on disk), or the last full scan was busy: scan again once the
     /// queue has room.
     backlog: bool,
+    /// The scan due at `next_scan` was brought forward by colliding rings:
+    /// if a scan still runs then, it starts over where it is.
+    busy_due: bool,
     /// Requests the running read queued anew.
     found: usize,
     /// The scan step handed out last, until it is read: its finds count
@@ -618,7 +632,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             step_owed: false,
             last_ring: now,
             last_read_rang: false,
+            last_doorbell_read: Instant::ZERO,
             backlog: false,
+            busy_due: false,
             found: 0,
             step_out: None,
             scan_found: 0,
@@ -762,7 +778,13 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 self.stats.backlog_scans += 1;
             }
         }
-        if now >= self.next_scan && self.scan_left == 0 {
+        if now >= self.next_scan && (self.scan_left == 0 || self.busy_due) {
+            // A scan brought forward by colliding rings while one runs
+            // starts over at the running one's place: what the running
+            // scan has passed may have been written since, and the rest
+            // is read by the new one.
+            let restart = self.scan_left > 0;
+            self.busy_due = false;
             self.next_scan = now + self.config.full_scan_interval;
             self.last_full_scan = now;
             // The scan reads every host: the rings waiting for a read of
@@ -774,8 +796,10 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.scan_found = 0;
             let hosts = self.geometry.max_hosts();
             self.scan_left = hosts;
-            self.scan_next = self.scan_origin % hosts.max(1);
-            self.scan_origin = (self.scan_next + SCAN_STEP_HOSTS) % hosts.max(1);
+            if !restart {
+                self.scan_next = self.scan_origin % hosts.max(1);
+                self.scan_origin = (self.scan_next + SCAN_STEP_HOSTS) % hosts.max(1);
+            }
             self.stats.full_scans += 1;
             self.event(SpmEvent::FullScan);
         }
@@ -902,6 +926,8 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         // Whether the read before this one found a new ring; this one
         // counts only if it finds one too.
         let streak = core::mem::take(&mut self.last_read_rang);
+        let read_lately = now.saturating_since(self.last_doorbell_read) <= RING_AGAIN_AFTER;
+        self.last_doorbell_read = now;
         let at = Location {
             domain: self.domain,
             host_id: HostId::NONE,
@@ -927,9 +953,23 @@ impl<const QUEUE: usize> Spm<QUEUE> {
         if self.last_doorbell == Some(bell) {
             return;
         }
-        // Two reads in a row with a new ring: the doorbell changed between
-        // them, and rings may have been overwritten unread.
-        let close = self.last_doorbell.is_some() && streak;
+        // Two reads in a row, at most RING_AGAIN_AFTER apart, with a new
+        // ring: the doorbell changed between them, and rings may have been
+        // overwritten unread. A ring rung
+        // again (`rings` 2 or more) for a request this SPM does not hold
+        // says the same: its earlier ring went unread.
+        let close = self.last_doorbell.is_some() && streak && read_lately;
+        // A ringer the running full scan has yet to read is covered by it;
+        // every host whose ring was lost rings again, so one behind the
+        // scan says so for itself.
+        let lost = bell.rings >= 2
+            && read_lately
+            && !self.scan_will_read(bell.ringer)
+            && !self.queue.entries().iter().any(|e| {
+                e.request.host_id == bell.ringer
+                    && e.request.generation == bell.generation
+                    && e.request.sequence == bell.sequence
+            });
         self.last_read_rang = true;
         self.last_doorbell = Some(bell);
         self.last_ring = now;
@@ -941,7 +981,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 .min(self.config.doorbell_interval),
         );
         let busy = self.config.busy_scan_interval;
-        if close && !busy.is_zero() {
+        if (close || lost) && !busy.is_zero() {
             // Rings collide: scan at once while the allowance lasts, and
             // no more often than `busy` on average.
             let tolerance = busy
@@ -950,6 +990,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             let at = (self.busy_allowance - tolerance).max(now);
             if at < self.next_scan {
                 self.next_scan = at;
+                self.busy_due = true;
                 self.busy_allowance = self.busy_allowance.max(at) + busy;
                 self.stats.busy_scans += 1;
             }
@@ -962,6 +1003,23 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             self.targeted.clear();
             self.next_scan = Instant::ZERO;
         }
+    }
+
+    /// Whether the running full scan has yet to read `host`.
+    fn scan_will_read(&self, host: HostId) -> bool {
+        let hosts = self.geometry.max_hosts();
+        let Some(i) = host.get().checked_sub(1) else {
+            return false;
+        };
+        if self.scan_left == 0 || i >= hosts {
+            return false;
+        }
+        let ahead = if i >= self.scan_next {
+            i - self.scan_next
+        } else {
+            hosts - self.scan_next + i
+        };
+        ahead < self.scan_left
     }
 
     /// The inbox and outbox areas of hosts `first_host ..` as read: equal

@@ -87,7 +87,7 @@ pub const SUPERBLOCK_BACKUP_OFFSET: u64 = 0xF000;
 /// The magic at bytes 4..8 of every record.
 pub const MAGIC: [u8; 4] = *b"SPMB";
 /// The format version this crate reads and writes.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 /// Logical sector sizes the format supports.
 pub const SECTOR_SIZES: [u32; 2] = [512, 4096];
 /// Request flag: the guest is paused for lack of space; serve it first.
@@ -249,6 +249,7 @@ pub enum Field {
     HeartbeatIntervalMs,
     Owner,
     Ringer,
+    Rings,
     Generation,
     Sequence,
     Volume,
@@ -281,6 +282,7 @@ impl Field {
             Field::HeartbeatIntervalMs => "heartbeat_interval_ms",
             Field::Owner => "owner",
             Field::Ringer => "ringer",
+            Field::Rings => "rings",
             Field::Generation => "generation",
             Field::Sequence => "sequence",
             Field::Volume => "volume",

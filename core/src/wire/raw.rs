@@ -66,7 +66,8 @@ pub(crate) struct RawSpmHeader {
 pub(crate) struct RawDoorbell {
     pub prefix: Prefix,
     pub ringer: U16,
-    pub reserved0: [u8; 6],
+    pub rings: U16,
+    pub reserved0: [u8; 4],
     pub generation: U64,
     pub sequence: U64,
     pub reserved: [u8; 72],
@@ -139,7 +140,7 @@ pub(crate) mod reserved {
     /// SPM header.
     pub const SPM_HEADER: &[Range<usize>] = &[43..44, 72..128];
     /// Doorbell.
-    pub const DOORBELL: &[Range<usize>] = &[34..40, 56..128];
+    pub const DOORBELL: &[Range<usize>] = &[36..40, 56..128];
     /// Inbox header.
     pub const INBOX_HEADER: &[Range<usize>] = &[60..128];
     /// Request.
@@ -185,7 +186,7 @@ assert_layout!(RawSpmHeader {
     reserved @ 72,
 });
 assert_layout!(RawDoorbell {
-    prefix @ 0, ringer @ 32, reserved0 @ 34, generation @ 40, sequence @ 48,
+    prefix @ 0, ringer @ 32, rings @ 34, reserved0 @ 36, generation @ 40, sequence @ 48,
     reserved @ 56,
 });
 assert_layout!(RawInboxHeader {

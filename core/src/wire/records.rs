@@ -399,6 +399,11 @@ pub struct Doorbell {
     pub generation: Generation,
     /// The sequence number of the request the ringer just wrote.
     pub sequence: u64,
+    /// How many times the ringer has rung since it wrote that request: 1
+    /// for its first ring, one more for each ring again while no reply
+    /// came. 2 or more says an earlier ring went unanswered, most likely
+    /// overwritten by another host's ring before the SPM read it.
+    pub rings: u16,
 }
 
 impl Doorbell {
@@ -413,6 +418,7 @@ impl Doorbell {
             ringer: HostId::new(raw.ringer.get()),
             generation: Generation::new(raw.generation.get()),
             sequence: raw.sequence.get(),
+            rings: raw.rings.get(),
         })
     }
 
@@ -420,7 +426,8 @@ impl Doorbell {
         raw::RawDoorbell {
             prefix: prefix(Kind::Doorbell, 0, 0, self.domain),
             ringer: U16::new(self.ringer.get()),
-            reserved0: [0; 6],
+            rings: U16::new(self.rings),
+            reserved0: [0; 4],
             generation: U64::new(self.generation.get()),
             sequence: U64::new(self.sequence),
             reserved: [0; 72],
@@ -431,7 +438,8 @@ impl Doorbell {
         check_domain_wide(self.domain, 0, 0)?;
         require((1..=MAX_HOSTS).contains(&self.ringer.get()), Field::Ringer)?;
         require(self.generation.get() >= 1, Field::Generation)?;
-        require(self.sequence >= 1, Field::Sequence)
+        require(self.sequence >= 1, Field::Sequence)?;
+        require(self.rings >= 1, Field::Rings)
     }
 }
 codec!(
@@ -935,7 +943,7 @@ mod tests {
     /// A request of host 7, slot 3, built by hand from docs/format.md
     /// (CRC computed independently of this crate).
     static REQUEST_BYTES: [u8; RECORD_LEN] = [
-        0x98, 0xc9, 0x35, 0x80, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x02, 0x07, 0x00, 0x03, 0x00, 0x00,
+        0x25, 0x41, 0x6b, 0x86, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x03, 0x07, 0x00, 0x03, 0x00, 0x00,
         0x00, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
         0xcd, 0xef, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x09, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 0xfe, 0xdc, 0xba, 0x98,
@@ -1038,19 +1046,19 @@ mod tests {
         assert!(matches!(
             Request::decode(&bytes),
             Err(Defect::Checksum {
-                stored: 0x8035_c998,
+                stored: 0x866b_4125,
                 ..
             })
         ));
         // Version before kind.
         let mut bytes = REQUEST_BYTES;
         bytes[8] = 99;
-        bytes[9] = 1;
+        bytes[9] = 2;
         assert_eq!(
             Request::decode(&resealed(bytes)),
-            Err(Defect::UnsupportedVersion { version: 1 })
+            Err(Defect::UnsupportedVersion { version: 2 })
         );
-        bytes[9] = 2;
+        bytes[9] = 3;
         assert_eq!(
             Request::decode(&resealed(bytes)),
             Err(Defect::UnknownKind { code: 99 })
@@ -1287,6 +1295,7 @@ mod tests {
             ringer: HostId::new(2000),
             generation: Generation::new(1),
             sequence: 1,
+            rings: 65535,
         };
         assert_eq!(
             Doorbell::parse(&d.to_bytes().unwrap(), &at(0, 0)),

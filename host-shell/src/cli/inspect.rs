@@ -442,8 +442,8 @@ pub fn render(report: &Report, device: &str) -> String {
         out,
         "doorbell: {}",
         found_text(&report.doorbell, |d| format!(
-            "last rung by host {} (generation {}, sequence {})",
-            d.ringer, d.generation, d.sequence
+            "last rung by host {} (generation {}, sequence {}, ring {} for that request)",
+            d.ringer, d.generation, d.sequence, d.rings
         ))
     );
     for host in &report.hosts {

@@ -59,6 +59,7 @@ pub fn doorbell(r: &Doorbell) -> Value {
         "kind": "doorbell",
         "domain": r.domain.to_string(),
         "ringer": r.ringer,
+        "rings": r.rings,
         "generation": r.generation,
         "sequence": r.sequence,
     })
