@@ -76,9 +76,12 @@ pub(super) struct Fleet {
 /// wrote are kept in `inboxes` and go to the device as runs of areas
 /// (merging gaps of up to [`FLEET_WRITE_GAP`] areas, which are rewritten
 /// as they are), the rings are handed to a [`Ringer`] thread, and the
-/// hosts read their outbox areas through the page cache (`cached`), which
-/// the SPM's direct writes invalidate: a read costs a copy unless the SPM
-/// wrote there since, and then one read of the device.
+/// hosts read their outbox areas and the SPM header through the page cache
+/// (`cached`), which the SPM's direct writes invalidate: a read costs a
+/// copy unless the SPM wrote there since, and then one read of the device.
+/// (Each host reads the SPM header once a second; 2000 of them in turn
+/// took over 100 ms of the fleet's thread, which real hosts spend on their
+/// own machines.)
 struct FleetIo {
     device: Device,
     inbox_offset: u64,
@@ -110,7 +113,9 @@ impl BlockDevice for FleetDisk {
         self.io.device.sector_size()
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
-        if self.io.batched.get() && offset >= self.io.outbox_offset {
+        if self.io.batched.get()
+            && (offset >= self.io.outbox_offset || offset < self.io.inbox_offset)
+        {
             use std::os::unix::fs::FileExt;
             return self.io.cached.read_exact_at(buf, offset).map_err(|e| {
                 crate::io::device::DeviceError::Read {

@@ -59,8 +59,34 @@ fn preallocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
         .map_err(std::io::Error::from)
 }
 
-/// A fresh mailbox for `hosts` on `device` (the no-op SPM's domain).
+/// A fresh mailbox for `hosts` on `device` (the no-op SPM's domain). A
+/// file made for it is written whole first: a LUN's blocks are there from
+/// the start, while a new file's first writes would also allocate blocks
+/// (and an early burst would measure the file system).
 fn fresh_mailbox(device: &Path, hosts: u16) -> Result<(), BackendError> {
+    if !device.exists() {
+        let size = spmbox_core::wire::Geometry::new(hosts, 512)
+            .map_err(err)?
+            .mailbox_size();
+        let file = std::fs::File::create_new(device)
+            .and_then(|f| {
+                use std::io::Write;
+                let mut w = std::io::BufWriter::new(&f);
+                let zeros = vec![0u8; 1 << 20];
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(zeros.len() as u64) as usize;
+                    w.write_all(&zeros[..n])?;
+                    left -= n as u64;
+                }
+                w.flush()?;
+                drop(w);
+                f.sync_all()?;
+                Ok(f)
+            })
+            .map_err(|e| BackendError::io(format!("cannot make {}", device.display()), e))?;
+        drop(file);
+    }
     mailbox::format(
         device,
         &FormatOptions {
