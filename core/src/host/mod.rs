@@ -144,7 +144,9 @@ pub struct HostConfig {
     /// Default 5 ms (one doorbell read at the SPM's slowest pace while
     /// busy, 20 at its fastest): a lost ring is rung again after 5 to
     /// 9.7 ms, and when many rang at once, the first rings again tell the
-    /// SPM that rings collide (docs/protocol.md 1.2).
+    /// SPM that rings collide (docs/protocol.md 1.2). Below 5 ms
+    /// ([`RING_AGAIN_AFTER`](crate::spm::RING_AGAIN_AFTER)) the SPM may
+    /// take a ring again as a lost ring and scan every host needlessly.
     pub ring_retry: Duration,
     /// How often the host raises the heartbeat in its inbox header (the
     /// builtin lease on its host id): each time it first reads the header
