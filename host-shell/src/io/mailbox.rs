@@ -43,17 +43,9 @@ pub enum MailboxError {
         /// What is wrong with it.
         defect: Defect,
     },
-    /// A superblock of a format version this program does not know.
-    #[error(
-        "{path} holds an spmbox mailbox of format version {version}; this spmbox reads and \
-         writes version {}. Use the spmbox release that formatted it, or (from version 1) stop \
-         the SPM and every host and write a version-{} mailbox over it keeping the domain: \
-         `spmbox format --device {path} --hosts N --sector-size S --domain UUID --force` (the pool \
-         metadata and the LUNs are kept; requests in flight are sent again by the hosts)",
-        spmbox_core::wire::FORMAT_VERSION,
-        spmbox_core::wire::FORMAT_VERSION,
-        path = path.display()
-    )]
+    /// A superblock of a format version this program does not know: what
+    /// to do depends on the version (see [`unsupported_version`]).
+    #[error("{}", unsupported_version(path, *version))]
     UnsupportedVersion {
         /// The device.
         path: PathBuf,
@@ -140,6 +132,37 @@ pub enum MailboxError {
     /// The random source failed.
     #[error("cannot read random bytes for a new domain UUID: {0}; pass --domain UUID")]
     Random(rustix::io::Errno),
+}
+
+/// The format version `spmbox upgrade` converts from, in place.
+pub const UPGRADABLE_FROM: u8 = 2;
+
+/// The message of [`MailboxError::UnsupportedVersion`]: from the version
+/// `spmbox upgrade` converts, run it; from an older one, write a new
+/// mailbox keeping the domain; from a newer one, use a newer spmbox.
+fn unsupported_version(path: &Path, version: u8) -> String {
+    use spmbox_core::wire::FORMAT_VERSION;
+    let path = path.display();
+    let head = format!(
+        "{path} holds an spmbox mailbox of format version {version}; this spmbox reads and writes \
+         version {FORMAT_VERSION}"
+    );
+    if version == UPGRADABLE_FROM {
+        format!(
+            "{head}. Convert it in place, keeping the SPM's epoch and pool commit and every \
+             request and reply: stop the SPM and every host, then run `spmbox upgrade --device \
+             {path}` and start them again with this spmbox"
+        )
+    } else if version < FORMAT_VERSION {
+        format!(
+            "{head}. A version-{version} mailbox is not converted in place: stop the SPM and \
+             every host and write a version-{FORMAT_VERSION} mailbox over it keeping the domain: \
+             `spmbox format --device {path} --hosts N --sector-size S --domain UUID --force` (the \
+             pool metadata and the LUNs are kept; requests in flight are sent again by the hosts)"
+        )
+    } else {
+        format!("{head}. Use a newer spmbox, one that reads version {version}")
+    }
 }
 
 impl MailboxError {
