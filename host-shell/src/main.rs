@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Command::Format(args) => commands::format(args),
         Command::Repair(args) => commands::repair(args),
         Command::Inspect(args) => commands::inspect(args),
+        Command::Upgrade(args) => commands::upgrade(args),
         Command::Pool(PoolCommand::Create(args)) => commands::pool_create(args),
         Command::Pool(PoolCommand::AddLun(args)) => commands::add_lun(args),
         Command::Volume(VolumeCommand::Create(args)) => commands::volume_create(args),

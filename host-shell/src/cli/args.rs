@@ -159,6 +159,15 @@ pub enum Command {
     /// made; the domain UUID comes from the SPM header (or --domain).
     /// Safe while the daemons run: they read the superblock only at start.
     Repair(RepairArgs),
+    /// Convert a mailbox of format version 2 to version 3 in place,
+    /// keeping the SPM's epoch and pool commit, every request and reply and
+    /// every generation.
+    ///
+    /// Stop the SPM and every host first: it refuses while the SPM or a
+    /// host with the builtin lease is seen alive. The doorbell (a hint) is
+    /// cleared; defective records are left as they are. Interrupted, it
+    /// finishes when run again; on a version-3 mailbox it writes nothing.
+    Upgrade(UpgradeArgs),
     /// Decode and check every record of a mailbox.
     ///
     /// Exit status: 0 all valid; 3 defective records or nonzero bytes in
@@ -304,6 +313,17 @@ impl RepairArgs {
     pub fn sector_size(&self) -> Option<u32> {
         sector_size(self.sector_size.as_deref())
     }
+}
+
+/// `spmbox upgrade`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpgradeArgs {
+    /// The file or block device.
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `spmbox inspect`.

@@ -8,7 +8,7 @@ use spmbox_core::wire::{HostId, RECORD_LEN, SPM_HEADER_OFFSET, SpmHeader, Uuid};
 
 use crate::cli::args::{
     AddLunArgs, ConfigCheckArgs, FormatArgs, GenerateAssetsArgs, HostArgs, InspectArgs,
-    PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs, VolumeCreateArgs,
+    PoolCreateArgs, RepairArgs, SpmArgs, StatusArgs, UpgradeArgs, VolumeCreateArgs,
 };
 use crate::cli::inspect;
 use crate::io::device::Access;
@@ -150,6 +150,111 @@ pub fn repair(args: &RepairArgs) -> Result<ExitCode, CommandError> {
         superblock.geometry.sector_size()
     )?;
     Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `spmbox upgrade`.
+pub fn upgrade(args: &UpgradeArgs) -> Result<ExitCode, CommandError> {
+    let path = args.device.as_path();
+    let done = mailbox::upgrade(path)?;
+    let changed = done.from_version != done.to_version;
+    let (epoch, pool_commit) = match &done.spm_header {
+        Ok(Some(h)) => (Some(h.epoch.get()), Some(h.pool_commit)),
+        _ => (None, None),
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let value = serde_json::json!({
+            "device": path.display().to_string(),
+            "from_version": done.from_version,
+            "to_version": done.to_version,
+            "changed": changed,
+            "records_rewritten": done.records_rewritten,
+            "doorbell_cleared": done.doorbell_cleared,
+            "defective_left": done.defective_left,
+            "records_already_upgraded": done.already_new,
+            "superblock_needs_repair": done.superblock_needs_repair,
+            "epoch": epoch,
+            "pool_commit": pool_commit,
+        });
+        writeln!(out, "{value}")?;
+        return Ok(ExitCode::from(EXIT_OK));
+    }
+    if !changed {
+        writeln!(
+            out,
+            "{}: the mailbox is already version {} of the format; nothing to upgrade, nothing \
+             written",
+            path.display(),
+            done.to_version
+        )?;
+        return Ok(ExitCode::from(EXIT_OK));
+    }
+    let plural = |n: usize, one: &str, many: &str| {
+        format!("{} {}", grouped(n), if n == 1 { one } else { many })
+    };
+    let mut what = vec![plural(
+        done.records_rewritten,
+        "record rewritten",
+        "records rewritten",
+    )];
+    if done.doorbell_cleared {
+        what.push("the doorbell cleared".into());
+    }
+    if done.defective_left > 0 {
+        what.push(format!(
+            "{} left as {} (`spmbox inspect` lists them)",
+            plural(done.defective_left, "defective record", "defective records"),
+            if done.defective_left == 1 {
+                "it was"
+            } else {
+                "they were"
+            }
+        ));
+    }
+    let kept = match &done.spm_header {
+        Ok(Some(h)) => format!("epoch {} and pool commit {} kept", h.epoch, h.pool_commit),
+        Ok(None) => "the SPM header is empty".into(),
+        Err(_) => "the SPM header is damaged and was left as it was".into(),
+    };
+    writeln!(
+        out,
+        "upgraded {} from format version {} to {}: {}; {kept}",
+        path.display(),
+        done.from_version,
+        done.to_version,
+        what.join(", ")
+    )?;
+    if done.already_new > 0 {
+        writeln!(
+            out,
+            "{} of version {} already (an earlier run was interrupted) left as they were",
+            plural(done.already_new, "record", "records"),
+            done.to_version
+        )?;
+    }
+    if done.superblock_needs_repair {
+        writeln!(
+            out,
+            "one copy of the superblock was damaged before and was left as it was: rewrite it \
+             from the other with `spmbox repair --device {}`",
+            path.display()
+        )?;
+    }
+    writeln!(out, "start the SPM and the hosts again with this spmbox")?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `n` with a comma between groups of three digits: 4,031.
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `spmbox inspect`.

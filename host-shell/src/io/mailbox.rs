@@ -43,17 +43,9 @@ pub enum MailboxError {
         /// What is wrong with it.
         defect: Defect,
     },
-    /// A superblock of a format version this program does not know.
-    #[error(
-        "{path} holds an spmbox mailbox of format version {version}; this spmbox reads and \
-         writes version {}. Use the spmbox release that formatted it, or (from version 1) stop \
-         the SPM and every host and write a version-{} mailbox over it keeping the domain: \
-         `spmbox format --device {path} --hosts N --sector-size S --domain UUID --force` (the pool \
-         metadata and the LUNs are kept; requests in flight are sent again by the hosts)",
-        spmbox_core::wire::FORMAT_VERSION,
-        spmbox_core::wire::FORMAT_VERSION,
-        path = path.display()
-    )]
+    /// A superblock of a format version this program does not know: what
+    /// to do depends on the version (see [`unsupported_version`]).
+    #[error("{}", unsupported_version(path, *version))]
     UnsupportedVersion {
         /// The device.
         path: PathBuf,
@@ -123,6 +115,24 @@ pub enum MailboxError {
         /// What shows that the domain is live.
         why: String,
     },
+    /// `upgrade` found the domain on the device live.
+    #[error(
+        "{path} is the device of a live storage domain: {why}. `spmbox upgrade` rewrites the \
+         records the SPM and the hosts read and write: stop the SPM (`systemctl stop \
+         spmbox-spm@NAME`) and every host (`systemctl stop spmbox-host@NAME` on each) first, \
+         then run it again. Nothing was written",
+        path = path.display()
+    )]
+    LiveUpgrade {
+        /// The device.
+        path: PathBuf,
+        /// What shows that the domain is live.
+        why: String,
+    },
+    /// `upgrade` cannot tell what the mailbox is; the message says why.
+    /// Nothing was written.
+    #[error("{0}")]
+    CannotUpgrade(String),
     /// The domain lock could not be taken (not because another process
     /// holds it).
     #[error("{0}")]
@@ -140,6 +150,37 @@ pub enum MailboxError {
     /// The random source failed.
     #[error("cannot read random bytes for a new domain UUID: {0}; pass --domain UUID")]
     Random(rustix::io::Errno),
+}
+
+/// The format version `spmbox upgrade` converts from, in place.
+pub const UPGRADABLE_FROM: u8 = 2;
+
+/// The message of [`MailboxError::UnsupportedVersion`]: from the version
+/// `spmbox upgrade` converts, run it; from an older one, write a new
+/// mailbox keeping the domain; from a newer one, use a newer spmbox.
+fn unsupported_version(path: &Path, version: u8) -> String {
+    use spmbox_core::wire::FORMAT_VERSION;
+    let path = path.display();
+    let head = format!(
+        "{path} holds an spmbox mailbox of format version {version}; this spmbox reads and writes \
+         version {FORMAT_VERSION}"
+    );
+    if version == UPGRADABLE_FROM {
+        format!(
+            "{head}. Convert it in place, keeping the SPM's epoch and pool commit and every \
+             request and reply: stop the SPM and every host, then run `spmbox upgrade --device \
+             {path}` and start them again with this spmbox"
+        )
+    } else if version < FORMAT_VERSION {
+        format!(
+            "{head}. A version-{version} mailbox is not converted in place: stop the SPM and \
+             every host and write a version-{FORMAT_VERSION} mailbox over it keeping the domain: \
+             `spmbox format --device {path} --hosts N --sector-size S --domain UUID --force` (the \
+             pool metadata and the LUNs are kept; requests in flight are sent again by the hosts)"
+        )
+    } else {
+        format!("{head}. Use a newer spmbox, one that reads version {version}")
+    }
 }
 
 impl MailboxError {
@@ -667,6 +708,566 @@ pub fn repair(
         write_superblocks(&device, &superblock)?;
     }
     Ok((superblock, from))
+}
+
+/// What `upgrade` did.
+#[derive(Debug, Clone)]
+pub struct Upgraded {
+    /// The superblock (of the new version when converted).
+    pub superblock: Superblock,
+    /// The version found: [`UPGRADABLE_FROM`], or the current one (then
+    /// nothing was written).
+    pub from_version: u8,
+    /// The version now.
+    pub to_version: u8,
+    /// Valid records of the old version rewritten as the new one (the
+    /// doorbell not counted).
+    pub records_rewritten: usize,
+    /// A valid doorbell of the old version was written empty.
+    pub doorbell_cleared: bool,
+    /// Records left as they were because they are defective in the old
+    /// version (a bad checksum, another version, a wrong place or value).
+    pub defective_left: usize,
+    /// Records of the new version found already (an earlier run was
+    /// interrupted), left as they were.
+    pub already_new: usize,
+    /// The superblock or its backup is not a valid copy of the new
+    /// version now (it was damaged before): `spmbox repair` rewrites it.
+    pub superblock_needs_repair: bool,
+    /// The SPM header as it is now: its epoch and pool commit are kept.
+    pub spm_header: Result<Option<SpmHeader>, Defect>,
+}
+
+/// The longest `upgrade` watches the heartbeats of a domain's SPM and hosts.
+pub const UPGRADE_WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Converts the mailbox on `path` from format version [`UPGRADABLE_FROM`]
+/// to the current one in place, keeping the SPM header (its epoch and
+/// pool commit), every request and reply and every generation.
+///
+/// Refuses, writing nothing: a live domain (the domain lock held, an SPM
+/// answering on its control socket, or an SPM or a host whose heartbeat
+/// moves, see [`check_no_live_heartbeat`]); a mailbox of any other version
+/// ([`MailboxError::UnsupportedVersion`]); no usable superblock. A mailbox
+/// of the current version is left as it is.
+///
+/// Every record of the old version that is valid (its checksum, magic and
+/// version byte, and, converted, valid at its place for a reader of the
+/// new version) is rewritten with the new version byte and checksum; the
+/// doorbell, whose new `rings` field must not be 0, is written empty
+/// instead (it is only a hint: the SPM's full scans find every request).
+/// Empty records, records of the new version and defective ones stay as
+/// they are, byte for byte.
+///
+/// Crash safety. The mailbox is read once; only the sectors that change
+/// are written back, in three steps, each made durable before the next:
+/// (1) the SPM header, the doorbell and the host areas, (2) the superblock's
+/// backup, (3) the superblock. Every record lies within one sector and is
+/// written whole or not at all, and every record written is either its old
+/// bytes or the same fields under the new version. So a crash at any point
+/// leaves each record either as it was or converted, with nothing lost:
+/// - before (2) completes, the superblock (or, if it is damaged, its
+///   backup) is still of the old version: every reader of the new version
+///   refuses the mailbox, none of the old acts on the records already
+///   converted (they are of an unknown version to it), and running
+///   `spmbox upgrade` again converts what is left: records of the new
+///   version are left as they are, the doorbell is empty or cleared again;
+/// - after (2), before (3): the backup is of the new version and every
+///   other record is converted and durable; the superblock at offset 0 is
+///   still of the old version, so readers refuse the mailbox, and running
+///   `spmbox upgrade` again converts the superblock alone;
+/// - after (3) the upgrade is complete, and a run again finds the new
+///   version and writes nothing.
+///
+/// Nothing else writes the mailbox meanwhile: the SPM and the hosts are
+/// stopped (checked as far as can be seen), and no spmbox daemon of either
+/// version runs on a mailbox whose superblock is not of its version.
+pub fn upgrade(path: &Path) -> Result<Upgraded, MailboxError> {
+    let live = |e: MailboxError| match e {
+        MailboxError::Live { path, why } => MailboxError::LiveUpgrade { path, why },
+        other => other,
+    };
+    let _lock = lock_idle(path).map_err(live)?;
+    let device = Device::open(path, Access::ReadOnly)?;
+    let found = find_superblock_any_version(&device)?;
+    let superblock = match found.version {
+        spmbox_core::wire::FORMAT_VERSION => {
+            drop(device);
+            return already_upgraded(path);
+        }
+        UPGRADABLE_FROM => found.superblock.ok_or_else(|| {
+            MailboxError::Internal("a superblock of the old version without a geometry".into())
+        })?,
+        version => {
+            return Err(MailboxError::UnsupportedVersion {
+                path: path.to_owned(),
+                version,
+            });
+        }
+    };
+    let geometry = superblock.geometry;
+    check_sector_size(
+        &device,
+        geometry.sector_size(),
+        "its mailbox was formatted for",
+    )?;
+    if device.size() < geometry.mailbox_size() {
+        return Err(MailboxError::TooSmall {
+            path: path.to_owned(),
+            size: device.size(),
+            needed: geometry.mailbox_size(),
+            what: "its superblock says the mailbox needs".into(),
+            hint: "the device was truncated or is not the one that was formatted",
+        });
+    }
+    check_no_live_control_socket(path, superblock.domain)?;
+    check_no_live_heartbeat(&device, &superblock)?;
+
+    // Read everything once, convert in memory.
+    let len = usize::try_from(geometry.mailbox_size()).unwrap_or(usize::MAX);
+    let mut image = AlignedBuf::zeroed(len, device.dio_mem_align());
+    device.read_at(0, &mut image)?;
+    let before = image.to_vec();
+    let mut done = Upgraded {
+        superblock,
+        from_version: UPGRADABLE_FROM,
+        to_version: spmbox_core::wire::FORMAT_VERSION,
+        records_rewritten: 0,
+        doorbell_cleared: false,
+        defective_left: 0,
+        already_new: 0,
+        superblock_needs_repair: false,
+        spm_header: Ok(None),
+    };
+    for (offset, at, kind) in record_places(&superblock) {
+        let start = offset as usize;
+        let Some(record) = image.get_mut(start..start + RECORD_LEN) else {
+            continue;
+        };
+        match convert_record(record, &at, kind) {
+            Converted::Empty => {}
+            Converted::AlreadyNew => done.already_new += 1,
+            Converted::Rewritten => done.records_rewritten += 1,
+            Converted::DoorbellCleared => done.doorbell_cleared = true,
+            Converted::Defective => done.defective_left += 1,
+        }
+    }
+    let at0 = spmbox_core::wire::Location {
+        domain: superblock.domain,
+        host_id: spmbox_core::wire::HostId::NONE,
+        index: 0,
+    };
+    let head = |offset: u64| &image[offset as usize..offset as usize + RECORD_LEN];
+    let superblock = match Superblock::parse(head(SUPERBLOCK_OFFSET), &at0) {
+        Ok(Some(primary)) => primary,
+        _ => Superblock::parse(head(SUPERBLOCK_BACKUP_OFFSET), &at0)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                MailboxError::Internal(
+                    "neither superblock copy converted; nothing was written".into(),
+                )
+            })?,
+    };
+    done.superblock = superblock;
+    done.superblock_needs_repair = [SUPERBLOCK_OFFSET, SUPERBLOCK_BACKUP_OFFSET]
+        .iter()
+        .any(|&at| Superblock::parse(head(at), &at0) != Ok(Some(superblock)));
+    done.spm_header = SpmHeader::parse(head(spmbox_core::wire::SPM_HEADER_OFFSET), &at0);
+
+    // Write back the sectors that changed: the host areas, the SPM header
+    // and the doorbell; then the backup; then the superblock.
+    let device = Device::open(path, Access::ReadWrite)?;
+    let sector = geometry.sector_size() as usize;
+    let superblock_block = SUPERBLOCK_OFFSET as usize..AREA_SIZE;
+    let backup_block = SUPERBLOCK_BACKUP_OFFSET as usize..INBOX_OFFSET as usize;
+    let steps: [&dyn Fn(usize) -> bool; 3] = [
+        &|at| !superblock_block.contains(&at) && !backup_block.contains(&at),
+        &|at| backup_block.contains(&at),
+        &|at| superblock_block.contains(&at),
+    ];
+    for step in steps {
+        let mut wrote = false;
+        let mut run: Option<std::ops::Range<usize>> = None;
+        for at in (0..len).step_by(sector) {
+            let changed = step(at) && image[at..at + sector] != before[at..at + sector];
+            match (&mut run, changed) {
+                (Some(r), true) if r.end == at => r.end = at + sector,
+                (_, true) => {
+                    if let Some(r) = run.take() {
+                        device.write_from(r.start as u64, &image, r)?;
+                    }
+                    run = Some(at..at + sector);
+                    wrote = true;
+                }
+                (_, false) => {}
+            }
+        }
+        if let Some(r) = run.take() {
+            device.write_from(r.start as u64, &image, r)?;
+        }
+        if wrote {
+            device.sync_data()?;
+        }
+    }
+    Ok(done)
+}
+
+/// `upgrade` on a mailbox of the current version: what it holds, nothing
+/// written.
+fn already_upgraded(path: &Path) -> Result<Upgraded, MailboxError> {
+    let mailbox = Mailbox::open(path, Access::ReadOnly)?;
+    let sector = mailbox.geometry().sector_size() as usize;
+    let buf = mailbox.read(spmbox_core::wire::SPM_HEADER_OFFSET, sector)?;
+    let at0 = spmbox_core::wire::Location {
+        domain: mailbox.superblock().domain,
+        host_id: spmbox_core::wire::HostId::NONE,
+        index: 0,
+    };
+    Ok(Upgraded {
+        superblock: *mailbox.superblock(),
+        from_version: spmbox_core::wire::FORMAT_VERSION,
+        to_version: spmbox_core::wire::FORMAT_VERSION,
+        records_rewritten: 0,
+        doorbell_cleared: false,
+        defective_left: 0,
+        already_new: 0,
+        superblock_needs_repair: false,
+        spm_header: SpmHeader::parse(&buf[..RECORD_LEN], &at0),
+    })
+}
+
+/// A superblock copy of any version: its version byte, and its domain
+/// and geometry where the layout is known.
+struct AnyVersion {
+    version: u8,
+    superblock: Option<Superblock>,
+}
+
+/// The superblock (or, if it is damaged, its backup) of any version whose
+/// checksum is right: its version byte, and for the current version and
+/// [`UPGRADABLE_FROM`] its domain and geometry, checked as a reader of the
+/// current version checks them. Neither copy usable: the error `open`
+/// gives. Two valid copies that differ: refused.
+fn find_superblock_any_version(device: &Device) -> Result<AnyVersion, MailboxError> {
+    let len = AREA_SIZE.max(device.sector_size() as usize);
+    let copy = |offset: u64| -> Result<Option<AnyVersion>, MailboxError> {
+        if offset + len as u64 > device.size() || device.size() < INBOX_OFFSET {
+            return Ok(None);
+        }
+        let mut buf = AlignedBuf::zeroed(len, device.dio_mem_align());
+        device.read_at(offset, &mut buf)?;
+        let record = &buf[..RECORD_LEN];
+        if !checksum_ok(record) {
+            return Ok(None);
+        }
+        let version = record[9];
+        let mut as_current = [0u8; RECORD_LEN];
+        as_current.copy_from_slice(record);
+        if version == UPGRADABLE_FROM {
+            as_current[9] = spmbox_core::wire::FORMAT_VERSION;
+            seal(&mut as_current);
+        }
+        match Superblock::decode(&as_current) {
+            Ok(Some(superblock)) => Ok(Some(AnyVersion {
+                version,
+                superblock: Some(superblock),
+            })),
+            // Another version: its layout is unknown, its version byte is
+            // all that counts.
+            Err(Defect::UnsupportedVersion { .. }) if record[8] == 1 => Ok(Some(AnyVersion {
+                version,
+                superblock: None,
+            })),
+            _ => Ok(None),
+        }
+    };
+    let primary = copy(SUPERBLOCK_OFFSET)?;
+    let backup = copy(SUPERBLOCK_BACKUP_OFFSET)?;
+    if let (Some(p), Some(b)) = (&primary, &backup)
+        && let (Some(p), Some(b)) = (p.superblock, b.superblock)
+        && p != b
+    {
+        return Err(MailboxError::CannotUpgrade(format!(
+            "the superblock of {} (domain {}, {} hosts) and its backup (domain {}, {} hosts) are \
+             both valid but differ; find out which is right before anything is rewritten \
+             (`spmbox inspect` shows both). Nothing was written",
+            device.path().display(),
+            p.domain,
+            p.geometry.max_hosts(),
+            b.domain,
+            b.geometry.max_hosts()
+        )));
+    }
+    if let Some(found) = primary {
+        return Ok(found);
+    }
+    if let Some(found) = backup {
+        tracing::warn!(
+            "the superblock of {} (offset 0) is damaged; using its backup at offset 0xF000 \
+             (format version {})",
+            device.path().display(),
+            found.version
+        );
+        return Ok(found);
+    }
+    match read_superblock(device) {
+        Err(e) => Err(e),
+        Ok(_) => Err(MailboxError::Internal(
+            "a superblock readable only as the current version".into(),
+        )),
+    }
+}
+
+/// Whether `record` carries the magic and a right checksum (of any
+/// version: the prefix's first ten bytes are the same in all).
+fn checksum_ok(record: &[u8]) -> bool {
+    record.len() == RECORD_LEN
+        && record[4..8] == MAGIC
+        && record[..4]
+            == spmbox_core::wire::CRC32C
+                .checksum(&record[4..])
+                .to_le_bytes()
+}
+
+/// Seals `record` with the checksum of its bytes 4..128.
+fn seal(record: &mut [u8; RECORD_LEN]) {
+    let crc = spmbox_core::wire::CRC32C.checksum(&record[4..]);
+    record[..4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Every record `upgrade` looks at: its offset, the place a reader checks
+/// it against, and the kind that belongs there.
+fn record_places(
+    superblock: &Superblock,
+) -> Vec<(u64, spmbox_core::wire::Location, spmbox_core::wire::Kind)> {
+    use spmbox_core::wire::{HostId, Kind, Location};
+    let g = superblock.geometry;
+    let domain = superblock.domain;
+    let at = |host_id: HostId, index: u16| Location {
+        domain,
+        host_id,
+        index,
+    };
+    let mut places = vec![
+        (SUPERBLOCK_OFFSET, at(HostId::NONE, 0), Kind::Superblock),
+        (
+            spmbox_core::wire::SPM_HEADER_OFFSET,
+            at(HostId::NONE, 0),
+            Kind::SpmHeader,
+        ),
+        (
+            spmbox_core::wire::DOORBELL_OFFSET,
+            at(HostId::NONE, 0),
+            Kind::Doorbell,
+        ),
+        (
+            SUPERBLOCK_BACKUP_OFFSET,
+            at(HostId::NONE, 0),
+            Kind::Superblock,
+        ),
+    ];
+    for host in g.hosts() {
+        let areas = [
+            (g.inbox_area(host), Kind::InboxHeader, Kind::Request),
+            (g.outbox_area(host), Kind::OutboxHeader, Kind::Reply),
+        ];
+        for (area, header, slot) in areas {
+            let Some(area) = area else { continue };
+            for index in 0..spmbox_core::wire::RECORDS_PER_AREA as u16 {
+                let kind = if index == 0 { header } else { slot };
+                places.push((
+                    area + u64::from(index) * RECORD_LEN as u64,
+                    at(host, index),
+                    kind,
+                ));
+            }
+        }
+    }
+    places
+}
+
+/// What `upgrade` made of one record.
+enum Converted {
+    Empty,
+    AlreadyNew,
+    Rewritten,
+    DoorbellCleared,
+    Defective,
+}
+
+/// Converts `record` in place if it is a valid record of version
+/// [`UPGRADABLE_FROM`] of `kind` at `at`; leaves it as it is otherwise.
+fn convert_record(
+    record: &mut [u8],
+    at: &spmbox_core::wire::Location,
+    kind: spmbox_core::wire::Kind,
+) -> Converted {
+    use spmbox_core::wire::{FORMAT_VERSION, Kind, Record};
+    if record.iter().all(|&b| b == 0) {
+        return Converted::Empty;
+    }
+    if !checksum_ok(record) {
+        return Converted::Defective;
+    }
+    match record[9] {
+        FORMAT_VERSION => return Converted::AlreadyNew,
+        UPGRADABLE_FROM => {}
+        _ => return Converted::Defective,
+    }
+    let mut new = [0u8; RECORD_LEN];
+    new.copy_from_slice(record);
+    new[9] = FORMAT_VERSION;
+    if kind == Kind::Doorbell {
+        // `rings` (34..36) was reserved, so zero; the new version needs at
+        // least 1. Checked as if it had rung once; written empty.
+        if new[34..36] != [0, 0] {
+            return Converted::Defective;
+        }
+        new[34..36].copy_from_slice(&1u16.to_le_bytes());
+    }
+    seal(&mut new);
+    match Record::parse(&new, at) {
+        Ok(Some(r)) if r.kind() == kind => {}
+        _ => return Converted::Defective,
+    }
+    if kind == Kind::Doorbell {
+        record.fill(0);
+        Converted::DoorbellCleared
+    } else {
+        record.copy_from_slice(&new);
+        Converted::Rewritten
+    }
+}
+
+/// Refuses while an SPM answers on the domain's control socket.
+fn check_no_live_control_socket(path: &Path, domain: Uuid) -> Result<(), MailboxError> {
+    use crate::daemon::control;
+    let socket = control::default_control(domain);
+    if let Ok(Some(_)) = control::control_request(&socket, &serde_json::json!({"op": "status"})) {
+        return Err(MailboxError::LiveUpgrade {
+            path: path.to_owned(),
+            why: format!(
+                "the SPM of domain {domain} answers on its control socket {}",
+                socket.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses while the SPM header says *active* and its heartbeat moves, or
+/// while an inbox header names a lease (a nonzero `heartbeat_interval_ms`)
+/// whose heartbeat moves: each is watched for two and a half of its
+/// intervals, all at once, at most [`UPGRADE_WATCH_MAX`], as a starting
+/// SPM and host watch theirs (`daemon::spm::check_no_live_spm`,
+/// `daemon::host`'s `check_host_id_free`). Reads the records by their
+/// bytes, since the layouts of the SPM header and the inbox header are the
+/// same in [`UPGRADABLE_FROM`] and the current version, whose decoders
+/// refuse the old one. Hosts under sanlock (interval 0) cannot be seen.
+fn check_no_live_heartbeat(device: &Device, superblock: &Superblock) -> Result<(), MailboxError> {
+    use spmbox_core::wire::{FORMAT_VERSION, Kind, SPM_HEADER_OFFSET};
+    use std::time::{Duration, Instant};
+    let g = superblock.geometry;
+    let sector = g.sector_size() as usize;
+    let read = |offset: u64| -> Result<[u8; RECORD_LEN], MailboxError> {
+        let mut buf = AlignedBuf::zeroed(sector, device.dio_mem_align());
+        device.read_at(offset, &mut buf)?;
+        let mut record = [0u8; RECORD_LEN];
+        record.copy_from_slice(&buf[..RECORD_LEN]);
+        Ok(record)
+    };
+    let lease = |record: &[u8; RECORD_LEN], kind: Kind, interval_at: usize| -> Option<u32> {
+        let ours = checksum_ok(record)
+            && record[8] == kind as u8
+            && (record[9] == UPGRADABLE_FROM || record[9] == FORMAT_VERSION)
+            && record[16..32] == superblock.domain.0;
+        let mut interval = [0u8; 4];
+        interval.copy_from_slice(&record[interval_at..interval_at + 4]);
+        let interval = u32::from_le_bytes(interval);
+        (ours && interval != 0).then_some(interval)
+    };
+    // (offset, host id or 0 for the SPM, first bytes, interval)
+    let mut watched: Vec<(u64, u16, [u8; RECORD_LEN], u32)> = Vec::new();
+    let spm = read(SPM_HEADER_OFFSET)?;
+    // The SPM header: state (42) active, interval at 44.
+    if spm[42] == 1
+        && let Some(interval) = lease(&spm, Kind::SpmHeader, 44)
+    {
+        watched.push((SPM_HEADER_OFFSET, 0, spm, interval));
+    }
+    let inbox_len = g.region_len() as usize;
+    let mut inbox = AlignedBuf::zeroed(inbox_len, device.dio_mem_align());
+    device.read_at(g.inbox_offset(), &mut inbox)?;
+    for host in g.hosts() {
+        let Some(at) = g.inbox_area(host) else {
+            continue;
+        };
+        let start = (at - g.inbox_offset()) as usize;
+        let mut header = [0u8; RECORD_LEN];
+        header.copy_from_slice(&inbox[start..start + RECORD_LEN]);
+        // The inbox header: interval at 56.
+        if let Some(interval) = lease(&header, Kind::InboxHeader, 56) {
+            watched.push((at, host.get(), header, interval));
+        }
+    }
+    let Some(longest) = watched.iter().map(|w| w.3).max() else {
+        return Ok(());
+    };
+    let watch = (Duration::from_millis(u64::from(longest)) * 5 / 2).min(UPGRADE_WATCH_MAX);
+    tracing::info!(
+        "{} heartbeat(s) to watch for {} before the upgrade",
+        watched.len(),
+        crate::units::Elapsed(watch)
+    );
+    let mut moved = vec![false; watched.len()];
+    let until = Instant::now() + watch;
+    while Instant::now() < until && moved.iter().any(|m| !m) {
+        std::thread::sleep(Duration::from_millis(50));
+        for (i, (offset, _, first, _)) in watched.iter().enumerate() {
+            if !moved[i] && read(*offset)? != *first {
+                moved[i] = true;
+            }
+        }
+    }
+    let spm_moved = watched.iter().zip(&moved).any(|(w, &m)| m && w.1 == 0);
+    let hosts: Vec<String> = watched
+        .iter()
+        .zip(&moved)
+        .filter(|(w, m)| **m && w.1 != 0)
+        .map(|(w, _)| w.1.to_string())
+        .collect();
+    let mut why = Vec::new();
+    if spm_moved {
+        why.push(format!(
+            "the SPM header says active and its heartbeat moved while watched for {}: an SPM \
+             serves the domain",
+            crate::units::Elapsed(watch)
+        ));
+    }
+    match hosts.len() {
+        0 => {}
+        1 => why.push(format!(
+            "host {} holds its host id: the heartbeat in its inbox header moved while watched \
+             for {}",
+            hosts[0],
+            crate::units::Elapsed(watch)
+        )),
+        _ => why.push(format!(
+            "hosts {} hold their host ids: the heartbeats in their inbox headers moved while \
+             watched for {}",
+            hosts.join(", "),
+            crate::units::Elapsed(watch)
+        )),
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(MailboxError::LiveUpgrade {
+            path: device.path().to_owned(),
+            why: why.join("; "),
+        })
+    }
 }
 
 /// A value built from a valid geometry and domain is always emittable; if
