@@ -455,3 +455,40 @@ fn an_interrupted_upgrade_is_finished_by_running_it_again() {
         assert_eq!(code, Some(0), "{name}: {v}");
     }
 }
+
+#[test]
+fn repair_refuses_a_version_2_mailbox_and_names_upgrade() {
+    // Repair with the geometry and domain given would otherwise write
+    // version-3 superblocks over version-2 records, after which upgrade
+    // says "already version 3" and every record stays unreadable.
+    let s = Setup::new();
+    let v3 = v3_mailbox(&s, "4096");
+    let mut v2 = make_v2(&s, &v3);
+    // The primary superblock damaged: repair would rewrite it.
+    v2[100] ^= 1;
+    fs::write(s.dom(), &v2).unwrap();
+    let dom = s.dom_str();
+    let domain = Superblock::decode(&v3[..RECORD_LEN])
+        .unwrap()
+        .unwrap()
+        .domain;
+    let domain = domain.to_string();
+    let out = s.cli(&[
+        "repair",
+        "--device",
+        &dom,
+        "--hosts",
+        "4",
+        "--sector-size",
+        "4096",
+        "--domain",
+        &domain,
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("version 2") && err.contains(&format!("spmbox upgrade --device {dom}")),
+        "{err}"
+    );
+    assert!(fs::read(s.dom()).unwrap() == v2, "bytes changed");
+}

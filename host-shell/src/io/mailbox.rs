@@ -641,12 +641,25 @@ pub fn repair(
 ) -> Result<(Superblock, RepairedFrom), MailboxError> {
     let device = Device::open(path, Access::ReadWrite)?;
     let len = AREA_SIZE.max(device.sector_size() as usize);
-    let primary = read_superblock_at(&device, SUPERBLOCK_OFFSET, len).ok();
+    let primary = read_superblock_at(&device, SUPERBLOCK_OFFSET, len);
     let backup = if device.size() >= INBOX_OFFSET {
-        read_superblock_at(&device, SUPERBLOCK_BACKUP_OFFSET, len).ok()
+        Some(read_superblock_at(&device, SUPERBLOCK_BACKUP_OFFSET, len))
     } else {
         None
     };
+    // A copy of another format version is not damaged: rewriting it as
+    // this version would leave every other record of the old version
+    // (and `spmbox upgrade` would then find nothing to convert).
+    for copy in [Some(&primary), backup.as_ref()].into_iter().flatten() {
+        if let Err(MailboxError::UnsupportedVersion { version, .. }) = copy {
+            return Err(MailboxError::UnsupportedVersion {
+                path: path.to_owned(),
+                version: *version,
+            });
+        }
+    }
+    let primary = primary.ok();
+    let backup = backup.and_then(Result::ok);
     let (superblock, from) = match (primary, backup) {
         (Some(p), Some(b)) if p == b => (p, RepairedFrom::Intact),
         (Some(p), Some(b)) => {
@@ -666,10 +679,17 @@ pub fn repair(
             let found = {
                 let mut buf = AlignedBuf::zeroed(len, device.dio_mem_align());
                 device.read_at(spmbox_core::wire::SPM_HEADER_OFFSET, &mut buf)?;
-                SpmHeader::decode(&buf[..RECORD_LEN])
-                    .ok()
-                    .flatten()
-                    .map(|h| h.domain)
+                match SpmHeader::decode(&buf[..RECORD_LEN]) {
+                    // Both superblocks lost, and the SPM header says the
+                    // mailbox is of another version: as above.
+                    Err(Defect::UnsupportedVersion { version }) => {
+                        return Err(MailboxError::UnsupportedVersion {
+                            path: path.to_owned(),
+                            version,
+                        });
+                    }
+                    found => found.ok().flatten().map(|h| h.domain),
+                }
             };
             let domain = domain.or(found).ok_or_else(|| {
                 MailboxError::CannotRepair(format!(
