@@ -225,6 +225,11 @@ impl Setup {
     }
 
     fn spawn_spm(&mut self) -> Proc {
+        self.spawn_spm_with(&[])
+    }
+
+    /// The SPM with more flags.
+    fn spawn_spm_with(&mut self, extra: &[&str]) -> Proc {
         let log = self.log("spm");
         let child = Command::new(bin())
             .args(["-vv", "spm", "--device"])
@@ -232,6 +237,7 @@ impl Setup {
             .arg("--control")
             .arg(&self.control)
             .args(&self.backend)
+            .args(extra)
             .env("SPMBOX_RUN_DIR", &self.run)
             .stdout(Stdio::null())
             .stderr(log)
@@ -359,6 +365,27 @@ impl Setup {
             }
         }
         out
+    }
+
+    /// Every SPM's log, whole, in the order they started.
+    fn spm_logs(&self) -> String {
+        let mut paths: Vec<_> = fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("spm."))
+            })
+            .collect();
+        paths.sort_by_key(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.split('.').nth(1).and_then(|n| n.parse::<u32>().ok())
+        });
+        paths
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     fn logs_text(&self) -> String {
@@ -534,6 +561,23 @@ fn pause_and_resume(mut s: Setup) {
     let (bytes, errors, first) = s.verify(&volumes, 64 * MIB);
     assert_eq!((bytes, errors), (2 * 64 * MIB, 0), "{first:?}");
     s.check_pool();
+    // The pool that ran out was warned about (at 80 % at least: the
+    // extension that would fill it needs more than is left), and the
+    // added LUN brought usage back under every threshold.
+    let log = s.spm_logs();
+    let reached: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("pool usage reached "))
+        .collect();
+    assert!(!reached.is_empty(), "{log}");
+    let under: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pool usage back under"))
+        .collect();
+    assert!(
+        under.len() == 1 && under[0].contains("back under 80 %"),
+        "{under:?}"
+    );
     // A clean stop leaves the SPM header vacant.
     let status = s.cli(&[
         "status",
@@ -914,4 +958,214 @@ fn an_spm_that_waits_for_the_domain_lock_sees_what_the_holder_committed() {
         .collect();
     assert_eq!(ids, [volume.to_string()], "{v}");
     assert!(spm.term().success());
+}
+
+/// The lines of `log` that say a pool usage threshold was reached, and
+/// which threshold each names.
+fn usage_warnings(log: &str) -> Vec<(u32, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("pool usage reached ").nth(1)?;
+            let t = rest.split(' ').next()?.parse().ok()?;
+            Some((t, l.to_string()))
+        })
+        .collect()
+}
+
+/// Scrapes the SPM's metrics until the page has every one of `wanted`.
+fn scrape_until(port: u16, wanted: &[&str], s: &Setup) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = scrape(port, deadline);
+        if wanted.iter().all(|w| page.contains(w)) {
+            return page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the metrics never showed {wanted:?}: {page}{}",
+            s.logs_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A pool of 10 extents filled one 4 MiB extension at a time: the SPM
+/// warns once at 80 %, once at 90 % (85 % is passed in the same step, so
+/// only the higher is said), once at 95 % when it is full, with the
+/// figures and what to do; the metrics show the usage; an added LUN
+/// brings it back under, said once at info level.
+#[test]
+fn the_spm_warns_once_per_usage_threshold_and_once_back_under() {
+    let mut s = Setup::new(&[41, 200], 4);
+    let port = free_port();
+    let mut spm = s.spawn_spm_with(&["--metrics", &format!("127.0.0.1:{port}")]);
+    s.wait_ready(&mut spm);
+    let device = s.device.to_str().unwrap().to_owned();
+    let status = s.cli(&["status", "--device", &device, "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["pool"]["total_extents"], 10, "{status}");
+    // 1 extent of 10: nothing to say.
+    let volume = s.create_volume(64, 4);
+    let mut host = s.start_host(1, &[volume], "32M", "4M");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while usage_warnings(&s.spm_logs()).len() < 3 {
+        assert!(host.alive(), "host exited: {}", s.logs_text());
+        assert!(
+            Instant::now() < deadline,
+            "no warning at 95 %: {}",
+            s.spm_logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let warnings = usage_warnings(&s.spm_logs());
+    let thresholds: Vec<u32> = warnings.iter().map(|(t, _)| *t).collect();
+    assert_eq!(thresholds, [80, 90, 95], "{warnings:#?}");
+    let add_lun = format!("add a LUN (spmbox pool add-lun --device {device} --lun PATH)");
+    for ((_, line), figures) in warnings.iter().zip([
+        "80.0 % used, 33554432 bytes (32.0 MiB) of 41943040 bytes (40.0 MiB), \
+         8388608 bytes (8.0 MiB) free",
+        "90.0 % used, 37748736 bytes (36.0 MiB) of 41943040 bytes (40.0 MiB), \
+         4194304 bytes (4.0 MiB) free",
+        "100.0 % used, 41943040 bytes (40.0 MiB) of 41943040 bytes (40.0 MiB), 0 bytes free",
+    ]) {
+        assert!(line.contains(" WARN "), "{line}");
+        assert!(line.contains("spm{domain="), "{line}");
+        assert!(line.contains(figures), "{line}");
+        assert!(line.contains(&add_lun), "{line}");
+    }
+    scrape_until(
+        port,
+        &[
+            "\nspmbox_pool_used_ratio 1\n",
+            "\nspmbox_pool_warn_threshold_ratio 0.95\n",
+        ],
+        &s,
+    );
+    // The guest pauses on the full pool; the LUN's 49 extents bring
+    // usage to 11 of 59 extents once the parked request is served.
+    let lun2 = s.luns[1].clone();
+    let out = s.add_lun(&lun2);
+    assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let back = loop {
+        let log = s.spm_logs();
+        if let Some(line) = log.lines().find(|l| l.contains("pool usage back under")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "never back under: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(back.contains(" INFO "), "{back}");
+    assert!(
+        back.contains(
+            "pool usage back under 80 %: 18.6 % used, 46137344 bytes (44.0 MiB) of \
+             247463936 bytes (236.0 MiB), 201326592 bytes (192.0 MiB) free"
+        ),
+        "{back}"
+    );
+    scrape_until(port, &["\nspmbox_pool_warn_threshold_ratio 0\n"], &s);
+    wait_all(std::slice::from_mut(&mut host), Duration::from_secs(60), &s);
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    // The guest's 64 MiB need 17 of the 59 extents: no more warnings,
+    // one line back under.
+    let log = s.spm_logs();
+    assert_eq!(usage_warnings(&log).len(), 3, "{log}");
+    assert_eq!(log.matches("pool usage back under").count(), 1, "{log}");
+}
+
+/// An SPM that starts on a pool already past a threshold warns once, at
+/// start, about the highest; the thresholds come from a configuration
+/// file, and `--pool-warn none` turns the warnings off.
+#[test]
+fn an_spm_starting_on_a_full_pool_warns_once_with_the_thresholds_of_its_config() {
+    let mut s = Setup::new(&[41], 4);
+    // 9 of 10 extents, given out with no SPM running.
+    s.create_volume(64, 36);
+    let config = s.dir.path().join("domain1.toml");
+    fs::write(&config, "[spm]\npool-warn = [50, 70, 90]\n").unwrap();
+    let mut spm = s.spawn_spm_with(&["--config", config.to_str().unwrap()]);
+    s.wait_ready(&mut spm);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let warnings = usage_warnings(&s.spm_logs());
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].0, 90, "{warnings:#?}");
+    assert!(
+        warnings[0]
+            .1
+            .contains("90.0 % used, 37748736 bytes (36.0 MiB) of 41943040 bytes"),
+        "{warnings:#?}"
+    );
+    // Off: no warning, from the command line over the file.
+    let mut spm = s.spawn_spm_with(&["--config", config.to_str().unwrap(), "--pool-warn", "none"]);
+    s.wait_ready(&mut spm);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let log = s.spm_logs();
+    assert_eq!(usage_warnings(&log).len(), 1, "{log}");
+    assert_eq!(log.matches("SPM started").count(), 2, "{log}");
+}
+
+/// A bad --pool-warn, on the command line or in a file, is refused before
+/// anything is opened: exit status 2, the flag and what it takes named,
+/// the domain untouched and no control socket.
+#[test]
+fn a_bad_pool_warn_is_refused_at_start_and_nothing_is_written() {
+    let s = Setup::new(&[41], 4);
+    let device = s.device.to_str().unwrap();
+    let before = fs::read(&s.device).unwrap();
+    let config = s.dir.path().join("domain1.toml");
+    fs::write(&config, "[spm]\n\npool-warn = [90, 80]\n").unwrap();
+    let config = config.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["spm", "--device", device, "--pool-warn", "80,101"],
+            "\"101\" is not a percentage from 1 to 100",
+        ),
+        (
+            vec!["spm", "--device", device, "--pool-warn", "90,80"],
+            "80 comes after 90",
+        ),
+        (
+            vec!["spm", "--device", device, "--pool-warn", "80,"],
+            "an empty item",
+        ),
+        (
+            vec!["spm", "--device", device, "--config", config],
+            "80 comes after 90",
+        ),
+        (vec!["config", "check", config], "80 comes after 90"),
+    ] {
+        let out = s.cli(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("spmbox: error: "), "{args:?}: {err}");
+        assert!(err.contains("'--pool-warn <PERCENTS>'"), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            err.contains("give percentages from 1 to 100 in increasing order"),
+            "{args:?}: {err}"
+        );
+        if args.contains(&"--config") || args[0] == "config" {
+            assert!(
+                err.contains(&format!("{config}, line 3: ")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(fs::read(&s.device).unwrap(), before, "the domain changed");
+    assert!(!s.control.exists());
+    assert_eq!(
+        fs::read_dir(&s.run).unwrap().count(),
+        0,
+        "the run directory"
+    );
+    // What `config check` shows for good values.
+    fs::write(config, "[spm]\npool-warn = []\n").unwrap();
+    let out = s.cli(&["config", "check", config]);
+    assert!(
+        text(&out.stdout).contains("spmbox spm gets: --pool-warn none"),
+        "{}",
+        text(&out.stderr)
+    );
 }

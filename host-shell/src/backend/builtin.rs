@@ -22,7 +22,7 @@ use spmbox_core::pool::{self, CopyDefect, DefaultPool, Extend, METADATA_COPY_SIZ
 use spmbox_core::spm::JobResult;
 use spmbox_core::wire::{CRC32C, Geometry, Uuid};
 
-use crate::backend::{BackendError, PoolReport, SpmBackend, VolumeMaps, VolumeReport};
+use crate::backend::{BackendError, PoolReport, PoolUsage, SpmBackend, VolumeMaps, VolumeReport};
 use crate::io::device::{Access, AlignedBuf, Device, DeviceKind};
 use crate::io::mailbox::{self, Mailbox};
 use crate::io::mapping::{Mapping, Run};
@@ -873,6 +873,14 @@ impl SpmBackend for BuiltinSpm {
 
     fn report(&self) -> PoolReport {
         report_of(&self.pool)
+    }
+
+    fn usage(&self) -> PoolUsage {
+        PoolUsage {
+            extent_size: self.pool.extent_size(),
+            total_extents: self.pool.total_extents(),
+            free_extents: self.pool.free_extents(),
+        }
     }
 
     fn committed_sequence(&self) -> u64 {

@@ -24,7 +24,7 @@ use spmbox_core::wire::Uuid;
 
 use crate::backend::builtin::CreateOptions;
 use crate::backend::lvm::{LvInfo, Lvm, VgInfo};
-use crate::backend::{BackendError, PoolReport, SpmBackend, VolumeMaps, VolumeReport};
+use crate::backend::{BackendError, PoolReport, PoolUsage, SpmBackend, VolumeMaps, VolumeReport};
 use crate::io::mailbox;
 use crate::io::mapping::{Mapping, Run};
 use crate::units::Bytes;
@@ -379,6 +379,16 @@ impl SpmBackend for LvmSpm {
             self.serve_parked();
         }
         Ok(())
+    }
+
+    fn usage(&self) -> PoolUsage {
+        // `vgs`'s figures as last read, less what this SPM's lvextends
+        // took since (see `lvextend`).
+        PoolUsage {
+            extent_size: self.vg.extent_size,
+            total_extents: self.vg.extent_count,
+            free_extents: self.vg.free_count,
+        }
     }
 
     fn report(&self) -> PoolReport {

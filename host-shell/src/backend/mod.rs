@@ -139,6 +139,24 @@ pub struct PoolReport {
     pub parked: Vec<(String, u64)>,
 }
 
+/// How full the pool is: [`PoolReport`]'s figures without its lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Bytes per extent.
+    pub extent_size: u64,
+    /// Extents in all LUNs.
+    pub total_extents: u64,
+    /// Extents no volume holds.
+    pub free_extents: u64,
+}
+
+impl PoolUsage {
+    /// Extents volumes hold.
+    pub fn used_extents(&self) -> u64 {
+        self.total_extents.saturating_sub(self.free_extents)
+    }
+}
+
 /// The SPM's side of a backend. Every method may block on storage.
 pub trait SpmBackend {
     /// Extends `volume` to the absolute size `target` (all or nothing),
@@ -186,6 +204,18 @@ pub trait SpmBackend {
 
     /// The pool now.
     fn report(&self) -> PoolReport;
+
+    /// How full the pool is now, from what the backend keeps in memory
+    /// (no I/O, no lvm2 command). The SPM looks after every commit and
+    /// admin request, so this costs no copy of the volume list.
+    fn usage(&self) -> PoolUsage {
+        let r = self.report();
+        PoolUsage {
+            extent_size: r.extent_size,
+            total_extents: r.total_extents,
+            free_extents: r.free_extents,
+        }
+    }
 
     /// The sequence number of the newest durable metadata commit (builtin
     /// pool); 0 for a backend that keeps its own (lvm2). The SPM header

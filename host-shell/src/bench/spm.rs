@@ -116,6 +116,9 @@ impl SpmThread {
             metrics: None,
             lease_version: 0,
             accept_metadata_rollback: false,
+            // The bench times the mailbox and the backends, not the
+            // pool's fill: no usage warnings in its output.
+            pool_warn: crate::daemon::pool_usage::PoolWarn::off(),
         };
         let flag = stop.clone();
         let path = device.to_owned();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::cli::commands;
+use crate::daemon::pool_usage::PoolWarn;
 use crate::units::{Bytes, parse_duration, parse_size};
 
 /// How every error message of `spmbox` starts, those of the command-line
@@ -102,6 +103,38 @@ pub fn parse_nonzero_size(text: &str) -> Result<u64, String> {
         0 => Err(format!("{text:?} is zero: give a nonzero size")),
         n => Ok(n),
     }
+}
+
+/// `--pool-warn`: percentages 1..=100, strictly increasing, separated
+/// by commas; `none` for no warnings.
+pub fn parse_pool_warn(text: &str) -> Result<PoolWarn, String> {
+    let refuse = |why: String| {
+        format!(
+            "{text:?} is not a list of pool usage thresholds: {why}; give percentages from 1 \
+             to 100 in increasing order, separated by commas (say 80,85,90,95), or none"
+        )
+    };
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(PoolWarn::off());
+    }
+    let mut percents = Vec::new();
+    for part in t.split(',') {
+        let part = part.trim();
+        let p = part
+            .parse::<u8>()
+            .ok()
+            .filter(|p| (1..=100).contains(p))
+            .ok_or_else(|| {
+                refuse(if part.is_empty() {
+                    "an empty item".into()
+                } else {
+                    format!("{part:?} is not a percentage from 1 to 100")
+                })
+            })?;
+        percents.push(p);
+    }
+    PoolWarn::new(percents).map_err(refuse)
 }
 
 /// The end of `spmbox --help` and of the spmbox(1) man page.
@@ -397,6 +430,14 @@ pub struct SpmArgs {
     /// you can. See docs/operations.md.
     #[arg(long)]
     pub accept_metadata_rollback: bool,
+    /// Warn in the log when the pool's usage reaches each of these
+    /// percentages of its extents (comma-separated, 1 to 100,
+    /// increasing; a threshold warns again once an added LUN brought
+    /// usage back under it); `none`: no warnings. The metrics show usage
+    /// either way.
+    #[arg(long, value_name = "PERCENTS", default_value = "80,85,90,95",
+          value_parser = parse_pool_warn)]
+    pub pool_warn: PoolWarn,
     // The backend.
     #[command(flatten)]
     pub lvm: LvmArgs,
@@ -749,6 +790,33 @@ mod tests {
             panic!("not format: {:?}", cli.command);
         };
         assert_eq!(args.sector_size(), Some(4096));
+    }
+
+    #[test]
+    fn pool_warn_takes_increasing_percentages_or_none() {
+        let spm = |extra: &[&str]| {
+            let mut argv = vec!["spmbox", "spm", "--device", "d"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Spm(args)) => Ok(args.pool_warn),
+                Ok(other) => panic!("not spm: {other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(spm(&[]).unwrap(), PoolWarn::default());
+        assert_eq!(
+            spm(&["--pool-warn", " 50, 90 "]).unwrap().percents(),
+            [50, 90]
+        );
+        assert_eq!(spm(&["--pool-warn=100"]).unwrap().percents(), [100]);
+        assert_eq!(spm(&["--pool-warn", "None"]).unwrap(), PoolWarn::off());
+        for bad in [
+            "", "0", "101", "90,80", "80,80", "80,,90", "80%", "-5", "none,80",
+        ] {
+            let e = spm(&[&format!("--pool-warn={bad}")]).unwrap_err();
+            assert!(e.contains("--pool-warn <PERCENTS>"), "{bad:?}: {e}");
+            assert!(e.contains("1 to 100 in increasing order"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -682,6 +682,7 @@ pub fn spm(args: &SpmArgs) -> Result<ExitCode, CommandError> {
         metrics: args.metrics.clone(),
         lease_version: 0,
         accept_metadata_rollback: args.accept_metadata_rollback,
+        pool_warn: args.pool_warn.clone(),
     };
     let mut options = options;
     let stop = stop_flag()?;

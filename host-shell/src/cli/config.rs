@@ -16,6 +16,11 @@
 //! volume = ["6f1c...", "8a0b..."]
 //! ```
 //!
+//! A flag that takes one comma-separated list ([`COMMA_LISTS`]:
+//! `--pool-warn 80,85,90,95`) takes a TOML list too
+//! (`pool-warn = [80, 85, 90, 95]`), joined with commas; an empty list is
+//! the flag's `none`.
+//!
 //! `--config FILE` (repeatable) names the files; later files win over
 //! earlier ones (the package's `/etc/spmbox/spmbox.toml`, then a domain's
 //! `/etc/spmbox/domains/NAME.toml`), and flags on the command line win
@@ -41,6 +46,10 @@ pub const DAEMON_SECTIONS: [&str; 2] = ["spm", "host"];
 
 /// The keys of the `[log]` section.
 pub const LOG_KEYS: [&str; 2] = ["level", "format"];
+
+/// Flags whose one value is a comma-separated list, so a file may give
+/// them a TOML list; an empty list is `none`.
+pub const COMMA_LISTS: [&str; 1] = ["pool-warn"];
 
 /// The largest configuration file read: a config is a few dozen lines.
 pub const MAX_CONFIG_LEN: u64 = 1 << 20;
@@ -105,6 +114,8 @@ enum Shape {
     One,
     /// `--flag VALUE` repeated.
     Many,
+    /// `--flag A,B,C`: one value, a list in a file ([`COMMA_LISTS`]).
+    Commas,
     /// `--flag` alone.
     Switch,
 }
@@ -125,6 +136,7 @@ fn flags_of(section: &str) -> Vec<(String, Shape)> {
                 return None;
             }
             let shape = match a.get_action() {
+                _ if COMMA_LISTS.contains(&long) => Shape::Commas,
                 clap::ArgAction::SetTrue => Shape::Switch,
                 clap::ArgAction::Append => Shape::Many,
                 _ => Shape::One,
@@ -271,11 +283,33 @@ pub fn read_str(name: &str, text: &str, config: &mut Config) -> Result<(), Confi
                     }
                     values
                 }
+                (Shape::Commas, DeValue::Array(items)) => {
+                    let mut values = Vec::new();
+                    for item in items.iter() {
+                        let text = match item.get_ref() {
+                            DeValue::Boolean(_) => None,
+                            v => scalar(v),
+                        };
+                        values.push(text.ok_or_else(|| {
+                            ConfigError(format!(
+                                "{}: {key_name} takes a list of whole numbers",
+                                at(item.span().start)
+                            ))
+                        })?);
+                    }
+                    if values.is_empty() {
+                        vec!["none".to_string()]
+                    } else {
+                        vec![values.join(",")]
+                    }
+                }
                 (_, DeValue::Boolean(_)) | (_, DeValue::Array(_)) | (_, DeValue::Table(_)) => {
                     return Err(ConfigError(format!(
                         "{place}: {key_name} takes {}",
                         if shape == Shape::Many {
                             "a list of values, or one value"
+                        } else if shape == Shape::Commas {
+                            "a list of whole numbers, or a string such as \"80,90\""
                         } else {
                             "one value (a string or a number)"
                         }
@@ -436,6 +470,26 @@ mod tests {
         assert_eq!(c.log_level.as_deref(), Some("info"));
         assert_eq!(render_flags(c.section("spm")), "--spm-id 2 --device /dev/b");
         assert_eq!(render_flags(c.section("host")), "--volume v1 --volume v2");
+    }
+
+    #[test]
+    fn a_comma_list_flag_takes_a_toml_list_and_an_empty_one_is_none() {
+        let c = read("[spm]\npool-warn = [80, 90]\n").unwrap();
+        assert_eq!(render_flags(c.section("spm")), "--pool-warn 80,90");
+        let c = read("[spm]\npool-warn = \"50,95\"\n").unwrap();
+        assert_eq!(render_flags(c.section("spm")), "--pool-warn 50,95");
+        let c = read("[spm]\npool-warn = []\n").unwrap();
+        assert_eq!(render_flags(c.section("spm")), "--pool-warn none");
+        let e = read("[spm]\npool-warn = [\n  80,\n  true,\n]\n").unwrap_err();
+        assert!(
+            e.0.starts_with("test.toml, line 4: pool-warn takes a list of whole numbers"),
+            "{e}"
+        );
+        let e = read("[spm]\npool-warn = true\n").unwrap_err();
+        assert!(
+            e.0.starts_with("test.toml, line 2: pool-warn takes a list of whole numbers"),
+            "{e}"
+        );
     }
 
     #[test]

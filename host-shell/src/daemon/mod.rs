@@ -1,6 +1,6 @@
 //! The daemons: `spmbox spm` and `spmbox host`, the SPM's control socket,
 //! the sanlock leases that guard them, the simulated guests a host runs,
-//! and their metrics; and
+//! the SPM's pool usage warnings, and their metrics; and
 //! what both daemons share: the engines' [`Clock`] and the `Retry` of
 //! failed I/O on the domain device.
 
@@ -9,6 +9,7 @@ pub mod guest;
 pub mod host;
 pub mod metrics;
 pub mod notify;
+pub mod pool_usage;
 pub mod sanlock;
 pub mod spm;
 

@@ -7,7 +7,9 @@
 //! (replies and the SPM header, each written as the whole sector that holds
 //! it, read-modify-write: the SPM is the only writer of those sectors);
 //! admin requests from the control socket; then sleep until the engine's
-//! next deadline.
+//! next deadline. At start and after every commit, admin request and full
+//! scan the pool's usage is held against the `--pool-warn` thresholds
+//! ([`crate::daemon::pool_usage`]).
 //!
 //! Start-up refuses to run beside another SPM: an exclusive lock on the
 //! domain device stops a second SPM on this machine, and an SPM header
@@ -33,6 +35,7 @@ use spmbox_core::wire::{
 
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control::{ControlMsg, ControlServer, control_request, private_dir};
+use crate::daemon::pool_usage::{Crossing, PoolWarn, UsageWatch, percent_text};
 use crate::daemon::{Clock, Retry};
 use crate::io::device::{Access, AlignedBuf, Device};
 use crate::io::mailbox::Mailbox;
@@ -92,6 +95,8 @@ pub struct SpmOptions {
     /// Start on pool metadata older than what SPMs already answered
     /// ([`check_no_rollback`] says what it found, as warnings).
     pub accept_metadata_rollback: bool,
+    /// Warn when pool usage reaches these thresholds.
+    pub pool_warn: PoolWarn,
 }
 
 /// How long the SPM and admin commands wait for the domain lock while
@@ -496,6 +501,9 @@ pub fn run(
         Elapsed(options.config.full_scan_interval),
         options.control.display()
     );
+    // A pool already past a threshold warns now, once.
+    let mut usage = UsageWatch::new(options.pool_warn.clone());
+    watch_usage(&mut usage, backend, &options.device);
     let mut notifier = crate::daemon::notify::Notifier::new();
     notifier.ready(&format!(
         "SPM of domain {domain}, epoch {}",
@@ -529,6 +537,7 @@ pub fn run(
                 backend,
                 &summary,
                 &batch_seconds,
+                &usage,
             ));
         }
         if stop.load(Ordering::Relaxed) {
@@ -597,6 +606,7 @@ pub fn run(
                             driver
                                 .engine_mut()
                                 .handle_committed(clock.now(), backend.committed_sequence());
+                            watch_usage(&mut usage, backend, &options.device);
                             if let Some(batch) = batch.take() {
                                 summary.commits += 1;
                                 summary.commit_seconds += commit_started.elapsed().as_secs_f64();
@@ -658,10 +668,12 @@ pub fn run(
         while let Some(event) = driver.engine_mut().poll_event() {
             log_event(&event, &mut summary);
             parked.note(&event);
-            if matches!(event, SpmEvent::FullScan)
-                && let Err(e) = backend.poll_capacity()
-            {
-                tracing::warn!("looking for new capacity failed: {e}");
+            if matches!(event, SpmEvent::FullScan) {
+                match backend.poll_capacity() {
+                    // Capacity added by hand (lvm2's vgextend).
+                    Ok(()) => watch_usage(&mut usage, backend, &options.device),
+                    Err(e) => tracing::warn!("looking for new capacity failed: {e}"),
+                }
             }
         }
         if driver.engine().is_deposed() {
@@ -679,6 +691,8 @@ pub fn run(
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
+            // An added LUN (or a new volume's extents).
+            watch_usage(&mut usage, backend, &options.device);
         }
         let next = driver.engine().poll_timeout();
         let wait = [&reads, &commits, &write_retry]
@@ -701,6 +715,8 @@ pub fn run(
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
+            // An added LUN (or a new volume's extents).
+            watch_usage(&mut usage, backend, &options.device);
         }
     }
     notifier.stopping();
@@ -824,12 +840,42 @@ fn serve_admin(
     answer
 }
 
+/// Logs what the pool's usage now calls for: a warning when it reached a
+/// threshold, a line when it is back under one.
+fn watch_usage(watch: &mut UsageWatch, backend: &dyn SpmBackend, device: &Path) {
+    let u = backend.usage();
+    let (used, total) = (u.used_extents(), u.total_extents);
+    let Some(crossing) = watch.update(used, total) else {
+        return;
+    };
+    let bytes = |extents: u64| Bytes(extents.saturating_mul(u.extent_size));
+    match crossing {
+        Crossing::Reached(t) => tracing::warn!(
+            "pool usage reached {t} %: {} % used, {} of {}, {} free; guests pause when it runs \
+             out: add a LUN (spmbox pool add-lun --device {} --lun PATH)",
+            percent_text(used, total),
+            bytes(used),
+            bytes(total),
+            bytes(u.free_extents),
+            device.display()
+        ),
+        Crossing::BackUnder(t) => tracing::info!(
+            "pool usage back under {t} %: {} % used, {} of {}, {} free",
+            percent_text(used, total),
+            bytes(used),
+            bytes(total),
+            bytes(u.free_extents)
+        ),
+    }
+}
+
 /// The SPM's metrics page.
 fn spm_metrics(
     engine: &Spm<QUEUE>,
     backend: &dyn SpmBackend,
     summary: &SpmSummary,
     batch_seconds: &crate::daemon::metrics::Histogram,
+    usage: &UsageWatch,
 ) -> crate::daemon::metrics::Text {
     let stats = engine.stats();
     let pool = backend.report();
@@ -891,6 +937,27 @@ fn spm_metrics(
             ("state=\"free\"".into(), pool.free_extents as f64),
             ("state=\"total\"".into(), pool.total_extents as f64),
         ],
+    );
+    t.gauges(
+        "spmbox_pool_used_ratio",
+        "Extents volumes hold, as a fraction of the pool's (0 for a pool of none).",
+        &[(
+            String::new(),
+            if pool.total_extents == 0 {
+                0.0
+            } else {
+                pool.total_extents.saturating_sub(pool.free_extents) as f64
+                    / pool.total_extents as f64
+            },
+        )],
+    );
+    t.gauges(
+        "spmbox_pool_warn_threshold_ratio",
+        "The highest --pool-warn threshold usage has reached, as a fraction (0: none).",
+        &[(
+            String::new(),
+            usage.reached().map_or(0.0, |p| f64::from(p) / 100.0),
+        )],
     );
     t.gauges(
         "spmbox_pool_parked_requests",
