@@ -80,6 +80,8 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .map_err(|_| format!("{text:?} is not a duration: write a number with us, ms, s or m"))?;
     use std::time::Duration;
     match unit.trim() {
+        // Zero is zero in every unit (`status --watch 0`).
+        "" if n == 0 => Ok(Duration::ZERO),
         "us" => Ok(Duration::from_micros(n)),
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -98,6 +100,8 @@ mod tests {
     fn durations_need_a_unit() {
         use std::time::Duration;
         assert_eq!(parse_duration("5ms"), Ok(Duration::from_millis(5)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5").is_err());
         assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("15").is_err());
