@@ -3,6 +3,8 @@
 //! mailbox or under a live domain, and the exit status of every command
 //! on a device without a usable mailbox.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -76,22 +78,9 @@ impl Setup {
             .unwrap();
     }
 
-    /// Runs a command; one still running after a minute is killed (a
-    /// refusal is immediate, a run without one finishes in seconds).
+    /// Runs a command (see [`common::spmbox`]).
     fn cli(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spmbox"))
-            .args(args)
-            .env("SPMBOX_RUN_DIR", self.run.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run spmbox");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        child.wait_with_output().expect("wait for spmbox")
+        common::spmbox(self.run.path(), args)
     }
 
     fn create_volume(&self, initial: &str) -> String {

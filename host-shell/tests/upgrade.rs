@@ -4,13 +4,15 @@
 //! damaged record is left as it was; a version-1 mailbox and a live host
 //! lease are refused without a byte written.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use spmbox_core::wire::{
@@ -52,21 +54,9 @@ impl Setup {
         self.dom().to_str().unwrap().to_owned()
     }
 
-    /// Runs a command; one still running after a minute is killed.
+    /// Runs a command (see [`common::spmbox`]).
     fn cli(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spmbox"))
-            .args(args)
-            .env("SPMBOX_RUN_DIR", self.run.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run spmbox");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        child.wait_with_output().expect("wait for spmbox")
+        common::spmbox(self.run.path(), args)
     }
 
     /// `spmbox format` for 4 hosts with `sector_size`; returns the domain.

@@ -758,6 +758,28 @@ pub struct Upgraded {
     pub spm_header: Result<Option<SpmHeader>, Defect>,
 }
 
+impl Upgraded {
+    /// Nothing done yet to the mailbox of `superblock`, found at
+    /// `from_version`.
+    fn nothing(
+        superblock: Superblock,
+        from_version: u8,
+        spm_header: Result<Option<SpmHeader>, Defect>,
+    ) -> Upgraded {
+        Upgraded {
+            superblock,
+            from_version,
+            to_version: spmbox_core::wire::FORMAT_VERSION,
+            records_rewritten: 0,
+            doorbell_cleared: false,
+            defective_left: 0,
+            already_new: 0,
+            superblock_needs_repair: false,
+            spm_header,
+        }
+    }
+}
+
 /// The longest `upgrade` watches the heartbeats of a domain's SPM and hosts.
 pub const UPGRADE_WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -848,17 +870,7 @@ pub fn upgrade(path: &Path) -> Result<Upgraded, MailboxError> {
     let mut image = AlignedBuf::zeroed(len, device.dio_mem_align());
     device.read_at(0, &mut image)?;
     let before = image.to_vec();
-    let mut done = Upgraded {
-        superblock,
-        from_version: UPGRADABLE_FROM,
-        to_version: spmbox_core::wire::FORMAT_VERSION,
-        records_rewritten: 0,
-        doorbell_cleared: false,
-        defective_left: 0,
-        already_new: 0,
-        superblock_needs_repair: false,
-        spm_header: Ok(None),
-    };
+    let mut done = Upgraded::nothing(superblock, UPGRADABLE_FROM, Ok(None));
     for (offset, at, kind) in record_places(&superblock) {
         let start = offset as usize;
         let Some(record) = image.get_mut(start..start + RECORD_LEN) else {
@@ -944,17 +956,11 @@ fn already_upgraded(path: &Path) -> Result<Upgraded, MailboxError> {
         host_id: spmbox_core::wire::HostId::NONE,
         index: 0,
     };
-    Ok(Upgraded {
-        superblock: *mailbox.superblock(),
-        from_version: spmbox_core::wire::FORMAT_VERSION,
-        to_version: spmbox_core::wire::FORMAT_VERSION,
-        records_rewritten: 0,
-        doorbell_cleared: false,
-        defective_left: 0,
-        already_new: 0,
-        superblock_needs_repair: false,
-        spm_header: SpmHeader::parse(&buf[..RECORD_LEN], &at0),
-    })
+    Ok(Upgraded::nothing(
+        *mailbox.superblock(),
+        spmbox_core::wire::FORMAT_VERSION,
+        SpmHeader::parse(&buf[..RECORD_LEN], &at0),
+    ))
 }
 
 /// A superblock copy of any version: its version byte, and its domain

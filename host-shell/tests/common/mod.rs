@@ -1,5 +1,6 @@
-//! What several integration tests share: loop devices over files, and
-//! the check that says why they cannot be made here.
+//! What several integration tests share: loop devices over files, the
+//! check that says why they cannot be made here, and running the binary
+//! with a deadline.
 //!
 //! Each test file that uses it says `mod common;`; not every file uses
 //! every part.
@@ -7,7 +8,8 @@
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Why loop-device tests cannot run here, if they cannot: they need root,
 /// `losetup` and the kernel's loop driver.
@@ -96,4 +98,24 @@ impl Drop for Loop {
             eprintln!("warning: could not detach {}", self.dev.display());
         }
     }
+}
+
+/// Runs `spmbox` with `args` and `SPMBOX_RUN_DIR` set to `run_dir` (so no
+/// other test's SPM control socket is found); one still running after a
+/// minute is killed (a refusal is immediate, a run without one finishes in
+/// seconds).
+pub fn spmbox(run_dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spmbox"))
+        .args(args)
+        .env("SPMBOX_RUN_DIR", run_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run spmbox");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("wait for spmbox")
 }
