@@ -68,9 +68,12 @@ pub fn daemon_config(doorbell_interval: Duration, full_scan_interval: Duration) 
 /// The shortest time between full scans brought forward by colliding
 /// rings. A lost ring waits for such a scan unless its host's ring again
 /// gets through first; at 250 hosts a full scan reads about 1 MiB, so
-/// 20 ms keeps within [`BUSY_SCAN_READ_RATE`] and a whole extension
-/// within 50 ms even when rings collide.
-pub const BUSY_SCAN_FLOOR: Duration = Duration::from_millis(20);
+/// 8 ms keeps within [`BUSY_SCAN_READ_RATE`] (which alone would allow
+/// 7.6 ms). At 20 ms, bursts of rings that came every 20 ms (the bench's
+/// 250-host burst rounds) each waited for the allowance: p99 19 to 24 ms,
+/// against 11.6 to 14 ms at 8 ms (docs/performance.md). Smaller mailboxes,
+/// whose scans are cheaper still, keep this floor.
+pub const BUSY_SCAN_FLOOR: Duration = Duration::from_millis(8);
 
 /// The most bytes per second that full scans brought forward by colliding
 /// doorbell rings may read on average.
@@ -448,7 +451,7 @@ pub fn run(
     let backend = backend.as_mut();
     let clock = Clock::start();
     // Scans brought forward by colliding rings read at most
-    // BUSY_SCAN_READ_RATE on average: every 20 ms (the floor) at 250
+    // BUSY_SCAN_READ_RATE on average: every 8 ms (the floor) at 250
     // hosts, every 61 ms at 2000. A scan reads every inbox area, and the
     // outbox areas only of hosts with requests.
     let mut config = options.config;
