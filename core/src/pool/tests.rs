@@ -1433,3 +1433,367 @@ fn default_pool_size() {
     // free-run index (32 × 4 bytes each) dominate.
     assert!(size < 640 * 1024);
 }
+
+// --- allocation that keeps LVs in few segments ---------------------------------
+
+/// One LUN, 1 MiB extents, room for 32 segments per LV.
+type Wide = Pool<2, 8, 32, 4>;
+
+fn wide(extents: u32) -> Wide {
+    let mut p = Wide::new(MIB).unwrap();
+    p.add_lun(id(100), extents).unwrap();
+    p
+}
+
+#[test]
+fn one_lv_grows_to_its_limit_in_one_segment() {
+    let mut p = wide(1000);
+    p.create_volume(id(1), 100 * MIB, 0).unwrap();
+    let limit = p.volume(id(1)).unwrap().limit;
+    for n in 2..=limit / MIB {
+        p.extend(id(1), n * MIB, false).unwrap();
+    }
+    assert_eq!(size_of_wide(&p, id(1)), limit);
+    assert_eq!(p.segments(id(1)).unwrap().len(), 1);
+}
+
+fn size_of_wide(p: &Wide, volume: Uuid) -> u64 {
+    p.volume(volume).unwrap().size
+}
+
+#[test]
+fn four_lvs_growing_in_turn_one_extent_at_a_time_all_reach_their_limits() {
+    // Exactly the room the four need: 4 × 111 extents.
+    let mut p = wide(4 * 111);
+    for v in 1..=4 {
+        p.create_volume(id(v), 100 * MIB, 0).unwrap();
+    }
+    let limit = p.volume(id(1)).unwrap().limit;
+    assert_eq!(limit, 111 * MIB);
+    for n in 2..=limit / MIB {
+        for v in 1..=4 {
+            assert_eq!(
+                p.extend(id(v), n * MIB, false),
+                Ok(Extend::Extended { size: n * MIB }),
+                "LV {v} at {n} MiB"
+            );
+        }
+    }
+    assert_eq!(p.free_extents(), 0);
+    for v in 1..=4 {
+        let segments = p.segments(id(v)).unwrap();
+        std::println!("LV {v}: {segments:?}");
+        assert!(
+            segments.len() <= 8,
+            "LV {v} has {} segments",
+            segments.len()
+        );
+    }
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_new_segment_takes_the_largest_free_run() {
+    let mut p = wide(10);
+    p.add_lun(id(101), 20).unwrap();
+    p.create_volume(id(1), 64 * MIB, 0).unwrap();
+    // LUN 1's run of 20 is the largest; nothing precedes extent 0.
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[Segment {
+            lun: 1,
+            first_extent: 0,
+            extents: 1
+        }]
+    );
+}
+
+#[test]
+fn without_one_run_large_enough_several_runs_are_taken_largest_first() {
+    let mut p = wide(3);
+    p.add_lun(id(101), 5).unwrap();
+    p.create_volume(id(1), 64 * MIB, 7 * MIB).unwrap();
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[
+            Segment {
+                lun: 1,
+                first_extent: 0,
+                extents: 5
+            },
+            Segment {
+                lun: 0,
+                first_extent: 0,
+                extents: 2
+            },
+        ]
+    );
+}
+
+// --- delete, release and reclaim -------------------------------------------------
+
+#[test]
+fn deleted_extents_are_released_not_free_until_reclaimed_at_their_commit() {
+    let mut p = pool_with(4);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, 2 * EXT).unwrap();
+    assert_eq!(p.free_extents(), 0);
+    assert_eq!(p.delete_volume(id(1)), Ok(2));
+    assert_eq!(p.volume(id(1)), None);
+    assert_eq!((p.free_extents(), p.released_extents()), (0, 2));
+    // Not reusable: the extension parks.
+    assert!(matches!(
+        p.extend(id(2), 3 * EXT, false),
+        Ok(Extend::Parked { .. })
+    ));
+    // Not stamped yet: no acknowledgement frees it.
+    assert_eq!(p.reclaim(u64::MAX), 0);
+    let mut a = buffer();
+    p.encode(6, &mut a).unwrap();
+    assert_eq!(a[40..48], 6u64.to_le_bytes(), "the releasing commit");
+    assert!(p.stamp_released(6));
+    assert_eq!(p.release_seq(), 6);
+    assert!(!p.stamp_released(7), "nothing left to stamp");
+    assert_eq!(p.reclaim(5), 0);
+    assert_eq!(p.released_extents(), 2);
+    // Reclaiming serves the parked request.
+    assert_eq!(p.reclaim(6), 2);
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(2),
+            size: 3 * EXT
+        }]
+    );
+    assert_eq!((p.free_extents(), p.released_extents()), (1, 0));
+    // A later commit carries the release sequence on.
+    p.encode(8, &mut a).unwrap();
+    assert_eq!(a[40..48], 6u64.to_le_bytes());
+}
+
+#[test]
+fn a_decoded_pool_counts_free_extents_below_the_mark_released_at_its_release_seq() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, 2 * EXT).unwrap();
+    p.delete_volume(id(1)).unwrap();
+    let mut b = buffer();
+    p.encode(3, &mut b).unwrap();
+    p.stamp_released(3);
+    let (mut q, seq) = Small::decode(&[], &b).unwrap();
+    assert_eq!((seq, q.release_seq()), (3, 3));
+    // id(2) lies at 6..8: 0..6 is below the mark, 8..10 never used.
+    assert_eq!((q.free_extents(), q.released_extents()), (2, 6));
+    let mut runs = std::vec::Vec::new();
+    q.free_runs_below_used(|r| runs.push(r));
+    assert!(runs.is_empty());
+    assert_eq!(q.reclaim(2), 0);
+    assert_eq!(q.reclaim(3), 6);
+    q.free_runs_below_used(|r| runs.push(r));
+    assert_eq!(
+        runs,
+        [FreeRun {
+            lun: 0,
+            first: 0,
+            extents: 6
+        }]
+    );
+    // Without releases, release_seq 0: no floor.
+    let mut fresh = two_volumes();
+    fresh.encode(1, &mut b).unwrap();
+    fresh.luns[0].used = 10;
+    let (q, _) = Small::decode(&[], &b).unwrap();
+    assert_eq!((q.release_seq(), q.released_extents()), (0, 0));
+}
+
+#[test]
+fn deleting_or_reducing_an_lv_with_a_parked_request_is_refused() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    assert!(matches!(
+        p.extend(id(1), 3 * EXT, true),
+        Ok(Extend::Parked { .. })
+    ));
+    assert_eq!(p.delete_volume(id(1)), Err(PoolError::Parked));
+    assert_eq!(p.reduce_volume(id(1), EXT), Err(PoolError::Parked));
+    assert_eq!(p.delete_volume(id(9)), Err(PoolError::UnknownVolume));
+    assert_eq!(size(&p, id(1)), 2 * EXT);
+}
+
+#[test]
+fn a_full_released_list_folds_into_a_floor_that_waits_for_the_newest_commit() {
+    let mut p = Pool::<1, 4, 4, 4>::new(EXT).unwrap();
+    let runs = MAX_RELEASED_RUNS as u64 + 1;
+    p.add_lun(id(100), u32::try_from(runs).unwrap() + 1)
+        .unwrap();
+    for seq in 1..=runs {
+        p.create_volume(id(1), 8 * EXT, 0).unwrap();
+        p.delete_volume(id(1)).unwrap();
+        assert!(p.stamp_released(seq));
+    }
+    assert_eq!(p.released_extents(), runs);
+    assert_eq!(p.reclaim(runs - 1), 0, "the floor waits for the newest");
+    assert_eq!(p.reclaim(runs), runs);
+    p.check_invariants().unwrap();
+}
+
+// --- reduce ----------------------------------------------------------------------
+
+#[test]
+fn reducing_splits_the_last_segment_and_regrowing_merges_it_back() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, EXT).unwrap(); // 0..2, 6..7
+    p.extend(id(1), 5 * EXT, false).unwrap(); // 0..5
+    assert_eq!(p.reduce_volume(id(1), 2 * EXT - 512), Ok(2 * EXT));
+    let seg = |first_extent, extents| Segment {
+        lun: 0,
+        first_extent,
+        extents,
+    };
+    assert_eq!(p.segments(id(1)).unwrap(), &[seg(0, 2)]);
+    assert_eq!(p.released_extents(), 3);
+    p.stamp_released(1);
+    assert_eq!(p.reclaim(1), 3);
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    assert_eq!(p.segments(id(1)).unwrap(), &[seg(0, 4)]);
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn reducing_drops_whole_segments_and_refuses_bad_sizes() {
+    let mut p = fragmented(0);
+    assert_eq!(p.reduce_volume(id(1), 2 * EXT), Ok(2 * EXT));
+    assert_eq!(p.segments(id(1)).unwrap().len(), 2);
+    assert_eq!(p.released_extents(), 2);
+    assert_eq!(
+        p.reduce_volume(id(1), 3 * EXT),
+        Err(PoolError::AboveSize { size: 2 * EXT })
+    );
+    assert_eq!(
+        p.reduce_volume(id(1), 0),
+        Err(PoolError::InvalidSize { size: 0 })
+    );
+    assert_eq!(
+        p.reduce_volume(id(1), 100),
+        Err(PoolError::InvalidSize { size: 100 })
+    );
+    assert_eq!(p.reduce_volume(id(1), 2 * EXT), Ok(2 * EXT), "no change");
+    assert_eq!(p.reduce_volume(id(9), EXT), Err(PoolError::UnknownVolume));
+}
+
+// --- relocate, draining and dropping a LUN -----------------------------------------
+
+#[test]
+fn segments_move_off_a_draining_lun_which_is_then_dropped() {
+    let mut p = pool_with(4);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap(); // LUN 0 0..2
+    p.add_lun(id(101), 6).unwrap();
+    p.add_lun(id(102), 3).unwrap();
+    p.create_volume(id(2), 8 * EXT, EXT).unwrap(); // LUN 1 0..1
+    p.set_draining(0, true).unwrap();
+    assert!(p.is_draining(0));
+    assert_eq!(p.drop_lun(0), Err(PoolError::LunInUse));
+    // The largest free run elsewhere: LUN 1's 1..6.
+    let plan = p.plan_relocation(0).unwrap().unwrap();
+    assert_eq!(
+        plan,
+        Relocation {
+            volume: id(1),
+            segment: 0,
+            from: Segment {
+                lun: 0,
+                first_extent: 0,
+                extents: 2
+            },
+            to: Segment {
+                lun: 1,
+                first_extent: 1,
+                extents: 2
+            },
+        }
+    );
+    // A draining LUN is no destination, nor for allocation.
+    assert_eq!(p.relocate(id(1), 0, 0, 2), Err(PoolError::NotFree));
+    assert_eq!(p.relocate(id(1), 0, 1, 0), Err(PoolError::NotFree));
+    assert_eq!(p.relocate(id(1), 1, 1, 1), Err(PoolError::UnknownSegment));
+    p.relocate(id(1), plan.segment, plan.to.lun, plan.to.first_extent)
+        .unwrap();
+    assert_eq!(p.segments(id(1)).unwrap(), &[plan.to]);
+    assert_eq!(p.plan_relocation(0), Ok(None));
+    assert_eq!(p.drop_lun(0), Err(PoolError::LunInUse), "released");
+    p.stamp_released(1);
+    p.reclaim(1);
+    // Extending id(2) skips the draining LUN's free extents.
+    p.extend(id(2), 6 * EXT, false).unwrap();
+    assert!(p.segments(id(2)).unwrap().iter().all(|s| s.lun != 0));
+    p.drop_lun(0).unwrap();
+    assert_eq!(p.luns().len(), 2);
+    assert_eq!(p.luns()[0].id, id(101));
+    assert_eq!(p.segments(id(1)).unwrap()[0].lun, 0, "renumbered");
+    assert!(!p.is_draining(0));
+    p.check_invariants().unwrap();
+    assert_eq!(p.drop_lun(5), Err(PoolError::UnknownLun));
+}
+
+#[test]
+fn a_relocated_segment_merges_with_a_neighbour_it_now_touches() {
+    let mut p = pool_with(10);
+    p.add_lun(id(101), 4).unwrap();
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap(); // LUN 0 0..2
+    p.create_volume(id(2), 8 * EXT, EXT).unwrap(); // LUN 0 6..7
+    p.set_draining(0, true).unwrap();
+    p.extend(id(1), 3 * EXT, false).unwrap(); // LUN 1 0..1
+    p.set_draining(0, false).unwrap();
+    assert_eq!(p.segments(id(1)).unwrap().len(), 2);
+    p.relocate(id(1), 1, 0, 2).unwrap();
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[Segment {
+            lun: 0,
+            first_extent: 0,
+            extents: 3
+        }]
+    );
+    assert_eq!(p.released_extents(), 1);
+    p.check_invariants().unwrap();
+}
+
+// --- metadata versions -------------------------------------------------------------
+
+#[test]
+fn a_version_1_copy_decodes_with_release_seq_0() {
+    let p = two_volumes();
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    a[8] = 1;
+    reseal(&mut a);
+    let (q, seq) = Small::decode(&a, &[]).unwrap();
+    assert_eq!((seq, q.release_seq(), q.released_extents()), (0, 0, 0));
+    assert_eq!(state(&q), state(&p));
+    // Version 1 reserved bytes 40..48.
+    a[41] = 1;
+    reseal(&mut a);
+    assert_eq!(
+        Small::decode(&a, &[]).unwrap_err(),
+        PoolError::NoValidCopy {
+            a: CopyDefect::ReservedNotZero { offset: 41 },
+            b: CopyDefect::TooShort { len: 0 }
+        }
+    );
+}
+
+#[test]
+fn release_seq_round_trips_through_a_version_2_copy() {
+    let mut p = two_volumes();
+    p.reduce_volume(id(1), EXT).unwrap();
+    let mut a = buffer();
+    p.encode(4, &mut a).unwrap();
+    p.stamp_released(4);
+    let (q, _) = Small::decode(&a, &[]).unwrap();
+    assert_eq!(q.release_seq(), 4);
+    let mut b = buffer();
+    q.encode(5, &mut b).unwrap();
+    assert_eq!(b[40..48], 4u64.to_le_bytes());
+    assert_eq!(state(&q), state(&p));
+}
