@@ -20,22 +20,49 @@
 //!
 //! # Allocation rule
 //!
-//! Extents are never freed: this version has no LV removal and no shrink.
-//! So every LUN has a *high-water mark* ([`Lun::used`]): extents below it
-//! belong to exactly one LV, extents above it are free, and allocation
-//! hands out the extents right at the mark, in order. That makes handing
-//! one extent to two LVs impossible by construction, and allocation O(1)
-//! per LUN touched:
+//! Every extent of a LUN is *held* (in a segment), *released* (taken from
+//! an LV by [`Pool::delete_volume`], [`Pool::reduce_volume`] or
+//! [`Pool::relocate`], not reusable yet) or *free*. Every LUN has a
+//! *high-water mark* ([`Lun::used`]): extents at or above it never
+//! belonged to any LV. *Free runs* are the maximal runs of free extents on
+//! LUNs that are not draining ([`Pool::set_draining`]), preferred larger
+//! first, then by lower LUN index, then by lower first extent. To give an
+//! LV `need` more extents (docs/pool-format.md section 6.3):
 //!
-//! - An extension takes extents from the LUNs that have free extents, in
-//!   LUN order, until it has enough.
-//! - On each LUN it touches, if the LV's last segment ends exactly at that
-//!   LUN's high-water mark the segment grows (the LV stays contiguous);
-//!   otherwise a new segment `(lun, first_extent, extents)` is appended.
-//! - All or nothing: an extension is planned first and committed only if
-//!   there are enough free extents in the pool *and* enough free segment
-//!   slots in the LV (at most `SEGS` segments per LV, else
-//!   [`PoolError::SegmentsFull`]). A failed extension changes nothing.
+//! 1. if the free runs hold fewer than `need` extents, park (nothing
+//!    changes);
+//! 2. grow in place: if a free run starts right after the LV's last
+//!    segment, the segment grows into it as far as needed;
+//! 3. for the rest, if the preferred free run (not the one grown into)
+//!    holds it, one new segment there: at the run's start, or, when the
+//!    extent before the run ends some LV's last segment (that LV would grow
+//!    into it), `min(len / 2, len - rest)` extents into it, so that LVs
+//!    growing at the same time leave each other room;
+//! 4. else whole free runs in order of preference, the last one partly;
+//! 5. all or nothing: if the LV would have more than `SEGS` segments,
+//!    [`PoolError::SegmentsFull`] and nothing changes. A new segment that
+//!    continues the LV's last one is merged into it.
+//!
+//! Free runs are the gaps between the segments, found through an index of
+//! every segment in order of LUN and first extent (rebuilt after every
+//! change, O(S log S) for S segments; 4 bytes per segment slot), and the
+//! released runs: an extension costs O(S) per new segment.
+//!
+//! # Releasing and reclaiming
+//!
+//! Released extents are not free: a host may still write through an old
+//! map. The pool keeps the runs it released, in memory, with the sequence
+//! number of the commit that wrote the release: [`Pool::encode`] writes
+//! `release_seq` = its own `seq` when it carries releases not stamped yet
+//! ([`Pool::release_seq_for`]), and the caller calls
+//! [`Pool::stamp_released`] with that `seq` once the commit is durable.
+//! [`Pool::reclaim`]`(acked)` frees every run released at a sequence at
+//! most `acked` (the least acknowledgement of the live hosts) and serves
+//! parked requests. After [`Pool::decode`], every free-looking extent below
+//! a LUN's high-water mark counts as released at the copy's `release_seq`
+//! (the *floor*), when that is not 0. At most [`MAX_RELEASED_RUNS`] runs
+//! are kept one by one; one more folds them all into the floor, released
+//! at the next commit.
 //!
 //! # Parking and priority
 //!
@@ -73,6 +100,9 @@
 //! holds among what still waits: a withdrawn large request stops holding
 //! back smaller ones.
 //!
+//! [`Pool::reclaim`] and the end of a drain serve parked requests the same
+//! way.
+//!
 //! Every request that leaves the parked list does so as a [`Completion`],
 //! taken with [`Pool::poll_completed`]. A parked request occupies one of
 //! `PARKED` places from the moment it is parked until its completion is
@@ -93,10 +123,10 @@
 //!  +-------+-------+---+-------------+---------------+-------+-------+
 //!  | crc32c| "SPMP"|ver| reserved (0)|      seq      |pay_len| rsv(0)|
 //!  +-------+-------+---+-------------+---------------+-------+-------+
-//!  32              40                                                64
-//!  +---------------+-------------------------------------------------+
-//!  |  extent_size  |                  reserved (0)                   |
-//!  +---------------+-------------------------------------------------+
+//!  32              40              48                                64
+//!  +---------------+---------------+---------------------------------+
+//!  |  extent_size  |  release_seq  |          reserved (0)           |
+//!  +---------------+---------------+---------------------------------+
 //!  64                                               64 + payload_len
 //!  +--------------------------------------------------+
 //!  |        payload: postcard-encoded LUNs and LVs     |
@@ -107,13 +137,14 @@
 //! |---|---|---|---|
 //! | 0 | 4 | `crc` | CRC32C of bytes 4..64 followed by the payload |
 //! | 4 | 4 | `magic` | ASCII `SPMP` ([`METADATA_MAGIC`]) |
-//! | 8 | 1 | `version` | 1 ([`METADATA_VERSION`]) |
+//! | 8 | 1 | `version` | 2 ([`METADATA_VERSION`]); version 1 ([`METADATA_VERSION_1`]) is read with `release_seq` 0 |
 //! | 9 | 7 | reserved | zero |
 //! | 16 | 8 | `seq` | commit sequence number; even in copy A, odd in copy B |
 //! | 24 | 4 | `payload_len` | bytes of payload after the header |
 //! | 28 | 4 | reserved | zero |
 //! | 32 | 8 | `extent_size` | bytes per extent |
-//! | 40 | 24 | reserved | zero |
+//! | 40 | 8 | `release_seq` | the newest commit that released extents, 0 if none (reserved, zero, in version 1) |
+//! | 48 | 16 | reserved | zero |
 //!
 //! All integers are little-endian. The payload is [postcard]: varints for
 //! integers (each in its shortest form: a payload with a longer one is
@@ -2174,10 +2205,9 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
     ///   more than its limit;
     /// - every segment is non-empty, on an existing LUN, and below that
     ///   LUN's high-water mark;
-    /// - no two segments share an extent;
-    /// - on every LUN, the high-water mark equals the extents its segments
-    ///   hold (so, with the above, every used extent belongs to exactly one
-    ///   LV);
+    /// - the floor and every released run lie below their LUN's
+    ///   high-water mark, released runs are non-empty and sorted;
+    /// - no two segments (or released runs) share an extent;
     /// - the parked list names existing LVs, once each, with targets above
     ///   the LV's size and within its limit, and fits `PARKED` together
     ///   with the completions.
