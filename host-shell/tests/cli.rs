@@ -92,6 +92,7 @@ fn put_mail(path: &Path, geometry: &Geometry) {
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
+        release_ack: 0,
     };
     let reply = Reply {
         domain: r.domain,
