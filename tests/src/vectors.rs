@@ -112,7 +112,7 @@ impl RecordEntry {
 }
 
 /// One host-area vector (4096 bytes).
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct AreaEntry {
     /// File name in `tests/vectors/`.
@@ -132,7 +132,7 @@ pub struct AreaEntry {
 }
 
 /// One non-empty slot of an area vector.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct SlotEntry {
     /// 1..=31.
