@@ -622,3 +622,149 @@ pub fn to_json(report: &Report, device: &str) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spmbox_core::wire::{
+        Epoch, Generation, InboxHeader, RejectReason, ReplyStatus, SpmState, Uuid,
+    };
+
+    const DOMAIN: Uuid = Uuid([0xd0; 16]);
+
+    fn put(image: &mut [u8], offset: u64, record: [u8; RECORD_LEN]) {
+        let at = offset as usize;
+        image[at..at + RECORD_LEN].copy_from_slice(&record);
+    }
+
+    /// A 4-host mailbox with the version-4 fields set, two hold records
+    /// (one stale) and a request beside them, and a segments_full reply.
+    fn image() -> (Vec<u8>, Superblock) {
+        let superblock = Superblock {
+            domain: DOMAIN,
+            geometry: Geometry::new(4, 512).unwrap(),
+        };
+        let g = superblock.geometry;
+        let mut image = vec![0u8; g.mailbox_size() as usize];
+        let sb = superblock.to_bytes().unwrap();
+        put(&mut image, SUPERBLOCK_OFFSET, sb);
+        put(&mut image, SUPERBLOCK_BACKUP_OFFSET, sb);
+        let spm = SpmHeader {
+            epoch: Epoch::new(2),
+            state: SpmState::Vacant,
+            pool_commit: 11,
+            release_commit: 9,
+            ..SpmHeader::vacant(DOMAIN, Epoch::new(2))
+        };
+        put(&mut image, SPM_HEADER_OFFSET, spm.to_bytes().unwrap());
+        let host = HostId::new(2);
+        let inbox = g.inbox_area(host).unwrap();
+        let header = InboxHeader {
+            domain: DOMAIN,
+            host_id: host,
+            generation: Generation::new(3),
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
+            release_ack: 7,
+        };
+        put(&mut image, inbox, header.to_bytes().unwrap());
+        let hold = |slot: u16, generation: u64, held: &[Uuid]| {
+            Hold::listing(
+                DOMAIN,
+                host,
+                Slot::new(slot),
+                Generation::new(generation),
+                held,
+            )
+            .to_bytes()
+            .unwrap()
+        };
+        put(
+            &mut image,
+            inbox + 31 * 128,
+            hold(31, 3, &[Uuid([1; 16]), Uuid([2; 16])]),
+        );
+        put(&mut image, inbox + 30 * 128, hold(30, 2, &[Uuid([3; 16])]));
+        let request = Request {
+            domain: DOMAIN,
+            host_id: host,
+            slot: Slot::new(1),
+            generation: Generation::new(3),
+            sequence: 4,
+            volume: Uuid([1; 16]),
+            target_size: 1 << 30,
+            current_size: 1 << 29,
+            paused: false,
+        };
+        put(&mut image, inbox + 128, request.to_bytes().unwrap());
+        let outbox = g.outbox_area(host).unwrap();
+        let outbox_header = spmbox_core::wire::OutboxHeader {
+            domain: DOMAIN,
+            host_id: host,
+            epoch: Epoch::new(2),
+            generation: Generation::new(3),
+        };
+        put(&mut image, outbox, outbox_header.to_bytes().unwrap());
+        let reply = Reply::answering(
+            &request,
+            ReplyStatus::Rejected(RejectReason::SegmentsFull),
+            1 << 29,
+            Epoch::new(2),
+        );
+        put(&mut image, outbox + 128, reply.to_bytes().unwrap());
+        (image, superblock)
+    }
+
+    #[test]
+    fn holds_the_new_fields_and_segments_full_are_shown_and_are_no_problems() {
+        let (image, superblock) = image();
+        let report = audit(&image, &superblock, None);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(
+            (report.requests(), report.holds(), report.stale()),
+            (1, 1, 1)
+        );
+        let text = render(&report, "dom");
+        for want in [
+            "release commit 9",
+            "release ack 7",
+            "inbox slot 31: hold gen 3: 2 volumes held: 01010101-",
+            "inbox slot 30: STALE (not acted on): hold gen 2: 1 volume held",
+            "rejected (segments_full)",
+            "1 requests, 1 hold records",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+        let json = to_json(&report, "dom");
+        assert_eq!(json["spm_header"]["record"]["release_commit"], 9);
+        let host = &json["hosts"][0];
+        assert_eq!(host["inbox"]["header"]["record"]["release_ack"], 7);
+        let slots = host["inbox"]["slots"].as_array().unwrap();
+        let kinds: Vec<(u64, &str, &str)> = slots
+            .iter()
+            .map(|s| {
+                (
+                    s["slot"].as_u64().unwrap(),
+                    s["state"].as_str().unwrap(),
+                    s["record"]["kind"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, "valid", "request"),
+                (30, "stale", "hold"),
+                (31, "valid", "hold")
+            ]
+        );
+        assert_eq!(slots[2]["record"]["count"], 2);
+        assert_eq!(slots[2]["record"]["volumes"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            host["outbox"]["slots"][0]["record"]["reason"],
+            "segments_full"
+        );
+        assert_eq!(json["summary"]["holds"], 1);
+    }
+}
