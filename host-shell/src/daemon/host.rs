@@ -293,6 +293,7 @@ pub fn run(
     // The inbox header and the hold records of every volume, durable
     // before any guest writes (docs/protocol.md, section 9).
     retry_at_start(&stop, || driver.write())?;
+    retry_at_start(&stop, || device.sync_data())?;
     if !options.config.lease_interval.is_zero() {
         // The header with this process's owner is written: wait longer
         // than a heartbeat, and read it back: another process that started
