@@ -129,6 +129,7 @@ impl ScriptedSpm {
             heartbeat: 1,
             owner: 7,
             pool_commit: 0,
+            release_commit: 0,
         }
     }
 
@@ -351,7 +352,8 @@ fn watermark_request_reply_refresh_extended() {
     assert_eq!(sim.volume(vol(1)).physical, GIB + CHUNK);
     assert!(sim.mb.requests().is_empty(), "the slot is written empty");
     assert_eq!(sim.host.in_flight(), 0);
-    assert_eq!(sim.host.poll_timeout(), None);
+    // Idle: only the SPM header, every second.
+    assert!(sim.host.poll_timeout().is_some_and(|t| t > ms(16)));
 }
 
 #[test]
@@ -561,6 +563,7 @@ fn restart_recovers_in_flight_requests_with_a_higher_generation() {
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
+        release_ack: 0,
     };
     assert_eq!(second.writes[0].1.record, header.to_bytes().unwrap());
     assert_eq!(
@@ -596,7 +599,7 @@ fn resend_with_backoff_while_the_spm_is_silent() {
         epoch: (Epoch::new(1)).get(),
     };
     let mut sim = Sim::new(&[(vol(1), GIB, GIB - MIB)]);
-    let request = sim.writes[1].1;
+    let request = sim.writes.iter().find(|(_, w)| w.record[8] == 5).unwrap().1;
     sim.run_until(secs(100));
     let resent: Vec<Instant> = sim
         .events
@@ -637,13 +640,14 @@ fn no_outbox_reads_while_idle() {
     let mut sim = Sim::new(&[(vol(1), GIB, 0)]);
     sim.run_until(secs(60));
     assert!(sim.reads.is_empty());
-    assert_eq!(sim.host.poll_timeout(), None);
+    // Idle: only the SPM header, every second.
+    assert_eq!(sim.host.poll_timeout(), Some(secs(61)));
     sim.allocate(vol(1), GIB - MIB);
     sim.run_until(secs(60) + Duration::from_millis(5));
     spm.extend_all(&mut sim.mb);
     sim.run_until(secs(120));
     assert_eq!(sim.reads.len(), 3, "reads at +2, +4 and +6 ms only");
-    assert_eq!(sim.host.poll_timeout(), None);
+    assert_eq!(sim.host.poll_timeout(), Some(secs(121)));
 }
 
 #[test]
@@ -661,6 +665,7 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
+        release_ack: 0,
     }
     .to_bytes()
     .unwrap();
@@ -671,6 +676,7 @@ fn torn_header_on_start_takes_the_generation_from_the_highest_seen() {
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
+        release_ack: 0,
     }
     .to_bytes()
     .unwrap();

@@ -7,7 +7,7 @@ use spmbox_core::spm::Job;
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, SpmEvent, SpmIo, settle};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, HostId, InboxHeader,
+    AREA_SIZE, DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, Hold, HostId, InboxHeader,
     OutboxArea, RECORD_LEN, Reply, ReplyStatus, Request, SPM_HEADER_OFFSET, Slot, SlotState,
     SpmHeader, SpmState, Uuid,
 };
@@ -48,6 +48,7 @@ impl Disk {
                 owner: 0,
                 heartbeat: 0,
                 heartbeat_interval_ms: 0,
+                release_ack: 0,
             }
             .to_bytes()
             .unwrap(),
@@ -1586,4 +1587,86 @@ fn one_mapping_from_the_pool_to_job_results_with_named_error_codes() {
         JobResult::from_pool(Err(PoolError::NilId), 4),
         JobResult::Failed { code: errno::EIO }
     );
+    assert_eq!(
+        JobResult::from_pool(Err(PoolError::SegmentsFull), 4),
+        JobResult::SegmentsFull { size: 4 }
+    );
+}
+
+#[test]
+fn hold_records_are_neither_requests_nor_defects() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 2);
+    let inbox = disk.geometry.inbox_area(HostId::new(1)).unwrap();
+    let hold = |slot: u16, generation: u64| {
+        Hold::listing(
+            DOMAIN,
+            HostId::new(1),
+            Slot::new(slot),
+            Generation::new(generation),
+            &[Uuid([7; 16]), Uuid([8; 16])],
+        )
+        .to_bytes()
+        .unwrap()
+    };
+    disk.put(inbox + 31 * RECORD_LEN as u64, &hold(31, 2));
+    disk.put(inbox + 30 * RECORD_LEN as u64, &hold(30, 1)); // stale
+    let mut r = request(1, 1, 1, 2);
+    r.generation = Generation::new(2);
+    disk.send(&r);
+    let mut spm = start(&mut disk, ms(0));
+    let jobs = step(&mut spm, &mut disk, ms(0));
+    assert_eq!(jobs.len(), 1, "the request beside the holds is served");
+    assert_eq!(spm.stats().defective, 0);
+    assert_eq!(spm.stats().stale, 0, "a stale hold counts for nothing");
+    let events: Vec<_> = std::iter::from_fn(|| spm.poll_event()).collect();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, SpmEvent::Defective { .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn the_release_commit_is_carried_in_the_header_and_only_rises() {
+    let mut disk = Disk::new(4);
+    let found = SpmHeader {
+        release_commit: 7,
+        ..SpmHeader::vacant(DOMAIN, Epoch::new(3))
+    };
+    disk.put(SPM_HEADER_OFFSET, &found.to_bytes().unwrap());
+    let mut spm = start(&mut disk, ms(0));
+    assert_eq!(spm.release_commit(), 7, "the header found is the floor");
+    spm.set_release_commit(5);
+    assert_eq!(spm.release_commit(), 7);
+    spm.set_release_commit(12);
+    step(&mut spm, &mut disk, ms(0));
+    let header = SpmHeader::decode(disk.record(SPM_HEADER_OFFSET))
+        .unwrap()
+        .unwrap();
+    assert_eq!(header.release_commit, 12);
+}
+
+#[test]
+fn a_full_segment_table_is_answered_rejected_segments_full() {
+    let mut disk = Disk::new(4);
+    disk.host_start(1, 1);
+    let r = request(1, 1, 1, 2);
+    disk.send(&r);
+    let mut spm = start(&mut disk, ms(0));
+    let jobs = step(&mut spm, &mut disk, ms(0));
+    assert_eq!(jobs.len(), 1);
+    spm.handle_job_result(ms(1), r.volume, JobResult::SegmentsFull { size: 1 << 30 });
+    step(&mut spm, &mut disk, ms(1));
+    match disk.reply(1, 1) {
+        SlotState::Valid(reply) => {
+            assert_eq!(
+                reply.status,
+                ReplyStatus::Rejected(spmbox_core::wire::RejectReason::SegmentsFull)
+            );
+            assert_eq!(reply.size, 1 << 30);
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -453,6 +453,7 @@ fn a_new_spm_starts_above_every_epoch_in_the_outbox_read_in_any_run_length() {
         heartbeat: 0,
         owner: 0,
         pool_commit: 11,
+        release_commit: 0,
     };
     let start = start_header(Some(found), Epoch::new(7), DOMAIN);
     let engine: Spm<64> = Spm::new(

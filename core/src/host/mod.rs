@@ -11,7 +11,8 @@
 //!   handle_allocation(now, volume, allocation)   <── the guest wrote
 //!   handle_outbox(now, outbox area bytes)        <── a HostRead done
 //!   handle_refreshed(now, volume, physical)      <── the LV map re-read
-//!   handle_spm_header(now, record)               <── the epoch learnt
+//!   handle_spm_header(now, record)               <── epoch, release_commit
+//!   handle_all_refreshed(now, release_commit)    <── every map re-read
 //!   handle_timeout(now)                          <── poll_timeout() reached
 //!
 //!   poll_write()    ──> HostWrite { offset, record }  (in this order!)
@@ -54,8 +55,11 @@
 //!    raises `physical` only when [`Host::handle_refreshed`] says so. Then
 //!    the slot is written empty, a paused guest resumes, and the watermark
 //!    is checked again.
-//! 5. `rejected` frees the slot; the volume asks no more. `failed` frees
-//!    the slot; the volume may ask again after `resend_timeout`.
+//! 5. `rejected` frees the slot; the volume asks no more. `rejected` for
+//!    `segments_full` also frees the slot and says
+//!    [`HostEvent::SegmentsFull`]: the volume asks no more until a refresh
+//!    changes its size. `failed` frees the slot; the volume may ask again
+//!    after `resend_timeout`.
 //!
 //! A final reply that answers the request exactly but may not be acted on
 //! (stale under its outbox header, or from an older epoch, as when a
@@ -63,6 +67,32 @@
 //! a request with a final reply as done. So at its resend deadline such a
 //! request is *renewed* instead: a new request (new sequence number) for
 //! the same volume in the same slot, with the backoff still running.
+//!
+//! # Holds and the release acknowledgement (docs/protocol.md, section 9)
+//! Every tracked volume is listed in a hold record (kind 8) of the current
+//! generation: volume `i` (in the order added) in slot `31 - i / 4`, so
+//! the hold records fill the highest slots, 31 downward, and requests use
+//! only the slots below [`Host::request_slots`]. `VOLUMES` is at most
+//! [`MAX_HELD_VOLUMES`] (checked at compile time), so at least 15 slots
+//! stay for requests. The hold records are written at start (after the
+//! new inbox header) and whenever [`Host::add_volume`] or
+//! [`Host::remove_volume`] changes them, highest slot first, so that a
+//! volume that moves to a higher slot is listed there before its old place
+//! is rewritten. The caller opens a volume only after its hold record was
+//! written and made durable ([`Host::holds_pending`] says when), and
+//! removes a volume only after its last I/O completed.
+//!
+//! The SPM header is read every `spm_header_interval` once started, idle
+//! or not. When its `release_commit` is above the host's `release_ack`
+//! (kept in the inbox header, and across restarts), the engine says
+//! [`HostEvent::RefreshAll`] once (again after `max_resend_timeout` if it
+//! is still not done): the caller re-reads the map of every volume it
+//! holds from pool metadata at least that new, stops a guest whose volume
+//! the metadata no longer has, and calls [`Host::handle_all_refreshed`],
+//! which raises `release_ack` and writes the inbox header. At start the
+//! ack found in the old inbox header is kept: the maps a new incarnation
+//! reads are newer than anything it acknowledged before, and the first
+//! SPM header read asks for a refresh if the SPM released extents since.
 //!
 //! # Restart
 //! [`Host::start`] reads the host's own areas. The new generation is one
@@ -83,9 +113,9 @@ use core::time::Duration;
 
 use crate::time::Instant;
 use crate::wire::{
-    DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, HostId, InboxArea, InboxHeader,
-    OutboxArea, RECORD_LEN, RECORDS_PER_AREA, RejectReason, Reply, ReplyStatus, Request,
-    SLOTS_PER_AREA, Slot, SlotState, SpmHeader, Uuid,
+    DOORBELL_OFFSET, Doorbell, Epoch, Generation, Geometry, HOLD_VOLUMES, Hold, HoldArea, HostId,
+    InboxArea, InboxHeader, OutboxArea, RECORD_LEN, RECORDS_PER_AREA, RejectReason, Reply,
+    ReplyStatus, Request, SLOTS_PER_AREA, Slot, SlotState, SpmHeader, Uuid,
 };
 
 pub use volume::{InFlight, Phase, SIZE_ALIGN, VolumeState};
@@ -96,6 +126,31 @@ pub const EVENTS: usize = 64;
 /// slot (writes to the same slot are coalesced). The doorbell is kept
 /// apart.
 pub const WRITES: usize = RECORDS_PER_AREA;
+/// The most volumes a host engine tracks (and so holds): 64, listed in 16
+/// hold records, so that at least 15 of the 31 slots stay for requests.
+/// `Host<VOLUMES>` refuses to build with more:
+///
+/// ```
+/// use spmbox_core::host::{Host, HostConfig};
+/// use spmbox_core::wire::{Geometry, HostId, Uuid};
+/// let g = Geometry::new(8, 512).unwrap();
+/// let host = Host::<64>::new(Uuid([1; 16]), HostId::new(1), g, HostConfig::default());
+/// assert_eq!(host.unwrap().request_slots(), 15);
+/// ```
+///
+/// ```compile_fail,E0080
+/// use spmbox_core::host::{Host, HostConfig};
+/// use spmbox_core::wire::{Geometry, HostId, Uuid};
+/// let g = Geometry::new(8, 512).unwrap();
+/// let _ = Host::<65>::new(Uuid([1; 16]), HostId::new(1), g, HostConfig::default());
+/// ```
+pub const MAX_HELD_VOLUMES: usize = 64;
+/// Slots always left for requests.
+pub const MIN_REQUEST_SLOTS: u16 = 15;
+
+const _: () = assert!(
+    MAX_HELD_VOLUMES.div_ceil(HOLD_VOLUMES) + MIN_REQUEST_SLOTS as usize <= SLOTS_PER_AREA as usize
+);
 
 const SLOTS: usize = SLOTS_PER_AREA as usize;
 const RECORD: u64 = RECORD_LEN as u64;
@@ -354,6 +409,26 @@ pub enum HostEvent {
     },
     /// Every slot is taken; a volume waits for one.
     SlotsExhausted,
+    /// The SPM header says an SPM released extents in pool commit
+    /// `release_commit`, newer than this host acknowledged: re-read the map
+    /// of every volume held from pool metadata at least that new (a volume
+    /// the metadata no longer has: stop its guest, then remove it), then
+    /// call [`Host::handle_all_refreshed`]. Said once per new value, and
+    /// again after `max_resend_timeout` while not done.
+    RefreshAll {
+        /// The SPM header's `release_commit`.
+        release_commit: u64,
+    },
+    /// The SPM answered `rejected` / `segments_full`: the volume's map
+    /// holds as many segments as the pool keeps, so it cannot grow. Final:
+    /// the volume asks no more until a refresh changes its size; a paused
+    /// guest stays paused.
+    SegmentsFull {
+        /// The volume.
+        volume: Uuid,
+        /// Its size, as the SPM reports it.
+        size: u64,
+    },
 }
 
 /// Counters.
@@ -452,6 +527,14 @@ pub struct Host<const VOLUMES: usize> {
     wait_started: Instant,
     /// When the SPM header is next read while replies are awaited.
     next_spm_header: Instant,
+    /// The newest `release_commit` this host applied (its inbox header's
+    /// `release_ack`).
+    release_ack: u64,
+    /// The newest `release_commit` read in the SPM header.
+    release_seen: u64,
+    /// The `release_commit` [`HostEvent::RefreshAll`] was last said for,
+    /// and when.
+    refresh_all_asked: Option<(u64, Instant)>,
     last_now: Instant,
     pending_counter: u64,
     events: heapless::Deque<HostEvent, EVENTS>,
@@ -459,6 +542,17 @@ pub struct Host<const VOLUMES: usize> {
 }
 
 impl<const VOLUMES: usize> Host<VOLUMES> {
+    /// Hold records needed for `VOLUMES` volumes.
+    const HOLD_SLOTS: u16 = {
+        assert!(
+            VOLUMES <= MAX_HELD_VOLUMES,
+            "a host engine holds at most MAX_HELD_VOLUMES volumes"
+        );
+        VOLUMES.div_ceil(HOLD_VOLUMES) as u16
+    };
+    /// Slots 1..=`REQUEST_SLOTS` take requests; the ones above, holds.
+    const REQUEST_SLOTS: u16 = SLOTS_PER_AREA - Self::HOLD_SLOTS;
+
     /// An engine for host `host_id` of the mailbox of `domain`. It writes
     /// nothing until [`Host::start`].
     pub fn new(
@@ -467,6 +561,9 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         geometry: Geometry,
         config: HostConfig,
     ) -> Result<Self, HostError> {
+        // Evaluated here so that a `VOLUMES` above MAX_HELD_VOLUMES fails
+        // to build.
+        let _ = Self::REQUEST_SLOTS;
         if domain.is_nil() {
             return Err(HostError::NilDomain);
         }
@@ -517,6 +614,9 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             next_read: Instant::ZERO,
             wait_started: Instant::ZERO,
             next_spm_header: Instant::ZERO,
+            release_ack: 0,
+            release_seen: 0,
+            refresh_all_asked: None,
             last_now: Instant::ZERO,
             pending_counter: 0,
             events: heapless::Deque::new(),
@@ -583,6 +683,27 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         self.stats
     }
 
+    /// Slots 1..=this take requests; the slots above hold hold records.
+    pub fn request_slots(&self) -> u16 {
+        Self::REQUEST_SLOTS
+    }
+
+    /// The newest SPM `release_commit` this host has acknowledged (its
+    /// inbox header's `release_ack`).
+    pub fn release_ack(&self) -> u64 {
+        self.release_ack
+    }
+
+    /// Whether a hold record still waits to be handed out by
+    /// [`Host::poll_write`]: open a volume added with
+    /// [`Host::add_volume`] only once this is false and the writes are
+    /// durable.
+    pub fn holds_pending(&self) -> bool {
+        self.writes
+            .iter()
+            .any(|w| matches!(w, Intent::Slot(s) if s.get() > Self::REQUEST_SLOTS))
+    }
+
     // ------------------------------------------------------------------ inputs
 
     /// Starts tracking a volume: `limit` is its virtual size plus format
@@ -618,6 +739,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 paused: false,
                 pending: false,
                 rejected: false,
+                segments_full: false,
                 retry_at: None,
                 request: None,
             },
@@ -628,17 +750,27 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .push(volume)
             .map_err(|_| HostError::TooManyVolumes)?;
         debug!("host: tracking volume {}", id);
+        if self.started() {
+            let last = self.volumes.len().saturating_sub(1);
+            self.write_holds(last, last);
+        }
         Ok(())
     }
 
     /// Stops tracking a volume. Its request, if any, is abandoned and its
-    /// slot written empty (the SPM may still carry it out: harmless).
+    /// slot written empty (the SPM may still carry it out: harmless). The
+    /// hold records are rewritten without it: call it only once the last
+    /// I/O through the volume's map has completed.
     pub fn remove_volume(&mut self, now: Instant, id: Uuid) -> Result<(), HostError> {
         self.last_now = now;
         let i = self.index(id).ok_or(HostError::UnknownVolume)?;
-        let removed = self.volumes.swap_remove(i);
+        let old_len = self.volumes.len();
+        let removed = self.volumes.remove(i);
         if let Some(flight) = removed.state.request {
             self.free_slot(now, flight.slot);
+        }
+        if self.started() {
+            self.write_holds(i, old_len.saturating_sub(1));
         }
         debug!("host: no longer tracking volume {}", id);
         Ok(())
@@ -677,20 +809,32 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             InboxArea::new(inbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
         let outbox =
             OutboxArea::new(outbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
-        let generation = Self::highest_generation(&inbox, &outbox)
+        let holds =
+            HoldArea::new(inbox_area, self.domain, self.host_id).ok_or(HostError::AreaLength)?;
+        let generation = Self::highest_generation(&inbox, &holds, &outbox)
             .next()
             .ok_or(HostError::GenerationExhausted)?;
+        if let Ok(Some(h)) = inbox.header() {
+            self.release_ack = h.release_ack;
+        }
         self.last_now = now;
         self.generation = generation;
         self.owner = owner;
         self.next_lease =
             (!self.config.lease_interval.is_zero()).then(|| now + self.config.lease_interval);
+        // The caller passes the SPM header it read at start; the next read
+        // comes an interval later.
+        self.next_spm_header = now + self.config.spm_header_interval;
         self.next_sequence = 1;
         info!(
             "host {}: starting generation {}",
             self.host_id, self.generation
         );
         self.push_write(Intent::Header);
+        self.write_holds(
+            0,
+            usize::from(Self::HOLD_SLOTS).saturating_mul(HOLD_VOLUMES),
+        );
         for i in 0..self.volumes.len() {
             self.update_pause(i);
         }
@@ -702,6 +846,10 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             let (SlotState::Valid(request) | SlotState::Stale(request)) = state else {
                 continue;
             };
+            if slot.get() > Self::REQUEST_SLOTS {
+                // A hold slot now: the watermark asks again if needed.
+                continue;
+            }
             let answered = matches!(
                 outbox.slot(slot),
                 Some(SlotState::Valid(reply) | SlotState::Stale(reply))
@@ -732,9 +880,12 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 }
             }
         }
-        for (slot, state) in inbox.slots() {
+        for slot in (1..=Self::REQUEST_SLOTS).map(Slot::new) {
             let kept = keep.get(slot_index(slot)).copied().flatten();
-            match (kept, state) {
+            let empty = inbox
+                .record_bytes(slot.get())
+                .is_none_or(|b| b.iter().all(|&x| x == 0));
+            match (kept, empty) {
                 (Some((i, old)), _) => {
                     self.send_in(now, i, slot, old.target_size);
                     debug!(
@@ -742,13 +893,14 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                         slot, old.target_size
                     );
                 }
-                (None, SlotState::Empty) => {}
-                (None, _) => {
+                (None, true) => {}
+                (None, false) => {
                     self.clearing |= slot_bit(slot);
                     self.push_write(Intent::Slot(slot));
                 }
             }
         }
+        self.check_release(now);
         for i in 0..self.volumes.len() {
             self.check_volume(now, i);
         }
@@ -832,6 +984,10 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             return;
         };
         let state = &mut v.state;
+        if physical > state.physical && state.segments_full {
+            debug!("host: volume {} changed size; it may ask again", volume);
+            state.segments_full = false;
+        }
         state.physical = state.physical.max(physical);
         let mut done = None;
         if let Some(flight) = state.request
@@ -870,10 +1026,11 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
     }
 
     /// The SPM header record as read ([`HostRead::SpmHeader`]): learns its
-    /// epoch. Replies from older epochs are ignored from now on. An empty
-    /// or damaged record, or one of another domain, teaches nothing.
+    /// epoch (replies from older epochs are ignored from now on) and its
+    /// `release_commit` (above `release_ack`: [`HostEvent::RefreshAll`]).
+    /// An empty or damaged record, or one of another domain, teaches
+    /// nothing.
     pub fn handle_spm_header(&mut self, now: Instant, record: &[u8]) {
-        let _ = now;
         let Ok(Some(header)) = SpmHeader::decode(record) else {
             return;
         };
@@ -884,6 +1041,35 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             debug!("host: SPM epoch {} seen in the SPM header", header.epoch);
             self.newest_epoch = header.epoch;
         }
+        self.release_seen = self.release_seen.max(header.release_commit);
+        if self.started() {
+            self.last_now = now;
+            self.check_release(now);
+        }
+    }
+
+    /// The caller re-read the map of every volume it holds from pool
+    /// metadata at least as new as `release_commit` (the value of a
+    /// [`HostEvent::RefreshAll`]), and stopped and removed every volume
+    /// the metadata no longer has: `release_ack` rises to it and the inbox
+    /// header is written.
+    pub fn handle_all_refreshed(&mut self, now: Instant, release_commit: u64) {
+        self.last_now = now;
+        if self.evicted || !self.started() || release_commit <= self.release_ack {
+            return;
+        }
+        info!(
+            "host {}: every held map is refreshed; acknowledging release commit {}",
+            self.host_id, release_commit
+        );
+        self.release_ack = release_commit;
+        if self
+            .refresh_all_asked
+            .is_some_and(|(asked, _)| asked <= release_commit)
+        {
+            self.refresh_all_asked = None;
+        }
+        self.push_write(Intent::Header);
     }
 
     /// The inbox header record as read back for the lease
@@ -1039,6 +1225,15 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                             }
                         }
                     }
+                    if let Some(hold) = self.hold_in(slot) {
+                        match hold.to_bytes() {
+                            Ok(record) => return Some(HostWrite { offset, record }),
+                            Err(field) => {
+                                warn!("host: cannot emit hold record: {}", field.name());
+                                continue;
+                            }
+                        }
+                    }
                     self.clearing &= !slot_bit(slot);
                     return Some(HostWrite {
                         offset,
@@ -1082,14 +1277,14 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 offset: self.inbox_offset,
             });
         }
-        if !self.awaiting_reply() {
+        if !self.started() {
             return None;
         }
         if now >= self.next_spm_header {
             self.next_spm_header = now + self.config.spm_header_interval;
             return Some(HostRead::SpmHeader);
         }
-        if now < self.next_read {
+        if !self.awaiting_reply() || now < self.next_read {
             return None;
         }
         let waited = now.saturating_since(self.wait_started);
@@ -1121,8 +1316,11 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         if let Some(t) = self.next_lease {
             at(t);
         }
+        if self.started() {
+            at(self.next_spm_header);
+        }
         if self.awaiting_reply() {
-            at(self.next_read.min(self.next_spm_header));
+            at(self.next_read);
         }
         for v in &self.volumes {
             if v.check_due {
@@ -1222,6 +1420,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             heartbeat_interval_ms: u32::try_from(lease_interval.as_millis())
                 .unwrap_or(u32::MAX)
                 .max(u32::from(!lease_interval.is_zero())),
+            release_ack: self.release_ack,
         }
     }
 
@@ -1235,7 +1434,11 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .any(|v| v.state.request.is_some_and(|f| f.awaits_reply()))
     }
 
-    fn highest_generation(inbox: &InboxArea<'_>, outbox: &OutboxArea<'_>) -> Generation {
+    fn highest_generation(
+        inbox: &InboxArea<'_>,
+        holds: &HoldArea<'_>,
+        outbox: &OutboxArea<'_>,
+    ) -> Generation {
         let mut g = Generation::new(0);
         if let Ok(Some(h)) = inbox.header() {
             g = g.max(h.generation);
@@ -1248,12 +1451,100 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 g = g.max(r.generation);
             }
         }
+        for (_, state) in holds.slots() {
+            if let SlotState::Valid(r) | SlotState::Stale(r) = state {
+                g = g.max(r.generation);
+            }
+        }
         for (_, state) in outbox.slots() {
             if let SlotState::Valid(r) | SlotState::Stale(r) = state {
                 g = g.max(r.generation);
             }
         }
         g
+    }
+
+    /// The hold slot that lists volume `i`.
+    fn hold_slot(i: usize) -> Slot {
+        let k = u16::try_from(i / HOLD_VOLUMES).unwrap_or(u16::MAX);
+        Slot::new(SLOTS_PER_AREA.saturating_sub(k))
+    }
+
+    /// The hold record for hold slot `slot`; `None` if it lists nothing.
+    fn hold_in(&self, slot: Slot) -> Option<Hold> {
+        let k = usize::from(SLOTS_PER_AREA.checked_sub(slot.get())?);
+        if k >= usize::from(Self::HOLD_SLOTS) {
+            return None;
+        }
+        let first = k.checked_mul(HOLD_VOLUMES)?;
+        let mut held = [Uuid::NIL; HOLD_VOLUMES];
+        let mut n = 0;
+        for (to, v) in held.iter_mut().zip(self.volumes.iter().skip(first)) {
+            *to = v.state.id;
+            n += 1;
+        }
+        let listed = held.get(..n).filter(|l| !l.is_empty())?;
+        Some(Hold::listing(
+            self.domain,
+            self.host_id,
+            slot,
+            self.generation,
+            listed,
+        ))
+    }
+
+    /// Queues the hold records that list volumes `first..=last` (by
+    /// index), together with every hold record already queued, highest
+    /// slot first: a volume that moves to a higher slot is written there
+    /// before its old slot is rewritten, so it is never left unlisted.
+    fn write_holds(&mut self, first: usize, last: usize) {
+        let (low, high) = (Self::hold_slot(last), Self::hold_slot(first));
+        let mut bits = 0u32;
+        for s in low.get()..=high.get() {
+            if s > Self::REQUEST_SLOTS {
+                bits |= slot_bit(Slot::new(s));
+            }
+        }
+        let mut kept: heapless::Deque<Intent, WRITES> = heapless::Deque::new();
+        while let Some(w) = self.writes.pop_front() {
+            match w {
+                Intent::Slot(s) if s.get() > Self::REQUEST_SLOTS => bits |= slot_bit(s),
+                other => {
+                    let _ = kept.push_back(other);
+                }
+            }
+        }
+        self.writes = kept;
+        for s in (Self::REQUEST_SLOTS + 1..=SLOTS_PER_AREA).rev() {
+            let slot = Slot::new(s);
+            if bits & slot_bit(slot) != 0 {
+                self.push_write(Intent::Slot(slot));
+            }
+        }
+    }
+
+    /// Asks for [`HostEvent::RefreshAll`] if the SPM header's
+    /// `release_commit` is above the ack and it was not asked for lately.
+    fn check_release(&mut self, now: Instant) {
+        let seen = self.release_seen;
+        if seen <= self.release_ack || self.evicted {
+            return;
+        }
+        let again = self.config.max_resend_timeout;
+        let due = match self.refresh_all_asked {
+            None => true,
+            Some((asked, at)) => seen > asked || now.saturating_since(at) >= again,
+        };
+        if due {
+            debug!(
+                "host: the SPM released extents in commit {}; refreshing every map",
+                seen
+            );
+            self.refresh_all_asked = Some((seen, now));
+            self.event(HostEvent::RefreshAll {
+                release_commit: seen,
+            });
+        }
     }
 
     fn event(&mut self, event: HostEvent) {
@@ -1404,6 +1695,20 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
                 info!("host: volume {} waits for space", volume);
                 self.event(HostEvent::WaitingForSpace { volume });
             }
+            ReplyStatus::Rejected(RejectReason::SegmentsFull) => {
+                v.state.request = None;
+                v.state.segments_full = true;
+                self.stats.replies_accepted = self.stats.replies_accepted.saturating_add(1);
+                warn!(
+                    "host: volume {} cannot grow past {}: its segment table is full",
+                    volume, reply.size
+                );
+                self.event(HostEvent::SegmentsFull {
+                    volume,
+                    size: reply.size,
+                });
+                self.free_slot(now, flight.slot);
+            }
             ReplyStatus::Rejected(reason) => {
                 v.state.request = None;
                 v.state.rejected = true;
@@ -1468,7 +1773,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             return;
         };
         let state = &mut v.state;
-        if state.request.is_some() || state.pending || state.rejected {
+        if state.request.is_some() || state.pending || state.rejected || state.segments_full {
             return;
         }
         if let Some(t) = state.retry_at {
@@ -1503,7 +1808,7 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
             .filter_map(|v| v.state.request)
             .fold(0u32, |bits, f| bits | slot_bit(f.slot));
         let free = |clearing_ok: bool| {
-            (1..=SLOTS_PER_AREA).map(Slot::new).find(|&s| {
+            (1..=Self::REQUEST_SLOTS).map(Slot::new).find(|&s| {
                 busy & slot_bit(s) == 0 && (clearing_ok || self.clearing & slot_bit(s) == 0)
             })
         };
@@ -1555,6 +1860,8 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         self.ring_scheduled(now);
         self.stats.requests_sent = self.stats.requests_sent.saturating_add(1);
         if was_idle {
+            // The SPM header first: its epoch, fresh for this wait.
+            self.next_spm_header = now;
             self.wait_started = now;
             self.next_read = now
                 + self

@@ -69,9 +69,25 @@ impl<const V: usize> Rig<V> {
         }
     }
 
+    /// [`Rig::one`] with the SPM header read only every hour, for tests of
+    /// other deadlines.
+    fn one_quiet(allocation: u64) -> Self {
+        Self::one_with(
+            HostConfig {
+                spm_header_interval: Duration::from_secs(3600),
+                ..HostConfig::default()
+            },
+            allocation,
+        )
+    }
+
     /// One volume of 1 GiB with `allocation` written, started at time 0.
     fn one(allocation: u64) -> Self {
-        let mut rig = Self::new();
+        Self::one_with(HostConfig::default(), allocation)
+    }
+
+    fn one_with(config: HostConfig, allocation: u64) -> Self {
+        let mut rig = Self::with_config(config);
         rig.host
             .add_volume(vol(1), VIRTUAL, LIMIT, GIB, allocation)
             .unwrap();
@@ -126,6 +142,16 @@ impl<const V: usize> Rig<V> {
             .slot(Slot::new(slot))
         {
             Some(SlotState::Valid(r)) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn hold(&self, slot: u16) -> Option<Hold> {
+        match HoldArea::new(&self.inbox, DOMAIN, HostId::new(HOST))
+            .unwrap()
+            .slot(Slot::new(slot))
+        {
+            Some(SlotState::Valid(h)) => Some(h),
             _ => None,
         }
     }
@@ -207,6 +233,7 @@ fn inbox_header(generation: u64) -> [u8; RECORD_LEN] {
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
+        release_ack: 0,
     }
     .to_bytes()
     .unwrap()
@@ -352,15 +379,17 @@ fn nothing_is_written_before_start() {
 }
 
 #[test]
-fn start_on_an_empty_area_writes_the_generation_1_header_alone() {
+fn start_on_an_empty_area_writes_the_generation_1_header_then_the_holds() {
     let rig = Rig::<4>::one(0);
     assert_eq!(rig.host.generation(), Generation::new(1));
-    assert_eq!(rig.writes.len(), 1);
+    assert_eq!(rig.writes.len(), 2);
     assert_eq!(
         rig.writes[0].offset,
         geometry().inbox_area(HostId::new(HOST)).unwrap()
     );
     assert_eq!(rig.writes[0].record, inbox_header(1));
+    assert_eq!(rig.writes[1].offset, inbox_slot_offset(31));
+    assert_eq!(rig.hold(31).unwrap().held(), &[vol(1)]);
 }
 
 #[test]
@@ -368,9 +397,10 @@ fn start_writes_the_header_before_any_request() {
     // The volume is past its watermark: a request follows the header.
     let rig = Rig::<4>::one(GIB - MIB);
     assert_eq!(rig.writes[0].record, inbox_header(1));
-    assert_eq!(rig.writes[1].offset, inbox_slot_offset(1));
-    assert_eq!(rig.writes[2].offset, DOORBELL_OFFSET);
-    assert_eq!(rig.writes.len(), 3);
+    assert_eq!(rig.writes[1].offset, inbox_slot_offset(31));
+    assert_eq!(rig.writes[2].offset, inbox_slot_offset(1));
+    assert_eq!(rig.writes[3].offset, DOORBELL_OFFSET);
+    assert_eq!(rig.writes.len(), 4);
 }
 
 #[test]
@@ -457,6 +487,7 @@ fn start_rewrites_unanswered_requests_in_their_slots_with_fresh_sequences() {
         offsets,
         [
             geometry().inbox_area(HostId::new(HOST)).unwrap(),
+            inbox_slot_offset(31),
             inbox_slot_offset(5),
             inbox_slot_offset(9),
             DOORBELL_OFFSET
@@ -487,8 +518,10 @@ fn start_clears_requests_for_volumes_the_host_no_longer_has() {
     );
     rig.start(at(0));
     assert!(rig.slot_empty(6));
-    assert_eq!(rig.writes[1].offset, inbox_slot_offset(6));
+    assert_eq!(rig.writes[1].offset, inbox_slot_offset(31));
     assert_eq!(rig.writes[1].record, [0; RECORD_LEN]);
+    assert_eq!(rig.writes[2].offset, inbox_slot_offset(6));
+    assert_eq!(rig.writes[2].record, [0; RECORD_LEN]);
     assert_eq!(rig.host.in_flight(), 0);
 }
 
@@ -613,7 +646,8 @@ fn below_the_watermark_nothing_is_sent() {
     rig.writes.clear();
     rig.host.handle_allocation(at(1), vol(1), GIB - WATERMARK);
     assert!(rig.flush().is_empty());
-    assert_eq!(rig.host.poll_timeout(), None);
+    // Only the SPM header is read, every second (its release_commit).
+    assert_eq!(rig.host.poll_timeout(), Some(at(1000)));
 }
 
 #[test]
@@ -747,22 +781,24 @@ fn without_a_free_slot_a_volume_waits_and_takes_the_next_freed_slot() {
     for n in 1..=32 {
         rig.host.handle_allocation(at(1), vol(n), GIB - MIB);
     }
-    assert_eq!(rig.host.in_flight(), 31);
-    assert!(rig.host.volume(vol(32)).unwrap().pending);
+    // 32 volumes fill 8 hold slots (24..=31); 23 slots take requests.
+    assert_eq!(rig.host.request_slots(), 23);
+    assert_eq!(rig.host.in_flight(), 23);
+    assert!(rig.host.volume(vol(24)).unwrap().pending);
     assert!(rig.take_events().contains(&HostEvent::SlotsExhausted));
-    // Slot 7's request fails: the waiting volume takes slot 7 at once
-    // (its empty write is replaced by the new request).
+    // Slot 7's request fails: the first waiting volume takes slot 7 at
+    // once (its empty write is replaced by the new request).
     rig.answer(7, 1, ReplyStatus::Failed { code: 5 }, 0);
     rig.writes.clear();
     rig.deliver(at(2));
     let r = rig.request(7).unwrap();
-    assert_eq!((r.volume, r.sequence), (vol(32), 32));
+    assert_eq!((r.volume, r.sequence), (vol(24), 24));
     assert_eq!(
         rig.writes.len(),
         2,
         "one write for slot 7, then the doorbell"
     );
-    assert!(!rig.host.volume(vol(32)).unwrap().pending);
+    assert!(!rig.host.volume(vol(24)).unwrap().pending);
 }
 
 #[test]
@@ -903,10 +939,11 @@ fn physical_is_never_lowered() {
 
 #[test]
 fn the_refresh_is_asked_for_again_until_it_is_done() {
-    let mut rig = Rig::<4>::one(GIB - MIB);
+    let mut rig = Rig::<4>::one_quiet(GIB - MIB);
     rig.answer(1, 1, ReplyStatus::Extended, GIB + 256 * MIB);
     rig.deliver(at(1));
     rig.take_events();
+    assert_eq!(rig.host.poll_read(at(1)), Some(HostRead::SpmHeader));
     assert_eq!(
         rig.host.poll_timeout(),
         Some(at(1) + Duration::from_secs(2))
@@ -978,7 +1015,8 @@ fn rejected_frees_the_slot_and_the_volume_asks_no_more() {
 
 #[test]
 fn failed_frees_the_slot_and_asks_again_after_the_resend_timeout() {
-    let mut rig = Rig::<4>::one(GIB - MIB);
+    let mut rig = Rig::<4>::one_quiet(GIB - MIB);
+    assert_eq!(rig.host.poll_read(at(0)), Some(HostRead::SpmHeader));
     rig.take_events();
     rig.answer(1, 1, ReplyStatus::Failed { code: 5 }, 0);
     rig.deliver(at(1));
@@ -1047,6 +1085,7 @@ fn active_spm_header(domain: Uuid, epoch: u64) -> [u8; RECORD_LEN] {
         heartbeat: 1,
         owner: 7,
         pool_commit: 0,
+        release_commit: 0,
     }
     .to_bytes()
     .unwrap()
@@ -1140,7 +1179,7 @@ fn resends_back_off_doubling_up_to_the_maximum() {
 #[test]
 fn a_resend_rewrites_the_same_record_and_rings_again() {
     let mut rig = Rig::<4>::one(GIB - MIB);
-    let first = rig.writes[1];
+    let first = rig.writes[2];
     rig.writes.clear();
     rig.host.handle_timeout(at(2000));
     let writes = rig.flush();
@@ -1153,7 +1192,8 @@ fn a_resend_rewrites_the_same_record_and_rings_again() {
 fn the_outbox_is_read_only_while_requests_await_a_reply() {
     let mut rig = Rig::<4>::one(0);
     assert_eq!(rig.host.poll_read(at(100)), None);
-    assert_eq!(rig.host.poll_timeout(), None);
+    // Idle, only the SPM header is read, every second.
+    assert_eq!(rig.host.poll_timeout(), Some(at(1000)));
     rig.host.handle_allocation(at(100), vol(1), GIB - MIB);
     rig.flush();
     let read = HostRead::OutboxArea {
@@ -1506,7 +1546,7 @@ fn a_leased_host_reads_its_header_back_every_interval_and_raises_the_heartbeat()
     assert_eq!(
         rig.host.poll_read(at(1000)),
         Some(HostRead::InboxHeader {
-            offset: geometry().inbox_area(HostId::new(HOST)).unwrap()
+            offset: geometry().inbox_area(HostId::new(HOST)).unwrap(),
         })
     );
     let inbox = rig.inbox;
@@ -1574,4 +1614,182 @@ fn the_lease_needs_an_owner() {
         rig.host.start(at(0), &inbox, &outbox, 0),
         Err(HostError::Owner)
     );
+}
+
+// ------------------------------------------------- holds and release acks
+
+fn spm_header_releasing(release_commit: u64) -> [u8; RECORD_LEN] {
+    SpmHeader {
+        release_commit,
+        ..SpmHeader::vacant(DOMAIN, Epoch::new(1))
+    }
+    .to_bytes()
+    .unwrap()
+}
+
+#[test]
+fn holds_fill_the_highest_slots_and_follow_add_and_remove() {
+    let mut rig = Rig::<8>::new();
+    for n in 1..=5 {
+        rig.host.add_volume(vol(n), VIRTUAL, LIMIT, GIB, 0).unwrap();
+    }
+    rig.start(at(0));
+    assert_eq!(rig.host.request_slots(), 29);
+    assert_eq!(
+        rig.hold(31).unwrap().held(),
+        &[vol(1), vol(2), vol(3), vol(4)]
+    );
+    assert_eq!(rig.hold(30).unwrap().held(), &[vol(5)]);
+    // Holds and requests share the area: requests read the holds as empty.
+    assert_eq!(rig.request(31), None);
+    rig.writes.clear();
+    rig.host.add_volume(vol(6), VIRTUAL, LIMIT, GIB, 0).unwrap();
+    assert!(rig.host.holds_pending());
+    let writes = rig.flush();
+    assert!(!rig.host.holds_pending());
+    assert_eq!(writes.len(), 1);
+    assert_eq!(writes[0].offset, inbox_slot_offset(30));
+    assert_eq!(rig.hold(30).unwrap().held(), &[vol(5), vol(6)]);
+    // Removing the first moves every later volume up, highest slot first.
+    rig.host.remove_volume(at(1), vol(1)).unwrap();
+    let offsets: Vec<u64> = rig.flush().iter().map(|w| w.offset).collect();
+    assert_eq!(offsets, [inbox_slot_offset(31), inbox_slot_offset(30)]);
+    assert_eq!(
+        rig.hold(31).unwrap().held(),
+        &[vol(2), vol(3), vol(4), vol(5)]
+    );
+    assert_eq!(rig.hold(30).unwrap().held(), &[vol(6)]);
+    rig.host.remove_volume(at(2), vol(6)).unwrap();
+    rig.flush();
+    assert!(rig.slot_empty(30));
+    assert_eq!(rig.hold(31).unwrap().generation, Generation::new(1));
+}
+
+#[test]
+fn start_replaces_old_holds_and_keeps_the_release_ack() {
+    let mut rig = Rig::<8>::new();
+    rig.host.add_volume(vol(1), VIRTUAL, LIMIT, GIB, 0).unwrap();
+    let old = InboxHeader {
+        domain: DOMAIN,
+        host_id: HostId::new(HOST),
+        generation: Generation::new(4),
+        owner: 0,
+        heartbeat: 0,
+        heartbeat_interval_ms: 0,
+        release_ack: 9,
+    };
+    put(&mut rig.inbox, 0, old.to_bytes().unwrap());
+    let stale = |slot: u16, held: &[Uuid]| {
+        Hold::listing(
+            DOMAIN,
+            HostId::new(HOST),
+            Slot::new(slot),
+            Generation::new(6),
+            held,
+        )
+        .to_bytes()
+        .unwrap()
+    };
+    put(&mut rig.inbox, 30, stale(30, &[vol(7)]));
+    put(&mut rig.inbox, 3, stale(3, &[vol(8)]));
+    rig.start(at(0));
+    // The stale holds name generation 6: the new one is above it.
+    assert_eq!(rig.host.generation(), Generation::new(7));
+    assert_eq!(rig.host.release_ack(), 9);
+    let header = InboxHeader::parse(
+        &rig.inbox[..RECORD_LEN],
+        &Location {
+            domain: DOMAIN,
+            host_id: HostId::new(HOST),
+            index: 0,
+        },
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(header.release_ack, 9);
+    assert_eq!(rig.hold(31).unwrap().held(), &[vol(1)]);
+    assert!(rig.slot_empty(30));
+    assert!(rig.slot_empty(3));
+}
+
+#[test]
+fn a_newer_release_commit_asks_once_for_a_refresh_of_every_map_then_is_acked() {
+    let mut rig = Rig::<4>::one(0);
+    rig.take_events();
+    rig.host.handle_spm_header(at(1), &spm_header_releasing(0));
+    assert!(rig.take_events().is_empty(), "nothing released yet");
+    rig.host.handle_spm_header(at(2), &spm_header_releasing(5));
+    assert_eq!(
+        rig.take_events(),
+        [HostEvent::RefreshAll { release_commit: 5 }]
+    );
+    rig.host.handle_spm_header(at(3), &spm_header_releasing(5));
+    assert!(rig.take_events().is_empty(), "said once");
+    rig.writes.clear();
+    rig.host.handle_all_refreshed(at(4), 5);
+    let writes = rig.flush();
+    assert_eq!(writes.len(), 1);
+    let header = InboxHeader::decode(&writes[0].record).unwrap().unwrap();
+    assert_eq!(header.release_ack, 5);
+    assert_eq!(rig.host.release_ack(), 5);
+    rig.host.handle_spm_header(at(5), &spm_header_releasing(5));
+    assert!(rig.take_events().is_empty());
+    // Not done in time: said again after max_resend_timeout.
+    rig.host.handle_spm_header(at(6), &spm_header_releasing(8));
+    assert_eq!(
+        rig.take_events(),
+        [HostEvent::RefreshAll { release_commit: 8 }]
+    );
+    rig.host.handle_spm_header(at(7), &spm_header_releasing(8));
+    assert!(rig.take_events().is_empty());
+    rig.host
+        .handle_spm_header(at(6 + 30_000), &spm_header_releasing(8));
+    assert_eq!(
+        rig.take_events(),
+        [HostEvent::RefreshAll { release_commit: 8 }]
+    );
+}
+
+#[test]
+fn the_spm_header_is_read_every_interval_even_when_idle() {
+    let mut rig = Rig::<4>::one(0);
+    assert_eq!(rig.host.poll_read(at(999)), None);
+    assert_eq!(rig.host.poll_read(at(1000)), Some(HostRead::SpmHeader));
+    assert_eq!(rig.host.poll_timeout(), Some(at(2000)));
+}
+
+#[test]
+fn segments_full_is_final_until_a_refresh_changes_the_size() {
+    let mut rig = Rig::<4>::one_quiet(GIB - MIB);
+    rig.take_events();
+    rig.answer(1, 1, ReplyStatus::Rejected(RejectReason::SegmentsFull), GIB);
+    rig.deliver(at(1));
+    assert_eq!(
+        rig.take_events(),
+        [HostEvent::SegmentsFull {
+            volume: vol(1),
+            size: GIB
+        }]
+    );
+    assert!(rig.slot_empty(1));
+    let v = rig.host.volume(vol(1)).unwrap();
+    assert!(v.segments_full && !v.rejected);
+    // No resend, no new request, however long and however full.
+    rig.writes.clear();
+    rig.host.handle_allocation(at(2), vol(1), GIB);
+    rig.host.handle_timeout(at(100_000));
+    rig.flush();
+    assert!(rig.writes.is_empty(), "{:?}", rig.writes);
+    assert_eq!(rig.host.in_flight(), 0);
+    assert_eq!(
+        rig.take_events(),
+        [HostEvent::Paused { volume: vol(1) }],
+        "the guest stays paused"
+    );
+    // The size changed (reduced and grown by another way, or moved): the
+    // volume may ask again.
+    rig.host
+        .handle_refreshed(at(100_001), vol(1), GIB + 64 * MIB);
+    rig.flush();
+    assert_eq!(rig.host.in_flight(), 1);
 }

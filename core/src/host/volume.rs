@@ -95,6 +95,9 @@ pub struct VolumeState {
     /// so the volume sends no more requests (remove and add it again once
     /// the cause is fixed).
     pub rejected: bool,
+    /// The SPM answered `segments_full`: the volume asks no more until a
+    /// refresh changes its size.
+    pub segments_full: bool,
     /// After a `failed` reply: no new request before this instant.
     pub retry_at: Option<Instant>,
     /// The request in flight, if any.

@@ -263,6 +263,13 @@ pub enum JobResult {
     },
     /// The request makes no sense to the backend.
     Malformed,
+    /// The volume's map holds as many segments as the pool keeps per
+    /// volume and the extension cannot be placed contiguously: it grows no
+    /// further (until it is reduced or moved).
+    SegmentsFull {
+        /// The volume's current size.
+        size: u64,
+    },
     /// The backend failed with this error number.
     Failed {
         /// The error number.
@@ -286,6 +293,7 @@ impl JobResult {
             Err(PoolError::UnknownVolume) => JobResult::UnknownVolume,
             Err(PoolError::OverLimit { .. }) => JobResult::OverLimit { size },
             Err(PoolError::InvalidSize { .. }) => JobResult::Malformed,
+            Err(PoolError::SegmentsFull) => JobResult::SegmentsFull { size },
             // The parked list is full: the request stays in the mailbox
             // and is retried.
             Err(PoolError::ParkedFull) => JobResult::Failed {
@@ -483,6 +491,9 @@ pub struct Spm<const QUEUE: usize> {
     epoch: Epoch,
     heartbeat: u64,
     pool_commit: u64,
+    /// The newest pool commit that released extents, as the SPM header
+    /// carries it.
+    release_commit: u64,
     header_write: bool,
     /// The header was read back with this SPM's epoch and owner since it
     /// was last written anew: the SPM may act.
@@ -609,6 +620,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             epoch,
             heartbeat: 0,
             pool_commit: found.map_or(0, |h| h.pool_commit),
+            release_commit: found.map_or(0, |h| h.release_commit),
             header_write: true,
             confirmed: false,
             deposed: false,
@@ -683,6 +695,20 @@ impl<const QUEUE: usize> Spm<QUEUE> {
     /// The pool commit the SPM header carries.
     pub fn pool_commit(&self) -> u64 {
         self.pool_commit
+    }
+
+    /// The newest pool commit that released extents (took them from a
+    /// volume), once it is durable; the SPM header carries it from the next
+    /// header write on, and hosts acknowledge it in their inbox headers'
+    /// `release_ack`. Only ever raised: the header found at start is the
+    /// floor, so pass the pool metadata's value at start too.
+    pub fn set_release_commit(&mut self, sequence: u64) {
+        self.release_commit = self.release_commit.max(sequence);
+    }
+
+    /// The release commit the SPM header carries.
+    pub fn release_commit(&self) -> u64 {
+        self.release_commit
     }
 
     /// Whether another SPM has taken over.
@@ -1309,6 +1335,9 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                     Some((ReplyStatus::Rejected(RejectReason::OverLimit), size))
                 }
                 JobResult::Malformed => Some((ReplyStatus::Rejected(RejectReason::Malformed), 0)),
+                JobResult::SegmentsFull { size } => {
+                    Some((ReplyStatus::Rejected(RejectReason::SegmentsFull), size))
+                }
                 JobResult::Failed { code } => Some((ReplyStatus::Failed { code }, 0)),
             };
             if reply.is_some() {
@@ -1441,6 +1470,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
             heartbeat: self.heartbeat,
             owner: self.owner,
             pool_commit: self.pool_commit,
+            release_commit: self.release_commit,
         };
         header.to_bytes().ok().map(|record| SpmWrite {
             offset: SPM_HEADER_OFFSET,
@@ -1468,6 +1498,7 @@ impl<const QUEUE: usize> Spm<QUEUE> {
                 heartbeat: self.heartbeat,
                 owner: self.owner,
                 pool_commit: self.pool_commit,
+                release_commit: self.release_commit,
             };
             if let Ok(record) = header.to_bytes() {
                 return Some(SpmWrite {

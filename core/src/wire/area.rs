@@ -5,11 +5,18 @@
 //! record of another generation is *stale*: left over from an earlier
 //! incarnation, or ahead of a header whose write was torn. Stale records
 //! are reported, never acted on.
+//!
+//! An inbox slot holds a request (kind 5) or a hold record (kind 8); the
+//! kind says which. Each typed view sees the other kind as an empty slot:
+//! in an [`InboxArea`] a slot with a valid hold record (of any generation)
+//! holds no request and is [`SlotState::Empty`]; a [`HoldArea`] sees a
+//! valid request the same way. A defective record of either kind is
+//! defective in both views.
 
 use core::marker::PhantomData;
 
 use super::{
-    AREA_SIZE, Defect, InboxHeader, Location, OutboxHeader, RECORD_LEN, Reply, Request,
+    AREA_SIZE, Defect, Hold, InboxHeader, Kind, Location, OutboxHeader, RECORD_LEN, Reply, Request,
     SLOTS_PER_AREA, Uuid,
 };
 use super::{Epoch, Generation, HostId, Slot};
@@ -48,7 +55,36 @@ pub trait SlotRecord: Sized + Copy {
 impl SlotRecord for Request {
     type Header = InboxHeader;
     fn parse_slot(bytes: &[u8], at: &Location) -> Result<Option<Self>, Defect> {
-        Request::parse(bytes, at)
+        match Request::parse(bytes, at) {
+            // A hold record is no request: a valid one leaves the slot
+            // without a request, a defective one is reported as such.
+            Err(Defect::WrongKind {
+                found: Kind::Hold, ..
+            }) => Hold::parse(bytes, at).map(|_| None),
+            other => other,
+        }
+    }
+    fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<InboxHeader>, Defect> {
+        InboxHeader::parse(bytes, at)
+    }
+    fn generation(&self) -> Generation {
+        self.generation
+    }
+    fn header_generation(header: &InboxHeader) -> Generation {
+        header.generation
+    }
+}
+
+impl SlotRecord for Hold {
+    type Header = InboxHeader;
+    fn parse_slot(bytes: &[u8], at: &Location) -> Result<Option<Self>, Defect> {
+        match Hold::parse(bytes, at) {
+            Err(Defect::WrongKind {
+                found: Kind::Request,
+                ..
+            }) => Request::parse(bytes, at).map(|_| None),
+            other => other,
+        }
     }
     fn parse_header(bytes: &[u8], at: &Location) -> Result<Option<InboxHeader>, Defect> {
         InboxHeader::parse(bytes, at)
@@ -86,8 +122,12 @@ pub struct Area<'a, S: SlotRecord> {
     _slots: PhantomData<S>,
 }
 
-/// A host's inbox area: inbox header and requests.
+/// A host's inbox area: inbox header and requests (hold records read as
+/// empty slots).
 pub type InboxArea<'a> = Area<'a, Request>;
+/// A host's inbox area seen for its hold records (requests read as empty
+/// slots).
+pub type HoldArea<'a> = Area<'a, Hold>;
 /// A host's outbox area: outbox header and replies.
 pub type OutboxArea<'a> = Area<'a, Reply>;
 
@@ -213,7 +253,7 @@ pub fn areas<S: SlotRecord>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Defect, InboxHeader, Request};
+    use crate::wire::{Defect, HoldArea, InboxHeader, Request};
 
     const DOMAIN: Uuid = Uuid([0x11; 16]);
 
@@ -244,6 +284,7 @@ mod tests {
             owner: 0,
             heartbeat: 0,
             heartbeat_interval_ms: 0,
+            release_ack: 0,
         };
         put(&mut area, 0, header.to_bytes().unwrap());
         area
@@ -328,5 +369,41 @@ mod tests {
                 .map(|a| (a.host_id().get(), a.header().ok().flatten().is_some()))
                 .collect();
         assert_eq!(hosts.as_slice(), &[(6, false), (7, true), (8, false)]);
+    }
+
+    #[test]
+    fn a_hold_is_no_request_and_a_request_is_no_hold() {
+        let mut area = area_with_header(5);
+        let hold = crate::wire::Hold::listing(
+            DOMAIN,
+            HostId::new(7),
+            Slot::new(31),
+            Generation::new(5),
+            &[Uuid([0x22; 16])],
+        );
+        put(&mut area, 31, hold.to_bytes().unwrap());
+        put(&mut area, 1, request(1, 5).to_bytes().unwrap());
+        let mut bad = hold;
+        bad.slot = Slot::new(30);
+        let mut bytes = bad.to_bytes().unwrap();
+        bytes[120] = 1; // a reserved byte: defective in both views
+        let crc = crate::wire::CRC32C.checksum(&bytes[4..]);
+        bytes[..4].copy_from_slice(&crc.to_le_bytes());
+        put(&mut area, 30, bytes);
+        let inbox = InboxArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
+        let holds = HoldArea::new(&area, DOMAIN, HostId::new(7)).unwrap();
+        assert_eq!(inbox.slot(Slot::new(31)), Some(SlotState::Empty));
+        assert_eq!(holds.slot(Slot::new(31)), Some(SlotState::Valid(hold)));
+        assert_eq!(holds.slot(Slot::new(1)), Some(SlotState::Empty));
+        let defect = Some(SlotState::Defective(Defect::ReservedNotZero {
+            offset: 120,
+        }));
+        assert_eq!(inbox.slot(Slot::new(30)), defect);
+        assert_eq!(
+            holds.slot(Slot::new(30)),
+            Some(SlotState::Defective(Defect::ReservedNotZero {
+                offset: 120
+            }))
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The mailbox's on-disk format, version 1.
+//! The mailbox's on-disk format, version 4.
 //!
 //! `docs/format.md` is the specification; this module implements it and the
 //! two say the same thing. In short:
@@ -47,11 +47,11 @@ mod ids;
 mod raw;
 mod records;
 
-pub use area::{Area, InboxArea, OutboxArea, SlotRecord, SlotState, areas};
+pub use area::{Area, HoldArea, InboxArea, OutboxArea, SlotRecord, SlotState, areas};
 pub use geometry::{Geometry, GeometryError, Place, Region};
 pub use ids::{Epoch, Generation, HostId, Slot};
 pub use records::{
-    Doorbell, InboxHeader, OutboxHeader, Record, RejectReason, Reply, ReplyStatus, Request,
+    Doorbell, Hold, InboxHeader, OutboxHeader, Record, RejectReason, Reply, ReplyStatus, Request,
     SpmHeader, SpmState, Superblock,
 };
 
@@ -87,11 +87,13 @@ pub const SUPERBLOCK_BACKUP_OFFSET: u64 = 0xF000;
 /// The magic at bytes 4..8 of every record.
 pub const MAGIC: [u8; 4] = *b"SPMB";
 /// The format version this crate reads and writes.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 /// Logical sector sizes the format supports.
 pub const SECTOR_SIZES: [u32; 2] = [512, 4096];
 /// Request flag: the guest is paused for lack of space; serve it first.
 pub const FLAG_PAUSED: u32 = 1;
+/// Volumes one hold record lists at most.
+pub const HOLD_VOLUMES: usize = 4;
 
 const _: () = assert!(AREA_SIZE % RECORD_LEN == 0);
 const _: () = assert!(
@@ -190,6 +192,8 @@ pub enum Kind {
     OutboxHeader = 6,
     /// A reply in an outbox slot.
     Reply = 7,
+    /// The volumes a host holds open, in an inbox slot.
+    Hold = 8,
 }
 
 impl Kind {
@@ -203,6 +207,7 @@ impl Kind {
             5 => Kind::Request,
             6 => Kind::OutboxHeader,
             7 => Kind::Reply,
+            8 => Kind::Hold,
             _ => return None,
         })
     }
@@ -217,6 +222,7 @@ impl Kind {
             Kind::Request => "request",
             Kind::OutboxHeader => "outbox_header",
             Kind::Reply => "reply",
+            Kind::Hold => "hold",
         }
     }
 }
@@ -260,6 +266,8 @@ pub enum Field {
     Reason,
     Detail,
     Domain,
+    Count,
+    Volumes,
 }
 
 impl Field {
@@ -293,6 +301,8 @@ impl Field {
             Field::Reason => "reason",
             Field::Detail => "detail",
             Field::Domain => "domain",
+            Field::Count => "count",
+            Field::Volumes => "volumes",
         }
     }
 }
@@ -341,7 +351,7 @@ pub enum Defect {
         /// The version found.
         version: u8,
     },
-    /// A kind code that no version-1 record has.
+    /// A kind code that no record of this version has.
     UnknownKind {
         /// The code found.
         code: u8,

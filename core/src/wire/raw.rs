@@ -57,7 +57,8 @@ pub(crate) struct RawSpmHeader {
     pub heartbeat: U64,
     pub owner: U64,
     pub pool_commit: U64,
-    pub reserved: [u8; 56],
+    pub release_commit: U64,
+    pub reserved: [u8; 48],
 }
 
 /// Doorbell payload (kind 3).
@@ -82,7 +83,8 @@ pub(crate) struct RawInboxHeader {
     pub owner: U64,
     pub heartbeat: U64,
     pub heartbeat_interval_ms: U32,
-    pub reserved: [u8; 68],
+    pub release_ack: U64,
+    pub reserved: [u8; 60],
 }
 
 /// Extension request payload (kind 5).
@@ -127,6 +129,18 @@ pub(crate) struct RawReply {
     pub reserved: [u8; 32],
 }
 
+/// Hold record payload (kind 8).
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub(crate) struct RawHold {
+    pub prefix: Prefix,
+    pub generation: U64,
+    pub count: u8,
+    pub reserved0: [u8; 7],
+    pub volumes: [[u8; 16]; super::HOLD_VOLUMES],
+    pub reserved: [u8; 16],
+}
+
 /// Byte ranges of every reserved field, by record kind, for the
 /// "reserved bytes must be zero" check and for reporting the first
 /// offending byte.
@@ -138,17 +152,19 @@ pub(crate) mod reserved {
     /// Reserved ranges of each kind's payload.
     pub const SUPERBLOCK: &[Range<usize>] = &[72..128];
     /// SPM header.
-    pub const SPM_HEADER: &[Range<usize>] = &[43..44, 72..128];
+    pub const SPM_HEADER: &[Range<usize>] = &[43..44, 80..128];
     /// Doorbell.
     pub const DOORBELL: &[Range<usize>] = &[36..40, 56..128];
     /// Inbox header.
-    pub const INBOX_HEADER: &[Range<usize>] = &[60..128];
+    pub const INBOX_HEADER: &[Range<usize>] = &[68..128];
     /// Request.
     pub const REQUEST: &[Range<usize>] = &[84..128];
     /// Outbox header.
     pub const OUTBOX_HEADER: &[Range<usize>] = &[48..128];
     /// Reply.
     pub const REPLY: &[Range<usize>] = &[90..92, 96..128];
+    /// Hold.
+    pub const HOLD: &[Range<usize>] = &[41..48, 112..128];
 }
 
 // Compile-time checks: every layout is exactly one record, and every field
@@ -183,7 +199,7 @@ assert_layout!(RawSuperblock {
 assert_layout!(RawSpmHeader {
     prefix @ 0, epoch @ 32, spm_id @ 40, state @ 42, reserved0 @ 43,
     heartbeat_interval_ms @ 44, heartbeat @ 48, owner @ 56, pool_commit @ 64,
-    reserved @ 72,
+    release_commit @ 72, reserved @ 80,
 });
 assert_layout!(RawDoorbell {
     prefix @ 0, ringer @ 32, rings @ 34, reserved0 @ 36, generation @ 40, sequence @ 48,
@@ -191,7 +207,7 @@ assert_layout!(RawDoorbell {
 });
 assert_layout!(RawInboxHeader {
     prefix @ 0, generation @ 32, owner @ 40, heartbeat @ 48,
-    heartbeat_interval_ms @ 56, reserved @ 60,
+    heartbeat_interval_ms @ 56, release_ack @ 60, reserved @ 68,
 });
 assert_layout!(RawRequest {
     prefix @ 0, generation @ 32, sequence @ 40, volume @ 48, target_size @ 64,
@@ -202,6 +218,9 @@ assert_layout!(RawReply {
     prefix @ 0, generation @ 32, sequence @ 40, volume @ 48, target_size @ 64,
     size @ 72, epoch @ 80, status @ 88, reason @ 89, reserved0 @ 90,
     detail @ 92, reserved @ 96,
+});
+assert_layout!(RawHold {
+    prefix @ 0, generation @ 32, count @ 40, reserved0 @ 41, volumes @ 48, reserved @ 112,
 });
 
 // The reserved ranges above agree with the layouts.
@@ -217,4 +236,6 @@ const _: () = {
     assert!(reserved::OUTBOX_HEADER[0].start == offset_of!(RawOutboxHeader, reserved));
     assert!(reserved::REPLY[0].start == offset_of!(RawReply, reserved0));
     assert!(reserved::REPLY[1].start == offset_of!(RawReply, reserved));
+    assert!(reserved::HOLD[0].start == offset_of!(RawHold, reserved0));
+    assert!(reserved::HOLD[1].start == offset_of!(RawHold, reserved));
 };

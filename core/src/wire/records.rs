@@ -14,8 +14,8 @@ use zerocopy::little_endian::{U16, U32, U64};
 
 use super::raw::{self, Prefix};
 use super::{
-    CRC32C, Defect, Epoch, FLAG_PAUSED, FORMAT_VERSION, Field, Generation, Geometry, HostId, Kind,
-    Location, MAGIC, MAX_HOSTS, RECORD_LEN, SLOTS_PER_AREA, Slot, Uuid,
+    CRC32C, Defect, Epoch, FLAG_PAUSED, FORMAT_VERSION, Field, Generation, Geometry, HOLD_VOLUMES,
+    HostId, Kind, Location, MAGIC, MAX_HOSTS, RECORD_LEN, SLOTS_PER_AREA, Slot, Uuid,
 };
 
 /// Checks shared by all kinds: length, empty, magic, checksum, version,
@@ -308,6 +308,11 @@ pub struct SpmHeader {
     /// knows to be durable (0: none, or a backend without such numbers). A
     /// second place for it, so a rolled-back pool is noticed.
     pub pool_commit: u64,
+    /// The sequence number of the newest pool commit that released
+    /// extents (took them from a volume), as this SPM knows it; 0 if none
+    /// ever did. Hosts acknowledge it in their inbox header's
+    /// `release_ack` once every map they hold is at least that new.
+    pub release_commit: u64,
 }
 
 impl SpmHeader {
@@ -324,6 +329,7 @@ impl SpmHeader {
             heartbeat: 0,
             owner: 0,
             pool_commit: 0,
+            release_commit: 0,
         }
     }
 
@@ -347,6 +353,7 @@ impl SpmHeader {
             heartbeat: raw.heartbeat.get(),
             owner: raw.owner.get(),
             pool_commit: raw.pool_commit.get(),
+            release_commit: raw.release_commit.get(),
         })
     }
 
@@ -361,7 +368,8 @@ impl SpmHeader {
             heartbeat: U64::new(self.heartbeat),
             owner: U64::new(self.owner),
             pool_commit: U64::new(self.pool_commit),
-            reserved: [0; 56],
+            release_commit: U64::new(self.release_commit),
+            reserved: [0; 48],
         }
     }
 
@@ -473,6 +481,10 @@ pub struct InboxHeader {
     /// How often `heartbeat` moves, in milliseconds; 0: no process holds
     /// the host id (it stopped cleanly, or never took a lease).
     pub heartbeat_interval_ms: u32,
+    /// The newest SPM header `release_commit` this host has applied: every
+    /// map of a volume it holds was refreshed from pool metadata at least
+    /// that new. 0 at format.
+    pub release_ack: u64,
 }
 
 impl InboxHeader {
@@ -485,6 +497,7 @@ impl InboxHeader {
             owner: raw.owner.get(),
             heartbeat: raw.heartbeat.get(),
             heartbeat_interval_ms: raw.heartbeat_interval_ms.get(),
+            release_ack: raw.release_ack.get(),
         })
     }
 
@@ -495,7 +508,8 @@ impl InboxHeader {
             owner: U64::new(self.owner),
             heartbeat: U64::new(self.heartbeat),
             heartbeat_interval_ms: U32::new(self.heartbeat_interval_ms),
-            reserved: [0; 68],
+            release_ack: U64::new(self.release_ack),
+            reserved: [0; 60],
         }
     }
 
@@ -653,6 +667,10 @@ pub enum RejectReason {
     /// The request is well-formed on disk but makes no sense (for example a
     /// target that is not a whole number of sectors for the backend).
     Malformed = 3,
+    /// The volume's map has as many segments as the pool keeps per volume
+    /// and the extension cannot be placed contiguously: the volume grows no
+    /// further (until it is reduced or moved).
+    SegmentsFull = 4,
 }
 
 impl RejectReason {
@@ -662,6 +680,7 @@ impl RejectReason {
             1 => Self::UnknownVolume,
             2 => Self::OverLimit,
             3 => Self::Malformed,
+            4 => Self::SegmentsFull,
             _ => return None,
         })
     }
@@ -672,6 +691,7 @@ impl RejectReason {
             Self::UnknownVolume => "unknown_volume",
             Self::OverLimit => "over_limit",
             Self::Malformed => "malformed",
+            Self::SegmentsFull => "segments_full",
         }
     }
 }
@@ -857,6 +877,112 @@ codec!(Reply, RawReply, Kind::Reply, raw::reserved::REPLY);
 
 // ---------------------------------------------------------------------------
 
+/// A hold record (kind 8) in slot 1..=31 of a host's inbox area: volumes
+/// the host holds open (it may read or write through their maps). A host
+/// lists every volume it holds in hold records of its current generation;
+/// an SPM that releases extents learns from them which volumes live hosts
+/// hold. A hold of another generation than the inbox header's counts for
+/// nothing.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Hold {
+    /// The storage domain.
+    pub domain: Uuid,
+    /// The host, 1..=2000.
+    pub host_id: HostId,
+    /// The slot, 1..=31.
+    pub slot: Slot,
+    /// The host's generation when it wrote the record; at least 1.
+    pub generation: Generation,
+    /// How many of `volumes` are listed, 1..=[`HOLD_VOLUMES`].
+    pub count: u8,
+    /// The volumes held: the first `count` are non-nil and differ from
+    /// each other; the rest are nil.
+    pub volumes: [Uuid; HOLD_VOLUMES],
+}
+
+impl Hold {
+    /// A hold record listing `held` (1..=[`HOLD_VOLUMES`] volumes; more
+    /// are left out, and none gives a record that does not encode).
+    pub fn listing(
+        domain: Uuid,
+        host_id: HostId,
+        slot: Slot,
+        generation: Generation,
+        held: &[Uuid],
+    ) -> Hold {
+        let mut volumes = [Uuid::NIL; HOLD_VOLUMES];
+        for (to, from) in volumes.iter_mut().zip(held) {
+            *to = *from;
+        }
+        let count = u8::try_from(held.len().min(HOLD_VOLUMES)).unwrap_or(0);
+        Hold {
+            domain,
+            host_id,
+            slot,
+            generation,
+            count,
+            volumes,
+        }
+    }
+
+    /// The volumes listed: the first `count`.
+    pub fn held(&self) -> &[Uuid] {
+        let n = usize::from(self.count).min(HOLD_VOLUMES);
+        self.volumes.get(..n).unwrap_or(&[])
+    }
+
+    fn from_raw(raw: &raw::RawHold) -> Result<Self, Field> {
+        let mut volumes = [Uuid::NIL; HOLD_VOLUMES];
+        for (to, from) in volumes.iter_mut().zip(raw.volumes.iter()) {
+            *to = Uuid(*from);
+        }
+        Ok(Self {
+            domain: Uuid(raw.prefix.domain),
+            host_id: HostId::new(raw.prefix.host_id.get()),
+            slot: Slot::new(raw.prefix.index.get()),
+            generation: Generation::new(raw.generation.get()),
+            count: raw.count,
+            volumes,
+        })
+    }
+
+    fn raw(&self) -> raw::RawHold {
+        let mut volumes = [[0u8; 16]; HOLD_VOLUMES];
+        for (to, from) in volumes.iter_mut().zip(self.volumes.iter()) {
+            *to = from.0;
+        }
+        raw::RawHold {
+            prefix: prefix(Kind::Hold, self.host_id.get(), self.slot.get(), self.domain),
+            generation: U64::new(self.generation.get()),
+            count: self.count,
+            reserved0: [0; 7],
+            volumes,
+            reserved: [0; 16],
+        }
+    }
+
+    fn check(&self) -> Result<(), Field> {
+        check_host_record(self.domain, self.host_id.get(), self.slot.get(), true)?;
+        require(self.generation.get() >= 1, Field::Generation)?;
+        let count = usize::from(self.count);
+        require((1..=HOLD_VOLUMES).contains(&count), Field::Count)?;
+        for (i, v) in self.volumes.iter().enumerate() {
+            if i < count {
+                require(!v.is_nil(), Field::Volumes)?;
+                let earlier = self.volumes.get(..i).unwrap_or(&[]);
+                require(!earlier.contains(v), Field::Volumes)?;
+            } else {
+                require(v.is_nil(), Field::Volumes)?;
+            }
+        }
+        Ok(())
+    }
+}
+codec!(Hold, RawHold, Kind::Hold, raw::reserved::HOLD);
+
+// ---------------------------------------------------------------------------
+
 /// Any record, as [`Record::decode`] finds it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -869,6 +995,7 @@ pub enum Record {
     Request(Request),
     OutboxHeader(OutboxHeader),
     Reply(Reply),
+    Hold(Hold),
 }
 
 impl Record {
@@ -896,6 +1023,7 @@ impl Record {
             Kind::Request => Request::decode_at(bytes, at)?.map(Record::Request),
             Kind::OutboxHeader => OutboxHeader::decode_at(bytes, at)?.map(Record::OutboxHeader),
             Kind::Reply => Reply::decode_at(bytes, at)?.map(Record::Reply),
+            Kind::Hold => Hold::decode_at(bytes, at)?.map(Record::Hold),
         })
     }
 
@@ -909,6 +1037,7 @@ impl Record {
             Record::Request(_) => Kind::Request,
             Record::OutboxHeader(_) => Kind::OutboxHeader,
             Record::Reply(_) => Kind::Reply,
+            Record::Hold(_) => Kind::Hold,
         }
     }
 
@@ -922,6 +1051,7 @@ impl Record {
             Record::Request(r) => r.emit(buf),
             Record::OutboxHeader(r) => r.emit(buf),
             Record::Reply(r) => r.emit(buf),
+            Record::Hold(r) => r.emit(buf),
         }
     }
 }
@@ -943,7 +1073,7 @@ mod tests {
     /// A request of host 7, slot 3, built by hand from docs/format.md
     /// (CRC computed independently of this crate).
     static REQUEST_BYTES: [u8; RECORD_LEN] = [
-        0x25, 0x41, 0x6b, 0x86, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x03, 0x07, 0x00, 0x03, 0x00, 0x00,
+        0x16, 0xfa, 0xf2, 0x95, 0x53, 0x50, 0x4d, 0x42, 0x05, 0x04, 0x07, 0x00, 0x03, 0x00, 0x00,
         0x00, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
         0xcd, 0xef, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x09, 0x00, 0x00, 0x00, 0x00,
         0x00, 0x00, 0x00, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54, 0x32, 0x10, 0xfe, 0xdc, 0xba, 0x98,
@@ -1046,19 +1176,19 @@ mod tests {
         assert!(matches!(
             Request::decode(&bytes),
             Err(Defect::Checksum {
-                stored: 0x866b_4125,
+                stored: 0x95f2_fa16,
                 ..
             })
         ));
         // Version before kind.
         let mut bytes = REQUEST_BYTES;
         bytes[8] = 99;
-        bytes[9] = 2;
+        bytes[9] = 3;
         assert_eq!(
             Request::decode(&resealed(bytes)),
-            Err(Defect::UnsupportedVersion { version: 2 })
+            Err(Defect::UnsupportedVersion { version: 3 })
         );
-        bytes[9] = 3;
+        bytes[9] = 4;
         assert_eq!(
             Request::decode(&resealed(bytes)),
             Err(Defect::UnknownKind { code: 99 })
@@ -1167,6 +1297,7 @@ mod tests {
             ReplyStatus::Rejected(RejectReason::UnknownVolume),
             ReplyStatus::Rejected(RejectReason::OverLimit),
             ReplyStatus::Rejected(RejectReason::Malformed),
+            ReplyStatus::Rejected(RejectReason::SegmentsFull),
             ReplyStatus::Failed { code: 28 },
         ];
         for status in statuses {
@@ -1220,7 +1351,7 @@ mod tests {
         );
         let mut bytes = good;
         bytes[88] = 3;
-        bytes[89] = 4; // rejected with an unknown reason
+        bytes[89] = 5; // rejected with an unknown reason
         assert_eq!(
             Reply::decode(&resealed(bytes)),
             Err(Defect::InvalidField {
@@ -1276,6 +1407,7 @@ mod tests {
             heartbeat: 0,
             owner: 7,
             pool_commit: 0,
+            release_commit: 0,
         };
         assert_eq!(SpmHeader::decode(&h.to_bytes().unwrap()), Ok(Some(h)));
         h.state = SpmState::Active;
@@ -1308,6 +1440,7 @@ mod tests {
             owner: 0,
             heartbeat: 0,
             heartbeat_interval_ms: 0,
+            release_ack: 0,
         };
         assert_eq!(
             InboxHeader::parse(&i.to_bytes().unwrap(), &at(5, 0)),
@@ -1349,5 +1482,100 @@ mod tests {
         Record::Request(r).emit(&mut buf).unwrap();
         assert_eq!(buf, REQUEST_BYTES);
         assert_eq!(Record::Request(r).kind(), Kind::Request);
+    }
+
+    fn hold() -> Hold {
+        Hold::listing(
+            DOMAIN,
+            HostId::new(7),
+            Slot::new(31),
+            Generation::new(2),
+            &[VOLUME, Uuid([0x33; 16])],
+        )
+    }
+
+    #[test]
+    fn hold_round_trips_and_lists_its_volumes() {
+        let h = hold();
+        let bytes = h.to_bytes().unwrap();
+        assert_eq!(Hold::parse(&bytes, &at(7, 31)), Ok(Some(h)));
+        assert_eq!(Record::decode(&bytes), Ok(Some(Record::Hold(h))));
+        assert_eq!(h.held(), &[VOLUME, Uuid([0x33; 16])]);
+        assert_eq!(bytes[8], 8);
+        assert_eq!(bytes[40], 2);
+        assert_eq!(&bytes[48..64], &VOLUME.0);
+        assert!(bytes[80..128].iter().all(|&b| b == 0));
+        let full = Hold::listing(
+            DOMAIN,
+            HostId::new(7),
+            Slot::new(1),
+            Generation::new(1),
+            &[
+                Uuid([1; 16]),
+                Uuid([2; 16]),
+                Uuid([3; 16]),
+                Uuid([4; 16]),
+                Uuid([5; 16]),
+            ],
+        );
+        assert_eq!(full.count, 4);
+        assert!(Hold::decode(&full.to_bytes().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn hold_field_rules() {
+        type Change = fn(&mut Hold);
+        let cases: [(Change, Field); 7] = [
+            (|h| h.count = 0, Field::Count),
+            (|h| h.count = 5, Field::Count),
+            (|h| h.volumes[1] = Uuid::NIL, Field::Volumes),
+            (|h| h.volumes[1] = h.volumes[0], Field::Volumes),
+            (|h| h.volumes[3] = Uuid([9; 16]), Field::Volumes),
+            (|h| h.generation = Generation::new(0), Field::Generation),
+            (|h| h.slot = Slot::new(0), Field::Index),
+        ];
+        for (change, field) in cases {
+            let mut h = hold();
+            change(&mut h);
+            assert_eq!(h.to_bytes(), Err(field), "emit must refuse {field}");
+            let raw: [u8; RECORD_LEN] = zerocopy::transmute!(h.raw());
+            assert_eq!(
+                Hold::decode(&resealed(raw)),
+                Err(Defect::InvalidField { field })
+            );
+        }
+        for offset in [41usize, 47, 112, 127] {
+            let mut bytes = hold().to_bytes().unwrap();
+            bytes[offset] = 1;
+            assert_eq!(
+                Hold::decode(&resealed(bytes)),
+                Err(Defect::ReservedNotZero {
+                    offset: offset as u8
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn the_new_header_fields_sit_where_the_format_says() {
+        let h = SpmHeader {
+            release_commit: 0x0102_0304_0506_0708,
+            ..SpmHeader::vacant(DOMAIN, Epoch::new(1))
+        };
+        let bytes = h.to_bytes().unwrap();
+        assert_eq!(&bytes[72..80], &0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(SpmHeader::decode(&bytes), Ok(Some(h)));
+        let i = InboxHeader {
+            domain: DOMAIN,
+            host_id: HostId::new(5),
+            generation: Generation::new(3),
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
+            release_ack: 77,
+        };
+        let bytes = i.to_bytes().unwrap();
+        assert_eq!(&bytes[60..68], &77u64.to_le_bytes());
+        assert_eq!(InboxHeader::decode(&bytes), Ok(Some(i)));
     }
 }
