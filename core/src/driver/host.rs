@@ -215,14 +215,20 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const VOLUMES: usize> HostDri
         Ok(ONE + (offset - start) as usize)
     }
 
-    /// For a clean stop: the writes still due, then the inbox header that
-    /// releases the host id ([`Host::release`]), in one write of the area,
-    /// flushed. Nothing is written once evicted.
+    /// For a clean stop, once no guest writes any more: the writes still
+    /// due, then the inbox header that releases the host id
+    /// ([`Host::release`]) with the hold records emptied (a stopped host
+    /// holds no volume open), in one write of the area, flushed. Nothing
+    /// is written once evicted.
     pub fn release(&mut self) -> Result<(), D::Error> {
         self.take_writes();
+        let first_hold = (usize::from(self.engine.request_slots()) + 1) * RECORD_LEN;
         let buf = self.buf.as_mut();
         if let Some(w) = self.engine.release() {
             buf[..RECORD_LEN].copy_from_slice(&w.record);
+            if let Some(holds) = buf.get_mut(first_hold..MIRROR.end) {
+                holds.fill(0);
+            }
             self.area_dirty = true;
         }
         if self.area_dirty {

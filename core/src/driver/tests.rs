@@ -483,3 +483,35 @@ fn a_new_spm_starts_above_every_epoch_in_the_outbox_read_in_any_run_length() {
         }))
     ));
 }
+
+#[test]
+fn a_clean_stop_releases_the_host_id_and_leaves_no_hold_behind() {
+    let (g, d) = disk(4);
+    let buf = vec![0u8; HostDriver::<Shared<'_, Disk>, Vec<u8>, 4>::BUFFER_LEN];
+    let mut host: Host<4> = Host::new(DOMAIN, HostId::new(2), g, HostConfig::default()).unwrap();
+    host.add_volume(VOLUME, 100 * GIB, 110 * GIB, GIB, 0)
+        .unwrap();
+    let mut drv = HostDriver::new(Shared(&d), host, buf).unwrap();
+    drv.start(Instant::ZERO, 9).unwrap().unwrap();
+    drv.write().unwrap();
+    let at = g.inbox_area(HostId::new(2)).unwrap();
+    let holds = |d: &RefCell<Disk>| {
+        let area = peek(d, at, AREA_SIZE);
+        let view = crate::wire::HoldArea::new(&area, DOMAIN, HostId::new(2)).unwrap();
+        view.slots()
+            .filter_map(|(_, s)| match s {
+                SlotState::Valid(h) => Some(h.held().to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect::<std::vec::Vec<Uuid>>()
+    };
+    assert_eq!(holds(&d), [VOLUME], "a running host holds its volume");
+    drv.release().unwrap();
+    assert!(holds(&d).is_empty(), "a stopped host holds nothing");
+    let area = peek(&d, at, AREA_SIZE);
+    let header = crate::wire::InboxHeader::decode(&area[..RECORD_LEN])
+        .unwrap()
+        .unwrap();
+    assert_eq!(header.heartbeat_interval_ms, 0, "the host id is released");
+}
