@@ -2,5 +2,6 @@
 //! maps that say where a volume's bytes live.
 
 pub mod device;
+pub mod discard;
 pub mod mailbox;
 pub mod mapping;
