@@ -1169,3 +1169,217 @@ fn a_bad_pool_warn_is_refused_at_start_and_nothing_is_written() {
         text(&out.stderr)
     );
 }
+
+impl Setup {
+    /// `volume list --json` (through the SPM when one listens).
+    fn volume_list(&self) -> Value {
+        let out = self.cli(&[
+            "volume",
+            "list",
+            "--device",
+            self.device.to_str().unwrap(),
+            "--control",
+            self.control.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(out.status.success(), "volume list: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("volume list prints JSON")
+    }
+
+    /// `volume delete` or `volume reduce` of `id`, `--json`.
+    fn shrink(&self, what: &str, id: Uuid, to: Option<&str>) -> Output {
+        let id = id.to_string();
+        let mut args = vec![
+            "volume",
+            what,
+            id.as_str(),
+            "--device",
+            self.device.to_str().unwrap(),
+            "--control",
+            self.control.to_str().unwrap(),
+            "--json",
+        ];
+        if let Some(to) = to {
+            args.extend(["--to", to]);
+        }
+        self.cli(&args)
+    }
+
+    /// Polls `volume list` until `done` holds of it (at most 20 s).
+    fn list_until(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.volume_list();
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen in 20 s; last list {v}{}",
+                self.logs_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn listed(list: &Value, id: Uuid) -> Option<&Value> {
+    list["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == id.to_string())
+}
+
+/// Deletes and reduces volumes without an SPM and through one, while a
+/// host holds another: held volumes are refused, released extents come
+/// back once the host acknowledged, and the pool stays consistent.
+fn volume_life(mut s: Setup) {
+    let builtin = s._lvm.is_none();
+    // Without an SPM: the command changes the pool itself.
+    let a = s.create_volume(32, 8);
+    let b = s.create_volume(32, 8);
+    let c = s.create_volume(32, 16);
+    let list = s.volume_list();
+    let total = list["total_extents"].as_u64().unwrap();
+    let free = list["free_extents"].as_u64().unwrap();
+    assert_eq!(total - free, 2 + 2 + 4, "{list}");
+    for (id, extents) in [(a, 2), (b, 2), (c, 4)] {
+        let v = listed(&list, id).unwrap_or_else(|| panic!("{id} listed: {list}"));
+        assert_eq!(v["physical_size"], extents * 4 * MIB, "{v}");
+        assert_eq!(v["held_by"], serde_json::json!([]), "{v}");
+        if builtin {
+            let in_segments: u64 = v["segments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["extents"].as_u64().unwrap())
+                .sum();
+            assert_eq!(in_segments, extents, "{v}");
+        }
+    }
+    let out = s.shrink("delete", b, None);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["released"]["extents"], 2, "{answer}");
+    let out = s.shrink("reduce", c, Some("5M"));
+    assert!(out.status.success(), "reduce: {}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        answer["size"],
+        8 * MIB,
+        "5M rounds up to 2 extents: {answer}"
+    );
+    assert_eq!(answer["released"]["extents"], 2, "{answer}");
+    let out = s.shrink("reduce", c, Some("12M"));
+    assert!(
+        !out.status.success(),
+        "reducing to more than it has is refused"
+    );
+    assert!(
+        text(&out.stderr).contains("Nothing was changed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let list = s.volume_list();
+    assert!(listed(&list, b).is_none(), "{list}");
+    assert_eq!(
+        listed(&list, c).unwrap()["physical_size"],
+        8 * MIB,
+        "{list}"
+    );
+
+    // Through the SPM, with a host that holds volume a.
+    let mut spm = s.start_spm();
+    // Released extents no live host holds come back at once.
+    s.list_until("extents released without an SPM free again", |l| {
+        l["released_extents"] == 0 && l["free_extents"].as_u64() == Some(total - 4)
+    });
+    let mut host = s.start_host(1, &[a], "1M", "4M");
+    s.list_until("volume a held by host 1", |l| {
+        listed(l, a).is_some_and(|v| v["held_by"][0]["host"] == 1)
+    });
+    for (what, to) in [("delete", None), ("reduce", Some("4M"))] {
+        let out = s.shrink(what, a, to);
+        assert!(!out.status.success(), "{what} of a held volume is refused");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("host 1 holds it open") && err.contains("Nothing was changed"),
+            "{err}"
+        );
+    }
+    // c is held by nobody: deleted at once; its extents come back once
+    // host 1 (live) has acknowledged the release.
+    let out = s.shrink("delete", c, None);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    let release = serde_json::from_slice::<Value>(&out.stdout).unwrap()["released"]["release"]
+        .as_u64()
+        .unwrap();
+    assert!(release > 0);
+    s.list_until("c's extents free again after host 1 acknowledged", |l| {
+        l["released_extents"] == 0 && listed(l, c).is_none()
+    });
+    assert!(
+        s.spm_logs().contains("released extents are free again"),
+        "{}",
+        s.spm_logs()
+    );
+    assert!(host.alive(), "host 1 runs on: {}", s.logs_text());
+    // Once host 1 has stopped, a can go.
+    host.term();
+    let out = s.shrink("delete", a, None);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    let list = s.list_until("every extent free", |l| {
+        l["released_extents"] == 0 && l["free_extents"].as_u64() == Some(total)
+    });
+    assert_eq!(list["volumes"], serde_json::json!([]), "{list}");
+    spm.term();
+    s.check_pool();
+}
+
+#[test]
+fn volumes_are_deleted_and_reduced_only_when_no_host_holds_them() {
+    volume_life(Setup::new(&[64], 4));
+}
+
+#[test]
+fn with_the_lvm_backend_volumes_are_deleted_and_reduced_only_when_no_host_holds_them() {
+    if let Some(why) = lvm_missing() {
+        eprintln!(
+            "skipped: with_the_lvm_backend_volumes_are_deleted_and_reduced_only_when_no_host_holds_them: {why}"
+        );
+        return;
+    }
+    volume_life(Setup::on(Storage::Lvm, &[64], 4));
+}
+
+/// Four volumes that grow at the same time, one 1 MiB extent per request,
+/// each reach their whole virtual size: allocation keeps every volume's
+/// extents together, so no segment table fills (before, volumes growing
+/// together interleaved their extents, and each stopped at 32 segments).
+#[test]
+fn volumes_growing_together_by_one_small_extent_each_reach_their_limit() {
+    let mut s = Setup::new(&[256], 1);
+    let mut spm = s.start_spm();
+    let volumes: Vec<Uuid> = (0..4).map(|_| s.create_volume(48, 1)).collect();
+    let mut host = s.start_host(1, &volumes, "32M", "1M");
+    wait_all(std::slice::from_mut(&mut host), Duration::from_secs(90), &s);
+    let events = s.events();
+    let count = |what: &str| events.iter().filter(|e| e["event"] == what).count();
+    assert_eq!(count("done"), 4, "{events:?}");
+    assert_eq!(count("paused"), count("resumed"), "{events:?}");
+    let list = s.volume_list();
+    for id in &volumes {
+        let v = listed(&list, *id).unwrap();
+        assert!(v["physical_size"].as_u64().unwrap() >= 48 * MIB, "{v}");
+        let segments = v["segments"].as_array().unwrap().len();
+        assert!(
+            segments <= 4,
+            "volume {id} grew in {segments} segments: {v}"
+        );
+    }
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let (bytes, errors, first) = s.verify(&volumes, 48 * MIB);
+    assert_eq!((bytes, errors), (4 * 48 * MIB, 0), "{first:?}");
+    s.check_pool();
+}

@@ -22,7 +22,10 @@ use spmbox_core::pool::{self, CopyDefect, DefaultPool, Extend, METADATA_COPY_SIZ
 use spmbox_core::spm::JobResult;
 use spmbox_core::wire::{CRC32C, Geometry, Uuid};
 
-use crate::backend::{BackendError, PoolReport, PoolUsage, SpmBackend, VolumeMaps, VolumeReport};
+use crate::backend::{
+    BackendError, PoolReport, PoolUsage, Released, SegmentReport, SpmBackend, VolumeMaps,
+    VolumeReport,
+};
 use crate::io::device::{Access, AlignedBuf, Device, DeviceKind};
 use crate::io::mailbox::{self, Mailbox};
 use crate::io::mapping::{Mapping, Run};
@@ -660,9 +663,107 @@ pub struct BuiltinSpm {
     pool: Box<DomainPool>,
     seq: u64,
     dirty: bool,
+    /// Where to look for LUNs to discard reclaimed extents on; `None`:
+    /// no discards.
+    discard: Option<Vec<PathBuf>>,
+}
+
+/// The extents of `pool` that are free and may hold an earlier volume's
+/// data: (LUN index, first extent, extents) in LUN and extent order.
+fn dirty_free_runs(pool: &DomainPool) -> Vec<(u16, u64, u64)> {
+    let mut out = Vec::new();
+    pool.free_runs_below_used(|r| {
+        out.push((r.lun, u64::from(r.first), u64::from(r.extents)));
+    });
+    out.sort_unstable();
+    out
+}
+
+/// The extents in `after` that are not in `before` (both sorted runs).
+fn newly_free(before: &[(u16, u64, u64)], after: &[(u16, u64, u64)]) -> Vec<(u16, u64, u64)> {
+    let mut out = Vec::new();
+    for &(lun, first, extents) in after {
+        // Cut the run by every earlier-free run on the same LUN.
+        let mut pieces = vec![(first, first + extents)];
+        for &(_, f, n) in before.iter().filter(|b| b.0 == lun) {
+            let (cut_from, cut_to) = (f, f + n);
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(a, b)| {
+                    let mut keep = Vec::new();
+                    if cut_to <= a || cut_from >= b {
+                        keep.push((a, b));
+                    } else {
+                        if a < cut_from {
+                            keep.push((a, cut_from));
+                        }
+                        if cut_to < b {
+                            keep.push((cut_to, b));
+                        }
+                    }
+                    keep
+                })
+                .collect();
+        }
+        out.extend(pieces.into_iter().map(|(a, b)| (lun, a, b - a)));
+    }
+    out
 }
 
 impl BuiltinSpm {
+    /// Discards `runs` (LUN index, first extent, extents) on the LUNs found
+    /// on `search`; what fails is logged and left as it is (the extents
+    /// are free either way).
+    fn discard_runs(&self, runs: &[(u16, u64, u64)], search: &[PathBuf]) {
+        if runs.is_empty() {
+            return;
+        }
+        let found = find_luns(self.domain.id(), search);
+        let extent = self.pool.extent_size();
+        let (mut done, mut failed) = (0u64, 0u64);
+        for &(lun, first, extents) in runs {
+            let Some(id) = self.pool.luns().get(usize::from(lun)).map(|l| l.id) else {
+                continue;
+            };
+            let result = found
+                .get(&id)
+                .ok_or_else(|| {
+                    BackendError::new(format!(
+                        "LUN {id} is not on the LUN search path ({}); pass --lun-search",
+                        search
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })
+                .and_then(|f| f.unambiguous())
+                .and_then(|f| {
+                    crate::io::discard::discard(
+                        &f.path,
+                        f.label.data_offset + first * extent,
+                        extents * extent,
+                    )
+                });
+            match result {
+                Ok(()) => done += extents,
+                Err(e) => {
+                    failed += extents;
+                    tracing::warn!("discarding {extents} extents of LUN {id} failed: {e}");
+                }
+            }
+        }
+        tracing::info!(
+            "discarded {done} reclaimed extents ({}){}",
+            Bytes(done * extent),
+            if failed > 0 {
+                format!("; {failed} could not be discarded")
+            } else {
+                String::new()
+            }
+        );
+    }
+
     /// Loads the pool of the domain on `path`.
     pub fn open(path: &Path) -> Result<BuiltinSpm, BackendError> {
         let domain = Domain::open(path, Access::ReadWrite)?;
@@ -671,6 +772,7 @@ impl BuiltinSpm {
             domain,
             pool,
             seq,
+            discard: None,
             dirty: false,
         })
     }
@@ -706,7 +808,42 @@ fn report_of(pool: &DomainPool) -> PoolReport {
             .parked()
             .map(|p| (p.volume.to_string(), p.target_size))
             .collect(),
+        segments: pool
+            .volumes()
+            .map(|v| {
+                let runs = pool
+                    .segments(v.id)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| SegmentReport {
+                        lun: pool
+                            .luns()
+                            .get(usize::from(s.lun))
+                            .map_or_else(|| format!("#{}", s.lun), |l| l.id.to_string()),
+                        first_extent: u64::from(s.first_extent),
+                        extents: u64::from(s.extents),
+                    })
+                    .collect();
+                (v.id.to_string(), runs)
+            })
+            .collect(),
+        released_extents: pool.released_extents(),
     }
+}
+
+/// A pool refusal of a delete or reduce, with what to do.
+fn refusal(id: Uuid, what: &str, e: PoolError) -> BackendError {
+    let hint = match e {
+        PoolError::UnknownVolume => " (`spmbox volume list` shows the volumes)",
+        PoolError::Parked => {
+            ": a host waits for it to grow (a parked request); stop that host's guest first"
+        }
+        PoolError::AboveSize { .. } => ": give a smaller --to",
+        _ => "",
+    };
+    BackendError::new(format!(
+        "cannot {what} volume {id}: {e}{hint}. Nothing was changed"
+    ))
 }
 
 /// The pool of the domain on `path` as committed, for status displays.
@@ -742,6 +879,8 @@ impl SpmBackend for BuiltinSpm {
         self.domain.write_pool(&self.pool, seq)?;
         self.seq = seq;
         self.dirty = false;
+        // Extents this commit released wait for the hosts from now on.
+        self.pool.stamp_released(seq);
         Ok(())
     }
 
@@ -869,6 +1008,86 @@ impl SpmBackend for BuiltinSpm {
     fn poll_capacity(&mut self) -> Result<(), BackendError> {
         // Capacity only comes through add_lun.
         Ok(())
+    }
+
+    fn delete_volume(&mut self, id: Uuid) -> Result<Released, BackendError> {
+        let extents = self
+            .pool
+            .delete_volume(id)
+            .map_err(|e| refusal(id, "delete", e))?;
+        self.dirty = true;
+        self.commit()?;
+        Ok(Released {
+            extents,
+            release: self.pool.release_seq(),
+        })
+    }
+
+    fn reduce_volume(
+        &mut self,
+        id: Uuid,
+        size: u64,
+    ) -> Result<(VolumeReport, Released), BackendError> {
+        let before = self.pool.volume(id).map_or(0, |v| v.size);
+        let after = self
+            .pool
+            .reduce_volume(id, size)
+            .map_err(|e| refusal(id, "reduce", e))?;
+        let extents = before.saturating_sub(after) / self.pool.extent_size();
+        if extents > 0 {
+            self.dirty = true;
+            self.commit()?;
+        }
+        let v = self
+            .pool
+            .volume(id)
+            .ok_or_else(|| BackendError::new("the reduced volume vanished"))?;
+        Ok((
+            VolumeReport {
+                id,
+                virtual_size: v.virtual_size,
+                size: v.size,
+                limit: v.limit,
+            },
+            Released {
+                extents,
+                release: self.pool.release_seq(),
+            },
+        ))
+    }
+
+    fn reclaim(&mut self, acked: u64) -> u64 {
+        let before = self.discard.as_ref().map(|_| dirty_free_runs(&self.pool));
+        let freed = self.pool.reclaim(acked);
+        if freed > 0
+            && let (Some(before), Some(search)) = (before, &self.discard)
+        {
+            self.discard_runs(&newly_free(&before, &dirty_free_runs(&self.pool)), search);
+        }
+        if freed > 0 {
+            // Parked requests the freed extents served: their extensions
+            // are committed before take_completed hands them out.
+            self.dirty = true;
+            if let Err(e) = self.commit() {
+                tracing::warn!("committing extensions served by reclaimed extents: {e}");
+            }
+        }
+        freed
+    }
+
+    fn release_pending(&self) -> Option<u64> {
+        (self.pool.released_extents() > 0).then(|| self.pool.release_seq())
+    }
+
+    fn set_discard(&mut self, search: Vec<PathBuf>) {
+        let mut search = search;
+        let device = self.domain.mailbox().device();
+        search.extend(default_search(device.path(), device.kind()));
+        self.discard = Some(search);
+    }
+
+    fn release_seq(&self) -> u64 {
+        self.pool.release_seq()
     }
 
     fn report(&self) -> PoolReport {

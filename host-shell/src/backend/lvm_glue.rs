@@ -85,6 +85,29 @@ pub struct LvmSpm {
     parked: Vec<Parked>,
     next_order: u64,
     completed: Vec<(Uuid, u64)>,
+    /// LVs that hold released extents until hosts acknowledge: (release,
+    /// name, extents).
+    released: Vec<(u64, String, u64)>,
+    /// The newest release number given out (or read from the SPM header).
+    release_seq: u64,
+    /// Discard a released LV's extents before it is removed.
+    discard: bool,
+}
+
+/// The name prefix of an LV that holds extents released from a volume
+/// (deleted, or the tail of a reduced one) until every live host has
+/// acknowledged the release: `spmbox_released_<release>_<volume>[_tail]`.
+/// lvm2 hands out an LV's extents as soon as it is removed, so the SPM
+/// keeps them in such an LV until then.
+pub const RELEASED_PREFIX: &str = "spmbox_released_";
+
+/// The release number of a released LV's name.
+fn released_seq(name: &str) -> Option<u64> {
+    name.strip_prefix(RELEASED_PREFIX)?
+        .split('_')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Opens the SPM's lvm backend on volume group `vg` with PVs `pvs`.
@@ -110,6 +133,9 @@ impl LvmSpm {
             parked: Vec::new(),
             next_order: 0,
             completed: Vec::new(),
+            released: Vec::new(),
+            release_seq: 0,
+            discard: false,
         };
         spm.reload()?;
         Ok(spm)
@@ -118,13 +144,64 @@ impl LvmSpm {
     fn reload(&mut self) -> Result<(), BackendError> {
         self.vg = self.lvm.vg_info()?;
         let extent = self.vg.extent_size;
-        self.volumes = self
-            .lvm
-            .lv_infos(None)?
+        let infos = self.lvm.lv_infos(None)?;
+        self.volumes = infos.iter().filter_map(|i| lv_of(i, extent)).collect();
+        self.released = infos
             .iter()
-            .filter_map(|i| lv_of(i, extent))
+            .filter_map(|i| Some((released_seq(&i.name)?, i.name.clone(), i.size / extent)))
             .collect();
+        self.released.sort();
+        if let Some((seq, _, _)) = self.released.last() {
+            self.release_seq = self.release_seq.max(*seq);
+        }
         Ok(())
+    }
+
+    /// Discards the extents of LV `name` on its PVs (before it is
+    /// removed); what fails is logged.
+    fn discard_lv(&self, name: &str) {
+        let result = (|| -> Result<u64, BackendError> {
+            let pvs = self.lvm.pv_infos()?;
+            let mut bytes = 0;
+            for seg in self.lvm.segments(name)? {
+                for r in seg.ranges {
+                    let pv = pvs.iter().find(|p| p.name == r.pv).ok_or_else(|| {
+                        BackendError::new(format!("PV {} is not among --pv", r.pv.display()))
+                    })?;
+                    let len = r.count * self.vg.extent_size;
+                    crate::io::discard::discard(
+                        &r.pv,
+                        pv.pe_start + r.first * self.vg.extent_size,
+                        len,
+                    )?;
+                    bytes += len;
+                }
+            }
+            Ok(bytes)
+        })();
+        match result {
+            Ok(bytes) => tracing::info!("discarded {} of released LV {name}", Bytes(bytes)),
+            Err(e) => tracing::warn!("discarding released LV {name} failed: {e}"),
+        }
+    }
+
+    /// Refuses to take extents from `id` while a request for it is parked
+    /// (its host holds it and waits for it to grow).
+    fn refuse_parked(&self, id: Uuid, what: &str) -> Result<Lv, BackendError> {
+        let v = self.volume(id).copied().ok_or_else(|| {
+            BackendError::new(format!(
+                "cannot {what} volume {id}: volume group {} has no such volume \
+                 (`spmbox volume list` shows them). Nothing was changed",
+                self.lvm.vg()
+            ))
+        })?;
+        if self.parked.iter().any(|p| p.volume == id) {
+            return Err(BackendError::new(format!(
+                "cannot {what} volume {id}: a host waits for it to grow (a parked request); \
+                 stop that host's guest first. Nothing was changed"
+            )));
+        }
+        Ok(v)
     }
 
     fn volume(&self, id: Uuid) -> Option<&Lv> {
@@ -381,6 +458,161 @@ impl SpmBackend for LvmSpm {
         Ok(())
     }
 
+    fn delete_volume(&mut self, id: Uuid) -> Result<crate::backend::Released, BackendError> {
+        let v = self.refuse_parked(id, "delete")?;
+        let release = self.release_seq + 1;
+        let name = format!("{RELEASED_PREFIX}{release}_{id}");
+        // The LV keeps its extents under its new name: no host finds it by
+        // the volume's UUID any more, and lvm2 gives them to nobody else.
+        self.lvm
+            .run_on("lvrename", &[], &[self.lvm.vg(), &id.to_string(), &name])?;
+        self.release_seq = release;
+        self.reload()?;
+        Ok(crate::backend::Released {
+            extents: self.extents(v.size),
+            release,
+        })
+    }
+
+    fn reduce_volume(
+        &mut self,
+        id: Uuid,
+        size: u64,
+    ) -> Result<(VolumeReport, crate::backend::Released), BackendError> {
+        let v = self.refuse_parked(id, "reduce")?;
+        if size == 0 || size % 512 != 0 {
+            return Err(BackendError::new(format!(
+                "cannot reduce volume {id} to {size} bytes: give a nonzero multiple of 512. \
+                 Nothing was changed"
+            )));
+        }
+        let keep = self.extents(size).max(1);
+        let have = self.extents(v.size);
+        if keep > have {
+            return Err(BackendError::new(format!(
+                "cannot reduce volume {id} to {}: it has only {} (`spmbox volume list`). \
+                 Nothing was changed",
+                Bytes(size),
+                Bytes(v.size)
+            )));
+        }
+        let release = self.release_seq + 1;
+        if keep == have {
+            return Ok((
+                VolumeReport {
+                    id,
+                    virtual_size: v.virtual_size,
+                    size: v.size,
+                    limit: v.limit,
+                },
+                crate::backend::Released {
+                    extents: 0,
+                    release: self.release_seq,
+                },
+            ));
+        }
+        // The tail's PE ranges, from lvm2's segment report.
+        let mut tail = Vec::new();
+        for seg in self.lvm.segments(&id.to_string())? {
+            let mut at = seg.start;
+            for r in seg.ranges {
+                let (first, count) = (r.first, r.count);
+                let skip = keep.saturating_sub(at).min(count);
+                if skip < count {
+                    tail.push(format!(
+                        "{}:{}-{}",
+                        r.pv.display(),
+                        first + skip,
+                        first + count - 1
+                    ));
+                }
+                at += count;
+            }
+        }
+        let lv = format!("{}/{id}", self.lvm.vg());
+        let bytes = keep * self.vg.extent_size;
+        self.lvm
+            .run_on("lvreduce", &["-f", "-L", &format!("{bytes}b")], &[&lv])?;
+        // Hold the freed extents in a released LV at once: lvm2 would give
+        // them to the next lvextend. (A crash between the two commands
+        // leaves them free at once; the volume was held by no host.)
+        let name = format!("{RELEASED_PREFIX}{release}_{id}_tail");
+        let count = (have - keep).to_string();
+        let mut args: Vec<&str> = vec!["-l", &count, "-n", &name, "--zero", "n", "-an"];
+        if !self.lvm.metadata_only() {
+            args.retain(|a| *a != "-an");
+            args.push("-ay");
+        }
+        let mut targets: Vec<&str> = vec![self.lvm.vg()];
+        targets.extend(tail.iter().map(String::as_str));
+        if let Err(e) = self.lvm.run_on("lvcreate", &args, &targets) {
+            tracing::warn!(
+                "volume {id} was reduced, but holding its freed extents failed ({e}): they \
+                 are free now; no host held the volume"
+            );
+        }
+        self.release_seq = release;
+        self.reload()?;
+        let v = self
+            .volume(id)
+            .copied()
+            .ok_or_else(|| BackendError::new(format!("volume {id} vanished after lvreduce")))?;
+        Ok((
+            VolumeReport {
+                id,
+                virtual_size: v.virtual_size,
+                size: v.size,
+                limit: v.limit,
+            },
+            crate::backend::Released {
+                extents: have - keep,
+                release,
+            },
+        ))
+    }
+
+    fn reclaim(&mut self, acked: u64) -> u64 {
+        let mut freed = 0;
+        let done: Vec<(u64, String, u64)> = self
+            .released
+            .iter()
+            .filter(|(seq, _, _)| *seq <= acked)
+            .cloned()
+            .collect();
+        for (_, name, extents) in done {
+            if self.discard {
+                self.discard_lv(&name);
+            }
+            let lv = format!("{}/{name}", self.lvm.vg());
+            match self.lvm.run_on("lvremove", &["-f"], &[&lv]) {
+                Ok(_) => freed += extents,
+                Err(e) => tracing::warn!("removing released LV {name} failed (retried): {e}"),
+            }
+        }
+        if freed > 0 {
+            let _ = self.reload();
+            self.serve_parked();
+        }
+        freed
+    }
+
+    fn release_pending(&self) -> Option<u64> {
+        self.released.last().map(|(seq, _, _)| *seq)
+    }
+
+    fn release_seq(&self) -> u64 {
+        self.release_seq
+    }
+
+    fn set_discard(&mut self, _search: Vec<PathBuf>) {
+        // lvm2 knows where its PVs are.
+        self.discard = true;
+    }
+
+    fn note_release_commit(&mut self, seq: u64) {
+        self.release_seq = self.release_seq.max(seq);
+    }
+
     fn usage(&self) -> PoolUsage {
         // `vgs`'s figures as last read, less what this SPM's lvextends
         // took since (see `lvextend`).
@@ -418,6 +650,8 @@ impl SpmBackend for LvmSpm {
                 .iter()
                 .map(|p| (p.volume.to_string(), p.target))
                 .collect(),
+            segments: Default::default(),
+            released_extents: self.released.iter().map(|(_, _, e)| e).sum(),
         }
     }
 }

@@ -8,7 +8,7 @@ pub mod builtin;
 pub mod lvm;
 pub mod lvm_glue;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use spmbox_core::host::HostError;
 use spmbox_core::pool::PoolError;
@@ -137,6 +137,23 @@ pub struct PoolReport {
     pub volumes: Vec<VolumeReport>,
     /// Parked requests: volume and target size.
     pub parked: Vec<(String, u64)>,
+    /// Where each volume's extents are, by volume UUID: runs of extents
+    /// on one LUN, in the volume's order.
+    pub segments: std::collections::BTreeMap<String, Vec<SegmentReport>>,
+    /// Extents taken from volumes (deleted, reduced) that are not free
+    /// yet: live hosts have not all acknowledged their release.
+    pub released_extents: u64,
+}
+
+/// A run of a volume's extents on one LUN.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentReport {
+    /// The LUN (PV), by name or UUID.
+    pub lun: String,
+    /// Its first extent on the LUN.
+    pub first_extent: u64,
+    /// How many extents.
+    pub extents: u64,
 }
 
 /// How full the pool is: [`PoolReport`]'s figures without its lists.
@@ -224,6 +241,54 @@ pub trait SpmBackend {
     fn committed_sequence(&self) -> u64 {
         0
     }
+
+    /// Deletes volume `id`; refused while a request for it is parked. Its
+    /// extents are *released*: no other volume gets them before
+    /// [`SpmBackend::reclaim`] is told every live host acknowledged the
+    /// release. Committed on return. The caller has checked that no live
+    /// host holds the volume.
+    fn delete_volume(&mut self, id: Uuid) -> Result<Released, BackendError>;
+
+    /// Shrinks volume `id` to `size` bytes (rounded up to whole extents, at
+    /// least one); the extents past it are released as by
+    /// [`SpmBackend::delete_volume`]. Committed on return.
+    fn reduce_volume(
+        &mut self,
+        id: Uuid,
+        size: u64,
+    ) -> Result<(VolumeReport, Released), BackendError>;
+
+    /// The newest release every live host has acknowledged is `acked`:
+    /// what was released at or before it may be handed out again. Returns
+    /// the extents that became free.
+    fn reclaim(&mut self, acked: u64) -> u64;
+
+    /// The newest release not yet reclaimed, if any.
+    fn release_pending(&self) -> Option<u64>;
+
+    /// The sequence number of the newest release (0: none): the SPM header
+    /// carries it as `release_commit` for the hosts.
+    fn release_seq(&self) -> u64;
+
+    /// Discard extents once they are free again (reclaimed): punch holes
+    /// in LUN files, `BLKDISCARD` on LUN devices. `search`: where the LUNs
+    /// are (builtin pool), besides where the backend looks by default.
+    fn set_discard(&mut self, search: Vec<PathBuf>);
+
+    /// The SPM header names release `seq`: a backend that numbers its
+    /// releases itself (lvm2) numbers the next one above it.
+    fn note_release_commit(&mut self, seq: u64) {
+        let _ = seq;
+    }
+}
+
+/// What a delete or reduce released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Released {
+    /// Extents taken from the volume.
+    pub extents: u64,
+    /// The release's sequence number: hosts acknowledge it.
+    pub release: u64,
 }
 
 /// A host's side of a backend: where a volume's bytes are.

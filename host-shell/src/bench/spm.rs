@@ -58,6 +58,26 @@ impl SpmBackend for NoopBackend {
     fn poll_capacity(&mut self) -> Result<(), BackendError> {
         Ok(())
     }
+    fn delete_volume(&mut self, _: Uuid) -> Result<crate::backend::Released, BackendError> {
+        Err(BackendError::new("the no-op backend has no volumes"))
+    }
+    fn reduce_volume(
+        &mut self,
+        _: Uuid,
+        _: u64,
+    ) -> Result<(crate::backend::VolumeReport, crate::backend::Released), BackendError> {
+        Err(BackendError::new("the no-op backend has no volumes"))
+    }
+    fn reclaim(&mut self, _: u64) -> u64 {
+        0
+    }
+    fn release_pending(&self) -> Option<u64> {
+        None
+    }
+    fn release_seq(&self) -> u64 {
+        0
+    }
+    fn set_discard(&mut self, _: Vec<PathBuf>) {}
     fn report(&self) -> PoolReport {
         PoolReport {
             backend: "noop",
@@ -67,6 +87,8 @@ impl SpmBackend for NoopBackend {
             luns: Vec::new(),
             volumes: Vec::new(),
             parked: Vec::new(),
+            segments: Default::default(),
+            released_extents: 0,
         }
     }
 }
@@ -119,6 +141,7 @@ impl SpmThread {
             // The bench times the mailbox and the backends, not the
             // pool's fill: no usage warnings in its output.
             pool_warn: crate::daemon::pool_usage::PoolWarn::off(),
+            discard: None,
         };
         let flag = stop.clone();
         let path = device.to_owned();

@@ -84,7 +84,11 @@ pub fn change_pool(
         })?;
     }
     let mut backend = direct()?;
-    let answer = spm::admin(backend.as_mut(), request);
+    backend.note_release_commit(header.map_or(0, |h| h.release_commit));
+    let mut watch = crate::daemon::release::HostWatch::new(None);
+    let answer = spm::admin(backend.as_mut(), request, &mut |v| {
+        watch.settled_live_holders(&mailbox, v)
+    });
     if answer["ok"] == json!(true) {
         Ok(answer)
     } else {
@@ -592,6 +596,29 @@ fn pool_from_json(v: &Value) -> Option<PoolReport> {
             .iter()
             .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_u64()?)))
             .collect(),
+        segments: v["segments"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(id, runs)| {
+                        let runs = runs
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| {
+                                Some(crate::backend::SegmentReport {
+                                    lun: r["lun"].as_str()?.to_owned(),
+                                    first_extent: r["first_extent"].as_u64()?,
+                                    extents: r["extents"].as_u64()?,
+                                })
+                            })
+                            .collect();
+                        (id.clone(), runs)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        released_extents: v["released_extents"].as_u64().unwrap_or(0),
     })
 }
 
@@ -668,7 +695,7 @@ pub fn render(s: &Status) -> String {
         Some(p) => {
             let _ = writeln!(
                 o,
-                "pool ({}, {}): {} of {} extents free, extent {}, {} LUNs",
+                "pool ({}, {}): {} of {} extents free{}, extent {}, {} LUNs",
                 p.backend,
                 if s.pool_source == "spm" {
                     "live from the running SPM"
@@ -677,6 +704,14 @@ pub fn render(s: &Status) -> String {
                 },
                 p.free_extents,
                 p.total_extents,
+                if p.released_extents > 0 {
+                    format!(
+                        " ({} more released, waiting for hosts to acknowledge)",
+                        p.released_extents
+                    )
+                } else {
+                    String::new()
+                },
                 Bytes(p.extent_size),
                 p.luns.len()
             );

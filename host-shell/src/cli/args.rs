@@ -286,6 +286,16 @@ pub enum VolumeCommand {
     /// Read back every byte `spmbox host`'s guests wrote to volumes and
     /// check it (once their hosts have stopped); exits 1 on a data error.
     Verify(VolumeVerifyArgs),
+    /// List every volume: its sizes and segments, the hosts that hold it
+    /// open, and the requests for it in flight or parked.
+    List(VolumeListArgs),
+    /// Delete a volume no host holds open; its extents return to the pool
+    /// once every live host has acknowledged the change.
+    Delete(VolumeDeleteArgs),
+    /// Shrink a volume no host holds open to `--to` (rounded up to whole
+    /// extents); the extents past it return to the pool once every live
+    /// host has acknowledged the change.
+    Reduce(VolumeReduceArgs),
 }
 
 /// The value of `--sector-size` as a number (clap has checked that it is
@@ -439,6 +449,15 @@ pub struct SpmArgs {
     #[arg(long, value_name = "PERCENTS", default_value = "80,85,90,95",
           value_parser = parse_pool_warn)]
     pub pool_warn: PoolWarn,
+    /// Discard extents once they come back to the pool after a volume
+    /// delete or reduce (punch holes in LUN files, BLKDISCARD on LUN
+    /// devices), so that thin storage under the LUNs gets the space back.
+    #[arg(long)]
+    pub discard: bool,
+    /// Where the builtin pool's LUNs are, for `--discard` (repeat for
+    /// each). Default: the domain device's directory for a file.
+    #[arg(long = "lun-search", value_name = "PATH")]
+    pub lun_search: Vec<PathBuf>,
     // The backend.
     #[command(flatten)]
     pub lvm: LvmArgs,
@@ -663,6 +682,68 @@ pub struct VolumeVerifyArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `spmbox volume list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VolumeListArgs {
+    /// The domain device.
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// The running SPM's control socket. Default: the domain's.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    // The backend.
+    #[command(flatten)]
+    pub lvm: LvmArgs,
+}
+
+/// `spmbox volume delete`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VolumeDeleteArgs {
+    /// The volume.
+    #[arg(value_name = "UUID")]
+    pub id: String,
+    /// The domain device.
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// The running SPM's control socket. Default: the domain's.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    // The backend.
+    #[command(flatten)]
+    pub lvm: LvmArgs,
+}
+
+/// `spmbox volume reduce`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VolumeReduceArgs {
+    /// The volume.
+    #[arg(value_name = "UUID")]
+    pub id: String,
+    /// The size to shrink to (rounded up to whole extents, at least one).
+    /// It must not be below what the guest wrote: the bytes past it are
+    /// given to other volumes.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub to: u64,
+    /// The domain device.
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// The running SPM's control socket. Default: the domain's.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    // The backend.
+    #[command(flatten)]
+    pub lvm: LvmArgs,
 }
 
 /// `spmbox volume create`.

@@ -75,7 +75,7 @@ pub const WRITE_SIZE_MAX: u64 = 64 << 20;
 
 /// Parses the UUID given with `flag`; the nil UUID is refused (the format
 /// reserves it for "none").
-fn parse_uuid(flag: &str, text: &str) -> Result<Uuid, CommandError> {
+pub(crate) fn parse_uuid(flag: &str, text: &str) -> Result<Uuid, CommandError> {
     match Uuid::parse_str(text) {
         Some(u) if u.is_nil() => Err(CommandError::Usage(format!(
             "{flag} {text:?} is the nil UUID, which marks an empty record; give another UUID \
@@ -459,7 +459,7 @@ fn lease_area(device: &Path) -> Result<(crate::daemon::sanlock::Area, Uuid), Com
     ))
 }
 
-fn open_spm_backend(
+pub(crate) fn open_spm_backend(
     device: &Path,
     backend: &BackendArgs,
 ) -> Result<Box<dyn crate::backend::SpmBackend>, crate::backend::BackendError> {
@@ -469,7 +469,7 @@ fn open_spm_backend(
     }
 }
 
-fn print_json(value: &serde_json::Value) -> Result<(), CommandError> {
+pub(crate) fn print_json(value: &serde_json::Value) -> Result<(), CommandError> {
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     writeln!(std::io::stdout().lock(), "{text}")?;
     Ok(())
@@ -683,6 +683,7 @@ pub fn spm(args: &SpmArgs) -> Result<ExitCode, CommandError> {
         lease_version: 0,
         accept_metadata_rollback: args.accept_metadata_rollback,
         pool_warn: args.pool_warn.clone(),
+        discard: args.discard.then(|| args.lun_search.clone()),
     };
     let mut options = options;
     let stop = stop_flag()?;

@@ -11,3 +11,4 @@ pub mod firmware;
 pub mod inspect;
 pub mod json;
 pub mod logging;
+pub mod volume;

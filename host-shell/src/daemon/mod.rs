@@ -10,6 +10,7 @@ pub mod host;
 pub mod metrics;
 pub mod notify;
 pub mod pool_usage;
+pub mod release;
 pub mod sanlock;
 pub mod spm;
 

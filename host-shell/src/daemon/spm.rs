@@ -100,6 +100,8 @@ pub struct SpmOptions {
     pub accept_metadata_rollback: bool,
     /// Warn when pool usage reaches these thresholds.
     pub pool_warn: PoolWarn,
+    /// Discard reclaimed extents; the LUN search path (builtin pool).
+    pub discard: Option<Vec<PathBuf>>,
 }
 
 /// How long the SPM and admin commands wait for the domain lock while
@@ -316,10 +318,63 @@ pub fn check_no_rollback(
     )))
 }
 
-/// Runs admin request `request` against `backend`.
-pub fn admin(backend: &mut dyn SpmBackend, request: &Value) -> Value {
+/// The live hosts that hold a volume open, as far as the caller can tell:
+/// [`admin`] refuses to delete or reduce a volume any of them holds.
+pub type LiveHolders<'a> = &'a mut dyn FnMut(Uuid) -> Result<Vec<u16>, BackendError>;
+
+/// The volume UUID of an admin request.
+fn request_volume(request: &Value, op: &str) -> Result<Uuid, BackendError> {
+    request["id"]
+        .as_str()
+        .and_then(Uuid::parse_str)
+        .ok_or_else(|| BackendError::new(format!("{op} needs a volume UUID")))
+}
+
+/// Refuses to take extents from `volume` while a live host holds it open:
+/// its guest writes through a map that has them.
+fn refuse_held(volume: Uuid, what: &str, holders: LiveHolders<'_>) -> Result<(), BackendError> {
+    let hosts = holders(volume)?;
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    let list = hosts
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(BackendError::new(format!(
+        "cannot {what} volume {volume}: host{} {list} hold{} it open (a hold record in {} \
+         inbox area), and a guest there writes through its map. Stop the VM or the `spmbox \
+         host` that uses it, then run this again; a host that died holds nothing once its \
+         lease has expired ({} heartbeat intervals). Nothing was changed",
+        if hosts.len() == 1 { "" } else { "s" },
+        if hosts.len() == 1 { "s" } else { "" },
+        if hosts.len() == 1 { "its" } else { "their" },
+        crate::daemon::release::LEASE_EXPIRY
+    )))
+}
+
+/// Runs admin request `request` against `backend`. `holders` is asked
+/// before a volume is deleted or reduced.
+pub fn admin(backend: &mut dyn SpmBackend, request: &Value, holders: LiveHolders<'_>) -> Value {
     let result = (|| -> Result<Value, BackendError> {
         match request["op"].as_str() {
+            Some("delete_volume") => {
+                let id = request_volume(request, "delete_volume")?;
+                refuse_held(id, "delete", holders)?;
+                let released = backend.delete_volume(id)?;
+                Ok(json!({ "released": released, "extent_size": backend.usage().extent_size }))
+            }
+            Some("reduce_volume") => {
+                let id = request_volume(request, "reduce_volume")?;
+                let size = request["size"]
+                    .as_u64()
+                    .ok_or_else(|| BackendError::new("reduce_volume needs size"))?;
+                refuse_held(id, "reduce", holders)?;
+                let (volume, released) = backend.reduce_volume(id, size)?;
+                Ok(json!({ "volume": volume, "released": released,
+                           "extent_size": backend.usage().extent_size }))
+            }
             Some("add_lun") => {
                 let path = request["path"]
                     .as_str()
@@ -447,6 +502,11 @@ pub fn run(
         // The header carries the commit this SPM runs on from now on (an
         // accepted rollback lowers it).
         h.pool_commit = backend.committed_sequence();
+        // Releases go on being numbered above the newest the hosts saw.
+        backend.note_release_commit(h.release_commit);
+    }
+    if let Some(search) = &options.discard {
+        backend.set_discard(search.clone());
     }
     let backend = backend.as_mut();
     let clock = Clock::start();
@@ -529,6 +589,14 @@ pub fn run(
     // of the disk until a commit succeeds.
     let mut commit_owed = false;
     let mut withdrawn = driver.engine().withdrawn();
+    // Hosts, their holds and acknowledgements, read when needed.
+    let mut watch = crate::daemon::release::HostWatch::new(
+        (options.lease_version > 0)
+            .then(|| crate::daemon::sanlock::Area::of(&options.device, geometry)),
+    );
+    driver
+        .engine_mut()
+        .set_release_commit(backend.release_seq());
     loop {
         notifier.tick();
         if let Some(exporter) = &exporter
@@ -682,6 +750,29 @@ pub fn run(
         if driver.engine().is_deposed() {
             break;
         }
+        // Released extents go back to the pool once every live host has
+        // acknowledged their release (it refreshed its maps).
+        if let Some(pending) = backend.release_pending()
+            && std::time::Instant::now() >= watch.next_check
+        {
+            match watch.check(&mailbox, pending) {
+                Ok(acked) => {
+                    let freed = backend.reclaim(acked);
+                    if freed > 0 {
+                        tracing::info!(
+                            "{freed} released extents are free again: every live host \
+                             acknowledged release {}",
+                            acked.min(pending)
+                        );
+                        watch_usage(&mut usage, backend, &options.device);
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "reading the hosts' acknowledgements of released extents failed \
+                     (retried): {e}"
+                ),
+            }
+        }
         let failing = [&reads, &commits, &write_retry]
             .into_iter()
             .find_map(|r| r.failing());
@@ -689,11 +780,16 @@ pub fn run(
         // turn at once.
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
-            let answer = serve_admin(backend, &request, failing, &mut commit_owed);
+            let answer = serve_admin(backend, &request, failing, &mut commit_owed, &mut |v| {
+                watch.live_holders(&mailbox, v)
+            });
             let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
+            driver
+                .engine_mut()
+                .set_release_commit(backend.release_seq());
             // An added LUN (or a new volume's extents).
             watch_usage(&mut usage, backend, &options.device);
         }
@@ -713,11 +809,16 @@ pub fn run(
                 control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
         {
             tracing::info!("control: {request}");
-            let answer = serve_admin(backend, &request, failing, &mut commit_owed);
+            let answer = serve_admin(backend, &request, failing, &mut commit_owed, &mut |v| {
+                watch.live_holders(&mailbox, v)
+            });
             let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
                 .set_pool_commit(backend.committed_sequence());
+            driver
+                .engine_mut()
+                .set_release_commit(backend.release_seq());
             // An added LUN (or a new volume's extents).
             watch_usage(&mut usage, backend, &options.device);
         }
@@ -825,6 +926,7 @@ fn serve_admin(
     request: &Value,
     failing: Option<&str>,
     commit_owed: &mut bool,
+    holders: LiveHolders<'_>,
 ) -> Value {
     let changes = request["op"].as_str() != Some("status");
     if changes && let Some(error) = failing {
@@ -836,7 +938,7 @@ fn serve_admin(
             ),
         });
     }
-    let answer = admin(backend, request);
+    let answer = admin(backend, request, holders);
     if changes && answer["ok"] != json!(true) {
         *commit_owed = true;
     }
