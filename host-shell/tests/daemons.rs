@@ -1383,3 +1383,58 @@ fn volumes_growing_together_by_one_small_extent_each_reach_their_limit() {
     assert_eq!((bytes, errors), (4 * 48 * MIB, 0), "{first:?}");
     s.check_pool();
 }
+
+/// With `spm --discard`, the extents of a deleted volume are discarded
+/// once they come back to the pool: their bytes on the LUN file read back
+/// as zeroes, and the other volume's bytes are kept.
+#[test]
+fn with_discard_a_deleted_volumes_extents_read_back_as_zeroes() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut s = Setup::new(&[64], 4);
+    let gone = s.create_volume(32, 8);
+    let kept = s.create_volume(32, 8);
+    let list = s.volume_list();
+    let extent = 4 * MIB;
+    // Where each volume's first extent lies in the LUN file (data starts
+    // after the 1 MiB label area).
+    let at = |id: Uuid| {
+        MIB + listed(&list, id).unwrap()["segments"][0]["first_extent"]
+            .as_u64()
+            .unwrap()
+            * extent
+    };
+    let mut lun = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&s.luns[0])
+        .unwrap();
+    for (id, byte) in [(gone, 0xAAu8), (kept, 0xBB)] {
+        lun.seek(SeekFrom::Start(at(id))).unwrap();
+        lun.write_all(&vec![byte; extent as usize]).unwrap();
+    }
+    lun.sync_all().unwrap();
+    let mut spm = s.spawn_spm_with(&["--discard"]);
+    s.wait_ready(&mut spm);
+    let out = s.shrink("delete", gone, None);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    s.list_until("the deleted volume's extents free", |l| {
+        l["released_extents"] == 0
+    });
+    let read = |lun: &mut fs::File, from: u64| {
+        let mut b = vec![0u8; extent as usize];
+        lun.seek(SeekFrom::Start(from)).unwrap();
+        lun.read_exact(&mut b).unwrap();
+        b
+    };
+    assert!(
+        read(&mut lun, at(gone)).iter().all(|&b| b == 0),
+        "discarded"
+    );
+    assert!(read(&mut lun, at(kept)).iter().all(|&b| b == 0xBB), "kept");
+    assert!(
+        s.spm_logs().contains("discarded 2 reclaimed extents"),
+        "{}",
+        s.spm_logs()
+    );
+    spm.term();
+}
