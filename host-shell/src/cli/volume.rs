@@ -54,6 +54,9 @@ pub fn list(args: &VolumeListArgs) -> Result<ExitCode, CommandError> {
         s.pool = Some(backend.report());
         s.pool_error = None;
     }
+    if let (BackendArgs::Lvm { vg, pvs }, Some(pool)) = (args.lvm.to_backend(), s.pool.as_mut()) {
+        lvm_segments(&vg, &pvs, pool)?;
+    }
     let lines = lines(device, &s)?;
     if args.json {
         let pool = s.pool.as_ref();
@@ -144,6 +147,31 @@ pub fn list(args: &VolumeListArgs) -> Result<ExitCode, CommandError> {
         }
     }
     Ok(ExitCode::from(EXIT_OK))
+}
+
+/// Fills in each volume's segments from lvm2's segment report (the lvm
+/// backend's pool report has none): one run per PE range, the LUN named by
+/// its PV.
+fn lvm_segments(
+    vg: &str,
+    pvs: &[std::path::PathBuf],
+    pool: &mut crate::backend::PoolReport,
+) -> Result<(), CommandError> {
+    let lvm = crate::backend::lvm::Lvm::new(vg, pvs)?;
+    for v in &pool.volumes {
+        let runs = lvm
+            .segments(&v.id.to_string())?
+            .into_iter()
+            .flat_map(|seg| seg.ranges)
+            .map(|r| crate::backend::SegmentReport {
+                lun: r.pv.display().to_string(),
+                first_extent: r.first,
+                extents: r.count,
+            })
+            .collect();
+        pool.segments.insert(v.id.to_string(), runs);
+    }
+    Ok(())
 }
 
 /// The lines of `volume list` from a status and the hosts' hold records.
