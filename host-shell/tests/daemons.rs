@@ -1294,7 +1294,8 @@ fn volume_life(mut s: Setup) {
     s.list_until("extents released without an SPM free again", |l| {
         l["released_extents"] == 0 && l["free_extents"].as_u64() == Some(total - 4)
     });
-    let mut host = s.start_host(1, &[a], "1M", "4M");
+    let e = s.create_volume(32, 4);
+    let mut host = s.start_host(1, &[a, e], "1M", "4M");
     s.list_until("volume a held by host 1", |l| {
         listed(l, a).is_some_and(|v| v["held_by"][0]["host"] == 1)
     });
@@ -1324,14 +1325,28 @@ fn volume_life(mut s: Setup) {
         s.spm_logs()
     );
     assert!(host.alive(), "host 1 runs on: {}", s.logs_text());
-    // Once host 1 has stopped, a can go.
+    // Host 1 grows e (its replies say so), then stops; then a and e can go.
+    s.list_until("volume e extended", |l| {
+        listed(l, e).is_some_and(|v| v["physical_size"].as_u64() > Some(4 * MIB))
+    });
     host.term();
     let out = s.shrink("delete", a, None);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    // The extended replies about the deleted and the reduced volume are
+    // emptied first: a restarted SPM does not take them for a pool rolled
+    // back, with the SPM's delete and with one made without an SPM.
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let out = s.shrink("reduce", e, Some("4M"));
+    assert!(out.status.success(), "reduce: {}", text(&out.stderr));
+    let mut spm = s.start_spm();
+    let out = s.shrink("delete", e, None);
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
     let list = s.list_until("every extent free", |l| {
         l["released_extents"] == 0 && l["free_extents"].as_u64() == Some(total)
     });
     assert_eq!(list["volumes"], serde_json::json!([]), "{list}");
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let mut spm = s.start_spm();
     spm.term();
     s.check_pool();
 }

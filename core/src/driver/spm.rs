@@ -426,6 +426,75 @@ impl<D: BlockDevice, B: AsRef<[u8]> + AsMut<[u8]>, const QUEUE: usize> SpmDriver
         self.flush_staged()
     }
 
+    /// Empties, in every outbox area of `domain`, each reply (valid or
+    /// stale) that says `volume` was extended to more than `keep` bytes:
+    /// for a volume about to be deleted (`keep` 0) or reduced to `keep`, so
+    /// that no reply promises what the pool will no longer keep (the
+    /// rollback check of a starting SPM reads such a promise as a pool
+    /// rolled back). The empty records are staged like replies; call
+    /// [`SpmDriver::write`] and make it durable before the pool's change is
+    /// committed. Returns how many were emptied. Reads every outbox area
+    /// this SPM does not mirror.
+    pub fn retract_replies(
+        &mut self,
+        domain: Uuid,
+        volume: Uuid,
+        keep: u64,
+    ) -> Result<usize, D::Error> {
+        let region = self.outbox_region();
+        let mut emptied = 0;
+        for h in 1..=self.geometry.max_hosts() {
+            let area = usize::from(h) - 1;
+            let offset = region.start + (area * AREA_SIZE) as u64;
+            let p = self.parts.clone();
+            let mirrored = !p.mirror.is_empty();
+            let buf = self.buf.as_mut();
+            let at = if mirrored {
+                let from = p.mirror.start + area * AREA_SIZE;
+                if !bit(&buf[p.known.clone()], area) {
+                    self.io.read(offset, &mut buf[from..from + AREA_SIZE])?;
+                    set_bit(&mut buf[p.known.clone()], area, true);
+                }
+                from
+            } else {
+                let from = p.view.start;
+                self.io.read(offset, &mut buf[from..from + AREA_SIZE])?;
+                from
+            };
+            let mut slots: heapless::Vec<u64, { crate::wire::SLOTS_PER_AREA as usize }> =
+                heapless::Vec::new();
+            if let Some(outbox) = crate::wire::OutboxArea::new(
+                &self.buf.as_ref()[at..at + AREA_SIZE],
+                domain,
+                HostId::new(h),
+            ) {
+                for (slot, state) in outbox.slots() {
+                    let reply = match state {
+                        crate::wire::SlotState::Valid(r) | crate::wire::SlotState::Stale(r) => r,
+                        _ => continue,
+                    };
+                    if reply.volume == volume
+                        && reply.status == crate::wire::ReplyStatus::Extended
+                        && reply.size > keep
+                    {
+                        let _ = slots.push(offset + u64::from(slot.get()) * RECORD_LEN as u64);
+                    }
+                }
+            }
+            for record_at in slots {
+                if !mirrored && self.staged.is_full() {
+                    self.flush_staged()?;
+                }
+                self.stage(SpmWrite {
+                    offset: record_at,
+                    record: [0; RECORD_LEN],
+                })?;
+                emptied += 1;
+            }
+        }
+        Ok(emptied)
+    }
+
     /// For a graceful stop at `now`: writes what is staged and what the
     /// engine still has, then the SPM header that vacates the mailbox, and
     /// flushes the device. A fenced SPM (it stalled) reads the SPM header

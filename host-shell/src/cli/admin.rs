@@ -86,9 +86,12 @@ pub fn change_pool(
     let mut backend = direct()?;
     backend.note_release_commit(header.map_or(0, |h| h.release_commit));
     let mut watch = crate::daemon::release::HostWatch::new(None);
-    let answer = spm::admin(backend.as_mut(), request, &mut |v| {
-        watch.settled_live_holders(&mailbox, v)
-    });
+    let answer = spm::admin(
+        backend.as_mut(),
+        request,
+        &mut |v| watch.settled_live_holders(&mailbox, v),
+        &mut |v, keep| retract_replies(device, v, keep),
+    );
     if answer["ok"] == json!(true) {
         Ok(answer)
     } else {
@@ -96,6 +99,58 @@ pub fn change_pool(
             answer["error"].as_str().unwrap_or("refused").to_string(),
         ))
     }
+}
+
+/// Empties every reply (valid or stale) on the mailbox of `device` that says
+/// `volume` was extended to more than `keep` bytes, and makes it durable:
+/// what the SPM's driver does before a delete or reduce, done here by
+/// a command that changes the pool without an SPM (it holds the domain
+/// lock, and no SPM is live). Returns how many replies it emptied.
+fn retract_replies(device: &Path, volume: Uuid, keep: u64) -> Result<usize, BackendError> {
+    let mailbox = Mailbox::open(device, Access::ReadWrite)?;
+    let g = mailbox.geometry();
+    let domain = mailbox.superblock().domain;
+    let sector = g.sector_size() as usize;
+    let first = g.outbox_area(HostId::new(1)).unwrap_or(0);
+    let len = usize::from(g.max_hosts()) * AREA_SIZE;
+    let mut image = mailbox.read(first, len)?;
+    let mut sectors = std::collections::BTreeSet::new();
+    let mut count = 0;
+    for host in 1..=g.max_hosts() {
+        let at = usize::from(host - 1) * AREA_SIZE;
+        let mut emptied = Vec::new();
+        if let Some(outbox) = OutboxArea::new(&image[at..at + AREA_SIZE], domain, HostId::new(host))
+        {
+            for (slot, state) in outbox.slots() {
+                if let SlotState::Valid(r) | SlotState::Stale(r) = state
+                    && r.volume == volume
+                    && r.status == ReplyStatus::Extended
+                    && r.size > keep
+                {
+                    emptied.push(at + usize::from(slot.get()) * spmbox_core::wire::RECORD_LEN);
+                }
+            }
+        }
+        for record in emptied {
+            count += 1;
+            image[record..record + spmbox_core::wire::RECORD_LEN].fill(0);
+            sectors.insert(record / sector);
+        }
+    }
+    let device = mailbox.device();
+    for &s in &sectors {
+        let mut buf = crate::io::device::AlignedBuf::zeroed(sector, device.dio_mem_align());
+        buf.copy_from_slice(&image[s * sector..(s + 1) * sector]);
+        device
+            .write_at(first + (s * sector) as u64, &buf)
+            .map_err(|e| BackendError::device("emptying replies", e))?;
+    }
+    if !sectors.is_empty() {
+        device
+            .sync_data()
+            .map_err(|e| BackendError::device("emptying replies", e))?;
+    }
+    Ok(count)
 }
 
 /// The longest `status` watches heartbeats by default (1.5 of the longest

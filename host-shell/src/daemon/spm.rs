@@ -354,14 +354,61 @@ fn refuse_held(volume: Uuid, what: &str, holders: LiveHolders<'_>) -> Result<(),
     )))
 }
 
+/// Empties every reply in the mailbox that says a volume was extended past
+/// a size (`(volume, keep)`), durably: done before a volume is deleted
+/// (keep 0) or reduced, so that no reply promises what the pool no longer
+/// keeps (the rollback check at the next SPM start would take it for a
+/// pool rolled back). Returns how many replies it emptied.
+pub type Retract<'a> = &'a mut dyn FnMut(Uuid, u64) -> Result<usize, BackendError>;
+
+/// What a delete or reduce of `id` to `keep` bytes (0: delete) would be
+/// refused for by the pool, checked before anything is written.
+fn precheck(backend: &dyn SpmBackend, id: Uuid, keep: u64, what: &str) -> Result<(), BackendError> {
+    let report = backend.report();
+    let v = report.volumes.iter().find(|v| v.id == id).ok_or_else(|| {
+        BackendError::new(format!(
+            "cannot {what} volume {id}: the pool has no such volume (`spmbox volume list` \
+             shows them). Nothing was changed"
+        ))
+    })?;
+    if report.parked.iter().any(|(p, _)| *p == id.to_string()) {
+        return Err(BackendError::new(format!(
+            "cannot {what} volume {id}: a host waits for it to grow (a parked request); stop \
+             that host's guest first. Nothing was changed"
+        )));
+    }
+    if keep > v.size {
+        return Err(BackendError::new(format!(
+            "cannot {what} volume {id} to {}: it has only {} (`spmbox volume list`). Nothing \
+             was changed",
+            Bytes(keep),
+            Bytes(v.size)
+        )));
+    }
+    Ok(())
+}
+
 /// Runs admin request `request` against `backend`. `holders` is asked
-/// before a volume is deleted or reduced.
-pub fn admin(backend: &mut dyn SpmBackend, request: &Value, holders: LiveHolders<'_>) -> Value {
+/// before a volume is deleted or reduced, and `retract` empties the
+/// replies that promise more than the pool keeps after it.
+pub fn admin(
+    backend: &mut dyn SpmBackend,
+    request: &Value,
+    holders: LiveHolders<'_>,
+    retract: Retract<'_>,
+) -> Value {
     let result = (|| -> Result<Value, BackendError> {
         match request["op"].as_str() {
             Some("delete_volume") => {
                 let id = request_volume(request, "delete_volume")?;
                 refuse_held(id, "delete", holders)?;
+                precheck(backend, id, 0, "delete")?;
+                let retracted = retract(id, 0)?;
+                if retracted > 0 {
+                    tracing::info!(
+                        "{retracted} replies about volume {id} emptied before its delete"
+                    );
+                }
                 let released = backend.delete_volume(id)?;
                 Ok(json!({ "released": released, "extent_size": backend.usage().extent_size }))
             }
@@ -371,6 +418,22 @@ pub fn admin(backend: &mut dyn SpmBackend, request: &Value, holders: LiveHolders
                     .as_u64()
                     .ok_or_else(|| BackendError::new("reduce_volume needs size"))?;
                 refuse_held(id, "reduce", holders)?;
+                if size == 0 || size % 512 != 0 {
+                    return Err(BackendError::new(format!(
+                        "cannot reduce volume {id} to {size} bytes: give a nonzero multiple of \
+                         512. Nothing was changed"
+                    )));
+                }
+                let extent = backend.usage().extent_size.max(1);
+                let keep = size.div_ceil(extent).max(1) * extent;
+                precheck(backend, id, size, "reduce")?;
+                let retracted = retract(id, keep)?;
+                if retracted > 0 {
+                    tracing::info!(
+                        "{retracted} replies about volume {id} emptied before its reduce to {}",
+                        Bytes(keep)
+                    );
+                }
                 let (volume, released) = backend.reduce_volume(id, size)?;
                 Ok(json!({ "volume": volume, "released": released,
                            "extent_size": backend.usage().extent_size }))
@@ -780,9 +843,14 @@ pub fn run(
         // turn at once.
         while let Ok((request, reply)) = control_rx.try_recv() {
             tracing::info!("control: {request}");
-            let answer = serve_admin(backend, &request, failing, &mut commit_owed, &mut |v| {
-                watch.live_holders(&mailbox, v)
-            });
+            let answer = serve_admin(
+                backend,
+                &request,
+                failing,
+                &mut commit_owed,
+                &mut |v| watch.live_holders(&mailbox, v),
+                &mut |v, keep| retract_replies(&mut driver, domain, v, keep),
+            );
             let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
@@ -809,9 +877,14 @@ pub fn run(
                 control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
         {
             tracing::info!("control: {request}");
-            let answer = serve_admin(backend, &request, failing, &mut commit_owed, &mut |v| {
-                watch.live_holders(&mailbox, v)
-            });
+            let answer = serve_admin(
+                backend,
+                &request,
+                failing,
+                &mut commit_owed,
+                &mut |v| watch.live_holders(&mailbox, v),
+                &mut |v, keep| retract_replies(&mut driver, domain, v, keep),
+            );
             let _ = reply.send(parked.add_ages(&request, answer));
             driver
                 .engine_mut()
@@ -866,6 +939,28 @@ pub fn run(
     summary.engine = driver.engine().stats();
     summary.disk = driver.stats();
     Ok(summary)
+}
+
+/// [`SpmDriver::retract_replies`], written and made durable.
+fn retract_replies(
+    driver: &mut SpmDriver<&Device, AlignedBuf, QUEUE>,
+    domain: Uuid,
+    volume: Uuid,
+    keep: u64,
+) -> Result<usize, BackendError> {
+    use spmbox_core::driver::BlockDevice as _;
+    let io = |e: crate::io::device::DeviceError| {
+        BackendError::new(format!(
+            "emptying the replies about volume {volume} failed: {e}; nothing was changed in \
+             the pool, run the command again"
+        ))
+    };
+    let n = driver.retract_replies(domain, volume, keep).map_err(io)?;
+    if n > 0 {
+        driver.write().map_err(io)?;
+        driver.device_mut().flush().map_err(io)?;
+    }
+    Ok(n)
 }
 
 /// A batch of jobs run on the backend, waiting for its commit.
@@ -927,6 +1022,7 @@ fn serve_admin(
     failing: Option<&str>,
     commit_owed: &mut bool,
     holders: LiveHolders<'_>,
+    retract: Retract<'_>,
 ) -> Value {
     let changes = request["op"].as_str() != Some("status");
     if changes && let Some(error) = failing {
@@ -938,7 +1034,7 @@ fn serve_admin(
             ),
         });
     }
-    let answer = admin(backend, request, holders);
+    let answer = admin(backend, request, holders, retract);
     if changes && answer["ok"] != json!(true) {
         *commit_owed = true;
     }
