@@ -52,9 +52,24 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let mut failures = Vec::new();
     let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
     let (mut metadata_faults, mut rollbacks_refused, mut evictions) = (0, 0, 0);
-    for (_, result) in &results {
+    let (mut lifecycles, mut closes, mut deletes, mut reduces) = (0, 0, 0, 0);
+    let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
+    let (mut reclaimed, mut acks, mut stopped) = (0, 0, 0);
+    for (seed, result) in &results {
         match result {
             Ok(r) => {
+                if Scenario::from_seed(*seed).lifecycle.is_some() {
+                    lifecycles += 1;
+                }
+                closes += r.closes;
+                deletes += r.deletes;
+                reduces += r.reduces;
+                refused_held += r.refused_held;
+                refused_parked += r.refused_parked;
+                holds_unseen += r.holds_unseen;
+                reclaimed += r.reclaimed;
+                acks += r.acks;
+                stopped += r.stopped;
                 extensions += r.extensions;
                 pauses += r.pauses;
                 resumes += r.resumes;
@@ -73,6 +88,12 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
          {rollbacks_refused} SPM starts refused for a rollback, {evictions} hosts evicted by a lost \
          header write, {} failed",
         failures.len()
+    );
+    println!(
+        "life cycle: {lifecycles} seeds, {closes} volumes closed, {deletes} deleted, {reduces} \
+         reduced, {refused_held} deletes refused (held), {refused_parked} refused (parked), \
+         {holds_unseen} tried on a held volume whose hold a fault hid, {reclaimed} extents \
+         reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone)"
     );
     assert!(
         failures.is_empty(),
@@ -116,6 +137,7 @@ fn clean(seed: u64) -> Scenario {
         twin_spms_at: None,
         superblock_damage: None,
         metadata_fault: None,
+        lifecycle: None,
     }
 }
 
