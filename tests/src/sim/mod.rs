@@ -226,6 +226,13 @@ pub enum Bug {
     /// SPM header and the replies in the outboxes) and loads whatever
     /// metadata is newest on disk.
     SpmSkipsRollbackCheck,
+    /// The admin path deletes volumes that hosts hold (it skips the hold
+    /// records). Not unsafe alone: the hosts stop the guests of volumes
+    /// the metadata lost before they acknowledge the release.
+    DeleteHeldVolumes,
+    /// As [`Bug::DeleteHeldVolumes`], and the SPM reclaims released
+    /// extents without waiting for the hosts' acknowledgements.
+    ReclaimIgnoresAcks,
 }
 
 impl Scenario {
@@ -589,6 +596,10 @@ struct ExtentHistory {
     /// Extents a commit took from that owner: by which commit, and which
     /// hosts (index, incarnation) held the owner then.
     released: HashMap<(u16, u32), Release>,
+    /// The newest commit seen: a pool at or below it is an older view (a
+    /// rolled-back disk, a restarted SPM's commit that reuses a lost
+    /// commit's number), whose missing extents are no release.
+    seq: u64,
 }
 
 /// A release seen in a committed pool.
@@ -1814,6 +1825,12 @@ impl Sim {
                 // held to what the SPM committed (see the module docs).
                 let truth = size_in(self.committed());
                 let committed = size_in(self.reference());
+                if truth == 0 && self.shrunk.get(&volume) == Some(&0) {
+                    // Deleted while held (its hold hidden): the refresh
+                    // finds no volume, the guest stops and the volume goes.
+                    self.stop_guest(i, volume);
+                    return Ok(());
+                }
                 if size > committed {
                     return Err(format!(
                         "host {host_id} was told volume {volume} is {size} bytes but the pool committed {committed}"
@@ -1850,13 +1867,8 @@ impl Sim {
                         None => {
                             // Deleted while held (a disk fault hid its
                             // hold): the guest stops, then the volume goes.
-                            g.closed = Some(Fate::Delete);
-                            g.map = None;
                             let volume = g.volume;
-                            self.report.stopped += 1;
-                            if let Some(d) = self.hosts[i].driver.as_mut() {
-                                let _ = d.engine_mut().remove_volume(now, volume);
-                            }
+                            self.stop_guest(i, volume);
                         }
                     }
                     self.maps_dirty = true;
@@ -1886,6 +1898,21 @@ impl Sim {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The guest of `volume` on host `i` stops (the metadata lost its
+    /// volume), then the host drops the volume.
+    fn stop_guest(&mut self, i: usize, volume: Uuid) {
+        if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
+            g.closed = Some(Fate::Delete);
+            g.map = None;
+        }
+        self.maps_dirty = true;
+        self.report.stopped += 1;
+        let now = self.now;
+        if let Some(d) = self.hosts[i].driver.as_mut() {
+            let _ = d.engine_mut().remove_volume(now, volume);
+        }
     }
 
     fn tick_guests(&mut self) -> Result<(), String> {
@@ -2047,11 +2074,18 @@ impl Sim {
         let stuck: Vec<String> = self
             .guests
             .iter()
-            .filter(|g| g.allocation < g.virtual_size || g.paused)
+            .filter(|g| g.closed.is_none() && (g.allocation < g.virtual_size || g.paused))
             .take(5)
             .map(|g| {
+                let holds_pending = self
+                    .hosts
+                    .iter()
+                    .find(|h| h.host_id == g.host_id)
+                    .and_then(|h| h.driver.as_ref())
+                    .map(|d| d.engine().holds_pending());
                 format!(
-                    "volume {} of host {}: wrote {} of {}, mapped {}, paused {}",
+                    "volume {} of host {}: wrote {} of {}, mapped {}, paused {}, holds pending \
+                     {holds_pending:?}",
                     g.volume, g.host_id, g.allocation, g.virtual_size, g.mapped, g.paused
                 )
             })
@@ -2129,6 +2163,35 @@ impl Sim {
             } else {
                 detail += "\n  no SPM running";
             }
+        }
+        if self.scenario.lifecycle.is_some() && !self.lifecycle_done() {
+            let committed = self.committed();
+            let unhandled: Vec<String> = self
+                .guests
+                .iter()
+                .filter(|g| {
+                    let v = committed.as_ref().and_then(|(p, _)| p.volume(g.volume));
+                    match g.closed {
+                        None => true,
+                        Some(Fate::Delete) => v.is_some(),
+                        Some(Fate::Reduce(to)) => v.is_some_and(|v| v.size > to),
+                    }
+                })
+                .take(5)
+                .map(|g| format!("volume {} {:?}", g.volume, g.closed))
+                .collect();
+            let pool = self.spm.as_ref().and_then(|n| n.pool.as_ref());
+            detail += &format!(
+                "\n  life cycle: not done with {unhandled:?}; released {:?} at release seq {:?}, \
+                 lowest ack on disk {}, hosts' acks {:?}",
+                pool.map(|p| p.released_extents()),
+                pool.map(|p| p.release_seq()),
+                self.min_release_ack(),
+                self.hosts
+                    .iter()
+                    .map(|h| h.driver.as_ref().map(|d| d.engine().release_ack()))
+                    .collect::<Vec<_>>()
+            );
         }
         format!(
             "liveness: not quiet {:?} after faults stopped and capacity was added; stuck guests: {stuck:?}; busy hosts: {busy:?}{detail}",
@@ -2341,12 +2404,13 @@ impl Sim {
             }
         }
         for g in &self.guests {
+            let deleted = g.closed.is_some() || self.shrunk.get(&g.volume) == Some(&0);
             let Some(size) = pool
                 .volume(g.volume)
                 .map(|v| v.size)
-                .or(g.closed.is_none().then_some(0))
+                .or((!deleted).then_some(0))
             else {
-                // Closed and deleted.
+                // Deleted (and closed, or about to be stopped).
                 continue;
             };
             if g.allocation > size {
@@ -2377,7 +2441,8 @@ impl Sim {
         let handled = self.guests.iter().all(|g| match g.closed {
             None => false,
             Some(Fate::Delete) => pool.volume(g.volume).is_none(),
-            Some(Fate::Reduce(to)) => pool.volume(g.volume).is_some_and(|v| v.size <= to),
+            // (Or deleted before: only a broken admin path does it.)
+            Some(Fate::Reduce(to)) => pool.volume(g.volume).is_none_or(|v| v.size <= to),
         });
         handled && self.spm.is_some() && !self.released_waiting()
     }
@@ -2463,10 +2528,13 @@ impl Sim {
         }
         // Sometimes a delete of a volume a host holds, which must fail.
         if self.life_rng.below(100) < u64::from(life.probe_percent) {
+            let live = self.spm.as_ref().and_then(|n| n.pool.as_ref());
             let open: Vec<Uuid> = self
                 .guests
                 .iter()
-                .filter(|g| g.closed.is_none())
+                .filter(|g| {
+                    g.closed.is_none() && live.is_some_and(|p| p.volume(g.volume).is_some())
+                })
                 .map(|g| g.volume)
                 .collect();
             if !open.is_empty() {
@@ -2507,11 +2575,17 @@ impl Sim {
     /// is. `probe`: the volume is one a host has open, and the delete must
     /// be refused.
     fn admin(&mut self, volume: Uuid, fate: Fate, probe: bool) -> Result<(), String> {
-        if self.holder_on_disk(volume).is_some() {
+        let skip_holds = matches!(
+            self.scenario.bug,
+            Some(Bug::DeleteHeldVolumes | Bug::ReclaimIgnoresAcks)
+        );
+        if skip_holds {
+            // Straight to the pool.
+        } else if self.holder_on_disk(volume).is_some() {
             self.report.refused_held += 1;
             return Ok(());
         }
-        if probe {
+        if probe && !skip_holds {
             // No hold on disk for an open volume: the host is writing its
             // holds (a new generation), or a disk fault hid them.
             let host_id = self
@@ -2602,7 +2676,11 @@ impl Sim {
             return Ok(());
         }
         self.next_reclaim_at = self.now + RECLAIM_INTERVAL;
-        let acked = self.min_release_ack();
+        let acked = if self.scenario.bug == Some(Bug::ReclaimIgnoresAcks) {
+            u64::MAX
+        } else {
+            self.min_release_ack()
+        };
         for which in [Which::Live, Which::Twin] {
             let Some(node) = self.node(which) else {
                 continue;
@@ -2752,7 +2830,12 @@ fn check_extent_history(
         history.owner.insert((lun, extent), v);
         history.released.remove(&(lun, extent));
     }
-    // What the owners no longer have is released by this commit.
+    // What the owners no longer have is released by this commit, if it is
+    // newer than every commit seen.
+    if seq <= history.seq {
+        return Ok(());
+    }
+    history.seq = seq;
     for (&e, &before) in &history.owner {
         if !now.contains_key(&e) && !history.released.contains_key(&e) {
             history.released.insert(
