@@ -54,6 +54,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let (mut metadata_faults, mut rollbacks_refused, mut evictions) = (0, 0, 0);
     let (mut lifecycles, mut closes, mut deletes, mut reduces) = (0, 0, 0, 0);
     let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
+    let mut refused_closing = 0;
     let (mut reclaimed, mut acks, mut stopped) = (0, 0, 0);
     for (seed, result) in &results {
         match result {
@@ -65,6 +66,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 deletes += r.deletes;
                 reduces += r.reduces;
                 refused_held += r.refused_held;
+                refused_closing += r.refused_closing;
                 refused_parked += r.refused_parked;
                 holds_unseen += r.holds_unseen;
                 reclaimed += r.reclaimed;
@@ -91,7 +93,8 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     );
     println!(
         "life cycle: {lifecycles} seeds, {closes} volumes closed, {deletes} deleted, {reduces} \
-         reduced, {refused_held} deletes refused (held), {refused_parked} refused (parked), \
+         reduced, {refused_held} deletes of open volumes refused (held), {refused_closing} of \
+         closed ones whose hold was still on disk, {refused_parked} refused (parked), \
          {holds_unseen} tried on a held volume whose hold a fault hid, {reclaimed} extents \
          reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone)"
     );

@@ -60,6 +60,17 @@
 //! engine; it starts again from what is on disk. A host evicted by its own
 //! lost inbox header write exits and starts again, as the daemon does.
 //!
+//! Some seeds give volumes a life after their guests are done
+//! ([`Lifecycle`]): hosts close them, and the SPM deletes or reduces them
+//! through a model of the daemon's admin path (refused while a hold record
+//! on disk lists the volume), publishes the release in its header, and
+//! reclaims the released extents once every host's inbox header
+//! acknowledges it. Every guest writes through the map its host last read
+//! ([`Snapshot`]), and the checks follow each physical extent: no guest
+//! writes an extent another volume owns, no pool hands out an extent a
+//! host still maps for another volume, and an extent changes owner in the
+//! committed metadata only after a release its old holders acknowledged.
+//!
 //! Safety is checked after every step ([`Sim::check_safety`]); liveness once
 //! the faults have stopped and enough capacity was added
 //! (the run must become quiet, every guest done and none paused, within
@@ -460,8 +471,11 @@ pub struct Report {
     pub deletes: u64,
     /// Volumes the SPM reduced.
     pub reduces: u64,
-    /// Deletes refused because a live host holds the volume.
+    /// Deletes of open volumes refused because a live host holds them.
     pub refused_held: u64,
+    /// Deletes and reduces of closed volumes refused because the hold
+    /// record on disk still listed them (the host's rewrite not landed).
+    pub refused_closing: u64,
     /// Deletes and reduces refused because a request for the volume was
     /// parked.
     pub refused_parked: u64,
@@ -541,9 +555,10 @@ pub struct Sim {
     /// The next time to try adding capacity, when the SPM was not ready.
     capacity_retry_at: Option<Instant>,
     twins_started: bool,
-    /// Which volume every extent was ever committed to (extents are never
-    /// freed): an extent committed to two volumes over time is a double
-    /// allocation even when each committed pool is consistent.
+    /// Which volume every extent was committed to, and which extents a
+    /// commit released: an extent committed to two volumes over time
+    /// without a release acknowledged in between is a double allocation
+    /// even when each committed pool is consistent.
     extent_history: ExtentHistory,
     /// Per epoch, the owner of the SPM that committed at it.
     committers: HashMap<u64, u64>,
@@ -2354,7 +2369,8 @@ impl Sim {
         let pool = self.reference().map_or(pool, |(p, _)| p);
         for v in pool.volumes() {
             let max = self.committed_max.entry(v.id).or_insert(v.size);
-            if v.size < *max {
+            // The operator's reduce lands when its commit does.
+            if v.size < *max && self.shrunk.get(&v.id) != Some(&v.size) {
                 return Err(format!("volume {} shrank from {} to {}", v.id, max, v.size));
             }
             *max = v.size;
@@ -2582,7 +2598,11 @@ impl Sim {
         if skip_holds {
             // Straight to the pool.
         } else if self.holder_on_disk(volume).is_some() {
-            self.report.refused_held += 1;
+            if probe {
+                self.report.refused_held += 1;
+            } else {
+                self.report.refused_closing += 1;
+            }
             return Ok(());
         }
         if probe && !skip_holds {
