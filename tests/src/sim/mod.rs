@@ -589,7 +589,7 @@ pub struct Sim {
     written: HashMap<(u16, u32), Uuid>,
     /// The owner of every extent in the live pools and the committed pool,
     /// and what they were computed from.
-    owners: Vec<(&'static str, HashMap<(u16, u32), Uuid>)>,
+    owners: Vec<(&'static str, Owners)>,
     owners_of: Option<u64>,
     owners_stale: bool,
     /// A guest's map snapshot changed since the maps were last checked.
@@ -600,6 +600,9 @@ pub struct Sim {
 
 /// The committed pool and its sequence number.
 type Committed = (Rc<SimPool>, u64);
+
+/// The volume each extent (LUN, extent) belongs to in one pool.
+type Owners = HashMap<(u16, u32), Uuid>;
 
 /// Every extent's committed owner over time: an extent changes owner only
 /// after its old owner released it in a commit and every host that held
@@ -2787,7 +2790,7 @@ fn check_extent_owners(pool: &SimPool) -> Result<(), String> {
 }
 
 /// Every extent's owner in `pool`.
-fn owner_map(pool: &SimPool) -> HashMap<(u16, u32), Uuid> {
+fn owner_map(pool: &SimPool) -> Owners {
     let mut owners = HashMap::new();
     for v in pool.volumes() {
         for s in pool.segments(v.id).unwrap_or(&[]) {
