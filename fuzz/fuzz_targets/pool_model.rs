@@ -1,14 +1,19 @@
 //! Arbitrary operation sequences on the reference pool (add a LUN, create a
-//! volume, extend, collect completions, commit and reload the metadata, tear
-//! a commit), checked after every step against a plain model.
+//! volume, extend, delete, reduce, relocate a segment off a draining LUN,
+//! drop a LUN, collect completions, commit, reclaim released extents, reload
+//! the metadata, tear a commit), checked after every step against a plain
+//! model.
 //!
-//! Checks: `check_invariants` always holds (no extent in two volumes, every
-//! segment inside its LUN's used extents, no volume past its limit); a
-//! volume never shrinks; used plus free extents equal the pool's total, and
-//! used extents equal the sum of the volumes' sizes; an extension either
-//! reaches its target (rounded to extents), parks with nothing allocated,
-//! or is refused with nothing changed; a reload from the metadata gives the
-//! same volumes, and a damaged newest copy gives the previous commit's.
+//! Checks: `check_invariants` always holds (no extent in two volumes or
+//! released twice, every segment below its LUN's high-water mark, no volume
+//! past its limit); a volume shrinks only when reduced (to the extents
+//! asked) and disappears only when deleted; extents held by volumes plus
+//! free plus released equal the pool's total; released extents become free
+//! only through a reclaim at or after the commit that released them; an
+//! extension either reaches its target (rounded to extents), parks with
+//! nothing allocated, or is refused with nothing changed; a reload from the
+//! metadata gives the same volumes, and a damaged newest copy gives the
+//! previous commit's.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -37,6 +42,25 @@ enum Op {
     },
     Complete,
     Commit,
+    Delete {
+        volume: u8,
+    },
+    Reduce {
+        volume: u8,
+        target_mib: u8,
+    },
+    /// Reclaim what commits up to `back` before the newest released.
+    Reclaim {
+        back: u8,
+    },
+    /// Drain a LUN, move its next segment where the pool proposes, end
+    /// the drain.
+    Relocate {
+        lun: u8,
+    },
+    DropLun {
+        lun: u8,
+    },
     TearAndReload {
         byte: u16,
     },
@@ -57,6 +81,10 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut luns = 0u8;
     for op in ops.iter().take(200) {
         let before = sizes(&pool);
+        let released_before = pool.released_extents();
+        let mut reclaimed = false;
+        let mut shrunk: Option<(Uuid, u64)> = None;
+        let mut deleted: Option<Uuid> = None;
         match *op {
             Op::AddLun { extents } => {
                 luns = luns.wrapping_add(1);
@@ -106,9 +134,78 @@ fuzz_target!(|ops: Vec<Op>| {
                 seq += 1;
                 let copy = &mut copies[next_copy(seq)];
                 copy.fill(0);
+                let release_seq = pool.release_seq_for(seq);
                 pool.encode(seq, copy).unwrap();
+                assert_eq!(copy[40..48], release_seq.to_le_bytes());
+                let stamped = pool.stamp_released(seq);
+                assert_eq!(stamped, release_seq == seq);
+                assert_eq!(pool.release_seq(), release_seq);
                 previous = committed.take();
                 committed = Some(sizes(&pool));
+            }
+            Op::Delete { volume } => {
+                let id = Uuid([volume % 6 + 1; 16]);
+                match pool.delete_volume(id) {
+                    Ok(extents) => {
+                        let had = before.iter().find(|(v, _)| *v == id).map(|(_, s)| *s);
+                        assert_eq!(Some(extents * EXTENT), had);
+                        deleted = Some(id);
+                    }
+                    Err(_) => {
+                        assert_eq!(sizes(&pool), before, "a refused delete changed something")
+                    }
+                }
+            }
+            Op::Reduce { volume, target_mib } => {
+                let id = Uuid([volume % 6 + 1; 16]);
+                let target = u64::from(target_mib) * EXTENT;
+                match pool.reduce_volume(id, target) {
+                    Ok(size) => {
+                        assert_eq!(size, target);
+                        shrunk = Some((id, size));
+                    }
+                    Err(_) => {
+                        assert_eq!(sizes(&pool), before, "a refused reduce changed something")
+                    }
+                }
+            }
+            Op::Reclaim { back } => {
+                let acked = pool.release_seq().saturating_sub(u64::from(back % 3));
+                let free = pool.free_extents();
+                let freed = pool.reclaim(acked);
+                reclaimed = true;
+                // Parked requests may take some of what was freed.
+                assert!(pool.free_extents() <= free + freed);
+            }
+            Op::Relocate { lun } => {
+                let lun = u16::from(lun) % 3;
+                if pool.set_draining(lun, true).is_ok() {
+                    if let Ok(Some(plan)) = pool.plan_relocation(lun) {
+                        pool.relocate(plan.volume, plan.segment, plan.to.lun, plan.to.first_extent)
+                            .unwrap();
+                        assert!(pool.segments(plan.volume).unwrap().iter().any(|s| {
+                            s.lun == plan.to.lun
+                                && s.first_extent <= plan.to.first_extent
+                                && s.end() >= plan.to.end()
+                        }));
+                    }
+                    pool.set_draining(lun, false).unwrap();
+                }
+                assert_eq!(sizes(&pool), before, "a relocation changed a size");
+            }
+            Op::DropLun { lun } => {
+                let lun = u16::from(lun) % 3;
+                let total = pool.total_extents();
+                let count = pool.luns().len();
+                let extents = pool.luns().get(usize::from(lun)).map(|l| l.extents);
+                match pool.drop_lun(lun) {
+                    Ok(()) => {
+                        assert_eq!(pool.luns().len(), count - 1);
+                        assert_eq!(pool.total_extents(), total - u64::from(extents.unwrap()));
+                    }
+                    Err(_) => assert_eq!(pool.luns().len(), count),
+                }
+                assert_eq!(sizes(&pool), before, "dropping a LUN changed a size");
             }
             Op::TearAndReload { byte } => {
                 if seq > 0 {
@@ -141,9 +238,22 @@ fuzz_target!(|ops: Vec<Op>| {
         assert_eq!(pool.check_invariants(), Ok(()));
         for (id, size) in &before {
             let now = pool.volume(*id).map_or(0, |v| v.size);
-            assert!(now >= *size, "volume shrank from {size} to {now}");
+            match (shrunk, deleted) {
+                (Some((v, to)), _) if v == *id => assert_eq!(now, to),
+                (_, Some(v)) if v == *id => assert_eq!(now, 0),
+                _ => assert!(now >= *size, "volume shrank from {size} to {now}"),
+            }
+        }
+        if !reclaimed {
+            assert!(
+                pool.released_extents() >= released_before,
+                "released extents freed without a reclaim"
+            );
         }
         let used: u64 = pool.volumes().map(|v| v.size / EXTENT).sum();
-        assert_eq!(used + pool.free_extents(), pool.total_extents());
+        assert_eq!(
+            used + pool.free_extents() + pool.released_extents(),
+            pool.total_extents()
+        );
     }
 });

@@ -14,8 +14,12 @@ use crate::wire::{CRC32C, Geometry};
 
 /// Bytes 4..8 of a metadata copy: ASCII `SPMP`.
 pub const METADATA_MAGIC: [u8; 4] = *b"SPMP";
-/// The metadata format version this crate reads and writes.
-pub const METADATA_VERSION: u8 = 1;
+/// The metadata format version this crate writes; it also reads version
+/// [`METADATA_VERSION_1`].
+pub const METADATA_VERSION: u8 = 2;
+/// The first metadata version, still read: as version 2 with
+/// `release_seq` 0 (its bytes 40..48 were reserved, zero).
+pub const METADATA_VERSION_1: u8 = 1;
 /// Length of the header that starts every metadata copy.
 pub const METADATA_HEADER_LEN: usize = 64;
 
@@ -116,7 +120,9 @@ struct RawHeader {
     reserved1: [u8; 4],
     /// Bytes per extent.
     extent_size: U64,
-    reserved2: [u8; 24],
+    /// The sequence number of the newest commit that released extents.
+    release_seq: U64,
+    reserved2: [u8; 16],
 }
 
 const _: () = {
@@ -131,13 +137,21 @@ const _: () = {
     assert!(offset_of!(RawHeader, payload_len) == 24);
     assert!(offset_of!(RawHeader, reserved1) == 28);
     assert!(offset_of!(RawHeader, extent_size) == 32);
-    assert!(offset_of!(RawHeader, reserved2) == 40);
+    assert!(offset_of!(RawHeader, release_seq) == 40);
+    assert!(offset_of!(RawHeader, reserved2) == 48);
     assert!(METADATA_COPY_SIZE % BLOCK == 0);
+    // Version 2 added no payload: the space reserved per copy is that of
+    // version 1.
+    assert!(METADATA_COPY_SIZE == 454_656);
     assert!(METADATA_COPY_SIZE >= DefaultPool::MAX_COPY_LEN);
 };
 
 /// Reserved byte ranges of the header, which must be zero.
-const RESERVED: [core::ops::Range<usize>; 3] = [9..16, 28..32, 40..64];
+const RESERVED: [core::ops::Range<usize>; 3] = [9..16, 28..32, 48..64];
+
+/// Bytes of the header that version 1 reserved and version 2 uses
+/// (`release_seq`): zero in a version 1 copy.
+const RESERVED_IN_VERSION_1: core::ops::Range<usize> = 40..48;
 
 /// Why a metadata copy is not used. Checked in this order; the first that
 /// applies is reported.
@@ -166,7 +180,7 @@ pub enum CopyDefect {
         /// The CRC of the bytes as read.
         computed: u32,
     },
-    /// A metadata version this reader does not know.
+    /// A metadata version this reader does not know (it reads 1 and 2).
     UnsupportedVersion {
         /// The version found.
         version: u8,
@@ -212,7 +226,7 @@ impl fmt::Display for CopyDefect {
             ),
             CopyDefect::UnsupportedVersion { version } => write!(
                 f,
-                "metadata version {version} is not supported (this reader knows version {METADATA_VERSION})"
+                "metadata version {version} is not supported (this reader knows versions {METADATA_VERSION_1} and {METADATA_VERSION})"
             ),
             CopyDefect::ReservedNotZero { offset } => {
                 write!(f, "reserved header byte at offset {offset} is not zero")
@@ -238,6 +252,7 @@ impl core::error::Error for CopyDefect {}
 struct Header<'a> {
     seq: u64,
     extent_size: u64,
+    release_seq: u64,
     payload: &'a [u8],
 }
 
@@ -271,12 +286,13 @@ fn open(copy: &[u8], place: usize, max_payload: usize) -> Result<Header<'_>, Cop
     if stored != computed {
         return Err(CopyDefect::Checksum { stored, computed });
     }
-    if raw.version != METADATA_VERSION {
+    if raw.version != METADATA_VERSION && raw.version != METADATA_VERSION_1 {
         return Err(CopyDefect::UnsupportedVersion {
             version: raw.version,
         });
     }
-    for range in RESERVED {
+    let version_1 = (raw.version == METADATA_VERSION_1).then_some(RESERVED_IN_VERSION_1);
+    for range in RESERVED.into_iter().chain(version_1) {
         let start = range.start;
         if let Some(pos) = head.get(range).and_then(crate::wire::first_nonzero) {
             let offset = u8::try_from(start + pos).unwrap_or(u8::MAX);
@@ -294,6 +310,7 @@ fn open(copy: &[u8], place: usize, max_payload: usize) -> Result<Header<'_>, Cop
     Ok(Header {
         seq,
         extent_size,
+        release_seq: raw.release_seq.get(),
         payload,
     })
 }
@@ -372,7 +389,10 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
     /// Writes a metadata copy of the pool with sequence number `seq` to
     /// the start of `out` and zeroes the rest of `out`; returns the copy's
     /// length. The copy goes to place [`next_copy`]`(seq)`. The parked list
-    /// and completions are not part of it.
+    /// and completions are not part of it, nor the released runs: its
+    /// `release_seq` is [`Pool::release_seq_for`]`(seq)`, `seq` itself if
+    /// the pool released extents since the last [`Pool::stamp_released`];
+    /// the caller calls `stamp_released(seq)` once this copy is durable.
     ///
     /// A buffer of [`Pool::MAX_COPY_LEN`] bytes (for [`DefaultPool`],
     /// [`METADATA_COPY_SIZE`]) always suffices; a smaller one may not, and
@@ -415,7 +435,8 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             payload_len: U32::new(u32::try_from(payload_len).map_err(|_| too_small())?),
             reserved1: [0; 4],
             extent_size: U64::new(self.extent_size),
-            reserved2: [0; 24],
+            release_seq: U64::new(self.release_seq_for(seq)),
+            reserved2: [0; 16],
         };
         *head = zerocopy::transmute!(raw);
         let mut digest = CRC32C.digest();
@@ -434,7 +455,10 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
     /// Reads the pool back from its two metadata copies (A, then B) and
     /// returns it with the sequence number of the copy it came from. The
     /// newest valid copy wins (see the [module docs](super)); the parked
-    /// list and completions start empty.
+    /// list and completions start empty, no LUN is draining, and if the
+    /// copy's `release_seq` is not 0 every free extent below a LUN's
+    /// high-water mark counts as released at it (the floor: see
+    /// [`Pool::reclaim`]).
     ///
     /// The pool is built in place; with large const generics prefer
     /// [`Pool::decode_into`] on a pool that lives in a static or a box.
@@ -482,6 +506,12 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
         self.volumes.clear();
         self.parked.clear();
         self.completed.clear();
+        self.release_seq = 0;
+        self.released.clear();
+        self.floor = None;
+        self.floor_marks = [0; LUNS];
+        self.draining = [false; LUNS];
+        self.order_len = 0;
     }
 
     /// Replaces the pool's state with the copy's; on error the pool is
@@ -506,6 +536,14 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             postcard::serialize_with_flavor(&state, postcard::ser_flavors::Size::default());
         let result = match (parsed, left_over, shortest) {
             (Ok(()), Ok(false), Ok(len)) if len == header.payload.len() => {
+                self.release_seq = header.release_seq;
+                if header.release_seq > 0 {
+                    self.floor = Some(super::Stamp::At(header.release_seq));
+                    for (mark, lun) in self.floor_marks.iter_mut().zip(self.luns.iter()) {
+                        *mark = lun.used;
+                    }
+                }
+                self.rebuild_order();
                 self.check_invariants().map_err(CopyDefect::Inconsistent)
             }
             _ => Err(CopyDefect::Payload),

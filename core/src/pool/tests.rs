@@ -242,26 +242,20 @@ fn extending_grows_the_last_segment_when_it_ends_at_the_high_water_mark() {
 }
 
 #[test]
-fn extending_after_another_volume_allocated_appends_a_segment() {
+fn a_new_lv_starts_mid_run_after_another_lvs_last_segment_which_then_grows_in_place() {
     let mut p = pool_with(10);
     p.create_volume(id(1), 8 * EXT, 0).unwrap();
+    // The free run 1..10 follows id(1)'s last segment: id(2) starts at
+    // 1 + min(9 / 2, 9 - 1) = 5.
     p.create_volume(id(2), 8 * EXT, 0).unwrap();
     p.extend(id(1), 2 * EXT, false).unwrap();
-    assert_eq!(
-        p.segments(id(1)).unwrap(),
-        &[
-            Segment {
-                lun: 0,
-                first_extent: 0,
-                extents: 1
-            },
-            Segment {
-                lun: 0,
-                first_extent: 2,
-                extents: 1
-            },
-        ]
-    );
+    let one = |first_extent, extents| Segment {
+        lun: 0,
+        first_extent,
+        extents,
+    };
+    assert_eq!(p.segments(id(1)).unwrap(), &[one(0, 2)]);
+    assert_eq!(p.segments(id(2)).unwrap(), &[one(5, 1)]);
 }
 
 #[test]
@@ -370,11 +364,22 @@ fn fragmented(free: u32) -> Small {
     let mut p = pool_with(8 + free);
     p.create_volume(id(1), 64 * EXT, 0).unwrap();
     p.create_volume(id(2), 64 * EXT, 0).unwrap();
-    for n in 2..=4 {
-        p.extend(id(1), n * EXT, false).unwrap();
-        p.extend(id(2), n * EXT, false).unwrap();
+    // The allocation rule keeps LVs apart; lay them out by hand.
+    for (v, lv) in p.volumes.iter_mut().enumerate() {
+        lv.segments.clear();
+        for n in 0..4 {
+            let segment = Segment {
+                lun: 0,
+                first_extent: 2 * n + v as u32,
+                extents: 1,
+            };
+            lv.segments.push(segment).unwrap();
+        }
     }
-    assert_eq!(p.segments(id(1)).unwrap().len(), 4);
+    p.luns[0].used = 8;
+    p.rebuild_order();
+    p.check_invariants().unwrap();
+    assert_eq!(p.free_extents(), u64::from(free));
     p
 }
 
@@ -769,13 +774,14 @@ fn a_withdrawn_large_urgent_request_no_longer_holds_back_smaller_ones() {
 fn map_translates_offsets_through_segments() {
     let mut p = pool_with(2);
     p.add_lun(id(101), 4).unwrap();
-    p.create_volume(id(2), 8 * EXT, 0).unwrap(); // LUN 0 extent 0
-    p.create_volume(id(1), 8 * EXT, 0).unwrap(); // LUN 0 extent 1
-    p.extend(id(1), 3 * EXT, false).unwrap(); // LUN 1 extents 0..2
-    assert_eq!(p.map(id(1), 0), Some((0, EXT)));
-    assert_eq!(p.map(id(1), EXT - 1), Some((0, 2 * EXT - 1)));
-    assert_eq!(p.map(id(1), EXT), Some((1, 0)));
-    assert_eq!(p.map(id(1), 2 * EXT + 7), Some((1, EXT + 7)));
+    p.create_volume(id(2), 8 * EXT, 0).unwrap(); // LUN 1 extent 0
+    p.create_volume(id(1), 8 * EXT, 0).unwrap(); // LUN 1 extent 2
+    p.extend(id(1), 3 * EXT, false).unwrap(); // LUN 1 extent 3, LUN 0 extent 0
+    assert_eq!(p.map(id(1), 0), Some((1, 2 * EXT)));
+    assert_eq!(p.map(id(1), 2 * EXT - 1), Some((1, 4 * EXT - 1)));
+    assert_eq!(p.map(id(1), 2 * EXT), Some((0, 0)));
+    assert_eq!(p.map(id(1), 2 * EXT + 7), Some((0, 7)));
+    assert_eq!(p.map(id(1), 3 * EXT), None);
 }
 
 #[test]
@@ -799,6 +805,7 @@ fn volumes_are_listed_in_uuid_order() {
 
 // --- invariants --------------------------------------------------------------
 
+/// id(1) on extents 0..2 of LUN 0, id(2) on 6..8.
 fn two_volumes() -> Small {
     let mut p = pool_with(10);
     p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
@@ -827,17 +834,11 @@ fn check_invariants_finds_overlapping_segments() {
 }
 
 #[test]
-fn check_invariants_finds_used_extents_no_lv_holds() {
+fn a_high_water_mark_above_the_extents_lvs_hold_is_valid() {
+    // Extents below the mark that no LV holds are free (or released).
     let mut p = two_volumes();
-    p.luns[0].used = 5;
-    assert_eq!(
-        p.check_invariants(),
-        Err(Invariant::Leak {
-            lun: 0,
-            used: 5,
-            allocated: 4
-        })
-    );
+    p.luns[0].used = 9;
+    assert_eq!(p.check_invariants(), Ok(()));
 }
 
 #[test]
@@ -882,20 +883,29 @@ fn the_overlap_check_walks_many_segments_per_lun_in_batches() {
     p.add_lun(id(100), 1000).unwrap();
     p.create_volume(id(1), 1000 * EXT, EXT).unwrap();
     p.create_volume(id(2), 1000 * EXT, EXT).unwrap();
-    for n in 2..=400 {
-        for lv in [1, 2] {
-            p.extend(id(lv), n * EXT, false).unwrap();
+    for (v, lv) in p.volumes.iter_mut().enumerate() {
+        lv.segments.clear();
+        for n in 0..400 {
+            let first = 2 * n + v as u32;
+            lv.segments
+                .push(Segment {
+                    lun: 0,
+                    first_extent: first,
+                    extents: 1,
+                })
+                .unwrap();
         }
     }
+    p.luns[0].used = 800;
+    p.rebuild_order();
     assert_eq!(p.segments(id(1)).unwrap().len(), 400);
     p.check_invariants().unwrap();
-    assert!(p.tiles(0, 800), "a valid pool needs no pairwise search");
-    assert!(!p.tiles(0, 801), "a gap at the end");
+    assert!(p.disjoint_on(0), "a valid pool needs no pairwise search");
     // The last segment of id(2) moved one extent down, onto id(1)'s last
-    // extent; the sum of extents still matches the high-water mark.
+    // extent.
     let last = p.volumes[1].segments.last_mut().unwrap();
     last.first_extent -= 1;
-    assert!(!p.tiles(0, 800));
+    assert!(!p.disjoint_on(0));
     assert_eq!(
         p.check_invariants(),
         Err(Invariant::Overlap {
@@ -926,8 +936,8 @@ fn the_overlap_check_walks_many_segments_per_lun_in_batches() {
 #[should_panic(expected = "pool invariant broken")]
 fn debug_builds_assert_the_invariants_after_a_change() {
     let mut p = two_volumes();
-    // Extents marked used behind the pool's back...
-    p.luns[0].used = 5;
+    // A segment above the high-water mark, behind the pool's back...
+    p.luns[0].used = 3;
     // ...are caught by the next change.
     let _ = p.add_lun(id(101), 10);
 }
@@ -935,14 +945,13 @@ fn debug_builds_assert_the_invariants_after_a_change() {
 #[test]
 fn encode_refuses_a_pool_that_breaks_an_invariant_and_writes_nothing() {
     let mut p = two_volumes();
-    p.luns[0].used = 5;
+    p.luns[0].used = 3;
     let mut out = std::vec![0xA5; Small::MAX_COPY_LEN];
     assert_eq!(
         p.encode(0, &mut out),
-        Err(PoolError::Invariant(Invariant::Leak {
-            lun: 0,
-            used: 5,
-            allocated: 4
+        Err(PoolError::Invariant(Invariant::SegmentBounds {
+            volume: id(2),
+            segment: 0
         }))
     );
     assert!(out.iter().all(|&b| b == 0xA5), "nothing written");
@@ -1005,7 +1014,7 @@ fn the_header_is_laid_out_as_documented() {
     let mut a = buffer();
     let len = p.encode(0x0102_0304_0506_0708, &mut a).unwrap();
     assert_eq!(&a[4..8], b"SPMP");
-    assert_eq!(a[8], 1);
+    assert_eq!(a[8], 2);
     assert_eq!(&a[9..16], &[0; 7]);
     assert_eq!(a[16..24], 0x0102_0304_0506_0708u64.to_le_bytes());
     assert_eq!(
@@ -1013,7 +1022,12 @@ fn the_header_is_laid_out_as_documented() {
         len - 64
     );
     assert_eq!(a[32..40], EXT.to_le_bytes());
-    assert_eq!(&a[40..64], &[0; 24]);
+    assert_eq!(
+        a[40..48],
+        0u64.to_le_bytes(),
+        "release_seq: nothing released"
+    );
+    assert_eq!(&a[48..64], &[0; 16]);
     let crc = crate::wire::CRC32C.checksum(&a[4..len]);
     assert_eq!(a[..4], crc.to_le_bytes());
 }
@@ -1148,8 +1162,9 @@ fn header_defects_are_reported_even_under_a_valid_checksum() {
     let p = two_volumes();
     let mut good = buffer();
     p.encode(0, &mut good).unwrap();
-    let cases: [(usize, u8, CopyDefect); 4] = [
-        (8, 2, CopyDefect::UnsupportedVersion { version: 2 }),
+    let cases: [(usize, u8, CopyDefect); 5] = [
+        (8, 3, CopyDefect::UnsupportedVersion { version: 3 }),
+        (8, 0, CopyDefect::UnsupportedVersion { version: 0 }),
         (12, 1, CopyDefect::ReservedNotZero { offset: 12 }),
         (50, 1, CopyDefect::ReservedNotZero { offset: 50 }),
         (
@@ -1236,10 +1251,10 @@ fn a_checksummed_copy_that_breaks_an_invariant_loses_to_the_older_copy() {
     p.encode(0, &mut a).unwrap();
     p.encode(1, &mut b).unwrap();
     // The encoder refuses to write a broken pool, so break the copy: id(2)'s
-    // one segment (lun 0, first extent 2, 2 extents) moves to extent 1 and
+    // one segment (lun 0, first extent 6, 2 extents) moves to extent 1 and
     // overlaps id(1).
     let at = b.windows(16).position(|w| w == [2; 16]).unwrap();
-    let seg = at + b[at..].windows(4).position(|w| w == [1, 0, 2, 2]).unwrap();
+    let seg = at + b[at..].windows(4).position(|w| w == [1, 0, 6, 2]).unwrap();
     b[seg + 2] = 1;
     reseal(&mut b);
     let (q, seq) = Small::decode(&a, &b).unwrap();
@@ -1362,16 +1377,43 @@ fn a_default_pool_filled_to_its_limits_fits_in_metadata_copy_size() {
         for n in 0..1024 {
             p.create_volume(lv(n), virtual_size, 0).unwrap();
         }
-        // Interleaved growth: every extension is a new segment.
-        for round in 1..32u64 {
-            for n in 0..1024 {
-                let target = (round * grow + 1) * MIB;
-                match p.extend(lv(n), target, false) {
-                    Ok(Extend::Extended { .. }) => {}
-                    other => panic!("{other:?}"),
-                }
+        // Interleaved growth, as the allocation rule never lays LVs out:
+        // LUN 0 holds each LV's first extent, then every round gives every
+        // LV a new segment of `grow` extents.
+        for (n, v) in p.volumes.iter_mut().enumerate() {
+            let n = u32::try_from(n).unwrap();
+            v.segments.clear();
+            v.segments
+                .push(Segment {
+                    lun: 0,
+                    first_extent: n,
+                    extents: 1,
+                })
+                .unwrap();
+            for round in 1..32u32 {
+                let r = round - 1;
+                let first = u64::from(r % 6) * 1024 * grow + u64::from(n) * grow;
+                v.segments
+                    .push(Segment {
+                        lun: u16::try_from(1 + r / 6).unwrap(),
+                        first_extent: u32::try_from(first).unwrap(),
+                        extents: u32::try_from(grow).unwrap(),
+                    })
+                    .unwrap();
             }
         }
+        for (i, l) in p.luns.iter_mut().enumerate() {
+            let rounds = 31u32
+                .saturating_sub(6 * (i as u32).saturating_sub(1))
+                .min(6);
+            l.used = if i == 0 {
+                1024
+            } else {
+                rounds * 1024 * u32::try_from(grow).unwrap()
+            };
+        }
+        p.rebuild_order();
+        p.check_invariants().unwrap();
         assert!(p.volumes().all(|v| p.segments(v.id).unwrap().len() == 32));
         let mut a = std::vec![0; METADATA_COPY_SIZE];
         let len = p.encode(0, &mut a).unwrap();
@@ -1387,5 +1429,371 @@ fn a_default_pool_filled_to_its_limits_fits_in_metadata_copy_size() {
 fn default_pool_size() {
     let size = core::mem::size_of::<DefaultPool>();
     std::println!("size_of::<DefaultPool>() = {size}");
-    assert!(size < 512 * 1024);
+    // 580 144 bytes: the LVs' segments (32 × 12 bytes each) and the
+    // free-run index (32 × 4 bytes each) dominate.
+    assert!(size < 640 * 1024);
+}
+
+// --- allocation that keeps LVs in few segments ---------------------------------
+
+/// One LUN, 1 MiB extents, room for 32 segments per LV.
+type Wide = Pool<2, 8, 32, 4>;
+
+fn wide(extents: u32) -> Wide {
+    let mut p = Wide::new(MIB).unwrap();
+    p.add_lun(id(100), extents).unwrap();
+    p
+}
+
+#[test]
+fn one_lv_grows_to_its_limit_in_one_segment() {
+    let mut p = wide(1000);
+    p.create_volume(id(1), 100 * MIB, 0).unwrap();
+    let limit = p.volume(id(1)).unwrap().limit;
+    for n in 2..=limit / MIB {
+        p.extend(id(1), n * MIB, false).unwrap();
+    }
+    assert_eq!(size_of_wide(&p, id(1)), limit);
+    assert_eq!(p.segments(id(1)).unwrap().len(), 1);
+}
+
+fn size_of_wide(p: &Wide, volume: Uuid) -> u64 {
+    p.volume(volume).unwrap().size
+}
+
+#[test]
+fn four_lvs_growing_in_turn_one_extent_at_a_time_all_reach_their_limits() {
+    // Exactly the room the four need: 4 × 111 extents.
+    let mut p = wide(4 * 111);
+    for v in 1..=4 {
+        p.create_volume(id(v), 100 * MIB, 0).unwrap();
+    }
+    let limit = p.volume(id(1)).unwrap().limit;
+    assert_eq!(limit, 111 * MIB);
+    for n in 2..=limit / MIB {
+        for v in 1..=4 {
+            assert_eq!(
+                p.extend(id(v), n * MIB, false),
+                Ok(Extend::Extended { size: n * MIB }),
+                "LV {v} at {n} MiB"
+            );
+        }
+    }
+    assert_eq!(p.free_extents(), 0);
+    for v in 1..=4 {
+        let segments = p.segments(id(v)).unwrap();
+        std::println!("LV {v}: {segments:?}");
+        assert!(
+            segments.len() <= 8,
+            "LV {v} has {} segments",
+            segments.len()
+        );
+    }
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_new_segment_takes_the_largest_free_run() {
+    let mut p = wide(10);
+    p.add_lun(id(101), 20).unwrap();
+    p.create_volume(id(1), 64 * MIB, 0).unwrap();
+    // LUN 1's run of 20 is the largest; nothing precedes extent 0.
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[Segment {
+            lun: 1,
+            first_extent: 0,
+            extents: 1
+        }]
+    );
+}
+
+#[test]
+fn without_one_run_large_enough_several_runs_are_taken_largest_first() {
+    let mut p = wide(3);
+    p.add_lun(id(101), 5).unwrap();
+    p.create_volume(id(1), 64 * MIB, 7 * MIB).unwrap();
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[
+            Segment {
+                lun: 1,
+                first_extent: 0,
+                extents: 5
+            },
+            Segment {
+                lun: 0,
+                first_extent: 0,
+                extents: 2
+            },
+        ]
+    );
+}
+
+// --- delete, release and reclaim -------------------------------------------------
+
+#[test]
+fn deleted_extents_are_released_not_free_until_reclaimed_at_their_commit() {
+    let mut p = pool_with(4);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, 2 * EXT).unwrap();
+    assert_eq!(p.free_extents(), 0);
+    assert_eq!(p.delete_volume(id(1)), Ok(2));
+    assert_eq!(p.volume(id(1)), None);
+    assert_eq!((p.free_extents(), p.released_extents()), (0, 2));
+    // Not reusable: the extension parks.
+    assert!(matches!(
+        p.extend(id(2), 3 * EXT, false),
+        Ok(Extend::Parked { .. })
+    ));
+    // Not stamped yet: no acknowledgement frees it.
+    assert_eq!(p.reclaim(u64::MAX), 0);
+    let mut a = buffer();
+    p.encode(6, &mut a).unwrap();
+    assert_eq!(a[40..48], 6u64.to_le_bytes(), "the releasing commit");
+    assert!(p.stamp_released(6));
+    assert_eq!(p.release_seq(), 6);
+    assert!(!p.stamp_released(7), "nothing left to stamp");
+    assert_eq!(p.reclaim(5), 0);
+    assert_eq!(p.released_extents(), 2);
+    // Reclaiming serves the parked request.
+    assert_eq!(p.reclaim(6), 2);
+    assert_eq!(
+        completions(&mut p),
+        [Completion {
+            volume: id(2),
+            size: 3 * EXT
+        }]
+    );
+    assert_eq!((p.free_extents(), p.released_extents()), (1, 0));
+    // A later commit carries the release sequence on.
+    p.encode(8, &mut a).unwrap();
+    assert_eq!(a[40..48], 6u64.to_le_bytes());
+}
+
+#[test]
+fn a_decoded_pool_counts_free_extents_below_the_mark_released_at_its_release_seq() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, 2 * EXT).unwrap();
+    p.delete_volume(id(1)).unwrap();
+    let mut b = buffer();
+    p.encode(3, &mut b).unwrap();
+    p.stamp_released(3);
+    let (mut q, seq) = Small::decode(&[], &b).unwrap();
+    assert_eq!((seq, q.release_seq()), (3, 3));
+    // id(2) lies at 6..8: 0..6 is below the mark, 8..10 never used.
+    assert_eq!((q.free_extents(), q.released_extents()), (2, 6));
+    let mut runs = std::vec::Vec::new();
+    q.free_runs_below_used(|r| runs.push(r));
+    assert!(runs.is_empty());
+    assert_eq!(q.reclaim(2), 0);
+    assert_eq!(q.reclaim(3), 6);
+    q.free_runs_below_used(|r| runs.push(r));
+    assert_eq!(
+        runs,
+        [FreeRun {
+            lun: 0,
+            first: 0,
+            extents: 6
+        }]
+    );
+    // Without releases, release_seq 0: no floor.
+    let mut fresh = two_volumes();
+    fresh.encode(1, &mut b).unwrap();
+    fresh.luns[0].used = 10;
+    let (q, _) = Small::decode(&[], &b).unwrap();
+    assert_eq!((q.release_seq(), q.released_extents()), (0, 0));
+}
+
+#[test]
+fn deleting_or_reducing_an_lv_with_a_parked_request_is_refused() {
+    let mut p = pool_with(2);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    assert!(matches!(
+        p.extend(id(1), 3 * EXT, true),
+        Ok(Extend::Parked { .. })
+    ));
+    assert_eq!(p.delete_volume(id(1)), Err(PoolError::Parked));
+    assert_eq!(p.reduce_volume(id(1), EXT), Err(PoolError::Parked));
+    assert_eq!(p.delete_volume(id(9)), Err(PoolError::UnknownVolume));
+    assert_eq!(size(&p, id(1)), 2 * EXT);
+}
+
+#[test]
+fn a_full_released_list_folds_into_a_floor_that_waits_for_the_newest_commit() {
+    let mut p = Pool::<1, 4, 4, 4>::new(EXT).unwrap();
+    let runs = MAX_RELEASED_RUNS as u64 + 1;
+    p.add_lun(id(100), u32::try_from(runs).unwrap() + 1)
+        .unwrap();
+    for seq in 1..=runs {
+        p.create_volume(id(1), 8 * EXT, 0).unwrap();
+        p.delete_volume(id(1)).unwrap();
+        assert!(p.stamp_released(seq));
+    }
+    assert_eq!(p.released_extents(), runs);
+    assert_eq!(p.reclaim(runs - 1), 0, "the floor waits for the newest");
+    assert_eq!(p.reclaim(runs), runs);
+    p.check_invariants().unwrap();
+}
+
+// --- reduce ----------------------------------------------------------------------
+
+#[test]
+fn reducing_splits_the_last_segment_and_regrowing_merges_it_back() {
+    let mut p = pool_with(10);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap();
+    p.create_volume(id(2), 8 * EXT, EXT).unwrap(); // 0..2, 6..7
+    p.extend(id(1), 5 * EXT, false).unwrap(); // 0..5
+    assert_eq!(p.reduce_volume(id(1), 2 * EXT - 512), Ok(2 * EXT));
+    let seg = |first_extent, extents| Segment {
+        lun: 0,
+        first_extent,
+        extents,
+    };
+    assert_eq!(p.segments(id(1)).unwrap(), &[seg(0, 2)]);
+    assert_eq!(p.released_extents(), 3);
+    p.stamp_released(1);
+    assert_eq!(p.reclaim(1), 3);
+    p.extend(id(1), 4 * EXT, false).unwrap();
+    assert_eq!(p.segments(id(1)).unwrap(), &[seg(0, 4)]);
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn reducing_drops_whole_segments_and_refuses_bad_sizes() {
+    let mut p = fragmented(0);
+    assert_eq!(p.reduce_volume(id(1), 2 * EXT), Ok(2 * EXT));
+    assert_eq!(p.segments(id(1)).unwrap().len(), 2);
+    assert_eq!(p.released_extents(), 2);
+    assert_eq!(
+        p.reduce_volume(id(1), 3 * EXT),
+        Err(PoolError::AboveSize { size: 2 * EXT })
+    );
+    assert_eq!(
+        p.reduce_volume(id(1), 0),
+        Err(PoolError::InvalidSize { size: 0 })
+    );
+    assert_eq!(
+        p.reduce_volume(id(1), 100),
+        Err(PoolError::InvalidSize { size: 100 })
+    );
+    assert_eq!(p.reduce_volume(id(1), 2 * EXT), Ok(2 * EXT), "no change");
+    assert_eq!(p.reduce_volume(id(9), EXT), Err(PoolError::UnknownVolume));
+}
+
+// --- relocate, draining and dropping a LUN -----------------------------------------
+
+#[test]
+fn segments_move_off_a_draining_lun_which_is_then_dropped() {
+    let mut p = pool_with(4);
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap(); // LUN 0 0..2
+    p.add_lun(id(101), 6).unwrap();
+    p.add_lun(id(102), 3).unwrap();
+    p.create_volume(id(2), 8 * EXT, EXT).unwrap(); // LUN 1 0..1
+    p.set_draining(0, true).unwrap();
+    assert!(p.is_draining(0));
+    assert_eq!(p.drop_lun(0), Err(PoolError::LunInUse));
+    // The largest free run elsewhere: LUN 1's 1..6.
+    let plan = p.plan_relocation(0).unwrap().unwrap();
+    assert_eq!(
+        plan,
+        Relocation {
+            volume: id(1),
+            segment: 0,
+            from: Segment {
+                lun: 0,
+                first_extent: 0,
+                extents: 2
+            },
+            to: Segment {
+                lun: 1,
+                first_extent: 1,
+                extents: 2
+            },
+        }
+    );
+    // A draining LUN is no destination, nor for allocation.
+    assert_eq!(p.relocate(id(1), 0, 0, 2), Err(PoolError::NotFree));
+    assert_eq!(p.relocate(id(1), 0, 1, 0), Err(PoolError::NotFree));
+    assert_eq!(p.relocate(id(1), 1, 1, 1), Err(PoolError::UnknownSegment));
+    p.relocate(id(1), plan.segment, plan.to.lun, plan.to.first_extent)
+        .unwrap();
+    assert_eq!(p.segments(id(1)).unwrap(), &[plan.to]);
+    assert_eq!(p.plan_relocation(0), Ok(None));
+    assert_eq!(p.drop_lun(0), Err(PoolError::LunInUse), "released");
+    p.stamp_released(1);
+    p.reclaim(1);
+    // Extending id(2) skips the draining LUN's free extents.
+    p.extend(id(2), 6 * EXT, false).unwrap();
+    assert!(p.segments(id(2)).unwrap().iter().all(|s| s.lun != 0));
+    p.drop_lun(0).unwrap();
+    assert_eq!(p.luns().len(), 2);
+    assert_eq!(p.luns()[0].id, id(101));
+    assert_eq!(p.segments(id(1)).unwrap()[0].lun, 0, "renumbered");
+    assert!(!p.is_draining(0));
+    p.check_invariants().unwrap();
+    assert_eq!(p.drop_lun(5), Err(PoolError::UnknownLun));
+}
+
+#[test]
+fn a_relocated_segment_merges_with_a_neighbour_it_now_touches() {
+    let mut p = pool_with(10);
+    p.add_lun(id(101), 4).unwrap();
+    p.create_volume(id(1), 8 * EXT, 2 * EXT).unwrap(); // LUN 0 0..2
+    p.create_volume(id(2), 8 * EXT, EXT).unwrap(); // LUN 0 6..7
+    p.set_draining(0, true).unwrap();
+    p.extend(id(1), 3 * EXT, false).unwrap(); // LUN 1 0..1
+    p.set_draining(0, false).unwrap();
+    assert_eq!(p.segments(id(1)).unwrap().len(), 2);
+    p.relocate(id(1), 1, 0, 2).unwrap();
+    assert_eq!(
+        p.segments(id(1)).unwrap(),
+        &[Segment {
+            lun: 0,
+            first_extent: 0,
+            extents: 3
+        }]
+    );
+    assert_eq!(p.released_extents(), 1);
+    p.check_invariants().unwrap();
+}
+
+// --- metadata versions -------------------------------------------------------------
+
+#[test]
+fn a_version_1_copy_decodes_with_release_seq_0() {
+    let p = two_volumes();
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    a[8] = 1;
+    reseal(&mut a);
+    let (q, seq) = Small::decode(&a, &[]).unwrap();
+    assert_eq!((seq, q.release_seq(), q.released_extents()), (0, 0, 0));
+    assert_eq!(state(&q), state(&p));
+    // Version 1 reserved bytes 40..48.
+    a[41] = 1;
+    reseal(&mut a);
+    assert_eq!(
+        Small::decode(&a, &[]).unwrap_err(),
+        PoolError::NoValidCopy {
+            a: CopyDefect::ReservedNotZero { offset: 41 },
+            b: CopyDefect::TooShort { len: 0 }
+        }
+    );
+}
+
+#[test]
+fn release_seq_round_trips_through_a_version_2_copy() {
+    let mut p = two_volumes();
+    p.reduce_volume(id(1), EXT).unwrap();
+    let mut a = buffer();
+    p.encode(4, &mut a).unwrap();
+    p.stamp_released(4);
+    let (q, _) = Small::decode(&a, &[]).unwrap();
+    assert_eq!(q.release_seq(), 4);
+    let mut b = buffer();
+    q.encode(5, &mut b).unwrap();
+    assert_eq!(b[40..48], 4u64.to_le_bytes());
+    assert_eq!(state(&q), state(&p));
 }
