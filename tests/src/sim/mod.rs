@@ -487,6 +487,10 @@ pub struct Report {
     pub reclaimed: u64,
     /// Guests stopped because the metadata no longer had their volume.
     pub stopped: u64,
+    /// SPM starts whose pool counts extents as released (the floor at the
+    /// metadata's `release_seq`: free extents below the high-water mark
+    /// after a delete or reduce, reclaimed before the restart or not).
+    pub starts_with_released: u64,
     /// Release commits hosts acknowledged.
     pub acks: u64,
 }
@@ -1096,6 +1100,9 @@ impl Sim {
             pool.inject_forget_extents_used();
         }
         // The newest release it knows goes out with its first header.
+        if pool.released_extents() > 0 {
+            self.report.starts_with_released += 1;
+        }
         let mut engine = engine;
         engine.set_release_commit(pool.release_seq());
         self.live_dirty = true;
