@@ -54,7 +54,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let (mut metadata_faults, mut rollbacks_refused, mut evictions) = (0, 0, 0);
     let (mut lifecycles, mut closes, mut deletes, mut reduces) = (0, 0, 0, 0);
     let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
-    let (mut refused_closing, mut starts_with_released) = (0, 0);
+    let (mut refused_closing, mut starts_with_released, mut unseen_starting) = (0, 0, 0);
     let (mut reclaimed, mut acks, mut stopped) = (0, 0, 0);
     for (seed, result) in &results {
         match result {
@@ -67,6 +67,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 reduces += r.reduces;
                 refused_held += r.refused_held;
                 refused_closing += r.refused_closing;
+                unseen_starting += r.holds_unseen_starting;
                 starts_with_released += r.starts_with_released;
                 refused_parked += r.refused_parked;
                 holds_unseen += r.holds_unseen;
@@ -96,7 +97,8 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
         "life cycle: {lifecycles} seeds, {closes} volumes closed, {deletes} deleted, {reduces} \
          reduced, {refused_held} deletes of open volumes refused (held), {refused_closing} of \
          closed ones whose hold was still on disk, {refused_parked} refused (parked), \
-         {holds_unseen} tried on a held volume whose hold a fault hid, {reclaimed} extents \
+         {holds_unseen} tried on a held volume whose hold a fault hid and \
+         {unseen_starting} while its host was starting, {reclaimed} extents \
          reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone), \
          {starts_with_released} SPM starts on a release floor"
     );

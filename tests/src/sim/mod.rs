@@ -480,9 +480,15 @@ pub struct Report {
     /// parked.
     pub refused_parked: u64,
     /// Deletes tried on a held volume that the admin path did not refuse
-    /// because no hold record on disk showed it (a disk fault hid it):
-    /// the operator leaves the volume alone.
+    /// because no hold record on disk showed it (a lost, torn or
+    /// misdirected write hid it until the host's next write of its area):
+    /// the delete goes on, as the daemon's would, and the host stops the
+    /// guest when its refresh finds the volume gone.
     pub holds_unseen: u64,
+    /// The same, while the host had just started a new generation and not
+    /// yet written its hold records (its header, written first, makes the
+    /// old ones stale): its guests run on meanwhile.
+    pub holds_unseen_starting: u64,
     /// Released extents the SPM reclaimed.
     pub reclaimed: u64,
     /// Guests stopped because the metadata no longer had their volume.
@@ -2627,7 +2633,8 @@ impl Sim {
                 .hosts
                 .iter()
                 .find(|h| h.host_id == host_id)
-                .is_none_or(|h| h.driver.as_ref().is_none_or(|d| d.engine().holds_pending()));
+                .and_then(|h| h.driver.as_ref())
+                .is_some_and(|d| d.engine().holds_pending());
             let c = self.disk.borrow().counts();
             let faultless = c.torn + c.lost + c.misdirected + c.bitflips == 0
                 && self.report.crashes == 0
@@ -2638,8 +2645,14 @@ impl Sim {
                      and no fault could have hidden it"
                 ));
             }
-            self.report.holds_unseen += 1;
-            return Ok(());
+            if writing {
+                self.report.holds_unseen_starting += 1;
+            } else {
+                self.report.holds_unseen += 1;
+            }
+            // The daemon sees no holder and deletes: the host's
+            // acknowledgement is what keeps the guest's data apart now (it
+            // stops the guest before it acknowledges the release).
         }
         let Some(node) = self.spm.as_mut() else {
             return Ok(());
