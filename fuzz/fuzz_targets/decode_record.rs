@@ -22,7 +22,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::wire::{
-    Defect, Doorbell, HostId, InboxHeader, Location, OutboxHeader, Record, Reply, Request,
+    Defect, Doorbell, Hold, HostId, InboxHeader, Location, OutboxHeader, Record, Reply, Request,
     SpmHeader, Superblock, Uuid,
 };
 use spmbox_fuzz::{
@@ -92,6 +92,7 @@ fn check(data: &[u8]) {
     typed::<Request>(data, &decoded);
     typed::<OutboxHeader>(data, &decoded);
     typed::<Reply>(data, &decoded);
+    typed::<Hold>(data, &decoded);
 
     for at in locations(data) {
         let parsed = Record::parse(data, &at);
@@ -119,6 +120,7 @@ fn check(data: &[u8]) {
         typed_parse::<Request>(data, &at);
         typed_parse::<OutboxHeader>(data, &at);
         typed_parse::<Reply>(data, &at);
+        typed_parse::<Hold>(data, &at);
     }
 }
 

@@ -8,8 +8,8 @@
 //! that the fuzzer gets past the checksum to the place and generation
 //! checks.
 //!
-//! Checks that `wire::areas::<Request>` and `wire::areas::<Reply>` never
-//! panic and that:
+//! Checks that `wire::areas::<Request>`, `wire::areas::<Hold>` and
+//! `wire::areas::<Reply>` never panic and that:
 //! - they yield one area per whole 4 KiB (as far as host ids reach),
 //!   numbered from the first host on, and ignore a trailing partial area;
 //! - every area yields exactly 31 slots, numbered 1..=31, each the same as
@@ -19,7 +19,10 @@
 //! - a `Valid` record belongs to the area's host, its slot and the scan's
 //!   domain, and carries the generation of a valid header; a `Stale` one
 //!   belongs there too but the header is missing, defective or of another
-//!   generation; `Empty` is all zero.
+//!   generation; `Empty` is all zero, or in an inbox a valid record of the
+//!   other inbox kind (a hold record in the request view, a request in the
+//!   hold view: docs/format.md 6.1), which a defective one of either kind
+//!   is not.
 //!
 //! And `Geometry::new` accepts exactly 512/4096-byte sectors and 1..=2000
 //! hosts; `locate(offset)` is `Some` exactly below `mailbox_size()` and
@@ -29,12 +32,12 @@
 
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::wire::{
-    AREA_SIZE, Geometry, HostId, Location, Place, Region, Reply, Request, Slot, SlotRecord,
-    SlotState, Uuid, areas,
+    AREA_SIZE, Defect, Geometry, Hold, HostId, Kind, Location, Place, Region, Reply, Request, Slot,
+    SlotRecord, SlotState, Uuid, areas,
 };
 use spmbox_fuzz::{
-    LEN, MAX_HOSTS, Typed, assert_geometry_error, assert_verdict, is_nil, kind_outcome, le16, le32,
-    le64, seal, verdict,
+    LEN, MAX_HOSTS, Typed, Verdict, assert_geometry_error, assert_verdict, is_nil, kind_outcome,
+    le16, le32, le64, seal, verdict,
 };
 
 const HEAD: usize = 33;
@@ -68,6 +71,7 @@ fn check(data: &[u8]) {
     // Host ids stop at u16::MAX.
     let hosts_left = usize::from(u16::MAX - first_host) + 1;
     scan::<Request>(&region, domain, first_host, count.min(hosts_left));
+    scan::<Hold>(&region, domain, first_host, count.min(hosts_left));
     scan::<Reply>(&region, domain, first_host, count.min(hosts_left));
     // A trailing partial area is ignored.
     let unpadded = &body[..body.len().min(MAX_AREAS * AREA_SIZE)];
@@ -86,6 +90,31 @@ fn check(data: &[u8]) {
         for sector in [sector_size, 512, 4096] {
             geometry(hosts, sector, offset, first_host);
         }
+    }
+}
+
+/// The other kind an inbox slot may hold (docs/format.md 3.1).
+fn sibling(kind: Kind) -> Option<Kind> {
+    match kind {
+        Kind::Request => Some(Kind::Hold),
+        Kind::Hold => Some(Kind::Request),
+        _ => None,
+    }
+}
+
+/// What docs/format.md 6.1 says a slot of an area of `kind` slots holds:
+/// a valid record of the sibling kind is no record of this kind (empty);
+/// a defective one is defective.
+fn slot_verdict(rec: &[u8], kind: Kind, at: &Location) -> Verdict {
+    let here = verdict(rec, Some(kind), Some(at));
+    match (&here, sibling(kind)) {
+        (Verdict::Defect(Defect::WrongKind { found, .. }), Some(other)) if *found == other => {
+            match verdict(rec, Some(other), Some(at)) {
+                Verdict::Valid(_) => Verdict::Empty,
+                v => v,
+            }
+        }
+        _ => here,
     }
 }
 
@@ -139,15 +168,18 @@ where
             assert_eq!(usize::from(slot.get()), i + 1, "slots are numbered 1..=31");
             assert_eq!(area.slot(*slot), Some(*state), "slot({slot}) != slots()");
             let rec = &bytes[usize::from(slot.get()) * LEN..][..LEN];
-            let parsed = S::parse(rec, &at(slot.get()));
-            assert_verdict(
-                "slot",
-                kind_outcome(&parsed, |_| S::KIND),
-                &verdict(rec, Some(S::KIND), Some(&at(slot.get()))),
-            );
+            let parsed = S::parse_slot(rec, &at(slot.get()));
+            let want = slot_verdict(rec, S::KIND, &at(slot.get()));
+            assert_verdict("slot", kind_outcome(&parsed, |_| S::KIND), &want);
+            if want != Verdict::Empty {
+                assert_eq!(parsed, S::parse(rec, &at(slot.get())));
+            }
             match *state {
                 SlotState::Empty => {
-                    assert!(is_nil(rec), "non-zero slot {slot} empty");
+                    assert!(
+                        is_nil(rec) || want == Verdict::Empty,
+                        "non-zero slot {slot} empty"
+                    );
                     assert_eq!(parsed, Ok(None));
                 }
                 SlotState::Valid(r) => {

@@ -16,7 +16,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use spmbox_core::wire::{
-    Defect, Doorbell, Epoch, Generation, Geometry, HostId, InboxHeader, OutboxHeader, Record,
+    Defect, Doorbell, Epoch, Generation, Geometry, Hold, HostId, InboxHeader, OutboxHeader, Record,
     RejectReason, Reply, ReplyStatus, Request, SpmHeader, SpmState, Superblock, Uuid,
 };
 use spmbox_fuzz::{
@@ -50,6 +50,7 @@ enum Spec {
         heartbeat: u64,
         owner: u64,
         pool_commit: u64,
+        release_commit: u64,
     },
     Doorbell {
         domain: [u8; 16],
@@ -65,6 +66,7 @@ enum Spec {
         owner: u64,
         heartbeat: u64,
         heartbeat_interval_ms: u32,
+        release_ack: u64,
     },
     Request {
         domain: [u8; 16],
@@ -94,6 +96,14 @@ enum Spec {
         size: Size,
         epoch: u64,
         status: Status,
+    },
+    Hold {
+        domain: [u8; 16],
+        host_id: Host,
+        slot: Slot,
+        generation: u64,
+        count: u8,
+        volumes: [[u8; 16]; 4],
     },
 }
 
@@ -176,6 +186,7 @@ enum Reason {
     UnknownVolume,
     OverLimit,
     Malformed,
+    SegmentsFull,
 }
 
 impl Status {
@@ -188,6 +199,9 @@ impl Status {
             }
             Status::Rejected(Reason::OverLimit) => ReplyStatus::Rejected(RejectReason::OverLimit),
             Status::Rejected(Reason::Malformed) => ReplyStatus::Rejected(RejectReason::Malformed),
+            Status::Rejected(Reason::SegmentsFull) => {
+                ReplyStatus::Rejected(RejectReason::SegmentsFull)
+            }
             Status::Failed(code) => ReplyStatus::Failed { code },
         }
     }
@@ -200,6 +214,7 @@ impl Status {
             Status::Rejected(Reason::UnknownVolume) => (3, 1, 0),
             Status::Rejected(Reason::OverLimit) => (3, 2, 0),
             Status::Rejected(Reason::Malformed) => (3, 3, 0),
+            Status::Rejected(Reason::SegmentsFull) => (3, 4, 0),
             Status::Failed(code) => (4, 0, code),
         }
     }
@@ -338,6 +353,7 @@ fn build(spec: &Spec) -> Option<Record> {
             heartbeat,
             owner,
             pool_commit,
+            release_commit,
         } => Record::SpmHeader(SpmHeader {
             domain: Uuid(domain),
             epoch: Epoch::new(epoch),
@@ -351,6 +367,7 @@ fn build(spec: &Spec) -> Option<Record> {
             heartbeat,
             owner,
             pool_commit,
+            release_commit,
         }),
         Spec::Doorbell {
             domain,
@@ -372,6 +389,7 @@ fn build(spec: &Spec) -> Option<Record> {
             owner,
             heartbeat,
             heartbeat_interval_ms,
+            release_ack,
         } => Record::InboxHeader(InboxHeader {
             domain: Uuid(domain),
             host_id: HostId::new(host_id.get()),
@@ -379,6 +397,7 @@ fn build(spec: &Spec) -> Option<Record> {
             owner,
             heartbeat,
             heartbeat_interval_ms,
+            release_ack,
         }),
         Spec::Request {
             domain,
@@ -435,6 +454,21 @@ fn build(spec: &Spec) -> Option<Record> {
             epoch: Epoch::new(epoch),
             status: status.get(),
         }),
+        Spec::Hold {
+            domain,
+            host_id,
+            slot,
+            generation,
+            count,
+            volumes,
+        } => Record::Hold(Hold {
+            domain: Uuid(domain),
+            host_id: HostId::new(host_id.get()),
+            slot: spmbox_core::wire::Slot::new(slot.get()),
+            generation: Generation::new(generation),
+            count,
+            volumes: volumes.map(Uuid),
+        }),
     })
 }
 
@@ -468,6 +502,7 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             heartbeat,
             owner,
             pool_commit,
+            release_commit,
         } => {
             put_prefix(&mut r, 2, 0, 0, domain);
             put64(&mut r, 32, epoch);
@@ -477,6 +512,7 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             put64(&mut r, 48, heartbeat);
             put64(&mut r, 56, owner);
             put64(&mut r, 64, pool_commit);
+            put64(&mut r, 72, release_commit);
         }
         Spec::Doorbell {
             domain,
@@ -498,12 +534,14 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             owner,
             heartbeat,
             heartbeat_interval_ms,
+            release_ack,
         } => {
             put_prefix(&mut r, 4, host_id.get(), 0, domain);
             put64(&mut r, 32, generation);
             put64(&mut r, 40, owner);
             put64(&mut r, 48, heartbeat);
             put32(&mut r, 56, heartbeat_interval_ms);
+            put64(&mut r, 60, release_ack);
         }
         Spec::Request {
             domain,
@@ -557,6 +595,21 @@ fn encode(spec: &Spec) -> [u8; LEN] {
             r[88] = status;
             r[89] = reason;
             put32(&mut r, 92, detail);
+        }
+        Spec::Hold {
+            domain,
+            host_id,
+            slot,
+            generation,
+            count,
+            volumes,
+        } => {
+            put_prefix(&mut r, 8, host_id.get(), slot.get(), domain);
+            put64(&mut r, 32, generation);
+            r[40] = count;
+            for (i, v) in volumes.iter().enumerate() {
+                r[48 + 16 * i..64 + 16 * i].copy_from_slice(v);
+            }
         }
     }
     seal(&mut r);

@@ -196,6 +196,7 @@ fuzz_target!(|input: Input| {
                 owner: 0,
                 heartbeat: 0,
                 heartbeat_interval_ms: 0,
+                release_ack: 0,
             };
             area[..RECORD_LEN].copy_from_slice(&h.to_bytes().unwrap());
         }

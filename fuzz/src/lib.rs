@@ -1,6 +1,6 @@
 //! Shared code of the spmbox fuzz targets: an independent model of the
-//! on-disk format v1 as `docs/format.md` specifies it, and a trait that lets
-//! the targets treat the seven typed records alike.
+//! on-disk format v4 as `docs/format.md` specifies it, and a trait that lets
+//! the targets treat the eight typed records alike.
 //!
 //! The model does not call into the code under test (it has its own CRC32C,
 //! its own field offsets, its own reading steps), so every target can check
@@ -10,17 +10,20 @@ use core::fmt::Debug;
 use core::ops::Range;
 
 use spmbox_core::wire::{
-    Defect, Doorbell, Epoch, Field, Generation, Geometry, GeometryError, HostId, InboxHeader, Kind,
-    Location, OutboxHeader, RECORD_LEN, Record, RejectReason, Reply, ReplyStatus, Request, Slot,
-    SpmHeader, SpmState, Superblock, Uuid,
+    Defect, Doorbell, Epoch, Field, Generation, Geometry, GeometryError, Hold, HostId, InboxHeader,
+    Kind, Location, OutboxHeader, RECORD_LEN, Record, RejectReason, Reply, ReplyStatus, Request,
+    Slot, SpmHeader, SpmState, Superblock, Uuid,
 };
 
-/// The record length of format v1 (docs/format.md section 2).
+/// The record length (docs/format.md section 2).
 pub const LEN: usize = 128;
 const _: () = assert!(LEN == RECORD_LEN);
 
 /// The most hosts a mailbox holds (docs/format.md section 3).
 pub const MAX_HOSTS: u16 = 2000;
+
+/// The format version modelled (docs/format.md section 4).
+pub const VERSION: u8 = 4;
 
 // ---------------------------------------------------------------------------
 // Bytes.
@@ -106,7 +109,7 @@ pub fn put64(b: &mut [u8], off: usize, v: u64) {
 pub fn put_prefix(rec: &mut [u8; LEN], kind: u8, host_id: u16, index: u16, domain: [u8; 16]) {
     rec[4..8].copy_from_slice(b"SPMB");
     rec[8] = kind;
-    rec[9] = 3;
+    rec[9] = VERSION;
     put16(rec, 10, host_id);
     put16(rec, 12, index);
     rec[16..32].copy_from_slice(&domain);
@@ -129,6 +132,7 @@ pub fn kind_of_code(code: u8) -> Option<Kind> {
         5 => Kind::Request,
         6 => Kind::OutboxHeader,
         7 => Kind::Reply,
+        8 => Kind::Hold,
         _ => return None,
     })
 }
@@ -143,6 +147,7 @@ pub fn code_of_kind(kind: Kind) -> u8 {
         Kind::Request => 5,
         Kind::OutboxHeader => 6,
         Kind::Reply => 7,
+        Kind::Hold => 8,
     }
 }
 
@@ -164,12 +169,13 @@ pub fn prefix_location(rec: &[u8]) -> Location {
 pub fn reserved_ranges(kind: Kind) -> &'static [Range<usize>] {
     match kind {
         Kind::Superblock => &[72..128],
-        Kind::SpmHeader => &[43..44, 72..128],
+        Kind::SpmHeader => &[43..44, 80..128],
         Kind::Doorbell => &[36..40, 56..128],
-        Kind::InboxHeader => &[60..128],
+        Kind::InboxHeader => &[68..128],
         Kind::Request => &[84..128],
         Kind::OutboxHeader => &[48..128],
         Kind::Reply => &[90..92, 96..128],
+        Kind::Hold => &[41..48, 112..128],
     }
 }
 
@@ -196,7 +202,7 @@ pub fn invalid_fields(rec: &[u8; LEN], kind: Kind) -> Vec<Field> {
             rule(is_host, Field::HostId);
             rule(index == 0, Field::Index);
         }
-        Kind::Request | Kind::Reply => {
+        Kind::Request | Kind::Reply | Kind::Hold => {
             rule(is_host, Field::HostId);
             rule((1..=31).contains(&index), Field::Index);
         }
@@ -263,7 +269,7 @@ pub fn invalid_fields(rec: &[u8; LEN], kind: Kind) -> Vec<Field> {
             rule(le64(rec, 80) >= 1, Field::Epoch);
             rule((1..=4).contains(&status), Field::Status);
             if status == 3 {
-                rule((1..=3).contains(&reason), Field::Reason);
+                rule((1..=4).contains(&reason), Field::Reason);
             } else {
                 rule(reason == 0, Field::Reason);
             }
@@ -273,6 +279,21 @@ pub fn invalid_fields(rec: &[u8; LEN], kind: Kind) -> Vec<Field> {
             if status == 1 {
                 rule(le64(rec, 72) >= le64(rec, 64), Field::Size);
             }
+        }
+        Kind::Hold => {
+            let count = usize::from(rec[40]);
+            rule(le64(rec, 32) >= 1, Field::Generation);
+            rule((1..=4).contains(&count), Field::Count);
+            let vol = |i: usize| &rec[48 + 16 * i..64 + 16 * i];
+            let mut ok = true;
+            for i in 0..4 {
+                if i < count {
+                    ok &= !is_nil(vol(i)) && (0..i).all(|j| vol(j) != vol(i));
+                } else {
+                    ok &= is_nil(vol(i));
+                }
+            }
+            rule(ok, Field::Volumes);
         }
     }
     bad
@@ -323,7 +344,7 @@ pub fn verdict(bytes: &[u8], expected: Option<Kind>, at: Option<&Location>) -> V
         return Verdict::Defect(Defect::Checksum { stored, computed });
     }
     // Step 5.
-    if rec[9] != 3 {
+    if rec[9] != VERSION {
         return Verdict::Defect(Defect::UnsupportedVersion { version: rec[9] });
     }
     // Step 6.
@@ -413,6 +434,7 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             heartbeat: le64(rec, 48),
             owner: le64(rec, 56),
             pool_commit: le64(rec, 64),
+            release_commit: le64(rec, 72),
         }),
         Kind::Doorbell => Record::Doorbell(Doorbell {
             domain,
@@ -428,6 +450,7 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
             owner: le64(rec, 40),
             heartbeat: le64(rec, 48),
             heartbeat_interval_ms: le32(rec, 56),
+            release_ack: le64(rec, 60),
         }),
         Kind::Request => Record::Request(Request {
             domain,
@@ -462,11 +485,20 @@ pub fn expected_record(rec: &[u8; LEN], kind: Kind) -> Record {
                 (3, 1) => ReplyStatus::Rejected(RejectReason::UnknownVolume),
                 (3, 2) => ReplyStatus::Rejected(RejectReason::OverLimit),
                 (3, 3) => ReplyStatus::Rejected(RejectReason::Malformed),
+                (3, 4) => ReplyStatus::Rejected(RejectReason::SegmentsFull),
                 (4, _) => ReplyStatus::Failed {
                     code: le32(rec, 92),
                 },
                 other => panic!("not a valid status/reason: {other:?}"),
             },
+        }),
+        Kind::Hold => Record::Hold(Hold {
+            domain,
+            host_id: HostId::new(host_id),
+            slot: Slot::new(index),
+            generation: Generation::new(le64(rec, 32)),
+            count: rec[40],
+            volumes: [uuid(rec, 48), uuid(rec, 64), uuid(rec, 80), uuid(rec, 96)],
         }),
     }
 }
@@ -565,6 +597,7 @@ typed!(InboxHeader, |r| r.host_id, 0);
 typed!(Request, |r| r.host_id, r.slot.get());
 typed!(OutboxHeader, |r| r.host_id, 0);
 typed!(Reply, |r| r.host_id, r.slot.get());
+typed!(Hold, |r| r.host_id, r.slot.get());
 
 /// Calls `f` with the typed value inside `record`.
 #[macro_export]
@@ -578,6 +611,7 @@ macro_rules! with_typed {
             ::spmbox_core::wire::Record::Request($v) => $body,
             ::spmbox_core::wire::Record::OutboxHeader($v) => $body,
             ::spmbox_core::wire::Record::Reply($v) => $body,
+            ::spmbox_core::wire::Record::Hold($v) => $body,
         }
     };
 }

@@ -92,6 +92,7 @@ fn put_mail(path: &Path, geometry: &Geometry) {
         owner: 0,
         heartbeat: 0,
         heartbeat_interval_ms: 0,
+        release_ack: 0,
     };
     let reply = Reply {
         domain: r.domain,
@@ -297,7 +298,7 @@ fn inspect_lists_requests_and_replies() {
     let out = spmbox(&["inspect", "--device", path.to_str().unwrap()]);
     let text = stdout(&out);
     assert!(
-        text.contains("host 2: inbox generation 4; outbox epoch 1, generation 4"),
+        text.contains("host 2: inbox generation 4, release ack 0; outbox epoch 1, generation 4"),
         "{text}"
     );
     assert!(

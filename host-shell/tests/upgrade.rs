@@ -1,5 +1,5 @@
-//! `spmbox upgrade`, through the real binary: a version-2 mailbox with
-//! real state in it becomes version 3 keeping every request, reply,
+//! `spmbox upgrade`, through the real binary: a version-2 or version-3
+//! mailbox with real state in it becomes version 4 keeping every request, reply,
 //! generation, epoch and pool commit; a second run changes nothing; a
 //! damaged record is left as it was; a version-1 mailbox and a live host
 //! lease are refused without a byte written.
@@ -125,6 +125,7 @@ fn write_state(path: &Path, domain: Uuid) {
         heartbeat: 41,
         owner: 0x1234_5678_9abc_def1,
         pool_commit: 7,
+        release_commit: 0,
     };
     let inbox = InboxHeader {
         domain,
@@ -133,6 +134,7 @@ fn write_state(path: &Path, domain: Uuid) {
         owner: 0x0bad_cafe_0000_0001,
         heartbeat: 17,
         heartbeat_interval_ms: 200,
+        release_ack: 0,
     };
     let request = Request {
         domain,
@@ -169,22 +171,23 @@ fn write_state(path: &Path, domain: Uuid) {
 
 /// Turns every nonempty record of the mailbox in `bytes` into one of
 /// format version `version`: byte 9 set, the doorbell's `rings` (bytes
-/// 34..36, reserved before version 3) zeroed, the CRC sealed again.
+/// 34..36, reserved before version 3) zeroed for version 2, the CRC sealed
+/// again. (The fields new in version 4 are 0 in the state written.)
 fn to_version(bytes: &mut [u8], version: u8) {
     for (i, record) in bytes.chunks_exact_mut(RECORD_LEN).enumerate() {
         if record.iter().all(|&b| b == 0) {
             continue;
         }
         record[9] = version;
-        if (i * RECORD_LEN) as u64 == DOORBELL_OFFSET {
+        if (i * RECORD_LEN) as u64 == DOORBELL_OFFSET && version < 3 {
             record[34..36].fill(0);
         }
         seal(record);
     }
 }
 
-/// A version-3 mailbox with the state of [`write_state`]: its bytes.
-fn v3_mailbox(s: &Setup, sector_size: &str) -> Vec<u8> {
+/// A version-4 mailbox with the state of [`write_state`]: its bytes.
+fn v4_mailbox(s: &Setup, sector_size: &str) -> Vec<u8> {
     let domain = s.format(sector_size);
     write_state(&s.dom(), domain);
     let (code, v) = s.inspect_json();
@@ -193,20 +196,25 @@ fn v3_mailbox(s: &Setup, sector_size: &str) -> Vec<u8> {
 }
 
 /// The same mailbox turned into version 2; returns its bytes.
-fn make_v2(s: &Setup, v3: &[u8]) -> Vec<u8> {
-    let mut v2 = v3.to_vec();
-    to_version(&mut v2, 2);
-    fs::write(s.dom(), &v2).unwrap();
-    v2
+fn make_v2(s: &Setup, v4: &[u8]) -> Vec<u8> {
+    make_version(s, v4, 2)
+}
+
+/// The same mailbox turned into `version`; returns its bytes.
+fn make_version(s: &Setup, v4: &[u8], version: u8) -> Vec<u8> {
+    let mut old = v4.to_vec();
+    to_version(&mut old, version);
+    fs::write(s.dom(), &old).unwrap();
+    old
 }
 
 #[test]
 fn a_version_2_mailbox_is_upgraded_keeping_its_state_and_a_second_run_changes_nothing() {
     let s = Setup::new();
-    let v3 = v3_mailbox(&s, "4096");
-    make_v2(&s, &v3);
+    let v4 = v4_mailbox(&s, "4096");
+    make_v2(&s, &v4);
 
-    // A version-3 reader refuses it and says what to do.
+    // A version-4 reader refuses it and says what to do.
     let dom = s.dom_str();
     let refused = s.cli(&["inspect", "--device", &dom]);
     assert_eq!(refused.status.code(), Some(4), "{}", text(&refused.stderr));
@@ -220,7 +228,7 @@ fn a_version_2_mailbox_is_upgraded_keeping_its_state_and_a_second_run_changes_no
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let said = text(&out.stdout);
     assert!(
-        said.contains(&format!("upgraded {dom} from format version 2 to 3"))
+        said.contains(&format!("upgraded {dom} from format version 2 to 4"))
             && said.contains("7 records rewritten")
             && said.contains("the doorbell cleared")
             && said.contains("epoch 5")
@@ -228,14 +236,14 @@ fn a_version_2_mailbox_is_upgraded_keeping_its_state_and_a_second_run_changes_no
         "{said}"
     );
 
-    // Byte for byte the version-3 mailbox it came from, but the doorbell.
+    // Byte for byte the version-4 mailbox it came from, but the doorbell.
     let after = fs::read(s.dom()).unwrap();
-    let mut expected = v3.clone();
+    let mut expected = v4.clone();
     let bell = DOORBELL_OFFSET as usize;
     expected[bell..bell + RECORD_LEN].fill(0);
     assert!(
         after == expected,
-        "the upgraded bytes differ from the v3 ones"
+        "the upgraded bytes differ from the v4 ones"
     );
 
     let (code, v) = s.inspect_json();
@@ -263,7 +271,7 @@ fn a_version_2_mailbox_is_upgraded_keeping_its_state_and_a_second_run_changes_no
     let again = s.upgrade(false);
     assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
     assert!(
-        text(&again.stdout).contains("already version 3"),
+        text(&again.stdout).contains("already version 4"),
         "{}",
         text(&again.stdout)
     );
@@ -273,8 +281,8 @@ fn a_version_2_mailbox_is_upgraded_keeping_its_state_and_a_second_run_changes_no
 #[test]
 fn a_damaged_record_is_left_as_it_was_and_counted() {
     let s = Setup::new();
-    let v3 = v3_mailbox(&s, "512");
-    let mut v2 = make_v2(&s, &v3);
+    let v4 = v4_mailbox(&s, "512");
+    let mut v2 = make_v2(&s, &v4);
     // One flipped byte in the reply (its target size): its CRC fails.
     let at = (OUTBOX + 128 + 60) as usize;
     v2[at] ^= 0x10;
@@ -284,7 +292,7 @@ fn a_damaged_record_is_left_as_it_was_and_counted() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("upgrade --json");
     assert_eq!(v["from_version"], 2, "{v}");
-    assert_eq!(v["to_version"], 3, "{v}");
+    assert_eq!(v["to_version"], 4, "{v}");
     assert_eq!(v["records_rewritten"], 6, "{v}");
     assert_eq!(v["doorbell_cleared"], true, "{v}");
     assert_eq!(v["defective_left"], 1, "{v}");
@@ -298,11 +306,11 @@ fn a_damaged_record_is_left_as_it_was_and_counted() {
         v2[reply..reply + RECORD_LEN],
         "the damaged reply was changed"
     );
-    // Everything else is the version-3 mailbox (the doorbell cleared).
-    let mut expected = v3.clone();
+    // Everything else is the version-4 mailbox (the doorbell cleared).
+    let mut expected = v4.clone();
     expected[DOORBELL_OFFSET as usize..DOORBELL_OFFSET as usize + RECORD_LEN].fill(0);
     expected[reply..reply + RECORD_LEN].copy_from_slice(&v2[reply..reply + RECORD_LEN]);
-    assert!(after == expected, "other bytes differ from the v3 ones");
+    assert!(after == expected, "other bytes differ from the v4 ones");
 
     // inspect lists it, as it would any damaged record.
     let (code, v) = s.inspect_json();
@@ -316,7 +324,7 @@ fn a_damaged_record_is_left_as_it_was_and_counted() {
 #[test]
 fn a_version_1_mailbox_is_refused_naming_format_force() {
     let s = Setup::new();
-    let mut v1 = v3_mailbox(&s, "4096");
+    let mut v1 = v4_mailbox(&s, "4096");
     to_version(&mut v1, 1);
     fs::write(s.dom(), &v1).unwrap();
 
@@ -336,9 +344,9 @@ fn a_version_1_mailbox_is_refused_naming_format_force() {
 #[test]
 fn a_live_host_lease_is_refused_with_its_host_id() {
     let s = Setup::new();
-    let v3 = v3_mailbox(&s, "4096");
-    let domain = s.format_domain(&v3);
-    make_v2(&s, &v3);
+    let v4 = v4_mailbox(&s, "4096");
+    let domain = s.format_domain(&v4);
+    make_v2(&s, &v4);
     // Host 2 holds its id: a lease of 100 ms whose heartbeat a thread
     // raises every 40 ms.
     let header_at = INBOX + AREA_SIZE as u64;
@@ -356,6 +364,7 @@ fn a_live_host_lease_is_refused_with_its_host_id() {
                     owner: 0xfeed,
                     heartbeat,
                     heartbeat_interval_ms: 100,
+                    release_ack: 0,
                 };
                 last = header.to_bytes().unwrap();
                 to_version(&mut last, 2);
@@ -380,7 +389,7 @@ fn a_live_host_lease_is_refused_with_its_host_id() {
     );
     // Nothing written: the version-2 mailbox with the last heartbeat.
     let mut expected = fs::read(s.dom()).unwrap();
-    let mut v2 = v3.clone();
+    let mut v2 = v4.clone();
     to_version(&mut v2, 2);
     let h = header_at as usize;
     assert_eq!(expected[h..h + RECORD_LEN], last);
@@ -401,10 +410,10 @@ impl Setup {
 #[test]
 fn an_interrupted_upgrade_is_finished_by_running_it_again() {
     let s = Setup::new();
-    let v3 = v3_mailbox(&s, "512");
-    let mut v2 = v3.clone();
+    let v4 = v4_mailbox(&s, "512");
+    let mut v2 = v4.clone();
     to_version(&mut v2, 2);
-    let mut done = v3.clone();
+    let mut done = v4.clone();
     let bell = DOORBELL_OFFSET as usize;
     done[bell..bell + RECORD_LEN].fill(0);
     let record = |at: u64| at as usize..at as usize + RECORD_LEN;
@@ -427,7 +436,7 @@ fn an_interrupted_upgrade_is_finished_by_running_it_again() {
         ("before the superblock", before_superblock, 1),
     ] {
         fs::write(s.dom(), &image).unwrap();
-        // No version-3 reader takes it meanwhile.
+        // No version-4 reader takes it meanwhile.
         let dom = s.dom_str();
         let refused = s.cli(&["inspect", "--device", &dom]);
         assert_eq!(refused.status.code(), Some(4), "{name}");
@@ -449,16 +458,16 @@ fn an_interrupted_upgrade_is_finished_by_running_it_again() {
 #[test]
 fn repair_refuses_a_version_2_mailbox_and_names_upgrade() {
     // Repair with the geometry and domain given would otherwise write
-    // version-3 superblocks over version-2 records, after which upgrade
-    // says "already version 3" and every record stays unreadable.
+    // version-4 superblocks over version-2 records, after which upgrade
+    // says "already version 4" and every record stays unreadable.
     let s = Setup::new();
-    let v3 = v3_mailbox(&s, "4096");
-    let mut v2 = make_v2(&s, &v3);
+    let v4 = v4_mailbox(&s, "4096");
+    let mut v2 = make_v2(&s, &v4);
     // The primary superblock damaged: repair would rewrite it.
     v2[100] ^= 1;
     fs::write(s.dom(), &v2).unwrap();
     let dom = s.dom_str();
-    let domain = Superblock::decode(&v3[..RECORD_LEN])
+    let domain = Superblock::decode(&v4[..RECORD_LEN])
         .unwrap()
         .unwrap()
         .domain;
@@ -481,4 +490,48 @@ fn repair_refuses_a_version_2_mailbox_and_names_upgrade() {
         "{err}"
     );
     assert!(fs::read(s.dom()).unwrap() == v2, "bytes changed");
+}
+
+#[test]
+fn a_version_3_mailbox_is_upgraded_with_its_doorbell_and_the_new_fields_zero() {
+    let s = Setup::new();
+    let v4 = v4_mailbox(&s, "512");
+    make_version(&s, &v4, 3);
+
+    let dom = s.dom_str();
+    let refused = s.cli(&["inspect", "--device", &dom]);
+    assert_eq!(refused.status.code(), Some(4), "{}", text(&refused.stderr));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains(&format!("spmbox upgrade --device {dom}")) && err.contains("version 3"),
+        "{err}"
+    );
+
+    let out = s.upgrade(false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!("upgraded {dom} from format version 3 to 4"))
+            && said.contains("8 records rewritten")
+            && !said.contains("doorbell cleared"),
+        "{said}"
+    );
+    // Byte for byte the version-4 mailbox, doorbell included.
+    assert!(
+        fs::read(s.dom()).unwrap() == v4,
+        "the upgraded bytes differ from the v4 ones"
+    );
+    let (code, v) = s.inspect_json();
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["spm_header"]["record"]["release_commit"], 0, "{v}");
+    assert_eq!(
+        v["hosts"][0]["inbox"]["header"]["record"]["release_ack"], 0,
+        "{v}"
+    );
+    assert_eq!(v["doorbell"]["record"]["sequence"], 9, "{v}");
+
+    let again = s.upgrade(true);
+    let v: Value = serde_json::from_slice(&again.stdout).expect("upgrade --json");
+    assert_eq!(v["from_version"], 4, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
 }

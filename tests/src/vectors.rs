@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use spmbox_core::wire::{
-    Defect, Doorbell, Field, HostId, InboxHeader, Kind, Location, OutboxHeader, RECORD_LEN, Record,
-    Reply, Request, SpmHeader, Superblock, Uuid,
+    Defect, Doorbell, Field, Hold, HostId, InboxHeader, Kind, Location, OutboxHeader, RECORD_LEN,
+    Record, Reply, Request, SpmHeader, Superblock, Uuid,
 };
 
 /// The directory that holds the vectors, the manifest and the generator.
@@ -112,7 +112,7 @@ impl RecordEntry {
 }
 
 /// One host-area vector (4096 bytes).
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct AreaEntry {
     /// File name in `tests/vectors/`.
@@ -132,7 +132,7 @@ pub struct AreaEntry {
 }
 
 /// One non-empty slot of an area vector.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct SlotEntry {
     /// 1..=31.
@@ -166,7 +166,7 @@ pub fn read_vector(file: &str) -> Result<Vec<u8>, String> {
 
 /// The kind with this docs/format.md name.
 pub fn kind_named(name: &str) -> Option<Kind> {
-    (1..=7)
+    (1..=u8::MAX)
         .filter_map(Kind::from_code)
         .find(|k| k.name() == name)
 }
@@ -200,6 +200,7 @@ pub fn parse_at(kind: Kind, bytes: &[u8], at: &Location) -> Parsed {
         Kind::Request => Request::parse(bytes, at)?.map(Record::Request),
         Kind::OutboxHeader => OutboxHeader::parse(bytes, at)?.map(Record::OutboxHeader),
         Kind::Reply => Reply::parse(bytes, at)?.map(Record::Reply),
+        Kind::Hold => Hold::parse(bytes, at)?.map(Record::Hold),
     })
 }
 
@@ -213,6 +214,7 @@ pub fn decode_as(kind: Kind, bytes: &[u8]) -> Parsed {
         Kind::Request => Request::decode(bytes)?.map(Record::Request),
         Kind::OutboxHeader => OutboxHeader::decode(bytes)?.map(Record::OutboxHeader),
         Kind::Reply => Reply::decode(bytes)?.map(Record::Reply),
+        Kind::Hold => Hold::decode(bytes)?.map(Record::Hold),
     })
 }
 
@@ -227,6 +229,7 @@ pub fn emit(record: &Record) -> Result<[u8; RECORD_LEN], Field> {
         Record::Request(r) => r.emit(&mut buf),
         Record::OutboxHeader(r) => r.emit(&mut buf),
         Record::Reply(r) => r.emit(&mut buf),
+        Record::Hold(r) => r.emit(&mut buf),
     }?;
     Ok(buf)
 }

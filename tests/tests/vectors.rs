@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use spmbox_core::wire::{
-    AREA_SIZE, Area, CRC32C, Defect, FORMAT_VERSION, HostId, InboxArea, OutboxArea, RECORD_LEN,
-    Record, SLOTS_PER_AREA, Slot, SlotRecord, SlotState,
+    AREA_SIZE, Area, CRC32C, Defect, FORMAT_VERSION, HoldArea, HostId, InboxArea, OutboxArea,
+    RECORD_LEN, Record, SLOTS_PER_AREA, Slot, SlotRecord, SlotState,
 };
 use spmbox_tests::vectors::{
     AreaEntry, Parsed, SlotEntry, assert_no_failures, bin_files, check_defect, check_outcome,
@@ -119,8 +119,9 @@ fn check_slot<S: SlotRecord>(
         (SlotState::Defective(d), _) => check_defect(d, &want.state, want.defect.as_ref()),
         (_, Some(record)) => {
             let rendered = spmbox::json::record(&record);
+            // Requests and replies carry a sequence; hold records none.
             let sequence = rendered.get("sequence").and_then(|s| s.as_u64());
-            if want.sequence.is_none() || sequence != want.sequence {
+            if sequence != want.sequence {
                 return Err(format!(
                     "expected sequence {:?}, got {sequence:?}",
                     want.sequence
@@ -203,10 +204,46 @@ fn check_area_vector(entry: &AreaEntry) -> Vec<String> {
         Err(e) => return vec![e],
     };
     match entry.side.as_str() {
-        "inbox" => match InboxArea::new(&bytes, domain, HostId::new(entry.host_id)) {
-            Some(area) => check_area(&area, entry, Record::InboxHeader, Record::Request),
-            None => vec!["InboxArea::new refuses it".into()],
-        },
+        "inbox" => {
+            // An inbox slot holds a request or a hold record: each view
+            // sees the other kind as empty, and a defect in both.
+            let is_hold = |s: &SlotEntry| {
+                s.record
+                    .as_ref()
+                    .and_then(|r| r.get("kind"))
+                    .is_some_and(|k| k == "hold")
+            };
+            let view = |holds: bool| AreaEntry {
+                slots: entry
+                    .slots
+                    .iter()
+                    .filter(|s| s.defect.is_some() || is_hold(s) == holds)
+                    .cloned()
+                    .collect(),
+                ..entry.clone()
+            };
+            let host = HostId::new(entry.host_id);
+            match (
+                InboxArea::new(&bytes, domain, host),
+                HoldArea::new(&bytes, domain, host),
+            ) {
+                (Some(requests), Some(holds)) => {
+                    let mut failures = check_area(
+                        &requests,
+                        &view(false),
+                        Record::InboxHeader,
+                        Record::Request,
+                    );
+                    failures.extend(
+                        check_area(&holds, &view(true), Record::InboxHeader, Record::Hold)
+                            .into_iter()
+                            .map(|f| format!("hold view: {f}")),
+                    );
+                    failures
+                }
+                _ => vec!["InboxArea::new refuses it".into()],
+            }
+        }
         "outbox" => match OutboxArea::new(&bytes, domain, HostId::new(entry.host_id)) {
             Some(area) => check_area(&area, entry, Record::OutboxHeader, Record::Reply),
             None => vec!["OutboxArea::new refuses it".into()],
@@ -293,9 +330,12 @@ fn the_vectors_cover_every_kind_verdict_and_reply_status() {
         seen.insert(format!("area {}", entry.side));
         for slot in &entry.slots {
             seen.insert(format!("slot {}", slot.state));
+            if let Some(kind) = slot.record.as_ref().and_then(|r| r.get("kind")) {
+                seen.insert(format!("slot {} {kind}", slot.state));
+            }
         }
     }
-    let kinds = (1..=7).filter_map(spmbox_core::wire::Kind::from_code);
+    let kinds = (1..=u8::MAX).filter_map(spmbox_core::wire::Kind::from_code);
     let mut required: Vec<String> = kinds.map(|k| format!("kind \"{}\"", k.name())).collect();
     let defects = [
         Defect::Length { len: 0 },
@@ -325,12 +365,14 @@ fn the_vectors_cover_every_kind_verdict_and_reply_status() {
     required.extend(defects.iter().map(|d| d.name().to_string()));
     required.extend(["valid", "empty", "area inbox", "area outbox"].map(String::from));
     required.extend(["slot valid", "slot stale", "slot checksum"].map(String::from));
+    required.extend(["slot valid \"hold\"", "slot stale \"hold\""].map(String::from));
     for status in [
         "\"extended\" null",
         "\"waiting_for_space\" null",
         "\"rejected\" \"unknown_volume\"",
         "\"rejected\" \"over_limit\"",
         "\"rejected\" \"malformed\"",
+        "\"rejected\" \"segments_full\"",
         "\"failed\" null",
     ] {
         required.push(format!("status {status}"));

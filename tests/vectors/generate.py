@@ -36,7 +36,7 @@ RECORD_LEN = 128
 BLOCK = 4096
 SLOTS = 31  # records 1..31 of a host area
 MAGIC = b"SPMB"
-VERSION = 3
+VERSION = 4
 INBOX_OFFSET = 0x10000
 MAX_HOSTS = 2000
 
@@ -103,6 +103,7 @@ KINDS = {
     5: "request",
     6: "outbox_header",
     7: "reply",
+    8: "hold",
 }
 KIND_CODE = {name: code for code, name in KINDS.items()}
 
@@ -125,6 +126,7 @@ LAYOUT = {
         (48, 8, "heartbeat"),
         (56, 8, "owner"),
         (64, 8, "pool_commit"),
+        (72, 8, "release_commit"),
     ],
     "doorbell": [
         (32, 2, "ringer"),
@@ -137,6 +139,7 @@ LAYOUT = {
         (40, 8, "owner"),
         (48, 8, "heartbeat"),
         (56, 4, "heartbeat_interval_ms"),
+        (60, 8, "release_ack"),
     ],
     "request": [
         (32, 8, "generation"),
@@ -158,20 +161,27 @@ LAYOUT = {
         (89, 1, "reason"),
         (92, 4, "detail"),
     ],
+    "hold": [
+        (32, 8, "generation"),
+        (40, 1, "count"),
+        (48, 64, "volumes"),
+    ],
 }
+HOLD_VOLUMES = 4
 
 # The reserved rows as section 5 lists them, to check the layouts above.
 SPEC_RESERVED = {
     "superblock": [(72, 128)],
-    "spm_header": [(43, 44), (72, 128)],
+    "spm_header": [(43, 44), (80, 128)],
     "doorbell": [(36, 40), (56, 128)],
-    "inbox_header": [(60, 128)],
+    "inbox_header": [(68, 128)],
     "request": [(84, 128)],
     "outbox_header": [(48, 128)],
     "reply": [(90, 92), (96, 128)],
+    "hold": [(41, 48), (112, 128)],
 }
 
-CODE = {1: "B", 2: "H", 4: "I", 8: "Q", 16: "16s"}
+CODE = {1: "B", 2: "H", 4: "I", 8: "Q", 16: "16s", 64: "64s"}
 
 
 def reserved_offsets(kind):
@@ -227,6 +237,8 @@ def encode(kind, domain, host_id, index, fields, magic=MAGIC, version=VERSION, c
         off, size = layout[name]
         if size == 16:
             value = uuid_bytes(value)
+        if size == 64:  # the hold record's four UUIDs, nil after the list
+            value = b"".join(uuid_bytes(v) for v in value).ljust(64, b"\0")
         put(buf, off, size, value)
     return seal(buf)
 
@@ -242,7 +254,7 @@ def patched(data, off, size, value, reseal=True):
 # Section 6: reading a record, and the JSON spmbox::json renders.
 
 STATUS = {1: "extended", 2: "waiting_for_space", 3: "rejected", 4: "failed"}
-REASON = {1: "unknown_volume", 2: "over_limit", 3: "malformed"}
+REASON = {1: "unknown_volume", 2: "over_limit", 3: "malformed", 4: "segments_full"}
 SPM_STATE = {0: "vacant", 1: "active"}
 
 
@@ -327,19 +339,33 @@ def field_rules(kind, f):
             rule(f["detail"] == 0, "detail")
         if status == 1:
             rule(f["size"] >= f["target_size"], "size")
+    elif kind == "hold":
+        count = f["count"]
+        rule(f["generation"] >= 1, "generation")
+        rule(1 <= count <= HOLD_VOLUMES, "count")
+        vols = [f["volumes"][16 * i:16 * (i + 1)] for i in range(HOLD_VOLUMES)]
+        listed = vols[:count]
+        rule(
+            all(v != bytes(16) for v in listed)
+            and len(set(listed)) == len(listed)
+            and all(v == bytes(16) for v in vols[count:]),
+            "volumes",
+        )
     return bad
 
 
 def render(kind, f):
     """The record as spmbox::json::record renders it."""
     out = {"kind": kind, "domain": uuid_text(f["domain"])}
-    if kind in ("inbox_header", "request", "outbox_header", "reply"):
+    if kind in ("inbox_header", "request", "outbox_header", "reply", "hold"):
         out["host_id"] = f["host_id"]
-    if kind in ("request", "reply"):
+    if kind in ("request", "reply", "hold"):
         out["slot"] = f["index"]
     for _, _, name in LAYOUT[kind]:
         value = f[name]
-        if isinstance(value, bytes):
+        if name == "volumes":
+            value = [uuid_text(value[16 * i:16 * (i + 1)]) for i in range(f["count"])]
+        elif isinstance(value, bytes):
             value = uuid_text(value)
         out[name] = value
     if kind == "spm_header":
@@ -403,6 +429,9 @@ DOMAIN = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"
 OTHER_DOMAIN = "c0ffee00-1234-4abc-8def-00000000d0d0"
 VOLUME = "a8098c1a-f86e-41d1-80ed-12b4c0d1e2f3"
 VOLUME2 = "e7f1d2c3-b4a5-4968-8776-655443322110"
+VOLUME3 = "5b1c0de2-7a3f-4e8d-9c21-0a1b2c3d4e5f"
+VOLUME4 = "9f8e7d6c-5b4a-4392-8170-fedcba987654"
+NIL_FREE = "0d15ea5e-0000-4000-8000-00000000cafe"
 GIB = 1 << 30
 MIB = 1 << 20
 HOST = 7
@@ -425,7 +454,8 @@ def superblock(sector_size, max_hosts, domain=DOMAIN, host_id=0, **over):
     return data, dict({"kind": "superblock", "domain": domain}, **f)
 
 
-def spm_header(epoch, spm_id, state, interval, heartbeat, owner=0, pool_commit=0, domain=DOMAIN):
+def spm_header(epoch, spm_id, state, interval, heartbeat, owner=0, pool_commit=0,
+               release_commit=0, domain=DOMAIN):
     f = {
         "epoch": epoch,
         "spm_id": spm_id,
@@ -434,6 +464,7 @@ def spm_header(epoch, spm_id, state, interval, heartbeat, owner=0, pool_commit=0
         "heartbeat": heartbeat,
         "owner": owner,
         "pool_commit": pool_commit,
+        "release_commit": release_commit,
     }
     data = encode("spm_header", domain, 0, 0, f)
     return data, dict(f, kind="spm_header", domain=domain, state=SPM_STATE.get(state))
@@ -444,12 +475,14 @@ def doorbell(ringer, generation, sequence, rings=1, domain=DOMAIN):
     return encode("doorbell", domain, 0, 0, f), dict(f, kind="doorbell", domain=domain)
 
 
-def inbox_header(generation, owner=0, heartbeat=0, interval=0, host_id=HOST, domain=DOMAIN):
+def inbox_header(generation, owner=0, heartbeat=0, interval=0, release_ack=0, host_id=HOST,
+                 domain=DOMAIN):
     f = {
         "generation": generation,
         "owner": owner,
         "heartbeat": heartbeat,
         "heartbeat_interval_ms": interval,
+        "release_ack": release_ack,
     }
     data = encode("inbox_header", domain, host_id, 0, f)
     json_ = {"kind": "inbox_header", "domain": domain, "host_id": host_id}
@@ -520,12 +553,24 @@ def reply(
     return data, json_
 
 
+def hold(volumes, count=None, slot=31, generation=2, host_id=HOST, domain=DOMAIN):
+    """A hold record listing `volumes` (UUID texts, nil ones included as
+    given), `count` of them (default: all)."""
+    count = len(volumes) if count is None else count
+    f = {"generation": generation, "count": count, "volumes": volumes}
+    data = encode("hold", domain, host_id, slot, f)
+    json_ = dict(f, kind="hold", domain=domain, host_id=host_id, slot=slot)
+    json_["volumes"] = list(volumes[:count])
+    return data, json_
+
+
 def at(kind, host_id=0, index=0, domain=DOMAIN):
     return {"kind": kind, "domain": domain, "host_id": host_id, "index": index}
 
 
 AT_REQUEST = at("request", HOST, 3)
 AT_REPLY = at("reply", HOST, 3)
+AT_HOLD = at("hold", HOST, 31)
 AT_SUPERBLOCK = at("superblock")
 AT_SPM_HEADER = at("spm_header")
 
@@ -561,11 +606,12 @@ vector(
     "SPM header as spmbox format writes it: vacant, epoch 0, spm_id 0, no heartbeat.",
     AT_SPM_HEADER, _d, "valid", _j,
 )
-_d, _j = spm_header(3, 1, 1, 1000, 42, owner=0x0123456789ABCDEF, pool_commit=17)
+_d, _j = spm_header(3, 1, 1, 1000, 42, owner=0x0123456789ABCDEF, pool_commit=17,
+                    release_commit=0x0102030405060708)
 vector(
     "spm-header-active.bin",
     "Active SPM header: host 1 is SPM in epoch 3, heartbeat 42, every 1000 ms, owner "
-    "0x0123456789abcdef, pool metadata commit 17.",
+    "0x0123456789abcdef, pool metadata commit 17, release commit 0x0102030405060708.",
     AT_SPM_HEADER, _d, "valid", _j,
 )
 _d, _j = spm_header(3, 1, 1, 1000, 42)
@@ -592,11 +638,12 @@ vector(
     "Inbox header of host 7, generation 2, no lease on the host id (heartbeat interval 0).",
     at("inbox_header", HOST, 0), _d, "valid", _j,
 )
-_d, _j = inbox_header(2, owner=0xFEEDFACECAFEBEEF, heartbeat=5, interval=1000)
+_d, _j = inbox_header(2, owner=0xFEEDFACECAFEBEEF, heartbeat=5, interval=1000,
+                      release_ack=0x1112131415161718)
 vector(
     "inbox-header-leased.bin",
     "Inbox header of host 7, generation 2, its host id held by owner 0xfeedfacecafebeef, "
-    "heartbeat 5, every 1000 ms.",
+    "heartbeat 5, every 1000 ms, release commit 0x1112131415161718 acknowledged.",
     at("inbox_header", HOST, 0), _d, "valid", _j,
 )
 _d, _j = inbox_header(2, heartbeat=5, interval=1000)
@@ -636,7 +683,8 @@ vector(
     "Reply waiting_for_space: the pool is full, the request is parked (not final).",
     AT_REPLY, _d, "valid", _j,
 )
-for _code, _name, _size in [(1, "unknown-volume", 0), (2, "over-limit", 1 * GIB), (3, "malformed", 0)]:
+for _code, _name, _size in [(1, "unknown-volume", 0), (2, "over-limit", 1 * GIB), (3, "malformed", 0),
+                            (4, "segments-full", 1 * GIB)]:
     _d, _j = reply(3, reason=_code, size=_size)
     vector(
         f"reply-rejected-{_name}.bin",
@@ -648,6 +696,18 @@ vector(
     "reply-failed-enospc.bin",
     "Reply failed with the backend's error number 28 (ENOSPC).",
     AT_REPLY, _d, "valid", _j,
+)
+_d, _j = hold([VOLUME, VOLUME2])
+vector(
+    "hold-valid.bin",
+    "Hold record of host 7 in slot 31, generation 2: it holds two volumes open.",
+    AT_HOLD, _d, "valid", _j,
+)
+_d, _j = hold([VOLUME, VOLUME2, VOLUME3, VOLUME4], slot=30)
+vector(
+    "hold-four-volumes.bin",
+    "Hold record of host 7 in slot 30 listing four volumes, as many as one record holds.",
+    at("hold", HOST, 30), _d, "valid", _j,
 )
 
 # Empty.
@@ -679,20 +739,20 @@ vector(
     AT_REQUEST, VALID_REQUEST[:64] + _other[64:], "checksum",
 )
 vector(
-    "request-version-2.bin",
-    "A request with version 2 (the previous format) and a correct CRC.",
-    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 2), "unsupported_version", {"version": 2},
+    "request-version-3.bin",
+    "A request with version 3 (the previous format) and a correct CRC.",
+    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 3), "unsupported_version", {"version": 3},
 )
 vector(
-    "request-version-4.bin",
-    "A request with version 4 and a correct CRC.",
-    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 4), "unsupported_version", {"version": 4},
+    "request-version-5.bin",
+    "A request with version 5 and a correct CRC.",
+    AT_REQUEST, patched(VALID_REQUEST, 9, 1, 5), "unsupported_version", {"version": 5},
 )
 vector(
-    "request-version-4-kind-9.bin",
-    "Version 4 and kind 9 with a correct CRC: the version is checked before the kind.",
-    AT_REQUEST, patched(patched(VALID_REQUEST, 9, 1, 4), 8, 1, 9), "unsupported_version",
-    {"version": 4},
+    "request-version-5-kind-9.bin",
+    "Version 5 and kind 9 with a correct CRC: the version is checked before the kind.",
+    AT_REQUEST, patched(patched(VALID_REQUEST, 9, 1, 5), 8, 1, 9), "unsupported_version",
+    {"version": 5},
 )
 vector(
     "request-kind-9.bin",
@@ -703,6 +763,12 @@ vector(
     "request-slot-holds-reply.bin",
     "A valid reply read where host 7's request for slot 3 belongs.",
     AT_REQUEST, VALID_REPLY, "wrong_kind", {"expected": "request", "found": "reply"},
+)
+vector(
+    "request-slot-holds-hold.bin",
+    "A valid hold record read as a request (a reader that scans for requests skips it: section 6.1).",
+    AT_REQUEST, patched(hold([VOLUME])[0], 12, 2, 3), "wrong_kind",
+    {"expected": "request", "found": "hold"},
 )
 vector(
     "request-slot-holds-foreign-reply.bin",
@@ -784,8 +850,8 @@ for _file, _desc, _data, _where, _field in [
      reply(5)[0], AT_REPLY, "status"),
     ("reply-extended-with-reason.bin", "An extended reply carrying reason 1 (only rejected replies have one).",
      reply(1, reason=1)[0], AT_REPLY, "reason"),
-    ("reply-rejected-reason-4.bin", "A rejected reply with reason 4 (only 1..3 exist).",
-     reply(3, reason=4, size=0)[0], AT_REPLY, "reason"),
+    ("reply-rejected-reason-5.bin", "A rejected reply with reason 5 (only 1..4 exist).",
+     reply(3, reason=5, size=0)[0], AT_REPLY, "reason"),
     ("reply-extended-below-target.bin", "An extended reply whose size is 512 bytes short of its target_size.",
      reply(1, size=2 * GIB - 512)[0], AT_REPLY, "size"),
     ("reply-waiting-with-detail.bin", "A waiting_for_space reply with detail 7 (only failed replies have one).",
@@ -813,6 +879,20 @@ for _file, _desc, _data, _where, _field in [
      inbox_header(0)[0], at("inbox_header", HOST, 0), "generation"),
     ("outbox-header-epoch-0.bin", "An outbox header of host 7 with epoch 0.",
      outbox_header(0, 2)[0], at("outbox_header", HOST, 0), "epoch"),
+    ("hold-count-0.bin", "A hold record with count 0 (it lists 1..4 volumes).",
+     hold([], count=0)[0], AT_HOLD, "count"),
+    ("hold-count-5.bin", "A hold record with count 5 (one record lists at most 4 volumes).",
+     hold([VOLUME, VOLUME2, VOLUME3, VOLUME4], count=5)[0], AT_HOLD, "count"),
+    ("hold-volume-nil.bin", "A hold record with count 2 whose second volume is nil.",
+     hold([VOLUME, NIL])[0], AT_HOLD, "volumes"),
+    ("hold-volume-twice.bin", "A hold record listing the same volume twice.",
+     hold([VOLUME, VOLUME2, VOLUME])[0], AT_HOLD, "volumes"),
+    ("hold-volume-after-count.bin", "A hold record with count 1 and a second, unlisted volume after it.",
+     hold([VOLUME, VOLUME2], count=1)[0], AT_HOLD, "volumes"),
+    ("hold-generation-0.bin", "A hold record with generation 0.",
+     hold([VOLUME], generation=0)[0], AT_HOLD, "generation"),
+    ("hold-index-0.bin", "A hold record naming record index 0 (slots are 1..31), read at index 0.",
+     hold([VOLUME], slot=0)[0], at("hold", HOST, 0), "index"),
 ]:
     vector(_file, _desc, _where, _data, "invalid_field", {"field": _field})
 
@@ -868,6 +948,23 @@ area(
     {1: request(slot=1, generation=1, sequence=1)[0]},
     "empty",
     {1: "stale"},
+)
+area(
+    "inbox-area-holds.bin",
+    "Host 7's inbox at generation 5 holding five volumes: hold records in slots 31 (four volumes) and "
+    "30 (one), a stale hold of generation 4 in slot 29, and requests in slots 1 and 2. The holds are "
+    "neither requests nor defects.",
+    "inbox",
+    {
+        0: inbox_header(5, release_ack=3)[0],
+        1: request(slot=1, generation=5, sequence=11)[0],
+        2: request(slot=2, generation=5, sequence=12, volume=VOLUME2)[0],
+        29: hold([VOLUME3], slot=29, generation=4)[0],
+        30: hold([VOLUME4], slot=30, generation=5)[0],
+        31: hold([VOLUME, VOLUME2, VOLUME3, NIL_FREE], slot=31, generation=5)[0],
+    },
+    "valid",
+    {1: "valid", 2: "valid", 29: "stale", 30: "valid", 31: "valid"},
 )
 area(
     "outbox-area-host7.bin",
@@ -950,13 +1047,17 @@ def area_entries():
         for n in range(1, SLOTS + 1):
             data = buf[n * RECORD_LEN:(n + 1) * RECORD_LEN]
             got, rec = read(data, slot_kind, (DOMAIN, HOST, n))
+            if side == "inbox" and got == "wrong_kind" and rec["found"] == "hold":
+                # Section 3.1: an inbox slot holds a request or a hold record.
+                got, rec = read(data, "hold", (DOMAIN, HOST, n))
             if got == "empty":
                 assert n not in states, f"{file}: slot {n} is empty"
                 continue
             slot = {"slot": n}
             if got == "valid":
                 slot["state"] = "valid" if rec["generation"] == generation else "stale"
-                slot["sequence"] = rec["sequence"]
+                if "sequence" in rec:
+                    slot["sequence"] = rec["sequence"]
                 slot["record"] = rec
             else:
                 slot["state"] = got

@@ -279,7 +279,7 @@ fn run() -> Result<(), ()> {
             match extended {
                 Ok(Extend::Extended { .. }) => dirty = true,
                 Err(PoolError::SegmentsFull) => warn!(
-                    "firmware: volume {} cannot grow: its map holds the most segments the pool keeps; the host is answered EIO",
+                    "firmware: volume {} cannot grow: its map holds the most segments the pool keeps; the host is answered segments_full",
                     Id(job.volume)
                 ),
                 _ => {}

@@ -128,7 +128,22 @@ pub const EVENTS: usize = 64;
 pub const WRITES: usize = RECORDS_PER_AREA;
 /// The most volumes a host engine tracks (and so holds): 64, listed in 16
 /// hold records, so that at least 15 of the 31 slots stay for requests.
-/// `Host<VOLUMES>` refuses to build with more.
+/// `Host<VOLUMES>` refuses to build with more:
+///
+/// ```
+/// use spmbox_core::host::{Host, HostConfig};
+/// use spmbox_core::wire::{Geometry, HostId, Uuid};
+/// let g = Geometry::new(8, 512).unwrap();
+/// let host = Host::<64>::new(Uuid([1; 16]), HostId::new(1), g, HostConfig::default());
+/// assert_eq!(host.unwrap().request_slots(), 15);
+/// ```
+///
+/// ```compile_fail,E0080
+/// use spmbox_core::host::{Host, HostConfig};
+/// use spmbox_core::wire::{Geometry, HostId, Uuid};
+/// let g = Geometry::new(8, 512).unwrap();
+/// let _ = Host::<65>::new(Uuid([1; 16]), HostId::new(1), g, HostConfig::default());
+/// ```
 pub const MAX_HELD_VOLUMES: usize = 64;
 /// Slots always left for requests.
 pub const MIN_REQUEST_SLOTS: u16 = 15;

@@ -726,7 +726,7 @@ impl SpmBackend for BuiltinSpm {
             tracing::warn!(
                 "volume {volume} cannot grow to {}: its map already holds the most segments \
                  the builtin pool keeps per volume, and volumes growing at the same time \
-                 interleave their extents; the host is answered EIO. Use larger chunks \
+                 interleave their extents; the host is answered segments_full. Use larger chunks \
                  (each extension is one segment) or a larger --extent-size for new domains",
                 Bytes(target)
             );

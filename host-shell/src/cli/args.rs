@@ -192,14 +192,15 @@ pub enum Command {
     /// made; the domain UUID comes from the SPM header (or --domain).
     /// Safe while the daemons run: they read the superblock only at start.
     Repair(RepairArgs),
-    /// Convert a mailbox of format version 2 to version 3 in place,
+    /// Convert a mailbox of format version 2 or 3 to version 4 in place,
     /// keeping the SPM's epoch and pool commit, every request and reply and
     /// every generation.
     ///
     /// Stop the SPM and every host first: it refuses while the SPM or a
-    /// host with the builtin lease is seen alive. The doorbell (a hint) is
-    /// cleared; defective records are left as they are. Interrupted, it
-    /// finishes when run again; on a version-3 mailbox it writes nothing.
+    /// host with the builtin lease is seen alive. A version-2 doorbell (a
+    /// hint) is cleared; defective records are left as they are.
+    /// Interrupted, it finishes when run again; on a version-4 mailbox it
+    /// writes nothing.
     Upgrade(UpgradeArgs),
     /// Decode and check every record of a mailbox.
     ///

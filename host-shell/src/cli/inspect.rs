@@ -9,10 +9,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 use spmbox_core::wire::{
-    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, HostId, InboxArea, Location,
-    OutboxArea, Place, RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request, SPM_HEADER_OFFSET,
-    SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, Slot, SlotRecord, SlotState, SpmHeader,
-    Superblock, first_nonzero,
+    AREA_SIZE, DOORBELL_OFFSET, Defect, Doorbell, Geometry, Hold, HoldArea, HostId, InboxArea,
+    Location, OutboxArea, Place, RECORD_LEN, RESERVED_OFFSET, Record, Reply, Request,
+    SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, Slot, SlotRecord, SlotState,
+    SpmHeader, Superblock, first_nonzero,
 };
 
 use crate::cli::json;
@@ -47,8 +47,12 @@ pub struct HostReport {
     pub inbox_header: Found<spmbox_core::wire::InboxHeader>,
     /// Its outbox header.
     pub outbox_header: Found<spmbox_core::wire::OutboxHeader>,
-    /// Non-empty inbox slots.
+    /// Non-empty inbox slots but those with hold records (defective ones
+    /// of either kind included).
     pub requests: Vec<(Slot, SlotState<Request>)>,
+    /// Inbox slots with a valid hold record, of the header's generation
+    /// (valid) or another (stale).
+    pub holds: Vec<(Slot, SlotState<Hold>)>,
     /// Non-empty outbox slots.
     pub replies: Vec<(Slot, SlotState<Reply>)>,
 }
@@ -108,13 +112,27 @@ impl Report {
         })
     }
 
-    /// Stale requests and replies.
+    /// Valid hold records in the audited hosts' inboxes.
+    pub fn holds(&self) -> usize {
+        self.count(|h| {
+            h.holds
+                .iter()
+                .filter(|(_, s)| matches!(s, SlotState::Valid(_)))
+                .count()
+        })
+    }
+
+    /// Stale requests, hold records and replies.
     pub fn stale(&self) -> usize {
         self.count(|h| {
             h.requests
                 .iter()
                 .filter(|(_, s)| matches!(s, SlotState::Stale(_)))
                 .count()
+                + h.holds
+                    .iter()
+                    .filter(|(_, s)| matches!(s, SlotState::Stale(_)))
+                    .count()
                 + h.replies
                     .iter()
                     .filter(|(_, s)| matches!(s, SlotState::Stale(_)))
@@ -216,11 +234,20 @@ pub fn audit(image: &[u8], superblock: &Superblock, host: Option<HostId>) -> Rep
         }
         let requests = slots(&inbox, inbox_at, &geometry, &mut problems);
         let replies = slots(&outbox, outbox_at, &geometry, &mut problems);
+        // Defective slots are reported once, with the requests.
+        let holds = HoldArea::new(inbox_bytes, domain, host_id)
+            .map(|area| {
+                area.slots()
+                    .filter(|(_, s)| matches!(s, SlotState::Valid(_) | SlotState::Stale(_)))
+                    .collect()
+            })
+            .unwrap_or_default();
         hosts.push(HostReport {
             host_id,
             inbox_header,
             outbox_header,
             requests,
+            holds,
             replies,
         });
     }
@@ -378,6 +405,17 @@ fn request_text(r: &Request) -> String {
     )
 }
 
+fn hold_text(h: &Hold) -> String {
+    let volumes: Vec<String> = h.held().iter().map(ToString::to_string).collect();
+    format!(
+        "hold gen {}: {} volume{} held: {}",
+        h.generation,
+        h.count,
+        if h.count == 1 { "" } else { "s" },
+        volumes.join(", ")
+    )
+}
+
 fn reply_text(r: &Reply) -> String {
     let mut s = format!(
         "reply seq {} gen {} volume {} target {}: {}",
@@ -427,7 +465,7 @@ pub fn render(report: &Report, device: &str) -> String {
         out,
         "SPM: {}",
         found_text(&report.spm_header, |h| format!(
-            "{}, epoch {}, spm id {}, heartbeat {} every {} ms",
+            "{}, epoch {}, spm id {}, heartbeat {} every {} ms, pool commit {}, release commit {}",
             match h.state {
                 spmbox_core::wire::SpmState::Vacant => "vacant",
                 spmbox_core::wire::SpmState::Active => "active",
@@ -435,7 +473,9 @@ pub fn render(report: &Report, device: &str) -> String {
             h.epoch,
             h.spm_id,
             h.heartbeat,
-            h.heartbeat_interval_ms
+            h.heartbeat_interval_ms,
+            h.pool_commit,
+            h.release_commit
         ))
     );
     let _ = writeln!(
@@ -452,20 +492,27 @@ pub fn render(report: &Report, device: &str) -> String {
             "host {}: inbox {}; outbox {}",
             host.host_id,
             found_text(&host.inbox_header, |h| format!(
-                "generation {}",
-                h.generation
+                "generation {}, release ack {}",
+                h.generation, h.release_ack
             )),
             found_text(&host.outbox_header, |h| format!(
                 "epoch {}, generation {}",
                 h.epoch, h.generation
             )),
         );
-        for (slot, state) in &host.requests {
-            let _ = writeln!(
-                out,
-                "  inbox slot {slot:>2}: {}",
-                slot_text(state, request_text)
-            );
+        let mut inbox: Vec<(Slot, String)> = host
+            .requests
+            .iter()
+            .map(|(slot, state)| (*slot, slot_text(state, request_text)))
+            .chain(
+                host.holds
+                    .iter()
+                    .map(|(slot, state)| (*slot, slot_text(state, hold_text))),
+            )
+            .collect();
+        inbox.sort_by_key(|(slot, _)| slot.get());
+        for (slot, text) in inbox {
+            let _ = writeln!(out, "  inbox slot {slot:>2}: {text}");
         }
         for (slot, state) in &host.replies {
             let _ = writeln!(
@@ -483,9 +530,11 @@ pub fn render(report: &Report, device: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "summary: {} hosts with mail, {} requests, {} replies, {} stale, {} problems",
+        "summary: {} hosts with mail, {} requests, {} hold records, {} replies, {} stale, {} \
+         problems",
         report.hosts.len(),
         report.requests(),
+        report.holds(),
         report.replies(),
         report.stale(),
         report.problems.len()
@@ -518,11 +567,22 @@ pub fn to_json(report: &Report, device: &str) -> Value {
         .hosts
         .iter()
         .map(|h| {
+            let mut inbox: Vec<(u16, Value)> = h
+                .requests
+                .iter()
+                .map(|(s, st)| (s.get(), slot_json(s.get(), st, json::request)))
+                .chain(
+                    h.holds
+                        .iter()
+                        .map(|(s, st)| (s.get(), slot_json(s.get(), st, json::hold))),
+                )
+                .collect();
+            inbox.sort_by_key(|(slot, _)| *slot);
             json!({
                 "host_id": h.host_id,
                 "inbox": {
                     "header": found_json(&h.inbox_header, |r| json::record(&Record::InboxHeader(*r))),
-                    "slots": h.requests.iter().map(|(s, st)| slot_json(s.get(), st, json::request)).collect::<Vec<_>>(),
+                    "slots": inbox.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
                 },
                 "outbox": {
                     "header": found_json(&h.outbox_header, |r| json::record(&Record::OutboxHeader(*r))),
@@ -555,9 +615,156 @@ pub fn to_json(report: &Report, device: &str) -> Value {
         "summary": {
             "hosts_with_mail": report.hosts.len(),
             "requests": report.requests(),
+            "holds": report.holds(),
             "replies": report.replies(),
             "stale": report.stale(),
             "problems": report.problems.len(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spmbox_core::wire::{
+        Epoch, Generation, InboxHeader, RejectReason, ReplyStatus, SpmState, Uuid,
+    };
+
+    const DOMAIN: Uuid = Uuid([0xd0; 16]);
+
+    fn put(image: &mut [u8], offset: u64, record: [u8; RECORD_LEN]) {
+        let at = offset as usize;
+        image[at..at + RECORD_LEN].copy_from_slice(&record);
+    }
+
+    /// A 4-host mailbox with the version-4 fields set, two hold records
+    /// (one stale) and a request beside them, and a segments_full reply.
+    fn image() -> (Vec<u8>, Superblock) {
+        let superblock = Superblock {
+            domain: DOMAIN,
+            geometry: Geometry::new(4, 512).unwrap(),
+        };
+        let g = superblock.geometry;
+        let mut image = vec![0u8; g.mailbox_size() as usize];
+        let sb = superblock.to_bytes().unwrap();
+        put(&mut image, SUPERBLOCK_OFFSET, sb);
+        put(&mut image, SUPERBLOCK_BACKUP_OFFSET, sb);
+        let spm = SpmHeader {
+            epoch: Epoch::new(2),
+            state: SpmState::Vacant,
+            pool_commit: 11,
+            release_commit: 9,
+            ..SpmHeader::vacant(DOMAIN, Epoch::new(2))
+        };
+        put(&mut image, SPM_HEADER_OFFSET, spm.to_bytes().unwrap());
+        let host = HostId::new(2);
+        let inbox = g.inbox_area(host).unwrap();
+        let header = InboxHeader {
+            domain: DOMAIN,
+            host_id: host,
+            generation: Generation::new(3),
+            owner: 0,
+            heartbeat: 0,
+            heartbeat_interval_ms: 0,
+            release_ack: 7,
+        };
+        put(&mut image, inbox, header.to_bytes().unwrap());
+        let hold = |slot: u16, generation: u64, held: &[Uuid]| {
+            Hold::listing(
+                DOMAIN,
+                host,
+                Slot::new(slot),
+                Generation::new(generation),
+                held,
+            )
+            .to_bytes()
+            .unwrap()
+        };
+        put(
+            &mut image,
+            inbox + 31 * 128,
+            hold(31, 3, &[Uuid([1; 16]), Uuid([2; 16])]),
+        );
+        put(&mut image, inbox + 30 * 128, hold(30, 2, &[Uuid([3; 16])]));
+        let request = Request {
+            domain: DOMAIN,
+            host_id: host,
+            slot: Slot::new(1),
+            generation: Generation::new(3),
+            sequence: 4,
+            volume: Uuid([1; 16]),
+            target_size: 1 << 30,
+            current_size: 1 << 29,
+            paused: false,
+        };
+        put(&mut image, inbox + 128, request.to_bytes().unwrap());
+        let outbox = g.outbox_area(host).unwrap();
+        let outbox_header = spmbox_core::wire::OutboxHeader {
+            domain: DOMAIN,
+            host_id: host,
+            epoch: Epoch::new(2),
+            generation: Generation::new(3),
+        };
+        put(&mut image, outbox, outbox_header.to_bytes().unwrap());
+        let reply = Reply::answering(
+            &request,
+            ReplyStatus::Rejected(RejectReason::SegmentsFull),
+            1 << 29,
+            Epoch::new(2),
+        );
+        put(&mut image, outbox + 128, reply.to_bytes().unwrap());
+        (image, superblock)
+    }
+
+    #[test]
+    fn holds_the_new_fields_and_segments_full_are_shown_and_are_no_problems() {
+        let (image, superblock) = image();
+        let report = audit(&image, &superblock, None);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(
+            (report.requests(), report.holds(), report.stale()),
+            (1, 1, 1)
+        );
+        let text = render(&report, "dom");
+        for want in [
+            "release commit 9",
+            "release ack 7",
+            "inbox slot 31: hold gen 3: 2 volumes held: 01010101-",
+            "inbox slot 30: STALE (not acted on): hold gen 2: 1 volume held",
+            "rejected (segments_full)",
+            "1 requests, 1 hold records",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+        let json = to_json(&report, "dom");
+        assert_eq!(json["spm_header"]["record"]["release_commit"], 9);
+        let host = &json["hosts"][0];
+        assert_eq!(host["inbox"]["header"]["record"]["release_ack"], 7);
+        let slots = host["inbox"]["slots"].as_array().unwrap();
+        let kinds: Vec<(u64, &str, &str)> = slots
+            .iter()
+            .map(|s| {
+                (
+                    s["slot"].as_u64().unwrap(),
+                    s["state"].as_str().unwrap(),
+                    s["record"]["kind"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, "valid", "request"),
+                (30, "stale", "hold"),
+                (31, "valid", "hold")
+            ]
+        );
+        assert_eq!(slots[2]["record"]["count"], 2);
+        assert_eq!(slots[2]["record"]["volumes"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            host["outbox"]["slots"][0]["record"]["reason"],
+            "segments_full"
+        );
+        assert_eq!(json["summary"]["holds"], 1);
+    }
 }

@@ -4,8 +4,8 @@
 
 use serde_json::{Value, json};
 use spmbox_core::wire::{
-    Defect, Doorbell, InboxHeader, OutboxHeader, Record, Reply, ReplyStatus, Request, SpmHeader,
-    SpmState, Superblock,
+    Defect, Doorbell, Hold, InboxHeader, OutboxHeader, Record, Reply, ReplyStatus, Request,
+    SpmHeader, SpmState, Superblock,
 };
 
 /// A record as JSON, with its `kind`.
@@ -18,6 +18,7 @@ pub fn record(record: &Record) -> Value {
         Record::Request(r) => request(r),
         Record::OutboxHeader(r) => outbox_header(r),
         Record::Reply(r) => reply(r),
+        Record::Hold(r) => hold(r),
     }
 }
 
@@ -50,6 +51,7 @@ pub fn spm_header(r: &SpmHeader) -> Value {
         "heartbeat": r.heartbeat,
         "owner": r.owner,
         "pool_commit": r.pool_commit,
+        "release_commit": r.release_commit,
     })
 }
 
@@ -75,6 +77,20 @@ pub fn inbox_header(r: &InboxHeader) -> Value {
         "owner": r.owner,
         "heartbeat": r.heartbeat,
         "heartbeat_interval_ms": r.heartbeat_interval_ms,
+        "release_ack": r.release_ack,
+    })
+}
+
+/// A hold record as JSON: `volumes` lists the `count` volumes held.
+pub fn hold(r: &Hold) -> Value {
+    json!({
+        "kind": "hold",
+        "domain": r.domain.to_string(),
+        "host_id": r.host_id,
+        "slot": r.slot,
+        "generation": r.generation,
+        "count": r.count,
+        "volumes": r.held().iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
 }
 

@@ -114,6 +114,10 @@ pub struct HostSummary {
 struct GuestSlot {
     map: Mutex<Mapping>,
     grown: Condvar,
+    /// Held by the guest thread across each write; set to true, the guest
+    /// writes no more. Whoever sets it holds the lock, so no write is in
+    /// flight once it is set.
+    halted: Mutex<bool>,
 }
 
 enum Msg {
@@ -286,12 +290,15 @@ pub fn run(
     );
     let owner = crate::io::mailbox::random_owner()?;
     driver.start(clock.now(), owner)??;
+    // The inbox header and the hold records of every volume, durable
+    // before any guest writes (docs/protocol.md, section 9).
+    retry_at_start(&stop, || driver.write())?;
+    retry_at_start(&stop, || device.sync_data())?;
     if !options.config.lease_interval.is_zero() {
-        // Write the header with this process's owner, wait longer than a
-        // heartbeat, and read it back: another process that started at
-        // the same moment with the same host id either overwrote it (this
-        // one stops before any guest wrote) or saw it and refused.
-        retry_at_start(&stop, || driver.write())?;
+        // The header with this process's owner is written: wait longer
+        // than a heartbeat, and read it back: another process that started
+        // at the same moment with the same host id either overwrote it
+        // (this one stops before any guest wrote) or saw it and refused.
         let settle = options.config.lease_interval * 3 / 2;
         let until = std::time::Instant::now() + settle;
         while std::time::Instant::now() < until {
@@ -337,6 +344,7 @@ pub fn run(
         let slot = Arc::new(GuestSlot {
             map: Mutex::new(map.clone()),
             grown: Condvar::new(),
+            halted: Mutex::new(false),
         });
         let vm = match &vm_setup {
             Some(setup) => {
@@ -859,7 +867,15 @@ fn run_guest(
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        match guest.write_next(&map, &mut devices) {
+        let Ok(halted) = slot.halted.lock() else {
+            return;
+        };
+        if *halted {
+            return;
+        }
+        let step = guest.write_next(&map, &mut devices);
+        drop(halted);
+        match step {
             Ok(Step::Wrote { bytes, allocation }) => {
                 if tx.send(Msg::Allocation(volume, allocation, bytes)).is_err() {
                     return;
@@ -977,38 +993,29 @@ fn handle_event(
                 );
                 return Ok(());
             }
-            {
-                let mut current = run
-                    .slot
-                    .map
-                    .lock()
-                    .map_err(|_| BackendError::new("a guest thread died"))?;
-                if !current.is_prefix_of(&map) {
-                    return Err(BackendError::new(format!(
-                        "volume {volume}: the refreshed map moves bytes the guest already wrote; \
-                         the pool is inconsistent: stop and run `spmbox status`"
-                    )));
-                }
-                *current = map.clone();
-            }
-            run.slot.grown.notify_all();
-            engine.handle_refreshed(clock.now(), volume, map.size);
-            if let Some(vm) = run.vm.as_mut() {
-                let resumed = vm.counts.resumes;
-                vm.refreshed(map, engine.write_threshold(volume))?;
-                if let Some(at) = run.threshold_at.take() {
-                    summary
-                        .threshold_to_refresh_ms
-                        .push(at.elapsed().as_secs_f64() * 1e3);
-                }
-                if vm.counts.resumes > resumed {
-                    summary.vm_resumed_at.push(std::time::Instant::now());
-                    emit(
-                        json_events,
-                        json!({"event": "vm_resumed", "host": host, "volume": volume.to_string()}),
-                    );
-                }
-            }
+            apply_map(volume, run, map, engine, summary, clock, options)?;
+        }
+        HostEvent::RefreshAll { release_commit } => {
+            refresh_all(release_commit, options, engine, maps, runs, summary, clock)?;
+        }
+        HostEvent::SegmentsFull { volume, size } => {
+            let guest = match runs.get(&volume).map(|r| r.vm.is_some()) {
+                Some(true) => "its VM stays paused once it runs out of space",
+                _ => "its guest stops writing when it reaches the end",
+            };
+            tracing::error!(
+                %volume,
+                "volume {volume} cannot grow past {}: its segment table is full (its map holds \
+                 as many segments as the pool keeps per volume, and the pool cannot place the \
+                 extension next to its last segment). The host asks no more for it and {guest}. \
+                 Reduce or move the volume (`spmbox volume reduce`) so that its extents are \
+                 contiguous again, and give new domains a larger extent size",
+                Bytes(size)
+            );
+            emit(
+                json_events,
+                json!({"event": "segments_full", "host": host, "volume": volume.to_string(), "size": size}),
+            );
         }
         HostEvent::Extended {
             volume,
@@ -1099,11 +1106,129 @@ fn handle_event(
             tracing::info!(%volume, "no reply yet: request {sequence} written again");
         }
         HostEvent::SlotsExhausted => {
-            tracing::warn!("all 31 inbox slots are in use; more requests wait in memory");
+            tracing::warn!(
+                "all {} request slots of the inbox area are in use; more requests wait in memory",
+                engine.request_slots()
+            );
         }
         // An event of a newer core that this shell does not act on yet.
         _ => tracing::debug!("a host engine event this version does not act on"),
     }
+    Ok(())
+}
+
+/// Installs `map`, just re-read, as the map `volume`'s guest writes
+/// through, and tells the engine its size.
+fn apply_map(
+    volume: Uuid,
+    run: &mut VolumeRun,
+    map: Mapping,
+    engine: &mut Host<HOST_VOLUMES>,
+    summary: &mut HostSummary,
+    clock: &Clock,
+    options: &HostOptions,
+) -> Result<(), BackendError> {
+    {
+        let mut current = run
+            .slot
+            .map
+            .lock()
+            .map_err(|_| BackendError::new("a guest thread died"))?;
+        if !current.is_prefix_of(&map) {
+            return Err(BackendError::new(format!(
+                "volume {volume}: the refreshed map moves bytes the guest already wrote; \
+                 the pool is inconsistent: stop and run `spmbox status`"
+            )));
+        }
+        *current = map.clone();
+    }
+    run.slot.grown.notify_all();
+    engine.handle_refreshed(clock.now(), volume, map.size);
+    if let Some(vm) = run.vm.as_mut() {
+        let resumed = vm.counts.resumes;
+        vm.refreshed(map, engine.write_threshold(volume))?;
+        if let Some(at) = run.threshold_at.take() {
+            summary
+                .threshold_to_refresh_ms
+                .push(at.elapsed().as_secs_f64() * 1e3);
+        }
+        if vm.counts.resumes > resumed {
+            summary.vm_resumed_at.push(std::time::Instant::now());
+            emit(
+                options.json_events,
+                json!({"event": "vm_resumed", "host": options.host_id, "volume": volume.to_string()}),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An SPM released extents in pool commit `release_commit`: every map is
+/// read again, and only then is the commit acknowledged. A volume whose
+/// map cannot be read again (the metadata no longer has it, or reading
+/// failed) may not be written through its old map: its guest is stopped
+/// (a VM stops the host) and the volume removed before the
+/// acknowledgement.
+fn refresh_all(
+    release_commit: u64,
+    options: &HostOptions,
+    engine: &mut Host<HOST_VOLUMES>,
+    maps: &mut dyn VolumeMaps,
+    runs: &mut HashMap<Uuid, VolumeRun>,
+    summary: &mut HostSummary,
+    clock: &Clock,
+) -> Result<(), BackendError> {
+    let volumes: Vec<Uuid> = engine.volumes().map(|v| v.id).collect();
+    for volume in volumes {
+        match maps.refresh(volume) {
+            Ok(map) => {
+                if let Some(run) = runs.get_mut(&volume) {
+                    apply_map(volume, run, map, engine, summary, clock, options)?;
+                } else {
+                    engine.handle_refreshed(clock.now(), volume, map.size);
+                }
+            }
+            Err(e) => {
+                let why = format!(
+                    "volume {volume}: an SPM released extents (pool commit {release_commit}) and \
+                     the volume's map cannot be read again ({e}); if the volume was deleted, take \
+                     it off this host"
+                );
+                if runs.get(&volume).is_some_and(|r| r.vm.is_some()) {
+                    return Err(BackendError::new(format!(
+                        "{why}. Its VM is stopped with this host, so that nothing is written \
+                         through its old map"
+                    )));
+                }
+                if let Some(run) = runs.remove(&volume) {
+                    // Taking the lock waits for the write in flight.
+                    let mut halted = run
+                        .slot
+                        .halted
+                        .lock()
+                        .map_err(|_| BackendError::new("a guest thread died"))?;
+                    *halted = true;
+                    run.slot.grown.notify_all();
+                }
+                tracing::error!(
+                    %volume,
+                    "{why}. Its guest is stopped: it writes nothing more through its old map"
+                );
+                emit(
+                    options.json_events,
+                    json!({"event": "volume_stopped", "host": options.host_id, "volume": volume.to_string(), "release_commit": release_commit}),
+                );
+                engine
+                    .remove_volume(clock.now(), volume)
+                    .map_err(|e| BackendError::new(format!("volume {volume}: {e}")))?;
+            }
+        }
+    }
+    engine.handle_all_refreshed(clock.now(), release_commit);
+    emit(
+        options.json_events,
+        json!({"event": "release_acked", "host": options.host_id, "release_commit": release_commit}),
+    );
     Ok(())
 }
 

@@ -1028,6 +1028,9 @@ impl std::fmt::Display for JobText {
                 write!(f, "over the volume's limit, stays at {}", Bytes(size))
             }
             JobResult::Malformed => f.write_str("malformed request"),
+            JobResult::SegmentsFull { size } => {
+                write!(f, "segment table full, stays at {}", Bytes(size))
+            }
             JobResult::Failed { code } => write!(f, "failed with error {code}"),
         }
     }

@@ -152,8 +152,16 @@ pub enum MailboxError {
     Random(rustix::io::Errno),
 }
 
-/// The format version `spmbox upgrade` converts from, in place.
-pub const UPGRADABLE_FROM: u8 = 2;
+/// The format versions `spmbox upgrade` converts from, in place. Their
+/// record layouts are the current one's but for fields that were reserved
+/// (zero) in them and whose format value is zero now, and the doorbell's
+/// `rings` (version 3), which version 2 lacks.
+pub const UPGRADABLE_FROM: [u8; 2] = [2, 3];
+
+/// Whether `spmbox upgrade` converts format `version` in place.
+pub fn upgradable(version: u8) -> bool {
+    UPGRADABLE_FROM.contains(&version)
+}
 
 /// The message of [`MailboxError::UnsupportedVersion`]: from the version
 /// `spmbox upgrade` converts, run it; from an older one, write a new
@@ -165,7 +173,7 @@ fn unsupported_version(path: &Path, version: u8) -> String {
         "{path} holds an spmbox mailbox of format version {version}; this spmbox reads and writes \
          version {FORMAT_VERSION}"
     );
-    if version == UPGRADABLE_FROM {
+    if upgradable(version) {
         format!(
             "{head}. Convert it in place, keeping the SPM's epoch and pool commit and every \
              request and reply: stop the SPM and every host, then run `spmbox upgrade --device \
@@ -735,13 +743,13 @@ pub fn repair(
 pub struct Upgraded {
     /// The superblock (of the new version when converted).
     pub superblock: Superblock,
-    /// The version found: [`UPGRADABLE_FROM`], or the current one (then
+    /// The version found: one of [`UPGRADABLE_FROM`], or the current one (then
     /// nothing was written).
     pub from_version: u8,
     /// The version now.
     pub to_version: u8,
-    /// Valid records of the old version rewritten as the new one (the
-    /// doorbell not counted).
+    /// Valid records of the old version rewritten as the new one (a
+    /// doorbell cleared not counted).
     pub records_rewritten: usize,
     /// A valid doorbell of the old version was written empty.
     pub doorbell_cleared: bool,
@@ -783,9 +791,11 @@ impl Upgraded {
 /// The longest `upgrade` watches the heartbeats of a domain's SPM and hosts.
 pub const UPGRADE_WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Converts the mailbox on `path` from format version [`UPGRADABLE_FROM`]
-/// to the current one in place, keeping the SPM header (its epoch and
-/// pool commit), every request and reply and every generation.
+/// Converts the mailbox on `path` from a format version of
+/// [`UPGRADABLE_FROM`] (2 or 3) to the current one in place, keeping the
+/// SPM header (its epoch and pool commit), every request and reply and
+/// every generation. The fields new in version 4 (`release_commit`,
+/// `release_ack`) were reserved, so they are 0: their format value.
 ///
 /// Refuses, writing nothing: a live domain (the domain lock held, an SPM
 /// answering on its control socket, or an SPM or a host whose heartbeat
@@ -795,9 +805,10 @@ pub const UPGRADE_WATCH_MAX: std::time::Duration = std::time::Duration::from_sec
 ///
 /// Every record of the old version that is valid (its checksum, magic and
 /// version byte, and, converted, valid at its place for a reader of the
-/// new version) is rewritten with the new version byte and checksum; the
-/// doorbell, whose new `rings` field must not be 0, is written empty
-/// instead (it is only a hint: the SPM's full scans find every request).
+/// new version) is rewritten with the new version byte and checksum; a
+/// version-2 doorbell, whose `rings` field (new in version 3) must not be
+/// 0, is written empty instead (it is only a hint: the SPM's full scans
+/// find every request).
 /// Empty records, records of the new version and defective ones stay as
 /// they are, byte for byte.
 ///
@@ -837,7 +848,7 @@ pub fn upgrade(path: &Path) -> Result<Upgraded, MailboxError> {
             drop(device);
             return already_upgraded(path);
         }
-        UPGRADABLE_FROM => found.superblock.ok_or_else(|| {
+        version if upgradable(version) => found.superblock.ok_or_else(|| {
             MailboxError::Internal("a superblock of the old version without a geometry".into())
         })?,
         version => {
@@ -870,13 +881,13 @@ pub fn upgrade(path: &Path) -> Result<Upgraded, MailboxError> {
     let mut image = AlignedBuf::zeroed(len, device.dio_mem_align());
     device.read_at(0, &mut image)?;
     let before = image.to_vec();
-    let mut done = Upgraded::nothing(superblock, UPGRADABLE_FROM, Ok(None));
+    let mut done = Upgraded::nothing(superblock, found.version, Ok(None));
     for (offset, at, kind) in record_places(&superblock) {
         let start = offset as usize;
         let Some(record) = image.get_mut(start..start + RECORD_LEN) else {
             continue;
         };
-        match convert_record(record, &at, kind) {
+        match convert_record(record, &at, kind, found.version) {
             Converted::Empty => {}
             Converted::AlreadyNew => done.already_new += 1,
             Converted::Rewritten => done.records_rewritten += 1,
@@ -972,7 +983,7 @@ struct AnyVersion {
 
 /// The superblock (or, if it is damaged, its backup) of any version whose
 /// checksum is right: its version byte, and for the current version and
-/// [`UPGRADABLE_FROM`] its domain and geometry, checked as a reader of the
+/// the versions of [`UPGRADABLE_FROM`] its domain and geometry, checked as a reader of the
 /// current version checks them. Neither copy usable: the error `open`
 /// gives. Two valid copies that differ: refused.
 fn find_superblock_any_version(device: &Device) -> Result<AnyVersion, MailboxError> {
@@ -990,7 +1001,7 @@ fn find_superblock_any_version(device: &Device) -> Result<AnyVersion, MailboxErr
         let version = record[9];
         let mut as_current = [0u8; RECORD_LEN];
         as_current.copy_from_slice(record);
-        if version == UPGRADABLE_FROM {
+        if upgradable(version) {
             as_current[9] = spmbox_core::wire::FORMAT_VERSION;
             seal(&mut as_current);
         }
@@ -1122,12 +1133,17 @@ enum Converted {
     Defective,
 }
 
-/// Converts `record` in place if it is a valid record of version
-/// [`UPGRADABLE_FROM`] of `kind` at `at`; leaves it as it is otherwise.
+/// Converts `record` in place if it is a valid record of version `from`
+/// (one of [`UPGRADABLE_FROM`]) of `kind` at `at`; leaves it as it is
+/// otherwise. A version-2 doorbell is cleared instead (its `rings` would
+/// be 0); every other record keeps its bytes but the version and the
+/// checksum: the fields that are new since (`rings`, `release_commit`,
+/// `release_ack`) were reserved, so zero, which is their format value.
 fn convert_record(
     record: &mut [u8],
     at: &spmbox_core::wire::Location,
     kind: spmbox_core::wire::Kind,
+    from: u8,
 ) -> Converted {
     use spmbox_core::wire::{FORMAT_VERSION, Kind, Record};
     if record.iter().all(|&b| b == 0) {
@@ -1138,13 +1154,14 @@ fn convert_record(
     }
     match record[9] {
         FORMAT_VERSION => return Converted::AlreadyNew,
-        UPGRADABLE_FROM => {}
+        version if version == from => {}
         _ => return Converted::Defective,
     }
     let mut new = [0u8; RECORD_LEN];
     new.copy_from_slice(record);
     new[9] = FORMAT_VERSION;
-    if kind == Kind::Doorbell {
+    let clear_doorbell = kind == Kind::Doorbell && from == 2;
+    if clear_doorbell {
         // `rings` (34..36) was reserved, so zero; the new version needs at
         // least 1. Checked as if it had rung once; written empty.
         if new[34..36] != [0, 0] {
@@ -1157,7 +1174,7 @@ fn convert_record(
         Ok(Some(r)) if r.kind() == kind => {}
         _ => return Converted::Defective,
     }
-    if kind == Kind::Doorbell {
+    if clear_doorbell {
         record.fill(0);
         Converted::DoorbellCleared
     } else {
@@ -1189,7 +1206,8 @@ fn check_no_live_control_socket(path: &Path, domain: Uuid) -> Result<(), Mailbox
 /// SPM and host watch theirs (`daemon::spm::check_no_live_spm`,
 /// `daemon::host`'s `check_host_id_free`). Reads the records by their
 /// bytes, since the layouts of the SPM header and the inbox header are the
-/// same in [`UPGRADABLE_FROM`] and the current version, whose decoders
+/// same in the versions of [`UPGRADABLE_FROM`] and the current version
+/// (but for fields that were reserved), whose decoders
 /// refuse the old one. Hosts under sanlock (interval 0) cannot be seen.
 fn check_no_live_heartbeat(device: &Device, superblock: &Superblock) -> Result<(), MailboxError> {
     use spmbox_core::wire::{FORMAT_VERSION, Kind, SPM_HEADER_OFFSET};
@@ -1206,7 +1224,7 @@ fn check_no_live_heartbeat(device: &Device, superblock: &Superblock) -> Result<(
     let lease = |record: &[u8; RECORD_LEN], kind: Kind, interval_at: usize| -> Option<u32> {
         let ours = checksum_ok(record)
             && record[8] == kind as u8
-            && (record[9] == UPGRADABLE_FROM || record[9] == FORMAT_VERSION)
+            && (upgradable(record[9]) || record[9] == FORMAT_VERSION)
             && record[16..32] == superblock.domain.0;
         let mut interval = [0u8; 4];
         interval.copy_from_slice(&record[interval_at..interval_at + 4]);
