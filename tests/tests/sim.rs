@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use spmbox_tests::sim::{
-    Bug, Faults, MetadataFault, Scenario, SuperblockDamage, Withdraw, run, run_seed,
+    Bug, Faults, Lifecycle, MetadataFault, Scenario, SuperblockDamage, Withdraw, run, run_seed,
 };
 
 const DEFAULT_SEEDS: u64 = 64;
@@ -52,9 +52,28 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let mut failures = Vec::new();
     let (mut extensions, mut pauses, mut resumes, mut crashes, mut faults) = (0, 0, 0, 0, 0);
     let (mut metadata_faults, mut rollbacks_refused, mut evictions) = (0, 0, 0);
-    for (_, result) in &results {
+    let (mut lifecycles, mut closes, mut deletes, mut reduces) = (0, 0, 0, 0);
+    let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
+    let (mut refused_closing, mut starts_with_released, mut unseen_starting) = (0, 0, 0);
+    let (mut reclaimed, mut acks, mut stopped) = (0, 0, 0);
+    for (seed, result) in &results {
         match result {
             Ok(r) => {
+                if Scenario::from_seed(*seed).lifecycle.is_some() {
+                    lifecycles += 1;
+                }
+                closes += r.closes;
+                deletes += r.deletes;
+                reduces += r.reduces;
+                refused_held += r.refused_held;
+                refused_closing += r.refused_closing;
+                unseen_starting += r.holds_unseen_starting;
+                starts_with_released += r.starts_with_released;
+                refused_parked += r.refused_parked;
+                holds_unseen += r.holds_unseen;
+                reclaimed += r.reclaimed;
+                acks += r.acks;
+                stopped += r.stopped;
                 extensions += r.extensions;
                 pauses += r.pauses;
                 resumes += r.resumes;
@@ -73,6 +92,15 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
          {rollbacks_refused} SPM starts refused for a rollback, {evictions} hosts evicted by a lost \
          header write, {} failed",
         failures.len()
+    );
+    println!(
+        "life cycle: {lifecycles} seeds, {closes} volumes closed, {deletes} deleted, {reduces} \
+         reduced, {refused_held} deletes of open volumes refused (held), {refused_closing} of \
+         closed ones whose hold was still on disk, {refused_parked} refused (parked), \
+         {holds_unseen} tried on a held volume whose hold a fault hid and \
+         {unseen_starting} while its host was starting, {reclaimed} extents \
+         reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone), \
+         {starts_with_released} SPM starts on a release floor"
     );
     assert!(
         failures.is_empty(),
@@ -116,6 +144,7 @@ fn clean(seed: u64) -> Scenario {
         twin_spms_at: None,
         superblock_damage: None,
         metadata_fault: None,
+        lifecycle: None,
     }
 }
 
@@ -359,4 +388,73 @@ fn an_spm_that_starts_on_metadata_a_misplaced_commit_rolled_back_is_caught() {
     })
     .expect_err("an SPM starting on rolled-back metadata went unnoticed");
     assert!(caught_rollback(&failure.what), "{failure}");
+}
+
+fn lifecycle(seed: u64) -> Scenario {
+    Scenario {
+        lifecycle: Some(Lifecycle {
+            from: Duration::from_millis(500),
+            every: Duration::from_millis(50),
+            probe_percent: 30,
+        }),
+        ..clean(seed)
+    }
+}
+
+/// Room early, and deletes of held volumes that the bugs let through
+/// while the other guests still grow into the extents they release.
+fn deletes_while_growing(seed: u64, bug: Bug) -> Scenario {
+    Scenario {
+        bug: Some(bug),
+        add_capacity_at: Duration::from_secs(1),
+        lifecycle: Some(Lifecycle {
+            from: Duration::from_millis(1_500),
+            every: Duration::from_millis(100),
+            probe_percent: 20,
+        }),
+        ..clean(seed)
+    }
+}
+
+#[test]
+fn volumes_are_closed_deleted_and_reduced_and_their_extents_reclaimed() {
+    let report = run(lifecycle(11)).unwrap_or_else(|f| panic!("{f}"));
+    assert!(report.deletes > 0 && report.reduces > 0, "{report:?}");
+    assert!(
+        report.refused_held > 0 && report.reclaimed > 0,
+        "{report:?}"
+    );
+}
+
+#[test]
+fn deleting_held_volumes_stops_their_guests_before_the_extents_are_reused() {
+    // The hosts' acknowledgements alone keep every guest's data apart.
+    let mut stopped = 0;
+    for seed in 0..8 {
+        let report = run(deletes_while_growing(seed, Bug::DeleteHeldVolumes))
+            .unwrap_or_else(|f| panic!("{f}"));
+        assert!(report.reclaimed > 0, "{report:?}");
+        stopped += report.stopped;
+    }
+    assert!(stopped > 0, "no held volume was deleted");
+}
+
+#[test]
+fn an_spm_that_reclaims_before_the_hosts_acknowledge_is_caught() {
+    let mut caught = 0;
+    for seed in 0..40 {
+        let Err(failure) = run(deletes_while_growing(seed, Bug::ReclaimIgnoresAcks)) else {
+            continue;
+        };
+        assert!(
+            failure.what.contains("still maps it")
+                || failure.what.contains("which the live pool gives")
+                || failure.what.contains("which the committed pool gives")
+                || failure.what.contains("still owns")
+                || failure.what.contains("before every host that held"),
+            "{failure}"
+        );
+        caught += 1;
+    }
+    assert!(caught > 0, "the early reclaim went unnoticed in 40 seeds");
 }

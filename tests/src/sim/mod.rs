@@ -60,6 +60,17 @@
 //! engine; it starts again from what is on disk. A host evicted by its own
 //! lost inbox header write exits and starts again, as the daemon does.
 //!
+//! Some seeds give volumes a life after their guests are done
+//! ([`Lifecycle`]): hosts close them, and the SPM deletes or reduces them
+//! through a model of the daemon's admin path (refused while a hold record
+//! on disk lists the volume), publishes the release in its header, and
+//! reclaims the released extents once every host's inbox header
+//! acknowledges it. Every guest writes through the map its host last read
+//! ([`Snapshot`]), and the checks follow each physical extent: no guest
+//! writes an extent another volume owns, no pool hands out an extent a
+//! host still maps for another volume, and an extent changes owner in the
+//! committed metadata only after a release its old holders acknowledged.
+//!
 //! Safety is checked after every step ([`Sim::check_safety`]); liveness once
 //! the faults have stopped and enough capacity was added
 //! (the run must become quiet, every guest done and none paused, within
@@ -80,8 +91,8 @@ use spmbox_core::pool::{self, Pool};
 use spmbox_core::spm::{JobResult, Spm, SpmConfig, run_pool_job};
 use spmbox_core::time::Instant;
 use spmbox_core::wire::{
-    AREA_SIZE, Epoch, Geometry, HostId, RECORD_LEN, SPM_HEADER_OFFSET, SUPERBLOCK_BACKUP_OFFSET,
-    SUPERBLOCK_OFFSET, SpmHeader, Superblock, Uuid,
+    AREA_SIZE, Epoch, Geometry, HoldArea, HostId, InboxArea, RECORD_LEN, SPM_HEADER_OFFSET,
+    SUPERBLOCK_BACKUP_OFFSET, SUPERBLOCK_OFFSET, SlotState, SpmHeader, Superblock, Uuid,
 };
 
 pub use disk::{Faults, Node, Observed, SimDev, SimDisk};
@@ -136,6 +147,28 @@ pub struct Scenario {
     /// A pool metadata commit is lost or misplaced, and the SPM restarts
     /// after it (see [`MetadataFault`]).
     pub metadata_fault: Option<MetadataFault>,
+    /// Volumes are closed, deleted and reduced (see [`Lifecycle`]).
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// The life of volumes after their guests are done. From `from` on, every
+/// `every`, the operator acts once: a host closes a volume whose guest is
+/// done (`remove_volume`), or the SPM deletes or reduces a closed volume
+/// through the daemon's admin path (refused while a live host holds the
+/// volume or a request for it is parked), and with `probe_percent`
+/// chance it also tries to delete a volume a host holds, which must be
+/// refused. The SPM reclaims released extents once every live host has
+/// acknowledged their release. A run with a life cycle is quiet only once
+/// every volume is closed and deleted or reduced, and nothing released
+/// waits to be reclaimed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The operator's first action.
+    pub from: Duration,
+    /// Between two of its actions.
+    pub every: Duration,
+    /// Chance per action, in percent, of a delete tried on a held volume.
+    pub probe_percent: u8,
 }
 
 /// The first metadata commit at or after `at` (that can be, see below) is
@@ -204,6 +237,13 @@ pub enum Bug {
     /// SPM header and the replies in the outboxes) and loads whatever
     /// metadata is newest on disk.
     SpmSkipsRollbackCheck,
+    /// The admin path deletes volumes that hosts hold (it skips the hold
+    /// records). Not unsafe alone: the hosts stop the guests of volumes
+    /// the metadata lost before they acknowledge the release.
+    DeleteHeldVolumes,
+    /// As [`Bug::DeleteHeldVolumes`], and the SPM reclaims released
+    /// extents without waiting for the hosts' acknowledgements.
+    ReclaimIgnoresAcks,
 }
 
 impl Scenario {
@@ -256,6 +296,16 @@ impl Scenario {
                     rng.between(1, 3_000)
                 }),
             }),
+            // Drawn from a generator of its own, so that the seeds without
+            // a life cycle keep every other choice they had.
+            lifecycle: {
+                let mut life = Rng::new(seed ^ 0x11FE_C1C1_E5EE_D000);
+                (life.below(3) == 0).then(|| Lifecycle {
+                    from: Duration::from_millis(life.between(50, 8_000)),
+                    every: Duration::from_millis(life.between(20, 400)),
+                    probe_percent: life.between(0, 30) as u8,
+                })
+            },
         }
     }
 
@@ -284,6 +334,50 @@ struct Guest {
     rate: u64,
     paused: bool,
     paused_since: Option<Instant>,
+    /// Its host closed the volume ([`Lifecycle`]): the guest writes no
+    /// more, and the operator deletes or reduces the volume.
+    closed: Option<Fate>,
+    /// The map (segments) the host last refreshed the volume to, while the
+    /// volume is open: every guest write goes through it.
+    map: Option<Snapshot>,
+}
+
+/// What the operator does with a closed volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Delete it.
+    Delete,
+    /// Reduce it to this many bytes (the guest's allocation rounded up to
+    /// extents, and a margin).
+    Reduce(u64),
+}
+
+/// A volume's map as a host read it from committed metadata.
+#[derive(Clone, Debug)]
+struct Snapshot {
+    segments: Vec<pool::Segment>,
+    /// The sequence number of the metadata it was read from.
+    seq: u64,
+}
+
+impl Snapshot {
+    /// The physical extent (LUN, extent) of the volume's extent `k`.
+    fn extent(&self, k: u64) -> Option<(u16, u32)> {
+        let mut k = k;
+        for s in &self.segments {
+            if k < u64::from(s.extents) {
+                return Some((s.lun, s.first_extent + k as u32));
+            }
+            k -= u64::from(s.extents);
+        }
+        None
+    }
+
+    fn extents(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
+        self.segments.iter().flat_map(|s| {
+            (s.first_extent..s.first_extent.saturating_add(s.extents)).map(|e| (s.lun, e))
+        })
+    }
 }
 
 /// A host's driver and engine.
@@ -296,6 +390,8 @@ struct HostNode {
     /// The driver and its engine; `None` while the host is down.
     driver: Option<HostDrv>,
     restart_at: Option<Instant>,
+    /// Counts the host's starts.
+    incarnation: u64,
 }
 
 struct SpmNode {
@@ -315,6 +411,9 @@ struct SpmNode {
     /// A commit failed: the next is tried at this time.
     commit_retry_at: Option<Instant>,
 }
+
+/// How often the SPM reclaims released extents while some wait.
+const RECLAIM_INTERVAL: Duration = Duration::from_millis(5);
 
 /// How long an SPM whose commit failed waits before it tries again.
 const COMMIT_RETRY: Duration = Duration::from_millis(100);
@@ -366,6 +465,40 @@ pub struct Report {
     /// Hosts that read another owner back from their inbox header and
     /// stopped (their own header write was lost); each starts again.
     pub evictions: u64,
+    /// Volumes closed by their host ([`Lifecycle`]).
+    pub closes: u64,
+    /// Volumes the SPM deleted.
+    pub deletes: u64,
+    /// Volumes the SPM reduced.
+    pub reduces: u64,
+    /// Deletes of open volumes refused because a live host holds them.
+    pub refused_held: u64,
+    /// Deletes and reduces of closed volumes refused because the hold
+    /// record on disk still listed them (the host's rewrite not landed).
+    pub refused_closing: u64,
+    /// Deletes and reduces refused because a request for the volume was
+    /// parked.
+    pub refused_parked: u64,
+    /// Deletes tried on a held volume that the admin path did not refuse
+    /// because no hold record on disk showed it (a lost, torn or
+    /// misdirected write hid it until the host's next write of its area):
+    /// the delete goes on, as the daemon's would, and the host stops the
+    /// guest when its refresh finds the volume gone.
+    pub holds_unseen: u64,
+    /// The same, while the host had just started a new generation and not
+    /// yet written its hold records (its header, written first, makes the
+    /// old ones stale): its guests run on meanwhile.
+    pub holds_unseen_starting: u64,
+    /// Released extents the SPM reclaimed.
+    pub reclaimed: u64,
+    /// Guests stopped because the metadata no longer had their volume.
+    pub stopped: u64,
+    /// SPM starts whose pool counts extents as released (the floor at the
+    /// metadata's `release_seq`: free extents below the high-water mark
+    /// after a delete or reduce, reclaimed before the restart or not).
+    pub starts_with_released: u64,
+    /// Release commits hosts acknowledged.
+    pub acks: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -432,9 +565,10 @@ pub struct Sim {
     /// The next time to try adding capacity, when the SPM was not ready.
     capacity_retry_at: Option<Instant>,
     twins_started: bool,
-    /// Which volume every extent was ever committed to (extents are never
-    /// freed): an extent committed to two volumes over time is a double
-    /// allocation even when each committed pool is consistent.
+    /// Which volume every extent was committed to, and which extents a
+    /// commit released: an extent committed to two volumes over time
+    /// without a release acknowledged in between is a double allocation
+    /// even when each committed pool is consistent.
     extent_history: ExtentHistory,
     /// Per epoch, the owner of the SPM that committed at it.
     committers: HashMap<u64, u64>,
@@ -454,13 +588,54 @@ pub struct Sim {
     metadata_faulted: bool,
     /// When the SPM restarts after the [`MetadataFault`].
     metadata_restart_at: Option<Instant>,
+    /// Random choices of the [`Lifecycle`] and of the guests' rewrites,
+    /// apart from `rng` so that they change nothing else.
+    life_rng: Rng,
+    /// The operator's next action ([`Lifecycle`]).
+    next_op_at: Option<Instant>,
+    /// The SPM's next reclaim of released extents.
+    next_reclaim_at: Instant,
+    /// Which volume's guest last wrote each physical extent.
+    written: HashMap<(u16, u32), Uuid>,
+    /// The owner of every extent in the live pools and the committed pool,
+    /// and what they were computed from.
+    owners: Vec<(&'static str, Owners)>,
+    owners_of: Option<u64>,
+    owners_stale: bool,
+    /// A guest's map snapshot changed since the maps were last checked.
+    maps_dirty: bool,
+    /// The size the operator deleted (0) or reduced each volume to.
+    shrunk: HashMap<Uuid, u64>,
 }
 
 /// The committed pool and its sequence number.
 type Committed = (Rc<SimPool>, u64);
 
-/// Which volume every extent (LUN, extent) was ever committed to.
-type ExtentHistory = HashMap<(u16, u32), Uuid>;
+/// The volume each extent (LUN, extent) belongs to in one pool.
+type Owners = HashMap<(u16, u32), Uuid>;
+
+/// Every extent's committed owner over time: an extent changes owner only
+/// after its old owner released it in a commit and every host that held
+/// the old owner then acknowledged that release or started again.
+#[derive(Clone, Debug, Default)]
+struct ExtentHistory {
+    /// The last volume each extent (LUN, extent) was committed to.
+    owner: HashMap<(u16, u32), Uuid>,
+    /// Extents a commit took from that owner: by which commit, and which
+    /// hosts (index, incarnation) held the owner then.
+    released: HashMap<(u16, u32), Release>,
+    /// The newest commit seen: a pool at or below it is an older view (a
+    /// rolled-back disk, a restarted SPM's commit that reuses a lost
+    /// commit's number), whose missing extents are no release.
+    seq: u64,
+}
+
+/// A release seen in a committed pool.
+#[derive(Clone, Debug)]
+struct Release {
+    seq: u64,
+    holders: Vec<(usize, u64)>,
+}
 
 const GUEST_TICK: Duration = Duration::from_millis(10);
 
@@ -527,8 +702,12 @@ impl Sim {
                 rate: rng.between(EXTENT / 64, EXTENT / 4),
                 paused: false,
                 paused_since: None,
+                closed: None,
+                map: None,
             });
         }
+        let scenario_seed = scenario.seed;
+        let lifecycle = scenario.lifecycle;
         let mut sim = Sim {
             scenario,
             rng,
@@ -556,7 +735,7 @@ impl Sim {
             twin: None,
             capacity_retry_at: None,
             twins_started: false,
-            extent_history: HashMap::new(),
+            extent_history: ExtentHistory::default(),
             committers: HashMap::new(),
             deposed: Vec::new(),
             superblock_damaged: false,
@@ -566,6 +745,15 @@ impl Sim {
             before_fault: None,
             metadata_faulted: false,
             metadata_restart_at: None,
+            life_rng: Rng::new(scenario_seed ^ 0x6C1F_E0F0_0D5E_ED11),
+            next_op_at: lifecycle.map(|l| at(l.from)),
+            next_reclaim_at: Instant::ZERO,
+            written: HashMap::new(),
+            owners: Vec::new(),
+            owners_of: None,
+            owners_stale: true,
+            maps_dirty: true,
+            shrunk: HashMap::new(),
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -575,6 +763,7 @@ impl Sim {
                 host_id,
                 driver: None,
                 restart_at: Some(Instant::ZERO),
+                incarnation: 0,
             });
         }
         sim.start_spm()
@@ -697,6 +886,12 @@ impl Sim {
                 }
                 let have = pool.volume(r.volume).map(|v| v.size);
                 if have.is_some_and(|size| size >= r.size) {
+                    continue;
+                }
+                // A reply older than the volume's delete or reduce: the
+                // pool is not older than the reply, the volume shrank
+                // since on purpose.
+                if self.shrunk.get(&r.volume).copied() == Some(have.unwrap_or(0)) {
                     continue;
                 }
                 findings.push(format!(
@@ -910,7 +1105,14 @@ impl Sim {
         if self.scenario.bug == Some(Bug::PoolForgetsExtentsUsed) {
             pool.inject_forget_extents_used();
         }
+        // The newest release it knows goes out with its first header.
+        if pool.released_extents() > 0 {
+            self.report.starts_with_released += 1;
+        }
+        let mut engine = engine;
+        engine.set_release_commit(pool.release_seq());
         self.live_dirty = true;
+        self.owners_stale = true;
         let hosts = sb.geometry.max_hosts();
         let chunk = if self.rng.below(2) == 0 {
             hosts
@@ -970,6 +1172,7 @@ impl Sim {
         if self.spm.is_none() {
             self.spm = self.twin.take();
             self.live_dirty = true;
+            self.owners_stale = true;
         }
     }
 
@@ -1043,6 +1246,10 @@ impl Sim {
         }
         consider(self.spm_restart_at);
         consider(self.metadata_restart_at);
+        consider(self.next_op_at);
+        if self.released_waiting() {
+            consider(Some(self.next_reclaim_at));
+        }
         for h in &self.hosts {
             consider(h.driver.as_ref().and_then(|d| d.engine().poll_timeout()));
             consider(h.restart_at);
@@ -1177,6 +1384,8 @@ impl Sim {
         {
             self.add_capacity()?;
         }
+        self.operate()?;
+        self.reclaim()?;
         self.drive_spm(Which::Live)?;
         self.drive_spm(Which::Twin)?;
         self.drive_spm(Which::Old)?;
@@ -1189,7 +1398,7 @@ impl Sim {
         }
         if self.now >= self.next_guest_tick {
             self.next_guest_tick = self.now + GUEST_TICK;
-            self.tick_guests();
+            self.tick_guests()?;
         }
         Ok(())
     }
@@ -1218,6 +1427,7 @@ impl Sim {
             return Ok(());
         };
         self.live_dirty = true;
+        self.owners_stale = true;
         let needed: u64 = pool
             .volumes()
             .map(|v| (v.limit - v.size.min(v.limit)) / EXTENT)
@@ -1249,6 +1459,12 @@ impl Sim {
             let seq = node.seq;
             node.driver.engine_mut().handle_committed(now, seq);
         }
+        if let Some(pool) = node.pool.as_ref() {
+            // Published with the SPM's next header write.
+            node.driver
+                .engine_mut()
+                .set_release_commit(pool.release_seq());
+        }
         let lun = std::mem::take(&mut node.lun_pending);
         if let Some(pool) = node.pool.as_mut() {
             while let Some(c) = pool.poll_completed() {
@@ -1258,6 +1474,7 @@ impl Sim {
             }
         }
         self.live_dirty = true;
+        self.owners_stale = true;
         if lun {
             self.capacity_added = true;
             self.capacity_retry_at = None;
@@ -1326,8 +1543,15 @@ impl Sim {
                     .expect("the committing SPM has a pool"),
             );
             self.before_fault = Some((self.extent_history.clone(), self.committed_max.clone()));
-            check_extent_history(&pool, &mut self.extent_history)
-                .map_err(|e| format!("the pool the SPM committed: {e}"))?;
+            let (hosts, guests) = (&self.hosts, &self.guests);
+            check_extent_history(
+                &pool,
+                seq,
+                &mut self.extent_history,
+                &|v| holders_of(hosts, guests, v),
+                &|r| acknowledged(hosts, r),
+            )
+            .map_err(|e| format!("the pool the SPM committed: {e}"))?;
             self.believed_pool = Some(pool);
         } else {
             self.put(offset, &buf);
@@ -1337,7 +1561,12 @@ impl Sim {
         self.believed = (seq, buf);
         if let Some(node) = self.node(which) {
             node.seq = seq;
+            // What the commit released counts from it.
+            if let Some(pool) = node.pool.as_mut() {
+                pool.stamp_released(seq);
+            }
         }
+        self.owners_stale = true;
         Ok(true)
     }
 
@@ -1501,6 +1730,7 @@ impl Sim {
                 .engine_mut()
                 .handle_job_result(now, job.volume, result);
             self.live_dirty = true;
+            self.owners_stale = true;
             if let Some((before, after)) = grown {
                 self.check_extension(&before, &after, "a job ran")?;
             }
@@ -1525,14 +1755,25 @@ impl Sim {
         };
         let mut engine = Host::<HOST_VOLUMES>::new(sb.domain, HostId::new(host_id), g, config)
             .map_err(|e| format!("host {host_id}: new: {e:?}"))?;
-        let truth = self.committed().map(|(p, _)| p);
-        for guest in self.guests.iter_mut().filter(|g| g.host_id == host_id) {
+        let truth = self.committed();
+        for guest in self
+            .guests
+            .iter_mut()
+            .filter(|g| g.host_id == host_id && g.closed.is_none())
+        {
             // The shell reads the volume's map on start.
             let size = truth
                 .as_ref()
-                .and_then(|p| p.volume(guest.volume))
+                .and_then(|(p, _)| p.volume(guest.volume))
                 .map_or(guest.mapped, |v| v.size);
             guest.mapped = guest.mapped.max(size);
+            if let Some(map) = truth
+                .as_ref()
+                .and_then(|(p, seq)| snapshot(p, guest.volume, *seq))
+            {
+                guest.map = Some(map);
+                self.maps_dirty = true;
+            }
             engine
                 .add_volume(
                     guest.volume,
@@ -1555,6 +1796,7 @@ impl Sim {
         let node = &mut self.hosts[i];
         node.driver = Some(driver);
         node.restart_at = None;
+        node.incarnation += 1;
         Ok(())
     }
 
@@ -1614,16 +1856,59 @@ impl Sim {
                 // held to what the SPM committed (see the module docs).
                 let truth = size_in(self.committed());
                 let committed = size_in(self.reference());
+                if truth == 0 && self.shrunk.get(&volume) == Some(&0) {
+                    // Deleted while held (its hold hidden): the refresh
+                    // finds no volume, the guest stops and the volume goes.
+                    self.stop_guest(i, volume);
+                    return Ok(());
+                }
                 if size > committed {
                     return Err(format!(
                         "host {host_id} was told volume {volume} is {size} bytes but the pool committed {committed}"
                     ));
                 }
+                let map = self
+                    .committed()
+                    .and_then(|(p, seq)| snapshot(&p, volume, seq));
                 if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
                     g.mapped = g.mapped.max(truth);
+                    if g.closed.is_none() && map.is_some() {
+                        g.map = map;
+                        self.maps_dirty = true;
+                    }
                 }
                 if let Some(driver) = self.hosts[i].driver.as_mut() {
                     driver.engine_mut().handle_refreshed(now, volume, truth);
+                }
+            }
+            HostEvent::RefreshAll { release_commit } => {
+                // Every map of a volume the host holds is read again from
+                // the committed metadata; the release is acknowledged once
+                // that metadata is at least as new as the release.
+                let Some((pool, seq)) = self.committed() else {
+                    return Ok(());
+                };
+                for k in 0..self.guests.len() {
+                    let g = &mut self.guests[k];
+                    if g.host_id != host_id || g.closed.is_some() {
+                        continue;
+                    }
+                    match snapshot(&pool, g.volume, seq) {
+                        Some(map) => g.map = Some(map),
+                        None => {
+                            // Deleted while held (a disk fault hid its
+                            // hold): the guest stops, then the volume goes.
+                            let volume = g.volume;
+                            self.stop_guest(i, volume);
+                        }
+                    }
+                    self.maps_dirty = true;
+                }
+                if seq >= release_commit
+                    && let Some(d) = self.hosts[i].driver.as_mut()
+                {
+                    d.engine_mut().handle_all_refreshed(now, release_commit);
+                    self.report.acks += 1;
                 }
             }
             HostEvent::Extended { .. } => self.report.extensions += 1,
@@ -1646,15 +1931,42 @@ impl Sim {
         Ok(())
     }
 
-    fn tick_guests(&mut self) {
+    /// The guest of `volume` on host `i` stops (the metadata lost its
+    /// volume), then the host drops the volume.
+    fn stop_guest(&mut self, i: usize, volume: Uuid) {
+        if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
+            g.closed = Some(Fate::Delete);
+            g.map = None;
+        }
+        self.maps_dirty = true;
+        self.report.stopped += 1;
+        let now = self.now;
+        if let Some(d) = self.hosts[i].driver.as_mut() {
+            let _ = d.engine_mut().remove_volume(now, volume);
+        }
+    }
+
+    fn tick_guests(&mut self) -> Result<(), String> {
         let now = self.now;
         for k in 0..self.guests.len() {
             let host_id = self.guests[k].host_id;
             let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
                 continue;
             };
+            if self.guests[k].closed.is_some() {
+                continue;
+            }
+            // A volume is opened only once its hold record is written.
+            if self.hosts[i]
+                .driver
+                .as_ref()
+                .is_some_and(|d| d.engine().holds_pending())
+            {
+                continue;
+            }
             let g = &mut self.guests[k];
             let goal = g.virtual_size;
+            let before = g.allocation;
             if g.allocation < goal {
                 let want = (g.allocation + g.rate).min(goal);
                 let can = want.min(g.mapped);
@@ -1669,18 +1981,119 @@ impl Sim {
                 }
             }
             let (volume, allocation) = (g.volume, g.allocation);
+            // The bytes written go through the guest's map: the new ones,
+            // and a rewrite of one extent written before.
+            let mut written: Vec<u64> = Vec::new();
+            if allocation > before {
+                written.extend(before / EXTENT..allocation.div_ceil(EXTENT));
+            }
+            if allocation > 0 {
+                written.push(self.life_rng.below(allocation.div_ceil(EXTENT)));
+            }
+            let physical: Vec<(u16, u32)> = match self.guests[k].map.as_ref() {
+                Some(map) => written.iter().filter_map(|&x| map.extent(x)).collect(),
+                None => Vec::new(),
+            };
+            for e in physical {
+                self.guest_write(volume, host_id, e)?;
+            }
             if let Some(driver) = self.hosts[i].driver.as_mut() {
                 driver
                     .engine_mut()
                     .handle_allocation(now, volume, allocation);
             }
         }
+        Ok(())
+    }
+
+    /// Recomputes the owner of every extent in the live pools and the
+    /// committed pool when any may have changed.
+    fn refresh_owners(&mut self) {
+        let version = self.disk.borrow().version();
+        if !self.owners_stale && self.owners_of == Some(version) {
+            return;
+        }
+        let mut owners = Vec::new();
+        for (name, node) in [("live", &self.spm), ("twin", &self.twin)] {
+            if let Some(pool) = node.as_ref().and_then(|n| n.pool.as_ref()) {
+                owners.push((name, owner_map(pool)));
+            }
+        }
+        if let Some((pool, _)) = self.committed() {
+            owners.push(("committed", owner_map(&pool)));
+        }
+        self.owners = owners;
+        self.owners_of = Some(version);
+        self.owners_stale = false;
+        self.maps_dirty = true;
+    }
+
+    /// The guest of `volume` on host `host_id` writes physical extent `e`
+    /// (LUN, extent) through its map: no pool may give `e` to another
+    /// volume, and no data another volume's guest wrote there may be
+    /// overwritten while that volume still owns it.
+    fn guest_write(&mut self, volume: Uuid, host_id: u16, e: (u16, u32)) -> Result<(), String> {
+        self.refresh_owners();
+        for (name, owners) in &self.owners {
+            if let Some(&other) = owners.get(&e)
+                && other != volume
+            {
+                return Err(format!(
+                    "the guest of volume {volume} on host {host_id} wrote extent {} of LUN {}, \
+                     which the {name} pool gives to volume {other}",
+                    e.1, e.0
+                ));
+            }
+        }
+        if let Some(&before) = self.written.get(&e)
+            && before != volume
+            && self.owners.iter().any(|(_, o)| o.get(&e) == Some(&before))
+        {
+            return Err(format!(
+                "the guest of volume {volume} on host {host_id} overwrote extent {} of LUN {}, \
+                 which volume {before} still owns and whose guest wrote it",
+                e.1, e.0
+            ));
+        }
+        self.written.insert(e, volume);
+        Ok(())
+    }
+
+    /// No extent is handed to a volume while a host's map of another
+    /// volume still holds it: checked whenever a pool or a map changed.
+    fn check_maps(&mut self) -> Result<(), String> {
+        self.refresh_owners();
+        if !std::mem::take(&mut self.maps_dirty) {
+            return Ok(());
+        }
+        for g in &self.guests {
+            let Some(map) = g.map.as_ref() else {
+                continue;
+            };
+            for e in map.extents() {
+                for (name, owners) in &self.owners {
+                    if let Some(&other) = owners.get(&e)
+                        && other != g.volume
+                    {
+                        return Err(format!(
+                            "extent {} of LUN {} is handed to volume {other} in the {name} pool \
+                             while host {} still maps it for volume {} (map of commit {})",
+                            e.1, e.0, g.host_id, g.volume, map.seq
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn quiet(&self) -> bool {
+        if self.scenario.lifecycle.is_some() && !self.lifecycle_done() {
+            return false;
+        }
         self.guests
             .iter()
-            .all(|g| g.allocation >= g.virtual_size && !g.paused)
+            .all(|g| g.closed.is_some() || (g.allocation >= g.virtual_size && !g.paused))
             && self.hosts.iter().all(|h| {
                 h.driver
                     .as_ref()
@@ -1692,11 +2105,18 @@ impl Sim {
         let stuck: Vec<String> = self
             .guests
             .iter()
-            .filter(|g| g.allocation < g.virtual_size || g.paused)
+            .filter(|g| g.closed.is_none() && (g.allocation < g.virtual_size || g.paused))
             .take(5)
             .map(|g| {
+                let holds_pending = self
+                    .hosts
+                    .iter()
+                    .find(|h| h.host_id == g.host_id)
+                    .and_then(|h| h.driver.as_ref())
+                    .map(|d| d.engine().holds_pending());
                 format!(
-                    "volume {} of host {}: wrote {} of {}, mapped {}, paused {}",
+                    "volume {} of host {}: wrote {} of {}, mapped {}, paused {}, holds pending \
+                     {holds_pending:?}",
                     g.volume, g.host_id, g.allocation, g.virtual_size, g.mapped, g.paused
                 )
             })
@@ -1775,6 +2195,35 @@ impl Sim {
                 detail += "\n  no SPM running";
             }
         }
+        if self.scenario.lifecycle.is_some() && !self.lifecycle_done() {
+            let committed = self.committed();
+            let unhandled: Vec<String> = self
+                .guests
+                .iter()
+                .filter(|g| {
+                    let v = committed.as_ref().and_then(|(p, _)| p.volume(g.volume));
+                    match g.closed {
+                        None => true,
+                        Some(Fate::Delete) => v.is_some(),
+                        Some(Fate::Reduce(to)) => v.is_some_and(|v| v.size > to),
+                    }
+                })
+                .take(5)
+                .map(|g| format!("volume {} {:?}", g.volume, g.closed))
+                .collect();
+            let pool = self.spm.as_ref().and_then(|n| n.pool.as_ref());
+            detail += &format!(
+                "\n  life cycle: not done with {unhandled:?}; released {:?} at release seq {:?}, \
+                 lowest ack on disk {}, hosts' acks {:?}",
+                pool.map(|p| p.released_extents()),
+                pool.map(|p| p.release_seq()),
+                self.min_release_ack(),
+                self.hosts
+                    .iter()
+                    .map(|h| h.driver.as_ref().map(|d| d.engine().release_ack()))
+                    .collect::<Vec<_>>()
+            );
+        }
         format!(
             "liveness: not quiet {:?} after faults stopped and capacity was added; stuck guests: {stuck:?}; busy hosts: {busy:?}{detail}",
             self.scenario.settle
@@ -1804,6 +2253,7 @@ impl Sim {
                 .handle_capacity(now, c.volume, c.size);
         }
         self.live_dirty = true;
+        self.owners_stale = true;
     }
 
     /// No volume grows past the largest target a host still asks for at
@@ -1895,6 +2345,7 @@ impl Sim {
                     .map_err(|e| format!("live pool breaks an invariant: {e:?}"))?;
             }
         }
+        self.check_maps()?;
         let Some((pool, _)) = self.committed() else {
             let why = |copy| {
                 let bytes = self.read(self.meta_offset(copy), COPY);
@@ -1918,15 +2369,24 @@ impl Sim {
             check_extent_owners(&pool).map_err(|e| format!("committed pool: {e}"))?;
             pool.check_invariants()
                 .map_err(|e| format!("committed pool breaks an invariant: {e:?}"))?;
-            check_extent_history(&pool, &mut self.extent_history)
-                .map_err(|e| format!("committed pool: {e}"))?;
+            let seq = self.committed().map_or(0, |(_, seq)| seq);
+            let (hosts, guests) = (&self.hosts, &self.guests);
+            check_extent_history(
+                &pool,
+                seq,
+                &mut self.extent_history,
+                &|v| holders_of(hosts, guests, v),
+                &|r| acknowledged(hosts, r),
+            )
+            .map_err(|e| format!("committed pool: {e}"))?;
             self.committed_checked = Some(version);
         }
         // Sizes are held to the reference (see the module docs).
         let pool = self.reference().map_or(pool, |(p, _)| p);
         for v in pool.volumes() {
             let max = self.committed_max.entry(v.id).or_insert(v.size);
-            if v.size < *max {
+            // The operator's reduce lands when its commit does.
+            if v.size < *max && self.shrunk.get(&v.id) != Some(&v.size) {
                 return Err(format!("volume {} shrank from {} to {}", v.id, max, v.size));
             }
             *max = v.size;
@@ -1976,13 +2436,317 @@ impl Sim {
             }
         }
         for g in &self.guests {
-            let size = pool.volume(g.volume).map_or(0, |v| v.size);
+            let deleted = g.closed.is_some() || self.shrunk.get(&g.volume) == Some(&0);
+            let Some(size) = pool
+                .volume(g.volume)
+                .map(|v| v.size)
+                .or((!deleted).then_some(0))
+            else {
+                // Deleted (and closed, or about to be stopped).
+                continue;
+            };
             if g.allocation > size {
                 return Err(format!(
                     "guest of volume {} wrote up to {} but the volume is {} bytes",
                     g.volume, g.allocation, size
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Whether the SPM's pools hold released extents not reclaimed yet.
+    fn released_waiting(&self) -> bool {
+        [&self.spm, &self.twin]
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.pool.as_ref())
+            .any(|p| p.released_extents() > 0)
+    }
+
+    /// Every volume is closed, and deleted or reduced in the committed
+    /// pool; nothing released waits in the SPM's pool.
+    fn lifecycle_done(&self) -> bool {
+        let Some((pool, _)) = self.committed() else {
+            return false;
+        };
+        let handled = self.guests.iter().all(|g| match g.closed {
+            None => false,
+            Some(Fate::Delete) => pool.volume(g.volume).is_none(),
+            // (Or deleted before: only a broken admin path does it.)
+            Some(Fate::Reduce(to)) => pool.volume(g.volume).is_none_or(|v| v.size <= to),
+        });
+        handled && self.spm.is_some() && !self.released_waiting()
+    }
+
+    /// The operator's action, when its time has come ([`Lifecycle`]).
+    fn operate(&mut self) -> Result<(), String> {
+        let Some(life) = self.scenario.lifecycle else {
+            return Ok(());
+        };
+        if self.next_op_at.is_none_or(|t| self.now < t) {
+            return Ok(());
+        }
+        self.next_op_at = Some(self.now + life.every);
+        let now = self.now;
+        // A host closes a volume whose guest is done.
+        let done: Vec<usize> = (0..self.guests.len())
+            .filter(|&k| {
+                let g = &self.guests[k];
+                g.closed.is_none()
+                    && g.allocation >= g.virtual_size
+                    && self.hosts.iter().any(|h| {
+                        h.host_id == g.host_id
+                            && h.driver.as_ref().is_some_and(|d| !d.engine().is_evicted())
+                    })
+            })
+            .collect();
+        if !done.is_empty() && self.life_rng.below(2) == 0 {
+            let k = done[self.life_rng.below(done.len() as u64) as usize];
+            let g = &self.guests[k];
+            let fate = if self.life_rng.below(3) == 0 {
+                let margin = self.life_rng.below(2) * EXTENT;
+                Fate::Reduce(g.allocation.div_ceil(EXTENT).max(1) * EXTENT + margin)
+            } else {
+                Fate::Delete
+            };
+            let (volume, host_id) = (g.volume, g.host_id);
+            if let Some(d) = self
+                .hosts
+                .iter_mut()
+                .find(|h| h.host_id == host_id)
+                .and_then(|h| h.driver.as_mut())
+            {
+                // The guest stopped writing before.
+                d.engine_mut()
+                    .remove_volume(now, volume)
+                    .map_err(|e| format!("host {host_id}: remove_volume: {e:?}"))?;
+                let g = &mut self.guests[k];
+                g.closed = Some(fate);
+                g.map = None;
+                self.maps_dirty = true;
+                self.report.closes += 1;
+            }
+        }
+        // The SPM deletes or reduces a closed volume, through the admin
+        // path of the daemon that acts.
+        let ready = self
+            .spm
+            .as_ref()
+            .is_some_and(|n| n.driver.engine().is_confirmed() && n.pool.is_some())
+            && self
+                .twin
+                .as_ref()
+                .is_none_or(|n| n.driver.engine().is_confirmed());
+        if !ready {
+            return Ok(());
+        }
+        let live = self.spm.as_ref().and_then(|n| n.pool.as_ref());
+        let waiting: Vec<(Uuid, Fate)> = self
+            .guests
+            .iter()
+            .filter_map(|g| {
+                let fate = g.closed?;
+                let v = live?.volume(g.volume)?;
+                match fate {
+                    Fate::Reduce(to) if v.size <= to => None,
+                    _ => Some((g.volume, fate)),
+                }
+            })
+            .collect();
+        if !waiting.is_empty() {
+            let (volume, fate) = waiting[self.life_rng.below(waiting.len() as u64) as usize];
+            self.admin(volume, fate, false)?;
+        }
+        // Sometimes a delete of a volume a host holds, which must fail.
+        if self.life_rng.below(100) < u64::from(life.probe_percent) {
+            let live = self.spm.as_ref().and_then(|n| n.pool.as_ref());
+            let open: Vec<Uuid> = self
+                .guests
+                .iter()
+                .filter(|g| {
+                    g.closed.is_none() && live.is_some_and(|p| p.volume(g.volume).is_some())
+                })
+                .map(|g| g.volume)
+                .collect();
+            if !open.is_empty() {
+                let volume = open[self.life_rng.below(open.len() as u64) as usize];
+                self.admin(volume, Fate::Delete, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The host that lists `volume` in a hold record of its current
+    /// generation on disk, if any. Every host of the simulation counts as
+    /// live: it runs, or it will start again (its guests run on).
+    fn holder_on_disk(&self, volume: Uuid) -> Option<u16> {
+        let g = self.geometry();
+        self.hosts.iter().map(|h| h.host_id).find(|&host_id| {
+            let Some(offset) = g.inbox_area(HostId::new(host_id)) else {
+                return false;
+            };
+            let bytes = self.read(offset, AREA_SIZE);
+            let Some(area) = HoldArea::new(&bytes, self.domain, HostId::new(host_id)) else {
+                return false;
+            };
+            area.slots().any(|(_, state)| match state {
+                SlotState::Valid(hold) => hold
+                    .volumes
+                    .iter()
+                    .take(usize::from(hold.count))
+                    .any(|&v| v == volume),
+                _ => false,
+            })
+        })
+    }
+
+    /// The daemon's admin path for a delete or reduce of `volume`: refused
+    /// while a live host holds it or a request for it is parked; else done
+    /// on the SPM's pool and committed the way every change outside a job
+    /// is. `probe`: the volume is one a host has open, and the delete must
+    /// be refused.
+    fn admin(&mut self, volume: Uuid, fate: Fate, probe: bool) -> Result<(), String> {
+        let skip_holds = matches!(
+            self.scenario.bug,
+            Some(Bug::DeleteHeldVolumes | Bug::ReclaimIgnoresAcks)
+        );
+        if skip_holds {
+            // Straight to the pool.
+        } else if self.holder_on_disk(volume).is_some() {
+            if probe {
+                self.report.refused_held += 1;
+            } else {
+                self.report.refused_closing += 1;
+            }
+            return Ok(());
+        }
+        if probe && !skip_holds {
+            // No hold on disk for an open volume: the host is writing its
+            // holds (a new generation), or a disk fault hid them.
+            let host_id = self
+                .guests
+                .iter()
+                .find(|g| g.volume == volume)
+                .map_or(0, |g| g.host_id);
+            let writing = self
+                .hosts
+                .iter()
+                .find(|h| h.host_id == host_id)
+                .and_then(|h| h.driver.as_ref())
+                .is_some_and(|d| d.engine().holds_pending());
+            let c = self.disk.borrow().counts();
+            let faultless = c.torn + c.lost + c.misdirected + c.bitflips == 0
+                && self.report.crashes == 0
+                && self.report.evictions == 0;
+            if faultless && !writing {
+                return Err(format!(
+                    "no hold record on disk lists volume {volume}, which host {host_id} holds, \
+                     and no fault could have hidden it"
+                ));
+            }
+            if writing {
+                self.report.holds_unseen_starting += 1;
+            } else {
+                self.report.holds_unseen += 1;
+            }
+            // The daemon sees no holder and deletes: the host's
+            // acknowledgement is what keeps the guest's data apart now (it
+            // stops the guest before it acknowledges the release).
+        }
+        let Some(node) = self.spm.as_mut() else {
+            return Ok(());
+        };
+        let Some(pool) = node.pool.as_mut() else {
+            return Ok(());
+        };
+        let result = match fate {
+            Fate::Delete => pool.delete_volume(volume).map(|_| None),
+            Fate::Reduce(to) => pool.reduce_volume(volume, to).map(Some),
+        };
+        match result {
+            Ok(reduced) => {
+                node.driver.engine_mut().request_commit();
+                self.live_dirty = true;
+                self.owners_stale = true;
+                match reduced {
+                    Some(size) => {
+                        self.report.reduces += 1;
+                        // The volume shrinks on purpose.
+                        self.committed_max.insert(volume, size);
+                        self.shrunk.insert(volume, size);
+                    }
+                    None => {
+                        self.report.deletes += 1;
+                        self.committed_max.remove(&volume);
+                        self.shrunk.insert(volume, 0);
+                    }
+                }
+                Ok(())
+            }
+            Err(pool::PoolError::Parked) => {
+                self.report.refused_parked += 1;
+                Ok(())
+            }
+            Err(e) => Err(format!("{fate:?} of volume {volume}: {e:?}")),
+        }
+    }
+
+    /// The lowest `release_ack` in the inbox headers of the live hosts, as
+    /// the SPM reads them from disk (a header that does not read counts 0).
+    fn min_release_ack(&self) -> u64 {
+        let g = self.geometry();
+        self.hosts
+            .iter()
+            .map(|h| {
+                let Some(offset) = g.inbox_area(HostId::new(h.host_id)) else {
+                    return 0;
+                };
+                let bytes = self.read(offset, AREA_SIZE);
+                InboxArea::new(&bytes, self.domain, HostId::new(h.host_id))
+                    .and_then(|a| a.header().ok().flatten())
+                    .map_or(0, |h| h.release_ack)
+            })
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Every few milliseconds while released extents wait, each SPM frees
+    /// those every live host acknowledged; the parked requests that serves
+    /// are answered after a commit.
+    fn reclaim(&mut self) -> Result<(), String> {
+        if self.now < self.next_reclaim_at || !self.released_waiting() {
+            return Ok(());
+        }
+        self.next_reclaim_at = self.now + RECLAIM_INTERVAL;
+        let acked = if self.scenario.bug == Some(Bug::ReclaimIgnoresAcks) {
+            u64::MAX
+        } else {
+            self.min_release_ack()
+        };
+        for which in [Which::Live, Which::Twin] {
+            let Some(node) = self.node(which) else {
+                continue;
+            };
+            let Some(pool) = node.pool.as_mut() else {
+                continue;
+            };
+            if pool.released_extents() == 0 {
+                continue;
+            }
+            let before = sizes(pool);
+            let freed = pool.reclaim(acked);
+            if freed == 0 {
+                continue;
+            }
+            let after = sizes(pool);
+            if before != after {
+                node.driver.engine_mut().request_commit();
+            }
+            self.report.reclaimed += freed;
+            self.live_dirty = true;
+            self.owners_stale = true;
+            self.check_extension(&before, &after, "released extents were reclaimed")?;
         }
         Ok(())
     }
@@ -2045,28 +2809,111 @@ fn check_extent_owners(pool: &SimPool) -> Result<(), String> {
     Ok(())
 }
 
-/// Extents are never freed, so every extent a committed pool gives a
-/// volume must never have been committed to another volume before, in any
-/// earlier commit (by any SPM). `history` holds every owner seen so far.
-fn check_extent_history(
-    pool: &SimPool,
-    history: &mut HashMap<(u16, u32), Uuid>,
-) -> Result<(), String> {
+/// Every extent's owner in `pool`.
+fn owner_map(pool: &SimPool) -> Owners {
+    let mut owners = HashMap::new();
     for v in pool.volumes() {
         for s in pool.segments(v.id).unwrap_or(&[]) {
             for extent in s.first_extent..s.first_extent.saturating_add(s.extents) {
-                let before = *history.entry((s.lun, extent)).or_insert(v.id);
-                if before != v.id {
+                owners.insert((s.lun, extent), v.id);
+            }
+        }
+    }
+    owners
+}
+
+/// The map of `volume` in `pool`, committed at `seq`.
+fn snapshot(pool: &SimPool, volume: Uuid, seq: u64) -> Option<Snapshot> {
+    pool.segments(volume).map(|segments| Snapshot {
+        segments: segments.to_vec(),
+        seq,
+    })
+}
+
+/// An extent a committed pool gives a volume must never have been
+/// committed to another volume before, in any earlier commit (by any SPM),
+/// unless that volume released it in a commit (deleted or reduced: a
+/// committed pool no longer gave it the extent) and every host that held
+/// it then has acknowledged that release (`acknowledged`). `history` holds
+/// every owner seen so far; `holders` says which hosts (index,
+/// incarnation) hold a volume now. `pool` is committed at `seq`.
+fn check_extent_history(
+    pool: &SimPool,
+    seq: u64,
+    history: &mut ExtentHistory,
+    holders: &dyn Fn(Uuid) -> Vec<(usize, u64)>,
+    acknowledged: &dyn Fn(&Release) -> bool,
+) -> Result<(), String> {
+    let now = owner_map(pool);
+    for (&(lun, extent), &v) in &now {
+        let Some(&before) = history.owner.get(&(lun, extent)) else {
+            history.owner.insert((lun, extent), v);
+            continue;
+        };
+        if before != v {
+            match history.released.get(&(lun, extent)) {
+                Some(r) if acknowledged(r) => {}
+                Some(r) => {
                     return Err(format!(
-                        "extent {extent} of LUN {} was committed to volume {before} and is now \
-                         committed to volume {}: given to two volumes",
-                        s.lun, v.id
+                        "extent {extent} of LUN {lun} was released from volume {before} in \
+                         commit {} and is now committed to volume {v} before every host that \
+                         held {before} acknowledged that release (hosts {:?}): given to two \
+                         volumes",
+                        r.seq, r.holders
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "extent {extent} of LUN {lun} was committed to volume {before} and is \
+                         now committed to volume {v}: given to two volumes"
                     ));
                 }
             }
         }
+        history.owner.insert((lun, extent), v);
+        history.released.remove(&(lun, extent));
+    }
+    // What the owners no longer have is released by this commit, if it is
+    // newer than every commit seen.
+    if seq <= history.seq {
+        return Ok(());
+    }
+    history.seq = seq;
+    for (&e, &before) in &history.owner {
+        if !now.contains_key(&e) && !history.released.contains_key(&e) {
+            history.released.insert(
+                e,
+                Release {
+                    seq,
+                    holders: holders(before),
+                },
+            );
+        }
     }
     Ok(())
+}
+
+/// The hosts (index, incarnation) whose guest of `volume` has it open.
+fn holders_of(hosts: &[HostNode], guests: &[Guest], volume: Uuid) -> Vec<(usize, u64)> {
+    guests
+        .iter()
+        .filter(|g| g.volume == volume && g.map.is_some())
+        .filter_map(|g| hosts.iter().position(|h| h.host_id == g.host_id))
+        .map(|i| (i, hosts[i].incarnation))
+        .collect()
+}
+
+/// Every host that held a volume when `r` released its extents has
+/// acknowledged that release, or started again since (and read its maps
+/// anew).
+fn acknowledged(hosts: &[HostNode], r: &Release) -> bool {
+    r.holders.iter().all(|&(i, incarnation)| {
+        let h = &hosts[i];
+        h.incarnation != incarnation
+            || h.driver
+                .as_ref()
+                .is_some_and(|d| d.engine().release_ack() >= r.seq)
+    })
 }
 
 /// Runs one seed's scenario.
@@ -2101,14 +2948,17 @@ mod tests {
                 .expect("volume");
             pool
         };
-        let mut history = HashMap::new();
-        check_extent_history(&pool_with(v, w), &mut history).expect("first commit");
-        check_extent_history(&pool_with(v, w), &mut history).expect("the same again");
+        let mut history = ExtentHistory::default();
+        let check = |pool: &SimPool, seq, history: &mut ExtentHistory| {
+            check_extent_history(pool, seq, history, &|_| Vec::new(), &|_| true)
+        };
+        check(&pool_with(v, w), 1, &mut history).expect("first commit");
+        check(&pool_with(v, w), 2, &mut history).expect("the same again");
         // A pool rolled back or run by a second SPM gives the same
         // extents in another order: each pool alone is consistent.
         let other = pool_with(w, v);
         check_extent_owners(&other).expect("consistent alone");
-        let err = check_extent_history(&other, &mut history).expect_err("double allocation");
+        let err = check(&other, 3, &mut history).expect_err("double allocation");
         assert!(err.contains("given to two volumes"), "{err}");
     }
 }
