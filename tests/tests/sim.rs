@@ -55,7 +55,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let (mut lifecycles, mut closes, mut deletes, mut reduces) = (0, 0, 0, 0);
     let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
     let (mut refused_closing, mut starts_with_released, mut unseen_starting) = (0, 0, 0);
-    let (mut reclaimed, mut acks, mut stopped) = (0, 0, 0);
+    let (mut reclaimed, mut acks, mut stopped, mut retracted) = (0, 0, 0, 0);
     for (seed, result) in &results {
         match result {
             Ok(r) => {
@@ -72,6 +72,7 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
                 refused_parked += r.refused_parked;
                 holds_unseen += r.holds_unseen;
                 reclaimed += r.reclaimed;
+                retracted += r.replies_retracted;
                 acks += r.acks;
                 stopped += r.stopped;
                 extensions += r.extensions;
@@ -100,7 +101,8 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
          {holds_unseen} tried on a held volume whose hold a fault hid and \
          {unseen_starting} while its host was starting, {reclaimed} extents \
          reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone), \
-         {starts_with_released} SPM starts on a release floor"
+         {starts_with_released} SPM starts on a release floor, {retracted} deletes or \
+         reduces that emptied replies first"
     );
     assert!(
         failures.is_empty(),

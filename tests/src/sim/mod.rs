@@ -479,6 +479,9 @@ pub struct Report {
     /// Deletes and reduces refused because a request for the volume was
     /// parked.
     pub refused_parked: u64,
+    /// Deletes and reduces that emptied replies promising the volume more
+    /// than it keeps, before their commit.
+    pub replies_retracted: u64,
     /// Deletes tried on a held volume that the admin path did not refuse
     /// because no hold record on disk showed it (a lost, torn or
     /// misdirected write hid it until the host's next write of its area):
@@ -888,9 +891,12 @@ impl Sim {
                 if have.is_some_and(|size| size >= r.size) {
                     continue;
                 }
-                // A reply older than the volume's delete or reduce: the
-                // pool is not older than the reply, the volume shrank
-                // since on purpose.
+                // A reply older than the volume's delete or reduce that
+                // is still there: the daemon empties such replies before
+                // the change (`retract_replies`, modelled in `admin`), but
+                // the disk may have lost or torn that write; the daemon
+                // would then refuse to start, a false alarm its operator
+                // overrides, so the model lets it pass.
                 if self.shrunk.get(&r.volume).copied() == Some(have.unwrap_or(0)) {
                     continue;
                 }
@@ -2654,6 +2660,7 @@ impl Sim {
             // acknowledgement is what keeps the guest's data apart now (it
             // stops the guest before it acknowledges the release).
         }
+        let domain = self.domain;
         let Some(node) = self.spm.as_mut() else {
             return Ok(());
         };
@@ -2666,6 +2673,18 @@ impl Sim {
         };
         match result {
             Ok(reduced) => {
+                // As the daemon does, before the change is committed: the
+                // replies that promise the volume more than it keeps are
+                // emptied (the commit comes after this write).
+                let keep = reduced.unwrap_or(0);
+                if node
+                    .driver
+                    .retract_replies(domain, volume, keep)
+                    .is_ok_and(|n| n > 0)
+                {
+                    self.report.replies_retracted += 1;
+                    let _ = node.driver.write();
+                }
                 node.driver.engine_mut().request_commit();
                 self.live_dirty = true;
                 self.owners_stale = true;
