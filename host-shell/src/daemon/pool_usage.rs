@@ -70,6 +70,11 @@ pub enum Crossing {
     BackUnder(u8),
 }
 
+/// How far (percentage points of the pool) usage must fall under a
+/// threshold it reached before that threshold counts as left (and may warn
+/// again).
+pub const HYSTERESIS_PERCENT: u8 = 2;
+
 /// Which thresholds the pool's usage has reached, as usage changes.
 #[derive(Debug, Clone)]
 pub struct UsageWatch {
@@ -96,10 +101,20 @@ impl UsageWatch {
         }
         let percents = self.thresholds.percents();
         // The highest threshold with used / total >= t / 100, in integers.
-        let level = percents
+        let at_least = |t: u8| u128::from(used) * 100 >= u128::from(t) * u128::from(total);
+        let up = percents.iter().rposition(|&t| at_least(t));
+        // A threshold reached is left only once usage is HYSTERESIS_PERCENT
+        // under it: deletes and reduces that move usage back and forth
+        // across a threshold warn once.
+        let down = percents
             .iter()
-            .rposition(|&t| u128::from(used) * 100 >= u128::from(t) * u128::from(total));
+            .rposition(|&t| at_least(t.saturating_sub(HYSTERESIS_PERCENT)));
         let before = self.reached;
+        let level = match (up, before) {
+            (Some(u), Some(b)) if u > b => Some(u),
+            (_, Some(b)) => down.map(|d| d.min(b)).max(up),
+            (u, None) => u,
+        };
         self.reached = level;
         match (level, before) {
             (Some(now), None) => Some(Crossing::Reached(percents[now])),
@@ -239,5 +254,25 @@ mod tests {
         assert_eq!(percent_text(8, 10), "80.0");
         assert_eq!(percent_text(1, 3), "33.3");
         assert_eq!(percent_text(10, 10), "100.0");
+    }
+
+    #[test]
+    fn usage_that_dips_just_under_a_threshold_and_back_warns_once() {
+        let mut w = UsageWatch::new(PoolWarn::default());
+        assert_eq!(w.update(80, 100), Some(Crossing::Reached(80)));
+        // A delete, then an extension, then another delete: within
+        // HYSTERESIS_PERCENT of 80 % nothing is logged.
+        assert_eq!(w.update(79, 100), None);
+        assert_eq!(w.update(80, 100), None);
+        assert_eq!(w.update(78, 100), None);
+        assert_eq!(w.reached(), Some(80));
+        // Clearly under: back under once, and a warning when reached again.
+        assert_eq!(w.update(77, 100), Some(Crossing::BackUnder(80)));
+        assert_eq!(w.update(79, 100), None);
+        assert_eq!(w.update(80, 100), Some(Crossing::Reached(80)));
+        // Under a higher threshold by less than the margin: still reached.
+        assert_eq!(w.update(90, 100), Some(Crossing::Reached(90)));
+        assert_eq!(w.update(88, 100), None);
+        assert_eq!(w.update(87, 100), Some(Crossing::BackUnder(90)));
     }
 }
