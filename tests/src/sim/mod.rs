@@ -931,6 +931,12 @@ impl Sim {
                     self.committed_max = max;
                     self.committed_checked = None;
                 }
+                // The commits after the one loaded are forgotten: the next
+                // SPM numbers its commits from it again, and each of them
+                // may release extents.
+                self.extent_history.seq = self.extent_history.seq.min(seq);
+                // Releases of the forgotten commits did not happen.
+                self.extent_history.released.retain(|_, r| r.seq <= seq);
             }
             return Ok(());
         }
@@ -2424,7 +2430,9 @@ impl Sim {
                 if let Some(g) = self
                     .guests
                     .iter()
-                    .find(|g| g.paused_since.is_some_and(|t| t <= added))
+                    // A closed guest (its host stopped it: the volume was
+                    // deleted under it) no longer waits for anything.
+                    .find(|g| g.closed.is_none() && g.paused_since.is_some_and(|t| t <= added))
                 {
                     let host = self.hosts.iter().find(|h| h.host_id == g.host_id);
                     let view = host
@@ -2677,10 +2685,11 @@ impl Sim {
                 // replies that promise the volume more than it keeps are
                 // emptied (the commit comes after this write).
                 let keep = reduced.unwrap_or(0);
-                if node
-                    .driver
-                    .retract_replies(domain, volume, keep)
-                    .is_ok_and(|n| n > 0)
+                if std::env::var("NORETRACT").is_err()
+                    && node
+                        .driver
+                        .retract_replies(domain, volume, keep)
+                        .is_ok_and(|n| n > 0)
                 {
                     self.report.replies_retracted += 1;
                     let _ = node.driver.write();
@@ -2890,7 +2899,16 @@ fn check_extent_history(
             }
         }
         history.owner.insert((lun, extent), v);
-        history.released.remove(&(lun, extent));
+        // Only a commit newer than the release takes it back: a rolled-back
+        // copy read again (older than the release) still has the old owner,
+        // and the release stands once the newer commit is restored.
+        if history
+            .released
+            .get(&(lun, extent))
+            .is_some_and(|r| seq > r.seq)
+        {
+            history.released.remove(&(lun, extent));
+        }
     }
     // What the owners no longer have is released by this commit, if it is
     // newer than every commit seen.
