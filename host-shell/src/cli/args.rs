@@ -684,9 +684,9 @@ pub struct VolumeVerifyArgs {
     pub json: bool,
 }
 
-/// `spmbox volume list`.
+/// What `volume list`, `delete` and `reduce` act on and how they answer.
 #[derive(Debug, Clone, clap::Args)]
-pub struct VolumeListArgs {
+pub struct VolumeAdminArgs {
     /// The domain device.
     #[arg(long, value_name = "PATH")]
     pub device: PathBuf,
@@ -701,24 +701,23 @@ pub struct VolumeListArgs {
     pub lvm: LvmArgs,
 }
 
+/// `spmbox volume list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VolumeListArgs {
+    // The domain, the SPM, the output and the backend.
+    #[command(flatten)]
+    pub on: VolumeAdminArgs,
+}
+
 /// `spmbox volume delete`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VolumeDeleteArgs {
     /// The volume.
     #[arg(value_name = "UUID")]
     pub id: String,
-    /// The domain device.
-    #[arg(long, value_name = "PATH")]
-    pub device: PathBuf,
-    /// The running SPM's control socket. Default: the domain's.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// Print one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    // The backend.
+    // The domain, the SPM, the output and the backend.
     #[command(flatten)]
-    pub lvm: LvmArgs,
+    pub on: VolumeAdminArgs,
 }
 
 /// `spmbox volume reduce`.
@@ -732,18 +731,9 @@ pub struct VolumeReduceArgs {
     /// given to other volumes.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub to: u64,
-    /// The domain device.
-    #[arg(long, value_name = "PATH")]
-    pub device: PathBuf,
-    /// The running SPM's control socket. Default: the domain's.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// Print one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    // The backend.
+    // The domain, the SPM, the output and the backend.
     #[command(flatten)]
-    pub lvm: LvmArgs,
+    pub on: VolumeAdminArgs,
 }
 
 /// `spmbox volume create`.

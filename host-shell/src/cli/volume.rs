@@ -44,21 +44,22 @@ pub struct VolumeLine {
 
 /// `spmbox volume list`.
 pub fn list(args: &VolumeListArgs) -> Result<ExitCode, CommandError> {
-    let device = args.device.as_path();
-    let mut s = admin::status(device, args.control.as_deref(), None)?;
+    let device = args.on.device.as_path();
+    let mut s = admin::status(device, args.on.control.as_deref(), None)?;
     if s.pool.is_none()
-        && let BackendArgs::Lvm { .. } = args.lvm.to_backend()
+        && let BackendArgs::Lvm { .. } = args.on.lvm.to_backend()
     {
         // No SPM answered: ask lvm2 itself.
-        let backend = open_spm_backend(device, &args.lvm.to_backend())?;
+        let backend = open_spm_backend(device, &args.on.lvm.to_backend())?;
         s.pool = Some(backend.report());
         s.pool_error = None;
     }
-    if let (BackendArgs::Lvm { vg, pvs }, Some(pool)) = (args.lvm.to_backend(), s.pool.as_mut()) {
+    if let (BackendArgs::Lvm { vg, pvs }, Some(pool)) = (args.on.lvm.to_backend(), s.pool.as_mut())
+    {
         lvm_segments(&vg, &pvs, pool)?;
     }
     let lines = lines(device, &s)?;
-    if args.json {
+    if args.on.json {
         let pool = s.pool.as_ref();
         print_json(&json!({
             "domain": s.domain,
@@ -179,14 +180,7 @@ fn lines(device: &std::path::Path, s: &Status) -> Result<Vec<VolumeLine>, Comman
     let Some(pool) = &s.pool else {
         return Ok(Vec::new());
     };
-    let mailbox = Mailbox::open(device, Access::ReadOnly)?;
-    let g = mailbox.geometry();
-    let first = g.inbox_area(spmbox_core::wire::HostId::new(1)).unwrap_or(0);
-    let image = mailbox.read(
-        first,
-        usize::from(g.max_hosts()) * spmbox_core::wire::AREA_SIZE,
-    )?;
-    let seen = release::read_hosts(&image, g, mailbox.superblock().domain);
+    let seen = release::read_mailbox_hosts(&Mailbox::open(device, Access::ReadOnly)?)?;
     let mut out = Vec::new();
     for v in &pool.volumes {
         let id = v.id.to_string();
@@ -251,14 +245,14 @@ fn released_text(answer: &Value, extent_size: Option<u64>) -> String {
 
 /// `spmbox volume delete`.
 pub fn delete(args: &VolumeDeleteArgs) -> Result<ExitCode, CommandError> {
-    let device = args.device.as_path();
+    let device = args.on.device.as_path();
     let id = parse_uuid("UUID", &args.id)?;
-    let backend = args.lvm.to_backend();
+    let backend = args.on.lvm.to_backend();
     let request = json!({"op": "delete_volume", "id": id.to_string()});
-    let answer = admin::change_pool(device, args.control.as_deref(), &request, &|| {
+    let answer = admin::change_pool(device, args.on.control.as_deref(), &request, &|| {
         open_spm_backend(device, &backend)
     })?;
-    if args.json {
+    if args.on.json {
         print_json(&json!({"volume": id.to_string(), "deleted": true,
                            "released": answer["released"]}))?;
     } else {
@@ -273,7 +267,7 @@ pub fn delete(args: &VolumeDeleteArgs) -> Result<ExitCode, CommandError> {
 
 /// `spmbox volume reduce`.
 pub fn reduce(args: &VolumeReduceArgs) -> Result<ExitCode, CommandError> {
-    let device = args.device.as_path();
+    let device = args.on.device.as_path();
     let id = parse_uuid("UUID", &args.id)?;
     if args.to == 0 || args.to % 512 != 0 {
         return Err(CommandError::Usage(format!(
@@ -281,13 +275,13 @@ pub fn reduce(args: &VolumeReduceArgs) -> Result<ExitCode, CommandError> {
             args.to
         )));
     }
-    let backend = args.lvm.to_backend();
+    let backend = args.on.lvm.to_backend();
     let request = json!({"op": "reduce_volume", "id": id.to_string(), "size": args.to});
-    let answer = admin::change_pool(device, args.control.as_deref(), &request, &|| {
+    let answer = admin::change_pool(device, args.on.control.as_deref(), &request, &|| {
         open_spm_backend(device, &backend)
     })?;
     let size = answer["volume"]["size"].as_u64().unwrap_or(0);
-    if args.json {
+    if args.on.json {
         print_json(&json!({"volume": id.to_string(), "size": size,
                            "released": answer["released"]}))?;
     } else {

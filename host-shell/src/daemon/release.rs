@@ -20,7 +20,7 @@
 //! holds no map (a stopped host's volumes are closed; a dead host's lease
 //! has expired, and a new process for its id starts from fresh maps).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use spmbox_core::wire::{AREA_SIZE, Geometry, HoldArea, HostId, SlotState, Uuid};
@@ -89,6 +89,14 @@ pub fn read_hosts(inbox: &[u8], geometry: Geometry, domain: Uuid) -> Vec<HostSee
     out
 }
 
+/// [`read_hosts`] of the inbox region of `mailbox`, read at once.
+pub fn read_mailbox_hosts(mailbox: &Mailbox) -> Result<Vec<HostSeen>, BackendError> {
+    let g = mailbox.geometry();
+    let first = g.inbox_area(HostId::new(1)).unwrap_or(0);
+    let image = mailbox.read(first, usize::from(g.max_hosts()) * AREA_SIZE)?;
+    Ok(read_hosts(&image, g, mailbox.superblock().domain))
+}
+
 #[derive(Debug, Clone)]
 struct Track {
     seen: HostSeen,
@@ -145,7 +153,8 @@ impl Hosts {
     }
 
     /// The hosts live at `now`, in id order.
-    pub fn live_hosts(&self, now: Instant, leased: Option<&BTreeSet<u16>>) -> Vec<u16> {
+    #[cfg(test)]
+    fn live_hosts(&self, now: Instant, leased: Option<&BTreeSet<u16>>) -> Vec<u16> {
         let mut v: Vec<u16> = self
             .tracks
             .values()
@@ -177,26 +186,6 @@ impl Hosts {
             .collect();
         v.sort_unstable();
         v
-    }
-
-    /// Every volume a host holds, with the hosts that hold it (live or
-    /// not) and whether each is live.
-    pub fn holders(
-        &self,
-        now: Instant,
-        leased: Option<&BTreeSet<u16>>,
-    ) -> BTreeMap<Uuid, Vec<(u16, bool)>> {
-        let mut out: BTreeMap<Uuid, Vec<(u16, bool)>> = BTreeMap::new();
-        for t in self.tracks.values() {
-            let live = Self::live(t, now, leased);
-            for v in &t.seen.holds {
-                out.entry(*v).or_default().push((t.seen.host, live));
-            }
-        }
-        for hosts in out.values_mut() {
-            hosts.sort_unstable();
-        }
-        out
     }
 
     /// The live hosts that hold `volume`, in id order.
@@ -258,15 +247,10 @@ impl HostWatch {
     /// Reads every host's inbox area (one read of the inbox region) and,
     /// with sanlock, the lockspace.
     pub fn refresh(&mut self, mailbox: &Mailbox) -> Result<(), BackendError> {
-        let g = mailbox.geometry();
-        let domain = mailbox.superblock().domain;
-        let first = g.inbox_area(HostId::new(1)).unwrap_or(0);
-        let len = usize::from(g.max_hosts()) * AREA_SIZE;
-        let image = mailbox.read(first, len)?;
         self.hosts
-            .observe(Instant::now(), read_hosts(&image, g, domain));
+            .observe(Instant::now(), read_mailbox_hosts(mailbox)?);
         if let Some(area) = &self.sanlock {
-            let v = crate::daemon::sanlock::holders(area, domain)?;
+            let v = crate::daemon::sanlock::holders(area, mailbox.superblock().domain)?;
             self.leased = Some(
                 v["hosts"]
                     .as_array()
@@ -457,10 +441,5 @@ mod tests {
         );
         assert_eq!(hosts.acked(t1, none), 12);
         assert!(hosts.live_holders(t1, none, Uuid([1; 16])).is_empty());
-        assert_eq!(
-            hosts.holders(t1, none)[&Uuid([1; 16])],
-            vec![(2, false)],
-            "a dead holder is still shown"
-        );
     }
 }
