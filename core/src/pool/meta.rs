@@ -10,15 +10,18 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{DefaultPool, Lun, Pool, PoolError, Volume, valid_extent_size};
-use crate::wire::{CRC32C, Geometry};
+use crate::wire::{CRC32C, Geometry, Uuid};
 
 /// Bytes 4..8 of a metadata copy: ASCII `SPMP`.
 pub const METADATA_MAGIC: [u8; 4] = *b"SPMP";
-/// The metadata format version this crate writes; it also reads version
-/// [`METADATA_VERSION_1`].
-pub const METADATA_VERSION: u8 = 2;
-/// The first metadata version, still read: as version 2 with
-/// `release_seq` 0 (its bytes 40..48 were reserved, zero).
+/// The metadata format version this crate writes; it also reads versions
+/// [`METADATA_VERSION_1`] and [`METADATA_VERSION_2`].
+pub const METADATA_VERSION: u8 = 3;
+/// The second metadata version, still read: as version 3 with `moving`
+/// nil (its bytes 48..64 were reserved, zero).
+pub const METADATA_VERSION_2: u8 = 2;
+/// The first metadata version, still read: as version 3 with
+/// `release_seq` 0 and `moving` nil (its bytes 40..64 were reserved, zero).
 pub const METADATA_VERSION_1: u8 = 1;
 /// Length of the header that starts every metadata copy.
 pub const METADATA_HEADER_LEN: usize = 64;
@@ -122,7 +125,8 @@ struct RawHeader {
     extent_size: U64,
     /// The sequence number of the newest commit that released extents.
     release_seq: U64,
-    reserved2: [u8; 16],
+    /// The volume being moved (nil: none).
+    moving: [u8; 16],
 }
 
 const _: () = {
@@ -138,7 +142,7 @@ const _: () = {
     assert!(offset_of!(RawHeader, reserved1) == 28);
     assert!(offset_of!(RawHeader, extent_size) == 32);
     assert!(offset_of!(RawHeader, release_seq) == 40);
-    assert!(offset_of!(RawHeader, reserved2) == 48);
+    assert!(offset_of!(RawHeader, moving) == 48);
     assert!(METADATA_COPY_SIZE % BLOCK == 0);
     // Version 2 added no payload: the space reserved per copy is that of
     // version 1.
@@ -147,11 +151,15 @@ const _: () = {
 };
 
 /// Reserved byte ranges of the header, which must be zero.
-const RESERVED: [core::ops::Range<usize>; 3] = [9..16, 28..32, 48..64];
+const RESERVED: [core::ops::Range<usize>; 2] = [9..16, 28..32];
 
-/// Bytes of the header that version 1 reserved and version 2 uses
-/// (`release_seq`): zero in a version 1 copy.
-const RESERVED_IN_VERSION_1: core::ops::Range<usize> = 40..48;
+/// Bytes of the header that version 1 reserved and versions 2 and 3 use
+/// (`release_seq`, `moving`): zero in a version 1 copy.
+const RESERVED_IN_VERSION_1: core::ops::Range<usize> = 40..64;
+
+/// Bytes of the header that version 2 reserved and version 3 uses
+/// (`moving`): zero in a version 2 copy.
+const RESERVED_IN_VERSION_2: core::ops::Range<usize> = 48..64;
 
 /// Why a metadata copy is not used. Checked in this order; the first that
 /// applies is reported.
@@ -180,7 +188,7 @@ pub enum CopyDefect {
         /// The CRC of the bytes as read.
         computed: u32,
     },
-    /// A metadata version this reader does not know (it reads 1 and 2).
+    /// A metadata version this reader does not know (it reads 1 to 3).
     UnsupportedVersion {
         /// The version found.
         version: u8,
@@ -226,7 +234,7 @@ impl fmt::Display for CopyDefect {
             ),
             CopyDefect::UnsupportedVersion { version } => write!(
                 f,
-                "metadata version {version} is not supported (this reader knows versions {METADATA_VERSION_1} and {METADATA_VERSION})"
+                "metadata version {version} is not supported (this reader knows versions {METADATA_VERSION_1} to {METADATA_VERSION})"
             ),
             CopyDefect::ReservedNotZero { offset } => {
                 write!(f, "reserved header byte at offset {offset} is not zero")
@@ -253,6 +261,7 @@ struct Header<'a> {
     seq: u64,
     extent_size: u64,
     release_seq: u64,
+    moving: Uuid,
     payload: &'a [u8],
 }
 
@@ -286,13 +295,13 @@ fn open(copy: &[u8], place: usize, max_payload: usize) -> Result<Header<'_>, Cop
     if stored != computed {
         return Err(CopyDefect::Checksum { stored, computed });
     }
-    if raw.version != METADATA_VERSION && raw.version != METADATA_VERSION_1 {
-        return Err(CopyDefect::UnsupportedVersion {
-            version: raw.version,
-        });
-    }
-    let version_1 = (raw.version == METADATA_VERSION_1).then_some(RESERVED_IN_VERSION_1);
-    for range in RESERVED.into_iter().chain(version_1) {
+    let older = match raw.version {
+        METADATA_VERSION => None,
+        METADATA_VERSION_2 => Some(RESERVED_IN_VERSION_2),
+        METADATA_VERSION_1 => Some(RESERVED_IN_VERSION_1),
+        version => return Err(CopyDefect::UnsupportedVersion { version }),
+    };
+    for range in RESERVED.into_iter().chain(older) {
         let start = range.start;
         if let Some(pos) = head.get(range).and_then(crate::wire::first_nonzero) {
             let offset = u8::try_from(start + pos).unwrap_or(u8::MAX);
@@ -311,6 +320,7 @@ fn open(copy: &[u8], place: usize, max_payload: usize) -> Result<Header<'_>, Cop
         seq,
         extent_size,
         release_seq: raw.release_seq.get(),
+        moving: Uuid(raw.moving),
         payload,
     })
 }
@@ -436,7 +446,7 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             reserved1: [0; 4],
             extent_size: U64::new(self.extent_size),
             release_seq: U64::new(self.release_seq_for(seq)),
-            reserved2: [0; 16],
+            moving: self.moving.0,
         };
         *head = zerocopy::transmute!(raw);
         let mut digest = CRC32C.digest();
@@ -507,6 +517,7 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
         self.parked.clear();
         self.completed.clear();
         self.release_seq = 0;
+        self.moving = Uuid::NIL;
         self.released.clear();
         self.floor = None;
         self.floor_marks = [0; LUNS];
@@ -537,6 +548,7 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
         let result = match (parsed, left_over, shortest) {
             (Ok(()), Ok(false), Ok(len)) if len == header.payload.len() => {
                 self.release_seq = header.release_seq;
+                self.moving = header.moving;
                 if header.release_seq > 0 {
                     self.floor = Some(super::Stamp::At(header.release_seq));
                     for (mark, lun) in self.floor_marks.iter_mut().zip(self.luns.iter()) {

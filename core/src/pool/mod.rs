@@ -127,7 +127,7 @@
 //!  +-------+-------+---+-------------+---------------+-------+-------+
 //!  32              40              48                                64
 //!  +---------------+---------------+---------------------------------+
-//!  |  extent_size  |  release_seq  |          reserved (0)           |
+//!  |  extent_size  |  release_seq  |             moving              |
 //!  +---------------+---------------+---------------------------------+
 //!  64                                               64 + payload_len
 //!  +--------------------------------------------------+
@@ -139,14 +139,14 @@
 //! |---|---|---|---|
 //! | 0 | 4 | `crc` | CRC32C of bytes 4..64 followed by the payload |
 //! | 4 | 4 | `magic` | ASCII `SPMP` ([`METADATA_MAGIC`]) |
-//! | 8 | 1 | `version` | 2 ([`METADATA_VERSION`]); version 1 ([`METADATA_VERSION_1`]) is read with `release_seq` 0 |
+//! | 8 | 1 | `version` | 3 ([`METADATA_VERSION`]); versions 1 and 2 are read with the fields they lack zero |
 //! | 9 | 7 | reserved | zero |
 //! | 16 | 8 | `seq` | commit sequence number; even in copy A, odd in copy B |
 //! | 24 | 4 | `payload_len` | bytes of payload after the header |
 //! | 28 | 4 | reserved | zero |
 //! | 32 | 8 | `extent_size` | bytes per extent |
 //! | 40 | 8 | `release_seq` | the newest commit that released extents, 0 if none (reserved, zero, in version 1) |
-//! | 48 | 16 | reserved | zero |
+//! | 48 | 16 | `moving` | the UUID of the volume being moved to other extents, nil if none (reserved, zero, in versions 1 and 2) |
 //!
 //! All integers are little-endian. The payload is [postcard]: varints for
 //! integers (each in its shortest form: a payload with a longer one is
@@ -693,6 +693,9 @@ pub struct Pool<const LUNS: usize, const LVS: usize, const SEGS: usize, const PA
     /// The sequence number of the newest commit that released extents, as
     /// last stamped ([`Pool::stamp_released`]) or read from metadata.
     release_seq: u64,
+    /// The volume whose segments an SPM is moving ([`Pool::set_moving`]);
+    /// nil if none. Committed with the pool.
+    moving: Uuid,
     /// Released runs, in order of LUN and first extent; never adjacent to
     /// another of the same sequence on the same LUN (merged).
     released: Vec<Released, MAX_RELEASED_RUNS>,
@@ -1265,6 +1268,24 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
         any
     }
 
+    /// Names volume `id` as being moved (nil: none), committed with the
+    /// pool: a host that has not opened the volume waits until a commit
+    /// no longer names it before it reads the map and opens it
+    /// (docs/pool-format.md 6.7). Refused with [`PoolError::UnknownVolume`]
+    /// for a volume the pool lacks.
+    pub fn set_moving(&mut self, id: Uuid) -> Result<(), PoolError> {
+        if !id.is_nil() && self.find(id).is_err() {
+            return Err(PoolError::UnknownVolume);
+        }
+        self.moving = id;
+        Ok(())
+    }
+
+    /// The volume being moved ([`Pool::set_moving`]), nil if none.
+    pub fn moving(&self) -> Uuid {
+        self.moving
+    }
+
     /// The sequence number of the newest commit that released extents, as
     /// last stamped or read from metadata (0 if none ever did).
     pub fn release_seq(&self) -> u64 {
@@ -1346,6 +1367,9 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             0
         };
         let lv = self.volumes.remove(index);
+        if self.moving == id {
+            self.moving = Uuid::NIL;
+        }
         for s in &lv.segments {
             self.release(*s);
         }
@@ -1706,6 +1730,7 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             parked: Vec::new(),
             completed: Deque::new(),
             release_seq: 0,
+            moving: Uuid::NIL,
             released: Vec::new(),
             floor: None,
             floor_marks: [0; LUNS],

@@ -1014,7 +1014,7 @@ fn the_header_is_laid_out_as_documented() {
     let mut a = buffer();
     let len = p.encode(0x0102_0304_0506_0708, &mut a).unwrap();
     assert_eq!(&a[4..8], b"SPMP");
-    assert_eq!(a[8], 2);
+    assert_eq!(a[8], 3);
     assert_eq!(&a[9..16], &[0; 7]);
     assert_eq!(a[16..24], 0x0102_0304_0506_0708u64.to_le_bytes());
     assert_eq!(
@@ -1027,7 +1027,7 @@ fn the_header_is_laid_out_as_documented() {
         0u64.to_le_bytes(),
         "release_seq: nothing released"
     );
-    assert_eq!(&a[48..64], &[0; 16]);
+    assert_eq!(&a[48..64], &[0; 16], "moving: nil");
     let crc = crate::wire::CRC32C.checksum(&a[4..len]);
     assert_eq!(a[..4], crc.to_le_bytes());
 }
@@ -1163,10 +1163,10 @@ fn header_defects_are_reported_even_under_a_valid_checksum() {
     let mut good = buffer();
     p.encode(0, &mut good).unwrap();
     let cases: [(usize, u8, CopyDefect); 5] = [
-        (8, 3, CopyDefect::UnsupportedVersion { version: 3 }),
+        (8, 4, CopyDefect::UnsupportedVersion { version: 4 }),
         (8, 0, CopyDefect::UnsupportedVersion { version: 0 }),
         (12, 1, CopyDefect::ReservedNotZero { offset: 12 }),
-        (50, 1, CopyDefect::ReservedNotZero { offset: 50 }),
+        (30, 1, CopyDefect::ReservedNotZero { offset: 30 }),
         (
             33,
             0x11,
