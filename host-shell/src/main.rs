@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Upgrade(args) => commands::upgrade(args),
         Command::Pool(PoolCommand::Create(args)) => commands::pool_create(args),
         Command::Pool(PoolCommand::AddLun(args)) => commands::add_lun(args),
+        Command::Pool(PoolCommand::RemoveLun(args)) => spmbox::cli::lun::remove_lun(args),
         Command::Volume(VolumeCommand::Create(args)) => commands::volume_create(args),
         Command::Volume(VolumeCommand::Verify(args)) => spmbox::cli::firmware::verify(args),
         Command::Volume(VolumeCommand::List(args)) => spmbox::cli::volume::list(args),

@@ -1452,3 +1452,163 @@ fn with_discard_a_deleted_volumes_extents_read_back_as_zeroes() {
     );
     spm.term();
 }
+
+impl Setup {
+    /// `pool remove-lun LUN --json` with more flags.
+    fn remove_lun(&self, lun: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "pool",
+            "remove-lun",
+            lun,
+            "--device",
+            self.device.to_str().unwrap(),
+            "--control",
+            self.control.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(extra);
+        self.cli(&args)
+    }
+
+    /// The LUN each of `volume`'s segments lies on, from `volume list`.
+    fn luns_of(&self, list: &Value, volume: Uuid) -> Vec<String> {
+        listed(list, volume).unwrap_or_else(|| panic!("{volume} listed: {list}"))["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["lun"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// `pool remove-lun` through the SPM and without one: refused (nothing
+/// changed) for the only LUN and while a host holds a volume on it; else
+/// every segment is copied to the other LUN, the data reads back whole
+/// through the new maps, and the LUN leaves the pool with its label wiped.
+#[test]
+fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_one() {
+    let mut s = Setup::new(&[128, 128], 4);
+    let (lun1, lun2) = (s.luns[0].clone(), s.luns[1].clone());
+    let lun1_id = spmbox::backend::builtin::read_label(&lun1)
+        .unwrap()
+        .unwrap()
+        .lun
+        .to_string();
+    let out = s.remove_lun(&lun1_id, &[]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("only LUN") && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    // Two volumes written whole by a host that then stops, and a third
+    // that a host keeps open.
+    let a = s.create_volume(32, 4);
+    let b = s.create_volume(32, 4);
+    let c = s.create_volume(16, 8);
+    let mut spm = s.start_spm();
+    let mut writer = s.start_host(1, &[a, b], "64M", "4M");
+    wait_all(
+        std::slice::from_mut(&mut writer),
+        Duration::from_secs(60),
+        &s,
+    );
+    let out = s.add_lun(&lun2);
+    assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
+    let mut holder = s.start_host(2, &[c], "64k", "4M");
+    s.list_until("volume c held by host 2", |l| {
+        listed(l, c).is_some_and(|v| v["held_by"][0]["host"] == 2)
+    });
+    let before = s.volume_list();
+    let out = s.remove_lun(lun1.to_str().unwrap(), &[]);
+    assert!(!out.status.success(), "refused while host 2 holds c");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("{c} (host 2)")) && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(
+        s.volume_list()["volumes"],
+        before["volumes"],
+        "nothing moved"
+    );
+    holder.term();
+    // Through the SPM, by path.
+    let out = s.remove_lun(lun1.to_str().unwrap(), &[]);
+    assert!(
+        out.status.success(),
+        "remove-lun: {}{}",
+        text(&out.stderr),
+        s.logs_text()
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["state"], "done", "{answer}");
+    assert_eq!(answer["lun"], lun1_id, "{answer}");
+    let list = s.volume_list();
+    let moved: u64 = [a, b, c]
+        .iter()
+        .map(|v| {
+            listed(&list, *v).unwrap()["physical_size"]
+                .as_u64()
+                .unwrap()
+                / (4 * MIB)
+        })
+        .sum();
+    assert_eq!(answer["moved_extents"], moved, "{answer} {list}");
+    assert_eq!(
+        list["total_extents"].as_u64(),
+        Some(31),
+        "one LUN left: {list}"
+    );
+    for v in [a, b, c] {
+        assert!(
+            s.luns_of(&list, v).iter().all(|l| *l != lun1_id),
+            "{v} still on LUN 1: {list}"
+        );
+    }
+    assert!(
+        spmbox::backend::builtin::read_label(&lun1)
+            .unwrap()
+            .is_none(),
+        "LUN 1's label is wiped"
+    );
+    let (bytes, errors, first) = s.verify(&[a, b], 32 * MIB);
+    assert_eq!((bytes, errors), (64 * MIB, 0), "{first:?}");
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    s.check_pool();
+
+    // Without an SPM: LUN 1 comes back, LUN 2 goes (by UUID), with text
+    // output.
+    let out = s.add_lun(&lun1);
+    assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
+    let lun2_id = spmbox::backend::builtin::read_label(&lun2)
+        .unwrap()
+        .unwrap()
+        .lun
+        .to_string();
+    let out = s.cli(&[
+        "pool",
+        "remove-lun",
+        &lun2_id,
+        "--device",
+        s.device.to_str().unwrap(),
+        "--control",
+        s.control.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "remove-lun: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("LUN {lun2_id} removed from the pool")),
+        "{}",
+        text(&out.stdout)
+    );
+    let list = s.volume_list();
+    for v in [a, b, c] {
+        assert!(
+            s.luns_of(&list, v).iter().all(|l| *l != lun2_id),
+            "{v} still on LUN 2: {list}"
+        );
+    }
+    let (bytes, errors, first) = s.verify(&[a, b], 32 * MIB);
+    assert_eq!((bytes, errors), (64 * MIB, 0), "{first:?}");
+    s.check_pool();
+}

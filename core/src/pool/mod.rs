@@ -1332,6 +1332,13 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
             .saturating_sub(self.free_extents())
     }
 
+    /// Visits the free runs of LUN `lun` (draining or not) in order of
+    /// first extent: its extents no segment holds, not released and not
+    /// under the floor. Nothing for a LUN the pool lacks.
+    pub fn free_runs_on_lun(&self, lun: LunIndex, visit: impl FnMut(FreeRun)) {
+        self.free_runs_on(usize::from(lun), visit);
+    }
+
     /// Visits every free run below its LUN's high-water mark (clipped to
     /// it): the free extents that may still hold an earlier LV's data, for
     /// the caller to discard (after [`Pool::reclaim`] freed some). Needs

@@ -23,8 +23,8 @@ use spmbox_core::spm::JobResult;
 use spmbox_core::wire::{CRC32C, Geometry, Uuid};
 
 use crate::backend::{
-    BackendError, PoolReport, PoolUsage, Released, SegmentReport, SpmBackend, VolumeMaps,
-    VolumeReport,
+    BackendError, LunMover, PoolReport, PoolUsage, Released, Relocation, SegmentReport, SpmBackend,
+    VolumeMaps, VolumeReport,
 };
 use crate::io::device::{Access, AlignedBuf, Device, DeviceKind};
 use crate::io::mailbox::{self, Mailbox};
@@ -666,6 +666,8 @@ pub struct BuiltinSpm {
     /// Where to look for LUNs to discard reclaimed extents on; `None`:
     /// no discards.
     discard: Option<Vec<PathBuf>>,
+    /// Where to look for LUNs to copy extents between (`pool remove-lun`).
+    search: Vec<PathBuf>,
 }
 
 /// The extents of `pool` that are free and may hold an earlier volume's
@@ -768,12 +770,15 @@ impl BuiltinSpm {
     pub fn open(path: &Path) -> Result<BuiltinSpm, BackendError> {
         let domain = Domain::open(path, Access::ReadWrite)?;
         let (pool, seq) = domain.read_pool()?;
+        let device = domain.mailbox().device();
+        let search = default_search(device.path(), device.kind());
         Ok(BuiltinSpm {
             domain,
             pool,
             seq,
             discard: None,
             dirty: false,
+            search,
         })
     }
 
@@ -1090,6 +1095,16 @@ impl SpmBackend for BuiltinSpm {
         self.pool.release_seq()
     }
 
+    fn set_lun_search(&mut self, search: Vec<PathBuf>) {
+        let mut search = search;
+        search.append(&mut self.search);
+        self.search = search;
+    }
+
+    fn lun_mover(&mut self) -> Option<&mut dyn LunMover> {
+        Some(self)
+    }
+
     fn report(&self) -> PoolReport {
         report_of(&self.pool)
     }
@@ -1104,6 +1119,229 @@ impl SpmBackend for BuiltinSpm {
 
     fn committed_sequence(&self) -> u64 {
         self.seq
+    }
+}
+
+impl BuiltinSpm {
+    /// The path and label of the pool's LUN at index `lun`, found on the
+    /// search path.
+    fn lun_place(&self, lun: u16) -> Result<(PathBuf, LunLabel), BackendError> {
+        let id = self
+            .pool
+            .luns()
+            .get(usize::from(lun))
+            .map(|l| l.id)
+            .ok_or_else(|| BackendError::new(format!("the pool has no LUN index {lun}")))?;
+        let found = find_luns(self.domain.id(), &self.search);
+        let lun = found.get(&id).ok_or_else(|| {
+            BackendError::new(format!(
+                "LUN {id} is not on the LUN search path ({}); pass --lun-search with the \
+                 directory or device that holds it",
+                self.search
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let lun = lun.unambiguous()?;
+        Ok((lun.path.clone(), lun.label))
+    }
+}
+
+/// Bytes one [`LunMover::copy`] step copies at most, whatever it is asked.
+pub const COPY_CHUNK: u64 = 8 << 20;
+
+impl LunMover for BuiltinSpm {
+    fn find_lun(&self, lun: &str) -> Result<(u16, Uuid), BackendError> {
+        let id = match Uuid::parse_str(lun) {
+            Some(id) => id,
+            None => {
+                let label = read_label(Path::new(lun))?.ok_or_else(|| {
+                    BackendError::new(format!(
+                        "{lun} is neither a LUN UUID nor a device or file with an spmbox LUN \
+                         label (`spmbox volume list` and `spmbox status` show the pool's LUNs). \
+                         Nothing was changed"
+                    ))
+                })?;
+                if label.domain != self.domain.id() {
+                    return Err(BackendError::new(format!(
+                        "{lun} is a LUN of domain {}, not of this one ({}). Nothing was changed",
+                        label.domain,
+                        self.domain.id()
+                    )));
+                }
+                label.lun
+            }
+        };
+        let index = self
+            .pool
+            .luns()
+            .iter()
+            .position(|l| l.id == id)
+            .ok_or_else(|| {
+                BackendError::new(format!(
+                    "LUN {id} is not in the pool (its LUNs: {}). Nothing was changed",
+                    self.pool
+                        .luns()
+                        .iter()
+                        .map(|l| l.id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let index =
+            u16::try_from(index).map_err(|_| BackendError::new("LUN index out of range"))?;
+        Ok((index, id))
+    }
+
+    fn set_draining(&mut self, lun: u16, draining: bool) -> Result<(), BackendError> {
+        self.pool
+            .set_draining(lun, draining)
+            .map_err(|e| BackendError::new(format!("LUN index {lun}: {e}")))
+    }
+
+    fn room(&self, lun: u16) -> (u64, u64) {
+        let held = self
+            .pool
+            .volumes()
+            .filter_map(|v| self.pool.segments(v.id))
+            .flat_map(|s| s.iter())
+            .filter(|s| s.lun == lun)
+            .map(|s| u64::from(s.extents))
+            .sum();
+        let mut free = 0u64;
+        for (i, _) in self.pool.luns().iter().enumerate() {
+            let Ok(i) = u16::try_from(i) else { continue };
+            if i == lun || self.pool.is_draining(i) {
+                continue;
+            }
+            self.pool
+                .free_runs_on_lun(i, |r| free += u64::from(r.extents));
+        }
+        (held, free)
+    }
+
+    fn volumes_on(&self, lun: u16) -> Vec<Uuid> {
+        self.pool
+            .volumes()
+            .filter(|v| {
+                self.pool
+                    .segments(v.id)
+                    .is_some_and(|s| s.iter().any(|s| s.lun == lun))
+            })
+            .map(|v| v.id)
+            .collect()
+    }
+
+    fn next_move(&self, lun: u16) -> Result<Option<Relocation>, BackendError> {
+        self.pool.plan_relocation(lun).map_err(|e| match e {
+            PoolError::NoSpace { needed, free } => BackendError::new(format!(
+                "no free run on the other LUNs holds the next segment whole ({needed} extents; \
+                 the largest free run has {free}): add a LUN (`spmbox pool add-lun`) or free \
+                 space, then run this again"
+            )),
+            e => BackendError::new(format!("planning the next move: {e}")),
+        })
+    }
+
+    fn set_moving(&mut self, volume: Uuid) -> Result<(), BackendError> {
+        self.pool
+            .set_moving(volume)
+            .map_err(|e| BackendError::new(format!("volume {volume}: {e}")))?;
+        self.dirty = true;
+        self.commit()
+    }
+
+    fn moving(&self) -> Uuid {
+        self.pool.moving()
+    }
+
+    fn copy(&mut self, r: &Relocation, done: u64, max: u64) -> Result<u64, BackendError> {
+        let extent = self.pool.extent_size();
+        let total = u64::from(r.from.extents) * extent;
+        let len = total.saturating_sub(done).min(max).min(COPY_CHUNK);
+        if len == 0 {
+            return Ok(0);
+        }
+        let (src_path, src_label) = self.lun_place(r.from.lun)?;
+        let (dst_path, dst_label) = self.lun_place(r.to.lun)?;
+        let src = Device::open(&src_path, Access::ReadOnly).map_err(|e| {
+            BackendError::device(format!("cannot open LUN {}", src_path.display()), e)
+        })?;
+        let dst = Device::open(&dst_path, Access::ReadWrite).map_err(|e| {
+            BackendError::device(format!("cannot open LUN {}", dst_path.display()), e)
+        })?;
+        let from = src_label.data_offset + u64::from(r.from.first_extent) * extent + done;
+        let to = dst_label.data_offset + u64::from(r.to.first_extent) * extent + done;
+        let align = src.dio_mem_align().max(dst.dio_mem_align());
+        let mut buf = AlignedBuf::zeroed(len as usize, align);
+        src.read_at(from, &mut buf).map_err(|e| {
+            BackendError::device(format!("reading {} at {from}", src_path.display()), e)
+        })?;
+        dst.write_at(to, &buf).map_err(|e| {
+            BackendError::device(format!("writing {} at {to}", dst_path.display()), e)
+        })?;
+        Ok(len)
+    }
+
+    fn finish_move(&mut self, r: &Relocation, moving_after: Uuid) -> Result<(), BackendError> {
+        let (dst_path, _) = self.lun_place(r.to.lun)?;
+        Device::open(&dst_path, Access::ReadWrite)
+            .and_then(|d| d.sync_data())
+            .map_err(|e| {
+                BackendError::device(
+                    format!("making the copy on {} durable", dst_path.display()),
+                    e,
+                )
+            })?;
+        self.pool
+            .relocate(r.volume, r.segment, r.to.lun, r.to.first_extent)
+            .map_err(|e| {
+                BackendError::new(format!("moving a segment of volume {}: {e}", r.volume))
+            })?;
+        self.pool
+            .set_moving(moving_after)
+            .map_err(|e| BackendError::new(format!("volume {moving_after}: {e}")))?;
+        self.dirty = true;
+        self.commit()
+    }
+
+    fn drop_lun(&mut self, lun: u16) -> Result<bool, BackendError> {
+        let place = self.lun_place(lun).ok();
+        let id = self.pool.luns().get(usize::from(lun)).map(|l| l.id);
+        match self.pool.drop_lun(lun) {
+            Ok(()) => {
+                self.dirty = true;
+                self.commit()?;
+                // Its label goes too, so that nothing takes it for a LUN of
+                // this domain any more (`pool add-lun` labels it again).
+                let wiped = place
+                    .ok_or_else(|| BackendError::new("not on the search path"))
+                    .and_then(|(path, _)| {
+                        let device = Device::open(&path, Access::ReadWrite)
+                            .map_err(|e| BackendError::device("opening it", e))?;
+                        let zero = AlignedBuf::zeroed(LABEL_LEN, device.dio_mem_align());
+                        device
+                            .write_at(0, &zero)
+                            .and_then(|()| device.sync_data())
+                            .map_err(|e| BackendError::device("writing", e))
+                    });
+                if let (Err(e), Some(id)) = (wiped, id) {
+                    tracing::warn!(
+                        "LUN {id} left the pool, but its label could not be wiped ({e}); it \
+                         still reads as a LUN of this domain until `pool add-lun` takes it again"
+                    );
+                }
+                Ok(true)
+            }
+            Err(PoolError::LunInUse) => Ok(false),
+            Err(e) => Err(BackendError::new(format!("dropping LUN index {lun}: {e}"))),
+        }
+    }
+
+    fn extent_size(&self) -> u64 {
+        self.pool.extent_size()
     }
 }
 
@@ -1199,6 +1437,10 @@ impl VolumeMaps for BuiltinMaps {
     fn refresh(&mut self, volume: Uuid) -> Result<Mapping, BackendError> {
         let (pool, _) = self.domain.read_pool()?;
         self.map_in(&pool, volume)
+    }
+
+    fn moving(&mut self) -> Result<Uuid, BackendError> {
+        Ok(self.domain.read_pool()?.0.moving())
     }
 
     fn sizes(&mut self, volume: Uuid) -> Result<VolumeReport, BackendError> {

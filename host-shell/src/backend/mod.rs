@@ -280,7 +280,69 @@ pub trait SpmBackend {
     fn note_release_commit(&mut self, seq: u64) {
         let _ = seq;
     }
+
+    /// Where the LUNs are besides where the backend looks by default
+    /// (builtin pool: `--lun-search`), for copying extents and discards.
+    fn set_lun_search(&mut self, search: Vec<PathBuf>) {
+        let _ = search;
+    }
+
+    /// Moving segments off a LUN and dropping it (`pool remove-lun`), for a
+    /// backend that copies extents itself (the builtin pool); `None` for
+    /// one that does not (lvm2, whose `pvmove` is run by hand).
+    fn lun_mover(&mut self) -> Option<&mut dyn LunMover> {
+        None
+    }
 }
+
+/// The steps of moving every segment off a LUN and dropping it, as
+/// docs/pool-format.md 6.7 orders them; `crate::daemon::remove_lun`
+/// drives them.
+pub trait LunMover {
+    /// The index and UUID of LUN `lun`, given as its UUID or as the path
+    /// of its device or file (its label is read).
+    fn find_lun(&self, lun: &str) -> Result<(u16, Uuid), BackendError>;
+
+    /// Marks the LUN draining (nothing is allocated there) or not; in
+    /// memory only.
+    fn set_draining(&mut self, lun: u16, draining: bool) -> Result<(), BackendError>;
+
+    /// Extents of the LUN that volumes hold, and the free extents of the
+    /// other LUNs that are not draining.
+    fn room(&self, lun: u16) -> (u64, u64);
+
+    /// The volumes with a segment on the LUN.
+    fn volumes_on(&self, lun: u16) -> Vec<Uuid>;
+
+    /// The next segment to move off the LUN, and where to; `None` when
+    /// none is left.
+    fn next_move(&self, lun: u16) -> Result<Option<Relocation>, BackendError>;
+
+    /// Names `volume` as being moved (nil: none) and commits it.
+    fn set_moving(&mut self, volume: Uuid) -> Result<(), BackendError>;
+
+    /// The volume being moved, as last committed; nil if none.
+    fn moving(&self) -> Uuid;
+
+    /// Copies bytes `done..` of the segment `r` moves (at most `max`) from
+    /// its place to its destination; returns the bytes copied. The copy is
+    /// durable once [`LunMover::finish_move`] returns.
+    fn copy(&mut self, r: &Relocation, done: u64, max: u64) -> Result<u64, BackendError>;
+
+    /// Makes the copy durable, moves the segment in the pool (its old run
+    /// becomes released) and commits, naming `moving_after` as the volume
+    /// being moved (nil: none) in the same commit.
+    fn finish_move(&mut self, r: &Relocation, moving_after: Uuid) -> Result<(), BackendError>;
+
+    /// Drops the LUN from the pool and commits; `Ok(false)` while released
+    /// extents on it wait for the hosts' acknowledgements.
+    fn drop_lun(&mut self, lun: u16) -> Result<bool, BackendError>;
+
+    /// Bytes per extent.
+    fn extent_size(&self) -> u64;
+}
+
+pub use spmbox_core::pool::Relocation;
 
 /// What a delete or reduce released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -296,6 +358,15 @@ pub trait VolumeMaps {
     /// The volume's current map, refreshed from shared storage (builtin:
     /// the committed metadata; lvm: `lvchange --refresh` or lvm2's report).
     fn refresh(&mut self, volume: Uuid) -> Result<Mapping, BackendError>;
+
+    /// The volume an SPM is moving to other extents (nil: none), from the
+    /// shared storage now: a host that has not opened that volume yet
+    /// waits until it is no longer named before it reads its map and
+    /// opens it (docs/pool-format.md 6.7). A backend whose SPM never moves
+    /// volumes answers nil.
+    fn moving(&mut self) -> Result<Uuid, BackendError> {
+        Ok(Uuid::NIL)
+    }
 
     /// The volume's virtual size and limit, for the host engine.
     fn sizes(&mut self, volume: Uuid) -> Result<VolumeReport, BackendError>;

@@ -142,6 +142,7 @@ impl SpmThread {
             // pool's fill: no usage warnings in its output.
             pool_warn: crate::daemon::pool_usage::PoolWarn::off(),
             discard: None,
+            lun_search: Vec::new(),
         };
         let flag = stop.clone();
         let path = device.to_owned();

@@ -49,9 +49,51 @@ pub fn change_pool(
     request: &Value,
     direct: DirectBackend<'_>,
 ) -> Result<Value, BackendError> {
+    let answer = match with_pool(device, control, request, direct, &mut |backend, mailbox| {
+        let mut watch = crate::daemon::release::HostWatch::new(None);
+        Ok(spm::admin(
+            backend,
+            request,
+            &mut |v| watch.settled_live_holders(mailbox, v),
+            &mut |v, keep| retract_replies(device, v, keep),
+        ))
+    })? {
+        Answer::Spm(answer) | Answer::Direct(answer) => answer,
+    };
+    if answer["ok"] == json!(true) {
+        Ok(answer)
+    } else {
+        Err(BackendError::new(
+            answer["error"].as_str().unwrap_or("refused").to_string(),
+        ))
+    }
+}
+
+/// Who answered a request to change the pool.
+pub enum Answer {
+    /// The running SPM, through its control socket.
+    Spm(Value),
+    /// This command, on the pool directly under the domain lock.
+    Direct(Value),
+}
+
+/// What [`with_pool`] runs when no SPM does.
+pub type Offline<'a> =
+    &'a mut dyn FnMut(&mut dyn SpmBackend, &Mailbox) -> Result<Value, BackendError>;
+
+/// Sends `request` to the running SPM, or, if none runs, takes the domain
+/// lock, checks that no SPM elsewhere is live, opens the backend with
+/// `direct` and runs `offline` on it.
+pub fn with_pool(
+    device: &Path,
+    control: Option<&Path>,
+    request: &Value,
+    direct: DirectBackend<'_>,
+    offline: Offline<'_>,
+) -> Result<Answer, BackendError> {
     let socket = control_path(device, control)?;
     if let Some(answer) = control::control_request(&socket, request)? {
-        return Ok(answer);
+        return Ok(Answer::Spm(answer));
     }
     // An SPM that is starting holds the lock before its socket listens:
     // while waiting for the lock, keep asking the socket.
@@ -64,7 +106,7 @@ pub fn change_pool(
         Ok(())
     });
     if let Some(answer) = answered {
-        return Ok(answer);
+        return Ok(Answer::Spm(answer));
     }
     let _lock = lock.map_err(|e| {
         BackendError::new(format!(
@@ -85,20 +127,7 @@ pub fn change_pool(
     }
     let mut backend = direct()?;
     backend.note_release_commit(header.map_or(0, |h| h.release_commit));
-    let mut watch = crate::daemon::release::HostWatch::new(None);
-    let answer = spm::admin(
-        backend.as_mut(),
-        request,
-        &mut |v| watch.settled_live_holders(&mailbox, v),
-        &mut |v, keep| retract_replies(device, v, keep),
-    );
-    if answer["ok"] == json!(true) {
-        Ok(answer)
-    } else {
-        Err(BackendError::new(
-            answer["error"].as_str().unwrap_or("refused").to_string(),
-        ))
-    }
+    offline(backend.as_mut(), &mailbox).map(Answer::Direct)
 }
 
 /// Empties every reply (valid or stale) on the mailbox of `device` that says

@@ -259,6 +259,11 @@ pub enum PoolCommand {
     /// Add a LUN to the pool while everything runs: parked requests are
     /// served at once and paused guests resume.
     AddLun(AddLunArgs),
+    /// Remove a LUN from the pool: every extent volumes hold on it is
+    /// copied to the other LUNs, volume by volume, then it leaves the pool
+    /// and its label is wiped. Volumes with extents on it must not be open
+    /// on any host while it runs.
+    RemoveLun(RemoveLunArgs),
 }
 
 /// `spmbox config`.
@@ -454,8 +459,9 @@ pub struct SpmArgs {
     /// devices), so that thin storage under the LUNs gets the space back.
     #[arg(long)]
     pub discard: bool,
-    /// Where the builtin pool's LUNs are, for `--discard` (repeat for
-    /// each). Default: the domain device's directory for a file.
+    /// Where the builtin pool's LUNs are, for `--discard` and `pool
+    /// remove-lun` (repeat for each). Default: the domain device's
+    /// directory for a file.
     #[arg(long = "lun-search", value_name = "PATH")]
     pub lun_search: Vec<PathBuf>,
     // The backend.
@@ -662,6 +668,32 @@ pub struct AddLunArgs {
         requires = "firmware"
     )]
     pub wait: u64,
+    // The backend.
+    #[command(flatten)]
+    pub lvm: LvmArgs,
+}
+
+/// `spmbox pool remove-lun`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoveLunArgs {
+    /// The LUN: its UUID (`spmbox volume list` shows each segment's LUN),
+    /// or the path of its device or file.
+    #[arg(value_name = "LUN")]
+    pub lun: String,
+    /// The domain device.
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// The running SPM's control socket. Default: the domain's.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Where the LUNs are, when no SPM runs and this command copies the
+    /// extents itself (repeat for each). Default: the domain device's
+    /// directory for a file. A running SPM uses its own --lun-search.
+    #[arg(long = "lun-search", value_name = "PATH")]
+    pub lun_search: Vec<PathBuf>,
+    /// Print the result as one JSON object (progress stays on stderr).
+    #[arg(long)]
+    pub json: bool,
     // The backend.
     #[command(flatten)]
     pub lvm: LvmArgs,

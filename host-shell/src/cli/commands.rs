@@ -684,6 +684,7 @@ pub fn spm(args: &SpmArgs) -> Result<ExitCode, CommandError> {
         accept_metadata_rollback: args.accept_metadata_rollback,
         pool_warn: args.pool_warn.clone(),
         discard: args.discard.then(|| args.lun_search.clone()),
+        lun_search: args.lun_search.clone(),
     };
     let mut options = options;
     let stop = stop_flag()?;

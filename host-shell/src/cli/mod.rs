@@ -11,4 +11,5 @@ pub mod firmware;
 pub mod inspect;
 pub mod json;
 pub mod logging;
+pub mod lun;
 pub mod volume;

@@ -321,6 +321,14 @@ pub fn run(
             )));
         }
     }
+    // The holds are durable: a volume an SPM is moving now (its pool
+    // names it) is waited for, and every map is read again, so that no
+    // guest writes through a map read before the holds were (a move
+    // committed in between; docs/pool-format.md 6.7).
+    wait_not_moving(maps, &options.volumes, &stop)?;
+    for start in starts.iter_mut() {
+        start.1 = maps.refresh(start.0)?;
+    }
     let generation = driver.engine().generation();
     tracing::info!(
         "host {host_id} started: generation {generation}, {} volumes",
@@ -630,6 +638,39 @@ pub fn run(
         }
     }
     result.map(|()| summary)
+}
+
+/// How often a host that waits for a volume being moved reads the pool.
+const MOVING_POLL: Duration = Duration::from_millis(200);
+
+/// Waits while the pool names one of `volumes` as being moved (read again
+/// every [`MOVING_POLL`]); the caller's hold records are durable.
+fn wait_not_moving(
+    maps: &mut dyn VolumeMaps,
+    volumes: &[Uuid],
+    stop: &AtomicBool,
+) -> Result<(), BackendError> {
+    let mut told = false;
+    loop {
+        let moving = maps.moving()?;
+        if moving.is_nil() || !volumes.contains(&moving) {
+            return Ok(());
+        }
+        if !told {
+            told = true;
+            tracing::info!(
+                volume = %moving,
+                "the SPM is moving this volume to another LUN (`pool remove-lun`); its guest \
+                 starts once the move is committed"
+            );
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(BackendError::new(
+                "stopped while waiting for a volume being moved",
+            ));
+        }
+        std::thread::sleep(MOVING_POLL);
+    }
 }
 
 /// Acts on a QMP message of a volume's VM: the allocation qemu reports

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pool_usage;
 pub mod release;
+pub mod remove_lun;
 pub mod sanlock;
 pub mod spm;
 

@@ -36,6 +36,7 @@ use spmbox_core::wire::{
 use crate::backend::{BackendError, SpmBackend};
 use crate::daemon::control::{ControlMsg, ControlServer, control_request, private_dir};
 use crate::daemon::pool_usage::{Crossing, PoolWarn, UsageWatch, percent_text};
+use crate::daemon::remove_lun::Removal;
 use crate::daemon::{Clock, Retry};
 use crate::io::device::{Access, AlignedBuf, Device};
 use crate::io::mailbox::Mailbox;
@@ -102,6 +103,9 @@ pub struct SpmOptions {
     pub pool_warn: PoolWarn,
     /// Discard reclaimed extents; the LUN search path (builtin pool).
     pub discard: Option<Vec<PathBuf>>,
+    /// Where the builtin pool's LUNs are, besides the domain device's
+    /// directory (for `pool remove-lun`'s copies).
+    pub lun_search: Vec<PathBuf>,
 }
 
 /// How long the SPM and admin commands wait for the domain lock while
@@ -571,6 +575,19 @@ pub fn run(
     if let Some(search) = &options.discard {
         backend.set_discard(search.clone());
     }
+    backend.set_lun_search(options.lun_search.clone());
+    if let Some(mover) = backend.lun_mover() {
+        let moving = mover.moving();
+        if !moving.is_nil() {
+            // A removal cut short: no copy goes on, so hosts may open the
+            // volume again (its map is the committed one).
+            mover.set_moving(Uuid::NIL)?;
+            tracing::warn!(
+                "the pool named volume {moving} as being moved: a `pool remove-lun` was cut \
+                 short. What it moved stays moved; run it again to finish"
+            );
+        }
+    }
     let backend = backend.as_mut();
     let clock = Clock::start();
     // Scans brought forward by colliding rings read at most
@@ -660,6 +677,8 @@ pub fn run(
     driver
         .engine_mut()
         .set_release_commit(backend.release_seq());
+    // The LUN removal under way, or the last one (for `status`).
+    let mut removal: Option<Removal> = None;
     loop {
         notifier.tick();
         if let Some(exporter) = &exporter
@@ -693,7 +712,10 @@ pub fn run(
         // milliseconds and each is answered as soon as it is done.
         let mut had_jobs = false;
         let started = std::time::Instant::now();
-        while let Some(job) = driver.engine_mut().poll_job() {
+        // While a LUN removal copies a segment, its destination is free in
+        // the pool: nothing is allocated until the move is committed.
+        let copying = removal.as_ref().is_some_and(Removal::copying);
+        while !copying && let Some(job) = driver.engine_mut().poll_job() {
             had_jobs = true;
             let result = backend.extend(job.volume, job.target_size, job.urgent);
             driver
@@ -816,6 +838,7 @@ pub fn run(
         // Released extents go back to the pool once every live host has
         // acknowledged their release (it refreshed its maps).
         if let Some(pending) = backend.release_pending()
+            && !copying
             && std::time::Instant::now() >= watch.next_check
         {
             match watch.check(&mailbox, pending) {
@@ -836,6 +859,21 @@ pub fn run(
                 ),
             }
         }
+        // A LUN removal goes one step further.
+        if let Some(r) = removal.as_mut().filter(|r| !r.ended())
+            && let Some(mover) = backend.lun_mover()
+        {
+            r.step(mover, &mut |v| watch.live_holders(&mailbox, v));
+            driver
+                .engine_mut()
+                .set_pool_commit(backend.committed_sequence());
+            driver
+                .engine_mut()
+                .set_release_commit(backend.release_seq());
+            if r.ended() {
+                watch_usage(&mut usage, backend, &options.device);
+            }
+        }
         let failing = [&reads, &commits, &write_retry]
             .into_iter()
             .find_map(|r| r.failing());
@@ -848,6 +886,7 @@ pub fn run(
                 &request,
                 failing,
                 &mut commit_owed,
+                &mut removal,
                 &mut |v| watch.live_holders(&mailbox, v),
                 &mut |v, keep| retract_replies(&mut driver, domain, v, keep),
             );
@@ -873,6 +912,7 @@ pub fn run(
         // request ends the wait at once.
         if !wait.is_zero()
             && !had_jobs
+            && !removal.as_ref().is_some_and(|r| r.busy())
             && let Ok((request, reply)) =
                 control_rx.recv_timeout(wait.min(Duration::from_millis(50)))
         {
@@ -882,6 +922,7 @@ pub fn run(
                 &request,
                 failing,
                 &mut commit_owed,
+                &mut removal,
                 &mut |v| watch.live_holders(&mailbox, v),
                 &mut |v, keep| retract_replies(&mut driver, domain, v, keep),
             );
@@ -1021,6 +1062,7 @@ fn serve_admin(
     request: &Value,
     failing: Option<&str>,
     commit_owed: &mut bool,
+    removal: &mut Option<Removal>,
     holders: LiveHolders<'_>,
     retract: Retract<'_>,
 ) -> Value {
@@ -1034,11 +1076,68 @@ fn serve_admin(
             ),
         });
     }
-    let answer = admin(backend, request, holders, retract);
+    if changes && let Some(r) = removal.as_ref().filter(|r| !r.ended()) {
+        return json!({
+            "ok": false,
+            "error": format!(
+                "LUN {} is being removed ({} of {} extents moved); the pool takes no other \
+                 change until that ends (`spmbox status` shows how far it is). Nothing was \
+                 changed",
+                r.lun, r.moved, r.total
+            ),
+        });
+    }
+    if request["op"] == "remove_lun" {
+        return start_removal(backend, request, removal, holders);
+    }
+    let mut answer = admin(backend, request, holders, retract);
+    if request["op"] == "status"
+        && answer["ok"] == json!(true)
+        && let Some(r) = removal.as_ref()
+    {
+        answer["removal"] = r.report();
+    }
     if changes && answer["ok"] != json!(true) {
         *commit_owed = true;
     }
     answer
+}
+
+/// Starts `pool remove-lun` (request `{"op": "remove_lun", "lun": ...}`);
+/// the SPM's loop carries it out step by step.
+fn start_removal(
+    backend: &mut dyn SpmBackend,
+    request: &Value,
+    removal: &mut Option<Removal>,
+    holders: LiveHolders<'_>,
+) -> Value {
+    let result = (|| -> Result<Value, BackendError> {
+        let lun = request["lun"]
+            .as_str()
+            .ok_or_else(|| BackendError::new("remove_lun needs a LUN (UUID or path)"))?;
+        let luns = backend.report().luns.len();
+        let mover = backend.lun_mover().ok_or_else(lvm_remove_lun)?;
+        let r = Removal::start(mover, lun, luns, holders)?;
+        let report = r.report();
+        *removal = Some(r);
+        Ok(json!({ "removal": report }))
+    })();
+    match result {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => json!({ "ok": false, "error": e.to_string() }),
+    }
+}
+
+/// Why the lvm2 backend does not remove a LUN itself.
+pub fn lvm_remove_lun() -> BackendError {
+    BackendError::new(
+        "the lvm2 backend does not move extents itself: move them off the PV with `pvmove \
+         PV` (it needs device-mapper), then remove the empty PV with `vgreduce VG PV`; the \
+         SPM notices at its next full scan. Nothing was changed",
+    )
 }
 
 /// Logs what the pool's usage now calls for: a warning when it reached a
