@@ -1612,3 +1612,73 @@ fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_o
     assert_eq!((bytes, errors), (64 * MIB, 0), "{first:?}");
     s.check_pool();
 }
+
+/// With lvm2, `pool remove-lun` removes an empty PV (`vgreduce`), through
+/// the SPM and without one, and refuses one with extents of a volume on
+/// it, naming the LVs and `pvmove`, or the only PV; nothing is changed
+/// when it refuses.
+#[test]
+fn with_the_lvm_backend_an_empty_pv_is_removed_and_one_in_use_refused() {
+    if let Some(why) = lvm_missing() {
+        eprintln!(
+            "skipped: with_the_lvm_backend_an_empty_pv_is_removed_and_one_in_use_refused: {why}"
+        );
+        return;
+    }
+    let mut s = Setup::on(Storage::Lvm, &[64, 64], 4);
+    let (pv1, pv2) = (
+        s.luns[0].to_str().unwrap().to_owned(),
+        s.luns[1].to_str().unwrap().to_owned(),
+    );
+    let a = s.create_volume(32, 8);
+    let refused = |out: Output, says: &str| {
+        assert!(!out.status.success(), "refused: {says}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(says) && err.contains("Nothing was changed"),
+            "{err}"
+        );
+    };
+    refused(s.remove_lun(&pv1, &[]), "the only PV");
+    let out = s.add_lun(&s.luns[1].clone());
+    assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
+    let total = s.volume_list()["total_extents"].as_u64().unwrap();
+    refused(
+        s.remove_lun(&pv1, &[]),
+        &format!("LVs {a} have extents on it"),
+    );
+    assert!(text(&s.remove_lun(&pv1, &[]).stderr).contains(&format!("pvmove {pv1}")));
+    // Without an SPM.
+    let out = s.remove_lun(&pv2, &[]);
+    assert!(out.status.success(), "remove-lun: {}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["state"], "done", "{answer}");
+    let list = s.volume_list();
+    assert!(list["total_extents"].as_u64().unwrap() < total, "{list}");
+    // Through the SPM: the volume goes, then its PV.
+    let out = s.add_lun(&s.luns[1].clone());
+    assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
+    let mut spm = s.start_spm();
+    let out = s.shrink("delete", a, None);
+    assert!(out.status.success(), "delete: {}", text(&out.stderr));
+    s.list_until("a's extents free", |l| l["released_extents"] == 0);
+    let out = s.cli(&[
+        "pool",
+        "remove-lun",
+        &pv1,
+        "--device",
+        s.device.to_str().unwrap(),
+        "--control",
+        s.control.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "remove-lun: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("PV {pv1} removed from volume group")),
+        "{}",
+        text(&out.stdout)
+    );
+    let list = s.volume_list();
+    assert!(list["total_extents"].as_u64().unwrap() < total, "{list}");
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    s.check_pool();
+}

@@ -323,6 +323,70 @@ impl SpmBackend for LvmSpm {
         std::mem::take(&mut self.completed)
     }
 
+    fn remove_empty_lun(&mut self, lun: &str) -> Result<String, BackendError> {
+        let path = Path::new(lun);
+        let vg = self.lvm.vg().to_owned();
+        let pv = self
+            .lvm
+            .pv_infos()?
+            .into_iter()
+            .find(|p| same_device(&p.name, path) && p.vg == vg)
+            .ok_or_else(|| {
+                BackendError::new(format!(
+                    "{lun} is not a PV of volume group {vg} (give the PV's device path; `pvs` \
+                     lists them). Nothing was changed"
+                ))
+            })?;
+        let pvs = self.lvm.pv_infos()?;
+        if pvs.iter().filter(|p| p.vg == vg).count() < 2 {
+            return Err(BackendError::new(format!(
+                "cannot remove PV {lun}: it is the only PV of volume group {vg}. Nothing was \
+                 changed"
+            )));
+        }
+        let (mut volumes, mut released) = (Vec::new(), Vec::new());
+        for lv in self.lvm.lv_infos(None)? {
+            let on = self
+                .lvm
+                .segments(&lv.name)?
+                .iter()
+                .flat_map(|s| s.ranges.iter())
+                .any(|r| same_device(&r.pv, &pv.name));
+            if on && released_seq(&lv.name).is_some() {
+                released.push(lv.name);
+            } else if on {
+                volumes.push(lv.name);
+            }
+        }
+        if !volumes.is_empty() {
+            return Err(BackendError::new(format!(
+                "cannot remove PV {lun}: LVs {} have extents on it. spmbox moves extents only \
+                 in its builtin pool; with lvm2, move them with `pvmove {lun}` (it needs \
+                 device-mapper and copies while the LVs are in use), then run this again. \
+                 Nothing was changed",
+                volumes.join(", ")
+            )));
+        }
+        if !released.is_empty() {
+            return Err(BackendError::new(format!(
+                "cannot remove PV {lun} yet: extents released from deleted or reduced volumes \
+                 ({}) wait on it until every live host has acknowledged their release; run \
+                 this again in a few seconds. Nothing was changed",
+                released.join(", ")
+            )));
+        }
+        let before = self.vg.extent_count;
+        self.lvm
+            .run_on("vgreduce", &[], &[&vg, &pv.name.to_string_lossy()])?;
+        self.reload()?;
+        Ok(format!(
+            "PV {lun} removed from volume group {vg}: {} extents of {} fewer (its PV label \
+             stays; `pvremove` wipes it)",
+            before.saturating_sub(self.vg.extent_count),
+            Bytes(self.vg.extent_size)
+        ))
+    }
+
     fn add_lun(&mut self, path: &Path) -> Result<String, BackendError> {
         crate::backend::lvm::check_device_path(path)?;
         let mut lvm = self.lvm.clone();

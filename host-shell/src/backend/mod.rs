@@ -293,6 +293,16 @@ pub trait SpmBackend {
     fn lun_mover(&mut self) -> Option<&mut dyn LunMover> {
         None
     }
+
+    /// Removes LUN `lun` (a path) from the pool at once, for a backend
+    /// without [`SpmBackend::lun_mover`]: refused while any extent on it is
+    /// held or released. Returns what was done.
+    fn remove_empty_lun(&mut self, lun: &str) -> Result<String, BackendError> {
+        let _ = lun;
+        Err(BackendError::new(
+            "this backend cannot remove a LUN. Nothing was changed",
+        ))
+    }
 }
 
 /// The steps of moving every segment off a LUN and dropping it, as

@@ -55,10 +55,14 @@ pub fn remove_lun(args: &RemoveLunArgs) -> Result<ExitCode, CommandError> {
                 )
                 .into());
             }
-            follow(
-                &control_path(device, args.control.as_deref())?,
-                &answer["removal"],
-            )?
+            if answer["removal"]["state"] == "done" {
+                answer["removal"].clone()
+            } else {
+                follow(
+                    &control_path(device, args.control.as_deref())?,
+                    &answer["removal"],
+                )?
+            }
         }
     };
     if args.json {
@@ -73,6 +77,9 @@ pub fn remove_lun(args: &RemoveLunArgs) -> Result<ExitCode, CommandError> {
 
 /// The last line of a removal that ended well.
 fn done_line(r: &Value) -> String {
+    if let Some(message) = r["message"].as_str() {
+        return message.to_owned();
+    }
     let extent = r["extent_size"].as_u64().unwrap_or(0);
     let moved = r["moved_extents"].as_u64().unwrap_or(0);
     format!(
@@ -182,7 +189,9 @@ fn offline(
     backend.set_lun_search(search.to_vec());
     let luns = backend.report().luns.len();
     let mut watch = HostWatch::new(None);
-    let mover = backend.lun_mover().ok_or_else(spm::lvm_remove_lun)?;
+    let Some(mover) = backend.lun_mover() else {
+        return spm::empty_lun_removed(backend, lun).map(|v| v["removal"].clone());
+    };
     let stale = mover.moving();
     if !stale.is_nil() {
         mover.set_moving(Uuid::NIL)?;

@@ -1116,7 +1116,9 @@ fn start_removal(
             .as_str()
             .ok_or_else(|| BackendError::new("remove_lun needs a LUN (UUID or path)"))?;
         let luns = backend.report().luns.len();
-        let mover = backend.lun_mover().ok_or_else(lvm_remove_lun)?;
+        let Some(mover) = backend.lun_mover() else {
+            return empty_lun_removed(backend, lun);
+        };
         let r = Removal::start(mover, lun, luns, holders)?;
         let report = r.report();
         *removal = Some(r);
@@ -1131,13 +1133,16 @@ fn start_removal(
     }
 }
 
-/// Why the lvm2 backend does not remove a LUN itself.
-pub fn lvm_remove_lun() -> BackendError {
-    BackendError::new(
-        "the lvm2 backend does not move extents itself: move them off the PV with `pvmove \
-         PV` (it needs device-mapper), then remove the empty PV with `vgreduce VG PV`; the \
-         SPM notices at its next full scan. Nothing was changed",
-    )
+/// `pool remove-lun` on a backend that removes only an empty LUN (lvm2):
+/// done at once; the answer has the shape of a finished removal.
+pub fn empty_lun_removed(backend: &mut dyn SpmBackend, lun: &str) -> Result<Value, BackendError> {
+    let message = backend.remove_empty_lun(lun)?;
+    tracing::info!("{message}");
+    Ok(json!({ "removal": {
+        "lun": lun, "state": "done", "total_extents": 0, "moved_extents": 0,
+        "moved_segments": 0, "extent_size": backend.usage().extent_size, "seconds": 0.0,
+        "message": message,
+    }}))
 }
 
 /// Logs what the pool's usage now calls for: a warning when it reached a
