@@ -1682,3 +1682,53 @@ fn with_the_lvm_backend_an_empty_pv_is_removed_and_one_in_use_refused() {
     assert!(spm.term().success(), "SPM: {}", s.logs_text());
     s.check_pool();
 }
+
+/// A host does not start the guest of a volume the pool names as being
+/// moved (a `pool remove-lun` copies it); an SPM that starts clears a name
+/// left by a removal cut short, and the guest then starts.
+#[test]
+fn a_host_waits_for_a_volume_being_moved_until_an_spm_clears_it() {
+    let mut s = Setup::new(&[64], 4);
+    let v = s.create_volume(16, 4);
+    {
+        let domain = Domain::open(&s.device, spmbox::io::device::Access::ReadWrite).unwrap();
+        let (mut pool, seq) = domain.read_pool().unwrap();
+        pool.set_moving(v).unwrap();
+        domain.write_pool(&pool, seq + 1).unwrap();
+    }
+    let mut host = s.start_host(1, &[v], "16M", "4M");
+    let log = || {
+        fs::read_dir(s.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("host1."))
+            .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<String>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("the SPM is moving this volume") {
+        assert!(Instant::now() < deadline, "host log: {}", log());
+        assert!(host.alive(), "host: {}", s.logs_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !s.events().iter().any(|e| e["event"] == "started"),
+        "the guest started while its volume was named moving: {:?}",
+        s.events()
+    );
+    let mut spm = s.start_spm();
+    wait_all(std::slice::from_mut(&mut host), Duration::from_secs(60), &s);
+    assert!(
+        s.spm_logs()
+            .contains(&format!("the pool named volume {v} as being moved")),
+        "{}",
+        s.spm_logs()
+    );
+    assert!(s.events().iter().any(|e| e["event"] == "done"));
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    let domain = Domain::open(&s.device, spmbox::io::device::Access::ReadOnly).unwrap();
+    assert!(domain.read_pool().unwrap().0.moving().is_nil());
+    let (bytes, errors, first) = s.verify(&[v], 16 * MIB);
+    assert_eq!((bytes, errors), (16 * MIB, 0), "{first:?}");
+}
