@@ -1574,6 +1574,22 @@ fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_o
     );
     let (bytes, errors, first) = s.verify(&[a, b], 32 * MIB);
     assert_eq!((bytes, errors), (64 * MIB, 0), "{first:?}");
+    let status = text(
+        &s.cli(&[
+            "status",
+            "--device",
+            s.device.to_str().unwrap(),
+            "--control",
+            s.control.to_str().unwrap(),
+        ])
+        .stdout,
+    );
+    assert!(
+        status.contains(&format!(
+            "remove-lun {lun1_id}: done, {moved} of {moved} extents"
+        )),
+        "{status}"
+    );
     assert!(spm.term().success(), "SPM: {}", s.logs_text());
     s.check_pool();
 

@@ -270,6 +270,11 @@ pub struct Status {
     /// socket, live), `metadata` (the committed metadata on the device:
     /// no SPM answered) or `none`.
     pub pool_source: &'static str,
+    /// The running SPM's `pool remove-lun`, under way or the last one:
+    /// the LUN, its state (`moving`, `reclaiming`, `done`, `failed`), the
+    /// extents moved of those to move, the segment being copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removal: Option<Value>,
     /// Who holds the domain's sanlock leases (`status --lease sanlock`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leases: Option<Value>,
@@ -548,9 +553,19 @@ pub fn status(
     }
     let socket = control_path(device, control)?;
     let mut parked_age_ms = std::collections::BTreeMap::new();
+    let mut removal = None;
     let (pool, pool_error, pool_source) =
         match control::control_request(&socket, &json!({"op": "status"})) {
             Ok(Some(answer)) => match pool_from_json(&answer["pool"]) {
+                Some(p) if answer["removal"].is_object() => {
+                    removal = Some(answer["removal"].clone());
+                    for (v, ms) in answer["parked_age_ms"].as_object().into_iter().flatten() {
+                        if let Some(ms) = ms.as_u64() {
+                            parked_age_ms.insert(v.clone(), ms);
+                        }
+                    }
+                    (Some(p), None, "spm")
+                }
                 Some(p) if answer["parked_age_ms"].is_object() => {
                     for (v, ms) in answer["parked_age_ms"].as_object().into_iter().flatten() {
                         if let Some(ms) = ms.as_u64() {
@@ -638,6 +653,7 @@ pub fn status(
         pool_error,
         parked_age_ms,
         pool_source,
+        removal,
         leases: None,
         warnings,
     })
@@ -799,6 +815,29 @@ pub fn render(s: &Status) -> String {
                 Bytes(p.extent_size),
                 p.luns.len()
             );
+            if let Some(r) = &s.removal {
+                let extent = r["extent_size"].as_u64().unwrap_or(0);
+                let moved = r["moved_extents"].as_u64().unwrap_or(0);
+                let total = r["total_extents"].as_u64().unwrap_or(0);
+                let copying = r.get("copying").map_or_else(String::new, |c| {
+                    format!(
+                        ", copying volume {}: {} of {}",
+                        c["volume"].as_str().unwrap_or("?"),
+                        Bytes(c["done_bytes"].as_u64().unwrap_or(0)),
+                        Bytes(c["bytes"].as_u64().unwrap_or(0))
+                    )
+                });
+                let _ = writeln!(
+                    o,
+                    "  remove-lun {}: {}, {moved} of {total} extents moved ({}){copying}{}",
+                    r["lun"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?"),
+                    Bytes(moved * extent),
+                    r["error"]
+                        .as_str()
+                        .map_or_else(String::new, |e| format!(": {e}"))
+                );
+            }
             for v in &p.volumes {
                 let report = s
                     .host_reports
