@@ -1,8 +1,8 @@
 //! Arbitrary operation sequences on the reference pool (add a LUN, create a
 //! volume, extend, delete, reduce, relocate a segment off a draining LUN,
-//! drop a LUN, collect completions, commit, reclaim released extents, reload
-//! the metadata, tear a commit), checked after every step against a plain
-//! model.
+//! drop a LUN, name a volume as moving or clear it, collect completions,
+//! commit, reclaim released extents, reload the metadata, tear a commit),
+//! checked after every step against a plain model.
 //!
 //! Checks: `check_invariants` always holds (no extent in two volumes or
 //! released twice, every segment below its LUN's high-water mark, no volume
@@ -13,12 +13,15 @@
 //! extension either reaches its target (rounded to extents), parks with
 //! nothing allocated, or is refused with nothing changed; a reload from the
 //! metadata gives the same volumes, and a damaged newest copy gives the
-//! previous commit's.
+//! previous commit's; `moving` is only ever nil or a volume of the pool
+//! (naming an unknown one is refused with nothing changed, deleting the
+//! moving volume clears it), each commit writes it in header bytes 48..64
+//! and a reload gives the committed one.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use spmbox_core::pool::{Extend, Pool, next_copy};
+use spmbox_core::pool::{Extend, Pool, PoolError, next_copy};
 use spmbox_core::wire::Uuid;
 
 type P = Pool<3, 6, 8, 4>;
@@ -64,6 +67,11 @@ enum Op {
     TearAndReload {
         byte: u16,
     },
+    /// Name a volume as moving (`clear`: name none).
+    SetMoving {
+        volume: u8,
+        clear: bool,
+    },
 }
 
 fn sizes(pool: &P) -> Vec<(Uuid, u64)> {
@@ -79,6 +87,10 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut committed: Option<Vec<(Uuid, u64)>> = None;
     let mut previous: Option<Vec<(Uuid, u64)>> = None;
     let mut luns = 0u8;
+    // The model's `moving`, and that of the newest and previous commits.
+    let mut moving = Uuid::NIL;
+    let mut committed_moving = Uuid::NIL;
+    let mut previous_moving = Uuid::NIL;
     for op in ops.iter().take(200) {
         let before = sizes(&pool);
         let released_before = pool.released_extents();
@@ -137,11 +149,14 @@ fuzz_target!(|ops: Vec<Op>| {
                 let release_seq = pool.release_seq_for(seq);
                 pool.encode(seq, copy).unwrap();
                 assert_eq!(copy[40..48], release_seq.to_le_bytes());
+                assert_eq!(copy[48..64], moving.0, "moving not written");
                 let stamped = pool.stamp_released(seq);
                 assert_eq!(stamped, release_seq == seq);
                 assert_eq!(pool.release_seq(), release_seq);
                 previous = committed.take();
                 committed = Some(sizes(&pool));
+                previous_moving = committed_moving;
+                committed_moving = moving;
             }
             Op::Delete { volume } => {
                 let id = Uuid([volume % 6 + 1; 16]);
@@ -150,6 +165,9 @@ fuzz_target!(|ops: Vec<Op>| {
                         let had = before.iter().find(|(v, _)| *v == id).map(|(_, s)| *s);
                         assert_eq!(Some(extents * EXTENT), had);
                         deleted = Some(id);
+                        if moving == id {
+                            moving = Uuid::NIL;
+                        }
                     }
                     Err(_) => {
                         assert_eq!(sizes(&pool), before, "a refused delete changed something")
@@ -216,6 +234,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     match P::decode(&copies[0], &copies[1]) {
                         Ok((reloaded, _)) => {
                             assert!(reloaded.check_invariants().is_ok());
+                            assert_eq!(reloaded.moving(), previous_moving);
                             assert_eq!(
                                 Some(sizes(&reloaded)),
                                 previous.clone(),
@@ -227,6 +246,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     copies[next_copy(seq)][at] ^= 0x5a;
                     let (reloaded, s) = P::decode(&copies[0], &copies[1]).unwrap();
                     assert_eq!(s, seq);
+                    assert_eq!(reloaded.moving(), committed_moving);
                     assert_eq!(
                         Some(sizes(&reloaded)),
                         committed.clone(),
@@ -234,8 +254,36 @@ fuzz_target!(|ops: Vec<Op>| {
                     );
                 }
             }
+            Op::SetMoving { volume, clear } => {
+                let id = if clear {
+                    Uuid::NIL
+                } else {
+                    Uuid([volume % 6 + 1; 16])
+                };
+                let known = id == Uuid::NIL || before.iter().any(|(v, _)| *v == id);
+                match pool.set_moving(id) {
+                    Ok(()) => {
+                        assert!(known, "an unknown volume named as moving");
+                        moving = id;
+                    }
+                    Err(e) => {
+                        assert!(!known, "a known volume refused: {e}");
+                        assert_eq!(e, PoolError::UnknownVolume);
+                    }
+                }
+                assert_eq!(
+                    sizes(&pool),
+                    before,
+                    "naming a moving volume changed a size"
+                );
+            }
         }
         assert_eq!(pool.check_invariants(), Ok(()));
+        assert_eq!(pool.moving(), moving);
+        assert!(
+            moving == Uuid::NIL || pool.volume(moving).is_some(),
+            "moving names a volume the pool lacks"
+        );
         for (id, size) in &before {
             let now = pool.volume(*id).map_or(0, |v| v.size);
             match (shrunk, deleted) {

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use spmbox::backend::builtin::{LABEL_LEN, LunLabel, domain_size, metadata_offset};
 use spmbox_core::pool::{
-    CopyDefect, DEFAULT_EXTENT_SIZE, DefaultPool, Invariant, METADATA_COPY_SIZE,
-    METADATA_VERSION_1, PoolError,
+    CopyDefect, DEFAULT_EXTENT_SIZE, DefaultPool, Invariant, METADATA_COPY_SIZE, METADATA_VERSION,
+    PoolError,
 };
 use spmbox_core::wire::{Geometry, Uuid};
 use spmbox_tests::vectors::{assert_no_failures, bin_files, regenerate, show, uuid};
@@ -149,6 +149,7 @@ fn render_pool(pool: &DefaultPool, seq: u64) -> Value {
         "seq": seq,
         "extent_size": pool.extent_size(),
         "release_seq": pool.release_seq(),
+        "moving": pool.moving().to_string(),
         "luns": luns,
         "volumes": volumes
     })
@@ -322,10 +323,9 @@ fn check_copy(entry: &CopyEntry) -> Result<(), String> {
                     show(&rendered)
                 ));
             }
-            // A version 1 copy is written back as version 2: its bytes
-            // differ in the version and the CRC.
-            let version_1 = file.get(8) == Some(&METADATA_VERSION_1);
-            if !version_1 {
+            // A version 1 or 2 copy is written back as the current
+            // version: its bytes differ in the version and the CRC.
+            if file.get(8) == Some(&METADATA_VERSION) {
                 check_encoding(&pool, *seq, &file, "the decoded pool")?;
             }
             if let Some(history) = &entry.history {
@@ -568,6 +568,14 @@ fn the_checks_reject_a_manifest_that_disagrees() {
         pool.insert("seq".into(), json!(12345));
     }
     assert!(check_copy(&valid).is_err(), "a wrong seq went unnoticed");
+    let mut moved = find("valid");
+    if let Some(Value::Object(pool)) = &mut moved.pool {
+        pool.insert(
+            "moving".into(),
+            json!("c0111111-1111-1111-1111-111100000063"),
+        );
+    }
+    assert!(check_copy(&moved).is_err(), "a wrong moving went unnoticed");
     let mut inconsistent = find("inconsistent");
     check_copy(&inconsistent).expect("the inconsistent copy checks out");
     inconsistent.verdict = "payload".into();
@@ -581,4 +589,43 @@ fn the_checks_reject_a_manifest_that_disagrees() {
         check_copy(&swapped).is_err(),
         "a copy read at the wrong place went unnoticed"
     );
+}
+
+/// `moving` is read from version 3 copies as it is, whether or not the
+/// payload has that volume, and as nil from versions 1 and 2.
+#[test]
+fn the_moving_vectors_read_as_written() {
+    let manifest = load();
+    let moving = |file: &str| {
+        let entry = manifest
+            .copies
+            .iter()
+            .find(|c| c.file == file)
+            .unwrap_or_else(|| panic!("no {file}"));
+        let pool = entry
+            .pool
+            .as_ref()
+            .unwrap_or_else(|| panic!("{file} is not valid"));
+        let volumes: Vec<&str> = pool["volumes"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|v| v["id"].as_str()).collect())
+            .unwrap_or_default();
+        let moving = pool["moving"]
+            .as_str()
+            .expect("moving is a UUID")
+            .to_owned();
+        let known = volumes.contains(&moving.as_str());
+        let mut decoded = new_pool();
+        let bytes = region(Some(file)).expect("the file reads");
+        let place = place_of(&entry.place).expect("a place");
+        read_copy(&mut decoded, &bytes, place).expect("the copy decodes");
+        assert_eq!(decoded.moving().to_string(), moving, "{file}");
+        (moving, known)
+    };
+    let nil = Uuid::NIL.to_string();
+    assert!(matches!(moving("moving.bin"), (m, true) if m != nil));
+    assert!(matches!(moving("moving-unknown.bin"), (m, false) if m != nil));
+    assert_eq!(moving("version-1.bin"), (nil.clone(), false));
+    assert_eq!(moving("version-2.bin"), (nil.clone(), false));
+    assert_eq!(moving("several-a.bin"), (nil, false));
 }

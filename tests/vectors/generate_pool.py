@@ -41,10 +41,13 @@ U16, U32, U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 LUNS, LVS, SEGS = 16, 1024, 32
 HEADER_LEN = 64
 MAGIC = b"SPMP"
-VERSION = 2
+VERSION = 3
+VERSION_2 = 2
 VERSION_1 = 1
-RESERVED = [(9, 16), (28, 32), (48, 64)]
-RESERVED_IN_VERSION_1 = (40, 48)
+RESERVED = [(9, 16), (28, 32)]
+# Header bytes an older version reserved (zero) that version 3 uses:
+# release_seq and moving (version 1), moving (version 2).
+RESERVED_IN = {VERSION: [], VERSION_2: [(48, 64)], VERSION_1: [(40, 64)]}
 
 LABEL_LEN = 4096
 LABEL_MAGIC = b"SPMBLUN1"
@@ -269,10 +272,12 @@ def first_broken(extent_size, luns, volumes):
 # Section 3: a metadata copy.
 
 
-def encode_copy(seq, extent_size, luns, volumes, payload=None, release_seq=0, **over):
-    """A sealed copy; `over` patches header fields before sealing
-    (magic, version, payload_len, reserved={offset: value}); `crc` replaces
-    the sealed CRC."""
+def encode_copy(seq, extent_size, luns, volumes, payload=None, release_seq=0, moving=bytes(16),
+                **over):
+    """A sealed copy; `moving` is the 16 bytes of the volume being moved
+    (nil: none); `over` patches header fields before sealing (magic,
+    version, payload_len, reserved={offset: value}); `crc` replaces the
+    sealed CRC."""
     if payload is None:
         payload = encode_payload(luns, volumes)
     head = bytearray(HEADER_LEN)
@@ -282,6 +287,8 @@ def encode_copy(seq, extent_size, luns, volumes, payload=None, release_seq=0, **
     struct.pack_into("<I", head, 24, over.get("payload_len", len(payload)))
     struct.pack_into("<Q", head, 32, extent_size)
     struct.pack_into("<Q", head, 40, release_seq)
+    assert len(moving) == 16
+    head[48:64] = moving
     for off, value in over.get("reserved", {}).items():
         head[off] = value
     struct.pack_into("<I", head, 0, crc32c(bytes(head[4:]) + payload))
@@ -307,9 +314,9 @@ def open_copy(data, place):
     computed = crc32c(head[4:] + payload)
     if stored != computed:
         return None, {"verdict": "checksum", "stored": stored, "computed": computed}
-    if head[8] not in (VERSION, VERSION_1):
+    if head[8] not in RESERVED_IN:
         return None, {"verdict": "unsupported_version", "version": head[8]}
-    reserved = RESERVED + ([RESERVED_IN_VERSION_1] if head[8] == VERSION_1 else [])
+    reserved = RESERVED + RESERVED_IN[head[8]]
     for start, end in sorted(reserved):
         for off in range(start, end):
             if head[off]:
@@ -321,8 +328,10 @@ def open_copy(data, place):
     if seq % 2 != place:
         return None, {"verdict": "misplaced", "seq": seq}
     (release_seq,) = struct.unpack_from("<Q", head, 40)
+    # Any 16 bytes: a UUID the payload lacks names no volume.
+    moving = uuid_text(head[48:64])
     return {"seq": seq, "extent_size": extent_size, "release_seq": release_seq,
-            "payload": payload}, None
+            "moving": moving, "payload": payload}, None
 
 
 def load(header):
@@ -335,7 +344,8 @@ def load(header):
     if broken:
         return None, dict(verdict="inconsistent", **broken)
     return {"seq": header["seq"], "extent_size": header["extent_size"],
-            "release_seq": header["release_seq"], "luns": luns, "volumes": volumes}, None
+            "release_seq": header["release_seq"], "moving": header["moving"], "luns": luns,
+            "volumes": volumes}, None
 
 
 def read_copy(data, place):
@@ -616,10 +626,11 @@ def state(extent_size, history):
     return replay(extent_size, history)
 
 
-def committed(seq, extent_size, history):
+def committed(seq, extent_size, history, **over):
     """The copy commit `seq` writes after `history`."""
     pool = replay_pool(extent_size, history)
-    return encode_copy(seq, extent_size, *pool.state(), release_seq=pool.release_seq_for(seq))
+    return encode_copy(seq, extent_size, *pool.state(), release_seq=pool.release_seq_for(seq),
+                       **over)
 
 
 def simple(luns, volumes):
@@ -658,8 +669,16 @@ def build_copies():
     copy("released-b.bin",
          "Commit 11 (copy B): a volume reduced at commit 10 (release_seq 10), another grown into the extents commit 9 released once hosts acknowledged 9.",
          1, committed(11, E, RELEASED_B), RELEASED_B)
-    copy("version-1.bin", "Commit 6 as version 1 wrote it: still read, release_seq 0.",
+    copy("version-1.bin", "Commit 6 as version 1 wrote it: still read, release_seq 0 and moving nil.",
          0, encode_copy(6, E, *state(E, SEVERAL), version=VERSION_1))
+    copy("version-2.bin", "Commit 9 as version 2 wrote it: still read, release_seq 9 and moving nil.",
+         1, committed(9, E, RELEASED_A, version=VERSION_2))
+    copy("moving.bin",
+         "Commit 8 (copy A) naming one of its volumes as moving: an SPM is moving its segments.",
+         0, encode_copy(8, E, *state(E, SEVERAL_C), moving=uuid_bytes(V2)))
+    copy("moving-unknown.bin",
+         "Commit 8 naming as moving a UUID none of its volumes has: valid, it names no volume.",
+         0, encode_copy(8, E, *state(E, SEVERAL_C), moving=uuid_bytes(uuid_n(99))))
 
     # The largest fields: every varint at its longest.
     e = MIB
@@ -704,16 +723,22 @@ def build_copies():
          encode_copy(6, E, good_luns, good_vols, magic=b"SPMQ"))
     copy("bad-crc.bin", "Commit 6 with one payload bit flipped: the CRC does not match.", 0,
          good[:80] + bytes([good[80] ^ 0x01]) + good[81:])
-    copy("version-3.bin", "Version 3 (sealed).", 0,
-         encode_copy(6, E, good_luns, good_vols, version=3))
+    copy("version-4.bin", "Version 4 (sealed).", 0,
+         encode_copy(6, E, good_luns, good_vols, version=4))
     copy("reserved-9.bin", "Reserved byte 9 is 1 (sealed).", 0,
          encode_copy(6, E, good_luns, good_vols, reserved={9: 1}))
-    copy("reserved-48.bin", "Reserved byte 48 is 0x80 (sealed).", 0,
-         encode_copy(6, E, good_luns, good_vols, reserved={48: 0x80}))
+    copy("reserved-28.bin", "Reserved byte 28 is 1 (sealed).", 0,
+         encode_copy(6, E, good_luns, good_vols, reserved={28: 1}))
+    copy("reserved-48.bin",
+         "A version 2 copy whose byte 48 (reserved in version 2, moving in 3) is 0x80 (sealed).", 0,
+         encode_copy(6, E, good_luns, good_vols, version=VERSION_2, reserved={48: 0x80}))
     copy("version-1-reserved-40.bin",
-         "A version 1 copy whose byte 40 (reserved in version 1, release_seq in 2) is 0x80 (sealed).", 0,
+         "A version 1 copy whose byte 40 (reserved in version 1, release_seq in 2 and 3) is 0x80 (sealed).", 0,
          encode_copy(6, E, good_luns, good_vols, version=VERSION_1, reserved={40: 0x80}))
-    copy("release-seq-any.bin", "A version 2 copy with release_seq 2^64 - 1: any value is valid.", 0,
+    copy("version-1-reserved-50.bin",
+         "A version 1 copy whose byte 50 (reserved in version 1, moving in 3) is 1 (sealed).", 0,
+         encode_copy(6, E, good_luns, good_vols, version=VERSION_1, reserved={50: 1}))
+    copy("release-seq-any.bin", "A copy with release_seq 2^64 - 1: any value is valid.", 0,
          encode_copy(6, E, good_luns, good_vols, release_seq=U64))
     copy("extent-size-3m.bin", "Extent size 3 MiB, not a power of two.", 0,
          encode_copy(0, 3 * MIB, [], []))
@@ -822,6 +847,8 @@ PAIRS = [
     ("several-c-torn.bin", "several-b.bin", "Commit 8 torn: commit 7 in B wins."),
     ("several-c-bad.bin", "several-b.bin", "Commit 8 breaks a rule: commit 7 in B wins."),
     ("several-c.bin", "released-a.bin", "Commits 8 and 9: B is newer."),
+    ("several-c.bin", "version-2.bin", "Commit 8 and commit 9 as version 2 wrote it: B is newer."),
+    ("moving.bin", "several-b.bin", "Commits 8 (naming a volume as moving) and 7: A is newer."),
     ("several-a.bin", "misplaced-6-in-b.bin", "B holds an even commit: A wins."),
     ("misplaced-7-in-a.bin", "several-b.bin", "A holds an odd commit: B wins."),
     (None, "several-b.bin", "Copy A zero: B wins."),
@@ -847,9 +874,10 @@ LABELS = [
 EXPECT = {
     "luns-17.bin": "payload", "segments-33.bin": "payload", "volumes-1025.bin": "payload",
     "empty.bin": "empty", "bad-magic.bin": "bad_magic",
-    "bad-crc.bin": "checksum", "version-3.bin": "unsupported_version",
+    "bad-crc.bin": "checksum", "version-4.bin": "unsupported_version",
     "reserved-9.bin": "reserved_not_zero", "reserved-48.bin": "reserved_not_zero",
-    "version-1-reserved-40.bin": "reserved_not_zero",
+    "reserved-28.bin": "reserved_not_zero", "version-1-reserved-40.bin": "reserved_not_zero",
+    "version-1-reserved-50.bin": "reserved_not_zero",
     "extent-size-3m.bin": "extent_size", "extent-size-512k.bin": "extent_size",
     "extent-size-32g.bin": "extent_size", "misplaced-7-in-a.bin": "misplaced",
     "misplaced-6-in-b.bin": "misplaced", "payload-len-past-copy.bin": "payload_length",
@@ -890,10 +918,11 @@ def copy_entries():
                 assert replay(pool["extent_size"], history) == [pool["luns"], pool["volumes"]]
                 entry["history"] = [list(op) for op in history]
             # Encoding the state again gives the same bytes (a version 1
-            # copy is written back as version 2).
+            # or 2 copy is written back as version 3).
             again = encode_copy(pool["seq"], pool["extent_size"], pool["luns"], pool["volumes"],
-                                release_seq=pool["release_seq"])
-            assert again == data or data[8] == VERSION_1
+                                release_seq=pool["release_seq"],
+                                moving=uuid_bytes(pool["moving"]))
+            assert again == data or data[8] in (VERSION_1, VERSION_2)
         else:
             verdict = defect["verdict"]
             want = EXPECT.get(file)

@@ -144,8 +144,8 @@ const _: () = {
     assert!(offset_of!(RawHeader, release_seq) == 40);
     assert!(offset_of!(RawHeader, moving) == 48);
     assert!(METADATA_COPY_SIZE % BLOCK == 0);
-    // Version 2 added no payload: the space reserved per copy is that of
-    // version 1.
+    // Versions 2 and 3 added no payload: the space reserved per copy is
+    // that of version 1.
     assert!(METADATA_COPY_SIZE == 454_656);
     assert!(METADATA_COPY_SIZE >= DefaultPool::MAX_COPY_LEN);
 };

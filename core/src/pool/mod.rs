@@ -205,7 +205,8 @@ mod tests;
 
 pub use meta::{
     CopyDefect, METADATA_ALIGN, METADATA_COPY_SIZE, METADATA_HEADER_LEN, METADATA_MAGIC,
-    METADATA_VERSION, METADATA_VERSION_1, commit_place, max_copy_len, metadata_offset, next_copy,
+    METADATA_VERSION, METADATA_VERSION_1, METADATA_VERSION_2, commit_place, max_copy_len,
+    metadata_offset, next_copy,
 };
 
 use core::fmt;
@@ -1358,7 +1359,8 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
     }
 
     /// Deletes LV `id`: its extents become released (not free: see
-    /// [`Pool::reclaim`]). Returns how many.
+    /// [`Pool::reclaim`]), and if it is the volume being moved
+    /// ([`Pool::moving`]) that becomes nil. Returns how many.
     ///
     /// Refused with [`PoolError::UnknownVolume`], then
     /// [`PoolError::Parked`] if a request for it is parked.
@@ -1458,7 +1460,10 @@ impl<const LUNS: usize, const LVS: usize, const SEGS: usize, const PARKED: usize
     /// `lun` (the caller has copied its data there and commits this
     /// change before the LV is used through the new map): the old run
     /// becomes released; the moved segment is merged with a neighbour in
-    /// the LV it now touches.
+    /// the LV it now touches. The caller names the LV with
+    /// [`Pool::set_moving`] in a durable commit before it copies anything,
+    /// and moves none of it if a live host holds it (docs/pool-format.md
+    /// 6.7).
     ///
     /// Refused with, in this order: [`PoolError::UnknownVolume`];
     /// [`PoolError::UnknownSegment`]; [`PoolError::UnknownLun`];

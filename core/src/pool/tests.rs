@@ -1784,7 +1784,7 @@ fn a_version_1_copy_decodes_with_release_seq_0() {
 }
 
 #[test]
-fn release_seq_round_trips_through_a_version_2_copy() {
+fn release_seq_round_trips_through_encode_and_decode() {
     let mut p = two_volumes();
     p.reduce_volume(id(1), EXT).unwrap();
     let mut a = buffer();
@@ -1796,4 +1796,113 @@ fn release_seq_round_trips_through_a_version_2_copy() {
     q.encode(5, &mut b).unwrap();
     assert_eq!(b[40..48], 4u64.to_le_bytes());
     assert_eq!(state(&q), state(&p));
+}
+
+#[test]
+fn moving_round_trips_through_encode_and_decode() {
+    let mut p = two_volumes();
+    assert_eq!(p.moving(), Uuid::NIL);
+    p.set_moving(id(2)).unwrap();
+    assert_eq!(p.moving(), id(2));
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    assert_eq!(a[48..64], [2; 16]);
+    let (q, _) = Small::decode(&a, &[]).unwrap();
+    assert_eq!(q.moving(), id(2));
+    assert_eq!(state(&q), state(&p));
+    // Cleared, the next commit carries nil again.
+    let mut q = q;
+    q.set_moving(Uuid::NIL).unwrap();
+    let mut b = buffer();
+    q.encode(1, &mut b).unwrap();
+    assert_eq!(b[48..64], [0; 16]);
+    let (r, seq) = Small::decode(&a, &b).unwrap();
+    assert_eq!((seq, r.moving()), (1, Uuid::NIL));
+}
+
+#[test]
+fn a_version_2_copy_decodes_with_moving_nil_and_its_bytes_48_to_64_zero() {
+    let mut p = two_volumes();
+    p.reduce_volume(id(1), EXT).unwrap();
+    let mut a = buffer();
+    p.encode(2, &mut a).unwrap();
+    a[8] = 2;
+    reseal(&mut a);
+    let (q, seq) = Small::decode(&a, &[]).unwrap();
+    assert_eq!((seq, q.release_seq(), q.moving()), (2, 2, Uuid::NIL));
+    assert_eq!(state(&q), state(&p));
+    // Version 2 reserved bytes 48..64: a nonzero byte there is refused,
+    // not read as `moving`.
+    for at in [48, 63] {
+        let mut bad = a.clone();
+        bad[at] = 1;
+        reseal(&mut bad);
+        assert_eq!(
+            Small::decode(&bad, &[]).unwrap_err(),
+            PoolError::NoValidCopy {
+                a: CopyDefect::ReservedNotZero { offset: at as u8 },
+                b: CopyDefect::TooShort { len: 0 }
+            }
+        );
+    }
+}
+
+#[test]
+fn a_version_1_copy_with_release_seq_or_moving_bytes_set_is_refused() {
+    let p = two_volumes();
+    let mut good = buffer();
+    p.encode(0, &mut good).unwrap();
+    good[8] = 1;
+    for at in [40, 50] {
+        let mut a = good.clone();
+        a[at] = 1;
+        reseal(&mut a);
+        assert_eq!(
+            Small::decode(&a, &[]).unwrap_err(),
+            PoolError::NoValidCopy {
+                a: CopyDefect::ReservedNotZero { offset: at as u8 },
+                b: CopyDefect::TooShort { len: 0 }
+            }
+        );
+    }
+}
+
+#[test]
+fn moving_an_unknown_volume_is_refused_and_changes_nothing() {
+    let mut p = two_volumes();
+    p.set_moving(id(1)).unwrap();
+    assert_eq!(p.set_moving(id(9)), Err(PoolError::UnknownVolume));
+    assert_eq!(p.moving(), id(1));
+    let mut q = two_volumes();
+    assert_eq!(q.set_moving(id(9)), Err(PoolError::UnknownVolume));
+    assert_eq!(q.moving(), Uuid::NIL);
+}
+
+#[test]
+fn deleting_the_moving_volume_clears_moving() {
+    let mut p = two_volumes();
+    p.set_moving(id(1)).unwrap();
+    p.delete_volume(id(2)).unwrap();
+    assert_eq!(p.moving(), id(1), "another volume's delete leaves it");
+    p.delete_volume(id(1)).unwrap();
+    assert_eq!(p.moving(), Uuid::NIL);
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    assert_eq!(a[48..64], [0; 16]);
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_moving_volume_the_payload_lacks_decodes() {
+    let p = two_volumes();
+    let mut a = buffer();
+    p.encode(0, &mut a).unwrap();
+    for value in [[9; 16], [0xFF; 16]] {
+        a[48..64].copy_from_slice(&value);
+        reseal(&mut a);
+        let (q, _) = Small::decode(&a, &[]).unwrap();
+        assert_eq!(q.moving(), Uuid(value));
+        assert_eq!(state(&q), state(&p));
+        q.check_invariants().unwrap();
+    }
 }
