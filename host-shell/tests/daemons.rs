@@ -1748,3 +1748,57 @@ fn a_host_waits_for_a_volume_being_moved_until_an_spm_clears_it() {
     let (bytes, errors, first) = s.verify(&[v], 16 * MIB);
     assert_eq!((bytes, errors), (16 * MIB, 0), "{first:?}");
 }
+
+/// `volume reduce` without --to keeps what the guest wrote, read from the
+/// volume, plus one extent, and refuses a volume whose content it cannot
+/// read, changing nothing.
+#[test]
+fn a_volume_is_reduced_to_what_its_guest_wrote_plus_one_extent() {
+    let mut s = Setup::new(&[128], 4);
+    let v = s.create_volume(64, 4);
+    let blank = s.create_volume(64, 12);
+    let mut spm = s.start_spm();
+    let log = s.log("host1");
+    let status = Command::new(bin())
+        .args(["host", "--device"])
+        .arg(&s.device)
+        .args(["--host-id", "1", "--rate", "64M", "--chunk-size", "16M"])
+        .args(["--guest-bytes", "10M", "--exit-when-done"])
+        .args(["--volume", &v.to_string()])
+        .env("SPMBOX_RUN_DIR", &s.run)
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(status.success(), "host: {}", s.logs_text());
+    let before = listed(&s.volume_list(), v).unwrap()["physical_size"]
+        .as_u64()
+        .unwrap();
+    let out = s.shrink("reduce", blank, None);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot tell what the guest of volume")
+            && err.contains("give --to")
+            && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    let out = s.shrink("reduce", v, None);
+    assert!(out.status.success(), "reduce: {}", text(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["written"], 10 * MIB, "{answer}");
+    assert_eq!(answer["content"], "test_data", "{answer}");
+    assert_eq!(
+        answer["size"],
+        16 * MIB,
+        "10 MiB is 3 extents, and one more: {answer}"
+    );
+    assert_eq!(
+        answer["released"]["extents"].as_u64().unwrap(),
+        (before - 16 * MIB) / (4 * MIB),
+        "{answer}"
+    );
+    let (bytes, errors, first) = s.verify(&[v], 10 * MIB);
+    assert_eq!((bytes, errors), (10 * MIB, 0), "{first:?}");
+    assert!(spm.term().success(), "SPM: {}", s.logs_text());
+    s.check_pool();
+}

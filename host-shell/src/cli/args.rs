@@ -760,9 +760,16 @@ pub struct VolumeReduceArgs {
     pub id: String,
     /// The size to shrink to (rounded up to whole extents, at least one).
     /// It must not be below what the guest wrote: the bytes past it are
-    /// given to other volumes.
+    /// given to other volumes. Without it: what the guest wrote, read from
+    /// the volume (the end of a qcow2 image, or `spmbox host`'s test
+    /// data), plus one extent.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub to: u64,
+    pub to: Option<u64>,
+    /// Where the LUNs are, to read the volume without --to (builtin pool;
+    /// repeat for each). Default: the domain device's directory for a
+    /// file.
+    #[arg(long = "lun-search", value_name = "PATH")]
+    pub lun_search: Vec<PathBuf>,
     // The domain, the SPM, the output and the backend.
     #[command(flatten)]
     pub on: VolumeAdminArgs,

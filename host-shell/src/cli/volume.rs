@@ -14,6 +14,7 @@ use crate::cli::commands::{
 use crate::daemon::release;
 use crate::io::device::Access;
 use crate::io::mailbox::Mailbox;
+use crate::io::written::Written;
 use crate::units::Bytes;
 
 /// One volume as `volume list` shows it.
@@ -265,29 +266,94 @@ pub fn delete(args: &VolumeDeleteArgs) -> Result<ExitCode, CommandError> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
+/// What the guest of volume `id` wrote, read from the volume, and what the
+/// content is (`qcow2`, `test_data`); refused when it is neither.
+fn read_written(
+    device: &std::path::Path,
+    id: spmbox_core::wire::Uuid,
+    backend: &BackendArgs,
+    search: &[std::path::PathBuf],
+) -> Result<(u64, &'static str), CommandError> {
+    let mut maps: Box<dyn crate::backend::VolumeMaps> = match backend {
+        BackendArgs::Builtin => {
+            let search = if search.is_empty() {
+                let mailbox = Mailbox::open(device, Access::ReadOnly)?;
+                crate::backend::builtin::default_search(device, mailbox.device().kind())
+            } else {
+                search.to_vec()
+            };
+            Box::new(crate::backend::builtin::BuiltinMaps::open(device, search)?)
+        }
+        BackendArgs::Lvm { vg, pvs } => crate::backend::lvm_glue::maps(vg, pvs)?,
+    };
+    let map = maps.refresh(id)?;
+    let mut devices = crate::daemon::guest::Devices::new();
+    let cannot = |why: String| {
+        CommandError::Usage(format!(
+            "cannot tell what the guest of volume {id} wrote: {why}; give --to SIZE (at least \
+             what it wrote). Nothing was changed"
+        ))
+    };
+    match crate::io::written::written(id, &map, &mut devices).map_err(cannot)? {
+        Written::Qcow2(end) => Ok((end, "qcow2")),
+        Written::TestData(n) => Ok((n, "test_data")),
+        Written::Unknown => Err(cannot(
+            "its data is neither a qcow2 image nor `spmbox host`'s test data".to_string(),
+        )),
+    }
+}
+
 /// `spmbox volume reduce`.
 pub fn reduce(args: &VolumeReduceArgs) -> Result<ExitCode, CommandError> {
     let device = args.on.device.as_path();
     let id = parse_uuid("UUID", &args.id)?;
-    if args.to == 0 || args.to % 512 != 0 {
-        return Err(CommandError::Usage(format!(
-            "--to {} must be a nonzero multiple of 512 bytes",
-            args.to
-        )));
-    }
     let backend = args.on.lvm.to_backend();
-    let request = json!({"op": "reduce_volume", "id": id.to_string(), "size": args.to});
+    let (request, found) = match args.to {
+        Some(to) if to == 0 || to % 512 != 0 => {
+            return Err(CommandError::Usage(format!(
+                "--to {to} must be a nonzero multiple of 512 bytes"
+            )));
+        }
+        Some(to) => (
+            json!({"op": "reduce_volume", "id": id.to_string(), "size": to}),
+            None,
+        ),
+        None => {
+            let (written, content) = read_written(device, id, &backend, &args.lun_search)?;
+            (
+                json!({"op": "reduce_volume", "id": id.to_string(),
+                       "size": written.max(1).next_multiple_of(512), "margin_extents": 1}),
+                Some((written, content)),
+            )
+        }
+    };
     let answer = admin::change_pool(device, args.on.control.as_deref(), &request, &|| {
         open_spm_backend(device, &backend)
     })?;
     let size = answer["volume"]["size"].as_u64().unwrap_or(0);
     if args.on.json {
-        print_json(&json!({"volume": id.to_string(), "size": size,
-                           "released": answer["released"]}))?;
+        let mut out = json!({"volume": id.to_string(), "size": size,
+                             "released": answer["released"]});
+        if let Some((written, content)) = found {
+            out["written"] = json!(written);
+            out["content"] = json!(content);
+        }
+        print_json(&out)?;
     } else {
+        let how = found.map_or_else(String::new, |(written, content)| {
+            format!(
+                " (its guest wrote {} of {}; one extent more is kept)",
+                Bytes(written),
+                if content == "qcow2" {
+                    "a qcow2 image"
+                } else {
+                    "test data"
+                }
+            )
+        });
         writeln!(
             std::io::stdout().lock(),
-            "reduced volume {id} to {}: {}",
+            "reduced volume {id} to {}{how}: {}",
             Bytes(size),
             released_text(&answer, answer["extent_size"].as_u64())
         )?;

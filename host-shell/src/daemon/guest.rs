@@ -313,7 +313,7 @@ fn for_pieces(
 }
 
 /// Reads volume range `offset..offset + len` into `buf[..len]`.
-fn read_range(
+pub fn read_range(
     volume: Uuid,
     map: &Mapping,
     devices: &mut Devices,

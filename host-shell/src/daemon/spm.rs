@@ -429,6 +429,21 @@ pub fn admin(
                     )));
                 }
                 let extent = backend.usage().extent_size.max(1);
+                // `margin_extents`: that many extents more than `size`
+                // (`volume reduce` without --to), never more than it has.
+                let margin = request["margin_extents"].as_u64().unwrap_or(0);
+                let size = match margin {
+                    0 => size,
+                    m => {
+                        let has = backend
+                            .report()
+                            .volumes
+                            .iter()
+                            .find(|v| v.id == id)
+                            .map_or(u64::MAX, |v| v.size);
+                        (size.div_ceil(extent) + m).saturating_mul(extent).min(has)
+                    }
+                };
                 let keep = size.div_ceil(extent).max(1) * extent;
                 precheck(backend, id, size, "reduce")?;
                 let retracted = retract(id, keep)?;

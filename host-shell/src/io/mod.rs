@@ -5,3 +5,4 @@ pub mod device;
 pub mod discard;
 pub mod mailbox;
 pub mod mapping;
+pub mod written;
