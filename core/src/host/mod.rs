@@ -83,7 +83,8 @@
 //! removes a volume only after its last I/O completed.
 //!
 //! The SPM header is read every `spm_header_interval` once started, idle
-//! or not. When its `release_commit` is above the host's `release_ack`
+//! or not, host id `h` of `n` at `(h - 1) / n` of the interval after the
+//! first (so hosts started together do not read in one burst). When its `release_commit` is above the host's `release_ack`
 //! (kept in the inbox header, and across restarts), the engine says
 //! [`HostEvent::RefreshAll`] once (again after `max_resend_timeout` if it
 //! is still not done): the caller re-reads the map of every volume it
@@ -631,6 +632,21 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         self.host_id
     }
 
+    /// How far into its `spm_header_interval` this host reads the SPM
+    /// header: host id `h` of `n` at `(h - 1) / n` of the interval, so
+    /// that hosts started together (a fleet restarted at once, or many
+    /// engines in one process) spread their reads over the interval
+    /// instead of reading in one burst every interval.
+    fn spm_header_phase(&self) -> Duration {
+        let n = u32::from(self.geometry.max_hosts().max(1));
+        let h = u32::from(self.host_id.get().saturating_sub(1));
+        self.config
+            .spm_header_interval
+            .checked_div(n)
+            .and_then(|step| step.checked_mul(h))
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// The mailbox geometry.
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
@@ -823,8 +839,8 @@ impl<const VOLUMES: usize> Host<VOLUMES> {
         self.next_lease =
             (!self.config.lease_interval.is_zero()).then(|| now + self.config.lease_interval);
         // The caller passes the SPM header it read at start; the next read
-        // comes an interval later.
-        self.next_spm_header = now + self.config.spm_header_interval;
+        // comes an interval later, plus this host's phase.
+        self.next_spm_header = now + self.config.spm_header_interval + self.spm_header_phase();
         self.next_sequence = 1;
         info!(
             "host {}: starting generation {}",

@@ -646,8 +646,9 @@ fn below_the_watermark_nothing_is_sent() {
     rig.writes.clear();
     rig.host.handle_allocation(at(1), vol(1), GIB - WATERMARK);
     assert!(rig.flush().is_empty());
-    // Only the SPM header is read, every second (its release_commit).
-    assert_eq!(rig.host.poll_timeout(), Some(at(1000)));
+    // Only the SPM header is read, every second (its release_commit), at
+    // this host's phase.
+    assert_eq!(rig.host.poll_timeout(), Some(at(1000 + PHASE)));
 }
 
 #[test]
@@ -1193,7 +1194,7 @@ fn the_outbox_is_read_only_while_requests_await_a_reply() {
     let mut rig = Rig::<4>::one(0);
     assert_eq!(rig.host.poll_read(at(100)), None);
     // Idle, only the SPM header is read, every second.
-    assert_eq!(rig.host.poll_timeout(), Some(at(1000)));
+    assert_eq!(rig.host.poll_timeout(), Some(at(1000 + PHASE)));
     rig.host.handle_allocation(at(100), vol(1), GIB - MIB);
     rig.flush();
     let read = HostRead::OutboxArea {
@@ -1750,12 +1751,36 @@ fn a_newer_release_commit_asks_once_for_a_refresh_of_every_map_then_is_acked() {
     );
 }
 
+/// Where in the interval host `HOST` of 8 reads the SPM header, in ms:
+/// `(HOST - 1) / 8` of 1 s.
+const PHASE: u64 = 1000 * (HOST as u64 - 1) / 8;
+
 #[test]
 fn the_spm_header_is_read_every_interval_even_when_idle() {
     let mut rig = Rig::<4>::one(0);
-    assert_eq!(rig.host.poll_read(at(999)), None);
-    assert_eq!(rig.host.poll_read(at(1000)), Some(HostRead::SpmHeader));
-    assert_eq!(rig.host.poll_timeout(), Some(at(2000)));
+    assert_eq!(rig.host.poll_read(at(999 + PHASE)), None);
+    assert_eq!(
+        rig.host.poll_read(at(1000 + PHASE)),
+        Some(HostRead::SpmHeader)
+    );
+    assert_eq!(rig.host.poll_timeout(), Some(at(2000 + PHASE)));
+}
+
+#[test]
+fn hosts_started_together_read_the_spm_header_spread_over_the_interval() {
+    let config = HostConfig {
+        lease_interval: Duration::ZERO,
+        ..HostConfig::default()
+    };
+    let mut first_reads = Vec::new();
+    for id in 1..=8u16 {
+        let mut host = Host::<4>::new(DOMAIN, HostId::new(id), geometry(), config).unwrap();
+        host.start(at(0), &[0; AREA_SIZE], &[0; AREA_SIZE], 0)
+            .unwrap();
+        first_reads.push(host.poll_timeout().unwrap());
+    }
+    let expected: Vec<_> = (0..8u64).map(|i| at(1000 + 125 * i)).collect();
+    assert_eq!(first_reads, expected);
 }
 
 #[test]
