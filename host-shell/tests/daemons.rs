@@ -1728,6 +1728,7 @@ fn a_host_waits_for_a_volume_being_moved_until_an_spm_clears_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(listed(&s.volume_list(), v).unwrap()["moving"], true);
     assert!(
         !s.events().iter().any(|e| e["event"] == "started"),
         "the guest started while its volume was named moving: {:?}",

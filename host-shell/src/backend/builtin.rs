@@ -833,6 +833,7 @@ fn report_of(pool: &DomainPool) -> PoolReport {
             })
             .collect(),
         released_extents: pool.released_extents(),
+        moving: (!pool.moving().is_nil()).then(|| pool.moving().to_string()),
     }
 }
 

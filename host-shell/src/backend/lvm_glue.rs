@@ -716,6 +716,7 @@ impl SpmBackend for LvmSpm {
                 .collect(),
             segments: Default::default(),
             released_extents: self.released.iter().map(|(_, _, e)| e).sum(),
+            moving: None,
         }
     }
 }

@@ -143,6 +143,11 @@ pub struct PoolReport {
     /// Extents taken from volumes (deleted, reduced) that are not free
     /// yet: live hosts have not all acknowledged their release.
     pub released_extents: u64,
+    /// The volume the pool names as being moved to other extents (a
+    /// `pool remove-lun` under way, or cut short): hosts do not open it
+    /// until it is no longer named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving: Option<String>,
 }
 
 /// A run of a volume's extents on one LUN.

@@ -89,6 +89,7 @@ impl SpmBackend for NoopBackend {
             parked: Vec::new(),
             segments: Default::default(),
             released_extents: 0,
+            moving: None,
         }
     }
 }

@@ -719,6 +719,7 @@ fn pool_from_json(v: &Value) -> Option<PoolReport> {
             })
             .unwrap_or_default(),
         released_extents: v["released_extents"].as_u64().unwrap_or(0),
+        moving: v["moving"].as_str().map(str::to_owned),
     })
 }
 

@@ -41,6 +41,9 @@ pub struct VolumeLine {
     pub requests: Vec<Value>,
     /// Whether the SPM has parked a request for it (waiting for space).
     pub parked: bool,
+    /// Whether the pool names it as being moved to another LUN (`pool
+    /// remove-lun`): no host opens it until the move is committed.
+    pub moving: bool,
 }
 
 /// `spmbox volume list`.
@@ -96,13 +99,18 @@ pub fn list(args: &VolumeListArgs) -> Result<ExitCode, CommandError> {
     for l in &lines {
         writeln!(
             out,
-            "{}: virtual {}, physical {}, limit {}, written {}",
+            "{}: virtual {}, physical {}, limit {}, written {}{}",
             l.id,
             Bytes(l.virtual_size),
             Bytes(l.physical_size),
             Bytes(l.limit),
             l.allocated
-                .map_or_else(|| "unknown".to_string(), |a| Bytes(a).to_string())
+                .map_or_else(|| "unknown".to_string(), |a| Bytes(a).to_string()),
+            if l.moving {
+                "; being moved to another LUN (hosts wait to open it)"
+            } else {
+                ""
+            }
         )?;
         let runs: Vec<String> = l
             .segments
@@ -221,6 +229,7 @@ fn lines(device: &std::path::Path, s: &Status) -> Result<Vec<VolumeLine>, Comman
         out.push(VolumeLine {
             segments: pool.segments.get(&id).cloned().unwrap_or_default(),
             parked: pool.parked.iter().any(|(p, _)| *p == id),
+            moving: pool.moving.as_deref() == Some(id.as_str()),
             id,
             virtual_size: v.virtual_size,
             physical_size: v.size,
