@@ -1454,8 +1454,8 @@ fn with_discard_a_deleted_volumes_extents_read_back_as_zeroes() {
 }
 
 impl Setup {
-    /// `pool remove-lun LUN --json` with more flags.
-    fn remove_lun(&self, lun: &str, extra: &[&str]) -> Output {
+    /// `pool remove-lun LUN`, with `--json` or not.
+    fn remove_lun(&self, lun: &str, json: bool) -> Output {
         let mut args = vec![
             "pool",
             "remove-lun",
@@ -1464,9 +1464,10 @@ impl Setup {
             self.device.to_str().unwrap(),
             "--control",
             self.control.to_str().unwrap(),
-            "--json",
         ];
-        args.extend(extra);
+        if json {
+            args.push("--json");
+        }
         self.cli(&args)
     }
 
@@ -1494,7 +1495,7 @@ fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_o
         .unwrap()
         .lun
         .to_string();
-    let out = s.remove_lun(&lun1_id, &[]);
+    let out = s.remove_lun(&lun1_id, true);
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
@@ -1520,7 +1521,7 @@ fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_o
         listed(l, c).is_some_and(|v| v["held_by"][0]["host"] == 2)
     });
     let before = s.volume_list();
-    let out = s.remove_lun(lun1.to_str().unwrap(), &[]);
+    let out = s.remove_lun(lun1.to_str().unwrap(), true);
     assert!(!out.status.success(), "refused while host 2 holds c");
     let err = text(&out.stderr);
     assert!(
@@ -1534,7 +1535,7 @@ fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_o
     );
     holder.term();
     // Through the SPM, by path.
-    let out = s.remove_lun(lun1.to_str().unwrap(), &[]);
+    let out = s.remove_lun(lun1.to_str().unwrap(), true);
     assert!(
         out.status.success(),
         "remove-lun: {}{}",
@@ -1602,15 +1603,7 @@ fn a_lun_is_removed_with_its_volumes_data_moved_and_refused_while_a_host_holds_o
         .unwrap()
         .lun
         .to_string();
-    let out = s.cli(&[
-        "pool",
-        "remove-lun",
-        &lun2_id,
-        "--device",
-        s.device.to_str().unwrap(),
-        "--control",
-        s.control.to_str().unwrap(),
-    ]);
+    let out = s.remove_lun(&lun2_id, false);
     assert!(out.status.success(), "remove-lun: {}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains(&format!("LUN {lun2_id} removed from the pool")),
@@ -1655,17 +1648,17 @@ fn with_the_lvm_backend_an_empty_pv_is_removed_and_one_in_use_refused() {
             "{err}"
         );
     };
-    refused(s.remove_lun(&pv1, &[]), "the only PV");
+    refused(s.remove_lun(&pv1, true), "the only PV");
     let out = s.add_lun(&s.luns[1].clone());
     assert!(out.status.success(), "add-lun: {}", text(&out.stderr));
     let total = s.volume_list()["total_extents"].as_u64().unwrap();
     refused(
-        s.remove_lun(&pv1, &[]),
+        s.remove_lun(&pv1, true),
         &format!("LVs {a} have extents on it"),
     );
-    assert!(text(&s.remove_lun(&pv1, &[]).stderr).contains(&format!("pvmove {pv1}")));
+    assert!(text(&s.remove_lun(&pv1, true).stderr).contains(&format!("pvmove {pv1}")));
     // Without an SPM.
-    let out = s.remove_lun(&pv2, &[]);
+    let out = s.remove_lun(&pv2, true);
     assert!(out.status.success(), "remove-lun: {}", text(&out.stderr));
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["state"], "done", "{answer}");
@@ -1678,15 +1671,7 @@ fn with_the_lvm_backend_an_empty_pv_is_removed_and_one_in_use_refused() {
     let out = s.shrink("delete", a, None);
     assert!(out.status.success(), "delete: {}", text(&out.stderr));
     s.list_until("a's extents free", |l| l["released_extents"] == 0);
-    let out = s.cli(&[
-        "pool",
-        "remove-lun",
-        &pv1,
-        "--device",
-        s.device.to_str().unwrap(),
-        "--control",
-        s.control.to_str().unwrap(),
-    ]);
+    let out = s.remove_lun(&pv1, false);
     assert!(out.status.success(), "remove-lun: {}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains(&format!("PV {pv1} removed from volume group")),

@@ -879,12 +879,7 @@ pub fn run(
             && let Some(mover) = backend.lun_mover()
         {
             r.step(mover, &mut |v| watch.live_holders(&mailbox, v));
-            driver
-                .engine_mut()
-                .set_pool_commit(backend.committed_sequence());
-            driver
-                .engine_mut()
-                .set_release_commit(backend.release_seq());
+            publish_commits(&mut driver, backend);
             if r.ended() {
                 watch_usage(&mut usage, backend, &options.device);
             }
@@ -906,12 +901,7 @@ pub fn run(
                 &mut |v, keep| retract_replies(&mut driver, domain, v, keep),
             );
             let _ = reply.send(parked.add_ages(&request, answer));
-            driver
-                .engine_mut()
-                .set_pool_commit(backend.committed_sequence());
-            driver
-                .engine_mut()
-                .set_release_commit(backend.release_seq());
+            publish_commits(&mut driver, backend);
             // An added LUN (or a new volume's extents).
             watch_usage(&mut usage, backend, &options.device);
         }
@@ -942,12 +932,7 @@ pub fn run(
                 &mut |v, keep| retract_replies(&mut driver, domain, v, keep),
             );
             let _ = reply.send(parked.add_ages(&request, answer));
-            driver
-                .engine_mut()
-                .set_pool_commit(backend.committed_sequence());
-            driver
-                .engine_mut()
-                .set_release_commit(backend.release_seq());
+            publish_commits(&mut driver, backend);
             // An added LUN (or a new volume's extents).
             watch_usage(&mut usage, backend, &options.device);
         }
@@ -995,6 +980,14 @@ pub fn run(
     summary.engine = driver.engine().stats();
     summary.disk = driver.stats();
     Ok(summary)
+}
+
+/// The SPM header carries the pool's newest durable commit and release
+/// from its next write on.
+fn publish_commits(driver: &mut SpmDriver<&Device, AlignedBuf, QUEUE>, backend: &dyn SpmBackend) {
+    let engine = driver.engine_mut();
+    engine.set_pool_commit(backend.committed_sequence());
+    engine.set_release_commit(backend.release_seq());
 }
 
 /// [`SpmDriver::retract_replies`], written and made durable.
