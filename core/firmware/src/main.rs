@@ -251,6 +251,17 @@ fn run() -> Result<(), ()> {
     // An add-lun whose commit failed: the pool in memory is ahead of the
     // disk until a commit succeeds; no completion goes out before.
     let mut commit_owed = false;
+    // A volume named as being moved (a `pool remove-lun` cut short): this
+    // SPM moves nothing, so the name goes with its first commit, and hosts
+    // waiting to open the volume go on (docs/pool-format.md 6.7).
+    if !pool.moving().is_nil() {
+        warn!(
+            "firmware: the pool named volume {} as being moved (a LUN removal was cut short); clearing it",
+            pool.moving()
+        );
+        let _ = pool.set_moving(spmbox_core::wire::Uuid::NIL);
+        commit_owed = true;
+    }
     let mut dirty = false;
     let mut withdrawn = driver.engine().withdrawn();
     let mut retry_at = Instant::ZERO;
