@@ -361,9 +361,9 @@ impl SpmBackend for LvmSpm {
         if !volumes.is_empty() {
             return Err(BackendError::new(format!(
                 "cannot remove PV {lun}: LVs {} have extents on it. spmbox moves extents only \
-                 in its builtin pool; with lvm2, move them with `pvmove {lun}` (it needs \
-                 device-mapper and copies while the LVs are in use), then run this again. \
-                 Nothing was changed",
+                 in its builtin pool; with lvm2, stop every host that uses those volumes (their \
+                 maps name this PV), move the extents with `pvmove {lun}` (it needs \
+                 device-mapper), then run this again. Nothing was changed",
                 volumes.join(", ")
             )));
         }
