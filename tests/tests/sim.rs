@@ -56,12 +56,28 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
     let (mut refused_closing, mut starts_with_released, mut unseen_starting) = (0, 0, 0);
     let (mut reclaimed, mut acks, mut stopped, mut retracted) = (0, 0, 0, 0);
+    let (mut removal_seeds, mut started, mut finished, mut refused) = (0, 0, 0, 0);
+    let (mut refused_moving, mut interrupted, mut moved, mut cleared) = (0, 0, 0, 0);
+    let (mut reopens, mut waited, mut hold_unseen) = (0, 0, 0);
     for (seed, result) in &results {
         match result {
             Ok(r) => {
                 if Scenario::from_seed(*seed).lifecycle.is_some() {
                     lifecycles += 1;
                 }
+                if Scenario::from_seed(*seed).lun_removal.is_some() {
+                    removal_seeds += 1;
+                }
+                started += r.lun_removals_started;
+                finished += r.lun_removals_finished;
+                refused += r.lun_removals_refused;
+                refused_moving += r.moves_refused_held;
+                interrupted += r.lun_removals_interrupted;
+                moved += r.segments_moved;
+                cleared += r.moving_cleared_at_start;
+                reopens += r.reopens;
+                waited += r.reopens_waited;
+                hold_unseen += r.moves_hold_unseen;
                 closes += r.closes;
                 deletes += r.deletes;
                 reduces += r.reduces;
@@ -103,6 +119,13 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
          reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone), \
          {starts_with_released} SPM starts on a release floor, {retracted} deletes or \
          reduces that emptied replies first"
+    );
+    println!(
+        "LUN removal: {removal_seeds} seeds, {started} attempts started, {finished} finished, \
+         {refused} refused ({refused_moving} by a hold read after the `moving` commit, \
+         {hold_unseen} by a holder no hold record showed), {interrupted} cut short by the SPM's \
+         end, {cleared} `moving` cleared at an SPM start, {moved} segments moved, {reopens} \
+         volumes opened again, {waited} of them waited on `moving`"
     );
     assert!(
         failures.is_empty(),
@@ -147,6 +170,7 @@ fn clean(seed: u64) -> Scenario {
         superblock_damage: None,
         metadata_fault: None,
         lifecycle: None,
+        lun_removal: None,
     }
 }
 
