@@ -484,3 +484,65 @@ fn an_spm_that_reclaims_before_the_hosts_acknowledge_is_caught() {
     }
     assert!(caught > 0, "the early reclaim went unnoticed in 40 seeds");
 }
+
+/// The first `n` seeds that remove a LUN, with `bug`: how many fail, and
+/// the failures.
+fn removals_with(bug: Option<Bug>, n: usize) -> (usize, Vec<String>) {
+    let scenarios: Vec<Scenario> = (0..)
+        .map(Scenario::from_seed)
+        .filter(|s| s.lun_removal.is_some())
+        .take(n)
+        .map(|s| Scenario { bug, ..s })
+        .collect();
+    let failures: Vec<String> = scenarios
+        .into_iter()
+        .filter_map(|s| run(s).err())
+        .map(|f| f.to_string())
+        .collect();
+    (n, failures)
+}
+
+#[test]
+fn luns_are_removed_while_hosts_open_volumes_again() {
+    let (mut finished, mut moved, mut reopens) = (0, 0, 0);
+    for seed in (0..)
+        .filter(|&s| Scenario::from_seed(s).lun_removal.is_some())
+        .take(6)
+    {
+        let report = run_seed(seed).unwrap_or_else(|f| panic!("{f}"));
+        finished += report.lun_removals_finished;
+        moved += report.segments_moved;
+        reopens += report.reopens;
+    }
+    assert_eq!(finished, 6, "every removal ends with its LUN dropped");
+    assert!(
+        moved > 0 && reopens > 0,
+        "{moved} segments moved, {reopens} reopens"
+    );
+}
+
+#[test]
+fn a_host_that_opens_a_volume_being_moved_without_waiting_is_caught() {
+    let (n, failures) = removals_with(Some(Bug::OpenIgnoresMoving), 40);
+    println!("{} of {n} seeds caught", failures.len());
+    for f in &failures {
+        assert!(f.contains("a write lost"), "{f}");
+    }
+    assert!(
+        !failures.is_empty(),
+        "opens that ignore `moving` went unnoticed in {n} seeds"
+    );
+}
+
+#[test]
+fn an_spm_that_moves_a_volume_without_reading_the_holds_is_caught() {
+    let (n, failures) = removals_with(Some(Bug::MoveSkipsHolds), 40);
+    println!("{} of {n} seeds caught", failures.len());
+    for f in &failures {
+        assert!(f.contains("a write lost"), "{f}");
+    }
+    assert!(
+        !failures.is_empty(),
+        "moves of held volumes went unnoticed in {n} seeds"
+    );
+}

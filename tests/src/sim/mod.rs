@@ -441,7 +441,10 @@ impl Snapshot {
     }
 
     fn lun(&self, index: u16) -> Uuid {
-        self.luns.get(usize::from(index)).copied().unwrap_or(Uuid::NIL)
+        self.luns
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(Uuid::NIL)
     }
 }
 
@@ -3097,7 +3100,9 @@ impl Sim {
             Some(&k) if self.removal_rng.below(2) == 0 => k,
             _ => candidates[self.removal_rng.below(candidates.len() as u64) as usize],
         };
-        let size = committed.volume(self.guests[k].volume).map_or(0, |v| v.size);
+        let size = committed
+            .volume(self.guests[k].volume)
+            .map_or(0, |v| v.size);
         let g = &mut self.guests[k];
         let host_id = g.host_id;
         // The guest wrote no further than the volume keeps.
@@ -3486,7 +3491,10 @@ fn owner_map(pool: &SimPool) -> Owners {
     let mut owners = HashMap::new();
     for v in pool.volumes() {
         for s in pool.segments(v.id).unwrap_or(&[]) {
-            let lun = pool.luns().get(usize::from(s.lun)).map_or(Uuid::NIL, |l| l.id);
+            let lun = pool
+                .luns()
+                .get(usize::from(s.lun))
+                .map_or(Uuid::NIL, |l| l.id);
             for extent in s.first_extent..s.first_extent.saturating_add(s.extents) {
                 owners.insert((lun, extent), v.id);
             }
