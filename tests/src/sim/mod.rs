@@ -71,6 +71,15 @@
 //! host still maps for another volume, and an extent changes owner in the
 //! committed metadata only after a release its old holders acknowledged.
 //!
+//! Some of those seeds also remove a LUN ([`LunRemoval`]): the SPM moves
+//! the segments on it volume by volume under the `moving` handshake (a
+//! durable commit naming the volume, then a read of the hold records),
+//! and hosts open closed volumes again meanwhile (the hold record first,
+//! then a metadata read, waiting while it names the volume as `moving`).
+//! Every guest write is numbered and followed to the physical extent it
+//! landed on (and copied with a move): a guest that takes a map must read
+//! its last write to each extent back through it.
+//!
 //! Safety is checked after every step ([`Sim::check_safety`]); liveness once
 //! the faults have stopped and enough capacity was added
 //! (the run must become quiet, every guest done and none paused, within
