@@ -387,10 +387,13 @@ fn an_spm_restarting_after_a_misplaced_commit_is_refused_and_the_commit_restored
 }
 
 /// What the checks say when an SPM starts on rolled-back metadata: an
-/// extent the lost commit gave one volume is given to another, or a host
-/// is told of a size the pool lacks.
+/// extent the lost commit gave one volume is given to another, a host is
+/// told of a size the pool lacks, or a guest's map of the rolled-back
+/// metadata no longer reaches what it wrote.
 fn caught_rollback(what: &str) -> bool {
-    what.contains("given to two volumes") || what.contains("but the pool committed")
+    what.contains("given to two volumes")
+        || what.contains("but the pool committed")
+        || what.contains("a write lost")
 }
 
 #[test]
