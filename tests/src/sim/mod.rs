@@ -753,6 +753,9 @@ enum Phase {
     Marked(Uuid),
     /// Moving the volume's segments, one per commit.
     Copy(Uuid),
+    /// A segment's data copied (the copy takes until the next step): it is
+    /// relocated next, in a commit.
+    Copied(pool::Relocation),
     /// A holder refused the move: `moving` cleared, the attempt ends.
     Refused,
     /// No segment left: waiting for the released runs to be reclaimed.
@@ -3078,6 +3081,7 @@ impl Sim {
         let now = self.now;
         let moving = match self.removal.map(|r| r.phase) {
             Some(Phase::Marked(v) | Phase::Copy(v)) => Some(v),
+            Some(Phase::Copied(r)) => Some(r.volume),
             _ => None,
         };
         let Some((committed, _)) = self.committed() else {
@@ -3282,6 +3286,18 @@ impl Sim {
                 self.move_segment(lun, volume)
             }
             Phase::Copy(volume) => self.move_segment(lun, volume),
+            Phase::Copied(r) => {
+                // The plan still holds (a reduce or delete meanwhile may
+                // have changed it): relocate; else copy again.
+                if pool.plan_relocation(lun).ok().flatten() != Some(r) {
+                    self.set_phase(Phase::Copy(r.volume), false);
+                    return self.move_segment(lun, r.volume);
+                }
+                self.with_pool(|p| p.relocate(r.volume, r.segment, r.to.lun, r.to.first_extent))?;
+                self.report.segments_moved += 1;
+                self.set_phase(Phase::Copy(r.volume), true);
+                Ok(())
+            }
             Phase::Refused => {
                 self.removal = None;
                 self.removal_next_at = Some(self.now + self.retry_pause());
@@ -3408,9 +3424,9 @@ impl Sim {
         Ok(())
     }
 
-    /// Moves the next segment of `volume` off LUN `lun` (its data copied,
-    /// then relocated in a commit); with none left, `moving` is cleared
-    /// in a commit and the next volume planned.
+    /// Copies the data of the next segment of `volume` off LUN `lun` (it
+    /// is relocated in a commit at the next step); with none left,
+    /// `moving` is cleared in a commit and the next volume planned.
     fn move_segment(&mut self, lun: u16, volume: Uuid) -> Result<(), String> {
         let Some(pool) = self.spm.as_ref().and_then(|n| n.pool.as_ref()) else {
             return Ok(());
@@ -3431,9 +3447,7 @@ impl Sim {
             (id(r.to.lun), r.to.first_extent),
         );
         self.copy_extents(from, to, r.from.extents);
-        self.with_pool(|p| p.relocate(volume, r.segment, r.to.lun, r.to.first_extent))?;
-        self.report.segments_moved += 1;
-        self.set_phase(Phase::Copy(volume), true);
+        self.set_phase(Phase::Copied(r), false);
         Ok(())
     }
 
