@@ -56,12 +56,28 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
     let (mut refused_held, mut refused_parked, mut holds_unseen) = (0, 0, 0);
     let (mut refused_closing, mut starts_with_released, mut unseen_starting) = (0, 0, 0);
     let (mut reclaimed, mut acks, mut stopped, mut retracted) = (0, 0, 0, 0);
+    let (mut removal_seeds, mut started, mut finished, mut refused) = (0, 0, 0, 0);
+    let (mut refused_moving, mut interrupted, mut moved, mut cleared) = (0, 0, 0, 0);
+    let (mut reopens, mut waited, mut hold_unseen) = (0, 0, 0);
     for (seed, result) in &results {
         match result {
             Ok(r) => {
                 if Scenario::from_seed(*seed).lifecycle.is_some() {
                     lifecycles += 1;
                 }
+                if Scenario::from_seed(*seed).lun_removal.is_some() {
+                    removal_seeds += 1;
+                }
+                started += r.lun_removals_started;
+                finished += r.lun_removals_finished;
+                refused += r.lun_removals_refused;
+                refused_moving += r.moves_refused_held;
+                interrupted += r.lun_removals_interrupted;
+                moved += r.segments_moved;
+                cleared += r.moving_cleared_at_start;
+                reopens += r.reopens;
+                waited += r.reopens_waited;
+                hold_unseen += r.moves_hold_unseen;
                 closes += r.closes;
                 deletes += r.deletes;
                 reduces += r.reduces;
@@ -103,6 +119,13 @@ fn every_seed_keeps_safety_and_liveness_under_faults() {
          reclaimed, {acks} releases acknowledged, {stopped} guests stopped (volume gone), \
          {starts_with_released} SPM starts on a release floor, {retracted} deletes or \
          reduces that emptied replies first"
+    );
+    println!(
+        "LUN removal: {removal_seeds} seeds, {started} attempts started, {finished} finished, \
+         {refused} refused ({refused_moving} by a hold read after the `moving` commit, \
+         {hold_unseen} by a holder no hold record showed), {interrupted} cut short by the SPM's \
+         end, {cleared} `moving` cleared at an SPM start, {moved} segments moved, {reopens} \
+         volumes opened again, {waited} of them waited on `moving`"
     );
     assert!(
         failures.is_empty(),
@@ -147,6 +170,7 @@ fn clean(seed: u64) -> Scenario {
         superblock_damage: None,
         metadata_fault: None,
         lifecycle: None,
+        lun_removal: None,
     }
 }
 
@@ -363,10 +387,13 @@ fn an_spm_restarting_after_a_misplaced_commit_is_refused_and_the_commit_restored
 }
 
 /// What the checks say when an SPM starts on rolled-back metadata: an
-/// extent the lost commit gave one volume is given to another, or a host
-/// is told of a size the pool lacks.
+/// extent the lost commit gave one volume is given to another, a host is
+/// told of a size the pool lacks, or a guest's map of the rolled-back
+/// metadata no longer reaches what it wrote.
 fn caught_rollback(what: &str) -> bool {
-    what.contains("given to two volumes") || what.contains("but the pool committed")
+    what.contains("given to two volumes")
+        || what.contains("but the pool committed")
+        || what.contains("a write lost")
 }
 
 #[test]
@@ -459,4 +486,66 @@ fn an_spm_that_reclaims_before_the_hosts_acknowledge_is_caught() {
         caught += 1;
     }
     assert!(caught > 0, "the early reclaim went unnoticed in 40 seeds");
+}
+
+/// The first `n` seeds that remove a LUN, with `bug`: how many fail, and
+/// the failures.
+fn removals_with(bug: Option<Bug>, n: usize) -> (usize, Vec<String>) {
+    let scenarios: Vec<Scenario> = (0..)
+        .map(Scenario::from_seed)
+        .filter(|s| s.lun_removal.is_some())
+        .take(n)
+        .map(|s| Scenario { bug, ..s })
+        .collect();
+    let failures: Vec<String> = scenarios
+        .into_iter()
+        .filter_map(|s| run(s).err())
+        .map(|f| f.to_string())
+        .collect();
+    (n, failures)
+}
+
+#[test]
+fn luns_are_removed_while_hosts_open_volumes_again() {
+    let (mut finished, mut moved, mut reopens) = (0, 0, 0);
+    for seed in (0..)
+        .filter(|&s| Scenario::from_seed(s).lun_removal.is_some())
+        .take(6)
+    {
+        let report = run_seed(seed).unwrap_or_else(|f| panic!("{f}"));
+        finished += report.lun_removals_finished;
+        moved += report.segments_moved;
+        reopens += report.reopens;
+    }
+    assert_eq!(finished, 6, "every removal ends with its LUN dropped");
+    assert!(
+        moved > 0 && reopens > 0,
+        "{moved} segments moved, {reopens} reopens"
+    );
+}
+
+#[test]
+fn a_host_that_opens_a_volume_being_moved_without_waiting_is_caught() {
+    let (n, failures) = removals_with(Some(Bug::OpenIgnoresMoving), 40);
+    println!("{} of {n} seeds caught", failures.len());
+    for f in &failures {
+        assert!(f.contains("a write lost"), "{f}");
+    }
+    assert!(
+        !failures.is_empty(),
+        "opens that ignore `moving` went unnoticed in {n} seeds"
+    );
+}
+
+#[test]
+fn an_spm_that_moves_a_volume_without_reading_the_holds_is_caught() {
+    let (n, failures) = removals_with(Some(Bug::MoveSkipsHolds), 40);
+    println!("{} of {n} seeds caught", failures.len());
+    for f in &failures {
+        assert!(f.contains("a write lost"), "{f}");
+    }
+    assert!(
+        !failures.is_empty(),
+        "moves of held volumes went unnoticed in {n} seeds"
+    );
 }

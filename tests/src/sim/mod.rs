@@ -71,6 +71,15 @@
 //! host still maps for another volume, and an extent changes owner in the
 //! committed metadata only after a release its old holders acknowledged.
 //!
+//! Some of those seeds also remove a LUN ([`LunRemoval`]): the SPM moves
+//! the segments on it volume by volume under the `moving` handshake (a
+//! durable commit naming the volume, then a read of the hold records),
+//! and hosts open closed volumes again meanwhile (the hold record first,
+//! then a metadata read, waiting while it names the volume as `moving`).
+//! Every guest write is numbered and followed to the physical extent it
+//! landed on (and copied with a move): a guest that takes a map must read
+//! its last write to each extent back through it.
+//!
 //! Safety is checked after every step ([`Sim::check_safety`]); liveness once
 //! the faults have stopped and enough capacity was added
 //! (the run must become quiet, every guest done and none paused, within
@@ -149,6 +158,36 @@ pub struct Scenario {
     pub metadata_fault: Option<MetadataFault>,
     /// Volumes are closed, deleted and reduced (see [`Lifecycle`]).
     pub lifecycle: Option<Lifecycle>,
+    /// The operator removes a LUN, and hosts open closed volumes again
+    /// (see [`LunRemoval`]); only with a life cycle.
+    pub lun_removal: Option<LunRemoval>,
+}
+
+/// The operator removes a LUN from the pool, through a model of the SPM
+/// daemon's path (docs/pool-format.md): from `from` on, once capacity was
+/// added, it adds a spare LUN as large as the one to remove (so that the
+/// others can take its extents), then tries the removal every while
+/// until one finishes. An attempt drains the LUN and is refused up front
+/// while a volume with a segment on it is held or parked; else it moves
+/// the segments volume by volume: a durable commit names the volume as
+/// `moving`, then the hold records are read from disk (a holder refuses:
+/// `moving` is cleared in a commit and the attempt ends), then each
+/// segment's data is copied and the segment relocated in a commit; last a
+/// commit clears `moving`. With no segment left, once the released runs
+/// on the LUN are reclaimed, the LUN is dropped in a commit. Meanwhile
+/// hosts open closed volumes again, the way the host shell does: the hold
+/// record first, durable, then a read of the committed metadata, waiting
+/// while it names the volume as `moving`, then the map of that read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LunRemoval {
+    /// The first attempt, at the earliest.
+    pub from: Duration,
+    /// Remove the first LUN (which every volume started on), else the
+    /// one capacity added.
+    pub first_lun: bool,
+    /// Chance per removal step, in percent, that a host opens a closed
+    /// volume again.
+    pub reopen_percent: u8,
 }
 
 /// The life of volumes after their guests are done. From `from` on, every
@@ -244,6 +283,12 @@ pub enum Bug {
     /// As [`Bug::DeleteHeldVolumes`], and the SPM reclaims released
     /// extents without waiting for the hosts' acknowledgements.
     ReclaimIgnoresAcks,
+    /// A host opening a volume takes its map without waiting while the
+    /// metadata names the volume as `moving` ([`LunRemoval`]).
+    OpenIgnoresMoving,
+    /// The SPM moves a volume's segments without reading the hold
+    /// records after its `moving` commit ([`LunRemoval`]).
+    MoveSkipsHolds,
 }
 
 impl Scenario {
@@ -306,6 +351,15 @@ impl Scenario {
                     probe_percent: life.between(0, 30) as u8,
                 })
             },
+            lun_removal: {
+                let mut life = Rng::new(seed ^ 0x1E40_7E1F_0A11_BEEF);
+                let lifecycle = Rng::new(seed ^ 0x11FE_C1C1_E5EE_D000).below(3) == 0;
+                (lifecycle && life.below(3) != 0).then(|| LunRemoval {
+                    from: Duration::from_millis(life.between(0, 20_000)),
+                    first_lun: life.below(2) == 0,
+                    reopen_percent: life.between(5, 60) as u8,
+                })
+            },
         }
     }
 
@@ -340,6 +394,17 @@ struct Guest {
     /// The map (segments) the host last refreshed the volume to, while the
     /// volume is open: every guest write goes through it.
     map: Option<Snapshot>,
+    /// The host is opening the volume (its hold record written first,
+    /// then the metadata read): the next read is due then. The guest
+    /// writes nothing until the open took a map.
+    opening: Option<Instant>,
+    /// This open waited on `moving` once.
+    waited: bool,
+    /// The write count of the guest's last write to each of its extents
+    /// (by position in the volume): what it must read back.
+    versions: HashMap<u64, u64>,
+    /// Times the volume was opened again after a close.
+    reopens: u8,
 }
 
 /// What the operator does with a closed volume.
@@ -356,27 +421,39 @@ enum Fate {
 #[derive(Clone, Debug)]
 struct Snapshot {
     segments: Vec<pool::Segment>,
+    /// The pool's LUNs when it was read (a segment's `lun` indexes them):
+    /// hosts find LUNs by UUID, so a map stays right when a LUN before
+    /// them is dropped.
+    luns: Vec<Uuid>,
     /// The sequence number of the metadata it was read from.
     seq: u64,
 }
 
 impl Snapshot {
     /// The physical extent (LUN, extent) of the volume's extent `k`.
-    fn extent(&self, k: u64) -> Option<(u16, u32)> {
+    fn extent(&self, k: u64) -> Option<Phys> {
         let mut k = k;
         for s in &self.segments {
             if k < u64::from(s.extents) {
-                return Some((s.lun, s.first_extent + k as u32));
+                return Some((self.lun(s.lun), s.first_extent + k as u32));
             }
             k -= u64::from(s.extents);
         }
         None
     }
 
-    fn extents(&self) -> impl Iterator<Item = (u16, u32)> + '_ {
+    fn extents(&self) -> impl Iterator<Item = Phys> + '_ {
         self.segments.iter().flat_map(|s| {
-            (s.first_extent..s.first_extent.saturating_add(s.extents)).map(|e| (s.lun, e))
+            let lun = self.lun(s.lun);
+            (s.first_extent..s.first_extent.saturating_add(s.extents)).map(move |e| (lun, e))
         })
+    }
+
+    fn lun(&self, index: u16) -> Uuid {
+        self.luns
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(Uuid::NIL)
     }
 }
 
@@ -502,6 +579,30 @@ pub struct Report {
     pub starts_with_released: u64,
     /// Release commits hosts acknowledged.
     pub acks: u64,
+    /// LUN removals the operator started ([`LunRemoval`]): the LUN drained.
+    pub lun_removals_started: u64,
+    /// LUN removals that ended with the LUN dropped in a commit.
+    pub lun_removals_finished: u64,
+    /// LUN removals refused: up front (a volume on the LUN held or
+    /// parked), or after a `moving` commit when the hold records showed a
+    /// holder.
+    pub lun_removals_refused: u64,
+    /// Of those, refused after the `moving` commit.
+    pub moves_refused_held: u64,
+    /// LUN removals the SPM's restart or stand-down cut short.
+    pub lun_removals_interrupted: u64,
+    /// Segments copied and relocated.
+    pub segments_moved: u64,
+    /// Volumes a host opened again after closing them.
+    pub reopens: u64,
+    /// Of those, opens that found the volume named as `moving` and waited.
+    pub reopens_waited: u64,
+    /// Moves refused because a host writes through the volume's map while
+    /// no hold record on disk shows it (a disk fault or a crash in the
+    /// middle of the hold write hid it): the daemon would move it.
+    pub moves_hold_unseen: u64,
+    /// SPM starts that found `moving` set and cleared it.
+    pub moving_cleared_at_start: u64,
 }
 
 /// A failed check, with everything needed to replay it.
@@ -599,7 +700,7 @@ pub struct Sim {
     /// The SPM's next reclaim of released extents.
     next_reclaim_at: Instant,
     /// Which volume's guest last wrote each physical extent.
-    written: HashMap<(u16, u32), Uuid>,
+    written: HashMap<Phys, Uuid>,
     /// The owner of every extent in the live pools and the committed pool,
     /// and what they were computed from.
     owners: Vec<(&'static str, Owners)>,
@@ -609,13 +710,69 @@ pub struct Sim {
     maps_dirty: bool,
     /// The size the operator deleted (0) or reduced each volume to.
     shrunk: HashMap<Uuid, u64>,
+    /// What each physical extent holds: the volume and write count of the
+    /// guest write that last landed there, or that a move copied there.
+    data: HashMap<Phys, (Uuid, u64)>,
+    /// Guest writes so far.
+    write_seq: u64,
+    /// The LUN removal under way ([`LunRemoval`]).
+    removal: Option<Removal>,
+    /// Random choices of the LUN removal and the reopens.
+    removal_rng: Rng,
+    /// The next step of the LUN removal.
+    removal_next_at: Option<Instant>,
+    /// The LUN is gone from the committed pool.
+    removal_finished: bool,
+}
+
+/// The UUID of the spare LUN the operator adds before a removal.
+const SPARE_LUN: Uuid = Uuid([0x3c; 16]);
+
+/// How often a host opening a volume reads the metadata again while it
+/// names the volume as `moving`.
+const MOVING_RECHECK: Duration = Duration::from_millis(200);
+
+/// A LUN removal under way, on the pool of the SPM `spm` (epoch, owner).
+#[derive(Clone, Copy, Debug)]
+struct Removal {
+    lun: Uuid,
+    spm: (u64, u64),
+    phase: Phase,
+    /// A commit was asked for when the SPM's sequence was this: the next
+    /// phase waits until a later commit landed.
+    awaiting: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Adding the spare LUN.
+    Spare,
+    /// Draining: plan the next segment to move.
+    Plan,
+    /// `moving = volume` is durable: read the holds.
+    Marked(Uuid),
+    /// Moving the volume's segments, one per commit.
+    Copy(Uuid),
+    /// A segment's data copied (the copy takes until the next step): it is
+    /// relocated next, in a commit.
+    Copied(pool::Relocation),
+    /// A holder refused the move: `moving` cleared, the attempt ends.
+    Refused,
+    /// No segment left: waiting for the released runs to be reclaimed.
+    Reclaim,
+    /// The LUN dropped: waiting for its commit.
+    Dropped,
 }
 
 /// The committed pool and its sequence number.
 type Committed = (Rc<SimPool>, u64);
 
 /// The volume each extent (LUN, extent) belongs to in one pool.
-type Owners = HashMap<(u16, u32), Uuid>;
+type Owners = HashMap<Phys, Uuid>;
+
+/// A physical extent: its LUN's UUID (indices shift when a LUN is
+/// dropped) and its index on the LUN.
+type Phys = (Uuid, u32);
 
 /// Every extent's committed owner over time: an extent changes owner only
 /// after its old owner released it in a commit and every host that held
@@ -623,10 +780,10 @@ type Owners = HashMap<(u16, u32), Uuid>;
 #[derive(Clone, Debug, Default)]
 struct ExtentHistory {
     /// The last volume each extent (LUN, extent) was committed to.
-    owner: HashMap<(u16, u32), Uuid>,
+    owner: HashMap<Phys, Uuid>,
     /// Extents a commit took from that owner: by which commit, and which
     /// hosts (index, incarnation) held the owner then.
-    released: HashMap<(u16, u32), Release>,
+    released: HashMap<Phys, Release>,
     /// The newest commit seen: a pool at or below it is an older view (a
     /// rolled-back disk, a restarted SPM's commit that reuses a lost
     /// commit's number), whose missing extents are no release.
@@ -707,10 +864,15 @@ impl Sim {
                 paused_since: None,
                 closed: None,
                 map: None,
+                opening: None,
+                waited: false,
+                versions: HashMap::new(),
+                reopens: 0,
             });
         }
         let scenario_seed = scenario.seed;
         let lifecycle = scenario.lifecycle;
+        let removal = scenario.lun_removal;
         let mut sim = Sim {
             scenario,
             rng,
@@ -757,6 +919,12 @@ impl Sim {
             owners_stale: true,
             maps_dirty: true,
             shrunk: HashMap::new(),
+            data: HashMap::new(),
+            write_seq: 0,
+            removal: None,
+            removal_rng: Rng::new(scenario_seed ^ 0x7E40_5E11_AB1E_0001),
+            removal_next_at: removal.map(|r| at(r.from)),
+            removal_finished: false,
         };
         sim.write_superblock_and_metadata(&pool);
         let mut ids: Vec<u16> = specs.iter().map(|s| s.0).collect();
@@ -1123,6 +1291,14 @@ impl Sim {
         }
         let mut engine = engine;
         engine.set_release_commit(pool.release_seq());
+        // A move cut short by the last SPM's end: the new SPM clears
+        // `moving` in a commit (the copies it made are forgotten; the
+        // segments stay where the metadata has them).
+        if !pool.moving().is_nil() {
+            let _ = pool.set_moving(Uuid::NIL);
+            engine.request_commit();
+            self.report.moving_cleared_at_start += 1;
+        }
         self.live_dirty = true;
         self.owners_stale = true;
         let hosts = sb.geometry.max_hosts();
@@ -1259,6 +1435,14 @@ impl Sim {
         consider(self.spm_restart_at);
         consider(self.metadata_restart_at);
         consider(self.next_op_at);
+        if !self.removal_finished {
+            consider(self.removal_next_at);
+        }
+        for g in &self.guests {
+            if g.closed.is_none() {
+                consider(g.opening);
+            }
+        }
         if self.released_waiting() {
             consider(Some(self.next_reclaim_at));
         }
@@ -1397,6 +1581,7 @@ impl Sim {
             self.add_capacity()?;
         }
         self.operate()?;
+        self.remove_lun()?;
         self.reclaim()?;
         self.drive_spm(Which::Live)?;
         self.drive_spm(Which::Twin)?;
@@ -1408,6 +1593,7 @@ impl Sim {
         for i in 0..self.hosts.len() {
             self.drive_host(i)?;
         }
+        self.open_guests()?;
         if self.now >= self.next_guest_tick {
             self.next_guest_tick = self.now + GUEST_TICK;
             self.tick_guests()?;
@@ -1591,6 +1777,12 @@ impl Sim {
             return false;
         };
         if self.metadata_faulted || self.now < at(f.at) {
+            return false;
+        }
+        // Kept off a LUN removal: a lost `moving` or relocation commit
+        // that the SPM believes durable defeats the hosts' wait (see
+        // [`LunRemoval`]).
+        if self.removal.is_some() {
             return false;
         }
         let extends = match (
@@ -1779,13 +1971,13 @@ impl Sim {
                 .and_then(|(p, _)| p.volume(guest.volume))
                 .map_or(guest.mapped, |v| v.size);
             guest.mapped = guest.mapped.max(size);
-            if let Some(map) = truth
-                .as_ref()
-                .and_then(|(p, seq)| snapshot(p, guest.volume, *seq))
-            {
-                guest.map = Some(map);
-                self.maps_dirty = true;
-            }
+            // The volume is opened as the host shell opens it: the hold
+            // record first, then the map from a metadata read after it
+            // ([`Sim::open_guests`]).
+            guest.map = None;
+            guest.opening = Some(self.now);
+            guest.waited = false;
+            self.maps_dirty = true;
             engine
                 .add_volume(
                     guest.volume,
@@ -1882,11 +2074,13 @@ impl Sim {
                 let map = self
                     .committed()
                     .and_then(|(p, seq)| snapshot(&p, volume, seq));
-                if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
+                if let Some(k) = self.guests.iter().position(|g| g.volume == volume) {
+                    let g = &mut self.guests[k];
                     g.mapped = g.mapped.max(truth);
-                    if g.closed.is_none() && map.is_some() {
+                    if g.closed.is_none() && g.opening.is_none() && map.is_some() {
                         g.map = map;
                         self.maps_dirty = true;
+                        self.check_readback(k)?;
                     }
                 }
                 if let Some(driver) = self.hosts[i].driver.as_mut() {
@@ -1902,11 +2096,14 @@ impl Sim {
                 };
                 for k in 0..self.guests.len() {
                     let g = &mut self.guests[k];
-                    if g.host_id != host_id || g.closed.is_some() {
+                    if g.host_id != host_id || g.closed.is_some() || g.opening.is_some() {
                         continue;
                     }
                     match snapshot(&pool, g.volume, seq) {
-                        Some(map) => g.map = Some(map),
+                        Some(map) => {
+                            g.map = Some(map);
+                            self.check_readback(k)?;
+                        }
                         None => {
                             // Deleted while held (a disk fault hid its
                             // hold): the guest stops, then the volume goes.
@@ -1949,6 +2146,7 @@ impl Sim {
         if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
             g.closed = Some(Fate::Delete);
             g.map = None;
+            g.opening = None;
         }
         self.maps_dirty = true;
         self.report.stopped += 1;
@@ -1965,7 +2163,7 @@ impl Sim {
             let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
                 continue;
             };
-            if self.guests[k].closed.is_some() {
+            if self.guests[k].closed.is_some() || self.guests[k].opening.is_some() {
                 continue;
             }
             // A volume is opened only once its hold record is written.
@@ -2002,12 +2200,18 @@ impl Sim {
             if allocation > 0 {
                 written.push(self.life_rng.below(allocation.div_ceil(EXTENT)));
             }
-            let physical: Vec<(u16, u32)> = match self.guests[k].map.as_ref() {
-                Some(map) => written.iter().filter_map(|&x| map.extent(x)).collect(),
+            let physical: Vec<(u64, Phys)> = match self.guests[k].map.as_ref() {
+                Some(map) => written
+                    .iter()
+                    .filter_map(|&x| map.extent(x).map(|e| (x, e)))
+                    .collect(),
                 None => Vec::new(),
             };
-            for e in physical {
+            for (x, e) in physical {
                 self.guest_write(volume, host_id, e)?;
+                self.write_seq += 1;
+                self.data.insert(e, (volume, self.write_seq));
+                self.guests[k].versions.insert(x, self.write_seq);
             }
             if let Some(driver) = self.hosts[i].driver.as_mut() {
                 driver
@@ -2044,7 +2248,7 @@ impl Sim {
     /// (LUN, extent) through its map: no pool may give `e` to another
     /// volume, and no data another volume's guest wrote there may be
     /// overwritten while that volume still owns it.
-    fn guest_write(&mut self, volume: Uuid, host_id: u16, e: (u16, u32)) -> Result<(), String> {
+    fn guest_write(&mut self, volume: Uuid, host_id: u16, e: Phys) -> Result<(), String> {
         self.refresh_owners();
         for (name, owners) in &self.owners {
             if let Some(&other) = owners.get(&e)
@@ -2490,7 +2694,10 @@ impl Sim {
             // (Or deleted before: only a broken admin path does it.)
             Some(Fate::Reduce(to)) => pool.volume(g.volume).is_none_or(|v| v.size <= to),
         });
-        handled && self.spm.is_some() && !self.released_waiting()
+        handled
+            && self.spm.is_some()
+            && !self.released_waiting()
+            && (self.scenario.lun_removal.is_none() || self.removal_finished)
     }
 
     /// The operator's action, when its time has come ([`Lifecycle`]).
@@ -2538,6 +2745,7 @@ impl Sim {
                 let g = &mut self.guests[k];
                 g.closed = Some(fate);
                 g.map = None;
+                g.opening = None;
                 self.maps_dirty = true;
                 self.report.closes += 1;
             }
@@ -2700,6 +2908,10 @@ impl Sim {
                 match reduced {
                     Some(size) => {
                         self.report.reduces += 1;
+                        // What the guest wrote past the new size is gone.
+                        if let Some(g) = self.guests.iter_mut().find(|g| g.volume == volume) {
+                            g.versions.retain(|&x, _| x < size / EXTENT);
+                        }
                         // The volume shrinks on purpose.
                         self.committed_max.insert(volume, size);
                         self.shrunk.insert(volume, size);
@@ -2779,6 +2991,466 @@ impl Sim {
         Ok(())
     }
 
+    /// The guest of `self.guests[k]` reads back, through the map it now
+    /// has, every extent it wrote: each holds its last write (a move
+    /// copied it to the new place before the map changed, and no write
+    /// went to the old place after the copy).
+    fn check_readback(&self, k: usize) -> Result<(), String> {
+        let g = &self.guests[k];
+        let Some(map) = g.map.as_ref() else {
+            return Ok(());
+        };
+        for (&x, &version) in &g.versions {
+            let Some(e) = map.extent(x) else {
+                continue;
+            };
+            let found = self.data.get(&e).copied();
+            if found != Some((g.volume, version)) {
+                return Err(format!(
+                    "the guest of volume {} on host {} wrote its extent {x} last as write \
+                     {version}, but reads back {found:?} through its map of commit {} (extent \
+                     {} of LUN {}): a write lost",
+                    g.volume, g.host_id, map.seq, e.1, e.0
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hosts opening volumes (after a start, or a reopen): once the hold
+    /// record is durable, the committed metadata is read; while it names
+    /// the volume as `moving` the host waits, else the guest takes the
+    /// map of that read.
+    fn open_guests(&mut self) -> Result<(), String> {
+        let now = self.now;
+        for k in 0..self.guests.len() {
+            let g = &self.guests[k];
+            if g.closed.is_some() || g.opening.is_none_or(|t| now < t) {
+                continue;
+            }
+            let host_id = g.host_id;
+            let volume = g.volume;
+            let Some(i) = self.hosts.iter().position(|h| h.host_id == host_id) else {
+                continue;
+            };
+            let pending = self.hosts[i]
+                .driver
+                .as_ref()
+                .is_none_or(|d| d.engine().holds_pending());
+            if pending {
+                // The hold record is not written yet (or the host is down:
+                // its start opens the volume anew).
+                self.guests[k].opening = Some(now + GUEST_TICK);
+                continue;
+            }
+            let Some((pool, seq)) = self.committed() else {
+                self.guests[k].opening = Some(now + GUEST_TICK);
+                continue;
+            };
+            if pool.moving() == volume && self.scenario.bug != Some(Bug::OpenIgnoresMoving) {
+                let g = &mut self.guests[k];
+                if !g.waited {
+                    g.waited = true;
+                    if g.reopens > 0 {
+                        self.report.reopens_waited += 1;
+                    }
+                }
+                g.opening = Some(now + MOVING_RECHECK);
+                continue;
+            }
+            let Some(map) = snapshot(&pool, volume, seq) else {
+                // Gone from the metadata: the guest stops.
+                self.stop_guest(i, volume);
+                continue;
+            };
+            let size = pool.volume(volume).map_or(0, |v| v.size);
+            let g = &mut self.guests[k];
+            g.map = Some(map);
+            g.mapped = g.mapped.max(size);
+            g.opening = None;
+            self.maps_dirty = true;
+            self.check_readback(k)?;
+        }
+        Ok(())
+    }
+
+    /// A host opens a closed volume again (not deleted), preferably the
+    /// one the SPM moves: it tracks it again (`add_volume`, which rewrites
+    /// its hold records), and [`Sim::open_guests`] finishes the open.
+    fn reopen(&mut self) -> Result<(), String> {
+        let now = self.now;
+        let moving = match self.removal.map(|r| r.phase) {
+            Some(Phase::Marked(v) | Phase::Copy(v)) => Some(v),
+            Some(Phase::Copied(r)) => Some(r.volume),
+            _ => None,
+        };
+        let Some((committed, _)) = self.committed() else {
+            return Ok(());
+        };
+        let live = self.spm.as_ref().and_then(|n| n.pool.as_ref());
+        let candidates: Vec<usize> = (0..self.guests.len())
+            .filter(|&k| {
+                let g = &self.guests[k];
+                g.closed.is_some()
+                    && g.reopens < 2
+                    && committed.volume(g.volume).is_some()
+                    && live.is_some_and(|p| p.volume(g.volume).is_some())
+                    && self
+                        .hosts
+                        .iter()
+                        .find(|h| h.host_id == g.host_id)
+                        .and_then(|h| h.driver.as_ref())
+                        .is_some_and(|d| !d.engine().is_evicted())
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let k = match candidates
+            .iter()
+            .find(|&&k| Some(self.guests[k].volume) == moving)
+        {
+            Some(&k) if self.removal_rng.below(2) == 0 => k,
+            _ => candidates[self.removal_rng.below(candidates.len() as u64) as usize],
+        };
+        let size = committed
+            .volume(self.guests[k].volume)
+            .map_or(0, |v| v.size);
+        let g = &mut self.guests[k];
+        let host_id = g.host_id;
+        // The guest wrote no further than the volume keeps.
+        g.mapped = size;
+        g.allocation = g.allocation.min(size);
+        let (volume, virtual_size, limit, mapped, allocation) =
+            (g.volume, g.virtual_size, g.limit, g.mapped, g.allocation);
+        let Some(d) = self
+            .hosts
+            .iter_mut()
+            .find(|h| h.host_id == host_id)
+            .and_then(|h| h.driver.as_mut())
+        else {
+            return Ok(());
+        };
+        d.engine_mut()
+            .add_volume(volume, virtual_size, limit, mapped, allocation)
+            .map_err(|e| format!("host {host_id}: add_volume on reopen: {e:?}"))?;
+        let g = &mut self.guests[k];
+        g.closed = None;
+        g.map = None;
+        g.opening = Some(now);
+        g.waited = false;
+        g.paused = false;
+        g.paused_since = None;
+        g.reopens += 1;
+        self.report.reopens += 1;
+        Ok(())
+    }
+
+    /// A host writes through its map of `volume` while no hold record on
+    /// disk lists it, or its open read the metadata after a hold record
+    /// the disk lost.
+    fn held_unseen(&self, volume: Uuid) -> bool {
+        self.guests.iter().any(|g| {
+            g.volume == volume
+                && g.closed.is_none()
+                && (g.map.is_some()
+                    || g.opening.is_some()
+                        && self
+                            .hosts
+                            .iter()
+                            .find(|h| h.host_id == g.host_id)
+                            .and_then(|h| h.driver.as_ref())
+                            .is_some_and(|d| !d.engine().holds_pending()))
+        })
+    }
+
+    /// The data of the extents of `from` (on LUN `from_lun`) copied to
+    /// those of `to` (on LUN `to_lun`).
+    fn copy_extents(&mut self, from: (Uuid, u32), to: (Uuid, u32), extents: u32) {
+        for i in 0..extents {
+            let (a, b) = ((from.0, from.1 + i), (to.0, to.1 + i));
+            match self.data.get(&a).copied() {
+                Some(d) => self.data.insert(b, d),
+                None => self.data.remove(&b),
+            };
+            match self.written.get(&a).copied() {
+                Some(v) => self.written.insert(b, v),
+                None => self.written.remove(&b),
+            };
+        }
+    }
+
+    /// A step of the LUN removal ([`LunRemoval`]), and the reopens.
+    fn remove_lun(&mut self) -> Result<(), String> {
+        let Some(plan) = self.scenario.lun_removal else {
+            return Ok(());
+        };
+        if self.removal_finished || self.removal_next_at.is_none_or(|t| self.now < t) {
+            return Ok(());
+        }
+        // Steps come at uneven times, so that they interleave with the
+        // hosts' opens at any point.
+        let pause = if self.removal_rng.below(4) == 0 {
+            self.removal_rng.between(50, 400)
+        } else {
+            self.removal_rng.between(1, 30)
+        };
+        self.removal_next_at = Some(self.now + Duration::from_millis(pause));
+        if self.removal_rng.below(100) < u64::from(plan.reopen_percent) {
+            self.reopen()?;
+        }
+        if !self.capacity_added {
+            return Ok(());
+        }
+        let ready = self
+            .spm
+            .as_ref()
+            .is_some_and(|n| n.driver.engine().is_confirmed() && n.pool.is_some())
+            && self.twin.is_none()
+            && self.believed_pool.is_none();
+        let spm = self.spm.as_ref().map(|n| {
+            let e = n.driver.engine();
+            (e.epoch().get(), e.owner())
+        });
+        if let Some(r) = self.removal
+            && Some(r.spm) != spm
+        {
+            // The SPM it ran on is gone: its pool (the drain) with it; a
+            // new SPM clears `moving` at its start.
+            self.removal = None;
+            self.report.lun_removals_interrupted += 1;
+        }
+        if !ready {
+            return Ok(());
+        }
+        let spm = spm.expect("ready");
+        let Some(node) = self.spm.as_ref() else {
+            return Ok(());
+        };
+        if let Some(r) = self.removal
+            && let Some(seq) = r.awaiting
+        {
+            if node.seq <= seq || node.driver.engine().commit_pending() {
+                return Ok(());
+            }
+            if let Some(r) = self.removal.as_mut() {
+                r.awaiting = None;
+            }
+        }
+        let Some(r) = self.removal else {
+            return self.start_removal(plan, spm);
+        };
+        let Some(pool) = self.spm.as_ref().and_then(|n| n.pool.as_ref()) else {
+            return Ok(());
+        };
+        let Some(lun) = pool.luns().iter().position(|l| l.id == r.lun) else {
+            // Dropped.
+            self.removal = None;
+            self.removal_finished = true;
+            self.report.lun_removals_finished += 1;
+            return Ok(());
+        };
+        let lun = lun as u16;
+        match r.phase {
+            Phase::Spare => {
+                self.removal = None;
+                Ok(())
+            }
+            Phase::Plan => match pool.plan_relocation(lun) {
+                Ok(None) => {
+                    self.set_phase(Phase::Reclaim, false);
+                    Ok(())
+                }
+                Ok(Some(relocation)) => {
+                    let volume = relocation.volume;
+                    self.with_pool(|p| p.set_moving(volume))?;
+                    self.set_phase(Phase::Marked(volume), true);
+                    Ok(())
+                }
+                Err(pool::PoolError::NoSpace { .. }) => self.refuse(lun, false),
+                Err(e) => Err(format!("plan_relocation: {e:?}")),
+            },
+            Phase::Marked(volume) => {
+                // `moving = volume` is durable: the hold records now.
+                if self.scenario.bug != Some(Bug::MoveSkipsHolds) {
+                    if self.holder_on_disk(volume).is_some() {
+                        self.report.moves_refused_held += 1;
+                        return self.refuse(lun, true);
+                    }
+                    if self.held_unseen(volume) {
+                        self.report.moves_hold_unseen += 1;
+                        return self.refuse(lun, true);
+                    }
+                }
+                self.set_phase(Phase::Copy(volume), false);
+                self.move_segment(lun, volume)
+            }
+            Phase::Copy(volume) => self.move_segment(lun, volume),
+            Phase::Copied(r) => {
+                // The plan still holds (a reduce or delete meanwhile may
+                // have changed it): relocate; else copy again.
+                if pool.plan_relocation(lun).ok().flatten() != Some(r) {
+                    self.set_phase(Phase::Copy(r.volume), false);
+                    return self.move_segment(lun, r.volume);
+                }
+                self.with_pool(|p| p.relocate(r.volume, r.segment, r.to.lun, r.to.first_extent))?;
+                self.report.segments_moved += 1;
+                self.set_phase(Phase::Copy(r.volume), true);
+                Ok(())
+            }
+            Phase::Refused => {
+                self.removal = None;
+                self.removal_next_at = Some(self.now + self.retry_pause());
+                Ok(())
+            }
+            Phase::Reclaim => match self.with_pool(|p| p.drop_lun(lun)) {
+                Ok(()) => {
+                    self.set_phase(Phase::Dropped, true);
+                    Ok(())
+                }
+                // Released runs on it wait for the hosts' acknowledgements.
+                Err(e) if e.contains("LunInUse") => Ok(()),
+                Err(e) => Err(e),
+            },
+            Phase::Dropped => Ok(()),
+        }
+    }
+
+    fn retry_pause(&mut self) -> Duration {
+        Duration::from_millis(self.removal_rng.between(200, 2_000))
+    }
+
+    /// Changes the live pool; a pool error is a failure.
+    fn with_pool(
+        &mut self,
+        change: impl FnOnce(&mut SimPool) -> Result<(), pool::PoolError>,
+    ) -> Result<(), String> {
+        let Some(pool) = self.spm.as_mut().and_then(|n| n.pool.as_mut()) else {
+            return Err("no live pool".into());
+        };
+        change(pool).map_err(|e| format!("LUN removal: {e:?}"))?;
+        self.live_dirty = true;
+        self.owners_stale = true;
+        Ok(())
+    }
+
+    /// The next phase of the removal; with `commit`, after a commit of the
+    /// pool as it is now.
+    fn set_phase(&mut self, phase: Phase, commit: bool) {
+        let seq = self.spm.as_ref().map_or(0, |n| n.seq);
+        if commit && let Some(node) = self.spm.as_mut() {
+            node.driver.engine_mut().request_commit();
+        }
+        if let Some(r) = self.removal.as_mut() {
+            r.phase = phase;
+            r.awaiting = commit.then_some(seq);
+        }
+    }
+
+    /// The attempt ends refused: the drain undone and, with `clear`,
+    /// `moving` cleared in a commit.
+    fn refuse(&mut self, lun: u16, clear: bool) -> Result<(), String> {
+        self.report.lun_removals_refused += 1;
+        if clear {
+            self.with_pool(|p| p.set_moving(Uuid::NIL))?;
+        }
+        self.with_pool(|p| p.set_draining(lun, false))?;
+        self.set_phase(Phase::Refused, clear);
+        if !clear {
+            self.removal = None;
+            self.removal_next_at = Some(self.now + self.retry_pause());
+        }
+        Ok(())
+    }
+
+    /// Starts an attempt: the spare LUN first, then the drain, refused up
+    /// front while a volume on the LUN is held or parked.
+    fn start_removal(&mut self, plan: LunRemoval, spm: (u64, u64)) -> Result<(), String> {
+        let Some(pool) = self.spm.as_ref().and_then(|n| n.pool.as_ref()) else {
+            return Ok(());
+        };
+        let target = if plan.first_lun {
+            pool.luns().first()
+        } else {
+            pool.luns().get(1)
+        };
+        let Some(target) = target.copied() else {
+            return Ok(());
+        };
+        if target.id == SPARE_LUN {
+            self.removal_finished = true;
+            return Ok(());
+        }
+        if !pool.luns().iter().any(|l| l.id == SPARE_LUN) {
+            let extents = target.extents;
+            self.with_pool(|p| p.add_lun(SPARE_LUN, extents).map(|_| ()))?;
+            self.removal = Some(Removal {
+                lun: target.id,
+                spm,
+                phase: Phase::Spare,
+                awaiting: None,
+            });
+            self.set_phase(Phase::Spare, true);
+            return Ok(());
+        }
+        let lun = pool
+            .luns()
+            .iter()
+            .position(|l| l.id == target.id)
+            .unwrap_or(0) as u16;
+        let on_lun: Vec<Uuid> = pool
+            .volumes()
+            .filter(|v| {
+                pool.segments(v.id)
+                    .is_some_and(|s| s.iter().any(|s| s.lun == lun))
+            })
+            .map(|v| v.id)
+            .collect();
+        let parked = pool.parked().any(|p| on_lun.contains(&p.volume));
+        let held = on_lun.iter().any(|&v| self.holder_on_disk(v).is_some());
+        self.report.lun_removals_started += 1;
+        if parked || held {
+            self.report.lun_removals_refused += 1;
+            self.removal_next_at = Some(self.now + self.retry_pause());
+            return Ok(());
+        }
+        self.with_pool(|p| p.set_draining(lun, true))?;
+        self.removal = Some(Removal {
+            lun: target.id,
+            spm,
+            phase: Phase::Plan,
+            awaiting: None,
+        });
+        Ok(())
+    }
+
+    /// Copies the data of the next segment of `volume` off LUN `lun` (it
+    /// is relocated in a commit at the next step); with none left,
+    /// `moving` is cleared in a commit and the next volume planned.
+    fn move_segment(&mut self, lun: u16, volume: Uuid) -> Result<(), String> {
+        let Some(pool) = self.spm.as_ref().and_then(|n| n.pool.as_ref()) else {
+            return Ok(());
+        };
+        let relocation = match pool.plan_relocation(lun) {
+            Ok(r) => r.filter(|r| r.volume == volume),
+            Err(pool::PoolError::NoSpace { .. }) => return self.refuse(lun, true),
+            Err(e) => return Err(format!("plan_relocation: {e:?}")),
+        };
+        let Some(r) = relocation else {
+            self.with_pool(|p| p.set_moving(Uuid::NIL))?;
+            self.set_phase(Phase::Plan, true);
+            return Ok(());
+        };
+        let id = |l: u16| pool.luns().get(usize::from(l)).map_or(Uuid::NIL, |l| l.id);
+        let (from, to) = (
+            (id(r.from.lun), r.from.first_extent),
+            (id(r.to.lun), r.to.first_extent),
+        );
+        self.copy_extents(from, to, r.from.extents);
+        self.set_phase(Phase::Copied(r), false);
+        Ok(())
+    }
+
     /// The scenario.
     pub fn scenario(&self) -> &Scenario {
         &self.scenario
@@ -2842,8 +3514,12 @@ fn owner_map(pool: &SimPool) -> Owners {
     let mut owners = HashMap::new();
     for v in pool.volumes() {
         for s in pool.segments(v.id).unwrap_or(&[]) {
+            let lun = pool
+                .luns()
+                .get(usize::from(s.lun))
+                .map_or(Uuid::NIL, |l| l.id);
             for extent in s.first_extent..s.first_extent.saturating_add(s.extents) {
-                owners.insert((s.lun, extent), v.id);
+                owners.insert((lun, extent), v.id);
             }
         }
     }
@@ -2854,6 +3530,7 @@ fn owner_map(pool: &SimPool) -> Owners {
 fn snapshot(pool: &SimPool, volume: Uuid, seq: u64) -> Option<Snapshot> {
     pool.segments(volume).map(|segments| Snapshot {
         segments: segments.to_vec(),
+        luns: pool.luns().iter().map(|l| l.id).collect(),
         seq,
     })
 }
