@@ -208,13 +208,20 @@ fn offline(
     let mut waiting: Option<std::time::Instant> = None;
     loop {
         if let Some(mover) = backend.lun_mover() {
-            removal.step(mover, &mut |v| watch.settled_live_holders(mailbox, v));
+            let recheck = watch.recheck_wait();
+            removal.step(mover, recheck, &mut |v| {
+                watch.settled_live_holders(mailbox, v)
+            });
         }
         progress.show(&removal.report());
         match &removal.state {
             State::Done => return Ok(removal.report()),
             State::Failed(e) => return Err(BackendError::new(e.clone())),
-            State::Moving => continue,
+            State::Moving if removal.busy() => continue,
+            State::Moving => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             State::Reclaiming => {}
         }
         let Some(pending) = backend.release_pending() else {

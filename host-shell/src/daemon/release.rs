@@ -266,6 +266,22 @@ impl HostWatch {
         Ok(())
     }
 
+    /// How long after a read of the holds a second read surely shows a
+    /// later write of every host with a builtin lease: one and a half of
+    /// the longest heartbeat interval the last read showed (hosts write
+    /// their inbox area whole at every heartbeat), at least 100 ms.
+    pub fn recheck_wait(&self) -> Duration {
+        let longest = self
+            .hosts
+            .tracks
+            .values()
+            .map(|t| t.seen.interval_ms)
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(u64::from(longest) * 3 / 2)
+            .clamp(Duration::from_millis(100), SETTLE_MAX)
+    }
+
     /// The live hosts that hold `volume`, from a fresh read.
     pub fn live_holders(
         &mut self,

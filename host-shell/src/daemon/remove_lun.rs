@@ -53,6 +53,23 @@ impl State {
     }
 }
 
+/// Refuses to go on moving `volume` when `hosts` (live ones) hold it.
+fn refuse_held(volume: Uuid, hosts: Vec<u16>) -> Result<(), BackendError> {
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    Err(BackendError::new(format!(
+        "host{} {} opened volume {volume} (it has extents on the LUN) while the LUN was being \
+         emptied; stop that guest, then run this again",
+        if hosts.len() == 1 { "" } else { "s" },
+        hosts
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
 /// One `pool remove-lun`, from its start to its end.
 #[derive(Debug)]
 pub struct Removal {
@@ -67,6 +84,9 @@ pub struct Removal {
     pub segments: u64,
     /// The segment being copied and the bytes of it copied so far.
     copy: Option<(Relocation, u64)>,
+    /// The volume named moving whose holds are read a second time at
+    /// this instant, before its first copy.
+    recheck: Option<(Uuid, std::time::Instant)>,
     /// Where it is.
     pub state: State,
     started: std::time::Instant,
@@ -140,6 +160,7 @@ impl Removal {
             moved: 0,
             segments: 0,
             copy: None,
+            recheck: None,
             state: if held == 0 {
                 State::Reclaiming
             } else {
@@ -161,24 +182,34 @@ impl Removal {
         matches!(self.state, State::Done | State::Failed(_))
     }
 
-    /// Whether the next step has work to do at once (not only a wait for
-    /// acknowledgements).
+    /// Whether the next step has work to do at once (not a wait for the
+    /// second read of the holds, or for acknowledgements).
     pub fn busy(&self) -> bool {
-        self.state == State::Moving
+        self.state == State::Moving && self.recheck.is_none()
     }
 
     /// One step; an error ends the removal ([`State::Failed`]) after the
     /// LUN stops draining and no volume is named as moving any more.
-    pub fn step(&mut self, mover: &mut dyn LunMover, holders: LiveHolders<'_>) {
+    /// `recheck`: how long after the first read of a volume's holds (once
+    /// it is named moving) they are read again before its first copy, so
+    /// that a hold record a torn or late write hid from the first read is
+    /// seen in a later whole write of the host's area.
+    pub fn step(
+        &mut self,
+        mover: &mut dyn LunMover,
+        recheck: std::time::Duration,
+        holders: LiveHolders<'_>,
+    ) {
         if self.ended() {
             return;
         }
-        if let Err(e) = self.try_step(mover, holders) {
+        if let Err(e) = self.try_step(mover, recheck, holders) {
             let mut message = format!(
                 "removing LUN {} stopped after {} of {} extents moved: {e}",
                 self.lun, self.moved, self.total
             );
             self.copy = None;
+            self.recheck = None;
             if !mover.moving().is_nil()
                 && let Err(e) = mover.set_moving(Uuid::NIL)
             {
@@ -202,6 +233,7 @@ impl Removal {
     fn try_step(
         &mut self,
         mover: &mut dyn LunMover,
+        recheck: std::time::Duration,
         holders: LiveHolders<'_>,
     ) -> Result<(), BackendError> {
         let (index, _) = mover.find_lun(&self.lun.to_string())?;
@@ -260,23 +292,22 @@ impl Removal {
             self.state = State::Reclaiming;
             return Ok(());
         };
+        let now = std::time::Instant::now();
         if mover.moving() != r.volume {
-            // Named first (committed), then the holds are read.
+            // Named first (committed), then the holds are read, and read
+            // again once every host wrote its area anew.
             mover.set_moving(r.volume)?;
-            let hosts = holders(r.volume)?;
-            if !hosts.is_empty() {
-                return Err(BackendError::new(format!(
-                    "host{} {} opened volume {} (it has extents on the LUN) while the LUN was \
-                     being emptied; stop that guest, then run this again",
-                    if hosts.len() == 1 { "" } else { "s" },
-                    hosts
-                        .iter()
-                        .map(u16::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    r.volume
-                )));
+            refuse_held(r.volume, holders(r.volume)?)?;
+            self.recheck = Some((r.volume, now + recheck));
+            return Ok(());
+        }
+        match self.recheck {
+            Some((v, at)) if v == r.volume && now < at => return Ok(()),
+            Some((v, _)) if v == r.volume => {
+                refuse_held(r.volume, holders(r.volume)?)?;
+                self.recheck = None;
             }
+            _ => {}
         }
         self.copy = Some((r, 0));
         Ok(())

@@ -878,7 +878,8 @@ pub fn run(
         if let Some(r) = removal.as_mut().filter(|r| !r.ended())
             && let Some(mover) = backend.lun_mover()
         {
-            r.step(mover, &mut |v| watch.live_holders(&mailbox, v));
+            let recheck = watch.recheck_wait();
+            r.step(mover, recheck, &mut |v| watch.live_holders(&mailbox, v));
             publish_commits(&mut driver, backend);
             if r.ended() {
                 watch_usage(&mut usage, backend, &options.device);
