@@ -337,3 +337,147 @@ impl Removal {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spmbox_core::pool::Segment;
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    const LUN: Uuid = Uuid([0x11; 16]);
+    const V: Uuid = Uuid([0x22; 16]);
+
+    /// One volume of 4 extents on LUN 0, which moves to LUN 1.
+    struct Fake {
+        moving: Rc<Cell<Uuid>>,
+        draining: bool,
+        moved: bool,
+        dropped: bool,
+    }
+
+    impl LunMover for Fake {
+        fn find_lun(&self, _: &str) -> Result<(u16, Uuid), BackendError> {
+            Ok((0, LUN))
+        }
+        fn set_draining(&mut self, _: u16, draining: bool) -> Result<(), BackendError> {
+            self.draining = draining;
+            Ok(())
+        }
+        fn room(&self, _: u16) -> (u64, u64) {
+            (if self.moved { 0 } else { 4 }, 10)
+        }
+        fn volumes_on(&self, _: u16) -> Vec<Uuid> {
+            if self.moved { vec![] } else { vec![V] }
+        }
+        fn next_move(&self, _: u16) -> Result<Option<Relocation>, BackendError> {
+            Ok((!self.moved).then_some(Relocation {
+                volume: V,
+                segment: 0,
+                from: Segment {
+                    lun: 0,
+                    first_extent: 0,
+                    extents: 4,
+                },
+                to: Segment {
+                    lun: 1,
+                    first_extent: 0,
+                    extents: 4,
+                },
+            }))
+        }
+        fn set_moving(&mut self, volume: Uuid) -> Result<(), BackendError> {
+            self.moving.set(volume);
+            Ok(())
+        }
+        fn moving(&self) -> Uuid {
+            self.moving.get()
+        }
+        fn copy(&mut self, r: &Relocation, done: u64, max: u64) -> Result<u64, BackendError> {
+            Ok((u64::from(r.from.extents) * self.extent_size() - done).min(max))
+        }
+        fn finish_move(&mut self, _: &Relocation, after: Uuid) -> Result<(), BackendError> {
+            self.moved = true;
+            self.moving.set(after);
+            Ok(())
+        }
+        fn drop_lun(&mut self, _: u16) -> Result<bool, BackendError> {
+            self.dropped = true;
+            Ok(true)
+        }
+        fn extent_size(&self) -> u64 {
+            16 << 20
+        }
+    }
+
+    fn fake() -> Fake {
+        Fake {
+            moving: Rc::new(Cell::new(Uuid::NIL)),
+            draining: false,
+            moved: false,
+            dropped: false,
+        }
+    }
+
+    /// Runs steps until the removal ends (at most 1000); `holders` is asked
+    /// with the number of the read.
+    fn run(mover: &mut Fake, mut holders: impl FnMut(usize, Uuid) -> Vec<u16>) -> Removal {
+        let mut reads = 0;
+        let mut r = Removal::start(mover, "lun", 2, &mut |v| {
+            reads += 1;
+            Ok(holders(reads, v))
+        })
+        .unwrap();
+        for _ in 0..1000 {
+            r.step(mover, Duration::from_millis(1), &mut |v| {
+                reads += 1;
+                Ok(holders(reads, v))
+            });
+            if r.ended() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        r
+    }
+
+    #[test]
+    fn the_holds_are_read_twice_after_the_volume_is_named_moving_and_it_then_moves() {
+        let mut mover = fake();
+        let moving = mover.moving.clone();
+        let mut seen = Vec::new();
+        let r = run(&mut mover, |n, v| {
+            seen.push((n, moving.get() == v));
+            vec![]
+        });
+        assert_eq!(r.state, State::Done);
+        assert!(mover.moved && mover.dropped);
+        assert!(mover.moving.get().is_nil());
+        assert_eq!(r.moved, 4);
+        // Read 1 at the start (not named yet), reads 2 and 3 with it named.
+        assert_eq!(seen, vec![(1, false), (2, true), (3, true)]);
+    }
+
+    #[test]
+    fn a_hold_seen_only_by_the_second_read_stops_the_removal_before_any_copy() {
+        let mut mover = fake();
+        let r = run(&mut mover, |n, _| if n == 3 { vec![7] } else { vec![] });
+        let State::Failed(e) = &r.state else {
+            panic!("{:?}", r.state)
+        };
+        assert!(e.contains("host 7 opened volume"), "{e}");
+        assert!(!mover.moved && !mover.draining && !mover.dropped);
+        assert!(mover.moving.get().is_nil(), "the name is cleared");
+    }
+
+    #[test]
+    fn a_held_volume_is_refused_at_the_start_and_nothing_changes() {
+        let mut mover = fake();
+        let e = Removal::start(&mut mover, "lun", 2, &mut |_| Ok(vec![2, 5])).unwrap_err();
+        assert!(e.to_string().contains("(hosts 2, 5)"), "{e}");
+        assert!(!mover.draining && mover.moving.get().is_nil());
+        let e = Removal::start(&mut mover, "lun", 1, &mut |_| Ok(vec![])).unwrap_err();
+        assert!(e.to_string().contains("only LUN"), "{e}");
+    }
+}
