@@ -668,6 +668,9 @@ pub struct BuiltinSpm {
     discard: Option<Vec<PathBuf>>,
     /// Where to look for LUNs to copy extents between (`pool remove-lun`).
     search: Vec<PathBuf>,
+    /// LUNs found on `search`, by UUID: a copy goes on in 8 MiB steps and
+    /// looks its two LUNs up at each one.
+    places: HashMap<Uuid, (PathBuf, LunLabel)>,
 }
 
 /// The extents of `pool` that are free and may hold an earlier volume's
@@ -779,6 +782,7 @@ impl BuiltinSpm {
             discard: None,
             dirty: false,
             search,
+            places: HashMap::new(),
         })
     }
 
@@ -1125,14 +1129,17 @@ impl SpmBackend for BuiltinSpm {
 
 impl BuiltinSpm {
     /// The path and label of the pool's LUN at index `lun`, found on the
-    /// search path.
-    fn lun_place(&self, lun: u16) -> Result<(PathBuf, LunLabel), BackendError> {
+    /// search path (read once per LUN).
+    fn lun_place(&mut self, lun: u16) -> Result<(PathBuf, LunLabel), BackendError> {
         let id = self
             .pool
             .luns()
             .get(usize::from(lun))
             .map(|l| l.id)
             .ok_or_else(|| BackendError::new(format!("the pool has no LUN index {lun}")))?;
+        if let Some(place) = self.places.get(&id) {
+            return Ok(place.clone());
+        }
         let found = find_luns(self.domain.id(), &self.search);
         let lun = found.get(&id).ok_or_else(|| {
             BackendError::new(format!(
@@ -1146,7 +1153,9 @@ impl BuiltinSpm {
             ))
         })?;
         let lun = lun.unambiguous()?;
-        Ok((lun.path.clone(), lun.label))
+        let place = (lun.path.clone(), lun.label);
+        self.places.insert(id, place.clone());
+        Ok(place)
     }
 }
 

@@ -817,23 +817,12 @@ pub fn render(s: &Status) -> String {
                 p.luns.len()
             );
             if let Some(r) = &s.removal {
-                let extent = r["extent_size"].as_u64().unwrap_or(0);
-                let moved = r["moved_extents"].as_u64().unwrap_or(0);
-                let total = r["total_extents"].as_u64().unwrap_or(0);
-                let copying = r.get("copying").map_or_else(String::new, |c| {
-                    format!(
-                        ", copying volume {}: {} of {}",
-                        c["volume"].as_str().unwrap_or("?"),
-                        Bytes(c["done_bytes"].as_u64().unwrap_or(0)),
-                        Bytes(c["bytes"].as_u64().unwrap_or(0))
-                    )
-                });
                 let _ = writeln!(
                     o,
-                    "  remove-lun {}: {}, {moved} of {total} extents moved ({}){copying}{}",
+                    "  remove-lun {}: {}, {}{}",
                     r["lun"].as_str().unwrap_or("?"),
                     r["state"].as_str().unwrap_or("?"),
-                    Bytes(moved * extent),
+                    crate::daemon::remove_lun::progress_words(r),
                     r["error"]
                         .as_str()
                         .map_or_else(String::new, |e| format!(": {e}"))

@@ -16,7 +16,7 @@ use crate::cli::args::RemoveLunArgs;
 use crate::cli::commands::{CommandError, EXIT_OK, open_spm_backend, print_json};
 use crate::daemon::control::control_request;
 use crate::daemon::release::HostWatch;
-use crate::daemon::remove_lun::{Removal, State};
+use crate::daemon::remove_lun::{Removal, State, progress_words};
 use crate::daemon::spm;
 use crate::io::device::{Access, AlignedBuf};
 use crate::io::mailbox::Mailbox;
@@ -110,27 +110,12 @@ impl Progress {
     }
 
     fn show(&mut self, r: &Value) {
-        let extent = r["extent_size"].as_u64().unwrap_or(0);
-        let (moved, total) = (
-            r["moved_extents"].as_u64().unwrap_or(0),
-            r["total_extents"].as_u64().unwrap_or(0),
-        );
         let mut line = format!(
-            "LUN {}: {} of {} extents moved ({} of {})",
+            "LUN {}: {}",
             r["lun"].as_str().unwrap_or("?"),
-            moved,
-            total,
-            Bytes(moved * extent),
-            Bytes(total * extent)
+            progress_words(r)
         );
-        if let Some(c) = r.get("copying") {
-            line.push_str(&format!(
-                ", copying volume {}: {} of {}",
-                c["volume"].as_str().unwrap_or("?"),
-                Bytes(c["done_bytes"].as_u64().unwrap_or(0)),
-                Bytes(c["bytes"].as_u64().unwrap_or(0))
-            ));
-        } else if r["state"] == "reclaiming" {
+        if r.get("copying").is_none() && r["state"] == "reclaiming" {
             line.push_str(", waiting for the hosts to acknowledge the moves");
         }
         // At most one line a second, and only when something changed.

@@ -217,6 +217,19 @@ pub const RECLAIM_PATIENCE: Duration = Duration::from_secs(30);
 /// The longest [`HostWatch::settled_live_holders`] watches.
 pub const SETTLE_MAX: Duration = Duration::from_secs(30);
 
+/// Host ids in words: `host 2`, `hosts 2, 5`.
+pub fn host_list(hosts: &[u16]) -> String {
+    format!(
+        "host{} {}",
+        if hosts.len() == 1 { "" } else { "s" },
+        hosts
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// The SPM's view of the hosts, read from the mailbox (and sanlock's
 /// lockspace when hosts hold their ids there) when it needs it: before a
 /// delete or reduce, and while released extents wait.
@@ -321,13 +334,8 @@ impl HostWatch {
             .min(SETTLE_MAX)
             + Duration::from_millis(100);
         tracing::info!(
-            "volume {volume} is listed by host{} {}: watching {} whether they are alive",
-            if holders.len() == 1 { "" } else { "s" },
-            holders
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
+            "volume {volume} is listed by {}: watching {} whether they are alive",
+            host_list(&holders),
             crate::units::Elapsed(wait)
         );
         std::thread::sleep(wait);

@@ -20,6 +20,7 @@ use spmbox_core::wire::Uuid;
 
 use crate::backend::builtin::COPY_CHUNK;
 use crate::backend::{BackendError, LunMover, Relocation};
+use crate::daemon::release::host_list;
 use crate::daemon::spm::LiveHolders;
 use crate::units::{Bytes, Elapsed};
 
@@ -53,20 +54,39 @@ impl State {
     }
 }
 
+/// How far a removal is, from its [`Removal::report`]: `12 of 40 extents
+/// moved (48.0 MiB of 160 MiB), copying volume V: 8.0 MiB of 32.0 MiB`.
+pub fn progress_words(r: &Value) -> String {
+    let extent = r["extent_size"].as_u64().unwrap_or(0);
+    let (moved, total) = (
+        r["moved_extents"].as_u64().unwrap_or(0),
+        r["total_extents"].as_u64().unwrap_or(0),
+    );
+    let mut words = format!(
+        "{moved} of {total} extents moved ({} of {})",
+        Bytes(moved * extent),
+        Bytes(total * extent)
+    );
+    if let Some(c) = r.get("copying") {
+        words.push_str(&format!(
+            ", copying volume {}: {} of {}",
+            c["volume"].as_str().unwrap_or("?"),
+            Bytes(c["done_bytes"].as_u64().unwrap_or(0)),
+            Bytes(c["bytes"].as_u64().unwrap_or(0))
+        ));
+    }
+    words
+}
+
 /// Refuses to go on moving `volume` when `hosts` (live ones) hold it.
 fn refuse_held(volume: Uuid, hosts: Vec<u16>) -> Result<(), BackendError> {
     if hosts.is_empty() {
         return Ok(());
     }
     Err(BackendError::new(format!(
-        "host{} {} opened volume {volume} (it has extents on the LUN) while the LUN was being \
+        "{} opened volume {volume} (it has extents on the LUN) while the LUN was being \
          emptied; stop that guest, then run this again",
-        if hosts.len() == 1 { "" } else { "s" },
-        hosts
-            .iter()
-            .map(u16::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        host_list(&hosts)
     )))
 }
 
@@ -126,15 +146,7 @@ impl Removal {
         for volume in mover.volumes_on(index) {
             let hosts = holders(volume)?;
             if !hosts.is_empty() {
-                held_by.push(format!(
-                    "{volume} (host{} {})",
-                    if hosts.len() == 1 { "" } else { "s" },
-                    hosts
-                        .iter()
-                        .map(u16::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                held_by.push(format!("{volume} ({})", host_list(&hosts)));
             }
         }
         if !held_by.is_empty() {

@@ -341,17 +341,12 @@ fn refuse_held(volume: Uuid, what: &str, holders: LiveHolders<'_>) -> Result<(),
     if hosts.is_empty() {
         return Ok(());
     }
-    let list = hosts
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
     Err(BackendError::new(format!(
-        "cannot {what} volume {volume}: host{} {list} hold{} it open (a hold record in {} \
+        "cannot {what} volume {volume}: {} hold{} it open (a hold record in {} \
          inbox area), and a guest there writes through its map. Stop the VM or the `spmbox \
          host` that uses it, then run this again; a host that died holds nothing once its \
          lease has expired ({} heartbeat intervals). Nothing was changed",
-        if hosts.len() == 1 { "" } else { "s" },
+        crate::daemon::release::host_list(&hosts),
         if hosts.len() == 1 { "s" } else { "" },
         if hosts.len() == 1 { "its" } else { "their" },
         crate::daemon::release::LEASE_EXPIRY
